@@ -1,0 +1,179 @@
+"""One error tree for every tidemq service and client.
+
+Two kinds of failure (see docs/ARCHITECTURE.md):
+
+* operating errors: subclasses of :class:`TideError`. Each has a stable ``code``
+  (what goes on the wire in ``{"error": {"code", "message"}}``), one HTTP status,
+  and ``retriable`` (may the same request succeed if sent again later?).
+  ``error_for_code`` turns a wire body back into the same type on the client.
+* broken invariants: :class:`InvariantViolation`. Never caught; the process stops.
+  Raised by :func:`invariant` instead of ``assert`` (which ``python -O`` strips).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class TideError(Exception):
+    """Base of every operating error."""
+
+    code: ClassVar[str] = "internal_error"
+    http_status: ClassVar[int] = 500
+    retriable: ClassVar[bool] = False
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.code)
+        self.message = message or self.code
+
+    def to_json(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class InvalidRequest(TideError):
+    code = "invalid_request"
+    http_status = 400
+
+
+class MalformedJson(InvalidRequest):
+    code = "malformed_json"
+
+
+class CorruptBatch(InvalidRequest):
+    """A record batch whose length, magic or CRC does not check."""
+
+    code = "corrupt_batch"
+
+
+class RequestTooLarge(TideError):
+    code = "request_too_large"
+    http_status = 413
+
+
+class OffsetOutOfRange(TideError):
+    code = "offset_out_of_range"
+    http_status = 416
+
+
+class UnknownTopic(TideError):
+    code = "unknown_topic"
+    http_status = 404
+
+
+class UnknownPartition(TideError):
+    code = "unknown_partition"
+    http_status = 404
+
+
+class UnknownGroup(TideError):
+    code = "unknown_group"
+    http_status = 404
+
+
+class TopicExists(TideError):
+    code = "topic_exists"
+    http_status = 409
+
+
+class NotLeader(TideError):
+    """This broker does not lead the partition (any more): refresh metadata."""
+
+    code = "not_leader"
+    http_status = 421
+    retriable = True
+
+
+class FencedLeaderEpoch(TideError):
+    """The request carries an older leader epoch than the broker's."""
+
+    code = "fenced_leader_epoch"
+    http_status = 409
+    retriable = True
+
+
+class UnknownLeaderEpoch(TideError):
+    """The request carries a newer leader epoch than the broker knows yet."""
+
+    code = "unknown_leader_epoch"
+    http_status = 409
+    retriable = True
+
+
+class NotEnoughReplicas(TideError):
+    code = "not_enough_replicas"
+    http_status = 503
+    retriable = True
+
+
+class NoBrokersAvailable(TideError):
+    code = "no_brokers_available"
+    http_status = 503
+    retriable = True
+
+
+class UnknownBroker(TideError):
+    code = "unknown_broker"
+    http_status = 404
+    retriable = True
+
+
+class Unavailable(TideError):
+    """The service is starting, stopping or overloaded."""
+
+    code = "unavailable"
+    http_status = 503
+    retriable = True
+
+
+class RequestTimedOut(TideError):
+    code = "request_timed_out"
+    http_status = 504
+    retriable = True
+
+
+class ConnectionFailed(TideError):
+    """Client side: the transport failed (refused, reset, TLS). Never on the wire."""
+
+    code = "connection_failed"
+    http_status = 503
+    retriable = True
+
+
+class ClientClosed(TideError):
+    code = "client_closed"
+    http_status = 400
+
+
+class InternalError(TideError):
+    code = "internal_error"
+    http_status = 500
+    retriable = True
+
+
+class InvariantViolation(Exception):
+    """A broken invariant: a bug. Not a TideError; nothing should catch it."""
+
+
+def invariant(condition: bool, message: str) -> None:
+    if not condition:
+        raise InvariantViolation(message)
+
+
+def _all_subclasses(cls: type[TideError]) -> list[type[TideError]]:
+    out: list[type[TideError]] = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+ERRORS_BY_CODE: dict[str, type[TideError]] = {
+    cls.code: cls for cls in [TideError, *_all_subclasses(TideError)]
+}
+ERRORS_BY_CODE["internal_error"] = InternalError
+
+
+def error_for_code(code: str, message: str) -> TideError:
+    """The client-side exception for an error body received on the wire."""
+    cls = ERRORS_BY_CODE.get(code, InternalError)
+    return cls(message)

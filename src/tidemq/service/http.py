@@ -1,0 +1,175 @@
+"""HTTP shell helpers: an endpoint table that serves both routing and OpenAPI,
+one error middleware that maps every failure to ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Histogram
+
+from tidemq.errors import InvalidRequest, MalformedJson, RequestTooLarge, TideError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+JSON_TYPE = "application/json"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One route: what it does, for the router and for /openapi.json."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    request_body: dict[str, Any] | None = None  # OpenAPI requestBody content map
+    parameters: list[dict[str, Any]] = field(default_factory=list)
+    responses: dict[str, str] = field(default_factory=lambda: {"200": "OK"})
+
+
+def error_response(error: TideError) -> web.Response:
+    return web.json_response(error.to_json(), status=error.http_status)
+
+
+def make_error_middleware(
+    latency: Histogram,
+) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        route = request.match_info.route.resource
+        endpoint = route.canonical if route is not None else "unmatched"
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except TideError as error:
+            status = error.http_status
+            return error_response(error)
+        except web.HTTPRequestEntityTooLarge as error:
+            status = 413
+            return error_response(RequestTooLarge(error.text or "request body too large"))
+        except web.HTTPException as error:
+            status = error.status
+            if error.status < 400:
+                raise
+            code = {404: "not_found", 405: "method_not_allowed"}.get(error.status, "http_error")
+            body = {"error": {"code": code, "message": error.reason}}
+            return web.json_response(body, status=error.status)
+        except Exception:
+            log.exception("unhandled error serving %s %s", request.method, request.path)
+            return web.json_response(
+                {"error": {"code": "internal_error", "message": "internal error"}}, status=500
+            )
+        finally:
+            latency.labels(request.method, endpoint, str(status)).observe(
+                time.perf_counter() - started
+            )
+
+    return middleware
+
+
+async def read_json(request: web.Request, max_bytes: int = 1 << 20) -> Any:
+    """The request body as JSON, or a 400/413 TideError. Never trusts Content-Length alone."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise RequestTooLarge(f"body of {request.content_length} bytes exceeds {max_bytes}")
+    raw = await request.content.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise RequestTooLarge(f"body exceeds {max_bytes} bytes")
+    if not raw:
+        raise MalformedJson("expected a JSON body")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MalformedJson(f"malformed JSON: {error}") from error
+
+
+async def read_json_object(request: web.Request, max_bytes: int = 1 << 20) -> dict[str, Any]:
+    body = await read_json(request, max_bytes)
+    if not isinstance(body, dict):
+        raise InvalidRequest("expected a JSON object")
+    return body
+
+
+def query_int(
+    request: web.Request, name: str, default: int | None = None,
+    minimum: int | None = None, maximum: int | None = None,
+) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        if default is None:
+            raise InvalidRequest(f"query parameter {name!r} is required")
+        return default
+    return check_int(raw, name, minimum, maximum)
+
+
+def check_int(
+    raw: Any, name: str, minimum: int | None = None, maximum: int | None = None
+) -> int:
+    if isinstance(raw, bool):
+        raise InvalidRequest(f"{name} must be an integer")
+    try:
+        value = int(raw)
+    except (TypeError, ValueError) as error:
+        raise InvalidRequest(f"{name} must be an integer, got {raw!r}") from error
+    if minimum is not None and value < minimum:
+        raise InvalidRequest(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise InvalidRequest(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_name(raw: Any, what: str) -> str:
+    """Topic and group names: 1-200 chars of [A-Za-z0-9._-]."""
+    if not isinstance(raw, str) or not 1 <= len(raw) <= 200:
+        raise InvalidRequest(f"{what} name must be a string of 1 to 200 characters")
+    if not all(ch.isascii() and (ch.isalnum() or ch in "._-") for ch in raw):
+        raise InvalidRequest(f"{what} name {raw!r} may only hold letters, digits, '.', '_', '-'")
+    return raw
+
+
+def openapi_document(title: str, endpoints: Iterable[Endpoint]) -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint in endpoints:
+        operation: dict[str, Any] = {
+            "summary": endpoint.summary,
+            "responses": {
+                code: {"description": text} for code, text in endpoint.responses.items()
+            },
+        }
+        parameters = list(endpoint.parameters)
+        for segment in endpoint.path.split("/"):
+            if segment.startswith("{") and segment.endswith("}"):
+                name = segment[1:-1].split(":")[0]
+                parameters.append(
+                    {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                )
+        if parameters:
+            operation["parameters"] = parameters
+        if endpoint.request_body:
+            operation["requestBody"] = {"content": endpoint.request_body}
+        paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": "1"},
+        "paths": paths,
+    }
+
+
+def new_latency_histogram(registry: CollectorRegistry) -> Histogram:
+    return Histogram(
+        "tide_http_request_duration_seconds",
+        "HTTP request latency by endpoint",
+        ["method", "endpoint", "status"],
+        registry=registry,
+        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    )

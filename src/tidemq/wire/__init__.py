@@ -1,0 +1,1 @@
+"""Bytes and JSON <-> typed messages. No I/O here."""

@@ -1,0 +1,342 @@
+"""Record batches: the unit that is produced, stored, replicated and fetched.
+
+Byte layout (big-endian; docs/PROTOCOL.md is the normative copy)::
+
+    offset size field
+    0      8    base_offset        i64  patched by the leader
+    8      4    batch_length       u32  bytes after this field (= total size - 12)
+    12     4    leader_epoch       i32  patched by the leader
+    16     1    magic              u8   = 1
+    17     4    crc                u32  zlib CRC-32 of bytes [21, end)
+    21     2    attributes         u16  0 (no compression)
+    23     4    last_offset_delta  i32  = record_count - 1
+    27     8    base_timestamp     i64  ms since the epoch
+    35     8    max_timestamp      i64
+    43     8    producer_id        i64  -1 when not idempotent
+    51     2    producer_epoch     i16  -1 when not idempotent
+    53     4    base_sequence      i32  -1 when not idempotent
+    57     4    record_count       i32  >= 1
+    61          records
+
+    record := length u32 (bytes after this field) | timestamp_delta u32
+              | key_length i32 (-1: null) | value_length i32 (-1: null)
+              | header_count u16 | key | value
+              | header_count x (name_length u16 | name | value_length u32 | value)
+
+Offsets inside a batch are implicit: record i has offset base_offset + i.
+The CRC does not cover base_offset, batch_length or leader_epoch, so the leader
+can patch those without recomputing it. A broker checks the header, the CRC and
+the record framing once per batch and then writes, replicates and serves the
+same bytes; it never builds per-record objects.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from tidemq.errors import CorruptBatch
+
+MAGIC = 1
+HEADER = struct.Struct(">qIiBIHiqqqhii")
+HEADER_SIZE = HEADER.size  # 61
+LENGTH_PREFIX = 12  # base_offset + batch_length: bytes not counted by batch_length
+CRC_START = 21
+RECORD_HEADER = struct.Struct(">IIiiH")
+RECORD_HEADER_SIZE = RECORD_HEADER.size  # 18
+_RECORD_FIXED = RECORD_HEADER_SIZE - 4  # what `length` counts besides key/value/headers
+_U32 = struct.Struct(">I")
+_I64 = struct.Struct(">q")
+_I32 = struct.Struct(">i")
+_HEADER_NAME = struct.Struct(">H")
+_BATCH_LENGTH_AT = 8
+_LEADER_EPOCH_AT = 12
+MAX_RECORDS_PER_BATCH = 1 << 20
+
+Headers = Sequence[tuple[str, bytes]]
+
+
+class BatchHeader(NamedTuple):
+    base_offset: int
+    batch_length: int
+    leader_epoch: int
+    magic: int
+    crc: int
+    attributes: int
+    last_offset_delta: int
+    base_timestamp: int
+    max_timestamp: int
+    producer_id: int
+    producer_epoch: int
+    base_sequence: int
+    record_count: int
+
+    @property
+    def size(self) -> int:
+        return self.batch_length + LENGTH_PREFIX
+
+    @property
+    def last_offset(self) -> int:
+        return self.base_offset + self.last_offset_delta
+
+    @property
+    def next_offset(self) -> int:
+        return self.base_offset + self.record_count
+
+
+class Record(NamedTuple):
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+def _encode_headers(headers: Headers) -> bytes:
+    out = bytearray()
+    for name, value in headers:
+        raw = name.encode()
+        out += _HEADER_NAME.pack(len(raw))
+        out += raw
+        out += _U32.pack(len(value))
+        out += value
+    return bytes(out)
+
+
+class BatchBuilder:
+    """Accumulates records into one batch; ``build`` seals it.
+
+    ``append`` is the producer's per-message cost, so it does one struct pack and
+    at most two buffer appends, and nothing else.
+    """
+
+    __slots__ = ("_buffer", "base_timestamp", "count", "max_timestamp")
+
+    def __init__(self, base_timestamp: int) -> None:
+        self._buffer = bytearray(HEADER_SIZE)
+        self.base_timestamp = base_timestamp
+        self.max_timestamp = base_timestamp
+        self.count = 0
+
+    @property
+    def size(self) -> int:
+        return len(self._buffer)
+
+    def append(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        timestamp: int,
+        headers: Headers | None = None,
+    ) -> int:
+        """Adds one record; returns its index in the batch (its offset delta)."""
+        key_length = -1 if key is None else len(key)
+        value_length = -1 if value is None else len(value)
+        extra = _encode_headers(headers) if headers else b""
+        delta = timestamp - self.base_timestamp
+        if delta < 0:
+            delta = 0
+        elif timestamp > self.max_timestamp:
+            self.max_timestamp = timestamp
+        buffer = self._buffer
+        buffer += RECORD_HEADER.pack(
+            _RECORD_FIXED + (key_length if key_length > 0 else 0)
+            + (value_length if value_length > 0 else 0) + len(extra),
+            delta,
+            key_length,
+            value_length,
+            len(headers) if headers else 0,
+        )
+        if key:
+            buffer += key
+        if value:
+            buffer += value
+        if extra:
+            buffer += extra
+        index = self.count
+        self.count = index + 1
+        return index
+
+    def build(
+        self,
+        producer_id: int = -1,
+        producer_epoch: int = -1,
+        base_sequence: int = -1,
+    ) -> bytes:
+        """Seals the batch: header and CRC filled in; base offset 0, epoch -1."""
+        if self.count == 0:
+            raise ValueError("cannot build an empty batch")
+        buffer = self._buffer
+        HEADER.pack_into(
+            buffer, 0, 0, len(buffer) - LENGTH_PREFIX, -1, MAGIC, 0, 0,
+            self.count - 1, self.base_timestamp, self.max_timestamp,
+            producer_id, producer_epoch, base_sequence, self.count,
+        )
+        crc = zlib.crc32(memoryview(buffer)[CRC_START:])
+        _U32.pack_into(buffer, 17, crc)
+        return bytes(buffer)
+
+
+def build_batch(
+    records: Sequence[tuple[bytes | None, bytes | None]],
+    timestamp: int,
+    headers: Sequence[Headers | None] | None = None,
+) -> bytes:
+    """Convenience for tests and JSON produce: one batch from (key, value) pairs."""
+    builder = BatchBuilder(timestamp)
+    for i, (key, value) in enumerate(records):
+        builder.append(key, value, timestamp, headers[i] if headers else None)
+    return builder.build()
+
+
+def read_header(data: bytes | bytearray | memoryview, position: int = 0) -> BatchHeader:
+    return BatchHeader._make(HEADER.unpack_from(data, position))
+
+
+def check_batch(data: bytes | bytearray | memoryview, position: int = 0) -> BatchHeader:
+    """Validates one whole batch at ``position``: header, CRC, record framing.
+
+    Raises CorruptBatch with a reason. Does not create per-record objects.
+    """
+    available = len(data) - position
+    if available < HEADER_SIZE:
+        raise CorruptBatch(f"batch at byte {position}: {available} bytes, header needs 61")
+    header = read_header(data, position)
+    size = header.batch_length + LENGTH_PREFIX
+    if header.magic != MAGIC:
+        raise CorruptBatch(f"batch at byte {position}: unknown magic {header.magic}")
+    if size < HEADER_SIZE or size > available:
+        raise CorruptBatch(
+            f"batch at byte {position}: batch_length {header.batch_length} does not fit "
+            f"the {available} bytes that remain"
+        )
+    if not 1 <= header.record_count <= MAX_RECORDS_PER_BATCH:
+        raise CorruptBatch(f"batch at byte {position}: record_count {header.record_count}")
+    if header.last_offset_delta != header.record_count - 1:
+        raise CorruptBatch(f"batch at byte {position}: last_offset_delta != record_count - 1")
+    view = memoryview(data)[position : position + size]
+    crc = zlib.crc32(view[CRC_START:])
+    if crc != header.crc:
+        raise CorruptBatch(f"batch at byte {position}: CRC {crc:#010x} != {header.crc:#010x}")
+    _check_record_framing(view, header.record_count, position)
+    return header
+
+
+def _check_record_framing(view: memoryview, count: int, position: int) -> None:
+    cursor = HEADER_SIZE
+    end = len(view)
+    unpack = _U32.unpack_from
+    for _ in range(count):
+        if cursor + RECORD_HEADER_SIZE > end:
+            raise CorruptBatch(f"batch at byte {position}: records overrun the batch")
+        cursor += 4 + unpack(view, cursor)[0]
+    if cursor != end:
+        raise CorruptBatch(f"batch at byte {position}: records do not fill the batch exactly")
+
+
+def check_batches(data: bytes | bytearray | memoryview) -> list[BatchHeader]:
+    """Validates a body of one or more concatenated batches; returns their headers."""
+    if len(data) == 0:
+        raise CorruptBatch("empty body: expected at least one record batch")
+    headers = []
+    position = 0
+    while position < len(data):
+        header = check_batch(data, position)
+        headers.append(header)
+        position += header.size
+    return headers
+
+
+def patch_batch(buffer: bytearray, position: int, base_offset: int, leader_epoch: int) -> None:
+    """The leader's only write into a batch: its base offset and leader epoch."""
+    _I64.pack_into(buffer, position, base_offset)
+    _I32.pack_into(buffer, position + _LEADER_EPOCH_AT, leader_epoch)
+
+
+def iter_headers(data: bytes | bytearray | memoryview) -> Iterator[BatchHeader]:
+    """Headers of consecutive batches; stops at a partial trailing batch."""
+    position = 0
+    end = len(data)
+    while position + HEADER_SIZE <= end:
+        header = read_header(data, position)
+        size = header.batch_length + LENGTH_PREFIX
+        if size < HEADER_SIZE or position + size > end:
+            return
+        yield header
+        position += size
+
+
+def decode_records(
+    data: bytes | bytearray | memoryview, min_offset: int = 0
+) -> Iterator[Record]:
+    """Every record of consecutive whole batches, skipping offsets below min_offset.
+
+    A fetch may return batches that start before the requested offset; callers pass
+    the offset they asked for so that they see each record once.
+    """
+    data = bytes(data)
+    position = 0
+    end = len(data)
+    unpack_record = RECORD_HEADER.unpack_from
+    while position + HEADER_SIZE <= end:
+        header = read_header(data, position)
+        size = header.batch_length + LENGTH_PREFIX
+        if position + size > end:
+            return
+        base_offset = header.base_offset
+        base_timestamp = header.base_timestamp
+        cursor = position + HEADER_SIZE
+        batch_end = position + size
+        for index in range(header.record_count):
+            if cursor + RECORD_HEADER_SIZE > batch_end:
+                raise CorruptBatch(f"record {index} of batch {base_offset} overruns it")
+            length, delta, key_length, value_length, header_count = unpack_record(data, cursor)
+            record_end = cursor + 4 + length
+            cursor += RECORD_HEADER_SIZE
+            if key_length >= 0:
+                key: bytes | None = data[cursor : cursor + key_length]
+                cursor += key_length
+            else:
+                key = None
+            if value_length >= 0:
+                value: bytes | None = data[cursor : cursor + value_length]
+                cursor += value_length
+            else:
+                value = None
+            headers: list[tuple[str, bytes]] = []
+            if header_count:
+                cursor = _decode_headers(data, cursor, header_count, headers)
+            if cursor != record_end:
+                raise CorruptBatch(f"record {index} of batch {base_offset}: bad length")
+            offset = base_offset + index
+            if offset >= min_offset:
+                yield Record(offset, base_timestamp + delta, key, value, headers)
+        position = batch_end
+
+
+def _decode_headers(
+    data: bytes, cursor: int, count: int, out: list[tuple[str, bytes]]
+) -> int:
+    for _ in range(count):
+        (name_length,) = _HEADER_NAME.unpack_from(data, cursor)
+        cursor += 2
+        name = data[cursor : cursor + name_length].decode()
+        cursor += name_length
+        (value_length,) = _U32.unpack_from(data, cursor)
+        cursor += 4
+        out.append((name, data[cursor : cursor + value_length]))
+        cursor += value_length
+    return cursor
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSpan:
+    """Where one batch sits in a buffer, with the offsets it covers."""
+
+    position: int
+    size: int
+    base_offset: int
+    next_offset: int
