@@ -167,13 +167,16 @@ def _all_subclasses(cls: type[TideError]) -> list[type[TideError]]:
     return out
 
 
-ERRORS_BY_CODE: dict[str, type[TideError]] = {
-    cls.code: cls for cls in [TideError, *_all_subclasses(TideError)]
-}
-ERRORS_BY_CODE["internal_error"] = InternalError
+def errors_by_code() -> dict[str, type[TideError]]:
+    """Every TideError class by its wire code (computed on call, so subclasses
+    defined anywhere in this module are included)."""
+    classes: list[type[TideError]] = [TideError, *_all_subclasses(TideError)]
+    table = {cls.code: cls for cls in classes}
+    table["internal_error"] = InternalError
+    return table
 
 
 def error_for_code(code: str, message: str) -> TideError:
     """The client-side exception for an error body received on the wire."""
-    cls = ERRORS_BY_CODE.get(code, InternalError)
+    cls = errors_by_code().get(code, InternalError)
     return cls(message)

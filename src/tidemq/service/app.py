@@ -10,6 +10,7 @@ import logging
 import signal
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -32,9 +33,8 @@ def build_app(
     max_body_bytes: int,
 ) -> web.Application:
     latency = new_latency_histogram(registry)
-    app = web.Application(
-        middlewares=[make_error_middleware(latency)], client_max_size=max_body_bytes
-    )
+    middleware: Any = make_error_middleware(latency)
+    app = web.Application(middlewares=[middleware], client_max_size=max_body_bytes)
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -51,7 +51,9 @@ def build_app(
 
     standard = [
         Endpoint("GET", "/healthz", healthz, "Liveness: the process serves requests"),
-        Endpoint("GET", "/readyz", readyz, "Readiness", responses={"200": "ready", "503": "not ready"}),
+        Endpoint(
+            "GET", "/readyz", readyz, "Readiness", responses={"200": "ready", "503": "not ready"}
+        ),
         Endpoint("GET", "/metrics", metrics, "Prometheus metrics"),
     ]
     every = [*standard, *endpoints]

@@ -101,8 +101,11 @@ async def read_json_object(request: web.Request, max_bytes: int = 1 << 20) -> di
 
 
 def query_int(
-    request: web.Request, name: str, default: int | None = None,
-    minimum: int | None = None, maximum: int | None = None,
+    request: web.Request,
+    name: str,
+    default: int | None = None,
+    minimum: int | None = None,
+    maximum: int | None = None,
 ) -> int:
     raw = request.query.get(name)
     if raw is None:
@@ -112,9 +115,7 @@ def query_int(
     return check_int(raw, name, minimum, maximum)
 
 
-def check_int(
-    raw: Any, name: str, minimum: int | None = None, maximum: int | None = None
-) -> int:
+def check_int(raw: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(raw, bool):
         raise InvalidRequest(f"{name} must be an integer")
     try:
@@ -142,9 +143,7 @@ def openapi_document(title: str, endpoints: Iterable[Endpoint]) -> dict[str, Any
     for endpoint in endpoints:
         operation: dict[str, Any] = {
             "summary": endpoint.summary,
-            "responses": {
-                code: {"description": text} for code, text in endpoint.responses.items()
-            },
+            "responses": {code: {"description": text} for code, text in endpoint.responses.items()},
         }
         parameters = list(endpoint.parameters)
         for segment in endpoint.path.split("/"):

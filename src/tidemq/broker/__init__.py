@@ -1,0 +1,1 @@
+"""The broker: stores partition replicas, leads some (produce, fetch) and follows others."""

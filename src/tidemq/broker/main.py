@@ -1,0 +1,119 @@
+"""`tide broker`: runs one broker process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import aiohttp
+import click
+from prometheus_client import CollectorRegistry
+
+from tidemq.broker.server import Broker, BrokerConfig, create_app
+from tidemq.service.app import serve
+from tidemq.storage import FsyncPolicy, LogConfig
+from tidemq.tls import TlsFiles, client_context, server_context
+
+log = logging.getLogger(__name__)
+
+
+async def run_broker(config: BrokerConfig, host: str, port: int, tls: TlsFiles | None) -> None:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    registry = CollectorRegistry()
+    ssl_client = client_context(tls) if tls else None
+
+    def session_factory() -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(ssl=ssl_client if ssl_client else False, limit=8)
+        return aiohttp.ClientSession(connector=connector)
+
+    broker = Broker(config, session_factory, registry)
+    app = create_app(broker, registry)
+    ssl_server = server_context(tls) if tls else None
+
+    async def background() -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(broker.coordinator_loop())
+            group.create_task(broker.syncer.run())
+            group.create_task(broker.maintenance_loop())
+
+    try:
+        await serve(app, host, port, ssl_server, until=background)
+    finally:
+        await broker.close()
+
+
+@click.command("broker")
+@click.option(
+    "--id", "broker_id", type=int, required=True, help="Broker id (stable across restarts)."
+)
+@click.option("--data-dir", type=click.Path(path_type=Path), required=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, required=True)
+@click.option("--advertised-url", default=None, help="URL clients use; default from host and port.")
+@click.option("--coordinator", "coordinator_url", required=True, help="Coordinator URL.")
+@click.option("--ca-file", type=click.Path(exists=True), default=None)
+@click.option("--cert-file", type=click.Path(exists=True), default=None)
+@click.option("--key-file", type=click.Path(exists=True), default=None)
+@click.option("--plain-http", is_flag=True, help="Serve plain HTTP (no TLS). Only on request.")
+@click.option(
+    "--fsync",
+    type=click.Choice([p.value for p in FsyncPolicy]),
+    default="always",
+    show_default=True,
+)
+@click.option("--fsync-interval-ms", type=int, default=1000, show_default=True)
+@click.option("--segment-bytes", type=int, default=128 * 1024 * 1024, show_default=True)
+@click.option("--segment-ms", type=int, default=7 * 24 * 3600 * 1000, show_default=True)
+@click.option("--retention-ms", type=int, default=7 * 24 * 3600 * 1000, show_default=True)
+@click.option("--retention-bytes", type=int, default=-1, show_default=True)
+@click.option("--max-request-bytes", type=int, default=8 * 1024 * 1024, show_default=True)
+@click.option("--log-level", default="info", show_default=True)
+def command(
+    broker_id: int,
+    data_dir: Path,
+    host: str,
+    port: int,
+    advertised_url: str | None,
+    coordinator_url: str,
+    ca_file: str | None,
+    cert_file: str | None,
+    key_file: str | None,
+    plain_http: bool,
+    fsync: str,
+    fsync_interval_ms: int,
+    segment_bytes: int,
+    segment_ms: int,
+    retention_ms: int,
+    retention_bytes: int,
+    max_request_bytes: int,
+    log_level: str,
+) -> None:
+    """Run a broker: stores, serves and (later) replicates partition logs."""
+    logging.basicConfig(
+        level=log_level.upper(),
+        format=f"%(asctime)s broker-{broker_id} %(levelname)s %(name)s: %(message)s",
+    )
+    tls: TlsFiles | None = None
+    if not plain_http:
+        if not (cert_file and key_file):
+            raise click.UsageError("TLS needs --cert-file and --key-file (or pass --plain-http)")
+        tls = TlsFiles(ca_file, cert_file, key_file)
+    scheme = "http" if plain_http else "https"
+    log_config = LogConfig(
+        segment_bytes_max=segment_bytes,
+        segment_ms_max=segment_ms,
+        retention_ms=retention_ms,
+        retention_bytes=retention_bytes,
+        fsync=FsyncPolicy(fsync),
+        fsync_interval_ms=fsync_interval_ms,
+    )
+    config = BrokerConfig(
+        broker_id=broker_id,
+        data_dir=data_dir.resolve(),
+        coordinator_url=coordinator_url,
+        advertised_url=advertised_url or f"{scheme}://{host}:{port}",
+        log_config=log_config,
+        max_request_bytes=max_request_bytes,
+    )
+    asyncio.run(run_broker(config, host, port, tls))

@@ -1,0 +1,363 @@
+"""The broker's HTTP API in-process: produce, fetch, long-poll, and every bad input.
+
+Each bad input must get a 4xx with {"error": {"code", "message"}}, append nothing,
+and leave the broker serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
+
+from tidemq.broker.server import BATCH_TYPE, Broker, BrokerConfig, create_app
+from tidemq.storage import FsyncPolicy, LogConfig
+from tidemq.wire.batch import build_batch, decode_records
+
+BASE = "/v1/topics/orders/partitions/{}"
+
+
+def _answer(epoch: int = 1, leader: int = 1) -> dict[str, Any]:
+    return {
+        "topics": {"orders": 2},
+        "assignments": [
+            {
+                "topic": "orders",
+                "partition": 0,
+                "leader_id": leader,
+                "leader_url": "x",
+                "leader_epoch": epoch,
+                "replicas": [1],
+                "isr": [1],
+            },
+            {
+                "topic": "orders",
+                "partition": 1,
+                "leader_id": 2,
+                "leader_url": "y",
+                "leader_epoch": epoch,
+                "replicas": [2, 1],
+                "isr": [2, 1],
+            },
+        ],
+    }
+
+
+@asynccontextmanager
+async def broker_client(
+    data_dir: Path, fsync: FsyncPolicy = FsyncPolicy.ALWAYS, max_request_bytes: int = 1 << 20
+) -> AsyncIterator[tuple[Broker, TestClient[Any, Any]]]:
+    config = BrokerConfig(
+        broker_id=1,
+        data_dir=data_dir,
+        coordinator_url="http://127.0.0.1:1",
+        advertised_url="http://127.0.0.1:2",
+        log_config=LogConfig(fsync=fsync),
+        max_request_bytes=max_request_bytes,
+    )
+    registry = CollectorRegistry()
+    broker = Broker(config, aiohttp.ClientSession, registry)
+    broker.reconcile(_answer())
+    broker.registered = True
+    app = create_app(broker, registry)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    syncer = asyncio.ensure_future(broker.syncer.run())
+    try:
+        yield broker, client
+    finally:
+        syncer.cancel()
+        await client.close()
+        await broker.close()
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(test())
+
+
+def batch(count: int, start: int = 0) -> bytes:
+    return build_batch(
+        [(f"k{i}".encode(), f"v{i}".encode()) for i in range(start, start + count)], 1000
+    )
+
+
+async def produce(
+    client: TestClient[Any, Any], body: bytes, partition: int = 0, **query: str
+) -> aiohttp.ClientResponse:
+    return await client.post(
+        BASE.format(partition) + "/records",
+        data=body,
+        params=query,
+        headers={"Content-Type": BATCH_TYPE},
+    )
+
+
+async def expect_error(response: aiohttp.ClientResponse, status: int, code: str) -> None:
+    assert response.status == status, await response.text()
+    body = await response.json()
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+
+
+def test_produce_then_fetch_binary_and_json(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (_broker, client):
+            response = await produce(client, batch(3) + batch(2, 3))
+            assert response.status == 200
+            answer = await response.json()
+            assert (answer["base_offset"], answer["last_offset"]) == (0, 4)
+            assert answer["high_watermark"] == 5
+            fetched = await client.get(
+                BASE.format(0) + "/records",
+                params={"offset": "1"},
+                headers={"Accept": BATCH_TYPE},
+            )
+            assert fetched.headers["Tide-High-Watermark"] == "5"
+            records = list(decode_records(await fetched.read(), min_offset=1))
+            assert [r.offset for r in records] == [1, 2, 3, 4]
+            assert records[0].key == b"k1" and records[-1].value == b"v4"
+            as_json = await (await client.get(BASE.format(0) + "/records?offset=0")).json()
+            assert [r["value"] for r in as_json["records"]] == [f"v{i}" for i in range(5)]
+            assert as_json["next_offset"] == 5
+            offsets = await (await client.get(BASE.format(0) + "/offsets")).json()
+            assert offsets["log_end_offset"] == 5 and offsets["leader_epoch"] == 1
+
+    run(scenario)
+
+
+def test_json_produce(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (_, client):
+            body = {
+                "records": [
+                    {"key": "a", "value": "hello", "headers": {"h": "1"}},
+                    {"value": "aGk=", "key": None},
+                ],
+                "encoding": "utf-8",
+            }
+            response = await client.post(BASE.format(0) + "/records", json=body)
+            assert response.status == 200, await response.text()
+            fetched = await (await client.get(BASE.format(0) + "/records?offset=0")).json()
+            assert fetched["records"][0]["key"] == "a"
+            assert fetched["records"][0]["headers"] == {"h": "1"}
+            assert fetched["records"][1]["key"] is None
+
+    run(scenario)
+
+
+def test_long_poll_returns_when_data_arrives(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (_, client):
+            waiting = asyncio.ensure_future(
+                client.get(
+                    BASE.format(0) + "/records",
+                    params={"offset": "0", "wait_ms": "10000"},
+                    headers={"Accept": BATCH_TYPE},
+                )
+            )
+            await asyncio.sleep(0)
+            assert not waiting.done()
+            assert (await produce(client, batch(1))).status == 200
+            response = await asyncio.wait_for(waiting, 5)
+            assert len(list(decode_records(await response.read()))) == 1
+
+    run(scenario)
+
+
+def test_long_poll_times_out_empty(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (_, client):
+            response = await client.get(
+                BASE.format(0) + "/records",
+                params={"offset": "0", "wait_ms": "50"},
+                headers={"Accept": BATCH_TYPE},
+            )
+            assert response.status == 200
+            assert await response.read() == b""
+
+    run(scenario)
+
+
+def _corrupt_crc(data: bytes) -> bytes:
+    damaged = bytearray(data)
+    damaged[-1] ^= 0xFF
+    return bytes(damaged)
+
+
+def _wrong_length(data: bytes) -> bytes:
+    damaged = bytearray(data)
+    struct.pack_into(">I", damaged, 8, len(data) * 2)
+    return bytes(damaged)
+
+
+def _wrong_count(data: bytes) -> bytes:
+    damaged = bytearray(data)
+    struct.pack_into(">i", damaged, 57, 7)
+    return bytes(damaged)
+
+
+BAD_PRODUCES: list[tuple[str, Callable[[bytes], bytes], dict[str, str], int, int, str]] = [
+    ("crc", _corrupt_crc, {}, 0, 400, "corrupt_batch"),
+    ("length", _wrong_length, {}, 0, 400, "corrupt_batch"),
+    ("truncated", lambda b: b[:-3], {}, 0, 400, "corrupt_batch"),
+    ("trailing garbage", lambda b: b + b"xyz", {}, 0, 400, "corrupt_batch"),
+    ("record count", _wrong_count, {}, 0, 400, "corrupt_batch"),
+    ("empty body", lambda b: b"", {}, 0, 400, "corrupt_batch"),
+    ("not leader", lambda b: b, {}, 1, 421, "not_leader"),
+    ("stale epoch", lambda b: b, {"leader_epoch": "0"}, 0, 409, "fenced_leader_epoch"),
+    ("future epoch", lambda b: b, {"leader_epoch": "9"}, 0, 409, "unknown_leader_epoch"),
+    ("bad acks", lambda b: b, {"acks": "2"}, 0, 400, "invalid_request"),
+]
+
+
+@pytest.mark.parametrize(
+    ("damage", "query", "partition", "status", "code"),
+    [case[1:] for case in BAD_PRODUCES],
+    ids=[case[0] for case in BAD_PRODUCES],
+)
+def test_bad_produce_appends_nothing(
+    tmp_path: Path,
+    damage: Callable[[bytes], bytes],
+    query: dict[str, str],
+    partition: int,
+    status: int,
+    code: str,
+) -> None:
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, client):
+            assert (await produce(client, batch(2))).status == 200
+            before = {key: r.log.log_end_offset for key, r in broker.replicas.items()}
+            await expect_error(
+                await produce(client, damage(batch(3)), partition, **query), status, code
+            )
+            after = {key: r.log.log_end_offset for key, r in broker.replicas.items()}
+            assert after == before
+            assert (await produce(client, batch(1))).status == 200  # still serving
+
+    run(scenario)
+
+
+def test_malformed_json_and_bad_records(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, client):
+            url = BASE.format(0) + "/records"
+            headers = {"Content-Type": "application/json"}
+            await expect_error(
+                await client.post(url, data=b"{not json", headers=headers), 400, "malformed_json"
+            )
+            await expect_error(await client.post(url, json={"records": []}), 400, "invalid_request")
+            await expect_error(
+                await client.post(url, json={"records": [{"value": 5}]}), 400, "invalid_request"
+            )
+            await expect_error(await client.post(url, json=[1, 2]), 400, "invalid_request")
+            await expect_error(
+                await client.post(url, json={"records": [{"value": "@@"}], "encoding": "base64"}),
+                400,
+                "invalid_request",
+            )
+            assert broker.replicas[("orders", 0)].log.log_end_offset == 0
+
+    run(scenario)
+
+
+def test_oversized_request(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with broker_client(tmp_path, max_request_bytes=4096) as (broker, client):
+            big = build_batch([(b"k", b"x" * 8000)], 1000)
+            await expect_error(await produce(client, big), 413, "request_too_large")
+            assert broker.replicas[("orders", 0)].log.log_end_offset == 0
+            assert (await produce(client, batch(1))).status == 200
+
+    run(scenario)
+
+
+def test_unknown_topic_partition_and_bad_offsets(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (_, client):
+            assert (await produce(client, batch(3))).status == 200
+            await expect_error(
+                await client.post(
+                    "/v1/topics/nope/partitions/0/records",
+                    data=batch(1),
+                    headers={"Content-Type": BATCH_TYPE},
+                ),
+                404,
+                "unknown_topic",
+            )
+            await expect_error(
+                await produce(client, batch(1), partition=7), 404, "unknown_partition"
+            )
+            await expect_error(
+                await client.get("/v1/topics/orders/partitions/-1/records?offset=0"),
+                400,
+                "invalid_request",
+            )
+            await expect_error(
+                await client.get(BASE.format(0) + "/records?offset=-1"), 400, "invalid_request"
+            )
+            await expect_error(
+                await client.get(BASE.format(0) + "/records?offset=4"), 416, "offset_out_of_range"
+            )
+            await expect_error(
+                await client.get(BASE.format(0) + "/records?offset=abc"), 400, "invalid_request"
+            )
+            await expect_error(
+                await client.get(BASE.format(0) + "/records?offset=0&wait_ms=999999"),
+                400,
+                "invalid_request",
+            )
+            await expect_error(await client.get("/v1/nothing"), 404, "not_found")
+            ok = await client.get(BASE.format(0) + "/records?offset=3")
+            assert ok.status == 200 and (await ok.json())["records"] == []
+
+    run(scenario)
+
+
+def test_fsync_never_and_interval_still_serve(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        for policy in (FsyncPolicy.NEVER, FsyncPolicy.INTERVAL):
+            async with broker_client(tmp_path / policy.value, fsync=policy) as (_, client):
+                answer = await (await produce(client, batch(4))).json()
+                assert answer["high_watermark"] == 4
+
+    run(scenario)
+
+
+def test_reassignment_and_topic_deletion(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, client):
+            assert (await produce(client, batch(1))).status == 200
+            broker.reconcile(_answer(epoch=2, leader=2))
+            await expect_error(await produce(client, batch(1)), 421, "not_leader")
+            broker.reconcile(_answer(epoch=3, leader=1))
+            assert (await produce(client, batch(1), leader_epoch="3")).status == 200
+            broker.reconcile({"topics": {}, "assignments": []})
+            assert broker.replicas == {}
+            assert not (tmp_path / "orders-0").exists()
+            await expect_error(await produce(client, batch(1)), 404, "unknown_topic")
+
+    run(scenario)
+
+
+def test_metrics_and_openapi(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (_, client):
+            assert (await produce(client, batch(2))).status == 200
+            metrics = await (await client.get("/metrics")).text()
+            assert 'tide_messages_in_total{topic="orders"} 2.0' in metrics
+            assert "tide_fsync_duration_seconds_count" in metrics
+            spec = await (await client.get("/openapi.json")).json()
+            assert "/v1/topics/{topic}/partitions/{partition}/records" in spec["paths"]
+            assert (await client.get("/readyz")).status == 200
+            assert json.loads(await (await client.get("/healthz")).text())["status"] == "ok"
+
+    run(scenario)
