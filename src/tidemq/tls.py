@@ -93,9 +93,15 @@ def _create_ca(directory: Path) -> None:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -155,5 +161,7 @@ def ensure_cluster_pki(
     for name in names:
         if not (directory / f"{name}.pem").exists():
             _issue(directory, name, hosts or ["localhost", "127.0.0.1", "::1"])
-        out[name] = TlsFiles(ca_file, str(directory / f"{name}.pem"), str(directory / f"{name}-key.pem"))
+        out[name] = TlsFiles(
+            ca_file, str(directory / f"{name}.pem"), str(directory / f"{name}-key.pem")
+        )
     return out

@@ -143,8 +143,10 @@ class BatchBuilder:
             self.max_timestamp = timestamp
         buffer = self._buffer
         buffer += RECORD_HEADER.pack(
-            _RECORD_FIXED + (key_length if key_length > 0 else 0)
-            + (value_length if value_length > 0 else 0) + len(extra),
+            _RECORD_FIXED
+            + (key_length if key_length > 0 else 0)
+            + (value_length if value_length > 0 else 0)
+            + len(extra),
             delta,
             key_length,
             value_length,
@@ -171,9 +173,21 @@ class BatchBuilder:
             raise ValueError("cannot build an empty batch")
         buffer = self._buffer
         HEADER.pack_into(
-            buffer, 0, 0, len(buffer) - LENGTH_PREFIX, -1, MAGIC, 0, 0,
-            self.count - 1, self.base_timestamp, self.max_timestamp,
-            producer_id, producer_epoch, base_sequence, self.count,
+            buffer,
+            0,
+            0,
+            len(buffer) - LENGTH_PREFIX,
+            -1,
+            MAGIC,
+            0,
+            0,
+            self.count - 1,
+            self.base_timestamp,
+            self.max_timestamp,
+            producer_id,
+            producer_epoch,
+            base_sequence,
+            self.count,
         )
         crc = zlib.crc32(memoryview(buffer)[CRC_START:])
         _U32.pack_into(buffer, 17, crc)
@@ -269,9 +283,7 @@ def iter_headers(data: bytes | bytearray | memoryview) -> Iterator[BatchHeader]:
         position += size
 
 
-def decode_records(
-    data: bytes | bytearray | memoryview, min_offset: int = 0
-) -> Iterator[Record]:
+def decode_records(data: bytes | bytearray | memoryview, min_offset: int = 0) -> Iterator[Record]:
     """Every record of consecutive whole batches, skipping offsets below min_offset.
 
     A fetch may return batches that start before the requested offset; callers pass
@@ -317,9 +329,7 @@ def decode_records(
         position = batch_end
 
 
-def _decode_headers(
-    data: bytes, cursor: int, count: int, out: list[tuple[str, bytes]]
-) -> int:
+def _decode_headers(data: bytes, cursor: int, count: int, out: list[tuple[str, bytes]]) -> int:
     for _ in range(count):
         (name_length,) = _HEADER_NAME.unpack_from(data, cursor)
         cursor += 2
