@@ -150,6 +150,15 @@ class InternalError(TideError):
     retriable = True
 
 
+class FencedMember(TideError):
+    """A consumer group member's epoch is stale, or the member is unknown: rejoin
+    the group with member_epoch 0. Its commits are rejected meanwhile."""
+
+    code = "fenced_member"
+    http_status = 409
+    retriable = False
+
+
 class InvariantViolation(Exception):
     """A broken invariant: a bug. Not a TideError; nothing should catch it."""
 
@@ -180,3 +189,6 @@ def error_for_code(code: str, message: str) -> TideError:
     """The client-side exception for an error body received on the wire."""
     cls = errors_by_code().get(code, InternalError)
     return cls(message)
+
+
+ERRORS_BY_CODE: dict[str, type[TideError]] = errors_by_code()
