@@ -244,7 +244,11 @@ class Broker:
         log.info("registered with the coordinator as broker %s", self.config.broker_id)
 
     async def heartbeat(self) -> None:
-        body = {"partitions": [self._heartbeat_stats(r) for r in self.replicas.values()]}
+        # Only led partitions are reported: a follower that does not replicate yet
+        # (follower fetching is the replication issue) must never look in sync to the
+        # coordinator, which adds a reported, caught-up follower to the ISR.
+        reports = [self._heartbeat_stats(r) for r in self.replicas.values() if r.is_leader]
+        body = {"partitions": reports}
         path = f"/v1/brokers/{self.config.broker_id}/heartbeat"
         answer = await self._coordinator_call(path, body)
         self.reconcile(answer)

@@ -1,0 +1,1 @@
+"""The coordinator service: the HTTP shell over :mod:`tidemq.core` and its SQLite store."""

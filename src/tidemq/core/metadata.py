@@ -1,0 +1,554 @@
+"""The coordinator's durable state as a deterministic state machine.
+
+Owns: the cluster id, registered brokers and their URLs, topics with their partitions
+(replicas, leader, leader epoch, ISR), committed consumer offsets and the producer id
+counter. It changes only by :meth:`ClusterState.apply` of a command: a small frozen
+dataclass that round-trips through JSON (:func:`command_to_json` /
+:func:`command_from_json`), so a log (SQLite today, Raft later) can replicate it.
+
+Must always hold:
+
+* ``apply`` is deterministic: no clock, no randomness, no I/O. Ids and times come in
+  the command. Replaying the same commands on the same snapshot gives the same state.
+* ``check(command)`` raises a :class:`TideError` for a command that must not be
+  applied and changes nothing; the shell calls it before persisting, so every
+  persisted command applies cleanly (a failure on replay is an InvariantViolation).
+* per partition: replicas are distinct registered brokers; the ISR is a subset of the
+  replicas; the leader, when there is one, is in the ISR; the leader epoch only grows,
+  by one at every ChangeLeader.
+* an offline partition (leader None) keeps its last ISR, so only a replica that was in
+  sync may lead it again (no unclean election).
+
+Soft state that is *not* persisted lives in :class:`Liveness`: broker sessions and
+what brokers report about their partitions. It is rebuilt from heartbeats after a
+restart (every registered broker gets a fresh session).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tidemq.core.placement import elect_leader
+from tidemq.errors import (
+    InvalidRequest,
+    InvariantViolation,
+    TopicExists,
+    UnknownPartition,
+    UnknownTopic,
+)
+
+MAX_TOPICS = 10_000
+MAX_BROKERS = 10_000
+MAX_PARTITIONS_PER_TOPIC = 10_000
+SNAPSHOT_VERSION = 1
+
+TopicPartition = tuple[str, int]
+
+
+# --- commands -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InitCluster:
+    cluster_id: str
+
+
+@dataclass(frozen=True)
+class RegisterBroker:
+    broker_id: int
+    url: str
+
+
+@dataclass(frozen=True)
+class CreateTopic:
+    name: str
+    partitions: int
+    replication_factor: int
+    assignments: tuple[tuple[int, ...], ...]  # replicas per partition, leader first
+
+
+@dataclass(frozen=True)
+class DeleteTopic:
+    name: str
+
+
+@dataclass(frozen=True)
+class ChangeLeader:
+    """A new leader (or None: offline) and ISR; bumps the leader epoch."""
+
+    topic: str
+    partition: int
+    leader_id: int | None
+    isr: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ChangeIsr:
+    """Shrinks or expands the ISR under the same leader and leader epoch."""
+
+    topic: str
+    partition: int
+    isr: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CommitOffsets:
+    group: str
+    offsets: tuple[tuple[str, int, int], ...]  # (topic, partition, next offset)
+
+
+@dataclass(frozen=True)
+class AllocateProducerId:
+    pass
+
+
+Command = (
+    InitCluster
+    | RegisterBroker
+    | CreateTopic
+    | DeleteTopic
+    | ChangeLeader
+    | ChangeIsr
+    | CommitOffsets
+    | AllocateProducerId
+)
+_COMMAND_TYPES: dict[str, type[Any]] = {
+    cls.__name__: cls
+    for cls in (
+        InitCluster,
+        RegisterBroker,
+        CreateTopic,
+        DeleteTopic,
+        ChangeLeader,
+        ChangeIsr,
+        CommitOffsets,
+        AllocateProducerId,
+    )
+}
+
+
+def _to_tuples(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_to_tuples(item) for item in value)
+    return value
+
+
+def command_to_json(command: Command) -> dict[str, Any]:
+    return {"type": type(command).__name__, **dataclasses.asdict(command)}
+
+
+def command_from_json(data: dict[str, Any]) -> Command:
+    cls = _COMMAND_TYPES.get(str(data.get("type")))
+    if cls is None:
+        raise ValueError(f"unknown command type {data.get('type')!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    command: Command = cls(**{name: _to_tuples(data[name]) for name in names})
+    return command
+
+
+# --- state ----------------------------------------------------------------------
+
+
+@dataclass
+class PartitionState:
+    replicas: list[int]
+    leader_id: int | None
+    leader_epoch: int
+    isr: list[int]
+
+
+@dataclass
+class TopicState:
+    name: str
+    replication_factor: int
+    partitions: list[PartitionState]
+
+
+@dataclass
+class ClusterState:
+    cluster_id: str = ""
+    brokers: dict[int, str] = field(default_factory=dict)  # broker id -> url
+    topics: dict[str, TopicState] = field(default_factory=dict)
+    offsets: dict[str, dict[TopicPartition, int]] = field(default_factory=dict)
+    next_producer_id: int = 0
+
+    # -- reading --
+
+    def topic(self, name: str) -> TopicState:
+        topic = self.topics.get(name)
+        if topic is None:
+            raise UnknownTopic(f"no topic {name!r}")
+        return topic
+
+    def partition(self, topic: str, partition: int) -> PartitionState:
+        state = self.topic(topic)
+        if not 0 <= partition < len(state.partitions):
+            raise UnknownPartition(f"topic {topic!r} has no partition {partition}")
+        return state.partitions[partition]
+
+    def replica_load(self) -> tuple[dict[int, int], dict[int, int]]:
+        """(replicas per broker, leaders per broker) over every topic."""
+        replicas: dict[int, int] = {}
+        leaders: dict[int, int] = {}
+        for topic in self.topics.values():
+            for partition in topic.partitions:
+                for broker in partition.replicas:
+                    replicas[broker] = replicas.get(broker, 0) + 1
+                if partition.leader_id is not None:
+                    leaders[partition.leader_id] = leaders.get(partition.leader_id, 0) + 1
+        return replicas, leaders
+
+    # -- changing --
+
+    def check(self, command: Command) -> None:
+        """Raises the TideError that ``apply`` would; changes nothing."""
+        checker = _CHECKS.get(type(command))
+        if checker is not None:
+            checker(self, command)
+
+    def apply(self, command: Command) -> Any:
+        """Checks then applies one command. Returns the command's result, if any."""
+        self.check(command)
+        return _APPLIES[type(command)](self, command)
+
+    # -- snapshots --
+
+    def to_snapshot(self) -> dict[str, Any]:
+        return {
+            "version": SNAPSHOT_VERSION,
+            "cluster_id": self.cluster_id,
+            "brokers": [{"broker_id": b, "url": u} for b, u in sorted(self.brokers.items())],
+            "topics": [_topic_to_json(t) for _, t in sorted(self.topics.items())],
+            "offsets": [
+                {"group": group, "topic": topic, "partition": partition, "offset": offset}
+                for group, committed in sorted(self.offsets.items())
+                for (topic, partition), offset in sorted(committed.items())
+            ],
+            "next_producer_id": self.next_producer_id,
+        }
+
+    @classmethod
+    def from_snapshot(cls, data: dict[str, Any]) -> ClusterState:
+        if data.get("version") != SNAPSHOT_VERSION:
+            raise ValueError(f"unsupported snapshot version {data.get('version')!r}")
+        state = cls(cluster_id=data["cluster_id"], next_producer_id=data["next_producer_id"])
+        state.brokers = {int(b["broker_id"]): str(b["url"]) for b in data["brokers"]}
+        for topic in data["topics"]:
+            state.topics[topic["name"]] = _topic_from_json(topic)
+        for row in data["offsets"]:
+            group = state.offsets.setdefault(row["group"], {})
+            group[(row["topic"], int(row["partition"]))] = int(row["offset"])
+        return state
+
+
+def _topic_to_json(topic: TopicState) -> dict[str, Any]:
+    return {
+        "name": topic.name,
+        "replication_factor": topic.replication_factor,
+        "partitions": [dataclasses.asdict(p) for p in topic.partitions],
+    }
+
+
+def _topic_from_json(data: dict[str, Any]) -> TopicState:
+    partitions = [
+        PartitionState(
+            replicas=list(p["replicas"]),
+            leader_id=p["leader_id"],
+            leader_epoch=int(p["leader_epoch"]),
+            isr=list(p["isr"]),
+        )
+        for p in data["partitions"]
+    ]
+    return TopicState(data["name"], int(data["replication_factor"]), partitions)
+
+
+# --- checks (raise, never mutate) -------------------------------------------------
+
+
+def _check_register(state: ClusterState, command: RegisterBroker) -> None:
+    if command.broker_id < 0 or not command.url:
+        raise InvalidRequest("a broker needs an id >= 0 and a url")
+    if command.broker_id not in state.brokers and len(state.brokers) >= MAX_BROKERS:
+        raise InvalidRequest(f"the cluster holds the maximum of {MAX_BROKERS} brokers")
+
+
+def _check_create(state: ClusterState, command: CreateTopic) -> None:
+    if command.name in state.topics:
+        raise TopicExists(f"topic {command.name!r} exists")
+    if len(state.topics) >= MAX_TOPICS:
+        raise InvalidRequest(f"the cluster holds the maximum of {MAX_TOPICS} topics")
+    if not 1 <= command.partitions <= MAX_PARTITIONS_PER_TOPIC:
+        raise InvalidRequest(f"partitions must be 1 to {MAX_PARTITIONS_PER_TOPIC}")
+    if len(command.assignments) != command.partitions:
+        raise InvalidRequest("one replica list per partition is required")
+    for replicas in command.assignments:
+        if len(replicas) != command.replication_factor or len(set(replicas)) != len(replicas):
+            raise InvalidRequest(f"replicas {list(replicas)} are not distinct or miscounted")
+        if any(broker not in state.brokers for broker in replicas):
+            raise InvalidRequest(f"replicas {list(replicas)} name an unregistered broker")
+
+
+def _check_delete(state: ClusterState, command: DeleteTopic) -> None:
+    state.topic(command.name)
+
+
+def _check_isr(partition: PartitionState, leader_id: int | None, isr: tuple[int, ...]) -> None:
+    if len(set(isr)) != len(isr) or any(b not in partition.replicas for b in isr):
+        raise InvalidRequest(f"isr {list(isr)} is not a set of replicas {partition.replicas}")
+    if leader_id is not None and leader_id not in isr:
+        raise InvalidRequest(f"leader {leader_id} is not in isr {list(isr)}")
+
+
+def _check_change_leader(state: ClusterState, command: ChangeLeader) -> None:
+    partition = state.partition(command.topic, command.partition)
+    _check_isr(partition, command.leader_id, command.isr)
+
+
+def _check_change_isr(state: ClusterState, command: ChangeIsr) -> None:
+    partition = state.partition(command.topic, command.partition)
+    _check_isr(partition, partition.leader_id, command.isr)
+
+
+def _check_commit(state: ClusterState, command: CommitOffsets) -> None:
+    for topic, partition, offset in command.offsets:
+        state.partition(topic, partition)
+        if offset < 0:
+            raise InvalidRequest(f"offset must be >= 0, got {offset}")
+
+
+_CHECKS: dict[type[Any], Any] = {
+    RegisterBroker: _check_register,
+    CreateTopic: _check_create,
+    DeleteTopic: _check_delete,
+    ChangeLeader: _check_change_leader,
+    ChangeIsr: _check_change_isr,
+    CommitOffsets: _check_commit,
+}
+
+
+# --- applies (mutate; checks already passed) -------------------------------------
+
+
+def _apply_init(state: ClusterState, command: InitCluster) -> None:
+    if state.cluster_id and state.cluster_id != command.cluster_id:
+        raise InvariantViolation("the cluster id never changes once set")
+    state.cluster_id = command.cluster_id
+
+
+def _apply_register(state: ClusterState, command: RegisterBroker) -> None:
+    state.brokers[command.broker_id] = command.url
+
+
+def _apply_create(state: ClusterState, command: CreateTopic) -> None:
+    """A new partition's ISR is its leader alone: a follower joins the ISR only once
+    it has reported, under the current epoch, a log end at the leader's high
+    watermark (plan_isr_expansion), which a broker does only for replicas it
+    actually replicates. Until follower replication exists no follower ever does, so
+    failover never elects an empty replica (no acknowledged message is lost: the
+    partition is offline until its leader returns)."""
+    partitions = [
+        PartitionState(list(replicas), replicas[0], 0, [replicas[0]])
+        for replicas in command.assignments
+    ]
+    state.topics[command.name] = TopicState(command.name, command.replication_factor, partitions)
+
+
+def _apply_delete(state: ClusterState, command: DeleteTopic) -> None:
+    """Deleting a topic forgets its committed offsets too, so a topic created again
+    under the same name starts clean."""
+    del state.topics[command.name]
+    for committed in state.offsets.values():
+        for key in [key for key in committed if key[0] == command.name]:
+            del committed[key]
+    for group in [group for group, committed in state.offsets.items() if not committed]:
+        del state.offsets[group]
+
+
+def _apply_change_leader(state: ClusterState, command: ChangeLeader) -> int:
+    partition = state.partition(command.topic, command.partition)
+    partition.leader_id = command.leader_id
+    partition.isr = list(command.isr)
+    partition.leader_epoch += 1
+    return partition.leader_epoch
+
+
+def _apply_change_isr(state: ClusterState, command: ChangeIsr) -> None:
+    state.partition(command.topic, command.partition).isr = list(command.isr)
+
+
+def _apply_commit(state: ClusterState, command: CommitOffsets) -> int:
+    committed = state.offsets.setdefault(command.group, {})
+    for topic, partition, offset in command.offsets:
+        committed[(topic, partition)] = offset
+    return len(command.offsets)
+
+
+def _apply_allocate(state: ClusterState, command: AllocateProducerId) -> int:
+    producer_id = state.next_producer_id
+    state.next_producer_id += 1
+    return producer_id
+
+
+_APPLIES: dict[type[Any], Any] = {
+    InitCluster: _apply_init,
+    RegisterBroker: _apply_register,
+    CreateTopic: _apply_create,
+    DeleteTopic: _apply_delete,
+    ChangeLeader: _apply_change_leader,
+    ChangeIsr: _apply_change_isr,
+    CommitOffsets: _apply_commit,
+    AllocateProducerId: _apply_allocate,
+}
+
+
+# --- failover planning (pure: state + who is alive -> commands) -------------------
+
+
+def plan_failover(state: ClusterState, live: Collection[int]) -> list[Command]:
+    """Level-triggered: the commands that bring leaders and ISRs in line with ``live``.
+
+    * a dead leader: the first live ISR replica leads (epoch bump), the dead leave
+      the ISR; with no live ISR replica the partition goes offline and keeps its ISR;
+    * an offline partition: a live replica from its last ISR leads again;
+    * a dead follower leaves the ISR (no epoch bump), so acks=all stops waiting for it.
+    """
+    commands: list[Command] = []
+    for name, topic in sorted(state.topics.items()):
+        for index, partition in enumerate(topic.partitions):
+            command = _partition_failover(name, index, partition, live)
+            if command is not None:
+                commands.append(command)
+    return commands
+
+
+def _partition_failover(
+    topic: str, index: int, partition: PartitionState, live: Collection[int]
+) -> Command | None:
+    leader = partition.leader_id
+    if leader is None or leader not in live:
+        new_leader = elect_leader(partition.replicas, partition.isr, live)
+        if new_leader is None:
+            if leader is None:
+                return None
+            return ChangeLeader(topic, index, None, tuple(partition.isr))
+        live_isr = tuple(b for b in partition.isr if b in live)
+        return ChangeLeader(topic, index, new_leader, live_isr)
+    live_isr = tuple(b for b in partition.isr if b in live)
+    if live_isr != tuple(partition.isr):
+        return ChangeIsr(topic, index, live_isr)
+    return None
+
+
+@dataclass(frozen=True)
+class PartitionReport:
+    """What a broker says about one replica in its heartbeat."""
+
+    leader_epoch: int
+    log_start_offset: int
+    log_end_offset: int
+    high_watermark: int
+
+
+def plan_isr_expansion(
+    state: ClusterState, live: Collection[int], liveness: Liveness
+) -> list[Command]:
+    """A live follower outside the ISR rejoins it once its log end offset reached the
+    leader's high watermark, both reported under the current leader epoch."""
+    commands: list[Command] = []
+    for name, topic in sorted(state.topics.items()):
+        for index, partition in enumerate(topic.partitions):
+            isr = _expanded_isr(name, index, partition, live, liveness)
+            if isr is not None:
+                commands.append(ChangeIsr(name, index, isr))
+    return commands
+
+
+def _expanded_isr(
+    topic: str, index: int, partition: PartitionState, live: Collection[int], liveness: Liveness
+) -> tuple[int, ...] | None:
+    if partition.leader_id is None or len(partition.isr) == len(partition.replicas):
+        return None
+    leader_report = liveness.report(partition.leader_id, topic, index)
+    if leader_report is None or leader_report.leader_epoch != partition.leader_epoch:
+        return None
+    joining = []
+    for broker in partition.replicas:
+        if broker in partition.isr or broker not in live:
+            continue
+        report = liveness.report(broker, topic, index)
+        if (
+            report is not None
+            and report.leader_epoch == partition.leader_epoch
+            and report.log_end_offset >= leader_report.high_watermark
+        ):
+            joining.append(broker)
+    if not joining:
+        return None
+    return tuple(b for b in partition.replicas if b in partition.isr or b in joining)
+
+
+# --- soft state -----------------------------------------------------------------
+
+
+@dataclass
+class _Session:
+    last_heartbeat_ms: int
+    alive: bool = True
+    reports: dict[TopicPartition, PartitionReport] = field(default_factory=dict)
+
+
+class Liveness:
+    """Broker sessions and their latest partition reports. Soft state: not persisted.
+
+    A broker is alive from its registration (or the coordinator's start) until
+    ``session_timeout_ms`` pass without a heartbeat; a heartbeat revives it.
+    """
+
+    def __init__(self, session_timeout_ms: int) -> None:
+        self.session_timeout_ms = session_timeout_ms
+        self._sessions: dict[int, _Session] = {}
+
+    def start_session(self, broker_id: int, now_ms: int) -> None:
+        self._sessions[broker_id] = _Session(now_ms)
+
+    def heartbeat(
+        self,
+        broker_id: int,
+        now_ms: int,
+        reports: Iterable[tuple[TopicPartition, PartitionReport]] = (),
+    ) -> bool:
+        """Records a heartbeat; True if it brought a dead broker back to life."""
+        session = self._sessions.setdefault(broker_id, _Session(now_ms))
+        revived = not session.alive
+        session.last_heartbeat_ms = now_ms
+        session.alive = True
+        session.reports = dict(reports)
+        return revived
+
+    def expire(self, now_ms: int) -> list[int]:
+        """Marks brokers past their session dead; returns those that just died."""
+        died = []
+        for broker_id, session in sorted(self._sessions.items()):
+            late = now_ms - session.last_heartbeat_ms > self.session_timeout_ms
+            if session.alive and late:
+                session.alive = False
+                session.reports = {}
+                died.append(broker_id)
+        return died
+
+    def is_alive(self, broker_id: int) -> bool:
+        session = self._sessions.get(broker_id)
+        return session is not None and session.alive
+
+    def alive_ids(self) -> set[int]:
+        return {broker for broker, session in self._sessions.items() if session.alive}
+
+    def report(self, broker_id: int, topic: str, partition: int) -> PartitionReport | None:
+        session = self._sessions.get(broker_id)
+        return None if session is None else session.reports.get((topic, partition))
+
+    def forget(self, broker_id: int) -> None:
+        self._sessions.pop(broker_id, None)

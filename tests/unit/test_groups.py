@@ -1,0 +1,175 @@
+"""Consumer group membership: balance, stickiness, fencing, one owner per partition."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tidemq.core.groups import ConsumerGroup, compute_target
+from tidemq.errors import FencedMember
+
+COUNTS = {"orders": 12}
+SESSION_MS = 1000
+
+
+def beat(
+    group: ConsumerGroup,
+    member_id: str | None,
+    epoch: int,
+    owned: list[tuple[str, int]],
+    now_ms: int = 0,
+    new_id: str = "new",
+    topics: tuple[str, ...] = ("orders",),
+) -> tuple[str, int, list[tuple[str, int]]]:
+    result = group.heartbeat(member_id, epoch, topics, owned, now_ms, COUNTS, new_id, SESSION_MS)
+    return result.member_id, result.member_epoch, result.assignment
+
+
+def test_a_single_member_gets_everything_at_epoch_two() -> None:
+    group = ConsumerGroup("g")
+    member, epoch, assignment = beat(group, None, 0, [], new_id="a")
+    assert (member, epoch, len(assignment)) == ("a", 2, 12)
+
+
+def test_two_members_split_twelve_partitions_six_six() -> None:
+    group = ConsumerGroup("g")
+    _, a_epoch, a_owned = beat(group, None, 0, [], new_id="a")
+    _, b_epoch, b_owned = beat(group, None, 0, [], new_id="b")
+    assert b_owned == []  # everything is still held by a
+    _, a_epoch, a_owned_next = beat(group, "a", a_epoch, a_owned)
+    assert len(a_owned_next) == 6  # a is told to revoke six ...
+    _, b_epoch, b_owned = beat(group, "b", b_epoch, [])
+    assert b_owned == []  # ... but still reported them as owned
+    _, a_epoch, a_owned = beat(group, "a", a_epoch, a_owned_next)
+    _, b_epoch, b_owned = beat(group, "b", b_epoch, [])
+    assert len(a_owned) == 6 and len(b_owned) == 6
+    assert not set(a_owned) & set(b_owned)
+
+
+def test_stale_epoch_is_fenced_and_epoch_zero_rejoins() -> None:
+    group = ConsumerGroup("g")
+    _, epoch, owned = beat(group, None, 0, [], new_id="a")
+    with pytest.raises(FencedMember):
+        beat(group, "a", epoch - 1, owned)
+    with pytest.raises(FencedMember):
+        beat(group, "ghost", 3, [])
+    assert beat(group, "a", 0, owned)[1:] == (epoch, owned)
+
+
+def test_commits_are_validated_against_the_member_epoch() -> None:
+    group = ConsumerGroup("g")
+    _, epoch, _ = beat(group, None, 0, [], new_id="a")
+    group.validate_commit(None, None)  # standalone consumer
+    group.validate_commit("a", epoch)
+    with pytest.raises(FencedMember):
+        group.validate_commit("a", epoch - 1)
+    with pytest.raises(FencedMember):
+        group.validate_commit("b", 1)
+
+
+def test_expiry_and_leave_free_partitions() -> None:
+    group = ConsumerGroup("g")
+    beat(group, None, 0, [], now_ms=0, new_id="a")
+    _, b_epoch, _ = beat(group, None, 0, [], now_ms=0, new_id="b")
+    assert group.expire(now_ms=SESSION_MS) == []
+    _, b_epoch, _ = beat(group, "b", b_epoch, [], now_ms=SESSION_MS)
+    assert group.expire(now_ms=SESSION_MS + 1) == ["a"]
+    assert len(beat(group, "b", b_epoch, [], now_ms=SESSION_MS + 1)[2]) == 12
+    assert group.leave("b") and not group.leave("b")
+
+
+def test_target_is_sticky() -> None:
+    before = compute_target({"a": ["t"], "b": ["t"]}, {"t": 6}, {})
+    after = compute_target({"a": ["t"], "b": ["t"], "c": ["t"]}, {"t": 6}, before)
+    for member in ("a", "b"):
+        assert after[member] <= before[member]
+        assert len(after[member]) == 2
+    assert len(after["c"]) == 2
+
+
+@dataclass
+class Client:
+    member_id: str | None
+    epoch: int
+    owned: list[tuple[str, int]]
+    topics: tuple[str, ...]
+
+
+operations = st.lists(
+    st.tuples(
+        st.sampled_from(["join", "beat", "beat", "beat", "drop", "leave", "wait"]),
+        st.integers(0, 7),
+        st.sampled_from([("orders",), ("orders", "audit"), ("audit",)]),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(operations)
+def test_a_partition_never_has_two_owners(steps: list[tuple[str, int, tuple[str, ...]]]) -> None:
+    counts = {"orders": 5, "audit": 3}
+    group = ConsumerGroup("g")
+    clients: dict[str, Client] = {}
+    now_ms = 0
+    fresh = iter(f"m{n}" for n in range(1000))
+
+    def heartbeat(client: Client, deliver: bool) -> None:
+        try:
+            result = group.heartbeat(
+                client.member_id,
+                client.epoch,
+                client.topics,
+                client.owned,
+                now_ms,
+                counts,
+                next(fresh),
+                SESSION_MS,
+            )
+        except FencedMember:
+            client.epoch = 0  # rejoin, still reporting what it owns
+            return
+        client.member_id = result.member_id
+        clients[result.member_id] = client
+        if deliver:
+            client.epoch, client.owned = result.member_epoch, result.assignment
+
+    for action, index, topics in steps:
+        ids = sorted(clients)
+        client = clients[ids[index % len(ids)]] if ids else None
+        if action == "join" or client is None:
+            heartbeat(Client(None, 0, [], topics), deliver=action != "drop")
+        elif action in ("beat", "drop"):
+            heartbeat(client, deliver=action == "beat")
+        elif action == "leave":
+            assert client.member_id is not None
+            group.leave(client.member_id)
+            del clients[client.member_id]
+        else:
+            now_ms += SESSION_MS // 2 + 1
+            for member_id in group.expire(now_ms):
+                del clients[member_id]  # its session lapsed: it stopped consuming
+        check_single_owner(group, clients)
+
+    for _ in range(4):  # then everyone heartbeats and hears back: the group converges
+        now_ms += 1
+        for client in list(clients.values()):
+            heartbeat(client, deliver=True)
+        check_single_owner(group, clients)
+    wanted = {(t, p) for c in clients.values() for t in c.topics for p in range(counts[t])}
+    owned = {tp for c in clients.values() for tp in c.owned}
+    assert owned == wanted
+
+
+def check_single_owner(group: ConsumerGroup, clients: dict[str, Client]) -> None:
+    seen: set[tuple[str, int]] = set()
+    for client in clients.values():
+        assert not seen & set(client.owned), "two clients own one partition"
+        seen |= set(client.owned)
+    assigned: set[tuple[str, int]] = set()
+    for member in group.members.values():
+        assert not assigned & member.assignment, "two members are assigned one partition"
+        assigned |= member.assignment

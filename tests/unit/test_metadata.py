@@ -1,0 +1,155 @@
+"""ClusterState: commands, snapshots, replay, failover planning, liveness."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tidemq.core.metadata import (
+    AllocateProducerId,
+    ChangeIsr,
+    ChangeLeader,
+    ClusterState,
+    Command,
+    CommitOffsets,
+    CreateTopic,
+    DeleteTopic,
+    InitCluster,
+    Liveness,
+    PartitionReport,
+    RegisterBroker,
+    command_from_json,
+    command_to_json,
+    plan_failover,
+    plan_isr_expansion,
+)
+from tidemq.errors import InvalidRequest, TopicExists, UnknownPartition, UnknownTopic
+
+
+def history() -> list[Command]:
+    return [
+        InitCluster("c1"),
+        RegisterBroker(1, "https://b1"),
+        RegisterBroker(2, "https://b2"),
+        RegisterBroker(3, "https://b3"),
+        CreateTopic("orders", 3, 2, ((1, 2), (2, 3), (3, 1))),
+        CreateTopic("gone", 1, 1, ((1,),)),
+        CommitOffsets("g", (("orders", 0, 5), ("gone", 0, 1))),
+        ChangeLeader("orders", 0, 2, (2,)),
+        ChangeIsr("orders", 0, (1, 2)),
+        AllocateProducerId(),
+        DeleteTopic("gone"),
+    ]
+
+
+def build(commands: list[Command]) -> ClusterState:
+    state = ClusterState()
+    for command in commands:
+        state.apply(command)
+    return state
+
+
+def test_commands_round_trip_through_json() -> None:
+    for command in history():
+        text = json.dumps(command_to_json(command))
+        assert command_from_json(json.loads(text)) == command
+
+
+def test_replay_of_serialized_commands_gives_the_same_state() -> None:
+    original = build(history())
+    replayed = build(
+        [command_from_json(json.loads(json.dumps(command_to_json(c)))) for c in history()]
+    )
+    assert replayed.to_snapshot() == original.to_snapshot()
+
+
+def test_snapshot_round_trip_then_more_commands() -> None:
+    commands = history()
+    original = build(commands[:6])
+    restored = ClusterState.from_snapshot(json.loads(json.dumps(original.to_snapshot())))
+    for command in commands[6:]:
+        original.apply(command)
+        restored.apply(command)
+    assert restored == original
+
+
+def test_apply_results_and_effects() -> None:
+    state = build(history()[:7])
+    assert state.apply(AllocateProducerId()) == 0
+    assert state.apply(AllocateProducerId()) == 1
+    assert state.apply(ChangeLeader("orders", 1, 3, (3,))) == 1  # the new leader epoch
+    state.apply(DeleteTopic("gone"))
+    assert state.offsets == {"g": {("orders", 0): 5}}  # offsets of a deleted topic go
+
+
+def test_bad_commands_raise_and_change_nothing() -> None:
+    state = build(history())
+    before = state.to_snapshot()
+    bad: list[tuple[Command, type[Exception]]] = [
+        (CreateTopic("orders", 1, 1, ((1,),)), TopicExists),
+        (CreateTopic("x", 2, 1, ((1,),)), InvalidRequest),
+        (CreateTopic("x", 1, 2, ((1, 1),)), InvalidRequest),
+        (CreateTopic("x", 1, 1, ((9,),)), InvalidRequest),
+        (DeleteTopic("nope"), UnknownTopic),
+        (ChangeLeader("orders", 7, 1, (1,)), UnknownPartition),
+        (ChangeLeader("orders", 1, 1, (2, 3)), InvalidRequest),  # leader not in isr
+        (ChangeIsr("orders", 1, (1,)), InvalidRequest),  # not a replica
+        (CommitOffsets("g", (("orders", 0, -1),)), InvalidRequest),
+    ]
+    for command, error in bad:
+        with pytest.raises(error):
+            state.apply(command)
+    assert state.to_snapshot() == before
+
+
+def test_failover_picks_an_isr_replica_and_bumps_the_epoch() -> None:
+    state = build(history()[:5])  # orders: [1,2] [2,3] [3,1], leaders 1, 2, 3
+    for index, replicas in enumerate(([1, 2], [2, 3], [3, 1])):
+        assert state.partition("orders", index).isr == replicas[:1]  # a new ISR: the leader
+        state.apply(ChangeIsr("orders", index, tuple(replicas)))  # followers caught up
+    commands = plan_failover(state, live={2, 3})
+    assert ChangeLeader("orders", 0, 2, (2,)) in commands
+    assert ChangeIsr("orders", 2, (3,)) in commands  # dead follower leaves the ISR
+    for command in commands:
+        state.apply(command)
+    partition = state.partition("orders", 0)
+    assert (partition.leader_id, partition.leader_epoch, partition.isr) == (2, 1, [2])
+    assert plan_failover(state, live={2, 3}) == []  # level-triggered: nothing left to do
+
+
+def test_no_unclean_election_and_return_of_the_last_in_sync_replica() -> None:
+    state = build(history()[:5])
+    state.apply(ChangeIsr("orders", 0, (1,)))  # broker 2 fell behind
+    [offline] = [c for c in plan_failover(state, live={2, 3}) if c.partition == 0]
+    assert offline == ChangeLeader("orders", 0, None, (1,))
+    state.apply(offline)
+    assert [c for c in plan_failover(state, live={2, 3}) if c.partition == 0] == []
+    [back] = [c for c in plan_failover(state, live={1, 2, 3}) if c.partition == 0]
+    assert back == ChangeLeader("orders", 0, 1, (1,))
+    state.apply(back)
+    assert state.partition("orders", 0).leader_epoch == 2
+
+
+def test_caught_up_follower_rejoins_the_isr() -> None:
+    state = build(history()[:5])
+    state.apply(ChangeIsr("orders", 0, (1,)))
+    liveness = Liveness(session_timeout_ms=1000)
+    liveness.heartbeat(1, 0, [(("orders", 0), PartitionReport(0, 0, 10, 10))])
+    liveness.heartbeat(2, 0, [(("orders", 0), PartitionReport(0, 0, 9, 9))])
+    assert plan_isr_expansion(state, {1, 2}, liveness) == []
+    liveness.heartbeat(2, 5, [(("orders", 0), PartitionReport(0, 0, 10, 9))])
+    assert plan_isr_expansion(state, {1, 2}, liveness) == [ChangeIsr("orders", 0, (1, 2))]
+
+
+def test_liveness_sessions_expire_and_revive() -> None:
+    liveness = Liveness(session_timeout_ms=100)
+    liveness.start_session(1, now_ms=0)
+    liveness.start_session(2, now_ms=0)
+    liveness.heartbeat(2, now_ms=90)
+    assert liveness.expire(now_ms=100) == []
+    assert liveness.expire(now_ms=101) == [1]
+    assert liveness.expire(now_ms=102) == []  # reported once
+    assert liveness.alive_ids() == {2}
+    assert liveness.heartbeat(1, now_ms=150) is True
+    assert liveness.alive_ids() == {1, 2}
