@@ -1,0 +1,37 @@
+"""Helpers shared by the storage tests: batches of known records, decoding reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tidemq.storage import LogConfig, PartitionLog
+from tidemq.wire.batch import build_batch, decode_records, iter_headers
+
+START_MS = 1_700_000_000_000
+
+
+def batch_of(values: list[bytes], timestamp_ms: int = START_MS) -> bytes:
+    return build_batch([(None, value) for value in values], timestamp_ms)
+
+
+def numbered_values(first: int, count: int, size_bytes: int = 10) -> list[bytes]:
+    return [str(first + index).encode().ljust(size_bytes, b".") for index in range(count)]
+
+
+def read_all(log: PartitionLog, start_offset: int | None = None) -> list[tuple[int, bytes]]:
+    """Every (offset, value) from start_offset to the log end, via read()."""
+    offset = log.log_start_offset if start_offset is None else start_offset
+    out: list[tuple[int, bytes]] = []
+    while offset < log.log_end_offset:
+        data = log.read(offset, 4096)
+        assert data, f"empty read at {offset} < {log.log_end_offset}"
+        for record in decode_records(data, offset):
+            assert record.value is not None
+            out.append((record.offset, record.value))
+        last = list(iter_headers(data))[-1]
+        offset = last.next_offset
+    return out
+
+
+def open_log(directory: Path, now_ms: int = START_MS, **config: int) -> PartitionLog:
+    return PartitionLog.open(directory, LogConfig(**config), now_ms)  # type: ignore[arg-type]
