@@ -1,0 +1,436 @@
+"""The producer's batching core: records -> per-partition batches -> requests.
+
+No I/O and no event loop: user threads call :meth:`RecordAccumulator.append`
+(``Producer.send``), the sender task calls ``ready`` / ``drain`` / ``complete``.
+One lock guards everything; ``append`` holds it for one dict lookup and one
+``BatchBuilder.append``.
+
+Per partition (a ``(topic, partition)`` pair) there is at most one *open* batch,
+taking appends, and a FIFO of *sealed* batches. A batch is sealed when the next
+record would take it past ``batch_size`` (a single larger record gets a batch of its
+own) or when the sender drains it after ``linger_ms`` (or at once during
+``flush``/``close``, or while a ``send`` waits for buffer memory).
+
+Invariants:
+
+* ordering: a partition has at most one request in flight (``in_flight``), and
+  ``drain`` takes its batches oldest first, so a retry never overtakes later
+  records; many partitions are in flight in parallel.
+* memory: ``used`` counts the record bytes (batch headers aside) of every batch not
+  yet completed and
+  never exceeds ``buffer_memory`` (``append`` waits up to ``max_block_ms``, then
+  raises ResultTimeout); a record larger than the whole buffer is rejected.
+* futures: each record gets a :class:`RecordFuture` = (batch, index); its offset is
+  the batch's base offset + index. No per-record Future or Event is created: the
+  completion state (a ``threading.Event`` and optional callbacks) is per batch.
+
+Keyless records stick to one partition per topic until that partition's open batch
+is sealed or drained, then move to the next partition (round robin, one partition
+per batch, as docs/PROTOCOL.md requires).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from tidemq.client.config import ResultTimeout
+from tidemq.errors import ClientClosed, RequestTooLarge, TideError
+from tidemq.wire.batch import HEADER_SIZE, RECORD_HEADER_SIZE, BatchBuilder
+
+log = logging.getLogger("tidemq.client")
+
+TopicPartition = tuple[str, int]
+_CALLBACK_LOCK = threading.Lock()  # guards ProducerBatch callbacks: a rare path
+HeaderList = Sequence[tuple[str, bytes]]
+
+
+class RecordMetadata(NamedTuple):
+    """Where an acknowledged record landed. ``offset`` is -1 with ``acks=0``."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+class ProducerBatch:
+    """One batch: its builder while open, its bytes once drained, its outcome."""
+
+    __slots__ = (
+        "_callbacks",
+        "_event",
+        "base_offset",
+        "builder",
+        "count",
+        "created",
+        "error",
+        "partition",
+        "payload",
+        "size",
+        "topic",
+    )
+
+    def __init__(self, topic: str, partition: int, timestamp_ms: int, created: float) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.builder: BatchBuilder | None = BatchBuilder(timestamp_ms)
+        self.size = HEADER_SIZE
+        self.count = 0
+        self.created = created  # monotonic seconds
+        self.payload: bytes | None = None
+        self.base_offset = -1
+        self.error: TideError | None = None
+        self._event = threading.Event()
+        self._callbacks: list[tuple[RecordFuture, Callable[[RecordFuture], object]]] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._event.wait(timeout)
+
+    def seal(self, producer_id: int, producer_epoch: int, base_sequence: int) -> bytes:
+        """Builds the wire bytes once (retries resend the same bytes) and drops the builder."""
+        if self.payload is None:
+            builder = self.builder
+            if builder is None:  # pragma: no cover - payload and builder are exclusive
+                raise ClientClosed("batch has neither builder nor payload")
+            self.payload = builder.build(producer_id, producer_epoch, base_sequence)
+            self.builder = None
+        return self.payload
+
+    def complete(self, base_offset: int, error: TideError | None) -> None:
+        """Records the outcome, wakes waiters, runs callbacks (the caller's thread)."""
+        if self._event.is_set():
+            return
+        self.base_offset = base_offset
+        self.error = error
+        self.builder = None
+        self.payload = None
+        with _CALLBACK_LOCK:
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, None
+        for future, callback in callbacks or ():
+            _run_callback(callback, future)
+
+    def add_callback(
+        self, future: RecordFuture, callback: Callable[[RecordFuture], object]
+    ) -> None:
+        with _CALLBACK_LOCK:
+            if not self._event.is_set():
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append((future, callback))
+                return
+        _run_callback(callback, future)
+
+
+def _run_callback(callback: Callable[[RecordFuture], object], future: RecordFuture) -> None:
+    try:
+        callback(future)
+    except Exception:
+        log.exception("a send() done-callback raised")
+
+
+class RecordFuture:
+    """What ``Producer.send`` returns: quacks like ``concurrent.futures.Future``.
+
+    ``result(timeout)`` -> RecordMetadata or raises the delivery's TideError (or
+    ResultTimeout, also a TimeoutError, if ``timeout`` passes first); ``exception``,
+    ``done``, ``add_done_callback(fn)`` (``fn(future)``, run on the client's thread or
+    at once if done), ``cancel()`` (always False: a record in a batch cannot be
+    taken back), ``cancelled()``, ``running()``. Two slots, no lock, no Event.
+    """
+
+    __slots__ = ("_batch", "_index")
+
+    def __init__(self, batch: ProducerBatch, index: int) -> None:
+        self._batch = batch
+        self._index = index
+
+    def result(self, timeout: float | None = None) -> RecordMetadata:
+        batch = self._batch
+        if not batch.wait(timeout):
+            raise ResultTimeout(f"record not acknowledged within {timeout} s")
+        if batch.error is not None:
+            raise batch.error
+        base = batch.base_offset
+        return RecordMetadata(batch.topic, batch.partition, base + self._index if base >= 0 else -1)
+
+    def exception(self, timeout: float | None = None) -> TideError | None:
+        if not self._batch.wait(timeout):
+            raise ResultTimeout(f"record not acknowledged within {timeout} s")
+        return self._batch.error
+
+    def done(self) -> bool:
+        return self._batch.done
+
+    def running(self) -> bool:
+        return not self._batch.done
+
+    def cancel(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def add_done_callback(self, callback: Callable[[RecordFuture], object]) -> None:
+        self._batch.add_callback(self, callback)
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done() else ("failed" if self._batch.error else "done")
+        return f"<RecordFuture {self._batch.topic}/{self._batch.partition}#{self._index} {state}>"
+
+
+class _PartitionQueue:
+    __slots__ = ("in_flight", "open", "sealed")
+
+    def __init__(self) -> None:
+        self.open: ProducerBatch | None = None
+        self.sealed: deque[ProducerBatch] = deque()
+        self.in_flight = False
+
+
+class Readiness(NamedTuple):
+    partitions: list[TopicPartition]  # have something to send and nothing in flight
+    next_check: float | None  # monotonic time when an open batch's linger ends
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: HeaderList | None) -> int:
+    """Bytes a record takes in a batch (exact for key and value, headers included)."""
+    size = RECORD_HEADER_SIZE + (len(key) if key else 0) + (len(value) if value else 0)
+    if headers:
+        for name, header_value in headers:
+            size += 6 + len(name.encode()) + len(header_value)
+    return size
+
+
+class RecordAccumulator:
+    def __init__(
+        self,
+        batch_size: int,
+        buffer_memory: int,
+        linger_ms: int,
+        wake: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.batch_size = batch_size
+        self.buffer_memory = buffer_memory
+        self.linger_s = linger_ms / 1000
+        self._wake = wake
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._space = threading.Condition(self._lock)
+        self._queues: dict[TopicPartition, _PartitionQueue] = {}
+        self._incomplete: set[ProducerBatch] = set()
+        self._sticky: dict[str, int] = {}
+        self._partition_counts: dict[str, int] = {}
+        self.used = 0
+        self._memory_waiters = 0
+        self._flushing = 0
+        self._closed = False
+
+    # -- user threads -----------------------------------------------------------------
+
+    def append(
+        self,
+        topic: str,
+        partition: int,
+        partition_count: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: HeaderList | None,
+        timestamp_ms: int,
+        max_block_s: float,
+    ) -> RecordFuture:
+        """Adds a record; ``partition`` -1 means "keyless: the sticky partition"."""
+        size = RECORD_HEADER_SIZE + (len(key) if key else 0) + (len(value) if value else 0)
+        if headers:
+            size = record_size(key, value, headers)
+        wake = False
+        with self._lock:
+            if self._closed:
+                raise ClientClosed("the producer is closed")
+            if self.used + size > self.buffer_memory:
+                self._wait_for_memory(size, max_block_s)
+            keyless = partition < 0
+            if keyless:
+                partition = self._sticky_partition(topic, partition_count)
+            tp = (topic, partition)
+            queue = self._queues.get(tp)
+            if queue is None:
+                queue = self._queues[tp] = _PartitionQueue()
+            batch = queue.open
+            if batch is not None and batch.size + size > self.batch_size and batch.count:
+                self._seal_locked(tp, queue)
+                if keyless:  # the sticky partition moved on with the sealed batch
+                    partition = self._sticky_partition(topic, partition_count)
+                    tp = (topic, partition)
+                    queue = self._queues.get(tp)
+                    if queue is None:
+                        queue = self._queues[tp] = _PartitionQueue()
+                batch = queue.open
+            if batch is None:
+                batch = queue.open = ProducerBatch(topic, partition, timestamp_ms, self._clock())
+                self._incomplete.add(batch)
+                wake = True
+            builder = batch.builder
+            if builder is None:  # pragma: no cover - open batches always have a builder
+                raise ClientClosed("batch already sealed")
+            index = builder.append(key, value, timestamp_ms, headers)
+            batch.size += size
+            batch.count = index + 1
+            self.used += size
+        if wake:
+            self._wake()
+        return RecordFuture(batch, index)
+
+    def _sticky_partition(self, topic: str, partition_count: int) -> int:
+        partition = self._sticky.get(topic, -1)
+        if partition < 0 or partition >= partition_count:
+            partition = random.randrange(partition_count)
+            self._sticky[topic] = partition
+        self._partition_counts[topic] = partition_count
+        return partition
+
+    def _wait_for_memory(self, size: int, max_block_s: float) -> None:
+        if size > self.buffer_memory:
+            raise RequestTooLarge(
+                f"a record of {size} bytes is larger than buffer_memory={self.buffer_memory}"
+            )
+        deadline = time.monotonic() + max_block_s
+        self._memory_waiters += 1
+        try:
+            self._wake()  # the sender drains open batches at once while we wait
+            while self.used + size > self.buffer_memory:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ResultTimeout(
+                        f"buffer_memory ({self.buffer_memory} bytes) full for max_block_ms"
+                    )
+                self._space.wait(remaining)
+                if self._closed:
+                    raise ClientClosed("the producer is closed")
+        finally:
+            self._memory_waiters -= 1
+
+    def _seal_locked(self, tp: TopicPartition, queue: _PartitionQueue) -> None:
+        batch = queue.open
+        if batch is None:
+            return
+        queue.sealed.append(batch)
+        queue.open = None
+        topic, partition = tp
+        if self._sticky.get(topic) == partition:
+            self._sticky[topic] = (partition + 1) % self._partition_counts.get(topic, 1)
+
+    def begin_flush(self) -> list[ProducerBatch]:
+        """Every batch not yet complete; linger is ignored until ``end_flush``."""
+        with self._lock:
+            self._flushing += 1
+            batches = list(self._incomplete)
+        self._wake()
+        return batches
+
+    def end_flush(self) -> None:
+        with self._lock:
+            self._flushing -= 1
+
+    def close(self) -> None:
+        """No more appends; the sender drains what is left without lingering."""
+        with self._lock:
+            self._closed = True
+            self._space.notify_all()
+        self._wake()
+
+    # -- the sender -------------------------------------------------------------------
+
+    def ready(self, now: float) -> Readiness:
+        """Partitions to drain now, and when to look again for lingering batches."""
+        partitions: list[TopicPartition] = []
+        next_check: float | None = None
+        with self._lock:
+            hurry = self._flushing > 0 or self._closed or self._memory_waiters > 0
+            for tp, queue in self._queues.items():
+                if queue.in_flight:
+                    continue
+                if queue.sealed:
+                    partitions.append(tp)
+                    continue
+                batch = queue.open
+                if batch is None:
+                    continue
+                deadline = batch.created + self.linger_s
+                if hurry or now >= deadline:
+                    partitions.append(tp)
+                elif next_check is None or deadline < next_check:
+                    next_check = deadline
+        return Readiness(partitions, next_check)
+
+    def drain(self, tp: TopicPartition, max_bytes: int, now: float) -> list[ProducerBatch]:
+        """Oldest batches of ``tp`` up to ``max_bytes`` (at least one); marks it in flight."""
+        with self._lock:
+            queue = self._queues.get(tp)
+            if queue is None or queue.in_flight:
+                return []
+            hurry = self._flushing > 0 or self._closed or self._memory_waiters > 0
+            if queue.open is not None and (hurry or now >= queue.open.created + self.linger_s):
+                self._seal_locked(tp, queue)
+            batches: list[ProducerBatch] = []
+            total = 0
+            while queue.sealed and (not batches or total + queue.sealed[0].size <= max_bytes):
+                batch = queue.sealed.popleft()
+                batches.append(batch)
+                total += batch.size
+            if batches:
+                queue.in_flight = True
+            elif queue.open is None:
+                del self._queues[tp]
+            return batches
+
+    def complete(self, tp: TopicPartition, batches: list[ProducerBatch]) -> None:
+        """The request for ``batches`` is over (each already completed): free memory."""
+        with self._lock:
+            for batch in batches:
+                self.used -= batch.size - HEADER_SIZE
+                self._incomplete.discard(batch)
+            queue = self._queues.get(tp)
+            if queue is not None:
+                queue.in_flight = False
+                if queue.open is None and not queue.sealed:
+                    del self._queues[tp]
+            self._space.notify_all()
+        self._wake()
+
+    def abort(self, error: TideError) -> None:
+        """Fails every batch that is not in flight (used when close gives up)."""
+        with self._lock:
+            failed: list[ProducerBatch] = []
+            for tp, queue in list(self._queues.items()):
+                if queue.open is not None:
+                    self._seal_locked(tp, queue)
+                if not queue.in_flight:
+                    failed.extend(queue.sealed)
+                    queue.sealed.clear()
+                    del self._queues[tp]
+            for batch in failed:
+                self.used -= batch.size - HEADER_SIZE
+                self._incomplete.discard(batch)
+            self._space.notify_all()
+        for batch in failed:
+            batch.complete(-1, error)
+
+    def is_empty(self) -> bool:
+        with self._lock:
+            return not self._queues
+
+    @property
+    def incomplete_count(self) -> int:
+        with self._lock:
+            return len(self._incomplete)

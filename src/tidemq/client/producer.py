@@ -1,0 +1,345 @@
+"""The producer: ``send`` on the user's thread, delivery on the client's loop thread.
+
+``send`` encodes, picks the partition (``crc32(key) mod partitions``, or the topic's
+sticky partition when keyless), appends into the accumulator and returns a
+:class:`~tidemq.client.accumulator.RecordFuture`. It crosses to the loop thread only
+the first time a topic is seen (to learn its partition count, creating the topic)
+and to wake the sender when a batch opens or seals, never per message.
+
+The sender task (one per producer) drains ready partitions into one request each:
+``POST {leader}/v1/topics/{t}/partitions/{p}/records?acks=..&leader_epoch=E`` with
+the batches back to back, at most one request in flight per partition (ordering),
+all partitions in parallel. Retriable failures (not_leader, fenced or unknown leader
+epoch, connection failed, 503, 504) refresh the metadata, back off (exponential,
+capped, jittered) and resend the same bytes until ``retries`` or
+``delivery_timeout_ms`` runs out. With ``enable_idempotence`` the batches carry a
+producer id and per-partition sequence numbers, so a leader that already appended a
+retried batch can answer with the original offsets instead of appending it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+from zlib import crc32
+
+from tidemq.client.accumulator import (
+    ProducerBatch,
+    RecordAccumulator,
+    RecordFuture,
+    TopicPartition,
+)
+from tidemq.client.config import ProducerOptions, ResultTimeout, resolve
+from tidemq.client.metadata import MetadataCache
+from tidemq.client.transport import BATCH_TYPE, LoopThread, Transport, backoff_seconds
+from tidemq.errors import (
+    ClientClosed,
+    InternalError,
+    InvalidRequest,
+    TideError,
+    UnknownPartition,
+    UnknownTopic,
+)
+
+log = logging.getLogger("tidemq.client")
+
+# A broker learns of a new topic or partition from its next coordinator heartbeat, so a
+# produce right after the topic was created may meet these: retry like not_leader.
+_BROKER_NOT_READY = (UnknownTopic, UnknownPartition)
+
+
+def to_bytes(value: object, what: str) -> bytes | None:
+    """bytes stay, str is UTF-8 encoded, bytearray/memoryview are copied, None stays."""
+    if value is None or type(value) is bytes:
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    raise InvalidRequest(f"{what} must be bytes or str, not {type(value).__name__}")
+
+
+def normalize_headers(
+    headers: Mapping[str, object] | Sequence[tuple[str, object]] | None,
+) -> list[tuple[str, bytes]] | None:
+    if not headers:
+        return None
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    out: list[tuple[str, bytes]] = []
+    for name, value in items:
+        if not isinstance(name, str):
+            raise InvalidRequest("header names must be str")
+        encoded = to_bytes(value, "a header value")
+        out.append((name, encoded if encoded is not None else b""))
+    return out
+
+
+class Producer:
+    """Sends records to tidemq topics. Thread-safe; one background thread per producer.
+
+    Options (keyword arguments; see docs/ARCHITECTURE.md): ``linger_ms=5``,
+    ``batch_size=65536``, ``acks="all"`` (or 1, 0), ``retries``,
+    ``delivery_timeout_ms=120000``, ``buffer_memory=32 MiB``, ``max_block_ms=60000``,
+    ``request_timeout_ms=30000``, ``max_request_bytes=1 MiB``,
+    ``enable_idempotence=True``, ``max_in_flight=5`` (accepted; the producer keeps one
+    request in flight per partition, see the architecture notes), plus the connection
+    settings ``bootstrap``, ``ca_file``, ``cert_file``, ``key_file``, ``token``.
+    """
+
+    def __init__(self, **config: Any) -> None:
+        self._connection, self._options = resolve(ProducerOptions, config)
+        options = self._options
+        self._closed = False
+        self._thread = LoopThread("tidemq-producer")
+        self._wake_event: asyncio.Event | None = None
+        self._accumulator = RecordAccumulator(
+            options.batch_size, options.buffer_memory, options.linger_ms, self._wake
+        )
+        self._max_block_s = options.max_block_ms / 1000
+        self._producer_id = -1
+        self._producer_epoch = -1
+        self._identity_known = not options.enable_idempotence
+        self._sequences: dict[TopicPartition, int] = {}
+        self._closing = False
+        try:
+            self._thread.call(self._open(), 10.0)
+        except BaseException:
+            self._thread.stop()
+            raise
+        self._main = self._thread.submit(self._run())
+        self._partition_counts = self._metadata.partition_counts
+
+    async def _open(self) -> None:
+        self._transport = Transport(self._connection)
+        self._metadata = MetadataCache(self._transport, self._connection.metadata_max_age_ms)
+        self._wake_event = asyncio.Event()
+
+    def _wake(self) -> None:
+        event = self._wake_event
+        if event is not None:
+            self._thread.call_soon(event.set)
+
+    # -- public API -------------------------------------------------------------------
+
+    def send(
+        self,
+        topic: str,
+        value: bytes | str | None,
+        key: bytes | str | None = None,
+        headers: Mapping[str, object] | Sequence[tuple[str, object]] | None = None,
+        partition: int | None = None,
+    ) -> RecordFuture:
+        """Queues one record; returns a future of its RecordMetadata. May block up to
+        ``max_block_ms`` when the buffer is full or the topic is not known yet.
+        """
+        if type(value) is not bytes:
+            value = to_bytes(value, "value")
+        if key is not None and type(key) is not bytes:
+            key = to_bytes(key, "key")
+        count = self._partition_counts.get(topic)
+        if count is None:
+            count = self._learn_topic(topic)
+        if partition is None:
+            partition = -1 if key is None else crc32(key) % count  # type: ignore[arg-type]
+        elif not 0 <= partition < count:
+            raise UnknownPartition(f"{topic} has {count} partitions, not {partition}")
+        return self._accumulator.append(
+            topic,
+            partition,
+            count,
+            key,  # type: ignore[arg-type]
+            value,
+            normalize_headers(headers) if headers else None,
+            time.time_ns() // 1_000_000,
+            self._max_block_s,
+        )
+
+    def _learn_topic(self, topic: str) -> int:
+        if self._closed:
+            raise ClientClosed("the producer is closed")
+        info = self._thread.call(self._metadata.topic(topic), self._max_block_s)
+        return len(info.partitions)
+
+    def partitions_for(self, topic: str) -> int:
+        """The topic's partition count (creating the topic if it does not exist)."""
+        count = self._partition_counts.get(topic)
+        return count if count is not None else self._learn_topic(topic)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Sends everything queued now (ignoring linger) and waits until each record is
+        acknowledged or failed. Raises ResultTimeout if ``timeout`` seconds pass first.
+        """
+        batches = self._accumulator.begin_flush()
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for batch in batches:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not batch.wait(remaining):
+                    raise ResultTimeout(f"flush did not finish within {timeout} s")
+        finally:
+            self._accumulator.end_flush()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flushes (up to ``timeout``), then stops. Records still queued after the
+        timeout fail with ClientClosed. Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.flush(timeout)
+        except ResultTimeout:
+            log.warning("producer closed with records still unacknowledged")
+        finally:
+            self._accumulator.close()
+            self._accumulator.abort(ClientClosed("the producer closed before delivery"))
+            self._closing = True
+            self._wake()
+            try:
+                self._main.result(timeout=5.0)
+            except Exception as exc:  # already logged by _run; close must not raise
+                log.debug("producer loop ended with %r", exc)
+            self._thread.stop()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- the sender (loop thread) -----------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                await self._sender(group)
+        except Exception:
+            log.exception("the producer's sender stopped")
+            raise
+        finally:
+            await self._transport.close()
+
+    async def _sender(self, group: asyncio.TaskGroup) -> None:
+        accumulator = self._accumulator
+        wake = self._wake_event
+        if wake is None:  # pragma: no cover - set by _open
+            raise InternalError("producer not opened")
+        max_bytes = self._options.max_request_bytes
+        while True:
+            wake.clear()
+            now = time.monotonic()
+            ready = accumulator.ready(now)
+            for tp in ready.partitions:
+                batches = accumulator.drain(tp, max_bytes, now)
+                if batches:
+                    group.create_task(self._deliver(tp, batches))
+            if self._closing and accumulator.is_empty():
+                return
+            timeout = None if ready.next_check is None else max(0.0, ready.next_check - now)
+            if timeout is None:
+                await wake.wait()
+            else:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await wake.wait()
+                except TimeoutError:
+                    pass
+
+    async def _deliver(self, tp: TopicPartition, batches: list[ProducerBatch]) -> None:
+        """Sends ``batches`` of one partition until acknowledged or given up."""
+        try:
+            await self._deliver_with_retries(tp, batches)
+        except asyncio.CancelledError:
+            for batch in batches:
+                batch.complete(-1, ClientClosed("the producer closed before delivery"))
+            raise
+        except Exception as exc:  # a bug: fail the records rather than the producer
+            log.exception("delivering to %s/%s failed unexpectedly", *tp)
+            for batch in batches:
+                batch.complete(-1, InternalError(f"client error: {exc!r}"))
+        finally:
+            self._accumulator.complete(tp, batches)
+
+    async def _deliver_with_retries(self, tp: TopicPartition, batches: list[ProducerBatch]) -> None:
+        topic, partition = tp
+        options = self._options
+        deadline = batches[0].created + options.delivery_timeout_ms / 1000
+        attempt = 0
+        payload: bytes | None = None
+        while True:
+            try:
+                if payload is None:
+                    payload = await self._payload(tp, batches)
+                info = await self._metadata.leader(topic, partition)
+                answer = await self._transport.request_json(
+                    "POST",
+                    f"{info.leader_url}/v1/topics/{topic}/partitions/{partition}/records",
+                    params={"acks": options.acks_parameter, "leader_epoch": str(info.leader_epoch)},
+                    data=payload,
+                    headers={"Content-Type": BATCH_TYPE},
+                )
+            except TideError as error:
+                attempt += 1
+                connection = self._connection
+                delay = backoff_seconds(
+                    attempt, connection.retry_backoff_ms, connection.retry_backoff_max_ms
+                )
+                if (
+                    not (error.retriable or isinstance(error, _BROKER_NOT_READY))
+                    or attempt > options.retries
+                    or time.monotonic() + delay > deadline
+                    or self._closing
+                ):
+                    for batch in batches:
+                        batch.complete(-1, error)
+                    return
+                log.debug("produce to %s/%s: %s; retry %d", topic, partition, error, attempt)
+                self._metadata.invalidate(topic)
+                await asyncio.sleep(delay)
+                continue
+            base_offset = int(answer.get("base_offset", -1)) if isinstance(answer, dict) else -1
+            for batch in batches:
+                batch.complete(base_offset, None)
+                if base_offset >= 0:
+                    base_offset += batch.count
+            return
+
+    async def _payload(self, tp: TopicPartition, batches: list[ProducerBatch]) -> bytes:
+        """The request body: every batch sealed (sequenced once), back to back."""
+        if not self._identity_known:
+            await self._acquire_identity()
+        sequence = self._sequences.get(tp, 0)
+        parts = []
+        for batch in batches:
+            if batch.payload is None:
+                producer_id = self._producer_id
+                base_sequence = sequence if producer_id >= 0 else -1
+                parts.append(batch.seal(producer_id, self._producer_epoch, base_sequence))
+                sequence = (sequence + batch.count) & 0x7FFFFFFF
+            else:
+                parts.append(batch.payload)
+        self._sequences[tp] = sequence
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _acquire_identity(self) -> None:
+        """A producer id for idempotence; without one (old coordinator) send plain."""
+        try:
+            answer = await self._transport.coordinator("POST", "/v1/producers", json_body={})
+            self._producer_id = int(answer["producer_id"])
+            self._producer_epoch = int(answer.get("producer_epoch", 0))
+        except TideError as error:
+            if error.retriable:
+                raise
+            log.warning("no producer id (%s): sending without idempotence", error)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("malformed producer id answer (%r): sending without idempotence", exc)
+        self._identity_known = True
