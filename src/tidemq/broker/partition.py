@@ -59,7 +59,7 @@ class PartitionReplica:
         self.is_leader = False
         self.high_watermark = self._durable_end()
         self._progress = asyncio.Event()
-        self.dirty = False  # appended since the last sync
+        self.closed = False
 
     @classmethod
     def open(
@@ -83,7 +83,6 @@ class PartitionReplica:
         if not self.is_leader:
             raise NotLeader(f"broker does not lead {self.topic}/{self.partition}")
         first, last = self.log.append(body, self.leader_epoch, now_ms)
-        self.dirty = True
         self.advance_high_watermark()
         return first, last
 
@@ -135,6 +134,7 @@ class PartitionReplica:
         }
 
     def close(self) -> None:
+        self.closed = True
         self.log.close()
         self._progress.set()
 

@@ -1,13 +1,20 @@
-"""Group commit: one task fsyncs every partition appended since the last round.
+"""Group commit: fsync each appended partition log as soon as the last fsync of
+that log is done, with fsyncs of different logs running concurrently.
 
-Appends only mark a partition dirty and wake this task. While one round of
-fsyncs runs on the worker thread, further appends pile up and share the next
-round, so under load many produce requests share one fsync (DESIGN: ~280 us per
-fsync here, so 200k msg/s durable needs dozens of messages per fsync).
+Per partition the rule is: at most one fsync in flight; appends that arrive while
+it runs mark the log dirty again and share the next one. So under load many
+produce requests share one fsync per partition (DESIGN: ~280 us per fsync here,
+so 200k msg/s durable needs dozens of messages per fsync), and at low load a
+record waits for one fsync, not for a round over every partition.
 
-Under ``fsync=interval`` the task runs every ``fsync_interval_ms`` instead of on
-demand; under ``never`` it only runs at shutdown. The event loop never blocks on
-an fsync: ``PartitionLog.sync`` runs in a single worker thread.
+Different partitions fsync in parallel on a small thread pool: their latencies
+overlap and the file system can fold them into one journal commit, where one
+sequential round over 12 partitions cost ~8 ms here.
+
+Under ``fsync=interval`` every dirty log is synced every ``fsync_interval_ms``;
+under ``never`` only at shutdown. The event loop never blocks on an fsync. A
+failed fsync is fatal (as in Kafka): ``run`` raises it and the broker stops,
+because the log's durable state is no longer known.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from tidemq.storage import FsyncPolicy
 
 log = logging.getLogger(__name__)
 
+FSYNC_THREADS = 8
+
 
 class GroupCommitSyncer:
     def __init__(self, policy: FsyncPolicy, interval_ms: int, fsync_seconds: Histogram) -> None:
@@ -31,45 +40,71 @@ class GroupCommitSyncer:
         self.interval_ms = interval_ms
         self._fsync_seconds = fsync_seconds
         self._dirty: dict[int, PartitionReplica] = {}
-        self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync")
+        self._in_flight: dict[int, asyncio.Future[None]] = {}
+        self._failure: asyncio.Future[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix="fsync")
 
     def mark_dirty(self, replica: PartitionReplica) -> None:
-        self._dirty[id(replica)] = replica
-        if self.policy is FsyncPolicy.ALWAYS:
-            self._wake.set()
+        key = id(replica)
+        self._dirty[key] = replica
+        if self.policy is FsyncPolicy.ALWAYS and key not in self._in_flight:
+            self._start(replica)
+
+    def _start(self, replica: PartitionReplica) -> None:
+        key = id(replica)
+        self._dirty.pop(key, None)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._sync_one, replica)
+        self._in_flight[key] = future
+        future.add_done_callback(lambda done: self._finished(replica, done))
+
+    def _finished(self, replica: PartitionReplica, done: asyncio.Future[None]) -> None:
+        key = id(replica)
+        self._in_flight.pop(key, None)
+        error = done.exception()
+        if error is not None:
+            log.critical("fsync of %s/%s failed: %s", replica.topic, replica.partition, error)
+            if self._failure is not None and not self._failure.done():
+                self._failure.set_exception(error)
+            return
+        replica.advance_high_watermark()
+        if self.policy is FsyncPolicy.ALWAYS and key in self._dirty:
+            self._start(replica)
+
+    def _sync_one(self, replica: PartitionReplica) -> None:
+        started = time.perf_counter()
+        if replica.closed:
+            return
+        try:
+            replica.log.sync()
+        except (ValueError, OSError):
+            if replica.closed:  # closed by reconcile while this fsync waited: nothing to do
+                return
+            raise
+        self._fsync_seconds.observe(time.perf_counter() - started)
 
     async def run(self) -> None:
-        while True:
-            if self.policy is FsyncPolicy.ALWAYS:
-                await self._wake.wait()
-            else:
-                await asyncio.sleep(
-                    self.interval_ms / 1000 if self.policy is FsyncPolicy.INTERVAL else 3600
-                )
-            self._wake.clear()
-            await self.sync_round()
-
-    async def sync_round(self) -> None:
-        replicas = list(self._dirty.values())
-        self._dirty.clear()
-        if not replicas:
+        """Waits for a fatal fsync failure (and raises it); under ``interval``
+        also drives the periodic syncs."""
+        self._failure = asyncio.get_running_loop().create_future()
+        if self.policy is not FsyncPolicy.INTERVAL:
+            await self._failure
             return
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._sync_all, replicas)
-        for replica in replicas:
-            replica.advance_high_watermark()
+        while True:
+            done, _ = await asyncio.wait({self._failure}, timeout=self.interval_ms / 1000)
+            if done:
+                await self._failure
+            await self.sync_dirty()
 
-    def _sync_all(self, replicas: list[PartitionReplica]) -> None:
-        for replica in replicas:
-            started = time.perf_counter()
-            try:
-                replica.log.sync()
-            except ValueError:
-                # The log was closed (partition deleted or moved) while queued.
-                continue
-            self._fsync_seconds.observe(time.perf_counter() - started)
+    async def sync_dirty(self) -> None:
+        """Starts an fsync of every dirty log and waits until all are done."""
+        for replica in list(self._dirty.values()):
+            if id(replica) not in self._in_flight:
+                self._start(replica)
+        pending = list(self._in_flight.values())
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def close(self) -> None:
-        await self.sync_round()
+        await self.sync_dirty()
         self._executor.shutdown(wait=True)

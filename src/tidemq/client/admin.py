@@ -50,9 +50,15 @@ class Admin:
         return self._thread.call(self._transport.coordinator(method, path, **kwargs), timeout_s + 1)
 
     def create_topic(
-        self, name: str, partitions: int = 12, replication_factor: int = 2
+        self, name: str, partitions: int | None = None, replication_factor: int | None = None
     ) -> dict[str, Any]:
-        body = {"name": name, "partitions": partitions, "replication_factor": replication_factor}
+        """Creates a topic. Left out, partitions and replication_factor take the
+        coordinator's defaults (12, and min(2, live brokers))."""
+        body: dict[str, Any] = {"name": name}
+        if partitions is not None:
+            body["partitions"] = partitions
+        if replication_factor is not None:
+            body["replication_factor"] = replication_factor
         result: dict[str, Any] = self._call("POST", "/v1/topics", json_body=body)
         return result
 
