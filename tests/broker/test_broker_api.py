@@ -361,3 +361,35 @@ def test_metrics_and_openapi(tmp_path: Path) -> None:
             assert json.loads(await (await client.get("/healthz")).text())["status"] == "ok"
 
     run(scenario)
+
+
+def test_multi_partition_produce_answers_per_partition(tmp_path: Path) -> None:
+    from tidemq.wire.produce import PRODUCE_TYPE, encode_produce
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, client):
+            body = encode_produce(
+                [
+                    ("orders", 0, 1, batch(2)),
+                    ("orders", 1, 1, batch(1)),
+                    ("orders", 0, -1, batch(3)),
+                    ("nope", 0, -1, batch(1)),
+                ]
+            )
+            headers = {"Content-Type": PRODUCE_TYPE}
+            response = await client.post("/v1/produce", data=body, headers=headers)
+            assert response.status == 200
+            results = (await response.json())["results"]
+            assert [r.get("base_offset") for r in results] == [0, None, 2, None]
+            assert results[1]["error"]["code"] == "not_leader"
+            assert results[3]["error"]["code"] == "unknown_topic"
+            assert broker.replicas[("orders", 0)].log.log_end_offset == 5
+            for damaged in (body[:-1], body + b"\x00", b""):
+                await expect_error(
+                    await client.post("/v1/produce", data=damaged, headers=headers),
+                    400,
+                    "corrupt_batch",
+                )
+            assert broker.replicas[("orders", 0)].log.log_end_offset == 5
+
+    run(scenario)

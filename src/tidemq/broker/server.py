@@ -50,6 +50,7 @@ from tidemq.service.app import build_app
 from tidemq.service.http import Endpoint, check_int, query_int, read_json_object
 from tidemq.storage import LogConfig
 from tidemq.wire.batch import build_batch, check_batches, decode_records, iter_headers
+from tidemq.wire.produce import PRODUCE_TYPE, ProduceEntry, decode_produce
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,18 @@ class Broker:
             "log_end_offset": replica.log.log_end_offset,
             "high_watermark": replica.high_watermark,
         }
+
+    async def produce_entry(self, entry: ProduceEntry, acks: str) -> dict[str, Any]:
+        """One partition of a multi-partition produce: its result or its error."""
+        head: dict[str, Any] = {"topic": entry.topic, "partition": entry.partition}
+        epoch = entry.leader_epoch if entry.leader_epoch >= 0 else None
+        try:
+            answer = await self.produce(
+                entry.topic, entry.partition, bytes(entry.batches), acks, epoch
+            )
+        except TideError as error:
+            return {**head, **error.to_json()}
+        return {**head, **answer}
 
     # ---- fetch --------------------------------------------------------------------
 
@@ -450,6 +463,14 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
         answer = await broker.produce(topic, partition, body, acks, epoch)
         return web.json_response(answer)
 
+    async def produce_many(request: web.Request) -> web.Response:
+        acks = request.query.get("acks", "all")
+        if acks not in ("0", "1", "all", "-1"):
+            raise InvalidRequest("acks must be 0, 1 or all")
+        entries = decode_produce(await request.read())
+        results = await asyncio.gather(*(broker.produce_entry(entry, acks) for entry in entries))
+        return web.json_response({"results": results})
+
     async def fetch(request: web.Request) -> web.StreamResponse:
         topic, partition = _path_partition(request)
         offset = query_int(request, "offset", minimum=0)
@@ -508,6 +529,14 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
 
     base = "/v1/topics/{topic}/partitions/{partition}"
     return [
+        Endpoint(
+            "POST",
+            "/v1/produce",
+            produce_many,
+            "Append batches to several partitions led here; one result per entry",
+            request_body={PRODUCE_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+            responses={"200": "per-partition results", "400": "bad framing"},
+        ),
         Endpoint(
             "POST",
             base + "/records",

@@ -44,6 +44,7 @@ from tidemq.errors import (
     UnknownPartition,
     UnknownTopic,
 )
+from tidemq.wire.produce import PRODUCE_TYPE, encode_produce
 
 log = logging.getLogger("tidemq.client")
 
@@ -238,10 +239,13 @@ class Producer:
             wake.clear()
             now = time.monotonic()
             ready = accumulator.ready(now)
+            drained = []
             for tp in ready.partitions:
                 batches = accumulator.drain(tp, max_bytes, now)
                 if batches:
-                    group.create_task(self._deliver(tp, batches))
+                    drained.append((tp, batches))
+            if drained:
+                group.create_task(self._deliver_grouped(drained))
             if self._closing and accumulator.is_empty():
                 return
             timeout = None if ready.next_check is None else max(0.0, ready.next_check - now)
@@ -253,6 +257,76 @@ class Producer:
                         await wake.wait()
                 except TimeoutError:
                     pass
+
+    async def _deliver_grouped(
+        self, drained: list[tuple[TopicPartition, list[ProducerBatch]]]
+    ) -> None:
+        """First attempt: one multi-partition request per leader broker (wire/produce.py).
+
+        Partitions whose leader is unknown, whose entry failed, or whose whole request
+        failed go to ``_deliver``, which retries each partition on its own; the
+        partition stays in flight throughout, so order per partition holds.
+        """
+        by_leader: dict[str, list[tuple[TopicPartition, list[ProducerBatch], int]]] = {}
+        alone: list[tuple[TopicPartition, list[ProducerBatch]]] = []
+        for tp, batches in drained:
+            try:
+                info = await self._metadata.leader(*tp)
+            except TideError:
+                alone.append((tp, batches))
+                continue
+            if info.leader_url is None:
+                alone.append((tp, batches))
+            else:
+                by_leader.setdefault(info.leader_url, []).append((tp, batches, info.leader_epoch))
+        await asyncio.gather(
+            *(self._deliver_to_leader(url, items) for url, items in by_leader.items()),
+            *(self._deliver(tp, batches) for tp, batches in alone),
+        )
+
+    async def _deliver_to_leader(
+        self, leader_url: str, items: list[tuple[TopicPartition, list[ProducerBatch], int]]
+    ) -> None:
+        retry: list[tuple[TopicPartition, list[ProducerBatch]]] = []
+        try:
+            entries = [
+                (tp[0], tp[1], epoch, await self._payload(tp, batches))
+                for tp, batches, epoch in items
+            ]
+            answer = await self._transport.request_json(
+                "POST",
+                f"{leader_url}/v1/produce",
+                params={"acks": self._options.acks_parameter},
+                data=encode_produce(entries),
+                headers={"Content-Type": PRODUCE_TYPE},
+            )
+            results = answer.get("results") if isinstance(answer, dict) else None
+            if not isinstance(results, list) or len(results) != len(items):
+                raise InternalError("malformed multi-partition produce answer")
+        except asyncio.CancelledError:
+            for tp, batches, _ in items:
+                for batch in batches:
+                    batch.complete(-1, ClientClosed("the producer closed before delivery"))
+                self._accumulator.complete(tp, batches)
+            raise
+        except TideError as error:
+            log.debug("produce to %s failed (%s); retrying per partition", leader_url, error)
+            retry = [(tp, batches) for tp, batches, _ in items]
+            for tp, _ in retry:
+                self._metadata.invalidate(tp[0])
+        else:
+            for (tp, batches, _), result in zip(items, results, strict=True):
+                base_offset = result.get("base_offset") if isinstance(result, dict) else None
+                if not isinstance(base_offset, int):
+                    self._metadata.invalidate(tp[0])
+                    retry.append((tp, batches))
+                    continue
+                for batch in batches:
+                    batch.complete(base_offset, None)
+                    base_offset += batch.count
+                self._accumulator.complete(tp, batches)
+        if retry:
+            await asyncio.gather(*(self._deliver(tp, batches) for tp, batches in retry))
 
     async def _deliver(self, tp: TopicPartition, batches: list[ProducerBatch]) -> None:
         """Sends ``batches`` of one partition until acknowledged or given up."""
