@@ -8,6 +8,7 @@ check degrades to "the PID exists".
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -27,6 +28,13 @@ from tidemq.tls import TlsFiles, client_context
 _children: dict[int, subprocess.Popen[bytes]] = {}
 
 PROBE_TIMEOUT_S = 2.0
+
+
+@atexit.register
+def _reap_exited_children() -> None:
+    """Reaps children that were killed by PID (e.g. by a test) but never waited for."""
+    for child in list(_children.values()):
+        child.poll()
 
 
 def spawn(argv: Sequence[str], log_file: Path, cwd: Path) -> int:
