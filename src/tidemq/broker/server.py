@@ -137,6 +137,7 @@ class Broker:
         self._session_factory = session_factory
         self._session: aiohttp.ClientSession | None = None
         self.registered = False
+        self._directories_scanned = False
         self.heartbeat_interval_ms = config.heartbeat_interval_ms
 
     # ---- lookup -------------------------------------------------------------------
@@ -296,7 +297,13 @@ class Broker:
 
     def reconcile(self, answer: dict[str, Any]) -> None:
         topics = answer.get("topics", {})
+        previous_topics = set(self.topic_partitions)
         self.topic_partitions = {str(name): int(count) for name, count in topics.items()}
+        # Deleted topics' directories: looked for at the first reconcile (topics deleted
+        # while this broker was down) and whenever a topic disappears, not every beat.
+        scan_directories = not self._directories_scanned or bool(
+            previous_topics - set(self.topic_partitions)
+        )
         wanted: dict[tuple[str, int], Assignment] = {}
         for item in answer.get("assignments", []):
             assignment = Assignment(
@@ -310,6 +317,9 @@ class Broker:
             )
             wanted[(assignment.topic, assignment.partition)] = assignment
         self._drop_unwanted(wanted)
+        if scan_directories:
+            self._remove_deleted_topic_directories()
+            self._directories_scanned = True
         now_ms = _now_ms()
         for key, assignment in wanted.items():
             replica = self.replicas.get(key)
@@ -335,7 +345,6 @@ class Broker:
                     gauge.remove(key[0], str(key[1]))
                 except KeyError:
                     pass
-        self._remove_deleted_topic_directories()
 
     def _remove_deleted_topic_directories(self) -> None:
         """Partition directories of topics the coordinator no longer has."""
@@ -382,6 +391,13 @@ def _path_partition(request: web.Request) -> tuple[str, int]:
     topic = request.match_info["topic"]
     partition = check_int(request.match_info["partition"], "partition", minimum=0)
     return topic, partition
+
+
+def _acks_parameter(request: web.Request) -> str:
+    acks = request.query.get("acks", "all")
+    if acks not in ("0", "1", "all", "-1"):
+        raise InvalidRequest("acks must be 0, 1 or all")
+    return acks
 
 
 def _optional_epoch(request: web.Request) -> int | None:
@@ -442,9 +458,7 @@ def _render(raw: bytes | None, encoding: str) -> str | None:
 def make_endpoints(broker: Broker) -> list[Endpoint]:
     async def produce(request: web.Request) -> web.Response:
         topic, partition = _path_partition(request)
-        acks = request.query.get("acks", "all")
-        if acks not in ("0", "1", "all", "-1"):
-            raise InvalidRequest("acks must be 0, 1 or all")
+        acks = _acks_parameter(request)
         epoch = _optional_epoch(request)
         if (
             request.content_length is not None
@@ -464,9 +478,7 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
         return web.json_response(answer)
 
     async def produce_many(request: web.Request) -> web.Response:
-        acks = request.query.get("acks", "all")
-        if acks not in ("0", "1", "all", "-1"):
-            raise InvalidRequest("acks must be 0, 1 or all")
+        acks = _acks_parameter(request)
         entries = decode_produce(await request.read())
         results = await asyncio.gather(*(broker.produce_entry(entry, acks) for entry in entries))
         return web.json_response({"results": results})
