@@ -50,6 +50,14 @@ class RequestTooLarge(TideError):
     http_status = 413
 
 
+class Forbidden(TideError):
+    """The caller's certificate may not call this endpoint, or may not act as the
+    broker the request names (docs/PROTOCOL.md, "Who may call what")."""
+
+    code = "forbidden"
+    http_status = 403
+
+
 class OffsetOutOfRange(TideError):
     code = "offset_out_of_range"
     http_status = 416

@@ -96,8 +96,10 @@ def command(
     )
     tls: TlsFiles | None = None
     if not plain_http:
-        if not (cert_file and key_file):
-            raise click.UsageError("TLS needs --cert-file and --key-file (or pass --plain-http)")
+        if not (cert_file and key_file and ca_file):
+            raise click.UsageError(
+                "TLS needs --cert-file, --key-file and --ca-file (or pass --plain-http)"
+            )
         tls = TlsFiles(ca_file, cert_file, key_file)
     scheme = "http" if plain_http else "https"
     log_config = LogConfig(

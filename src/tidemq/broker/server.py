@@ -47,6 +47,7 @@ from tidemq.errors import (
     error_for_code,
 )
 from tidemq.service.app import build_app
+from tidemq.service.callers import ANY, CLIENTS
 from tidemq.service.http import Endpoint, check_int, query_int, read_json_object
 from tidemq.storage import LogConfig
 from tidemq.wire.batch import build_batch, check_batches, decode_records, iter_headers
@@ -548,6 +549,7 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
             "Append batches to several partitions led here; one result per entry",
             request_body={PRODUCE_TYPE: {"schema": {"type": "string", "format": "binary"}}},
             responses={"200": "per-partition results", "400": "bad framing"},
+            callers=CLIENTS,
         ),
         Endpoint(
             "POST",
@@ -565,6 +567,7 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
                 "421": "not leader",
                 "413": "too large",
             },
+            callers=CLIENTS,
         ),
         Endpoint(
             "GET",
@@ -572,9 +575,14 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
             fetch,
             "Read record batches below the high watermark",
             responses={"200": "batches or JSON records", "416": "offset out of range"},
+            callers=CLIENTS,
         ),
-        Endpoint("GET", base + "/offsets", offsets, "Log start, high watermark, log end"),
-        Endpoint("GET", "/v1/partitions", partitions, "Partition replicas on this broker"),
+        Endpoint(
+            "GET", base + "/offsets", offsets, "Log start, high watermark, log end", callers=ANY
+        ),
+        Endpoint(
+            "GET", "/v1/partitions", partitions, "Partition replicas on this broker", callers=ANY
+        ),
     ]
 
 

@@ -58,6 +58,7 @@ from tidemq.errors import (
     UnknownGroup,
 )
 from tidemq.service.app import build_app
+from tidemq.service.callers import ANY, CLIENTS, broker_self
 from tidemq.service.http import Endpoint, check_int, check_name, read_json_object
 from tidemq.tls import TlsFiles
 
@@ -417,6 +418,7 @@ class _Handlers:
                 self.register_broker,
                 "Register a broker (again)",
                 JSON_BODY,
+                callers=broker_self(body="broker_id"),
             ),
             Endpoint(
                 "POST",
@@ -425,9 +427,12 @@ class _Handlers:
                 "Broker heartbeat: reports in, assignments out",
                 JSON_BODY,
                 responses={"200": "OK", "404": "unknown_broker"},
+                callers=broker_self(path="broker_id"),
             ),
-            Endpoint("GET", "/v1/brokers", self.list_brokers, "Brokers and their liveness"),
-            Endpoint("GET", "/v1/cluster", self.describe_cluster, "Cluster overview"),
+            Endpoint(
+                "GET", "/v1/brokers", self.list_brokers, "Brokers and their liveness", callers=ANY
+            ),
+            Endpoint("GET", "/v1/cluster", self.describe_cluster, "Cluster overview", callers=ANY),
             Endpoint(
                 "POST",
                 "/v1/topics",
@@ -435,14 +440,16 @@ class _Handlers:
                 "Create a topic",
                 JSON_BODY,
                 responses=created,
+                callers=CLIENTS,
             ),
-            Endpoint("GET", "/v1/topics", self.list_topics, "Every topic"),
+            Endpoint("GET", "/v1/topics", self.list_topics, "Every topic", callers=ANY),
             Endpoint(
                 "GET",
                 "/v1/topics/{name}",
                 self.describe_topic,
                 "One topic",
                 responses={"200": "OK", "404": "unknown_topic"},
+                callers=ANY,
             ),
             Endpoint(
                 "DELETE",
@@ -450,6 +457,7 @@ class _Handlers:
                 self.delete_topic,
                 "Delete a topic",
                 responses={"200": "OK", "404": "unknown_topic"},
+                callers=CLIENTS,
             ),
             Endpoint(
                 "GET",
@@ -457,6 +465,7 @@ class _Handlers:
                 self.metadata,
                 "Brokers and topics for clients",
                 parameters=_METADATA_PARAMETERS,
+                callers=CLIENTS,
             ),
             Endpoint(
                 "POST",
@@ -464,6 +473,7 @@ class _Handlers:
                 self.allocate_producer,
                 "Allocate an idempotent producer id",
                 JSON_BODY,
+                callers=CLIENTS,
             ),
             Endpoint(
                 "POST",
@@ -472,6 +482,7 @@ class _Handlers:
                 "Consumer group member heartbeat",
                 JSON_BODY,
                 responses={"200": "OK", "409": "fenced_member"},
+                callers=CLIENTS,
             ),
             Endpoint(
                 "POST",
@@ -479,6 +490,7 @@ class _Handlers:
                 self.group_leave,
                 "Leave a consumer group",
                 JSON_BODY,
+                callers=CLIENTS,
             ),
             Endpoint(
                 "POST",
@@ -487,6 +499,7 @@ class _Handlers:
                 "Commit offsets",
                 JSON_BODY,
                 responses={"200": "OK", "409": "fenced_member"},
+                callers=CLIENTS,
             ),
             Endpoint(
                 "GET",
@@ -494,14 +507,16 @@ class _Handlers:
                 self.fetch_offsets,
                 "Committed offsets",
                 parameters=[_TOPICS_PARAMETER],
+                callers=ANY,
             ),
-            Endpoint("GET", "/v1/groups", self.list_groups, "Consumer groups"),
+            Endpoint("GET", "/v1/groups", self.list_groups, "Consumer groups", callers=ANY),
             Endpoint(
                 "GET",
                 "/v1/groups/{group}",
                 self.describe_group,
                 "Members, offsets and lag of a group",
                 responses={"200": "OK", "404": "unknown_group"},
+                callers=ANY,
             ),
         ]
 
