@@ -41,6 +41,7 @@ def server_context(files: TlsFiles, require_client_cert: bool = True) -> ssl.SSL
     if require_client_cert and not files.ca_file:
         raise ValueError("mutual TLS needs the cluster CA file to verify callers' certificates")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.options |= ssl.OP_NO_RENEGOTIATION  # a connection's identity never changes
     context.load_cert_chain(files.cert_file, files.key_file)
     if files.ca_file:
         context.load_verify_locations(files.ca_file)

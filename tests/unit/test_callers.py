@@ -83,6 +83,8 @@ def test_broker_self_on_a_dummy_endpoint_with_path_and_query_parameters() -> Non
         refusal = rule.refusal(BROKER_2, {(location, "broker_id"): "1"})
         assert refusal is not None and "'broker-2'" in refusal
         assert rule.refusal(BROKER_1, {(location, "broker_id"): "1"}) is None
+        long_refusal = rule.refusal(BROKER_1, {(location, "broker_id"): "9" * 10_000})
+        assert long_refusal is not None and len(long_refusal) < 300
 
 
 def test_role_grants_and_unions() -> None:

@@ -151,7 +151,7 @@ class Callers:
         expected = ", ".join(self.labels()) or "nobody"
         if identity.role is Role.BROKER and self.broker_self_grants():
             named = [
-                f"{grant.location} {grant.name}={values.get((grant.location, grant.name))!r}"
+                f"{grant.location} {grant.name}={_shown(values.get((grant.location, grant.name)))}"
                 for grant in self.broker_self_grants()
             ]
             return (
@@ -176,6 +176,12 @@ def broker_self(
         raise ValueError("broker_self takes exactly one of path=, query=, body=")
     location, name = given[0]
     return Callers((BrokerSelf(location, name),))
+
+
+def _shown(raw: Any, chars_max: int = 40) -> str:
+    """A request's value for an error message: its repr, cut to ``chars_max``."""
+    text = repr(raw)
+    return text if len(text) <= chars_max else text[: chars_max - 3] + "..."
 
 
 def _as_int(raw: Any) -> int | None:
