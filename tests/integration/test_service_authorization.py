@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from tidemq.service.app import build_app
-from tidemq.service.callers import BROKERS, CLIENTS, broker_self
+from tidemq.service.callers import ANONYMOUS, ANY, BROKERS, CLIENTS, broker_self
 from tidemq.service.http import Endpoint, read_json_object
 from tidemq.tls import TlsFiles, client_context, ensure_cluster_pki, server_context
 
@@ -96,11 +96,15 @@ def dummy_endpoints(handled: list[str]) -> list[Endpoint]:
         Endpoint(
             "GET", "/v1/either", ok, "clients or broker N", callers=CLIENTS | broker_self(query="b")
         ),
+        Endpoint("GET", "/v1/any", ok, "any certificate", callers=ANY),
+        Endpoint("GET", "/v1/open", ok, "clients, with or without", callers=CLIENTS | ANONYMOUS),
     ]
 
 
 @asynccontextmanager
-async def dummy_service(tmp_path: Path, plain_http: bool = False) -> AsyncIterator[Service]:
+async def dummy_service(
+    tmp_path: Path, plain_http: bool = False, require_client_cert: bool = True
+) -> AsyncIterator[Service]:
     files = ensure_cluster_pki(tmp_path / "pki", NAMES)
     handled: list[str] = []
     app = build_app("dummy", dummy_endpoints(handled), CollectorRegistry(), lambda: True, 1 << 16)
@@ -110,13 +114,18 @@ async def dummy_service(tmp_path: Path, plain_http: bool = False) -> AsyncIterat
             await server.start_server()
             sessions = {"anonymous": aiohttp.ClientSession()}
         else:
-            await server.start_server(ssl=server_context(files["coordinator"]))
+            context = server_context(files["coordinator"], require_client_cert)
+            await server.start_server(ssl=context)
             sessions = {
                 name: aiohttp.ClientSession(
                     connector=aiohttp.TCPConnector(ssl=client_context(files[name]))
                 )
                 for name in NAMES
             }
+            no_certificate = TlsFiles(files["client"].ca_file)
+            sessions["anonymous"] = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=client_context(no_certificate))
+            )
         stack.push_async_callback(server.close)
         for session in sessions.values():
             stack.push_async_callback(session.close)
@@ -205,7 +214,7 @@ def test_monitoring_is_open_to_every_certificate_and_documents_callers(tmp_path:
             assert (await service.call("client", "GET", "/v1/nowhere"))[0] == 404
             _, document = await service.call("client", "GET", "/openapi.json")
             paths = document["paths"]
-            assert paths["/healthz"]["get"]["x-callers"] == ["any"]
+            assert paths["/healthz"]["get"]["x-callers"] == ["public"]
             alter = paths["/v1/brokers/{broker_id}/alter-thing"]["post"]
             assert alter["x-callers"] == ["broker-{path.broker_id}"]
             assert alter["responses"]["403"] == {"description": "forbidden"}
@@ -234,6 +243,27 @@ def test_a_certificate_of_another_ca_or_none_cannot_connect(tmp_path: Path) -> N
                             raise AssertionError(f"got in with {files}: {response.status}")
                     except aiohttp.ClientError:
                         pass
+
+    scenario(run)
+
+
+def test_without_a_certificate_where_none_is_required_the_caller_is_anonymous(
+    tmp_path: Path,
+) -> None:
+    """A server that does not demand certificates (the proxy's --client-auth optional):
+    callers without one reach PUBLIC and ANONYMOUS endpoints only."""
+
+    async def run() -> None:
+        async with dummy_service(tmp_path, require_client_cert=False) as service:
+            for path in MONITORING:
+                assert (await service.call("anonymous", "GET", path))[0] == 200, path
+            assert (await service.call("anonymous", "GET", "/v1/open"))[0] == 200
+            assert (await service.call("client", "GET", "/v1/open"))[0] == 200
+            await service.refused("broker-1", "GET", "/v1/open")
+            for path in ("/v1/any", "/v1/client-only", "/v1/brokers-only", "/v1/either?b=1"):
+                await service.refused("anonymous", "GET", path)
+            await service.refused("anonymous", "POST", "/v1/register", {"broker_id": 1})
+            assert (await service.call("broker-1", "GET", "/v1/any"))[0] == 200
 
     scenario(run)
 

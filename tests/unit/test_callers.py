@@ -11,10 +11,13 @@ from aiohttp import web
 
 from tidemq.errors import InvalidRequest
 from tidemq.service.callers import (
+    ANONYMOUS,
+    ANONYMOUS_IDENTITY,
     ANY,
     BROKERS,
     CLIENTS,
     COORDINATOR,
+    PUBLIC,
     Identity,
     Role,
     _as_int,
@@ -45,8 +48,8 @@ def test_identities_from_common_names() -> None:
 def test_identity_from_peercert() -> None:
     subject = ((("organizationName", "tidemq cluster"),), (("commonName", "broker-2"),))
     assert Identity.from_peercert({"subject": subject}) == BROKER_2
-    assert Identity.from_peercert(None) is None
-    assert Identity.from_peercert({}) is None
+    assert Identity.from_peercert(None) == Identity("", Role.ANONYMOUS)  # no certificate
+    assert Identity.from_peercert({}) == Identity("", Role.ANONYMOUS)
     assert Identity.from_peercert({"subject": ((("organizationName", "x"),),)}) is None
     two = ((("commonName", "client"),), (("commonName", "broker-1"),))
     assert Identity.from_peercert({"subject": two}) is None
@@ -76,7 +79,7 @@ def test_broker_self_on_a_dummy_endpoint_with_path_and_query_parameters() -> Non
         assert not rule.allows(BROKER_1, {(location, "broker_id"): "one"})
         other = "query" if location == "path" else "path"
         assert not rule.allows(BROKER_1, {(other, "broker_id"): "1"})  # wrong place
-        for identity in (CLIENT, COORDINATOR_ID):
+        for identity in (CLIENT, COORDINATOR_ID, ANONYMOUS_IDENTITY):
             assert not rule.allows(identity, {(location, "broker_id"): "1"})
             assert not rule.needs_values(identity)
         assert rule.needs_values(BROKER_1)
@@ -92,6 +95,11 @@ def test_role_grants_and_unions() -> None:
     assert BROKERS.allows(BROKER_2, {}) and not BROKERS.allows(CLIENT, {})
     assert COORDINATOR.allows(COORDINATOR_ID, {}) and not COORDINATOR.allows(BROKER_1, {})
     assert all(ANY.allows(identity, {}) for identity in (CLIENT, BROKER_1, COORDINATOR_ID))
+    assert not ANY.allows(ANONYMOUS_IDENTITY, {})
+    assert PUBLIC.allows(ANONYMOUS_IDENTITY, {}) and PUBLIC.allows(BROKER_1, {})
+    assert ANONYMOUS.allows(ANONYMOUS_IDENTITY, {}) and not ANONYMOUS.allows(CLIENT, {})
+    for rule in (CLIENTS, BROKERS, COORDINATOR, broker_self(query="broker_id")):
+        assert not rule.allows(ANONYMOUS_IDENTITY, {("query", "broker_id"): "1"})
     union = CLIENTS | broker_self(query="broker_id")
     assert union.labels() == ["client", "broker-{query.broker_id}"]
     assert union.allows(CLIENT, {}) and not union.needs_values(CLIENT)
@@ -127,11 +135,11 @@ def test_the_rule_reads_a_broker_id_as_the_handler_does(raw: Any) -> None:
 
 def test_openapi_lists_callers_and_403() -> None:
     endpoints = [
-        Endpoint("GET", "/healthz", _handler, "alive", callers=ANY),
+        Endpoint("GET", "/healthz", _handler, "alive", callers=PUBLIC),
         Endpoint("POST", "/v1/b/{broker_id}", _handler, "b", callers=broker_self(path="broker_id")),
     ]
     paths = openapi_document("t", endpoints)["paths"]
-    assert paths["/healthz"]["get"]["x-callers"] == ["any"]
+    assert paths["/healthz"]["get"]["x-callers"] == ["public"]
     assert "403" not in paths["/healthz"]["get"]["responses"]
     operation = paths["/v1/b/{broker_id}"]["post"]
     assert operation["x-callers"] == ["broker-{path.broker_id}"]

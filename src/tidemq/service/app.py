@@ -1,8 +1,9 @@
 """Builds an aiohttp application from an endpoint table and runs it under TLS.
 
-Every service gets /healthz, /readyz, /metrics and /openapi.json from here (callable
-by any verified certificate, for monitoring), and the authorization middleware that
-enforces each endpoint's ``callers``.
+Every service gets /healthz, /readyz, /metrics and /openapi.json from here (PUBLIC:
+anyone who can connect, for monitoring; the coordinator and brokers only let callers
+with a cluster certificate connect), and the authorization middleware that enforces
+each endpoint's ``callers``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from tidemq.service.callers import ANY, Callers
+from tidemq.service.callers import PUBLIC, Callers
 from tidemq.service.http import (
     Endpoint,
     make_authorization_middleware,
@@ -62,16 +63,18 @@ def build_app(
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     standard = [
-        Endpoint("GET", "/healthz", healthz, "Liveness: the process serves requests", callers=ANY),
+        Endpoint(
+            "GET", "/healthz", healthz, "Liveness: the process serves requests", callers=PUBLIC
+        ),
         Endpoint(
             "GET",
             "/readyz",
             readyz,
             "Readiness",
             responses={"200": "ready", "503": "not ready"},
-            callers=ANY,
+            callers=PUBLIC,
         ),
-        Endpoint("GET", "/metrics", metrics, "Prometheus metrics", callers=ANY),
+        Endpoint("GET", "/metrics", metrics, "Prometheus metrics", callers=PUBLIC),
     ]
     every = [*standard, *endpoints]
     document = openapi_document(title, every)
@@ -79,7 +82,9 @@ def build_app(
     async def openapi(_: web.Request) -> web.Response:
         return web.json_response(document)
 
-    every.append(Endpoint("GET", "/openapi.json", openapi, "This API, as OpenAPI 3.1", callers=ANY))
+    every.append(
+        Endpoint("GET", "/openapi.json", openapi, "This API, as OpenAPI 3.1", callers=PUBLIC)
+    )
     for endpoint in every:
         route = app.router.add_route(endpoint.method, endpoint.path, endpoint.handler)
         rules[route] = endpoint.callers

@@ -8,11 +8,16 @@ see tidemq/tls.py):
     broker-<id>     broker <id>; <id> is a decimal without sign or leading zero
     anything else   a client (``tide up`` issues ``client``; an operator may issue
                     more client certificates under other names)
+    no certificate  anonymous: only where a TLS server does not ask for one (the
+                    coordinator and brokers always do: the handshake fails without)
 
 Each endpoint declares its callers as data (``Endpoint.callers`` in service/http.py), a
 union of grants built with ``|``:
 
-    ANY                        every verified certificate (monitoring: /healthz, ...)
+    PUBLIC                     anyone who can connect, certificate or not
+                               (monitoring: /healthz, /readyz, /metrics, /openapi.json)
+    ANY                        every verified certificate
+    ANONYMOUS                  callers without a certificate
     CLIENTS                    client certificates
     BROKERS                    any broker's certificate
     COORDINATOR                the coordinator's certificate
@@ -47,6 +52,7 @@ class Role(enum.Enum):
     COORDINATOR = "coordinator"
     BROKER = "broker"
     CLIENT = "client"
+    ANONYMOUS = "anonymous"
 
 
 @dataclass(frozen=True)
@@ -68,10 +74,11 @@ class Identity:
 
     @staticmethod
     def from_peercert(peercert: Mapping[str, Any] | None) -> Identity | None:
-        """The identity in ``SSLObject.getpeercert()``'s answer; None without a
-        certificate or without exactly one common name."""
+        """The identity in ``SSLObject.getpeercert()``'s answer (empty when the caller
+        sent no certificate: anonymous); None for a certificate without exactly one
+        common name."""
         if not peercert:
-            return None
+            return ANONYMOUS_IDENTITY
         names = [
             value
             for relative_name in peercert.get("subject", ())
@@ -194,7 +201,10 @@ def _as_int(raw: Any) -> int | None:
         return None
 
 
+ANONYMOUS_IDENTITY = Identity("", Role.ANONYMOUS)
 CLIENTS = Callers((RoleGrant(frozenset({Role.CLIENT}), "client"),))
 BROKERS = Callers((RoleGrant(frozenset({Role.BROKER}), "broker"),))
 COORDINATOR = Callers((RoleGrant(frozenset({Role.COORDINATOR}), "coordinator"),))
-ANY = Callers((RoleGrant(frozenset(Role), "any"),))
+ANY = Callers((RoleGrant(frozenset(Role) - {Role.ANONYMOUS}, "any"),))
+ANONYMOUS = Callers((RoleGrant(frozenset({Role.ANONYMOUS}), "anonymous"),))
+PUBLIC = Callers((RoleGrant(frozenset(Role), "public"),))

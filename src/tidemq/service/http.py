@@ -109,11 +109,12 @@ def make_authorization_middleware(
 ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     """Checks the matched endpoint's ``callers`` against the caller's certificate.
 
-    Over TLS the caller must carry a certificate the server verified; its common name
-    is the identity (service/callers.py). Over plain HTTP (``--plain-http``) there is
-    no certificate, hence no identity, and nothing is checked: plain HTTP is for tests
-    on loopback only (docs/OPERATIONS.md). A request the router did not match has no
-    rule and goes on to the router's 404/405.
+    Over TLS the common name of the certificate the server verified is the identity
+    (service/callers.py); a caller without one is anonymous, which only servers that
+    do not demand certificates ever see. Over plain HTTP (``--plain-http``) there is
+    no identity at all and nothing is checked: plain HTTP is for tests on loopback
+    only (docs/OPERATIONS.md). A request the router did not match has no rule and goes
+    on to the router's 404/405.
     """
 
     @web.middleware
@@ -128,7 +129,7 @@ def make_authorization_middleware(
             return await handler(request)
         identity = Identity.from_peercert(transport.get_extra_info("peercert"))
         if identity is None:
-            raise Forbidden("no verified client certificate with one common name")
+            raise Forbidden("the client certificate does not have exactly one common name")
         values: dict[tuple[Location, str], Any] = {}
         if callers.needs_values(identity):
             values = await _named_values(request, callers)
@@ -234,7 +235,7 @@ def openapi_document(title: str, endpoints: Iterable[Endpoint]) -> dict[str, Any
             "responses": {code: {"description": text} for code, text in endpoint.responses.items()},
         }
         operation["x-callers"] = endpoint.callers.labels()
-        if endpoint.callers.labels() != ["any"]:
+        if endpoint.callers.labels() not in (["any"], ["public"]):
             operation["responses"].setdefault("403", {"description": "forbidden"})
         parameters = list(endpoint.parameters)
         for name in path_parameters(endpoint.path):
