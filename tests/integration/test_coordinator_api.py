@@ -105,13 +105,15 @@ def test_topics_brokers_and_restart(tmp_path: Path) -> None:
             first = topic["partitions"][0]
             assert first["leader_id"] == first["replicas"][0]
             assert first["leader_url"] == f"https://127.0.0.1:{9100 + first['leader_id']}"
-            assert first["leader_epoch"] == 0 and first["isr"] == [first["leader_id"]]
+            assert first["leader_epoch"] == 0 and first["isr"] == first["replicas"]
+            assert len(topic["topic_id"]) == 32 and topic["min_insync_replicas"] == 1
 
             status, body = await api.call("POST", "/v1/topics", {"name": "orders"})
             assert (status, body["error"]["code"]) == (409, "topic_exists")
 
             status, body = await api.call("POST", "/v1/brokers/2/heartbeat", {"partitions": []})
-            assert body["topics"] == {"orders": 6}
+            assert body["topics"] == {"orders": {"topic_id": topic["topic_id"], "partitions": 6}}
+            assert body["cluster_id"] and body["deleted_topic_ids"] == []
             assert {a["partition"] for a in body["assignments"]} == {
                 p["partition"] for p in topic["partitions"] if 2 in p["replicas"]
             }

@@ -14,7 +14,14 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram
 
-from tidemq.errors import InvalidRequest, MalformedJson, RequestTooLarge, TideError
+from tidemq.errors import (
+    InvalidRequest,
+    InvariantViolation,
+    MalformedJson,
+    RequestTooLarge,
+    TideError,
+)
+from tidemq.service.failstop import fail_stop
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,8 @@ def make_error_middleware(
             code = {404: "not_found", 405: "method_not_allowed"}.get(error.status, "http_error")
             body = {"error": {"code": code, "message": error.reason}}
             return web.json_response(body, status=error.status)
+        except InvariantViolation as error:
+            fail_stop(f"invariant broken serving {request.method} {request.path}: {error}")
         except Exception:
             log.exception("unhandled error serving %s %s", request.method, request.path)
             return web.json_response(
