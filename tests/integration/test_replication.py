@@ -95,8 +95,10 @@ def test_a_killed_leader_loses_no_acknowledged_message_and_comes_back_in_sync(
     killed_at = time.monotonic()
     wait_for(
         "new leaders for the dead broker's partitions",
-        lambda: victim not in leaders(admin, "replicated").values()
-        and None not in leaders(admin, "replicated").values(),
+        lambda: (
+            victim not in leaders(admin, "replicated").values()
+            and None not in leaders(admin, "replicated").values()
+        ),
     )
     failover_s = time.monotonic() - killed_at
     assert failover_s < SESSION_TIMEOUT_MS / 1000 + 5, f"failover took {failover_s:.1f} s"
@@ -112,8 +114,10 @@ def test_a_killed_leader_loses_no_acknowledged_message_and_comes_back_in_sync(
     cluster.kill_broker(second)
     wait_for(
         "leaders without the second victim",
-        lambda: second not in leaders(admin, "replicated").values()
-        and None not in leaders(admin, "replicated").values(),
+        lambda: (
+            second not in leaders(admin, "replicated").values()
+            and None not in leaders(admin, "replicated").values()
+        ),
     )
     acknowledged |= produce(cluster.config, "replicated", "c", 1000)
     check(acknowledged, consume(cluster.config, "replicated", "second", len(acknowledged)))
@@ -153,8 +157,10 @@ def test_a_coordinator_with_an_empty_store_deletes_nothing_and_says_so(
     admin = Admin(**cluster.config)
     rejected = wait_for(
         "the coordinator to report both brokers' cluster id mismatch",
-        lambda: len(admin.describe_cluster().get("rejected_brokers", [])) == 2
-        and admin.describe_cluster()["rejected_brokers"],
+        lambda: (
+            len(admin.describe_cluster().get("rejected_brokers", [])) == 2
+            and admin.describe_cluster()["rejected_brokers"]
+        ),
     )
     assert {row["broker_id"] for row in rejected} == set(brokers)
     for broker, directory in brokers.items():
@@ -182,8 +188,8 @@ def test_a_topic_recreated_while_a_replica_was_down_never_serves_old_records(
     cluster.kill_broker(follower)
     wait_for(
         "the follower declared dead",
-        lambda: not next(
-            b["alive"] for b in admin.describe_cluster()["brokers"] if b["id"] == follower
+        lambda: (
+            not next(b["alive"] for b in admin.describe_cluster()["brokers"] if b["id"] == follower)
         ),
     )
     admin.delete_topic("reborn")

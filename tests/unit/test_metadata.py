@@ -18,7 +18,6 @@ from tidemq.core.metadata import (
     DeleteTopic,
     InitCluster,
     Liveness,
-    PartitionReport,
     RegisterBroker,
     command_from_json,
     command_to_json,
