@@ -113,6 +113,23 @@ class NotEnoughReplicas(TideError):
     retriable = True
 
 
+class StalePartitionEpoch(TideError):
+    """An ISR proposal named a partition epoch that is no longer current."""
+
+    code = "stale_partition_epoch"
+    http_status = 409
+    retriable = False
+
+
+class ClusterIdMismatch(TideError):
+    """A broker that joined another cluster (another coordinator store) asked to join
+    this one. It keeps its data and is refused until an operator resolves it."""
+
+    code = "cluster_id_mismatch"
+    http_status = 409
+    retriable = False
+
+
 class NoBrokersAvailable(TideError):
     code = "no_brokers_available"
     http_status = 503

@@ -21,35 +21,38 @@ from prometheus_client import CollectorRegistry
 
 from tidemq.broker.server import BATCH_TYPE, Broker, BrokerConfig, create_app
 from tidemq.storage import FsyncPolicy, LogConfig
+from tidemq.transport import HttpTransport
+from tidemq.wire import control
 from tidemq.wire.batch import build_batch, decode_records
 
 BASE = "/v1/topics/orders/partitions/{}"
 
 
-def _answer(epoch: int = 1, leader: int = 1) -> dict[str, Any]:
-    return {
-        "topics": {"orders": 2},
-        "assignments": [
-            {
-                "topic": "orders",
-                "partition": 0,
-                "leader_id": leader,
-                "leader_url": "x",
-                "leader_epoch": epoch,
-                "replicas": [1],
-                "isr": [1],
-            },
-            {
-                "topic": "orders",
-                "partition": 1,
-                "leader_id": 2,
-                "leader_url": "y",
-                "leader_epoch": epoch,
-                "replicas": [2, 1],
-                "isr": [2, 1],
-            },
-        ],
+TOPIC_ID = "0123456789abcdef0123456789abcdef"
+
+
+def _answer(epoch: int = 1, leader: int = 1) -> control.HeartbeatAnswer:
+    def assignment(partition: int, leader_id: int, replicas: list[int]) -> dict[str, Any]:
+        return {
+            "topic": "orders",
+            "partition": partition,
+            "topic_id": TOPIC_ID,
+            "leader_id": leader_id,
+            "leader_url": "http://127.0.0.1:1",
+            "leader_epoch": epoch,
+            "partition_epoch": epoch,
+            "replicas": replicas,
+            "isr": replicas,
+        }
+
+    answer = {
+        "cluster_id": "c1",
+        "topics": {"orders": {"topic_id": TOPIC_ID, "partitions": 2}},
+        "deleted_topic_ids": [],
+        "heartbeat_interval_ms": 1000,
+        "assignments": [assignment(0, leader, [1]), assignment(1, 2, [2, 1])],
     }
+    return control.decode(json.dumps(answer).encode(), control.HeartbeatAnswer)
 
 
 @asynccontextmanager
@@ -65,7 +68,7 @@ async def broker_client(
         max_request_bytes=max_request_bytes,
     )
     registry = CollectorRegistry()
-    broker = Broker(config, aiohttp.ClientSession, registry)
+    broker = Broker(config, lambda: HttpTransport(False, {}, 4, 1000), registry)
     broker.reconcile(_answer())
     broker.registered = True
     app = create_app(broker, registry)
@@ -340,10 +343,16 @@ def test_reassignment_and_topic_deletion(tmp_path: Path) -> None:
             await expect_error(await produce(client, batch(1)), 421, "not_leader")
             broker.reconcile(_answer(epoch=3, leader=1))
             assert (await produce(client, batch(1), leader_epoch="3")).status == 200
-            broker.reconcile({"topics": {}, "assignments": []})
-            assert broker.replicas == {}
-            assert not (tmp_path / "orders-0").exists()
+            directory = tmp_path / f"orders-0-{TOPIC_ID}"
+            assert directory.exists()
+            # A coordinator that forgot the topic (not deleted it) never deletes data.
+            forgot = control.HeartbeatAnswer("c1", [], {}, [], 1000)
+            broker.reconcile(forgot)
+            assert broker.replicas == {} and directory.exists()
             await expect_error(await produce(client, batch(1)), 404, "unknown_topic")
+            # An explicit delete of this topic id does.
+            broker.reconcile(control.HeartbeatAnswer("c1", [], {}, [TOPIC_ID], 1000))
+            assert not directory.exists()
 
     run(scenario)
 

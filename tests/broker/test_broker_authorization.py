@@ -1,11 +1,12 @@
 """The broker under mutual TLS: client certificates produce and fetch; broker and
-coordinator certificates cannot (followers use the replica endpoint); every
-certificate of the cluster reaches monitoring and read-only partition state.
-A refused produce appends nothing."""
+coordinator certificates cannot; only broker N fetches as follower N (the replica
+endpoint); every certificate of the cluster reaches monitoring and read-only
+partition state. A refused produce appends nothing."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -17,28 +18,39 @@ from prometheus_client import CollectorRegistry
 from tidemq.broker.server import BATCH_TYPE, Broker, BrokerConfig, create_app
 from tidemq.storage import FsyncPolicy, LogConfig
 from tidemq.tls import client_context, ensure_cluster_pki, server_context
+from tidemq.transport import HttpTransport
+from tidemq.wire import control
 from tidemq.wire.batch import build_batch
 from tidemq.wire.produce import PRODUCE_TYPE
 
-NAMES = ["client", "broker-2", "coordinator"]
+NAMES = ["client", "broker-2", "broker-3", "coordinator"]
 RECORDS = "/v1/topics/orders/partitions/0/records"
+REPLICA = "/v1/replica/orders/0/records?leader_epoch=1&offset=0&broker_id="
+TOPIC_ID = "0123456789abcdef0123456789abcdef"
 
 
-def _assignment() -> dict[str, Any]:
-    return {
-        "topics": {"orders": 1},
+def _assignment() -> control.HeartbeatAnswer:
+    """Broker 1 leads orders/0; broker 2 follows; broker 3 holds no replica."""
+    answer = {
+        "cluster_id": "c1",
+        "topics": {"orders": {"topic_id": TOPIC_ID, "partitions": 1}},
+        "deleted_topic_ids": [],
+        "heartbeat_interval_ms": 1000,
         "assignments": [
             {
                 "topic": "orders",
                 "partition": 0,
+                "topic_id": TOPIC_ID,
                 "leader_id": 1,
-                "leader_url": "x",
+                "leader_url": "https://127.0.0.1:1",
                 "leader_epoch": 1,
+                "partition_epoch": 1,
                 "replicas": [1, 2],
                 "isr": [1, 2],
             }
         ],
     }
+    return control.decode(json.dumps(answer).encode(), control.HeartbeatAnswer)
 
 
 async def _call(
@@ -63,7 +75,7 @@ def test_only_client_certificates_produce_and_fetch(tmp_path: Path) -> None:
             max_request_bytes=1 << 20,
         )
         registry = CollectorRegistry()
-        broker = Broker(config, aiohttp.ClientSession, registry)
+        broker = Broker(config, lambda: HttpTransport(False, {}, 4, 1000), registry)
         broker.reconcile(_assignment())
         broker.registered = True
         server = TestServer(create_app(broker, registry))
@@ -84,7 +96,7 @@ def test_only_client_certificates_produce_and_fetch(tmp_path: Path) -> None:
                 ("POST", "/v1/produce?acks=1", b"\0" * 8, PRODUCE_TYPE),
                 ("GET", RECORDS + "?offset=0", None, ""),
             ]
-            for name in ("broker-2", "coordinator"):
+            for name in ("broker-2", "broker-3", "coordinator"):
                 for method, path, data, content_type in attempts:
                     status, answer = await _call(
                         session[name], method, base + path, data, content_type
@@ -92,6 +104,16 @@ def test_only_client_certificates_produce_and_fetch(tmp_path: Path) -> None:
                     assert (status, answer["error"]["code"]) == (403, "forbidden"), (name, path)
                     assert repr(name) in answer["error"]["message"]
             assert broker.replicas[("orders", 0)].log.log_end_offset == 0
+
+            status, _ = await _call(session["broker-2"], "GET", base + REPLICA + "2", None, "")
+            assert status == 200  # follower 2 fetches as itself
+            refused = [("broker-3", "2"), ("broker-2", "3"), ("client", "2"), ("coordinator", "2")]
+            for name, claimed in refused:
+                url = base + REPLICA + claimed
+                status, answer = await _call(session[name], "GET", url, None, "")
+                assert (status, answer["error"]["code"]) == (403, "forbidden"), (name, claimed)
+            status, answer = await _call(session["broker-3"], "GET", base + REPLICA + "3", None, "")
+            assert (status, answer["error"]["code"]) == (421, "not_leader")  # past the check
 
             client = session["client"]
             status, answer = await _call(client, "POST", base + attempts[0][1], batch, BATCH_TYPE)

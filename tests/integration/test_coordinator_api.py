@@ -110,13 +110,15 @@ def test_topics_brokers_and_restart(tmp_path: Path) -> None:
             first = topic["partitions"][0]
             assert first["leader_id"] == first["replicas"][0]
             assert first["leader_url"] == f"https://127.0.0.1:{9100 + first['leader_id']}"
-            assert first["leader_epoch"] == 0 and first["isr"] == [first["leader_id"]]
+            assert first["leader_epoch"] == 0 and first["isr"] == first["replicas"]
+            assert len(topic["topic_id"]) == 32 and topic["min_insync_replicas"] == 1
 
             status, body = await api.call("POST", "/v1/topics", {"name": "orders"})
             assert (status, body["error"]["code"]) == (409, "topic_exists")
 
             status, body = await api.call("POST", "/v1/brokers/2/heartbeat", {"partitions": []})
-            assert body["topics"] == {"orders": 6}
+            assert body["topics"] == {"orders": {"topic_id": topic["topic_id"], "partitions": 6}}
+            assert body["cluster_id"] and body["deleted_topic_ids"] == []
             assert {a["partition"] for a in body["assignments"]} == {
                 p["partition"] for p in topic["partitions"] if 2 in p["replicas"]
             }
@@ -454,6 +456,59 @@ def test_only_broker_n_acts_as_broker_n(tmp_path: Path) -> None:
                 await refused(api[name], "POST", "/v1/brokers/1/heartbeat", {"partitions": []})
             _, body = await api["client"].call("GET", "/v1/brokers")
             assert [(b["id"], b["url"]) for b in body["brokers"]] == [(1, good["url"])]
+
+    scenario(run)
+
+
+def test_a_broker_registers_as_the_last_broker_id_its_body_names(tmp_path: Path) -> None:
+    """JSON with a repeated key: the check and the handler both take the last value."""
+
+    async def run() -> None:
+        async with tls_coordinator(tmp_path, ["broker-1", "broker-2"]) as (_, _, api):
+            twice = b'{"broker_id": 1, "url": "https://127.0.0.1:9102", "broker_id": 2}'
+            status, _ = await api["broker-1"].call("POST", "/v1/brokers/register", data=twice)
+            assert status == 403
+            status, body = await api["broker-2"].call("POST", "/v1/brokers/register", data=twice)
+            assert (status, body["broker_id"]) == (200, 2)
+
+    scenario(run)
+
+
+def test_only_the_leader_broker_proposes_its_isr_changes(tmp_path: Path) -> None:
+    async def run() -> None:
+        names = ["client", "broker-1", "broker-2"]
+        async with tls_coordinator(tmp_path, names) as (_, _, api):
+            for broker_id in (1, 2):
+                registration = {"broker_id": broker_id, "url": f"https://127.0.0.1:910{broker_id}"}
+                status, _ = await api[f"broker-{broker_id}"].call(
+                    "POST", "/v1/brokers/register", registration
+                )
+                assert status == 200
+            body = {"name": "t", "partitions": 1, "replication_factor": 2}
+            status, topic = await api["client"].call("POST", "/v1/topics", body)
+            assert status == 201
+            partition = topic["partitions"][0]
+            leader, follower = partition["leader_id"], 3 - partition["leader_id"]
+            proposal = {
+                "topic": "t",
+                "partition": 0,
+                "topic_id": topic["topic_id"],
+                "leader_epoch": partition["leader_epoch"],
+                "partition_epoch": partition["partition_epoch"],
+                "isr": [leader],
+            }
+            path = f"/v1/brokers/{leader}/alter-isr"
+            for name in ("client", f"broker-{follower}"):
+                await refused(api[name], "POST", path, proposal)
+            _, now = await api["client"].call("GET", "/v1/topics/t")
+            assert now["partitions"][0] == partition, "a refused proposal changed the ISR"
+            # The follower speaking for itself passes the check; the coordinator refuses it.
+            status, answer = await api[f"broker-{follower}"].call(
+                "POST", f"/v1/brokers/{follower}/alter-isr", proposal
+            )
+            assert status != 403 and answer["error"]["code"] != "forbidden"
+            status, answer = await api[f"broker-{leader}"].call("POST", path, proposal)
+            assert (status, answer["isr"]) == (200, [leader])
 
     scenario(run)
 

@@ -16,8 +16,16 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram
 
-from tidemq.errors import Forbidden, InvalidRequest, MalformedJson, RequestTooLarge, TideError
+from tidemq.errors import (
+    Forbidden,
+    InvalidRequest,
+    InvariantViolation,
+    MalformedJson,
+    RequestTooLarge,
+    TideError,
+)
 from tidemq.service.callers import Callers, Identity, Location
+from tidemq.service.failstop import fail_stop
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +95,8 @@ def make_error_middleware(
             code = {404: "not_found", 405: "method_not_allowed"}.get(error.status, "http_error")
             body = {"error": {"code": code, "message": error.reason}}
             return web.json_response(body, status=error.status)
+        except InvariantViolation as error:
+            fail_stop(f"invariant broken serving {request.method} {request.path}: {error}")
         except Exception:
             log.exception("unhandled error serving %s %s", request.method, request.path)
             return web.json_response(
