@@ -525,12 +525,12 @@ class Broker:
         except (StalePartitionEpoch, NotLeader, UnknownTopic) as error:
             log.info("%s/%s: ISR proposal refused: %s", replica.topic, replica.partition, error)
             self.metrics.isr_proposals.labels("refused").inc()
-            replica.handle(IsrAnswered(False))
+            replica.handle(IsrAnswered(False, proposal.partition_epoch))
             return
         except TideError as error:
             log.warning("%s/%s: ISR proposal failed: %s", replica.topic, replica.partition, error)
             self.metrics.isr_proposals.labels("failed").inc()
-            replica.handle(IsrAnswered(False))
+            replica.handle(IsrAnswered(False, proposal.partition_epoch))
             return
         log.info(
             "%s/%s: ISR %s -> %s (leader epoch %s, partition epoch %s)",
@@ -543,7 +543,13 @@ class Broker:
         )
         self.metrics.isr_proposals.labels("accepted").inc()
         replica.handle(
-            IsrAnswered(True, answer.leader_epoch, answer.partition_epoch, tuple(answer.isr))
+            IsrAnswered(
+                True,
+                proposal.partition_epoch,
+                answer.leader_epoch,
+                answer.partition_epoch,
+                tuple(answer.isr),
+            )
         )
 
     # ---- following ----------------------------------------------------------------
