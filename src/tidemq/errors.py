@@ -130,6 +130,14 @@ class ClusterIdMismatch(TideError):
     retriable = False
 
 
+class BrokerBusy(TideError):
+    """Admission control: the broker holds its limit of request bytes in memory."""
+
+    code = "broker_busy"
+    http_status = 503
+    retriable = True
+
+
 class NoBrokersAvailable(TideError):
     code = "no_brokers_available"
     http_status = 503

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
@@ -400,5 +401,53 @@ def test_multi_partition_produce_answers_per_partition(tmp_path: Path) -> None:
                     "corrupt_batch",
                 )
             assert broker.replicas[("orders", 0)].log.log_end_offset == 5
+
+    run(scenario)
+
+
+def test_json_fetch_is_bounded_by_its_output_size(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (_, client):
+            values = [(None, bytes([i % 256]) * 300) for i in range(40)]
+            assert (await produce(client, build_batch(values, 1000))).status == 200
+            # 40 records of 300 bytes are ~16 KB of base64 JSON from a ~12 KB batch
+            offset, seen = 0, 0
+            while offset < 40:
+                response = await client.get(
+                    BASE.format(0) + "/records",
+                    params={"offset": str(offset), "max_bytes": "2000", "encoding": "base64"},
+                )
+                body = await response.json()
+                assert 1 <= len(body["records"]) <= 5, "bounded by rendered size, not input"
+                assert len(await response.read()) < 2000 + 5 * 200
+                assert body["records"][0]["offset"] == offset
+                offset = body["next_offset"]
+                seen += len(body["records"])
+            assert seen == 40
+
+    run(scenario)
+
+
+def test_produce_admission_control_refuses_past_the_in_flight_byte_limit(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, client):
+            broker.config.max_inflight_produce_bytes = 1000
+            # partition 0 now has a follower that never fetches: acks=all waits
+            answer = _answer(epoch=2)
+            first = answer.assignments[0]
+            waiting = msgspec.structs.replace(first, replicas=[1, 2], isr=[1, 2])
+            broker.reconcile(msgspec.structs.replace(answer, assignments=[waiting]))
+            held = asyncio.ensure_future(produce(client, batch(20)))
+            deadline = asyncio.get_running_loop().time() + 10
+            while broker._inflight_produce_bytes == 0:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
+            big = batch(30)
+            assert len(big) > 1000 - broker._inflight_produce_bytes
+            await expect_error(await produce(client, big), 503, "broker_busy")
+            assert broker.replicas[("orders", 0)].log.log_end_offset == 20
+            held.cancel()
 
     run(scenario)

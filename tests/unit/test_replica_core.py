@@ -89,7 +89,7 @@ def test_a_cut_off_leader_never_acknowledges_and_cannot_shrink_the_isr_alone() -
     assert effects == [ProposeIsr(1, 1, (1,))]
     assert core.handle(Tick(), core.lag_time_max_ms + 2) == []  # one proposal at a time
     # the coordinator refuses (a newer epoch elected the follower): nothing acknowledged
-    assert core.handle(IsrAnswered(False), core.lag_time_max_ms + 3) == []
+    assert core.handle(IsrAnswered(False, 1), core.lag_time_max_ms + 3) == []
     assert core.high_watermark == 0
     # then the heartbeat answer demotes it: the waiter fails at once, retriably
     demoted = ReplicaAssignment(2, 2, 2, (1, 2), (2,))
@@ -104,7 +104,7 @@ def test_an_accepted_shrink_lets_the_high_watermark_advance() -> None:
     core.handle(Flushed(5), 0)
     core.handle(AwaitAck(9, 5, Acks.ALL), 0)
     core.handle(Tick(), core.lag_time_max_ms + 1)
-    effects = core.handle(IsrAnswered(True, 1, 2, (1,)), core.lag_time_max_ms + 2)
+    effects = core.handle(IsrAnswered(True, 1, 1, 2, (1,)), core.lag_time_max_ms + 2)
     assert completed(effects) == {9} and core.isr == (1,)
 
 
@@ -119,7 +119,7 @@ def test_min_insync_replicas_refuses_and_fails_after_append() -> None:
     core.handle(AwaitAck(3, 5, Acks.ALL), 0)
     core.handle(Flushed(5), 0)
     core.handle(Tick(), core.lag_time_max_ms + 1)
-    effects = core.handle(IsrAnswered(True, 1, 2, (1,)), core.lag_time_max_ms + 2)
+    effects = core.handle(IsrAnswered(True, 1, 1, 2, (1,)), core.lag_time_max_ms + 2)
     assert isinstance(failed(effects)[3], NotEnoughReplicas)
 
 
@@ -203,7 +203,7 @@ events = st.one_of(
     st.builds(AwaitAck, st.integers(0, 0), st.integers(0, 3), st.sampled_from(list(Acks))),
     st.builds(AwaitData, st.integers(0, 0), st.integers(0, 3), st.booleans()),
     st.builds(Cancel, st.integers(1, 40)),
-    st.builds(IsrAnswered, st.booleans()),
+    st.builds(IsrAnswered, st.booleans(), st.integers(0, 1)),
     st.just(Tick()),
     st.builds(
         ReplicaAssignment,
@@ -230,7 +230,8 @@ def _absolute(core: ReplicaCore, raw: object, waiter_id: int, now_ms: int) -> Ev
     if isinstance(raw, AwaitData):
         return AwaitData(waiter_id, max(0, core.log_end_offset - raw.offset), raw.follower)
     if isinstance(raw, IsrAnswered):
-        return IsrAnswered(raw.accepted, core.leader_epoch, core.partition_epoch + 1, core.isr)
+        proposed = core.partition_epoch - raw.proposed_partition_epoch
+        return IsrAnswered(raw.accepted, proposed, core.leader_epoch, proposed + 1, core.isr)
     if isinstance(raw, ReplicaAssignment):
         leader = raw.leader_id
         isr = raw.isr if leader is None or leader in raw.isr else (leader, *raw.isr)

@@ -26,11 +26,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from tidemq.core.replica import (
     divergence,
 )
 from tidemq.errors import (
+    BrokerBusy,
     ClusterIdMismatch,
     FencedLeaderEpoch,
     InvalidRequest,
@@ -99,6 +101,7 @@ class BrokerConfig:
     request_timeout_ms: int = 5000
     replica_lag_time_max_ms: int = 10_000
     replica_fetch_wait_ms: int = 1000
+    max_inflight_produce_bytes: int = 64 * 1024 * 1024
 
 
 def _now_ms() -> int:
@@ -194,6 +197,7 @@ class Broker:
         self.heartbeat_interval_ms = config.heartbeat_interval_ms
         self._tasks: asyncio.TaskGroup | None = None
         self._followers: dict[Key, tuple[int, asyncio.Task[None]]] = {}
+        self._inflight_produce_bytes = 0
 
     @property
     def topic_partitions(self) -> dict[str, int]:
@@ -285,6 +289,24 @@ class Broker:
             self.metrics.messages_out.labels(topic).inc(count)
             self.metrics.bytes_out.labels(topic).inc(len(data))
         return data, replica
+
+    @contextlib.contextmanager
+    def admit_produce(self, content_length: int | None) -> Iterator[None]:
+        """Admission control: produce bodies held in memory at once stay below
+        ``max_inflight_produce_bytes``; past it, a retriable 503 broker_busy."""
+        size = content_length if content_length is not None else self.config.max_request_bytes
+        if self._inflight_produce_bytes and (
+            self._inflight_produce_bytes + size > self.config.max_inflight_produce_bytes
+        ):
+            raise BrokerBusy(
+                f"{self._inflight_produce_bytes} bytes of produce requests in flight "
+                f"(limit {self.config.max_inflight_produce_bytes}): retry"
+            )
+        self._inflight_produce_bytes += size
+        try:
+            yield
+        finally:
+            self._inflight_produce_bytes -= size
 
     async def replica_fetch(
         self, topic: str, partition: int, request: ReplicaFetch
@@ -526,12 +548,12 @@ class Broker:
         except (StalePartitionEpoch, NotLeader, UnknownTopic) as error:
             log.info("%s/%s: ISR proposal refused: %s", replica.topic, replica.partition, error)
             self.metrics.isr_proposals.labels("refused").inc()
-            replica.handle(IsrAnswered(False))
+            replica.handle(IsrAnswered(False, proposal.partition_epoch))
             return
         except TideError as error:
             log.warning("%s/%s: ISR proposal failed: %s", replica.topic, replica.partition, error)
             self.metrics.isr_proposals.labels("failed").inc()
-            replica.handle(IsrAnswered(False))
+            replica.handle(IsrAnswered(False, proposal.partition_epoch))
             return
         log.info(
             "%s/%s: ISR %s -> %s (leader epoch %s, partition epoch %s)",
@@ -544,7 +566,13 @@ class Broker:
         )
         self.metrics.isr_proposals.labels("accepted").inc()
         replica.handle(
-            IsrAnswered(True, answer.leader_epoch, answer.partition_epoch, tuple(answer.isr))
+            IsrAnswered(
+                True,
+                proposal.partition_epoch,
+                answer.leader_epoch,
+                answer.partition_epoch,
+                tuple(answer.isr),
+            )
         )
 
     # ---- following ----------------------------------------------------------------
@@ -764,6 +792,34 @@ def _json_records_to_batch(body: dict[str, Any], now_ms: int) -> bytes:
     return build_batch(pairs, now_ms, headers)
 
 
+def _json_records(data: bytes, offset: int, encoding: str, max_bytes: int) -> list[dict[str, Any]]:
+    """Records as JSON objects, bounded by their *output* size (base64 and JSON escaping
+    make text larger than the batches it comes from): at least one, then stop before
+    ``max_bytes`` of keys, values and headers would be passed."""
+    records: list[dict[str, Any]] = []
+    size = 0
+    for r in decode_records(data, min_offset=offset):
+        key, value = _render(r.key, encoding), _render(r.value, encoding)
+        headers = {name: _render(v, encoding) for name, v in r.headers}
+        size += _JSON_RECORD_OVERHEAD + len(key or "") + len(value or "")
+        size += sum(len(name) + len(text or "") for name, text in headers.items())
+        if records and size > max_bytes:
+            break
+        records.append(
+            {
+                "offset": r.offset,
+                "timestamp": r.timestamp,
+                "key": key,
+                "value": value,
+                "headers": headers,
+            }
+        )
+    return records
+
+
+_JSON_RECORD_OVERHEAD = 80  # braces, field names, offset and timestamp digits
+
+
 def _render(raw: bytes | None, encoding: str) -> str | None:
     if raw is None:
         return None
@@ -784,6 +840,12 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
             raise RequestTooLarge(
                 f"body of {request.content_length} bytes exceeds {broker.config.max_request_bytes}"
             )
+        with broker.admit_produce(request.content_length):
+            return await produce_admitted(request, topic, partition, acks, epoch)
+
+    async def produce_admitted(
+        request: web.Request, topic: str, partition: int, acks: Acks, epoch: int | None
+    ) -> web.Response:
         if request.content_type == "application/json":
             broker.leader_for(topic, partition, epoch)
             body = _json_records_to_batch(
@@ -796,8 +858,11 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
 
     async def produce_many(request: web.Request) -> web.Response:
         acks = _acks_parameter(request)
-        entries = decode_produce(await request.read())
-        results = await asyncio.gather(*(broker.produce_entry(entry, acks) for entry in entries))
+        with broker.admit_produce(request.content_length):
+            entries = decode_produce(await request.read())
+            results = await asyncio.gather(
+                *(broker.produce_entry(entry, acks) for entry in entries)
+            )
         return web.json_response({"results": results})
 
     async def fetch(request: web.Request) -> web.StreamResponse:
@@ -817,18 +882,8 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
         encoding = request.query.get("encoding", "utf-8")
         if encoding not in ("utf-8", "base64"):
             raise InvalidRequest("encoding must be 'utf-8' or 'base64'")
-        decoded = list(decode_records(data, min_offset=offset))
-        records = [
-            {
-                "offset": r.offset,
-                "timestamp": r.timestamp,
-                "key": _render(r.key, encoding),
-                "value": _render(r.value, encoding),
-                "headers": {name: _render(v, encoding) for name, v in r.headers},
-            }
-            for r in decoded
-        ]
-        next_offset = decoded[-1].offset + 1 if decoded else offset
+        records = _json_records(data, offset, encoding, max_bytes)
+        next_offset = records[-1]["offset"] + 1 if records else offset
         body = {
             "records": records,
             "high_watermark": replica.high_watermark,

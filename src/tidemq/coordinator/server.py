@@ -46,6 +46,7 @@ from tidemq.core.metadata import (
     RegisterBroker,
     TopicState,
     plan_failover,
+    plan_reelection,
 )
 from tidemq.core.placement import place_partitions
 from tidemq.errors import (
@@ -609,9 +610,18 @@ class _Handlers:
         body = control.decode(await request.read(), control.BrokerRegistration)
         broker_id, url = body.broker_id, body.url
         self.c.check_cluster_id(broker_id, body.cluster_id)
-        if self.c.state.brokers.get(broker_id) != url:
-            await self.c.commit([RegisterBroker(broker_id, url)])
-            log.info("broker %s registered at %s", broker_id, url)
+        # A new broker process leads nothing in an epoch it led before it (re)started.
+        reelections = plan_reelection(self.c.state, broker_id)
+        changed = self.c.state.brokers.get(broker_id) != url
+        await self.c.commit(
+            [RegisterBroker(broker_id, url), *reelections] if changed else reelections
+        )
+        log.info(
+            "broker %s registered at %s; %s partitions it leads get a new leader epoch",
+            broker_id,
+            url,
+            len(reelections),
+        )
         self.c.liveness.start_session(broker_id, self.c.clock_ms())
         await self.c.reconcile()
         answer = control.RegistrationAnswer(

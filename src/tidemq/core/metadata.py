@@ -526,6 +526,20 @@ def _partition_failover(
     return None
 
 
+def plan_reelection(state: ClusterState, broker_id: int) -> list[Command]:
+    """A broker (re)registered: a new process, which may have lost what it had not
+    fsynced. For every partition it leads, the same leader in a new epoch (same ISR:
+    everything committed is durable on it). Without the bump it would lead on in the
+    old epoch and could write new records at offsets its followers already hold from
+    before the crash, with the same epoch, where no divergence check could see it."""
+    commands: list[Command] = []
+    for name, topic in sorted(state.topics.items()):
+        for index, partition in enumerate(topic.partitions):
+            if partition.leader_id == broker_id:
+                commands.append(ChangeLeader(name, index, broker_id, tuple(partition.isr)))
+    return commands
+
+
 @dataclass(frozen=True)
 class PartitionReport:
     """What a broker says about one replica in its heartbeat."""

@@ -152,10 +152,13 @@ class Cancel:
 
 @dataclass(frozen=True, slots=True)
 class IsrAnswered:
-    """The coordinator's answer to our ISR proposal: the partition as it now is, if
-    the proposal was accepted; ``accepted=False`` when its epochs were stale."""
+    """The coordinator's answer to our ISR proposal that named ``proposed_partition_epoch``:
+    the partition as it now is, if the proposal was accepted; ``accepted=False`` when it
+    was refused or its answer lost. An answer that does not match the pending proposal
+    (a duplicate, a late answer) is ignored."""
 
     accepted: bool
+    proposed_partition_epoch: int
     leader_epoch: int = UNKNOWN
     partition_epoch: int = UNKNOWN
     isr: tuple[int, ...] = ()
@@ -255,6 +258,7 @@ class ReplicaCore:
     epoch_start_offset: int = 0
     followers: dict[int, FollowerProgress] = field(default_factory=dict)
     _proposal: _Proposal | None = None
+    _unresolved: tuple[int, ...] = ()  # members a proposal of unknown outcome may have added
     _proposal_retry_at_ms: int = 0
     _durable_waiters: deque[tuple[int, int]] = field(default_factory=deque)
     _hw_waiters: deque[tuple[int, int]] = field(default_factory=deque)
@@ -275,9 +279,11 @@ class ReplicaCore:
 
     @property
     def maximal_isr(self) -> tuple[int, ...]:
-        if self._proposal is None:
-            return self.isr
-        extra = tuple(b for b in self._proposal.isr if b not in self.isr)
+        """The ISR as the coordinator may have it now: the committed one plus whoever a
+        pending or refused-but-maybe-applied proposal adds (a lost answer does not mean
+        the coordinator did not apply it). The high watermark waits for all of them."""
+        pending = self._proposal.isr if self._proposal is not None else ()
+        extra = tuple(dict.fromkeys(b for b in (*pending, *self._unresolved) if b not in self.isr))
         return self.isr + extra
 
     def check_produce(self, acks: Acks) -> None:
@@ -478,7 +484,10 @@ class ReplicaCore:
         self.replicas = new.replicas
         self.isr = new.isr
         self.min_insync_replicas = new.min_insync_replicas
-        self._proposal = None  # a pending proposal names an old partition epoch: it fails
+        # A pending proposal names an old partition epoch: it can no longer apply, and
+        # this assignment is the coordinator's word on what did.
+        self._proposal = None
+        self._unresolved = ()
         if new.leader_id == self.broker_id:
             self.role = Role.LEADER
             if new_epoch or not was_leader:
@@ -507,10 +516,17 @@ class ReplicaCore:
                 self.followers[broker] = FollowerProgress(last_caught_up_ms=now_ms)
 
     def _on_isr_answered(self, answer: IsrAnswered, now_ms: int, effects: list[Effect]) -> None:
-        proposal, self._proposal = self._proposal, None
-        if proposal is None or self.role is not Role.LEADER:
+        proposal = self._proposal
+        if proposal is None or answer.proposed_partition_epoch != proposal.partition_epoch:
+            return
+        self._proposal = None
+        if self.role is not Role.LEADER:
             return
         if not answer.accepted:
+            # Refused, or the answer was lost: until an assignment tells, the members it
+            # would have added keep counting for the high watermark.
+            added = tuple(b for b in proposal.isr if b not in self.isr)
+            self._unresolved = tuple(dict.fromkeys((*self._unresolved, *added)))
             self._proposal_retry_at_ms = now_ms + PROPOSAL_RETRY_MS
             return
         if answer.leader_epoch != self.leader_epoch or answer.partition_epoch <= (
@@ -519,6 +535,7 @@ class ReplicaCore:
             return  # an assignment already told us something newer
         self.partition_epoch = answer.partition_epoch
         self.isr = answer.isr
+        self._unresolved = ()
         self._advance_high_watermark(effects)
 
     def _maybe_propose(self, now_ms: int, effects: list[Effect]) -> None:
