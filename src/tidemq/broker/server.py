@@ -127,6 +127,7 @@ class Broker:
     ) -> None:
         self.config = config
         self.replicas: dict[tuple[str, int], PartitionReplica] = {}
+        self.joining: set[tuple[str, int]] = set()  # partitions being moved
         self.topic_partitions: dict[str, int] = {}
         self.metrics = BrokerMetrics(registry)
         self.syncer = GroupCommitSyncer(
@@ -258,10 +259,19 @@ class Broker:
         log.info("registered with the coordinator as broker %s", self.config.broker_id)
 
     async def heartbeat(self) -> None:
-        # Only led partitions are reported: a follower that does not replicate yet
-        # (follower fetching is the replication issue) must never look in sync to the
-        # coordinator, which adds a reported, caught-up follower to the ISR.
-        reports = [self._heartbeat_stats(r) for r in self.replicas.values() if r.is_leader]
+        # Led partitions are reported, and followers of partitions being moved: the
+        # coordinator adds a reported follower to the ISR once its log end reached the
+        # leader's high watermark under the current epoch, and a move completes only
+        # when its whole target is in the ISR. Other followers do not replicate yet
+        # (follower fetching is the replication issue) and must never look in sync;
+        # a moved partition's followers do only while it is empty (an idle topic),
+        # which is what rebalancing needs here. With replication every replica is
+        # reported.
+        reports = [
+            self._heartbeat_stats(replica)
+            for key, replica in self.replicas.items()
+            if replica.is_leader or key in self.joining
+        ]
         body = {"partitions": reports}
         path = f"/v1/brokers/{self.config.broker_id}/heartbeat"
         answer = await self._coordinator_call(path, body)
@@ -305,6 +315,11 @@ class Broker:
             previous_topics - set(self.topic_partitions)
         )
         wanted: dict[tuple[str, int], Assignment] = {}
+        self.joining = {
+            (str(item["topic"]), int(item["partition"]))
+            for item in answer.get("assignments", [])
+            if item.get("adding_replicas")
+        }
         for item in answer.get("assignments", []):
             assignment = Assignment(
                 topic=str(item["topic"]),
