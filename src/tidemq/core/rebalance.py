@@ -343,9 +343,12 @@ def _new_moves(view: _View, busy: set[TopicPartition], limits: RebalanceLimits) 
     counts = replica_counts(state, view.eligible)
     commands: list[Command] = []
     while not throttle.full():
-        choice = _drain_move(view, busy, counts, throttle) or _balance_move(
-            view, busy, counts, throttle
-        )
+        choice = _drain_move(view, busy, counts, throttle)
+        if choice is None and not _draining_replicas(view):
+            # Balance only once nothing waits to leave a draining broker: drain moves
+            # go to the least-loaded brokers anyway, and moving replicas between the
+            # staying brokers meanwhile would only add copies.
+            choice = _balance_move(view, busy, counts, throttle)
         if choice is None:
             break
         key, partition, source, destination = choice
@@ -377,6 +380,17 @@ def _destination(
 ) -> int | None:
     options = [b for b in counts if b not in partition.replicas and throttle.allows(source, b)]
     return min(options, key=lambda b: (counts[b], b)) if options else None
+
+
+def _draining_replicas(view: _View) -> bool:
+    """Whether a movable partition still has a replica on a draining broker."""
+    draining = view.state.draining
+    return any(
+        b in draining
+        for key, partition in view.partitions()
+        if key not in view.state.reassignments and view.leader_is_live(partition)
+        for b in partition.replicas
+    )
 
 
 def _drain_move(
