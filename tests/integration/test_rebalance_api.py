@@ -167,3 +167,76 @@ def test_a_move_of_a_partition_with_data_waits_for_the_copy(tmp_path: Path) -> N
             assert move["leader_id"] == 1
 
     scenario(run)
+
+
+def test_a_move_survives_a_coordinator_restart(tmp_path: Path) -> None:
+    async def run() -> None:
+        async with coordinator(tmp_path, **OPTIONS) as api:
+            await register(api, 1)
+            await api.call(
+                "POST", "/v1/topics", {"name": "t", "partitions": 2, "replication_factor": 1}
+            )
+            fake = FakeBrokers(api, [1])
+            fake.written.update({("t", 0): 7, ("t", 1): 3})
+            await fake.beat()
+            await register(api, 2)
+            await api.call("POST", "/v1/brokers/2/drain")
+
+            async def started() -> bool:
+                await fake.beat()
+                return bool((await api.call("GET", "/v1/reassignments"))[1]["draining"])
+
+            await eventually(started, "broker 2 to be draining")
+            await api.call("POST", "/v1/brokers/2/undrain")
+            await eventually(lambda: _moves(api, fake, 1), "a move to start after the undrain")
+            before = (await api.call("GET", "/v1/reassignments"))[1]
+        async with coordinator(tmp_path, **OPTIONS) as api:
+            assert (await api.call("GET", "/v1/reassignments"))[1] == before
+            status, body = await api.call("POST", "/v1/brokers/1/drain")
+            assert status == 200 and body["draining"] is True
+        async with coordinator(tmp_path, **OPTIONS) as api:
+            assert (await api.call("GET", "/v1/reassignments"))[1]["draining"] == [1]
+
+    scenario(run)
+
+
+async def _moves(api: Api, fake: FakeBrokers, count: int) -> bool:
+    await fake.beat()
+    return len((await api.call("GET", "/v1/reassignments"))[1]["reassignments"]) == count
+
+
+def test_drain_command_times_out_with_the_moves_it_waits_for(tmp_path: Path) -> None:
+    """`tide brokers drain` against a coordinator whose move cannot finish (the
+    partition has data, followers do not copy): it fails at its timeout, naming the
+    moves, and the broker stays draining."""
+    import asyncio
+
+    from click.testing import CliRunner
+
+    from tidemq.cli.brokers import brokers
+
+    async def run() -> None:
+        async with coordinator(tmp_path, **OPTIONS) as api:
+            await register(api, 1, 2)
+            await api.call(
+                "POST", "/v1/topics", {"name": "t", "partitions": 2, "replication_factor": 1}
+            )
+            fake = FakeBrokers(api, [1, 2])
+            fake.written.update({("t", 0): 7, ("t", 1): 3})
+            await fake.beat()
+            environment = {"TIDE_BOOTSTRAP": api.base}
+            arguments = ["drain", "1", "--timeout-s", "1"]
+            result = await asyncio.to_thread(
+                CliRunner().invoke, brokers, arguments, env=environment
+            )
+            assert result.exit_code == 1, result.output
+            assert "still holds 1 replicas" in result.output
+            assert "copying" in result.output
+            moves = (await api.call("GET", "/v1/reassignments"))[1]
+            assert moves["draining"] == [1]
+            result = await asyncio.to_thread(
+                CliRunner().invoke, brokers, ["undrain", "1"], env=environment
+            )
+            assert result.exit_code == 0 and "no longer draining" in result.output
+
+    scenario(run)
