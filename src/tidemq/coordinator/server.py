@@ -398,7 +398,8 @@ def _step_name(target: tuple[int, ...], isr: list[int], leader_id: int | None) -
 
 def _move_step(state: ClusterState, command: Command) -> str | None:
     """A log line for a command that is a step of a partition move, else None."""
-    if not hasattr(command, "topic") or not hasattr(command, "partition"):
+    steps = (ReassignReplicas, ChangeIsr, ChangeLeader, CompleteReassignment, CancelReassignment)
+    if not isinstance(command, steps):
         return None
     key = (command.topic, command.partition)
     move = state.reassignments.get(key)
