@@ -28,7 +28,12 @@ from tidemq.cli.control import (
 from tidemq.cli.launch import ServiceOptions
 from tidemq.cli.model import ClusterFileError, ClusterInfo, env_lines, read_cluster_file
 from tidemq.cli.processes import ProbeError
-from tidemq.cli.render import brokers_table, partitions_table, topics_summary
+from tidemq.cli.render import (
+    brokers_table,
+    partitions_table,
+    reassignments_table,
+    topics_summary,
+)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -208,13 +213,21 @@ def _status_report(target: Target) -> dict[str, Any]:
         coordinator.update(pid=target.info.coordinator.pid, running=local[0]["running"])
     brokers: list[dict[str, Any]] = []
     topics: list[dict[str, Any]] = []
+    moves: dict[str, Any] = {"draining": [], "reassignments": []}
     try:
         control = ControlPlane(target)
         brokers = control.brokers()
         topics = control.topics()
+        moves = control.reassignments()
     except (ProbeError, ConfigError) as error:
         coordinator["error"] = str(error)
-    return {"coordinator": coordinator, "brokers": brokers, "topics": topics, "processes": local}
+    return {
+        "coordinator": coordinator,
+        "brokers": brokers,
+        "topics": topics,
+        "processes": local,
+        "moves": moves,
+    }
 
 
 def _status_text(report: dict[str, Any]) -> str:
@@ -230,6 +243,8 @@ def _status_text(report: dict[str, Any]) -> str:
         f"{alive}/{len(report['brokers'])} brokers alive\n"
         + brokers_table(report["brokers"], report["processes"]),
     ]
+    if "moves" in report:
+        parts.append(reassignments_table(report["moves"]))
     if report["topics"]:
         parts.append(topics_summary(report["topics"]))
         parts.append(partitions_table(report["topics"]))
@@ -240,9 +255,10 @@ def _status_text(report: dict[str, Any]) -> str:
 
 def _register_subcommands() -> None:
     from tidemq.cli.bench import bench
+    from tidemq.cli.brokers import brokers
     from tidemq.cli.client_commands import consume, groups, produce, topics
 
-    for command in (topics, produce, consume, groups, bench):
+    for command in (topics, produce, consume, groups, bench, brokers):
         cli.add_command(command)
 
 

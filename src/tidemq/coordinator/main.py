@@ -60,6 +60,20 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
 @click.option("--heartbeat-interval-ms", type=int, default=1000, show_default=True)
 @click.option("--default-partitions", type=int, default=12, show_default=True)
 @click.option("--default-replication-factor", type=int, default=2, show_default=True)
+@click.option(
+    "--rebalance-moves-max",
+    type=click.IntRange(min=0),
+    default=4,
+    show_default=True,
+    help="Partition moves in flight at once (0: no rebalancing, no draining).",
+)
+@click.option(
+    "--rebalance-moves-per-broker-max",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Moves adding to or removing from one broker at once.",
+)
 @click.option("--log-level", default="info", show_default=True)
 def command(
     data_dir: Path,
@@ -74,6 +88,8 @@ def command(
     heartbeat_interval_ms: int,
     default_partitions: int,
     default_replication_factor: int,
+    rebalance_moves_max: int,
+    rebalance_moves_per_broker_max: int,
     log_level: str,
 ) -> None:
     """Run the coordinator: cluster metadata, failover, consumer groups."""
@@ -103,6 +119,8 @@ def command(
         heartbeat_interval_ms=heartbeat_interval_ms,
         default_partitions=default_partitions,
         default_replication_factor=default_replication_factor,
+        rebalance_moves_max=rebalance_moves_max,
+        rebalance_moves_per_broker_max=rebalance_moves_per_broker_max,
     )
     asyncio.run(run_coordinator(config))
 

@@ -1,8 +1,8 @@
 """The coordinator's HTTP shell: decodes requests, feeds :mod:`tidemq.core`, persists.
 
 Owns: the coordinator endpoints of docs/PROTOCOL.md ("Coordinator API"), the
-background tick (broker session expiry, failover, ISR expansion, group member
-expiry) and the coordinator's Prometheus metrics.
+background tick (broker session expiry, failover, ISR expansion, rebalancing moves,
+group member expiry) and the coordinator's Prometheus metrics.
 
 Must always hold:
 
@@ -34,21 +34,27 @@ from tidemq.core.groups import ConsumerGroup
 from tidemq.core.metadata import (
     AllocateProducerId,
     AlterIsr,
+    CancelReassignment,
+    ChangeIsr,
     ChangeLeader,
     ClusterState,
     Command,
     CommitOffsets,
+    CompleteReassignment,
     CreateTopic,
     DeleteTopic,
     InitCluster,
     Liveness,
     PartitionReport,
+    ReassignReplicas,
     RegisterBroker,
+    SetBrokerDraining,
     TopicState,
     plan_failover,
     plan_reelection,
 )
 from tidemq.core.placement import place_partitions
+from tidemq.core.rebalance import RebalanceLimits, plan_rebalance
 from tidemq.errors import (
     ClusterIdMismatch,
     InvalidRequest,
@@ -94,6 +100,8 @@ class CoordinatorConfig:
     default_partitions: int = 12
     default_replication_factor: int = 2
     snapshot_every: int = 1000
+    rebalance_moves_max: int = 4  # partition moves in flight at once; 0: no rebalancing
+    rebalance_moves_per_broker_max: int = 2  # moves adding to or removing from one broker
 
     @property
     def url(self) -> str:
@@ -203,13 +211,18 @@ class Coordinator:
             raise InvariantViolation(f"committed command {command} does not apply") from error
 
     async def reconcile(self) -> None:
-        """Failover: leaders and ISRs in line with who is alive. (ISR expansion is the
-        leaders' job: they propose it with AlterIsr once a follower caught up.)"""
+        """Failover first, then the next steps of rebalancing moves, each from the
+        state the last left. (ISR expansion is the leaders' job: they propose it with
+        AlterIsr once a follower caught up.)"""
         async with self._write_lock:
-            commands = plan_failover(self.state, self.live_brokers())
+            live = self.live_brokers()
+            commands = plan_failover(self.state, live)
             for command in commands:
                 log.info("failover: %s", command)
             await self._commit_locked(commands)
+            moves = plan_rebalance(self.state, live, self.rebalance_limits())
+            self._log_moves(moves)
+            await self._commit_locked(moves)
 
     async def alter_isr(self, request: control.AlterIsrRequest, broker_id: int) -> Any:
         command = AlterIsr(
@@ -249,6 +262,29 @@ class Coordinator:
             raise ClusterIdMismatch(message)
         self.rejected_brokers.pop(broker_id, None)
 
+    def rebalance_limits(self) -> RebalanceLimits:
+        return RebalanceLimits(
+            moves_in_flight_max=self.config.rebalance_moves_max,
+            moves_per_broker_max=self.config.rebalance_moves_per_broker_max,
+        )
+
+    def _log_moves(self, commands: list[Command]) -> None:
+        """One log line per step of a partition move (called before they apply)."""
+        for command in commands:
+            line = _move_step(self.state, command)
+            if line is not None:
+                log.info("%s", line)
+
+    async def set_draining(self, broker_id: int, draining: bool) -> None:
+        """Marks a broker draining (or not), then lets the planner start at once."""
+        async with self._write_lock:
+            if broker_id not in self.state.brokers:
+                raise UnknownBroker(f"broker {broker_id} is not registered")
+            if (broker_id in self.state.draining) != draining:
+                await self._commit_locked([SetBrokerDraining(broker_id, draining)])
+                log.info("broker %s %s", broker_id, "draining" if draining else "undrained")
+        await self.reconcile()
+
     async def create_topic(
         self,
         name: str,
@@ -259,9 +295,9 @@ class Coordinator:
         async with self._write_lock:
             if name in self.state.topics:
                 raise TopicExists(f"topic {name!r} exists")
-            live = sorted(self.live_brokers())
+            live = sorted(self.live_brokers() - self.state.draining)
             if not live:
-                raise NoBrokersAvailable("no live broker to place partitions on")
+                raise NoBrokersAvailable("no live, undrained broker to place partitions on")
             if replication_factor is None:
                 replication_factor = min(self.config.default_replication_factor, len(live))
             load, leaders = self.state.replica_load()
@@ -307,6 +343,7 @@ class Coordinator:
     def partition_json(self, topic: str, index: int) -> dict[str, Any]:
         partition = self.state.partition(topic, index)
         leader = partition.leader_id
+        move = self.state.reassignments.get((topic, index))
         return {
             "partition": index,
             "leader_id": leader,
@@ -315,6 +352,8 @@ class Coordinator:
             "partition_epoch": partition.partition_epoch,
             "replicas": list(partition.replicas),
             "isr": list(partition.isr),
+            "adding_replicas": [] if move is None else list(move.adding),
+            "removing_replicas": [] if move is None else list(move.removing),
         }
 
     def brokers_json(self) -> list[dict[str, Any]]:
@@ -326,9 +365,30 @@ class Coordinator:
                 "alive": self.liveness.is_alive(broker_id),
                 "partitions": replicas.get(broker_id, 0),
                 "leaders": leaders.get(broker_id, 0),
+                "draining": broker_id in self.state.draining,
             }
             for broker_id, url in sorted(self.state.brokers.items())
         ]
+
+    def reassignments_json(self) -> dict[str, Any]:
+        moves = []
+        for (topic, index), move in sorted(self.state.reassignments.items()):
+            partition = self.state.partition(topic, index)
+            moves.append(
+                {
+                    "topic": topic,
+                    "partition": index,
+                    "from": list(move.original),
+                    "to": list(move.target),
+                    "adding": list(move.adding),
+                    "removing": list(move.removing),
+                    "replicas": list(partition.replicas),
+                    "isr": list(partition.isr),
+                    "leader_id": partition.leader_id,
+                    "step": _step_name(move.target, partition.isr, partition.leader_id),
+                }
+            )
+        return {"draining": sorted(self.state.draining), "reassignments": moves}
 
     def high_watermark(self, topic: str, partition: int) -> int | None:
         """The high watermark the partition's leader last reported, if any."""
@@ -369,6 +429,12 @@ class _ClusterCollector:
             "Partitions whose ISR is smaller than their replica set",
             sum(len(p.isr) < len(p.replicas) for p in partitions),
         )
+        yield _gauge(
+            "tide_reassignments_in_progress",
+            "Partition moves (rebalance, drain) in progress",
+            len(state.reassignments),
+        )
+        yield _gauge("tide_brokers_draining", "Brokers being drained", len(state.draining))
         members = GaugeMetricFamily(
             "tide_consumer_group_members", "Live members per consumer group", labels=["group"]
         )
@@ -389,6 +455,38 @@ class _ClusterCollector:
                 if high_watermark is not None:
                     lag.add_metric([group, topic, str(partition)], max(0, high_watermark - offset))
         return lag
+
+
+def _step_name(target: tuple[int, ...], isr: list[int], leader_id: int | None) -> str:
+    if any(broker not in isr for broker in target):
+        return "copying"
+    return "moving_leader" if leader_id not in target else "dropping"
+
+
+def _move_step(state: ClusterState, command: Command) -> str | None:
+    """A log line for a command that is a step of a partition move, else None."""
+    steps = (ReassignReplicas, ChangeIsr, ChangeLeader, CompleteReassignment, CancelReassignment)
+    if not isinstance(command, steps):
+        return None
+    key = (command.topic, command.partition)
+    move = state.reassignments.get(key)
+    where = f"move {key[0]}/{key[1]}"
+    if isinstance(command, ReassignReplicas):
+        old = state.partition(*key).replicas
+        added = [b for b in command.replicas if b not in old]
+        return f"{where}: start {old} -> {list(command.replicas)}, adding {added}"
+    if move is None:
+        return None
+    if isinstance(command, ChangeIsr):
+        return f"{where}: isr now {list(command.isr)} (waiting for {list(move.target)})"
+    if isinstance(command, ChangeLeader):
+        old_leader = state.partition(*key).leader_id
+        return f"{where}: leadership {old_leader} -> {command.leader_id}"
+    if isinstance(command, CompleteReassignment):
+        return f"{where}: done, dropped {list(move.removing)}, replicas {list(move.target)}"
+    if isinstance(command, CancelReassignment):
+        return f"{where}: cancelled, replicas back to {list(move.original)}"
+    return None
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -517,6 +615,29 @@ class _Handlers:
                 "GET", "/v1/brokers", self.list_brokers, "Brokers and their liveness", callers=ANY
             ),
             Endpoint("GET", "/v1/cluster", self.describe_cluster, "Cluster overview", callers=ANY),
+            Endpoint(
+                "POST",
+                "/v1/brokers/{broker_id}/drain",
+                self.drain_broker,
+                "Move every replica off a broker (scale-in)",
+                responses={"200": "OK", "400": "invalid_request", "404": "unknown_broker"},
+                callers=CLIENTS,
+            ),
+            Endpoint(
+                "POST",
+                "/v1/brokers/{broker_id}/undrain",
+                self.undrain_broker,
+                "Stop draining a broker; it takes a fair share again",
+                responses={"200": "OK", "404": "unknown_broker"},
+                callers=CLIENTS,
+            ),
+            Endpoint(
+                "GET",
+                "/v1/reassignments",
+                self.list_reassignments,
+                "Partition moves in progress and draining brokers",
+                callers=ANY,
+            ),
             Endpoint(
                 "POST",
                 "/v1/topics",
@@ -691,6 +812,21 @@ class _Handlers:
 
     async def list_brokers(self, _: web.Request) -> web.Response:
         return _json({"brokers": self.c.brokers_json()})
+
+    async def drain_broker(self, request: web.Request) -> web.Response:
+        return await self._set_draining(request, True)
+
+    async def undrain_broker(self, request: web.Request) -> web.Response:
+        return await self._set_draining(request, False)
+
+    async def _set_draining(self, request: web.Request, draining: bool) -> web.Response:
+        broker_id = check_int(request.match_info["broker_id"], "broker_id", 0, BROKER_ID_MAX)
+        await self.c.set_draining(broker_id, draining)
+        [broker] = [b for b in self.c.brokers_json() if b["id"] == broker_id]
+        return _json(broker)
+
+    async def list_reassignments(self, _: web.Request) -> web.Response:
+        return _json(self.c.reassignments_json())
 
     async def describe_cluster(self, _: web.Request) -> web.Response:
         return _json(

@@ -23,6 +23,12 @@ Must always hold:
   broker to delete that topic's data.
 * an offline partition (leader None) keeps its last ISR, so only a replica that was in
   sync may lead it again (no unclean election).
+* a partition being moved (a :class:`Reassignment`, core/rebalance.py plans them) holds
+  original + adding replicas; it shrinks to its target only when every target replica
+  is in the ISR and the leader is one of them, or back to its original (cancel) only
+  while the leader is an original replica: a move never drops the last in-sync copy.
+* draining brokers receive no new replica; at least max(replication factor) brokers
+  stay undrained.
 
 Soft state that is *not* persisted lives in :class:`Liveness`: broker sessions and
 what brokers report about their partitions. It is rebuilt from heartbeats after a
@@ -43,6 +49,7 @@ from tidemq.errors import (
     NotLeader,
     StalePartitionEpoch,
     TopicExists,
+    UnknownBroker,
     UnknownPartition,
     UnknownTopic,
 )
@@ -118,6 +125,40 @@ class AlterIsr:
 
 
 @dataclass(frozen=True)
+class SetBrokerDraining:
+    """Marks a broker as draining (scale-in: move everything off it) or not."""
+
+    broker_id: int
+    draining: bool
+
+
+@dataclass(frozen=True)
+class ReassignReplicas:
+    """Starts moving a partition to ``replicas`` (its target, as many as now): the
+    missing ones are added (replicas = original + adding); leader and ISR unchanged."""
+
+    topic: str
+    partition: int
+    replicas: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CompleteReassignment:
+    """Drops the replicas a move removes: replicas = target, ISR = ISR & target."""
+
+    topic: str
+    partition: int
+
+
+@dataclass(frozen=True)
+class CancelReassignment:
+    """Abandons a move: replicas = original, ISR = ISR & original."""
+
+    topic: str
+    partition: int
+
+
+@dataclass(frozen=True)
 class CommitOffsets:
     group: str
     offsets: tuple[tuple[str, int, int], ...]  # (topic, partition, next offset)
@@ -138,6 +179,10 @@ Command = (
     | AlterIsr
     | CommitOffsets
     | AllocateProducerId
+    | SetBrokerDraining
+    | ReassignReplicas
+    | CompleteReassignment
+    | CancelReassignment
 )
 _COMMAND_TYPES: dict[str, type[Any]] = {
     cls.__name__: cls
@@ -151,6 +196,10 @@ _COMMAND_TYPES: dict[str, type[Any]] = {
         AlterIsr,
         CommitOffsets,
         AllocateProducerId,
+        SetBrokerDraining,
+        ReassignReplicas,
+        CompleteReassignment,
+        CancelReassignment,
     )
 }
 
@@ -191,6 +240,26 @@ class PartitionState:
     partition_epoch: int = 0
 
 
+@dataclass(frozen=True)
+class Reassignment:
+    """A partition move in progress: from ``original`` to ``target`` replicas."""
+
+    original: tuple[int, ...]
+    target: tuple[int, ...]
+
+    @property
+    def adding(self) -> tuple[int, ...]:
+        return tuple(b for b in self.target if b not in self.original)
+
+    @property
+    def removing(self) -> tuple[int, ...]:
+        return tuple(b for b in self.original if b not in self.target)
+
+
+def min_insync_replicas(topic: TopicState) -> int:
+    return topic.min_insync_replicas
+
+
 @dataclass
 class TopicState:
     name: str
@@ -208,6 +277,8 @@ class ClusterState:
     offsets: dict[str, dict[TopicPartition, int]] = field(default_factory=dict)
     next_producer_id: int = 0
     deleted_topic_ids: list[str] = field(default_factory=list)
+    draining: set[int] = field(default_factory=set)
+    reassignments: dict[TopicPartition, Reassignment] = field(default_factory=dict)
 
     # -- reading --
 
@@ -263,6 +334,11 @@ class ClusterState:
             ],
             "next_producer_id": self.next_producer_id,
             "deleted_topic_ids": list(self.deleted_topic_ids),
+            "draining": sorted(self.draining),
+            "reassignments": [
+                {"topic": t, "partition": p, "original": list(m.original), "target": list(m.target)}
+                for (t, p), m in sorted(self.reassignments.items())
+            ],
         }
 
     @classmethod
@@ -277,6 +353,12 @@ class ClusterState:
             group = state.offsets.setdefault(row["group"], {})
             group[(row["topic"], int(row["partition"]))] = int(row["offset"])
         state.deleted_topic_ids = [str(i) for i in data.get("deleted_topic_ids", [])]
+        state.draining = {int(b) for b in data.get("draining", [])}
+        for row in data.get("reassignments", []):
+            key = (str(row["topic"]), int(row["partition"]))
+            state.reassignments[key] = Reassignment(
+                tuple(int(b) for b in row["original"]), tuple(int(b) for b in row["target"])
+            )
         return state
 
 
@@ -378,6 +460,80 @@ def _check_alter_isr(state: ClusterState, command: AlterIsr) -> None:
     _check_isr(partition, partition.leader_id, command.isr)
 
 
+def _check_draining(state: ClusterState, command: SetBrokerDraining) -> None:
+    if command.broker_id not in state.brokers:
+        raise UnknownBroker(f"broker {command.broker_id} is not registered")
+    if not command.draining:
+        return
+    staying = set(state.brokers) - state.draining - {command.broker_id}
+    needed = max((t.replication_factor for t in state.topics.values()), default=1)
+    if len(staying) < needed:
+        raise InvalidRequest(
+            f"draining broker {command.broker_id} would leave {len(staying)} brokers "
+            f"for a replication factor of {needed}"
+        )
+
+
+def _check_reassign(state: ClusterState, command: ReassignReplicas) -> None:
+    partition = state.partition(command.topic, command.partition)
+    if (command.topic, command.partition) in state.reassignments:
+        raise InvalidRequest(f"{command.topic}/{command.partition} is already being moved")
+    target = command.replicas
+    if len(set(target)) != len(target) or len(target) != len(partition.replicas):
+        raise InvalidRequest(
+            f"target {list(target)} must be {len(partition.replicas)} distinct brokers"
+        )
+    if set(target) == set(partition.replicas):
+        raise InvalidRequest(f"{command.topic}/{command.partition} is already on {list(target)}")
+    for broker in target:
+        if broker not in state.brokers:
+            raise InvalidRequest(f"target {list(target)} names an unregistered broker")
+        if broker in state.draining and broker not in partition.replicas:
+            raise InvalidRequest(f"broker {broker} is draining: no new replica goes there")
+    if partition.leader_id is None:
+        raise InvalidRequest(f"{command.topic}/{command.partition} is offline: not moved")
+
+
+def _moving(state: ClusterState, topic: str, index: int) -> Reassignment:
+    state.partition(topic, index)
+    move = state.reassignments.get((topic, index))
+    if move is None:
+        raise InvalidRequest(f"{topic}/{index} is not being moved")
+    return move
+
+
+def _check_shrink(state: ClusterState, topic: str, index: int, keep: tuple[int, ...]) -> None:
+    """Dropping every replica outside ``keep`` must keep the leader and an ISR that is
+    not empty and, where it shrinks, not below min_insync_replicas."""
+    partition = state.partition(topic, index)
+    if partition.leader_id is None or partition.leader_id not in keep:
+        raise InvalidRequest(
+            f"{topic}/{index}: leader {partition.leader_id} would not be among {list(keep)}"
+        )
+    kept_isr = [b for b in partition.isr if b in keep]
+    floor = min(min_insync_replicas(state.topic(topic)), len(partition.isr))
+    if not kept_isr or len(kept_isr) < floor:
+        raise InvalidRequest(
+            f"{topic}/{index}: dropping to {list(keep)} would leave isr {kept_isr}"
+        )
+
+
+def _check_complete(state: ClusterState, command: CompleteReassignment) -> None:
+    move = _moving(state, command.topic, command.partition)
+    isr = state.partition(command.topic, command.partition).isr
+    lagging = [b for b in move.target if b not in isr]
+    if lagging:
+        raise InvalidRequest(
+            f"{command.topic}/{command.partition}: target replicas {lagging} are not in sync"
+        )
+    _check_shrink(state, command.topic, command.partition, move.target)
+
+
+def _check_cancel(state: ClusterState, command: CancelReassignment) -> None:
+    move = _moving(state, command.topic, command.partition)
+    _check_shrink(state, command.topic, command.partition, move.original)
+
+
 def _check_commit(state: ClusterState, command: CommitOffsets) -> None:
     for topic, partition, offset in command.offsets:
         state.partition(topic, partition)
@@ -393,6 +549,10 @@ _CHECKS: dict[type[Any], Any] = {
     ChangeIsr: _check_change_isr,
     AlterIsr: _check_alter_isr,
     CommitOffsets: _check_commit,
+    SetBrokerDraining: _check_draining,
+    ReassignReplicas: _check_reassign,
+    CompleteReassignment: _check_complete,
+    CancelReassignment: _check_cancel,
 }
 
 
@@ -438,6 +598,8 @@ def _apply_delete(state: ClusterState, command: DeleteTopic) -> None:
             del committed[key]
     for group in [group for group, committed in state.offsets.items() if not committed]:
         del state.offsets[group]
+    for key in [key for key in state.reassignments if key[0] == command.name]:
+        del state.reassignments[key]
 
 
 def _apply_change_leader(state: ClusterState, command: ChangeLeader) -> int:
@@ -460,6 +622,40 @@ def _apply_alter_isr(state: ClusterState, command: AlterIsr) -> PartitionState:
     partition.isr = list(command.isr)
     partition.partition_epoch += 1
     return partition
+
+
+def _apply_draining(state: ClusterState, command: SetBrokerDraining) -> None:
+    if command.draining:
+        state.draining.add(command.broker_id)
+    else:
+        state.draining.discard(command.broker_id)
+
+
+def _apply_reassign(state: ClusterState, command: ReassignReplicas) -> None:
+    partition = state.partition(command.topic, command.partition)
+    original = tuple(partition.replicas)
+    partition.replicas = [*original, *(b for b in command.replicas if b not in original)]
+    partition.partition_epoch += 1
+    move = Reassignment(original, command.replicas)
+    state.reassignments[(command.topic, command.partition)] = move
+
+
+def _shrink_to(state: ClusterState, topic: str, index: int, keep: tuple[int, ...]) -> None:
+    partition = state.partition(topic, index)
+    partition.isr = [b for b in keep if b in partition.isr]
+    partition.replicas = list(keep)
+    partition.partition_epoch += 1
+    del state.reassignments[(topic, index)]
+
+
+def _apply_complete(state: ClusterState, command: CompleteReassignment) -> None:
+    move = state.reassignments[(command.topic, command.partition)]
+    _shrink_to(state, command.topic, command.partition, move.target)
+
+
+def _apply_cancel(state: ClusterState, command: CancelReassignment) -> None:
+    move = state.reassignments[(command.topic, command.partition)]
+    _shrink_to(state, command.topic, command.partition, move.original)
 
 
 def _apply_commit(state: ClusterState, command: CommitOffsets) -> int:
@@ -485,6 +681,10 @@ _APPLIES: dict[type[Any], Any] = {
     AlterIsr: _apply_alter_isr,
     CommitOffsets: _apply_commit,
     AllocateProducerId: _apply_allocate,
+    SetBrokerDraining: _apply_draining,
+    ReassignReplicas: _apply_reassign,
+    CompleteReassignment: _apply_complete,
+    CancelReassignment: _apply_cancel,
 }
 
 
