@@ -76,7 +76,15 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+PRODUCER_ACTIVE_WINDOW_MS = 60_000
+PRODUCERS_TRACKED_MAX = 100_000
+
+
 class BrokerMetrics:
+    """The broker's Prometheus metrics (docs/OPERATIONS.md, "Metrics"): traffic per
+    topic, partitions by role, log size and segments per partition, fsync latency,
+    disk space, and the idempotent producers seen in the last minute."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.messages_in = Counter(
             "tide_messages_in_total", "Records appended as leader", ["topic"], registry=registry
@@ -102,9 +110,20 @@ class BrokerMetrics:
             ["role"],
             registry=registry,
         )
+        self.under_replicated = Gauge(
+            "tide_broker_under_replicated_partitions",
+            "Partitions led here whose ISR is smaller than their replica set",
+            registry=registry,
+        )
         self.log_size = Gauge(
             "tide_log_size_bytes",
             "Bytes stored per partition replica",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.log_segments = Gauge(
+            "tide_log_segments",
+            "Segment files per partition replica",
             ["topic", "partition"],
             registry=registry,
         )
@@ -114,6 +133,52 @@ class BrokerMetrics:
             ["topic", "partition"],
             registry=registry,
         )
+        self.disk_free = Gauge(
+            "tide_disk_free_bytes",
+            "Free bytes on the file system of the broker's data directory",
+            registry=registry,
+        )
+        self.disk_size = Gauge(
+            "tide_disk_size_bytes",
+            "Size of the file system of the broker's data directory",
+            registry=registry,
+        )
+        self.producers_active = Gauge(
+            "tide_producers_active",
+            "Idempotent producer ids that produced here in the last minute",
+            registry=registry,
+        )
+        self._producers_seen_ms: dict[int, int] = {}
+
+    def producer_seen(self, producer_id: int, now_ms: int) -> None:
+        if producer_id < 0:
+            return
+        seen = self._producers_seen_ms
+        if producer_id in seen or len(seen) < PRODUCERS_TRACKED_MAX:
+            seen[producer_id] = now_ms
+
+    def update_producers(self, now_ms: int) -> None:
+        """Forgets producers idle for a minute; sets the gauge."""
+        cutoff = now_ms - PRODUCER_ACTIVE_WINDOW_MS
+        seen = self._producers_seen_ms
+        for producer_id in [p for p, at in seen.items() if at < cutoff]:
+            del seen[producer_id]
+        self.producers_active.set(len(seen))
+
+    def update_disk(self, data_dir: Path) -> None:
+        try:
+            usage = shutil.disk_usage(data_dir)
+        except OSError:
+            return
+        self.disk_free.set(usage.free)
+        self.disk_size.set(usage.total)
+
+    def forget_partition(self, topic: str, partition: int) -> None:
+        for gauge in (self.log_size, self.log_segments, self.high_watermark):
+            try:
+                gauge.remove(topic, str(partition))
+            except KeyError:
+                pass
 
 
 class Broker:
@@ -172,9 +237,12 @@ class Broker:
     ) -> dict[str, int]:
         replica = self.leader_for(topic, partition, epoch)
         headers = check_batches(body)
-        first, last = replica.append(body, _now_ms())
+        now_ms = _now_ms()
+        first, last = replica.append(body, now_ms)
         self.syncer.mark_dirty(replica)
         self.metrics.messages_in.labels(topic).inc(sum(h.record_count for h in headers))
+        for header in headers:
+            self.metrics.producer_seen(header.producer_id, now_ms)
         self.metrics.bytes_in.labels(topic).inc(len(body))
         if acks != "0":
             await replica.wait_for_high_watermark(last + 1, PRODUCE_TIMEOUT_S)
@@ -329,7 +397,7 @@ class Broker:
                 )
                 self.replicas[key] = replica
             replica.apply_assignment(assignment, self.config.broker_id)
-        self._update_partition_gauges()
+        self._update_partition_gauges(wanted)
 
     def _drop_unwanted(self, wanted: dict[tuple[str, int], Assignment]) -> None:
         for key in [k for k in self.replicas if k not in wanted]:
@@ -340,11 +408,7 @@ class Broker:
             else:
                 log.info("no longer a replica of %s/%s: closing it", key[0], key[1])
                 replica.close()
-            for gauge in (self.metrics.log_size, self.metrics.high_watermark):
-                try:
-                    gauge.remove(key[0], str(key[1]))
-                except KeyError:
-                    pass
+            self.metrics.forget_partition(key[0], key[1])
 
     def _remove_deleted_topic_directories(self) -> None:
         """Partition directories of topics the coordinator no longer has."""
@@ -357,19 +421,30 @@ class Broker:
             if parsed[0] not in self.topic_partitions:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def _update_partition_gauges(self) -> None:
+    def _update_partition_gauges(self, wanted: dict[tuple[str, int], Assignment]) -> None:
         leaders = sum(1 for r in self.replicas.values() if r.is_leader)
         self.metrics.partitions.labels("leader").set(leaders)
         self.metrics.partitions.labels("follower").set(len(self.replicas) - leaders)
+        self.metrics.under_replicated.set(
+            sum(
+                1
+                for assignment in wanted.values()
+                if assignment.leader_id == self.config.broker_id
+                and len(assignment.isr) < len(assignment.replicas)
+            )
+        )
 
     async def maintenance_loop(self) -> None:
         """Retention and metrics, once a second or so."""
         while True:
             await asyncio.sleep(1.0)
             now_ms = _now_ms()
+            self.metrics.update_producers(now_ms)
+            self.metrics.update_disk(self.config.data_dir)
             for (topic, number), replica in list(self.replicas.items()):
                 replica.log.apply_retention(now_ms)
                 self.metrics.log_size.labels(topic, str(number)).set(replica.log.size_bytes)
+                self.metrics.log_segments.labels(topic, str(number)).set(replica.log.segment_count)
                 if replica.is_leader:
                     self.metrics.high_watermark.labels(topic, str(number)).set(
                         replica.high_watermark

@@ -20,20 +20,19 @@ import logging
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry
 
+from tidemq.coordinator.metrics import ClusterCollector, CoordinatorMetrics
 from tidemq.coordinator.store import CommandStore
 from tidemq.core.groups import ConsumerGroup
 from tidemq.core.metadata import (
     AllocateProducerId,
-    ChangeLeader,
     ClusterState,
     Command,
     CommitOffsets,
@@ -124,12 +123,9 @@ class Coordinator:
         self.ready = False
         self._write_lock = asyncio.Lock()
         self.registry = CollectorRegistry()
-        self.leader_elections = Counter(
-            "tide_leader_elections_total",
-            "Leader changes decided by the coordinator",
-            registry=self.registry,
-        )
-        self.registry.register(_ClusterCollector(self))
+        self.metrics = CoordinatorMetrics(self.registry)
+        self.collector = ClusterCollector(self, clock_ms)
+        self.registry.register(self.collector)
 
     # -- lifecycle --
 
@@ -160,9 +156,12 @@ class Coordinator:
                 "broker %s missed its session of %s ms", broker_id, self.config.session_timeout_ms
             )
         await self.reconcile()
+        self.collector.sample_high_watermarks()
         for name in list(self.groups):
+            epoch_before = self.groups[name].group_epoch
             for member_id in self.groups[name].expire(now_ms):
                 log.info("group %s: member %s session expired", name, member_id)
+            self.metrics.group_changed(name, epoch_before, self.groups[name].group_epoch)
             if not self.groups[name].members:
                 del self.groups[name]
 
@@ -184,8 +183,10 @@ class Coordinator:
         for command in commands:
             self.state.check(command)
         seq = await self.store.append(commands)
-        results = [self._apply_committed(command) for command in commands]
-        self.leader_elections.inc(sum(isinstance(c, ChangeLeader) for c in commands))
+        results = []
+        for command in commands:
+            self.metrics.before_apply(self.state, command)
+            results.append(self._apply_committed(command))
         if self.store.snapshot_due():
             await self.store.write_snapshot(self.state.to_snapshot(), seq)
         return results
@@ -273,58 +274,6 @@ class Coordinator:
 
     def endpoints(self) -> list[Endpoint]:
         return _Handlers(self).endpoints()
-
-
-class _ClusterCollector:
-    """Computes the coordinator's gauges from its state at scrape time."""
-
-    def __init__(self, coordinator: Coordinator) -> None:
-        self.coordinator = coordinator
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        coordinator = self.coordinator
-        state = coordinator.state
-        partitions = [p for topic in state.topics.values() for p in topic.partitions]
-        yield _gauge(
-            "tide_brokers_alive",
-            "Registered brokers with a live session",
-            len(coordinator.live_brokers()),
-        )
-        yield _gauge("tide_topics", "Topics", len(state.topics))
-        yield _gauge(
-            "tide_partitions_offline",
-            "Partitions without a leader",
-            sum(p.leader_id is None for p in partitions),
-        )
-        yield _gauge(
-            "tide_partitions_under_replicated",
-            "Partitions whose ISR is smaller than their replica set",
-            sum(len(p.isr) < len(p.replicas) for p in partitions),
-        )
-        members = GaugeMetricFamily(
-            "tide_consumer_group_members", "Live members per consumer group", labels=["group"]
-        )
-        for name, group in sorted(coordinator.groups.items()):
-            members.add_metric([name], len(group.members))
-        yield members
-        yield self._lag()
-
-    def _lag(self) -> GaugeMetricFamily:
-        lag = GaugeMetricFamily(
-            "tide_consumer_lag",
-            "Leader high watermark minus committed offset",
-            labels=["group", "topic", "partition"],
-        )
-        for group, committed in sorted(self.coordinator.state.offsets.items()):
-            for (topic, partition), offset in sorted(committed.items()):
-                high_watermark = self.coordinator.high_watermark(topic, partition)
-                if high_watermark is not None:
-                    lag.add_metric([group, topic, str(partition)], max(0, high_watermark - offset))
-        return lag
-
-
-def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, documentation, value=value)
 
 
 # --- request parsing (pure helpers) -------------------------------------------------
@@ -642,6 +591,7 @@ class _Handlers:
             GROUP_SESSION_TIMEOUT_MS_MAX,
         )
         group = self.c.groups.get(name) or ConsumerGroup(name)
+        epoch_before = group.group_epoch
         counts = {t: len(topic.partitions) for t, topic in self.c.state.topics.items()}
         result = group.heartbeat(
             member_id,
@@ -654,6 +604,7 @@ class _Handlers:
             session_timeout_ms,
         )
         self.c.groups.setdefault(name, group)
+        self.c.metrics.group_changed(name, epoch_before, group.group_epoch)
         interval_ms = max(1, min(self.c.config.heartbeat_interval_ms, session_timeout_ms // 3))
         return _json(
             {
@@ -670,7 +621,9 @@ class _Handlers:
         member_id = _member_id(_field(body, "member_id"))
         group = self.c.groups.get(name)
         if group is not None and member_id is not None:
+            epoch_before = group.group_epoch
             group.leave(member_id)
+            self.c.metrics.group_changed(name, epoch_before, group.group_epoch)
             if not group.members:
                 del self.c.groups[name]
         return _json({"left": True})
