@@ -24,7 +24,9 @@ def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
     completed = subprocess.run(
         [tool("promtool"), *args], capture_output=True, text=True, timeout=120, cwd=cwd
     )
-    assert completed.returncode == 0, f"promtool {' '.join(args)}:\n{completed.stdout}{completed.stderr}"
+    assert completed.returncode == 0, (
+        f"promtool {' '.join(args)}:\n{completed.stdout}{completed.stderr}"
+    )
     return completed
 
 
