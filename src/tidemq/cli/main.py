@@ -160,7 +160,8 @@ def _status_line(info: ClusterInfo) -> str:
     help="How long to wait after SIGTERM before SIGKILL.",
 )
 def down(data_dir: str, grace_s: float) -> None:
-    """Stop the local cluster (brokers first, then the coordinator). Keeps the data."""
+    """Stop the local cluster (its `tide monitor`, the brokers, then the coordinator).
+    Keeps the data."""
     try:
         cluster_ops.down(Path(data_dir), grace_s, say=say)
     except cluster_ops.ClusterError as error:
@@ -241,8 +242,9 @@ def _status_text(report: dict[str, Any]) -> str:
 def _register_subcommands() -> None:
     from tidemq.cli.bench import bench
     from tidemq.cli.client_commands import consume, groups, produce, topics
+    from tidemq.cli.ops_commands import certs, health, monitor
 
-    for command in (topics, produce, consume, groups, bench):
+    for command in (topics, produce, consume, groups, bench, monitor, certs, health):
         cli.add_command(command)
 
 
