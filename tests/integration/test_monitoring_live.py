@@ -185,7 +185,10 @@ def alert_selectors() -> list[tuple[str, str, str]]:
 def test_prometheus_scrapes_a_live_cluster_and_the_broker_down_alert_fires(
     cluster_factory: Callable[..., LocalCluster], tmp_path: Path
 ) -> None:
-    cluster = cluster_factory(brokers=3, session_timeout_ms=2000, default_partitions=3)
+    cluster = cluster_factory(
+        brokers=3, session_timeout_ms=2000, default_partitions=3, log_format="json"
+    )
+    assert cluster.info["coordinator"]["argv"][-2:] == ["--log-format", "json"]
     started = subprocess.run(
         [
             sys.executable, "-m", "tidemq", "monitor",
@@ -214,6 +217,7 @@ def test_prometheus_scrapes_a_live_cluster_and_the_broker_down_alert_fires(
         cluster.kill_broker(2)
         firing = poll(lambda: broker_down_alerts(api), "TideBrokerDown to fire for broker 2")
         assert firing == [{"alertname": "TideBrokerDown", "broker": "2", "severity": "critical"}]
+        check_the_event_log(cluster.data_dir / "logs")
     finally:
         processes.stop([(entry.pid, entry.argv)], grace_s=5.0)
 
@@ -242,3 +246,51 @@ def broker_down_alerts(api: PrometheusApi) -> list[dict[str, str]]:
         for alert in alerts
         if alert["labels"]["alertname"] == "TideBrokerDown" and alert["state"] == "firing"
     ]
+
+
+def events(log_file: Path) -> list[dict[str, Any]]:
+    """The JSON event lines of a service log (other lines: process start banners)."""
+    out = []
+    for line in log_file.read_text().splitlines():
+        if line.startswith("{"):
+            body = json.loads(line)
+            if "event" in body:
+                out.append(body)
+    return out
+
+
+def check_the_event_log(logs: Path) -> None:
+    """JSON logs (tide up --log-format json) tell one partition's story across services."""
+    coordinator = events(logs / "coordinator.log")
+    registered = {e["broker_id"] for e in coordinator if e["event"] == "broker_registered"}
+    assert registered == {1, 2, 3}
+    assert any(e["event"] == "topic_created" and e["topic"] == "demo" for e in coordinator)
+    assert any(e["event"] == "group_rebalance" and e["group"] == "watchers" for e in coordinator)
+
+    def broker_2_dead() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in events(logs / "coordinator.log")
+            if e["event"] == "broker_declared_dead" and e["broker_id"] == 2
+        ]
+
+    poll(broker_2_dead, "the coordinator to log broker 2 dead")
+
+    def moved() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in events(logs / "coordinator.log")
+            if e["event"] in ("leader_elected", "partition_offline")
+            and e["previous_leader_id"] == 2
+        ]
+
+    [change, *_] = poll(moved, "a leadership change of a partition broker 2 led")
+    roles = [
+        e
+        for log in ("broker-1.log", "broker-2.log", "broker-3.log")
+        for e in events(logs / log)
+        if e["event"] == "replica_role_changed"
+        and (e["topic"], e["partition"]) == (change["topic"], change["partition"])
+    ]
+    assert any(e["role"] == "leader" and e["leader_id"] == 2 for e in roles), roles
+    assert all(e["service"].startswith("broker-") for e in roles)

@@ -11,6 +11,8 @@ import click
 from prometheus_client import CollectorRegistry
 
 from tidemq.broker.server import Broker, BrokerConfig, create_app
+from tidemq.logs import LOG_FORMATS
+from tidemq.logs import configure as configure_logging
 from tidemq.service.app import serve
 from tidemq.storage import FsyncPolicy, LogConfig
 from tidemq.tls import TlsFiles, client_context, server_context
@@ -69,6 +71,7 @@ async def run_broker(config: BrokerConfig, host: str, port: int, tls: TlsFiles |
 @click.option("--retention-bytes", type=int, default=-1, show_default=True)
 @click.option("--max-request-bytes", type=int, default=8 * 1024 * 1024, show_default=True)
 @click.option("--log-level", default="info", show_default=True)
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True)
 def command(
     broker_id: int,
     data_dir: Path,
@@ -88,12 +91,10 @@ def command(
     retention_bytes: int,
     max_request_bytes: int,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run a broker: stores, serves and (later) replicates partition logs."""
-    logging.basicConfig(
-        level=log_level.upper(),
-        format=f"%(asctime)s broker-{broker_id} %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(f"broker-{broker_id}", log_level, log_format)
     tls: TlsFiles | None = None
     if not plain_http:
         if not (cert_file and key_file):

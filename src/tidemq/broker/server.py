@@ -46,6 +46,7 @@ from tidemq.errors import (
     UnknownTopic,
     error_for_code,
 )
+from tidemq.logs import event
 from tidemq.service.app import build_app
 from tidemq.service.http import Endpoint, check_int, query_int, read_json_object
 from tidemq.storage import LogConfig
@@ -323,7 +324,13 @@ class Broker:
             answer.get("heartbeat_interval_ms", self.heartbeat_interval_ms)
         )
         self.registered = True
-        log.info("registered with the coordinator as broker %s", self.config.broker_id)
+        event(
+            log,
+            "broker_registered",
+            f"registered with the coordinator as broker {self.config.broker_id}",
+            broker_id=self.config.broker_id,
+            url=self.config.advertised_url,
+        )
 
     async def heartbeat(self) -> None:
         # Only led partitions are reported: a follower that does not replicate yet
@@ -396,14 +403,24 @@ class Broker:
                     self.config.data_dir, key[0], key[1], self.config.log_config, now_ms
                 )
                 self.replicas[key] = replica
+                _log_recovery(replica)
+            before = (replica.is_leader, replica.leader_epoch)
             replica.apply_assignment(assignment, self.config.broker_id)
+            if (replica.is_leader, replica.leader_epoch) != before:
+                _log_role(replica, assignment)
         self._update_partition_gauges(wanted)
 
     def _drop_unwanted(self, wanted: dict[tuple[str, int], Assignment]) -> None:
         for key in [k for k in self.replicas if k not in wanted]:
             replica = self.replicas.pop(key)
             if key[0] not in self.topic_partitions:
-                log.info("topic %s deleted: removing %s/%s", key[0], key[0], key[1])
+                event(
+                    log,
+                    "replica_deleted",
+                    f"topic {key[0]} deleted: removing {key[0]}/{key[1]}",
+                    topic=key[0],
+                    partition=key[1],
+                )
                 replica.delete()
             else:
                 log.info("no longer a replica of %s/%s: closing it", key[0], key[1])
@@ -457,6 +474,37 @@ class Broker:
         self.replicas.clear()
         if self._session is not None:
             await self._session.close()
+
+
+def _log_recovery(replica: PartitionReplica) -> None:
+    truncated = replica.log.recovered_truncated_bytes
+    if truncated > 0:
+        event(
+            log,
+            "log_truncated",
+            f"{replica.topic}/{replica.partition}: recovery cut {truncated} bytes of torn tail",
+            logging.WARNING,
+            topic=replica.topic,
+            partition=replica.partition,
+            reason="recovery",
+            truncated_bytes=truncated,
+            log_end_offset=replica.log.log_end_offset,
+        )
+
+
+def _log_role(replica: PartitionReplica, assignment: Assignment) -> None:
+    role = "leader" if replica.is_leader else "follower"
+    event(
+        log,
+        "replica_role_changed",
+        f"{replica.topic}/{replica.partition}: {role} at leader epoch {replica.leader_epoch}",
+        topic=replica.topic,
+        partition=replica.partition,
+        role=role,
+        leader_id=assignment.leader_id,
+        leader_epoch=replica.leader_epoch,
+        isr=assignment.isr,
+    )
 
 
 # ---- HTTP handlers -------------------------------------------------------------------

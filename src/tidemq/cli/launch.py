@@ -67,6 +67,7 @@ class ServiceOptions:
     session_timeout_ms: int | None = None
     default_partitions: int | None = None
     default_replication_factor: int | None = None
+    log_format: str | None = None
     extra_broker_args: tuple[str, ...] = field(default=())
 
 
@@ -125,6 +126,7 @@ def coordinator_argv(
         *_optional("--session-timeout-ms", options.session_timeout_ms),
         *_optional("--default-partitions", options.default_partitions),
         *_optional("--default-replication-factor", replication_factor),
+        *_optional("--log-format", options.log_format),
     ]  # fmt: skip
 
 
@@ -153,6 +155,7 @@ def broker_argv(
         *_optional("--retention-ms", options.retention_ms),
         *_optional("--retention-bytes", options.retention_bytes),
         *_optional("--max-request-bytes", options.max_request_bytes),
+        *_optional("--log-format", options.log_format),
         *options.extra_broker_args,
     ]  # fmt: skip
 

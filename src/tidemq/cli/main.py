@@ -115,6 +115,12 @@ def data_dir_option(default: str | None = DEFAULT_DATA_DIR) -> Callable[[_F], _F
 @click.option("--retention-ms", type=click.IntRange(min=-1), default=None)
 @click.option("--retention-bytes", type=click.IntRange(min=-1), default=None)
 @click.option("--max-request-bytes", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="Services' log lines (service default: text).",
+)
 def up(
     brokers: int,
     data_dir: str,

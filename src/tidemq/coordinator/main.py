@@ -19,6 +19,8 @@ import click
 
 from tidemq.coordinator.server import Coordinator, CoordinatorConfig
 from tidemq.coordinator.store import CommandStore
+from tidemq.logs import LOG_FORMATS
+from tidemq.logs import configure as configure_logging
 from tidemq.service.app import serve
 from tidemq.tls import TlsFiles, server_context
 
@@ -61,6 +63,7 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
 @click.option("--default-partitions", type=int, default=12, show_default=True)
 @click.option("--default-replication-factor", type=int, default=2, show_default=True)
 @click.option("--log-level", default="info", show_default=True)
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True)
 def command(
     data_dir: Path,
     host: str,
@@ -75,6 +78,7 @@ def command(
     default_partitions: int,
     default_replication_factor: int,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run the coordinator: cluster metadata, failover, consumer groups."""
     if not plain_http and not (cert_file and key_file):
@@ -85,9 +89,7 @@ def command(
         default_partitions=default_partitions,
         default_replication_factor=default_replication_factor,
     )
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging("coordinator", log_level, log_format)
     config = CoordinatorConfig(
         data_dir=data_dir,
         port=port,

@@ -11,6 +11,7 @@ counters, label sets bounded by brokers, topics, partitions and groups.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,9 @@ from prometheus_client.core import GaugeMetricFamily
 
 from tidemq.core.lag import HighWatermarkTimeline
 from tidemq.core.metadata import ChangeIsr, ChangeLeader, ClusterState, Command
+from tidemq.logs import event
+
+log = logging.getLogger("tidemq.coordinator.events")
 
 if TYPE_CHECKING:
     from tidemq.coordinator.server import Coordinator
@@ -73,8 +77,16 @@ class CoordinatorMetrics:
                 self.isr_expands.inc()
 
     def group_changed(self, group: str, epoch_before: int, epoch_after: int) -> None:
+        """Counts (and logs) a rebalance: the group's epoch moved."""
         if epoch_after != epoch_before:
             self.rebalances.labels(group).inc()
+            event(
+                log,
+                "group_rebalance",
+                f"group {group} rebalances (group epoch {epoch_after})",
+                group=group,
+                group_epoch=epoch_after,
+            )
 
 
 class ClusterCollector:

@@ -28,6 +28,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from tidemq.coordinator.events import log_committed
 from tidemq.coordinator.metrics import ClusterCollector, CoordinatorMetrics
 from tidemq.coordinator.store import CommandStore
 from tidemq.core.groups import ConsumerGroup
@@ -56,6 +57,7 @@ from tidemq.errors import (
     UnknownBroker,
     UnknownGroup,
 )
+from tidemq.logs import event
 from tidemq.service.app import build_app
 from tidemq.service.http import Endpoint, check_int, check_name, read_json_object
 from tidemq.tls import TlsFiles
@@ -152,8 +154,12 @@ class Coordinator:
         """Expires broker sessions and group members; repairs leaders and ISRs."""
         now_ms = self.clock_ms()
         for broker_id in self.liveness.expire(now_ms):
-            log.warning(
-                "broker %s missed its session of %s ms", broker_id, self.config.session_timeout_ms
+            event(
+                log,
+                "broker_declared_dead",
+                f"broker {broker_id} missed its session of {self.config.session_timeout_ms} ms",
+                logging.WARNING,
+                broker_id=broker_id,
             )
         await self.reconcile()
         self.collector.sample_high_watermarks()
@@ -186,6 +192,7 @@ class Coordinator:
         results = []
         for command in commands:
             self.metrics.before_apply(self.state, command)
+            log_committed(self.state, command)
             results.append(self._apply_committed(command))
         if self.store.snapshot_due():
             await self.store.write_snapshot(self.state.to_snapshot(), seq)
@@ -485,7 +492,7 @@ class _Handlers:
         entries = _list(body.get("partitions", []), "partitions", 1_000_000)
         reports = [_report(entry) for entry in entries]
         if self.c.liveness.heartbeat(broker_id, self.c.clock_ms(), reports):
-            log.info("broker %s is back", broker_id)
+            event(log, "broker_alive_again", f"broker {broker_id} is back", broker_id=broker_id)
             await self.c.reconcile()
         state = self.c.state
         assignments = [
