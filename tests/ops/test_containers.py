@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, tool
+from ops_helpers import ROOT, tool
 
 from tidemq.cli.launch import Layout, ServiceOptions, broker_argv, coordinator_argv
 from tidemq.tls import TlsFiles

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from conftest import ROOT, tool
+from ops_helpers import ROOT, tool
 
 CI_FILE = ROOT / ".gitlab-ci.yml"
 

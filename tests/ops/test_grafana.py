@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import tool
+from ops_helpers import tool
 
 from tidemq.monitoring import asset
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import fnmatch
 import tomllib
 
-from conftest import ROOT
+from ops_helpers import ROOT
 
 
 def test_every_monitoring_file_is_package_data() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, tool
+from ops_helpers import ROOT, tool
 
 from tidemq.monitoring import BROKER_JOB, COORDINATOR_JOB, asset, prometheus_config, rules_file
 from tidemq.tls import ensure_cluster_pki
