@@ -149,7 +149,7 @@ def start(
     _write_entry(data_dir, entry)
     deadline = time.monotonic() + timeout_s
     while not _ready(entry.url):
-        if not processes.is_running(pid, argv):
+        if processes.has_exited(pid):
             raise MonitorError(
                 f"prometheus (pid {pid}) exited while starting; last lines of {log_file}:\n"
                 + processes.log_tail(log_file)
