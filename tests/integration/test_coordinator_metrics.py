@@ -41,24 +41,44 @@ def test_isr_changes_elections_brokers_and_commands(tmp_path: Path) -> None:
             await register(api, 1, 2)
             body = {"name": "t", "partitions": 1, "replication_factor": 2}
             _, topic = await api.call("POST", "/v1/topics", body)
-            leader = topic["partitions"][0]["leader_id"]
+            partition = topic["partitions"][0]
+            leader = partition["leader_id"]
             follower = 3 - leader
             found = await samples(api)
-            assert value(found, "tide_isr_expands_total") == 0
-            assert value(found, "tide_partitions_under_replicated") == 1
+            assert value(found, "tide_partitions_under_replicated") == 0
             assert (
                 value(found, "tide_coordinator_commands_applied_total", command="CreateTopic") == 1
             )
             assert value(found, "tide_broker_leaders_assigned", broker=str(leader)) == 1
             assert value(found, "tide_broker_replicas_assigned", broker=str(follower)) == 1
 
-            async def expanded() -> bool:
-                for broker in (1, 2):
-                    beat = {"partitions": [report(0, 0)]}
-                    await api.call("POST", f"/v1/brokers/{broker}/heartbeat", beat)
-                return value(await samples(api), "tide_isr_expands_total") == 1
+            async def alter_isr(isr: list[int]) -> None:
+                _, now = await api.call("GET", "/v1/topics/t")
+                proposal = {
+                    "topic": "t",
+                    "partition": 0,
+                    "topic_id": topic["topic_id"],
+                    "leader_epoch": now["partitions"][0]["leader_epoch"],
+                    "partition_epoch": now["partitions"][0]["partition_epoch"],
+                    "isr": isr,
+                }
+                status, answer = await api.call("POST", f"/v1/brokers/{leader}/alter-isr", proposal)
+                assert status == 200, answer
 
-            await eventually(expanded, "an ISR expansion to be counted")
+            await alter_isr([leader])
+            found = await samples(api)
+            assert (
+                value(found, "tide_isr_shrinks_total"),
+                value(found, "tide_isr_expands_total"),
+            ) == (1, 0)
+            assert value(found, "tide_partitions_under_replicated") == 1
+            await alter_isr(sorted([leader, follower]))
+            found = await samples(api)
+            assert (
+                value(found, "tide_isr_shrinks_total"),
+                value(found, "tide_isr_expands_total"),
+            ) == (1, 1)
+            assert value(found, "tide_coordinator_commands_applied_total", command="AlterIsr") == 2
 
             async def elected() -> bool:
                 await api.call("POST", f"/v1/brokers/{follower}/heartbeat", {"partitions": []})
@@ -66,7 +86,7 @@ def test_isr_changes_elections_brokers_and_commands(tmp_path: Path) -> None:
 
             await eventually(elected, "the leader's death to elect the follower")
             found = await samples(api)
-            assert value(found, "tide_isr_shrinks_total") == 1
+            assert value(found, "tide_isr_shrinks_total") == 2  # the dead leader left the ISR
             assert value(found, "tide_broker_up", broker=str(leader)) == 0
             assert value(found, "tide_broker_up", broker=str(follower)) == 1
             assert value(found, "tide_brokers_alive") == 1

@@ -40,6 +40,7 @@ METRICS = [
     "tide_bytes_in_total",
     "tide_messages_out_total",
     "tide_bytes_out_total",
+    "tide_replication_bytes_in_total",
     "tide_broker_partitions",
     "tide_broker_under_replicated_partitions",
     "tide_log_size_bytes",

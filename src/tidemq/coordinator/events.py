@@ -4,8 +4,9 @@
 applied, while ``state`` still holds what the command replaces, so a line can say
 both the old and the new leader, epoch and ISR. Events: ``broker_registered``,
 ``topic_created``, ``topic_deleted``, ``leader_elected``, ``partition_offline``,
-``isr_changed``. The shell logs ``broker_declared_dead``, ``broker_alive_again`` and
-``group_rebalance`` where it sees them.
+``isr_changed`` (failover's ChangeIsr or a leader's AlterIsr). The shell logs
+``broker_declared_dead``, ``broker_alive_again`` and ``group_rebalance`` where it
+sees them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 
 from tidemq.core.metadata import (
+    AlterIsr,
     ChangeIsr,
     ChangeLeader,
     ClusterState,
@@ -46,27 +48,32 @@ def log_committed(state: ClusterState, command: Command) -> None:
         )
     elif isinstance(command, DeleteTopic):
         event(log, "topic_deleted", f"topic {command.name} deleted", topic=command.name)
-    elif isinstance(command, ChangeLeader | ChangeIsr):
+    elif isinstance(command, ChangeLeader | ChangeIsr | AlterIsr):
         _log_partition_change(state, command)
 
 
-def _log_partition_change(state: ClusterState, command: ChangeLeader | ChangeIsr) -> None:
+def _log_partition_change(
+    state: ClusterState, command: ChangeLeader | ChangeIsr | AlterIsr
+) -> None:
     topic = state.topics.get(command.topic)
     if topic is None or not 0 <= command.partition < len(topic.partitions):
         return
     before = topic.partitions[command.partition]
     where = f"{command.topic}/{command.partition}"
-    if isinstance(command, ChangeIsr):
+    if isinstance(command, ChangeIsr | AlterIsr):
+        proposed_by = "leader" if isinstance(command, AlterIsr) else "failover"
         event(
             log,
             "isr_changed",
-            f"{where}: ISR {before.isr} -> {list(command.isr)}",
+            f"{where}: ISR {before.isr} -> {list(command.isr)} ({proposed_by})",
             topic=command.topic,
             partition=command.partition,
             leader_id=before.leader_id,
             leader_epoch=before.leader_epoch,
+            partition_epoch=before.partition_epoch + 1,
             isr_before=before.isr,
             isr=command.isr,
+            proposed_by=proposed_by,
         )
         return
     name, what = (
@@ -84,6 +91,7 @@ def _log_partition_change(state: ClusterState, command: ChangeLeader | ChangeIsr
         leader_id=command.leader_id,
         previous_leader_id=before.leader_id,
         leader_epoch=before.leader_epoch + 1,
+        partition_epoch=before.partition_epoch + 1,
         isr_before=before.isr,
         isr=command.isr,
     )

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 
 from tidemq.core.lag import HighWatermarkTimeline
-from tidemq.core.metadata import ChangeIsr, ChangeLeader, ClusterState, Command
+from tidemq.core.metadata import AlterIsr, ChangeIsr, ChangeLeader, ClusterState, Command
 from tidemq.logs import event
 
 log = logging.getLogger("tidemq.coordinator.events")
@@ -43,12 +43,12 @@ class CoordinatorMetrics:
         )
         self.isr_shrinks = Counter(
             "tide_isr_shrinks_total",
-            "Committed ISR changes that removed at least one replica",
+            "Committed ISR changes (failover or a leader's AlterIsr) that removed a replica",
             registry=registry,
         )
         self.isr_expands = Counter(
             "tide_isr_expands_total",
-            "Committed ISR changes that added at least one replica",
+            "Committed ISR changes (a leader's AlterIsr) that added a replica",
             registry=registry,
         )
         self.rebalances = Counter(
@@ -65,7 +65,7 @@ class CoordinatorMetrics:
         self.commands_applied.labels(type(command).__name__).inc()
         if isinstance(command, ChangeLeader):
             self.leader_elections.inc()
-        if isinstance(command, ChangeIsr | ChangeLeader):
+        if isinstance(command, ChangeIsr | ChangeLeader | AlterIsr):
             topic = state.topics.get(command.topic)
             if topic is None or not 0 <= command.partition < len(topic.partitions):
                 return
