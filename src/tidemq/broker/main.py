@@ -10,6 +10,8 @@ import click
 from prometheus_client import CollectorRegistry
 
 from tidemq.broker.server import Broker, BrokerConfig, create_app
+from tidemq.logs import LOG_FORMATS
+from tidemq.logs import configure as configure_logging
 from tidemq.service.app import serve
 from tidemq.storage import FsyncPolicy, LogConfig
 from tidemq.tls import TlsFiles, client_context, server_context
@@ -71,6 +73,7 @@ async def run_broker(config: BrokerConfig, host: str, port: int, tls: TlsFiles |
     help="A follower that has not caught up for this long leaves the ISR.",
 )
 @click.option("--log-level", default="info", show_default=True)
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True)
 def command(
     broker_id: int,
     data_dir: Path,
@@ -91,12 +94,10 @@ def command(
     max_request_bytes: int,
     replica_lag_time_max_ms: int,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run a broker: stores, serves and replicates partition logs."""
-    logging.basicConfig(
-        level=log_level.upper(),
-        format=f"%(asctime)s broker-{broker_id} %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(f"broker-{broker_id}", log_level, log_format)
     tls: TlsFiles | None = None
     if not plain_http:
         if not (cert_file and key_file and ca_file):

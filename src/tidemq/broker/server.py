@@ -65,6 +65,7 @@ from tidemq.errors import (
     UnknownPartition,
     UnknownTopic,
 )
+from tidemq.logs import event
 from tidemq.service.app import build_app
 from tidemq.service.callers import ANY, CLIENTS, broker_self
 from tidemq.service.failstop import fail_stop
@@ -118,7 +119,15 @@ def parse_acks(raw: str) -> Acks:
     raise InvalidRequest("acks must be 0, 1 or all")
 
 
+PRODUCER_ACTIVE_WINDOW_MS = 60_000
+PRODUCERS_TRACKED_MAX = 100_000
+
+
 class BrokerMetrics:
+    """The broker's Prometheus metrics (docs/OPERATIONS.md, "Metrics"): traffic per
+    topic, partitions by role, log size and segments per partition, fsync latency,
+    disk space, and the idempotent producers seen in the last minute."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.messages_in = Counter(
             "tide_messages_in_total", "Records appended as leader", ["topic"], registry=registry
@@ -150,9 +159,20 @@ class BrokerMetrics:
             ["role"],
             registry=registry,
         )
+        self.under_replicated = Gauge(
+            "tide_broker_under_replicated_partitions",
+            "Partitions led here whose ISR is smaller than their replica set",
+            registry=registry,
+        )
         self.log_size = Gauge(
             "tide_log_size_bytes",
             "Bytes stored per partition replica",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.log_segments = Gauge(
+            "tide_log_segments",
+            "Segment files per partition replica",
             ["topic", "partition"],
             registry=registry,
         )
@@ -162,12 +182,58 @@ class BrokerMetrics:
             ["topic", "partition"],
             registry=registry,
         )
+        self.disk_free = Gauge(
+            "tide_disk_free_bytes",
+            "Free bytes on the file system of the broker's data directory",
+            registry=registry,
+        )
+        self.disk_size = Gauge(
+            "tide_disk_size_bytes",
+            "Size of the file system of the broker's data directory",
+            registry=registry,
+        )
+        self.producers_active = Gauge(
+            "tide_producers_active",
+            "Idempotent producer ids that produced here in the last minute",
+            registry=registry,
+        )
         self.isr_proposals = Counter(
             "tide_isr_proposals_total",
             "ISR changes proposed by leaders on this broker, by outcome",
             ["outcome"],
             registry=registry,
         )
+        self._producers_seen_ms: dict[int, int] = {}
+
+    def producer_seen(self, producer_id: int, now_ms: int) -> None:
+        if producer_id < 0:
+            return
+        seen = self._producers_seen_ms
+        if producer_id in seen or len(seen) < PRODUCERS_TRACKED_MAX:
+            seen[producer_id] = now_ms
+
+    def update_producers(self, now_ms: int) -> None:
+        """Forgets producers idle for a minute; sets the gauge."""
+        cutoff = now_ms - PRODUCER_ACTIVE_WINDOW_MS
+        seen = self._producers_seen_ms
+        for producer_id in [p for p, at in seen.items() if at < cutoff]:
+            del seen[producer_id]
+        self.producers_active.set(len(seen))
+
+    def update_disk(self, data_dir: Path) -> None:
+        try:
+            usage = shutil.disk_usage(data_dir)
+        except OSError:
+            return
+        self.disk_free.set(usage.free)
+        self.disk_size.set(usage.total)
+
+    def forget_partition(self, topic: str, partition: int) -> None:
+        for gauge in (self.log_size, self.log_segments, self.high_watermark):
+            try:
+                gauge.remove(topic, str(partition))
+            except KeyError:
+                pass
 
 
 class Broker:
@@ -235,9 +301,12 @@ class Broker:
     ) -> dict[str, int]:
         replica = self.leader_for(topic, partition, epoch)
         headers = check_batches(body)
-        first, last = replica.append(body, acks, _now_ms())
+        now_ms = _now_ms()
+        first, last = replica.append(body, acks, now_ms)
         self.syncer.mark_dirty(replica)
         self.metrics.messages_in.labels(topic).inc(sum(h.record_count for h in headers))
+        for header in headers:
+            self.metrics.producer_seen(header.producer_id, now_ms)
         self.metrics.bytes_in.labels(topic).inc(len(body))
         await replica.wait_ack(last + 1, acks, PRODUCE_TIMEOUT_S)
         return {
@@ -399,10 +468,13 @@ class Broker:
         self._adopt_cluster_id(answer.cluster_id)
         self.heartbeat_interval_ms = answer.heartbeat_interval_ms
         self.registered = True
-        log.info(
-            "registered with the coordinator as broker %s (cluster %s)",
-            self.config.broker_id,
-            self.cluster_id,
+        event(
+            log,
+            "broker_registered",
+            f"registered with the coordinator as broker {self.config.broker_id}",
+            broker_id=self.config.broker_id,
+            url=self.config.advertised_url,
+            cluster_id=self.cluster_id,
         )
 
     async def heartbeat(self) -> None:
@@ -478,9 +550,13 @@ class Broker:
                     _now_ms,
                 )
                 self.replicas[key] = replica
+                _log_recovery(replica)
+            before = (replica.is_leader, replica.leader_epoch)
             replica.assign(_replica_assignment(assignment))
             self._steer_follower(replica, assignment)
-        self._update_partition_gauges()
+            if (replica.is_leader, replica.leader_epoch) != before:
+                _log_role(replica, assignment)
+        self._update_partition_gauges(wanted)
 
     def _drop_unwanted(
         self, wanted: dict[Key, control.PartitionAssignment], deleted_ids: set[str]
@@ -495,16 +571,19 @@ class Broker:
         replica = self.replicas.pop(key)
         self._stop_follower(key)
         if delete:
-            log.info("removing %s/%s (topic id %s)", key[0], key[1], replica.topic_id)
+            event(
+                log,
+                "replica_deleted",
+                f"removing {key[0]}/{key[1]} (topic id {replica.topic_id})",
+                topic=key[0],
+                partition=key[1],
+                topic_id=replica.topic_id,
+            )
             replica.delete()
         else:
             log.info("no longer a replica of %s/%s: closing it, keeping its data", *key)
             replica.close()
-        for gauge in (self.metrics.log_size, self.metrics.high_watermark):
-            try:
-                gauge.remove(key[0], str(key[1]))
-            except KeyError:
-                pass
+        self.metrics.forget_partition(key[0], key[1])
 
     def _remove_deleted_topic_directories(self, deleted_ids: set[str]) -> None:
         """Replica directories whose topic id the coordinator says was deleted."""
@@ -519,10 +598,18 @@ class Broker:
                 log.info("removing %s: topic id %s was deleted", path.name, parsed[2])
                 shutil.rmtree(path, ignore_errors=True)
 
-    def _update_partition_gauges(self) -> None:
+    def _update_partition_gauges(self, wanted: dict[Key, control.PartitionAssignment]) -> None:
         leaders = sum(1 for r in self.replicas.values() if r.is_leader)
         self.metrics.partitions.labels("leader").set(leaders)
         self.metrics.partitions.labels("follower").set(len(self.replicas) - leaders)
+        self.metrics.under_replicated.set(
+            sum(
+                1
+                for assignment in wanted.values()
+                if assignment.leader_id == self.config.broker_id
+                and len(assignment.isr) < len(assignment.replicas)
+            )
+        )
 
     # ---- ISR proposals ------------------------------------------------------------
 
@@ -689,10 +776,13 @@ class Broker:
         while True:
             await asyncio.sleep(1.0)
             now_ms = _now_ms()
+            self.metrics.update_producers(now_ms)
+            self.metrics.update_disk(self.config.data_dir)
             for (topic, number), replica in list(self.replicas.items()):
                 replica.log.apply_retention(now_ms)
                 replica.checkpoint_high_watermark()
                 self.metrics.log_size.labels(topic, str(number)).set(replica.log.size_bytes)
+                self.metrics.log_segments.labels(topic, str(number)).set(replica.log.segment_count)
                 if replica.is_leader:
                     self.metrics.high_watermark.labels(topic, str(number)).set(
                         replica.high_watermark
@@ -729,6 +819,38 @@ def _replica_assignment(assignment: control.PartitionAssignment) -> ReplicaAssig
         replicas=tuple(assignment.replicas),
         isr=tuple(assignment.isr),
         min_insync_replicas=assignment.min_insync_replicas,
+    )
+
+
+def _log_recovery(replica: PartitionReplica) -> None:
+    truncated = replica.log.recovered_truncated_bytes
+    if truncated > 0:
+        event(
+            log,
+            "log_truncated",
+            f"{replica.topic}/{replica.partition}: recovery cut {truncated} bytes of torn tail",
+            logging.WARNING,
+            topic=replica.topic,
+            partition=replica.partition,
+            reason="recovery",
+            truncated_bytes=truncated,
+            log_end_offset=replica.log.log_end_offset,
+        )
+
+
+def _log_role(replica: PartitionReplica, assignment: control.PartitionAssignment) -> None:
+    role = "leader" if replica.is_leader else "follower"
+    event(
+        log,
+        "replica_role_changed",
+        f"{replica.topic}/{replica.partition}: {role} at leader epoch {replica.leader_epoch}",
+        topic=replica.topic,
+        partition=replica.partition,
+        role=role,
+        leader_id=assignment.leader_id,
+        leader_epoch=replica.leader_epoch,
+        partition_epoch=assignment.partition_epoch,
+        isr=assignment.isr,
     )
 
 

@@ -114,12 +114,24 @@ def data_dir_option(default: str | None = DEFAULT_DATA_DIR) -> Callable[[_F], _F
     help="How long to wait for the cluster to become healthy.",
 )
 @click.option("--session-timeout-ms", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--replica-replacement-ms",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Re-create a dead broker's replicas elsewhere after this long (default 60000).",
+)
 @click.option("--default-partitions", type=click.IntRange(min=1), default=None)
 @click.option("--default-replication-factor", type=click.IntRange(min=1), default=None)
 @click.option("--segment-bytes", type=click.IntRange(min=1), default=None)
 @click.option("--retention-ms", type=click.IntRange(min=-1), default=None)
 @click.option("--retention-bytes", type=click.IntRange(min=-1), default=None)
 @click.option("--max-request-bytes", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="Services' log lines (service default: text).",
+)
 def up(
     brokers: int,
     data_dir: str,
@@ -165,7 +177,8 @@ def _status_line(info: ClusterInfo) -> str:
     help="How long to wait after SIGTERM before SIGKILL.",
 )
 def down(data_dir: str, grace_s: float) -> None:
-    """Stop the local cluster (brokers first, then the coordinator). Keeps the data."""
+    """Stop the local cluster (its `tide monitor`, the brokers, then the coordinator).
+    Keeps the data."""
     try:
         cluster_ops.down(Path(data_dir), grace_s, say=say)
     except cluster_ops.ClusterError as error:
@@ -257,8 +270,9 @@ def _register_subcommands() -> None:
     from tidemq.cli.bench import bench
     from tidemq.cli.brokers import brokers
     from tidemq.cli.client_commands import consume, groups, produce, topics
+    from tidemq.cli.ops_commands import certs, health, monitor
 
-    for command in (topics, produce, consume, groups, bench, brokers):
+    for command in (topics, produce, consume, groups, bench, brokers, monitor, certs, health):
         cli.add_command(command)
 
 

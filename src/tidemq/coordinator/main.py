@@ -19,6 +19,8 @@ import click
 
 from tidemq.coordinator.server import Coordinator, CoordinatorConfig
 from tidemq.coordinator.store import CommandStore
+from tidemq.logs import LOG_FORMATS
+from tidemq.logs import configure as configure_logging
 from tidemq.service.app import serve
 from tidemq.tls import TlsFiles, server_context
 
@@ -74,7 +76,15 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
     show_default=True,
     help="Moves adding to or removing from one broker at once.",
 )
+@click.option(
+    "--replica-replacement-ms",
+    type=click.IntRange(min=0),
+    default=60_000,
+    show_default=True,
+    help="A broker dead this long past its session has its replicas re-created elsewhere.",
+)
 @click.option("--log-level", default="info", show_default=True)
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True)
 def command(
     data_dir: Path,
     host: str,
@@ -90,7 +100,9 @@ def command(
     default_replication_factor: int,
     rebalance_moves_max: int,
     rebalance_moves_per_broker_max: int,
+    replica_replacement_ms: int,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run the coordinator: cluster metadata, failover, consumer groups."""
     if not plain_http and not (cert_file and key_file and ca_file):
@@ -101,9 +113,7 @@ def command(
         default_partitions=default_partitions,
         default_replication_factor=default_replication_factor,
     )
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging("coordinator", log_level, log_format)
     config = CoordinatorConfig(
         data_dir=data_dir,
         port=port,
@@ -121,6 +131,7 @@ def command(
         default_replication_factor=default_replication_factor,
         rebalance_moves_max=rebalance_moves_max,
         rebalance_moves_per_broker_max=rebalance_moves_per_broker_max,
+        replica_replacement_ms=replica_replacement_ms,
     )
     asyncio.run(run_coordinator(config))
 

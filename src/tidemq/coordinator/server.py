@@ -20,15 +20,16 @@ import logging
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry
 
+from tidemq.coordinator.events import log_committed
+from tidemq.coordinator.metrics import ClusterCollector, CoordinatorMetrics
 from tidemq.coordinator.store import CommandStore
 from tidemq.core.groups import ConsumerGroup
 from tidemq.core.metadata import (
@@ -66,6 +67,7 @@ from tidemq.errors import (
     UnknownGroup,
     UnknownTopic,
 )
+from tidemq.logs import event
 from tidemq.service.app import build_app
 from tidemq.service.callers import ANY, CLIENTS, broker_self
 from tidemq.service.http import Endpoint, check_int, check_name, read_json_object
@@ -100,6 +102,9 @@ class CoordinatorConfig:
     default_partitions: int = 12
     default_replication_factor: int = 2
     snapshot_every: int = 1000
+    # A broker dead this long (past its session) has its replicas re-created on live
+    # brokers: a new follower copies each partition from its leader.
+    replica_replacement_ms: int = 60_000
     rebalance_moves_max: int = 4  # partition moves in flight at once; 0: no rebalancing
     rebalance_moves_per_broker_max: int = 2  # moves adding to or removing from one broker
 
@@ -138,12 +143,9 @@ class Coordinator:
         self.ready = False
         self._write_lock = asyncio.Lock()
         self.registry = CollectorRegistry()
-        self.leader_elections = Counter(
-            "tide_leader_elections_total",
-            "Leader changes decided by the coordinator",
-            registry=self.registry,
-        )
-        self.registry.register(_ClusterCollector(self))
+        self.metrics = CoordinatorMetrics(self.registry)
+        self.collector = ClusterCollector(self, clock_ms)
+        self.registry.register(self.collector)
 
     # -- lifecycle --
 
@@ -170,13 +172,20 @@ class Coordinator:
         """Expires broker sessions and group members; repairs leaders and ISRs."""
         now_ms = self.clock_ms()
         for broker_id in self.liveness.expire(now_ms):
-            log.warning(
-                "broker %s missed its session of %s ms", broker_id, self.config.session_timeout_ms
+            event(
+                log,
+                "broker_declared_dead",
+                f"broker {broker_id} missed its session of {self.config.session_timeout_ms} ms",
+                logging.WARNING,
+                broker_id=broker_id,
             )
         await self.reconcile()
+        self.collector.sample_high_watermarks()
         for name in list(self.groups):
+            epoch_before = self.groups[name].group_epoch
             for member_id in self.groups[name].expire(now_ms):
                 log.info("group %s: member %s session expired", name, member_id)
+            self.metrics.group_changed(name, epoch_before, self.groups[name].group_epoch)
             if not self.groups[name].members:
                 del self.groups[name]
 
@@ -198,8 +207,11 @@ class Coordinator:
         for command in commands:
             self.state.check(command)
         seq = await self.store.append(commands)
-        results = [self._apply_committed(command) for command in commands]
-        self.leader_elections.inc(sum(isinstance(c, ChangeLeader) for c in commands))
+        results = []
+        for command in commands:
+            self.metrics.before_apply(self.state, command)
+            log_committed(self.state, command)
+            results.append(self._apply_committed(command))
         if self.store.snapshot_due():
             await self.store.write_snapshot(self.state.to_snapshot(), seq)
         return results
@@ -215,12 +227,11 @@ class Coordinator:
         state the last left. (ISR expansion is the leaders' job: they propose it with
         AlterIsr once a follower caught up.)"""
         async with self._write_lock:
+            # Each committed command is logged as an event (coordinator/events.py).
             live = self.live_brokers()
-            commands = plan_failover(self.state, live)
-            for command in commands:
-                log.info("failover: %s", command)
-            await self._commit_locked(commands)
-            moves = plan_rebalance(self.state, live, self.rebalance_limits())
+            await self._commit_locked(plan_failover(self.state, live))
+            replace = self.liveness.dead_for(self.clock_ms(), self.config.replica_replacement_ms)
+            moves = plan_rebalance(self.state, live, self.rebalance_limits(), replace)
             self._log_moves(moves)
             await self._commit_locked(moves)
 
@@ -237,16 +248,7 @@ class Coordinator:
             topic = self.state.topic(request.topic)
             if request.topic_id and request.topic_id != topic.topic_id:
                 raise UnknownTopic(f"topic {request.topic!r} has another id now")
-            [partition] = await self._commit_locked([command])
-        log.info(
-            "ISR of %s/%s is now %s (leader %s, leader epoch %s, partition epoch %s)",
-            request.topic,
-            request.partition,
-            partition.isr,
-            broker_id,
-            request.leader_epoch,
-            partition.partition_epoch,
-        )
+            [partition] = await self._commit_locked([command])  # logged as isr_changed
         return partition
 
     def check_cluster_id(self, broker_id: int, cluster_id: str) -> None:
@@ -403,60 +405,6 @@ class Coordinator:
         return _Handlers(self).endpoints()
 
 
-class _ClusterCollector:
-    """Computes the coordinator's gauges from its state at scrape time."""
-
-    def __init__(self, coordinator: Coordinator) -> None:
-        self.coordinator = coordinator
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        coordinator = self.coordinator
-        state = coordinator.state
-        partitions = [p for topic in state.topics.values() for p in topic.partitions]
-        yield _gauge(
-            "tide_brokers_alive",
-            "Registered brokers with a live session",
-            len(coordinator.live_brokers()),
-        )
-        yield _gauge("tide_topics", "Topics", len(state.topics))
-        yield _gauge(
-            "tide_partitions_offline",
-            "Partitions without a leader",
-            sum(p.leader_id is None for p in partitions),
-        )
-        yield _gauge(
-            "tide_partitions_under_replicated",
-            "Partitions whose ISR is smaller than their replica set",
-            sum(len(p.isr) < len(p.replicas) for p in partitions),
-        )
-        yield _gauge(
-            "tide_reassignments_in_progress",
-            "Partition moves (rebalance, drain) in progress",
-            len(state.reassignments),
-        )
-        yield _gauge("tide_brokers_draining", "Brokers being drained", len(state.draining))
-        members = GaugeMetricFamily(
-            "tide_consumer_group_members", "Live members per consumer group", labels=["group"]
-        )
-        for name, group in sorted(coordinator.groups.items()):
-            members.add_metric([name], len(group.members))
-        yield members
-        yield self._lag()
-
-    def _lag(self) -> GaugeMetricFamily:
-        lag = GaugeMetricFamily(
-            "tide_consumer_lag",
-            "Leader high watermark minus committed offset",
-            labels=["group", "topic", "partition"],
-        )
-        for group, committed in sorted(self.coordinator.state.offsets.items()):
-            for (topic, partition), offset in sorted(committed.items()):
-                high_watermark = self.coordinator.high_watermark(topic, partition)
-                if high_watermark is not None:
-                    lag.add_metric([group, topic, str(partition)], max(0, high_watermark - offset))
-        return lag
-
-
 def _step_name(target: tuple[int, ...], isr: list[int], leader_id: int | None) -> str:
     if any(broker not in isr for broker in target):
         return "copying"
@@ -487,10 +435,6 @@ def _move_step(state: ClusterState, command: Command) -> str | None:
     if isinstance(command, CancelReassignment):
         return f"{where}: cancelled, replicas back to {list(move.original)}"
     return None
-
-
-def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, documentation, value=value)
 
 
 # --- request parsing (pure helpers) -------------------------------------------------
@@ -761,7 +705,7 @@ class _Handlers:
             raise UnknownBroker(f"broker {broker_id} is not registered: register again")
         reports = [_report(entry) for entry in body.partitions]
         if self.c.liveness.heartbeat(broker_id, self.c.clock_ms(), reports):
-            log.info("broker %s is back", broker_id)
+            event(log, "broker_alive_again", f"broker {broker_id} is back", broker_id=broker_id)
             await self.c.reconcile()
         return _message(self._desired_state(broker_id))
 
@@ -924,6 +868,7 @@ class _Handlers:
             GROUP_SESSION_TIMEOUT_MS_MAX,
         )
         group = self.c.groups.get(name) or ConsumerGroup(name)
+        epoch_before = group.group_epoch
         counts = {t: len(topic.partitions) for t, topic in self.c.state.topics.items()}
         result = group.heartbeat(
             member_id,
@@ -936,6 +881,7 @@ class _Handlers:
             session_timeout_ms,
         )
         self.c.groups.setdefault(name, group)
+        self.c.metrics.group_changed(name, epoch_before, group.group_epoch)
         interval_ms = max(1, min(self.c.config.heartbeat_interval_ms, session_timeout_ms // 3))
         return _json(
             {
@@ -952,7 +898,9 @@ class _Handlers:
         member_id = _member_id(_field(body, "member_id"))
         group = self.c.groups.get(name)
         if group is not None and member_id is not None:
+            epoch_before = group.group_epoch
             group.leave(member_id)
+            self.c.metrics.group_changed(name, epoch_before, group.group_epoch)
             if not group.members:
                 del self.c.groups[name]
         return _json({"left": True})

@@ -799,6 +799,16 @@ class Liveness:
                 died.append(broker_id)
         return died
 
+    def dead_for(self, now_ms: int, at_least_ms: int) -> set[int]:
+        """Brokers whose last heartbeat is at least ``at_least_ms`` past their session:
+        the coordinator replaces their replicas on live brokers."""
+        return {
+            broker
+            for broker, session in self._sessions.items()
+            if not session.alive
+            and now_ms - session.last_heartbeat_ms - self.session_timeout_ms >= at_least_ms
+        }
+
     def is_alive(self, broker_id: int) -> bool:
         session = self._sessions.get(broker_id)
         return session is not None and session.alive

@@ -76,6 +76,7 @@ class _View:
     state: ClusterState
     live: frozenset[int]
     eligible: frozenset[int]  # live and not draining
+    draining: frozenset[int]  # draining, or dead long enough to be replaced
 
     def partitions(self) -> Iterator[tuple[TopicPartition, PartitionState]]:
         for name, topic in sorted(self.state.topics.items()):
@@ -87,13 +88,21 @@ class _View:
 
 
 def plan_rebalance(
-    state: ClusterState, live: Collection[int], limits: RebalanceLimits
+    state: ClusterState,
+    live: Collection[int],
+    limits: RebalanceLimits,
+    evacuate: Collection[int] = (),
 ) -> list[Command]:
-    """The next commands towards a balanced placement (see the module docstring)."""
+    """The next commands towards a balanced placement (see the module docstring).
+
+    ``evacuate``: brokers treated like draining ones without being marked so: the
+    coordinator passes those dead for longer than its replica replacement delay, so
+    their replicas are re-created on live brokers (a new follower copies the data)."""
     if limits.moves_in_flight_max <= 0:
         return []
     live_set = frozenset(live) & frozenset(state.brokers)
-    view = _View(state, live_set, live_set - frozenset(state.draining))
+    draining = frozenset(state.draining) | (frozenset(evacuate) - live_set)
+    view = _View(state, live_set, live_set - draining, draining)
     if not view.eligible:
         return []
     busy: set[TopicPartition] = set()
@@ -180,7 +189,7 @@ def _leaders_off_draining(
     for key, partition in view.partitions():
         if len(commands) >= limits.leader_changes_per_plan_max:
             break
-        if key in busy or partition.leader_id not in view.state.draining:
+        if key in busy or partition.leader_id not in view.draining:
             continue
         if not view.leader_is_live(partition) or key in view.state.reassignments:
             continue
@@ -384,7 +393,7 @@ def _destination(
 
 def _draining_replicas(view: _View) -> bool:
     """Whether a movable partition still has a replica on a draining broker."""
-    draining = view.state.draining
+    draining = view.draining
     return any(
         b in draining
         for key, partition in view.partitions()
@@ -397,7 +406,7 @@ def _drain_move(
     view: _View, busy: set[TopicPartition], counts: dict[int, int], throttle: _Throttle
 ) -> _Move | None:
     """A replica on a draining broker, followers before leaders."""
-    draining = view.state.draining & set(view.state.brokers)
+    draining = view.draining & set(view.state.brokers)
     if not draining:
         return None
     candidates = [
