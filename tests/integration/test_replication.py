@@ -203,3 +203,36 @@ def test_a_topic_recreated_while_a_replica_was_down_never_serves_old_records(
     for message in received:
         grouped[message.value.decode().split(":")[0]] += 1
     assert set(grouped) == {"new"}
+
+
+def test_a_broker_lost_for_good_has_its_replicas_recreated_on_live_brokers(
+    cluster_factory: Any,
+) -> None:
+    cluster = cluster_factory(
+        brokers=3, session_timeout_ms=SESSION_TIMEOUT_MS, replica_replacement_ms=1000
+    )
+    admin = Admin(**cluster.config)
+    admin.create_topic("replaced", partitions=6, replication_factor=2)
+    acknowledged = produce(cluster.config, "replaced", "a", 2000)
+    victim = leaders(admin, "replaced")[0]
+    assert victim is not None
+    cluster.kill_broker(victim)  # and never started again
+
+    def replaced() -> bool:
+        partitions = admin.describe_topic("replaced")["partitions"]
+        return all(
+            victim not in p["replicas"] and len(p["replicas"]) == 2 and len(p["isr"]) == 2
+            for p in partitions
+        )
+
+    wait_for("every replica of the lost broker re-created and in sync", replaced, 90)
+    # The new copies are real: lose the other original replica too and read everything.
+    acknowledged |= produce(cluster.config, "replaced", "b", 500)
+    survivors = {b["id"] for b in cluster.info["brokers"]} - {victim}
+    second = min(survivors)
+    cluster.kill_broker(second)
+    wait_for(
+        "leaders on the last broker",
+        lambda: set(leaders(admin, "replaced").values()) == survivors - {second},
+    )
+    check(acknowledged, consume(cluster.config, "replaced", "readers", len(acknowledged)))
