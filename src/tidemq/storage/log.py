@@ -381,7 +381,9 @@ class PartitionLog:
             segment.truncate(position, header.base_offset)
             segment.write_index()
             write_epochs(self.directory / EPOCH_FILE, epochs)
-            self._recovery_checkpoint_offset = min(self._recovery_checkpoint_offset, header.base_offset)
+            self._recovery_checkpoint_offset = min(
+                self._recovery_checkpoint_offset, header.base_offset
+            )
             write_offset(self.directory / RECOVERY_POINT_FILE, self._recovery_checkpoint_offset)
 
     # ------------------------------------------------------------ retention
