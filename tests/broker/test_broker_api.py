@@ -451,3 +451,46 @@ def test_produce_admission_control_refuses_past_the_in_flight_byte_limit(
             held.cancel()
 
     run(scenario)
+
+
+def test_multi_partition_fetch_waits_once_for_whichever_partition_has_data(
+    tmp_path: Path,
+) -> None:
+    from tidemq.wire.fetch import FETCH_TYPE, decode_fetch
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, client):
+            two_leaders = _answer(epoch=2)
+            both = [
+                msgspec.structs.replace(a, leader_id=1, replicas=[1], isr=[1])
+                for a in two_leaders.assignments
+            ]
+            broker.reconcile(msgspec.structs.replace(two_leaders, assignments=both))
+            request = {
+                "wait_ms": 5000,
+                "partitions": [
+                    {"topic": "orders", "partition": 0, "offset": 0},
+                    {"topic": "orders", "partition": 1, "offset": 0},
+                ],
+            }
+            waiting = asyncio.ensure_future(client.post("/v1/fetch", json=request))
+            await asyncio.sleep(0.2)  # let the fetch park on both partitions
+            assert not waiting.done()
+            assert (await produce(client, batch(3), partition=1)).status == 200
+            response = await asyncio.wait_for(waiting, 5)
+            assert response.status == 200 and response.content_type == FETCH_TYPE
+            [entry] = decode_fetch(await response.read())
+            assert (entry.topic, entry.partition, entry.error) == ("orders", 1, None)
+            assert [r.value for r in decode_records(entry.batches)] == [b"v0", b"v1", b"v2"]
+            assert entry.high_watermark == 3
+            assert broker.replicas[("orders", 0)].core.waiting() == 0  # the other waiter left
+            # errors come back at once, per partition, next to data
+            request["partitions"].append({"topic": "orders", "partition": 7, "offset": 0})
+            response = await client.post("/v1/fetch", json=request)
+            entries = {e.partition: e for e in decode_fetch(await response.read())}
+            assert entries[7].error is not None and entries[7].error["code"] == "unknown_partition"
+            assert entries[1].batches and 0 not in entries
+            bad = await client.post("/v1/fetch", json={"partitions": []})
+            await expect_error(bad, 400, "invalid_request")
+
+    run(scenario)

@@ -75,6 +75,7 @@ from tidemq.storage.checkpoint import write_atomically
 from tidemq.transport import HttpTransport
 from tidemq.wire import control
 from tidemq.wire.batch import build_batch, check_batches, decode_records, iter_headers
+from tidemq.wire.fetch import FETCH_TYPE, FetchEntry, FetchPartition, FetchRequest, encode_fetch
 from tidemq.wire.produce import PRODUCE_TYPE, ProduceEntry, decode_produce
 
 log = logging.getLogger(__name__)
@@ -358,6 +359,75 @@ class Broker:
             self.metrics.messages_out.labels(topic).inc(count)
             self.metrics.bytes_out.labels(topic).inc(len(data))
         return data, replica
+
+    async def fetch_many(self, request: FetchRequest) -> list[FetchEntry]:
+        """A consumer's multi-partition long-poll: answers at once with every partition
+        that has data or an error, else waits up to ``wait_ms`` for the first of them
+        to have data (each waiter is a future the replica core answers or cancels)."""
+        entries = self._fetch_ready(request)
+        if entries or request.wait_ms == 0:
+            return entries
+        waits = [
+            asyncio.ensure_future(
+                self.replicas[(p.topic, p.partition)].wait_for_data(
+                    p.offset, request.wait_ms / 1000, follower=False
+                )
+            )
+            for p in request.partitions
+        ]
+        try:
+            await asyncio.wait(
+                waits, timeout=request.wait_ms / 1000, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        return self._fetch_ready(request)
+
+    def _fetch_ready(self, request: FetchRequest) -> list[FetchEntry]:
+        entries: list[FetchEntry] = []
+        budget = request.max_bytes
+        for wanted in request.partitions:
+            try:
+                entry = self._fetch_entry(wanted, budget)
+            except TideError as error:
+                entries.append(
+                    FetchEntry(
+                        wanted.topic, wanted.partition, -1, -1, error.to_json()["error"], b""
+                    )
+                )
+                continue
+            if entry is not None:
+                entries.append(entry)
+                budget -= len(entry.batches)
+                if budget <= 0:
+                    break
+        return entries
+
+    def _fetch_entry(self, wanted: FetchPartition, budget: int) -> FetchEntry | None:
+        epoch = wanted.leader_epoch if wanted.leader_epoch >= 0 else None
+        replica = self.leader_for(wanted.topic, wanted.partition, epoch)
+        log_ = replica.log
+        if not log_.log_start_offset <= wanted.offset <= log_.log_end_offset:
+            raise OffsetOutOfRange(
+                f"offset {wanted.offset} outside [{log_.log_start_offset}, {log_.log_end_offset}]"
+            )
+        if wanted.offset >= replica.high_watermark:
+            return None
+        data = log_.read(wanted.offset, min(wanted.max_bytes, budget), replica.high_watermark)
+        if data:
+            count = sum(h.record_count for h in iter_headers(data))
+            self.metrics.messages_out.labels(wanted.topic).inc(count)
+            self.metrics.bytes_out.labels(wanted.topic).inc(len(data))
+        return FetchEntry(
+            wanted.topic,
+            wanted.partition,
+            replica.high_watermark,
+            log_.log_start_offset,
+            None,
+            data,
+        )
 
     @contextlib.contextmanager
     def admit_produce(self, content_length: int | None) -> Iterator[None]:
@@ -1013,6 +1083,11 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
         }
         return web.json_response(body, headers=headers, dumps=json.dumps)
 
+    async def fetch_many(request: web.Request) -> web.Response:
+        body = control.decode(await request.read(), FetchRequest)
+        entries = await broker.fetch_many(body)
+        return web.Response(body=encode_fetch(entries), content_type=FETCH_TYPE)
+
     async def replica_fetch(request: web.Request) -> web.Response:
         topic = request.match_info["topic"]
         partition = check_int(request.match_info["partition"], "partition", minimum=0)
@@ -1084,6 +1159,15 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
             fetch,
             "Read record batches below the high watermark",
             responses={"200": "batches or JSON records", "416": "offset out of range"},
+            callers=CLIENTS,
+        ),
+        Endpoint(
+            "POST",
+            "/v1/fetch",
+            fetch_many,
+            "Long-poll several partitions led here at once; binary entries (PROTOCOL.md)",
+            request_body={"application/json": {"schema": control.schema(FetchRequest)}},
+            responses={"200": "entries with data or an error (none: nothing new)"},
             callers=CLIENTS,
         ),
         Endpoint(
