@@ -494,3 +494,63 @@ def test_multi_partition_fetch_waits_once_for_whichever_partition_has_data(
             await expect_error(bad, 400, "invalid_request")
 
     run(scenario)
+
+
+def test_any_failure_of_the_background_work_is_fail_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: an EIO outside the syncer ended the task group, and the broker
+    then closed "cleanly" (syncing again, writing clean-shutdown markers)."""
+    import errno
+
+    import tidemq.broker.server as server_module
+
+    stopped: list[str] = []  # the real fail_stop ends the process: record instead
+    monkeypatch.setattr(server_module, "fail_stop", stopped.append)
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, _):
+
+            async def disk_error() -> None:
+                raise OSError(errno.EIO, "Input/output error")
+
+            async def idle() -> None:
+                await asyncio.sleep(3600)
+
+            monkeypatch.setattr(broker, "maintenance_loop", disk_error)
+            for name in ("coordinator_loop", "tick_loop"):
+                monkeypatch.setattr(broker, name, idle)
+            monkeypatch.setattr(broker.syncer, "run", idle)
+            await asyncio.wait_for(broker.run(), 10)
+            assert stopped and "Input/output error" in stopped[0]
+
+    run(scenario)
+
+
+def test_a_failed_fsync_is_fail_stop_and_nothing_is_marked_clean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tidemq.broker.syncer as syncer_module
+
+    stopped: list[str] = []
+    monkeypatch.setattr(syncer_module, "fail_stop", stopped.append)
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, client):
+            replica = broker.replicas[("orders", 0)]
+
+            def eio() -> int:
+                raise OSError(5, "Input/output error")
+
+            monkeypatch.setattr(replica.log, "sync", eio)
+            produced = asyncio.ensure_future(produce(client, batch(2)))
+            deadline = asyncio.get_running_loop().time() + 10
+            while not stopped:
+                assert asyncio.get_running_loop().time() < deadline, "no fail-stop"
+                await asyncio.sleep(0.01)
+            assert "fsync of orders/0 failed" in stopped[0]
+            assert replica.high_watermark == 0  # nothing acknowledged on a failed fsync
+            produced.cancel()
+            monkeypatch.undo()
+
+    run(scenario)

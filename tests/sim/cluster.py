@@ -53,9 +53,11 @@ from tidemq.core.replica import (
     ReplicaCore,
     Tick,
     Truncated,
-    divergence,
+    diverging_epoch,
+    truncation_offset,
 )
 from tidemq.errors import TideError
+from tidemq.storage.epochs import LeaderEpochCache
 
 TOPIC = "sim"
 SESSION_TIMEOUT_MS = 600
@@ -87,19 +89,14 @@ class Replica:
     core: ReplicaCore | None = None
     fetch_state: str = "idle"  # idle | fetching | flushing (next fetch after the fsync)
     fetch_sent_ms: int = 0
+    fetch_id: int = 0  # answers match their fetch: a duplicated old answer is not one
 
     def epoch_and_end(self, epoch: int) -> tuple[int, int]:
-        """OffsetsForLeaderEpoch on an in-memory log."""
-        best = -1
-        for entry_epoch, _ in self.entries:
-            if entry_epoch <= epoch:
-                best = max(best, entry_epoch)
-        if best == -1:
-            return -1, -1
+        """OffsetsForLeaderEpoch, answered by the storage engine's own epoch cache."""
+        cache = LeaderEpochCache()
         for offset, (entry_epoch, _) in enumerate(self.entries):
-            if entry_epoch > best:
-                return best, offset
-        return best, len(self.entries)
+            cache.assign(entry_epoch, offset)
+        return cache.epoch_and_end_offset(epoch, len(self.entries))
 
     def last_epoch(self) -> int:
         return self.entries[-1][0] if self.entries else -1
@@ -397,10 +394,12 @@ class Simulation:
         assert core is not None and core.leader_id is not None
         replica.fetch_state = "fetching"
         replica.fetch_sent_ms = self.now_ms
+        replica.fetch_id += 1
         self.send(f"b{broker.broker_id}", f"b{core.leader_id}", "fetch", {
             "broker_id": broker.broker_id, "partition": partition,
             "leader_epoch": core.leader_epoch, "offset": len(replica.entries),
             "last_epoch": replica.last_epoch(), "durable": replica.durable,
+            "fetch_id": replica.fetch_id,
         })  # fmt: skip
 
     def broker_receive(self, broker: Broker, message: Message) -> None:
@@ -444,23 +443,28 @@ class Simulation:
         replica = leader.replicas[partition]
         core = replica.core
         assert core is not None
-        reply = {"partition": partition, "leader_epoch": body["leader_epoch"]}
+        reply = {
+            "partition": partition,
+            "leader_epoch": body["leader_epoch"],
+            "fetch_id": body["fetch_id"],
+            "offset": body["offset"],
+        }
         if not core.is_leader or core.leader_epoch != body["leader_epoch"]:
             self.send(message.target, message.source, "fetch_answer", {**reply, "error": True})
             return
-        cut = divergence(
+        diverging = diverging_epoch(
             body["offset"], body["last_epoch"], replica.epoch_and_end(body["last_epoch"]), 0
         )
-        if cut is None and body["offset"] > len(replica.entries):
-            cut = len(replica.entries)
-        if cut is not None:
-            self.send(message.target, message.source, "fetch_answer", {**reply, "cut": cut})
+        if diverging is None and body["offset"] > len(replica.entries):
+            diverging = (replica.last_epoch(), len(replica.entries))
+        if diverging is not None:
+            answer = {**reply, "diverging": diverging}
+            self.send(message.target, message.source, "fetch_answer", answer)
             return
         self.feed(leader, partition, FollowerFetched(body["broker_id"], body["offset"],
                                                      body["durable"]))  # fmt: skip
         entries = replica.entries[body["offset"] : body["offset"] + 5]
-        answer = {**reply, "offset": body["offset"], "entries": list(entries),
-                  "high_watermark": core.high_watermark}  # fmt: skip
+        answer = {**reply, "entries": list(entries), "high_watermark": core.high_watermark}
         self.send(message.target, message.source, "fetch_answer", answer)
 
     def on_fetch_answer(self, follower: Broker, message: Message) -> None:
@@ -468,13 +472,26 @@ class Simulation:
         replica = follower.replicas[body["partition"]]
         core = replica.core
         assert core is not None
-        if replica.fetch_state != "fetching" or body["leader_epoch"] != core.leader_epoch:
+        if (
+            replica.fetch_state != "fetching"
+            or body["leader_epoch"] != core.leader_epoch
+            or body["fetch_id"] != replica.fetch_id
+        ):
             return  # a duplicate or a late answer to an old fetch
         replica.fetch_state = "idle"
         if body.get("error") or core.is_leader:
             return
-        if "cut" in body:
-            cut = max(body["cut"], 0)
+        if body["offset"] != len(replica.entries):
+            return  # the log changed since this fetch was sent
+        if "diverging" in body:
+            epoch = body["diverging"][0]
+            own = replica.epoch_and_end(epoch) if epoch != -1 else (-1, -1)
+            cut = truncation_offset(body["diverging"], own, 0, len(replica.entries))
+            if cut >= len(replica.entries):
+                raise InvariantBroken(
+                    f"b{follower.broker_id} p{body['partition']}: told it diverges, but "
+                    f"the cut at {cut} removes nothing (log end {len(replica.entries)})"
+                )
             if cut < len(replica.entries):
                 self.log(f"b{follower.broker_id} p{body['partition']} truncates to {cut}")
                 del replica.entries[cut:]
@@ -482,8 +499,6 @@ class Simulation:
                 replica.high_watermark_checkpoint = min(replica.high_watermark_checkpoint, cut)
                 self.feed(follower, body["partition"], Truncated(cut))
             return
-        if body["offset"] != len(replica.entries):
-            return  # the log changed since this fetch was sent
         if body["entries"]:
             replica.entries.extend(body["entries"])
             self.feed(follower, body["partition"], Appended(len(replica.entries)))

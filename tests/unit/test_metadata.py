@@ -22,6 +22,7 @@ from tidemq.core.metadata import (
     command_from_json,
     command_to_json,
     plan_failover,
+    plan_reelection,
 )
 from tidemq.errors import (
     InvalidRequest,
@@ -114,7 +115,7 @@ def test_failover_picks_an_isr_replica_and_bumps_the_epoch() -> None:
     for index, replicas in enumerate(([1, 2], [2, 3], [3, 1])):
         assert state.partition("orders", index).isr == replicas  # new and empty: all in sync
     commands = plan_failover(state, live={2, 3})
-    assert ChangeLeader("orders", 0, 2, (2,)) in commands
+    assert ChangeLeader("orders", 0, 2, (2,), 0) in commands
     assert ChangeIsr("orders", 2, (3,)) in commands  # dead follower leaves the ISR
     for command in commands:
         state.apply(command)
@@ -127,11 +128,11 @@ def test_no_unclean_election_and_return_of_the_last_in_sync_replica() -> None:
     state = build(history()[:5])
     state.apply(ChangeIsr("orders", 0, (1,)))  # broker 2 fell behind
     [offline] = [c for c in plan_failover(state, live={2, 3}) if c.partition == 0]
-    assert offline == ChangeLeader("orders", 0, None, (1,))
+    assert offline == ChangeLeader("orders", 0, None, (1,), 0)
     state.apply(offline)
     assert [c for c in plan_failover(state, live={2, 3}) if c.partition == 0] == []
     [back] = [c for c in plan_failover(state, live={1, 2, 3}) if c.partition == 0]
-    assert back == ChangeLeader("orders", 0, 1, (1,))
+    assert back == ChangeLeader("orders", 0, 1, (1,), 1)
     state.apply(back)
     assert state.partition("orders", 0).leader_epoch == 2
 
@@ -172,3 +173,21 @@ def test_liveness_sessions_expire_and_revive() -> None:
     assert liveness.alive_ids() == {2}
     assert liveness.heartbeat(1, now_ms=150) is True
     assert liveness.alive_ids() == {1, 2}
+
+
+def test_a_reelection_planned_before_a_failover_does_not_apply_after_it() -> None:
+    """Review finding: a restarted broker's re-election, planned from the state before a
+    failover, must not undo it (ChangeLeader is a compare-and-set on the epoch)."""
+    state = ClusterState()
+    state.apply(InitCluster("c"))
+    for broker in (1, 2):
+        state.apply(RegisterBroker(broker, f"http://b{broker}"))
+    state.apply(CreateTopic("t", 1, 2, ((1, 2),), "a" * 32, 1))
+    stale = plan_reelection(state, 1)
+    for command in plan_failover(state, live={2}):
+        state.apply(command)
+    assert state.partition("t", 0).leader_id == 2
+    with pytest.raises(StalePartitionEpoch):
+        for command in stale:
+            state.apply(command)
+    assert (state.partition("t", 0).leader_id, state.partition("t", 0).isr) == (2, [2])

@@ -254,7 +254,7 @@ def test_draining_moves_leaders_first_then_every_replica() -> None:
     state.apply(SetBrokerDraining(1, True))
     live = {1, 2, 3}
     first = apply_plan(state, live, RebalanceLimits(moves_per_broker_max=4))
-    assert ChangeLeader("t", 0, 2, (1, 2)) in first
+    assert ChangeLeader("t", 0, 2, (1, 2), 0) in first
     assert state.partition("t", 0).leader_id == 2
     run_to_rest(state, live, RebalanceLimits())
     assert all(1 not in p.replicas for p in state.topic("t").partitions)

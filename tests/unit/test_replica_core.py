@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,9 +31,12 @@ from tidemq.core.replica import (
     ReplicaCore,
     Tick,
     Truncated,
-    divergence,
+    diverging_epoch,
+    truncation_offset,
 )
 from tidemq.errors import NotEnoughReplicas, NotLeader
+from tidemq.storage import LogConfig, PartitionLog
+from tidemq.wire.batch import build_batch
 
 
 def leader(
@@ -173,25 +178,73 @@ def test_a_stale_assignment_is_ignored_and_a_follower_high_watermark_is_bounded(
 
 
 @pytest.mark.parametrize(
-    ("fetch_offset", "last_epoch", "leader_answer", "log_start", "cut"),
+    ("fetch_offset", "last_epoch", "leader_answer", "log_start", "diverging"),
     [
         (10, 3, (3, 12), 0, None),  # same epoch, leader has more: prefix
         (10, 3, (3, 10), 0, None),
-        (10, 3, (3, 7), 0, 7),  # leader's epoch 3 ended earlier
-        (10, 4, (3, 8), 0, 8),  # leader never had epoch 4: back to where 3 ended
-        (10, 4, (UNKNOWN, UNKNOWN), 2, 2),  # nothing at or below: back to log start
+        (10, 3, (3, 7), 0, (3, 7)),  # leader's epoch 3 ended earlier
+        (10, 4, (3, 8), 0, (3, 8)),  # leader never had epoch 4: up to where 3 ended
+        (10, 4, (UNKNOWN, UNKNOWN), 2, (UNKNOWN, 2)),  # nothing at or below: log start
         (10, UNKNOWN, (UNKNOWN, UNKNOWN), 0, None),
         (0, 2, (UNKNOWN, UNKNOWN), 0, None),
     ],
 )
-def test_divergence(
+def test_diverging_epoch(
     fetch_offset: int,
     last_epoch: int,
     leader_answer: tuple[int, int],
     log_start: int,
-    cut: int | None,
+    diverging: tuple[int, int] | None,
 ) -> None:
-    assert divergence(fetch_offset, last_epoch, leader_answer, log_start) == cut
+    assert diverging_epoch(fetch_offset, last_epoch, leader_answer, log_start) == diverging
+
+
+@pytest.mark.parametrize(
+    ("diverging", "own", "own_start", "own_end", "cut"),
+    [
+        ((3, 8), (3, 10), 0, 12, 8),  # the leader's end of epoch 3 is earlier
+        ((3, 12), (3, 10), 0, 14, 10),  # ours ends earlier: later records are epoch 4
+        ((UNKNOWN, 5), (UNKNOWN, UNKNOWN), 0, 9, 5),  # the leader lost the epoch
+        ((1, 110), (0, 100), 0, 103, 100),  # we never had epoch 1: keep epoch 0 only
+        ((2, 7), (UNKNOWN, UNKNOWN), 4, 9, 4),  # nothing as old here: cut to our start
+        ((3, 50), (3, 60), 0, 40, 40),  # never past our own log end
+    ],
+)
+def test_truncation_offset(
+    diverging: tuple[int, int], own: tuple[int, int], own_start: int, own_end: int, cut: int
+) -> None:
+    assert truncation_offset(diverging, own, own_start, own_end) == cut
+
+
+def test_a_follower_with_an_epoch_the_new_leader_never_wrote_keeps_the_common_prefix(
+    tmp_path: Path,
+) -> None:
+    """Review finding: a leader elected after a deposed leader's uncommitted epoch
+    answered "unknown" and the follower emptied its log, committed records included."""
+    leader = PartitionLog.open(tmp_path / "c", LogConfig(), 0)
+    follower = PartitionLog.open(tmp_path / "b", LogConfig(), 0)
+    for log in (leader, follower):
+        log.append(build_batch([(None, b"x")] * 10, 0), 0, 0)
+    follower.append(build_batch([(None, b"y")] * 5, 0), 1, 0)  # epoch 1: only here
+    diverging = diverging_epoch(
+        follower.log_end_offset,
+        follower.latest_epoch(),
+        leader.epoch_and_end_offset(follower.latest_epoch()),
+        leader.log_start_offset,
+    )
+    assert diverging == (0, 10)
+    own = follower.epoch_and_end_offset(diverging[0])
+    assert truncation_offset(diverging, own, 0, follower.log_end_offset) == 10
+    leader.close()
+    follower.close()
+
+
+def test_a_follower_cut_always_removes_something_or_nothing_diverges() -> None:
+    """Review finding: C has epochs 0 [0,100), 1 [100,110), 3 [110,120); B has 0 [0,100),
+    2 [100,103). B must cut to 100 (it never had epoch 1), not to 103 (a no-op loop)."""
+    diverging = diverging_epoch(103, 2, (1, 110), 0)
+    assert diverging == (1, 110)
+    assert truncation_offset(diverging, (0, 100), 0, 103) == 100
 
 
 # --- properties ------------------------------------------------------------------------

@@ -292,10 +292,18 @@ class PartitionReplica:
     # -- housekeeping --
 
     def checkpoint_high_watermark(self) -> None:
-        if self.closed or self.core.high_watermark == self._checkpointed_high_watermark:
+        """Writes the high watermark checkpoint (two fsyncs; the maintenance loop calls
+        it on a worker thread, racing a close or delete of this replica)."""
+        high_watermark = self.core.high_watermark
+        if self.closed or high_watermark == self._checkpointed_high_watermark:
             return
-        write_offset(self.directory / HIGH_WATERMARK_FILE, self.core.high_watermark)
-        self._checkpointed_high_watermark = self.core.high_watermark
+        try:
+            write_offset(self.directory / HIGH_WATERMARK_FILE, high_watermark)
+        except FileNotFoundError:
+            if self.closed:
+                return  # deleted meanwhile
+            raise
+        self._checkpointed_high_watermark = high_watermark
 
     def stats(self) -> dict[str, object]:
         return {

@@ -42,19 +42,21 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from tidemq.broker.partition import PartitionReplica, parse_partition_directory_name
 from tidemq.broker.syncer import GroupCommitSyncer
 from tidemq.core.replica import (
+    UNKNOWN,
     Acks,
     IsrAnswered,
     ProposeIsr,
     ReplicaAssignment,
     Tick,
-    divergence,
+    diverging_epoch,
+    truncation_offset,
 )
 from tidemq.errors import (
     BrokerBusy,
     ClusterIdMismatch,
+    CorruptBatch,
     FencedLeaderEpoch,
     InvalidRequest,
-    InvariantViolation,
     NotLeader,
     OffsetOutOfRange,
     RequestTooLarge,
@@ -265,6 +267,7 @@ class Broker:
         self._tasks: asyncio.TaskGroup | None = None
         self._followers: dict[Key, tuple[int, asyncio.Task[None]]] = {}
         self._inflight_produce_bytes = 0
+        self._follower_warned: dict[Key, float] = {}
 
     @property
     def topic_partitions(self) -> dict[str, int]:
@@ -462,16 +465,17 @@ class Broker:
             raise NotLeader(f"broker {request.broker_id} is not a follower of {topic}/{partition}")
         log_ = replica.log
         headers = {"Tide-Log-Start-Offset": str(log_.log_start_offset)}
-        cut = divergence(
+        diverging = diverging_epoch(
             request.offset,
             request.last_fetched_epoch,
             log_.epoch_and_end_offset(request.last_fetched_epoch),
             log_.log_start_offset,
         )
-        if cut is None and request.offset > log_.log_end_offset:
-            cut = log_.log_end_offset
-        if cut is not None:
-            headers["Tide-Diverging-End-Offset"] = str(cut)
+        if diverging is None and request.offset > log_.log_end_offset:
+            diverging = (log_.latest_epoch(), log_.log_end_offset)
+        if diverging is not None:
+            headers["Tide-Diverging-Epoch"] = str(diverging[0])
+            headers["Tide-Diverging-End-Offset"] = str(diverging[1])
             return b"", headers
         if request.offset < log_.log_start_offset:
             return b"", headers  # the follower starts over at the log start
@@ -766,10 +770,19 @@ class Broker:
             try:
                 await self._fetch_once(replica, url, leader_epoch)
                 backoff_s = 0.05
-            except TideError as error:
-                log.debug(
-                    "%s/%s: replica fetch failed: %s", replica.topic, replica.partition, error
-                )
+            except (TideError, ValueError) as error:
+                # Retried with a capped backoff; said once per second at most, not at DEBUG:
+                # a follower that cannot fetch is how a partition becomes under-replicated.
+                now = time.monotonic()
+                if now - self._follower_warned.get((replica.topic, replica.partition), 0.0) >= 1.0:
+                    self._follower_warned[(replica.topic, replica.partition)] = now
+                    log.warning(
+                        "%s/%s: replica fetch from %s failed: %s",
+                        replica.topic,
+                        replica.partition,
+                        leader_url,
+                        error,
+                    )
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 1.0)
 
@@ -791,9 +804,22 @@ class Broker:
         )
         if replica.closed:
             return
-        diverging = headers.get("Tide-Diverging-End-Offset")
-        if diverging is not None:
-            replica.truncate_to(max(int(diverging), log_.log_start_offset))
+        diverging_end = headers.get("Tide-Diverging-End-Offset")
+        if diverging_end is not None:
+            epoch = int(headers.get("Tide-Diverging-Epoch", str(UNKNOWN)))
+            own = log_.epoch_and_end_offset(epoch) if epoch != UNKNOWN else (UNKNOWN, UNKNOWN)
+            cut = truncation_offset(
+                (epoch, int(diverging_end)), own, log_.log_start_offset, log_.log_end_offset
+            )
+            if cut < log_.log_start_offset:
+                self._restart_at(replica, cut)
+            elif cut < log_.log_end_offset:
+                replica.truncate_to(cut)
+            else:  # nothing to cut: never ask again at once, that would spin
+                raise CorruptBatch(
+                    f"leader says our log diverges at epoch {epoch} end {diverging_end}, "
+                    f"but ours ends at {log_.log_end_offset} with nothing to cut"
+                )
             return
         leader_start = int(headers.get("Tide-Log-Start-Offset", "0"))
         if log_.log_end_offset < leader_start:
@@ -831,8 +857,11 @@ class Broker:
                 tasks.create_task(self.syncer.run())
                 tasks.create_task(self.maintenance_loop())
                 tasks.create_task(self.tick_loop())
-        except* InvariantViolation as group:
-            fail_stop(f"invariant broken in the broker's background work: {group.exceptions}")
+        except* Exception as group:
+            # A broken invariant, a failed fsync or write (EIO, ENOSPC) anywhere in the
+            # background work: the state on disk is no longer known to be right. Exit at
+            # once; run_broker's close() (which syncs and marks logs clean) never runs.
+            fail_stop(f"the broker's background work failed: {group.exceptions!r}")
 
     async def tick_loop(self) -> None:
         while True:
@@ -849,8 +878,10 @@ class Broker:
             self.metrics.update_producers(now_ms)
             self.metrics.update_disk(self.config.data_dir)
             for (topic, number), replica in list(self.replicas.items()):
-                replica.log.apply_retention(now_ms)
-                replica.checkpoint_high_watermark()
+                # Never past the high watermark: a follower may still need the records.
+                replica.log.apply_retention(now_ms, replica.high_watermark)
+                # Two fsyncs: off the event loop, so heartbeats are never late for it.
+                await asyncio.to_thread(replica.checkpoint_high_watermark)
                 self.metrics.log_size.labels(topic, str(number)).set(replica.log.size_bytes)
                 self.metrics.log_segments.labels(topic, str(number)).set(replica.log.segment_count)
                 if replica.is_leader:

@@ -195,6 +195,14 @@ class Coordinator:
         async with self._write_lock:
             return await self._commit_locked(commands)
 
+    @property
+    def write_lock(self) -> asyncio.Lock:
+        return self._write_lock
+
+    async def commit_locked(self, commands: list[Command]) -> list[Any]:
+        """For a caller that planned ``commands`` under :attr:`write_lock` and holds it."""
+        return await self._commit_locked(commands)
+
     async def _commit_locked(self, commands: list[Command]) -> list[Any]:
         """Check, persist (one transaction), then apply. Caller holds the write lock.
 
@@ -676,11 +684,13 @@ class _Handlers:
         broker_id, url = body.broker_id, body.url
         self.c.check_cluster_id(broker_id, body.cluster_id)
         # A new broker process leads nothing in an epoch it led before it (re)started.
-        reelections = plan_reelection(self.c.state, broker_id)
-        changed = self.c.state.brokers.get(broker_id) != url
-        await self.c.commit(
-            [RegisterBroker(broker_id, url), *reelections] if changed else reelections
-        )
+        # Planned under the write lock: from the state it will be applied to.
+        async with self.c.write_lock:
+            reelections = plan_reelection(self.c.state, broker_id)
+            changed = self.c.state.brokers.get(broker_id) != url
+            await self.c.commit_locked(
+                [RegisterBroker(broker_id, url), *reelections] if changed else reelections
+            )
         log.info(
             "broker %s registered at %s; %s partitions it leads get a new leader epoch",
             broker_id,

@@ -94,12 +94,17 @@ class DeleteTopic:
 
 @dataclass(frozen=True)
 class ChangeLeader:
-    """A new leader (or None: offline) and ISR; bumps the leader epoch."""
+    """A new leader (or None: offline) and ISR; bumps the leader epoch.
+
+    ``expected_leader_epoch`` (when >= 0) makes it a compare-and-set: it applies only
+    to the epoch it was planned from, so a plan made from an older state (a
+    re-election racing a failover) fails instead of undoing what came between."""
 
     topic: str
     partition: int
     leader_id: int | None
     isr: tuple[int, ...]
+    expected_leader_epoch: int = -1
 
 
 @dataclass(frozen=True)
@@ -436,6 +441,12 @@ def _check_isr(partition: PartitionState, leader_id: int | None, isr: tuple[int,
 
 def _check_change_leader(state: ClusterState, command: ChangeLeader) -> None:
     partition = state.partition(command.topic, command.partition)
+    expected = command.expected_leader_epoch
+    if expected >= 0 and partition.leader_epoch != expected:
+        raise StalePartitionEpoch(
+            f"{command.topic}/{command.partition}: planned from leader epoch {expected}, "
+            f"now {partition.leader_epoch}"
+        )
     _check_isr(partition, command.leader_id, command.isr)
 
 
@@ -717,9 +728,9 @@ def _partition_failover(
         if new_leader is None:
             if leader is None:
                 return None
-            return ChangeLeader(topic, index, None, tuple(partition.isr))
+            return ChangeLeader(topic, index, None, tuple(partition.isr), partition.leader_epoch)
         live_isr = tuple(b for b in partition.isr if b in live)
-        return ChangeLeader(topic, index, new_leader, live_isr)
+        return ChangeLeader(topic, index, new_leader, live_isr, partition.leader_epoch)
     live_isr = tuple(b for b in partition.isr if b in live)
     if live_isr != tuple(partition.isr):
         return ChangeIsr(topic, index, live_isr)
@@ -736,7 +747,10 @@ def plan_reelection(state: ClusterState, broker_id: int) -> list[Command]:
     for name, topic in sorted(state.topics.items()):
         for index, partition in enumerate(topic.partitions):
             if partition.leader_id == broker_id:
-                commands.append(ChangeLeader(name, index, broker_id, tuple(partition.isr)))
+                command = ChangeLeader(
+                    name, index, broker_id, tuple(partition.isr), partition.leader_epoch
+                )
+                commands.append(command)
     return commands
 
 

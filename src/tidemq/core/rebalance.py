@@ -162,7 +162,9 @@ def _next_step(
             return None
         new_leader = min(candidates, key=lambda b: (b not in view.eligible, leaders.get(b, 0)))
         leaders[new_leader] = leaders.get(new_leader, 0) + 1
-        return ChangeLeader(key[0], key[1], new_leader, tuple(partition.isr))
+        return ChangeLeader(
+            key[0], key[1], new_leader, tuple(partition.isr), partition.leader_epoch
+        )
     return CompleteReassignment(*key)
 
 
@@ -197,7 +199,11 @@ def _leaders_off_draining(
         if candidates:
             new_leader = min(candidates, key=lambda b: leaders[b])
             leaders[new_leader] += 1
-            commands.append(ChangeLeader(key[0], key[1], new_leader, tuple(partition.isr)))
+            commands.append(
+                ChangeLeader(
+                    key[0], key[1], new_leader, tuple(partition.isr), partition.leader_epoch
+                )
+            )
             busy.add(key)
     return commands
 
@@ -228,7 +234,11 @@ def _balance_leaders(
             led[old_leader] = [item for item in led[old_leader] if item[0] != key]
             leaders[old_leader] -= 1
             leaders[new_leader] += 1
-            commands.append(ChangeLeader(key[0], key[1], new_leader, tuple(partition.isr)))
+            commands.append(
+                ChangeLeader(
+                    key[0], key[1], new_leader, tuple(partition.isr), partition.leader_epoch
+                )
+            )
     return commands
 
 
@@ -452,3 +462,8 @@ def _pick_partition(
             return key, partition
         leading = leading or (key, partition)
     return leading
+
+
+def _change_leader(key: TopicPartition, leader: int, partition: PartitionState) -> ChangeLeader:
+    """A leadership move, as a compare-and-set on the epoch it was planned from."""
+    return ChangeLeader(key[0], key[1], leader, tuple(partition.isr), partition.leader_epoch)

@@ -14,7 +14,7 @@ How replication works (Kafka's ISR protocol, with durable acknowledgements):
 * Followers pull from the leader. A follower's fetch carries the offset it wants next
   (its log end), the epoch of its last batch and its *durable* end (what it has
   fsynced). The leader's shell first checks the follower's log against its own epoch
-  history (:func:`divergence`); only a fetch whose log is a prefix of the leader's
+  history (:func:`diverging_epoch`); only a fetch whose log is a prefix of the leader's
   reaches this core as :class:`FollowerFetched`.
 * The high watermark is the smallest durable end over the leader and every member of
   the *maximal ISR* (the committed ISR plus members a pending proposal would add).
@@ -592,25 +592,50 @@ def _insert_sorted(queue: deque[tuple[int, int]], waiter_id: int, end_offset: in
     queue.extend(items)
 
 
-def divergence(
+def diverging_epoch(
     fetch_offset: int,
     last_fetched_epoch: int,
     leader_epoch_end: tuple[int, int],
     leader_log_start: int,
-) -> int | None:
-    """Where a follower must cut its log before it may fetch at ``fetch_offset``, or
-    None when its log is a prefix of the leader's.
+) -> tuple[int, int] | None:
+    """Leader side: None when a follower's log (ending at ``fetch_offset``, last batch
+    in ``last_fetched_epoch``) is a prefix of the leader's; else what to tell it, the
+    leader's (epoch, end offset) for that epoch, so it can cut (:func:`truncation_offset`).
 
-    ``leader_epoch_end`` is the leader's answer for ``last_fetched_epoch``: the
-    largest epoch it knows that is <= it, and where that epoch ends in the leader's
-    log (Kafka's OffsetsForLeaderEpoch). The follower's records of an epoch the
-    leader does not have, or past where the leader's copy of that epoch ends, were
-    never committed (committed records are on every ISR member, the leader included)."""
+    ``leader_epoch_end`` is the leader's OffsetsForLeaderEpoch answer for
+    ``last_fetched_epoch``: the largest epoch it knows that is <= it and where that
+    epoch ends in the leader's log (at most the leader's log end). The follower's
+    records past it were never committed: committed records are on every ISR member,
+    the leader included. (UNKNOWN, leader log start) when the leader has no such
+    epoch any more (retention)."""
     if last_fetched_epoch == UNKNOWN or fetch_offset <= leader_log_start:
         return None
     epoch, end_offset = leader_epoch_end
     if epoch == UNKNOWN:
-        return min(fetch_offset, leader_log_start)
+        return UNKNOWN, leader_log_start
     if epoch == last_fetched_epoch and end_offset >= fetch_offset:
         return None
-    return min(fetch_offset, end_offset)
+    return epoch, end_offset
+
+
+def truncation_offset(
+    diverging: tuple[int, int],
+    own_epoch_end: tuple[int, int],
+    own_log_start: int,
+    own_log_end: int,
+) -> int:
+    """Follower side (Kafka's KIP-279): where to cut, given the leader's (epoch, end)
+    and the follower's own answer for that epoch (the largest epoch it has <= it, and
+    where that ends here). The logs agree up to the smaller of the two ends: beyond
+    the leader's end the follower has what the leader lacks; beyond its own end, its
+    records belong to a later epoch the leader did not write. May be below the
+    follower's log start: then the follower starts over empty at that offset."""
+    leader_epoch, leader_end = diverging
+    own_epoch, own_end = own_epoch_end
+    if leader_epoch == UNKNOWN:
+        cut = leader_end
+    elif own_epoch == UNKNOWN:
+        cut = own_log_start  # nothing here as old as the leader's epoch
+    else:
+        cut = min(leader_end, own_end)
+    return min(cut, own_log_end)

@@ -388,10 +388,17 @@ class PartitionLog:
 
     # ------------------------------------------------------------ retention
 
-    def apply_retention(self, now_ms: int) -> int:
-        """Deletes whole old segments past retention_ms or retention_bytes; how many."""
+    def apply_retention(self, now_ms: int, max_offset: int | None = None) -> int:
+        """Deletes whole old segments past retention_ms or retention_bytes; how many.
+
+        Only segments wholly below ``max_offset`` (the broker passes the high watermark):
+        a record not yet on every in-sync replica is never deleted, however old its
+        timestamp or small the byte budget."""
         self._check_open()
         count = self._retention_victims(now_ms)
+        if max_offset is not None:
+            while count and self._segments[count].base_offset > max_offset:
+                count -= 1
         if count:
             self._advance_log_start(self._segments[count].base_offset)
             self._delete_oldest(count)
