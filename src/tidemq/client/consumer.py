@@ -294,6 +294,11 @@ class Consumer:
         return self._member_id
 
     @property
+    def background_error(self) -> TideError | None:
+        """Why the background task stopped (then every call raises it), or None."""
+        return self._background_error
+
+    @property
     def _request_timeout_s(self) -> float:
         return self._connection.request_timeout_ms / 1000 + 1
 
