@@ -506,6 +506,17 @@ class Consumer:
                 next_heartbeat = time.monotonic() + interval_s
                 continue
             await sleep_or(self._wake, self._next_wake_s(next_heartbeat) - now)
+        await self._finish_fetchers()
+
+    async def _finish_fetchers(self) -> None:
+        """Closing: lets each fetcher finish its long-poll (so its TLS connection goes
+        back to the pool and closes cleanly with the session), then cancels the rest."""
+        for event in self._space.values():
+            event.set()
+        self._session_alive.set()
+        tasks = list(self._fetchers.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._options.fetch_wait_ms / 1000 + 1)
         await self._stop_fetchers(set(self._fetchers))
 
     def _next_wake_s(self, next_heartbeat: float) -> float:
@@ -760,9 +771,12 @@ class Consumer:
             "wait_ms": str(options.fetch_wait_ms),
         }
         attempt = 0
-        while True:
+        closing = self._closing_event
+        while closing is None or not closing.is_set():
             await self._wait_for_space(tp)
-            while self._buffer.session_expired():
+            if closing is not None and closing.is_set():
+                return
+            while self._buffer.session_expired() and not (closing and closing.is_set()):
                 self._session_alive.clear()
                 await self._session_alive.wait()
             try:
@@ -804,14 +818,17 @@ class Consumer:
                 corrupt = corrupt_record_error(topic, partition, fetched)
                 log.error("%s", corrupt)
                 self._buffer.put_error(tp, corrupt)
-                await asyncio.Event().wait()  # parked until a seek or a revocation
+                if closing is not None:  # parked until a seek, a revocation or closing
+                    await closing.wait()
+                return
 
     async def _wait_for_space(self, tp: TopicPartition) -> None:
         event = self._space.get(tp)
         if event is None:
             return
+        closing = self._closing_event
         while True:
             event.clear()
-            if self._buffer.has_space(tp):
+            if self._buffer.has_space(tp) or (closing is not None and closing.is_set()):
                 return
             await event.wait()
