@@ -125,6 +125,7 @@ class Consumer:
         session_ms = self._options.session_timeout_ms
         self._session_limit_s = (session_ms - session_ms // SESSION_MARGIN_FRACTION) / 1000
         self._closed = False
+        self._close_done = threading.Event()
         self._closing_event: asyncio.Event | None = None
         self._thread = LoopThread(f"tidemq-consumer-{group}")
         self._buffer = FetchBuffer(
@@ -245,11 +246,19 @@ class Consumer:
         self._close(timeout, finished=True)
 
     def _close(self, timeout: float | None, finished: bool) -> None:
+        limit = self._options.close_timeout_ms / 1000 if timeout is None else timeout
         if self._closed:
+            if threading.current_thread() is not self._subscriber:
+                self._close_done.wait(limit)  # another thread is closing: wait for it
             return
         self._closed = True
+        try:
+            self._close_now(limit, finished)
+        finally:
+            self._close_done.set()
+
+    def _close_now(self, limit: float, finished: bool) -> None:
         self._buffer.close()
-        limit = self._options.close_timeout_ms / 1000 if timeout is None else timeout
         subscriber = self._subscriber
         if subscriber is not None and subscriber is not threading.current_thread():
             self._subscriber_idle.wait(limit)
