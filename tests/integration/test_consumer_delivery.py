@@ -139,6 +139,30 @@ def test_subscribe_again_after_a_handler_error_resumes_at_that_message(cluster: 
     assert committed(cluster, "handler-again", topic) == {0: 10}
 
 
+def test_at_most_once_subscribe_commits_before_the_handler_and_loses_only_the_failed(
+    cluster: Any,
+) -> None:
+    topic = group = "at-most-once-subscribe"
+    create_topic(cluster, topic, 1)
+    produce(cluster, topic, [(None, f"v{i}") for i in range(10)])
+    seen: list[tuple[int, dict[int, int]]] = []
+
+    def handler(message: Message) -> None:
+        seen.append((message.offset, committed(cluster, group, topic)))
+        if message.offset == 3:
+            raise Boom("at most once")
+
+    options = {"delivery": "at_most_once"}
+    with Consumer(topic, group=group, **options, **cluster.config) as consumer:
+        with pytest.raises(Boom):
+            consumer.subscribe(handler)
+        assert [offset for offset, _ in seen] == [0, 1, 2, 3]
+        assert all(at.get(0, 0) > offset for offset, at in seen)  # committed before
+        assert committed(cluster, group, topic) == {0: 4}  # only the failed one is lost
+        rest = poll_until(consumer, 6)
+        assert [m.offset for m in rest] == list(range(4, 10))
+
+
 @pytest.mark.parametrize("delivery", ["at_least_once", "at_most_once", "manual"])
 def test_delivery_modes_commit_what_they_promise(cluster: Any, delivery: str) -> None:
     topic = f"modes-{delivery.replace('_', '-')}"

@@ -123,7 +123,7 @@ def test_the_seed_order_test_runs_against_tidemq_simple(cluster: Any, tmp_path: 
 
 FAULT_TOLERANCE_CHANGES = [
     ("from client import pull, push, subscribe", SIMPLE_IMPORT),
-    ("TEST_SIZE = 1000 * 1000", "TEST_SIZE = 2000"),
+    ("TEST_SIZE = 1000 * 1000", "TEST_SIZE = 1000"),
     (
         "input()\n",
         "input()\nprint('pushing the rest', flush=True)\n",
@@ -173,7 +173,7 @@ def test_the_seed_fault_tolerance_test_sees_every_value(
         script.send_line("")
         script.wait_for_line("Fault tolerance test passed successfully!", 120)
         assert "DATA loss occurred" not in script.lines, script.output()
-        assert "received 2000" in script.lines, script.output()
+        assert "received 1000" in script.lines, script.output()
         assert script.interrupt() == 0, script.output()
     finally:
         script.kill()

@@ -361,22 +361,25 @@ class Consumer:
         try:
             self._thread.call(self._commit(self._buffer.positions()), self._request_timeout_s)
         except TideError:
-            self._give_back(messages)
+            self._give_back(messages, commit=False)
             raise
 
-    def _give_back(self, messages: list[Message]) -> None:
-        """Makes ``messages`` (not handed to the application) be fetched again."""
+    def _give_back(self, messages: list[Message], commit: bool = True) -> None:
+        """Makes ``messages`` (not given to the application) be fetched again and, if
+        ``commit``, moves the commit back to them (they were committed unseen)."""
         first: dict[TopicPartition, int] = {}
         for message in messages:
             first.setdefault((message.topic, message.partition), message.offset)
         if first and not self._closed:
-            self._thread.call(self._seek(first, commit=True), self._request_timeout_s)
+            self._thread.call(
+                self._seek(first, commit=commit, strict=False), self._request_timeout_s
+            )
 
     def _rewind(self, partitions: set[TopicPartition]) -> None:
         """Handed out but not done records of ``partitions`` are delivered again."""
         positions = self._buffer.rewind(partitions)
         if positions and not self._closed:
-            self._thread.call(self._seek(positions), self._request_timeout_s)
+            self._thread.call(self._seek(positions, strict=False), self._request_timeout_s)
         if self._delivery == "at_least_once" and not self._closed:
             self._commit_logged_sync()
 
@@ -654,11 +657,17 @@ class Consumer:
             start = committed.get(tp) if committed is not None else None
             self._fetchers[tp] = self._group.create_task(self._fetch_loop(tp, start))
 
-    async def _seek(self, positions: dict[TopicPartition, int], commit: bool = False) -> None:
-        """Restarts the fetchers of owned, active partitions at ``positions``."""
-        for tp in positions:
+    async def _seek(
+        self, positions: dict[TopicPartition, int], commit: bool = False, strict: bool = True
+    ) -> None:
+        """Restarts the fetchers of owned, active partitions at ``positions``; others
+        are an error if ``strict`` (the application's seek), else left alone (a rewind:
+        a partition revoked meanwhile is its next owner's to deliver)."""
+        for tp in list(positions):
             if tp not in self._owned or tp in self._revoking:
-                raise InvalidRequest(f"{tp[0]}/{tp[1]} is not assigned to this consumer")
+                if strict:
+                    raise InvalidRequest(f"{tp[0]}/{tp[1]} is not assigned to this consumer")
+                positions = {k: v for k, v in positions.items() if k != tp}
         await self._stop_fetchers(set(positions))
         for tp, offset in positions.items():
             self._buffer.seek(tp, offset)
