@@ -45,6 +45,28 @@ class CorruptBatch(InvalidRequest):
     code = "corrupt_batch"
 
 
+class CorruptRecord(CorruptBatch):
+    """Client side: a fetched record that cannot be decoded ("poison"). Names where it
+    is; ``consumer.seek(error.topic, error.partition, error.offset + 1)`` skips it, and
+    seeking to ``error.next_batch_offset`` skips the rest of its batch."""
+
+    code = "corrupt_record"  # client side only, never on the wire
+
+    def __init__(
+        self,
+        message: str = "",
+        topic: str = "",
+        partition: int = -1,
+        offset: int = -1,
+        next_batch_offset: int = -1,
+    ) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.next_batch_offset = next_batch_offset
+
+
 class RequestTooLarge(TideError):
     code = "request_too_large"
     http_status = 413

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -209,12 +210,22 @@ def _wrong_count(data: bytes) -> bytes:
     return bytes(damaged)
 
 
+def _poison_record(data: bytes) -> bytes:
+    """Valid CRC and record lengths, but record 1's key runs past its record (issue 6)."""
+    damaged = bytearray(data)
+    second = 61 + 4 + struct.unpack_from(">I", damaged, 61)[0]
+    struct.pack_into(">i", damaged, second + 8, 200)
+    struct.pack_into(">I", damaged, 17, zlib.crc32(memoryview(damaged)[21:]))
+    return bytes(damaged)
+
+
 BAD_PRODUCES: list[tuple[str, Callable[[bytes], bytes], dict[str, str], int, int, str]] = [
     ("crc", _corrupt_crc, {}, 0, 400, "corrupt_batch"),
     ("length", _wrong_length, {}, 0, 400, "corrupt_batch"),
     ("truncated", lambda b: b[:-3], {}, 0, 400, "corrupt_batch"),
     ("trailing garbage", lambda b: b + b"xyz", {}, 0, 400, "corrupt_batch"),
     ("record count", _wrong_count, {}, 0, 400, "corrupt_batch"),
+    ("poison record", _poison_record, {}, 0, 400, "corrupt_batch"),
     ("empty body", lambda b: b"", {}, 0, 400, "corrupt_batch"),
     ("not leader", lambda b: b, {}, 1, 421, "not_leader"),
     ("stale epoch", lambda b: b, {"leader_epoch": "0"}, 0, 409, "fenced_leader_epoch"),
