@@ -565,3 +565,16 @@ def test_a_failed_fsync_is_fail_stop_and_nothing_is_marked_clean(
             monkeypatch.undo()
 
     run(scenario)
+
+
+def test_a_weak_fsync_broker_says_when_it_did_not_shut_down_cleanly(tmp_path: Path) -> None:
+    def broker(fsync: FsyncPolicy) -> Broker:
+        config = BrokerConfig(1, tmp_path, "http://c", "http://b", LogConfig(fsync=fsync))
+        return Broker(config, lambda: HttpTransport(False, {}, 4, 1000), CollectorRegistry())
+
+    assert broker(FsyncPolicy.INTERVAL).unclean_weak_fsync  # no marker: a crash, maybe
+    clean = broker(FsyncPolicy.INTERVAL)
+    asyncio.run(clean.close())
+    assert not broker(FsyncPolicy.INTERVAL).unclean_weak_fsync  # closed cleanly
+    assert broker(FsyncPolicy.INTERVAL).unclean_weak_fsync  # the last run "crashed"
+    assert not broker(FsyncPolicy.ALWAYS).unclean_weak_fsync  # durable means durable

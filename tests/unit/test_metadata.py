@@ -191,3 +191,23 @@ def test_a_reelection_planned_before_a_failover_does_not_apply_after_it() -> Non
         for command in stale:
             state.apply(command)
     assert (state.partition("t", 0).leader_id, state.partition("t", 0).isr) == (2, [2])
+
+
+def test_a_broker_that_may_have_lost_acknowledged_records_neither_leads_nor_stays_in_sync() -> None:
+    """Review finding: under fsync=interval a leader that lost power and came back
+    within its session kept leading, and its followers truncated acknowledged records."""
+    state = build(history()[:5])  # orders: [1,2] [2,3] [3,1], leaders 1, 2, 3, full ISRs
+    commands = plan_reelection(state, 1, may_have_lost_acknowledged=True, live={1, 2, 3})
+    assert ChangeLeader("orders", 0, 2, (2,), 0) in commands  # another in-sync replica leads
+    assert ChangeIsr("orders", 2, (3,)) in commands  # out of the ISR where it follows
+    for command in commands:
+        state.apply(command)
+    assert state.partition("orders", 0).leader_id == 2
+    assert 1 not in state.partition("orders", 2).isr
+    # with nobody else in sync it keeps leading (in a new epoch): nothing better exists
+    alone = build(history()[:5])
+    alone.apply(ChangeIsr("orders", 0, (1,)))
+    [again] = [c for c in plan_reelection(alone, 1, True, live={1, 2, 3}) if c.partition == 0]
+    assert again == ChangeLeader("orders", 0, 1, (1,), 0)
+    # a clean restart (or fsync=always) only bumps the epoch
+    assert plan_reelection(build(history()[:5]), 1) == [ChangeLeader("orders", 0, 1, (1, 2), 0)]

@@ -72,7 +72,7 @@ from tidemq.service.app import build_app
 from tidemq.service.callers import ANY, CLIENTS, broker_self
 from tidemq.service.failstop import fail_stop
 from tidemq.service.http import Endpoint, check_int, query_int, read_json_object
-from tidemq.storage import LogConfig
+from tidemq.storage import FsyncPolicy, LogConfig
 from tidemq.storage.checkpoint import write_atomically
 from tidemq.transport import HttpTransport
 from tidemq.wire import control
@@ -87,6 +87,7 @@ MAX_WAIT_MS = 30_000
 MAX_FETCH_BYTES = 8 * 1024 * 1024
 PRODUCE_TIMEOUT_S = 30.0
 CLUSTER_ID_FILE = "cluster-id"
+CLEAN_SHUTDOWN_FILE = "clean-shutdown"
 REPLICA_FETCH_BYTES = 4 * 1024 * 1024
 TICK_INTERVAL_S = 0.25
 
@@ -261,6 +262,7 @@ class Broker:
         self._transport: HttpTransport | None = None
         self.registered = False
         self.cluster_id = self._read_cluster_id()
+        self.unclean_weak_fsync = self._consume_clean_shutdown_marker()
         self.cluster_mismatch: str | None = None
         self._deleted_ids_scanned: set[str] | None = None
         self.heartbeat_interval_ms = config.heartbeat_interval_ms
@@ -534,6 +536,7 @@ class Broker:
             broker_id=self.config.broker_id,
             url=self.config.advertised_url,
             cluster_id=self.cluster_id,
+            unclean_weak_fsync=self.unclean_weak_fsync,
         )
         answer = control.decode(
             await self._coordinator_call("/v1/brokers/register", request),
@@ -542,6 +545,7 @@ class Broker:
         self._adopt_cluster_id(answer.cluster_id)
         self.heartbeat_interval_ms = answer.heartbeat_interval_ms
         self.registered = True
+        self.unclean_weak_fsync = False  # said once: the coordinator acted on it
         event(
             log,
             "broker_registered",
@@ -890,6 +894,7 @@ class Broker:
                     )
 
     async def close(self) -> None:
+        """A clean shutdown: every log synced and closed, then the broker-wide marker."""
         for key in list(self._followers):
             self._stop_follower(key)
         await self.syncer.close()
@@ -898,6 +903,17 @@ class Broker:
         self.replicas.clear()
         if self._transport is not None:
             await self._transport.close()
+        if self.config.data_dir.exists():
+            write_atomically(self.config.data_dir / CLEAN_SHUTDOWN_FILE, "")
+
+    def _consume_clean_shutdown_marker(self) -> bool:
+        """True when this broker runs a weaker fsync policy than ``always`` and its last
+        run did not end cleanly: an OS crash may have taken what it counted as durable.
+        The marker is removed, so a crash of this run counts as unclean next time."""
+        marker = self.config.data_dir / CLEAN_SHUTDOWN_FILE
+        clean = marker.exists()
+        marker.unlink(missing_ok=True)
+        return not clean and self.config.log_config.fsync is not FsyncPolicy.ALWAYS
 
 
 @dataclass(frozen=True)

@@ -686,7 +686,9 @@ class _Handlers:
         # A new broker process leads nothing in an epoch it led before it (re)started.
         # Planned under the write lock: from the state it will be applied to.
         async with self.c.write_lock:
-            reelections = plan_reelection(self.c.state, broker_id)
+            reelections = plan_reelection(
+                self.c.state, broker_id, body.unclean_weak_fsync, self.c.live_brokers()
+            )
             changed = self.c.state.brokers.get(broker_id) != url
             await self.c.commit_locked(
                 [RegisterBroker(broker_id, url), *reelections] if changed else reelections

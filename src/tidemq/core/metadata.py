@@ -737,20 +737,38 @@ def _partition_failover(
     return None
 
 
-def plan_reelection(state: ClusterState, broker_id: int) -> list[Command]:
+def plan_reelection(
+    state: ClusterState,
+    broker_id: int,
+    may_have_lost_acknowledged: bool = False,
+    live: Collection[int] = (),
+) -> list[Command]:
     """A broker (re)registered: a new process, which may have lost what it had not
     fsynced. For every partition it leads, the same leader in a new epoch (same ISR:
     everything committed is durable on it). Without the bump it would lead on in the
     old epoch and could write new records at offsets its followers already hold from
-    before the crash, with the same epoch, where no divergence check could see it."""
+    before the crash, with the same epoch, where no divergence check could see it.
+
+    ``may_have_lost_acknowledged``: the broker runs a weaker fsync policy than
+    ``always`` and did not shut down cleanly, so what it counted as durable (and
+    acknowledged) may be gone. Then it must neither lead (another live ISR member
+    takes over, when there is one) nor stay in any ISR until it has caught up again;
+    otherwise its followers would truncate acknowledged records to match it."""
     commands: list[Command] = []
     for name, topic in sorted(state.topics.items()):
         for index, partition in enumerate(topic.partitions):
+            others = tuple(b for b in partition.isr if b != broker_id)
+            epoch = partition.leader_epoch
             if partition.leader_id == broker_id:
-                command = ChangeLeader(
-                    name, index, broker_id, tuple(partition.isr), partition.leader_epoch
-                )
-                commands.append(command)
+                successor = next((b for b in others if b in live), None)
+                if may_have_lost_acknowledged and successor is not None:
+                    commands.append(ChangeLeader(name, index, successor, others, epoch))
+                else:
+                    commands.append(
+                        ChangeLeader(name, index, broker_id, tuple(partition.isr), epoch)
+                    )
+            elif may_have_lost_acknowledged and broker_id in partition.isr and others:
+                commands.append(ChangeIsr(name, index, others))
     return commands
 
 

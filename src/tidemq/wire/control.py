@@ -36,6 +36,9 @@ class BrokerRegistration(msgspec.Struct, frozen=True, forbid_unknown_fields=Fals
     broker_id: BrokerId
     url: Url
     cluster_id: Id = ""
+    # It runs fsync=interval|never and did not shut down cleanly: what it acknowledged
+    # may be lost, so it must not lead or count as in sync until it has caught up.
+    unclean_weak_fsync: bool = False
 
 
 class RegistrationAnswer(msgspec.Struct, frozen=True):
