@@ -70,8 +70,8 @@ class ServiceOptions:
     extra_broker_args: tuple[str, ...] = field(default=())
 
 
-def url_for(port: int, plain_http: bool) -> str:
-    return f"{'http' if plain_http else 'https'}://{HOST}:{port}"
+def url_for(port: int, plain_http: bool, host: str = HOST) -> str:
+    return f"{'http' if plain_http else 'https'}://{host}:{port}"
 
 
 def _module_argv(python: str, role: str) -> list[str]:
@@ -104,6 +104,7 @@ def coordinator_argv(
     options: ServiceOptions,
     broker_count: int,
     python: str = sys.executable,
+    host: str = HOST,
 ) -> list[str]:
     """The coordinator's argv. With fewer than 2 brokers the default replication
     factor drops to the broker count so that topics can be created at all."""
@@ -113,9 +114,9 @@ def coordinator_argv(
     return [
         *_module_argv(python, "coordinator"),
         "--data-dir", str(layout.process_dir(COORDINATOR)),
-        "--host", HOST,
+        "--host", host,
         "--port", str(port),
-        "--advertised-url", url_for(port, options.plain_http),
+        "--advertised-url", url_for(port, options.plain_http, host),
         *_tls_args(tls, options.plain_http),
         *_optional("--session-timeout-ms", options.session_timeout_ms),
         *_optional("--default-partitions", options.default_partitions),
@@ -131,14 +132,17 @@ def broker_argv(
     tls: TlsFiles | None,
     options: ServiceOptions,
     python: str = sys.executable,
+    host: str = HOST,
 ) -> list[str]:
+    """``host``: the address the broker listens on and advertises (the fault harness
+    gives each broker its own network namespace and address)."""
     return [
         *_module_argv(python, "broker"),
         "--id", str(broker_id),
         "--data-dir", str(layout.process_dir(broker_name(broker_id))),
-        "--host", HOST,
+        "--host", host,
         "--port", str(port),
-        "--advertised-url", url_for(port, options.plain_http),
+        "--advertised-url", url_for(port, options.plain_http, host),
         "--coordinator", coordinator_url,
         *_tls_args(tls, options.plain_http),
         *_optional("--fsync", options.fsync),
