@@ -8,7 +8,9 @@ from typing import Any
 from tests.fault.harness.checker import check, percentile, violations
 
 
-def ack(producer: str, key: str, seq: int, offset: int, t: float, partition: int = 0) -> dict[str, Any]:
+def ack(
+    producer: str, key: str, seq: int, offset: int, t: float, partition: int = 0
+) -> dict[str, Any]:
     return {
         "type": "ack", "producer": producer, "key": key, "seq": seq, "topic": "t",
         "partition": partition, "offset": offset, "t": t,
@@ -97,11 +99,15 @@ def test_reordered_acknowledgements_are_caught() -> None:
 
 
 def test_consumer_seeing_keys_out_of_order_is_caught() -> None:
-    events = clean_history()
-    events.append(recv("c2", "p", "k", 2, 2, 30.0))
-    events.append(recv("c2", "p", "k", 0, 3, 31.0))  # offset grows, seq goes back
+    # no readable log here, so only the consumer's own view can show the reordering
+    events = [
+        recv("c2", "p", "k", 2, 2, 30.0),
+        recv("c2", "p", "k", 0, 3, 31.0),
+        done(complete=False),
+    ]
     verdict = check(events)
     assert verdict["order_violations"] == 1
+    assert verdict["redeliveries"] == 0
 
 
 def test_consumer_rewind_is_redelivery_not_reordering() -> None:
@@ -146,3 +152,19 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile([], 0.5) is None
     assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
     assert percentile(list(map(float, range(1, 101))), 0.99) == 99.0
+
+
+def test_duplicate_appended_after_later_records_is_one_duplicate_not_a_reordering() -> None:
+    events = clean_history()
+    events.insert(-1, final("p", "k", 1, 3))  # a retried batch with seq 1 lands after seq 2
+    events.append(recv("c", "p", "k", 1, 3, 30.0))  # and the consumer reads that copy
+    verdict = check(events)
+    assert verdict["duplicates"] == 1
+    assert verdict["order_violations"] == 0
+    assert verdict["receipt_conflicts"] == 0
+
+
+def test_consumer_reading_a_record_the_log_holds_elsewhere_is_a_conflict() -> None:
+    events = clean_history()
+    events.append(recv("c", "p", "k", 0, 2, 30.0))  # offset 2 holds seq 2, not seq 0
+    assert check(events)["receipt_conflicts"] == 1

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.fault.harness.network import Network
 from tidemq.cli.launch import (
     CLIENT,
     COORDINATOR,
@@ -41,7 +42,6 @@ from tidemq.cli.launch import (
 )
 from tidemq.cli.model import BrokerEntry, ClusterInfo, CoordinatorEntry, write_cluster_file
 from tidemq.tls import TlsFiles, client_context, ensure_cluster_pki
-from tests.fault.harness.network import Network
 
 COORDINATOR_PORT = 9000
 BROKER_PORT = 9100

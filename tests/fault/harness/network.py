@@ -81,9 +81,12 @@ def _routes_overlap(subnet: ipaddress.IPv4Network) -> bool:
             network = ipaddress.ip_network(destination, strict=False)
         except ValueError:
             continue
-        if isinstance(network, ipaddress.IPv4Network) and network.prefixlen > 0:
-            if network.overlaps(subnet):
-                return True
+        if (
+            isinstance(network, ipaddress.IPv4Network)
+            and network.prefixlen > 0
+            and (network.overlaps(subnet))
+        ):
+            return True
     return False
 
 
@@ -91,7 +94,9 @@ def choose_subnet(seed: int) -> ipaddress.IPv4Network:
     """A /28 in 10.0.0.0/8 that no route of this machine touches, starting at ``seed``."""
     for attempt in range(256):
         index = (seed + attempt * 7919) % (1 << 20)
-        subnet = ipaddress.ip_network(f"10.{index >> 12}.{(index >> 4) & 255}.{(index & 15) << 4}/28")
+        subnet = ipaddress.ip_network(
+            f"10.{index >> 12}.{(index >> 4) & 255}.{(index & 15) << 4}/28"
+        )
         assert isinstance(subnet, ipaddress.IPv4Network)
         if not _routes_overlap(subnet):
             return subnet
@@ -115,7 +120,9 @@ def sweep_stale() -> list[str]:
         if dead(name):
             _run(["ip", "netns", "delete", name], check=False)
             removed.append(name)
-    for line in _run(["ip", "-o", "link", "show", "type", "bridge"], check=False).stdout.splitlines():
+    for line in _run(
+        ["ip", "-o", "link", "show", "type", "bridge"], check=False
+    ).stdout.splitlines():
         parts = line.split(":")
         name = parts[1].strip().split("@")[0] if len(parts) > 1 else ""
         if name.startswith(PREFIX + "b") and dead(PREFIX + name[len(PREFIX) + 1 :]):
