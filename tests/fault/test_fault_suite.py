@@ -12,7 +12,6 @@ brokers down past the session timeout, so failovers really happen.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -26,12 +25,17 @@ from tests.fault.harness.checker import violations
 from tests.fault.harness.cluster import FaultCluster
 from tests.fault.harness.nemesis import NETWORK_KINDS, NemesisConfig
 from tests.fault.harness.network import NamespaceNetwork, create_network, namespaces_available
-from tests.fault.harness.runner import RunConfig, run
+from tests.fault.harness.runner import RunConfig, run, strict_duplicates
+
+# A client whose broker dies or vanishes mid-request can leave a socket for the garbage
+# collector (ResourceWarning); under a nemesis that is expected noise, not a failure
+# of the test. Anything else raised in __del__ still fails the suite.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <(socket.socket|function _SelectorTransport.__del__)"
+    ":pytest.PytestUnraisableExceptionWarning"
+)
 
 PER_KIND = 20
-# Duplicates need the broker to recognise a retried batch (idempotent producer state
-# that survives a restart); until then they are reported, and asserted on request.
-STRICT_DUPLICATES = os.environ.get("TIDE_FAULT_STRICT_DUPLICATES") == "1"
 
 
 def keep_on_failure(root: Path, verdict: dict[str, object]) -> str:
@@ -43,10 +47,14 @@ def keep_on_failure(root: Path, verdict: dict[str, object]) -> str:
 
 
 def test_faults_lose_no_acknowledged_record(tmp_path: Path) -> None:
-    config = RunConfig(nemesis=NemesisConfig(per_kind=PER_KIND, max_duration_s=240.0, seed=1))
+    nemesis = NemesisConfig(
+        per_kind=PER_KIND, max_duration_s=240.0, seed=1, lanes=3,
+        fault_s=(0.3, 1.2), quiet_s=(0.1, 0.4),
+    )  # fmt: skip
+    config = RunConfig(nemesis=nemesis)
     verdict = run(tmp_path, config)
     print(json.dumps(verdict))
-    problems = [p for p in violations(verdict) if STRICT_DUPLICATES or "duplicates" not in p]
+    problems = violations(verdict, duplicates=strict_duplicates())
     assert problems == [], keep_on_failure(tmp_path, verdict)
     assert verdict["acknowledged_lost"] == 0
     assert verdict["order_violations"] == 0
@@ -71,7 +79,7 @@ def test_loopback_fallback_runs_process_faults(tmp_path: Path) -> None:
     )
     verdict = run(tmp_path, config)
     assert verdict["network"] == "loopback"
-    assert violations(verdict) == [], json.dumps(verdict)
+    assert violations(verdict, duplicates=strict_duplicates()) == [], json.dumps(verdict)
     assert not set(verdict["faults"]) & set(NETWORK_KINDS)
     assert all(verdict["faults"].get(k, 0) >= 2 for k in ("broker_kill", "broker_pause"))
 

@@ -17,8 +17,22 @@ from tests.fault.harness.failover import measure_leader_kills
 from tests.fault.harness.history import HistoryWriter, read_history
 from tests.fault.harness.load import ProducerWorker
 from tests.fault.harness.network import create_network
-from tests.fault.harness.runner import TopicSpec, final_read, replication_available
+from tests.fault.harness.runner import (
+    TopicSpec,
+    final_read,
+    record_replica_logs,
+    replication_available,
+    strict_duplicates,
+)
 from tidemq import Admin
+
+# A client whose broker dies or vanishes mid-request can leave a socket for the garbage
+# collector (ResourceWarning); under a nemesis that is expected noise, not a failure
+# of the test. Anything else raised in __del__ still fails the suite.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <(socket.socket|function _SelectorTransport.__del__)"
+    ":pytest.PytestUnraisableExceptionWarning"
+)
 
 SESSION_TIMEOUT_MS = 3000
 KILLS = 8
@@ -51,11 +65,14 @@ def test_leader_kill_failover_time(tmp_path: Path) -> None:
     finally:
         for producer in producers:
             producer.stop_event.set()
-        history.close()
         cluster.close()
         network.destroy()
+        try:
+            record_replica_logs(cluster, history, (topic,))
+        finally:
+            history.close()
     verdict = check(read_history(tmp_path / "history.jsonl"))
-    assert violations(verdict) == [], json.dumps(verdict)
+    assert violations(verdict, duplicates=strict_duplicates()) == [], json.dumps(verdict)
     assert summary["stayed_offline"] == 0, summary
     assert summary["kills"] == KILLS
     assert summary["p99_ms"] is not None

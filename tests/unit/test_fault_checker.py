@@ -168,3 +168,22 @@ def test_consumer_reading_a_record_the_log_holds_elsewhere_is_a_conflict() -> No
     events = clean_history()
     events.append(recv("c", "p", "k", 0, 2, 30.0))  # offset 2 holds seq 2, not seq 0
     assert check(events)["receipt_conflicts"] == 1
+
+
+def replica(broker: int, seq: int, offset: int, epoch: int) -> dict[str, Any]:
+    return {
+        "type": "replica_record", "broker": broker, "producer": "p", "key": "k", "seq": seq,
+        "topic": "t", "partition": 0, "offset": offset, "epoch": epoch,
+    }  # fmt: skip
+
+
+def test_two_brokers_writing_one_offset_in_one_epoch_is_a_double_leader() -> None:
+    events = [*clean_history(), replica(1, 2, 2, 4), replica(2, 2, 2, 4)]
+    assert check(events)["double_leaders"] == 0  # replicas agree
+    assert check(events)["replica_records"] == 2
+    events += [replica(3, 0, 2, 4)]  # a third broker wrote another record there in epoch 4
+    assert check(events)["double_leaders"] == 1
+    # a divergent tail from another epoch is what truncation is for, not a double leader
+    assert (
+        check([*clean_history(), replica(1, 2, 2, 4), replica(3, 0, 2, 5)])["double_leaders"] == 0
+    )

@@ -15,7 +15,10 @@ Input: the events of :mod:`tests.fault.harness.history`. Output: a dict that
 * ``duplicates``: the same (producer, key, seq) at more than one offset of the log.
 * ``double_leaders``: one (topic, partition, offset) acknowledged for two different
   records: two brokers both accepted writes at that position, i.e. two leaders (in
-  the same epoch, or a deposed one that went on acknowledging). ``offset_mismatches``:
+  the same epoch, or a deposed one that went on acknowledging); plus, from the
+  brokers' own logs read after the run (``replica_record`` events), one (topic,
+  partition, offset, leader epoch) holding different records on two brokers: two
+  leaders accepted writes in one epoch. ``offset_mismatches``:
   an acknowledged record found in the log at another offset than acknowledged (the
   acknowledged position was overwritten).
 * ``receipt_conflicts``: a consumer received at (topic, partition, offset) a record that
@@ -83,6 +86,8 @@ class _Sorted:
         self.receipts: list[dict[str, Any]] = []
         self.final: dict[TopicPartition, dict[int, RecordId]] = defaultdict(dict)
         self.final_partitions: dict[TopicPartition, bool] = {}
+        self.replicas: dict[tuple[str, int, int, int], set[RecordId]] = defaultdict(set)
+        self.replica_records = 0
         for event in events:
             kind = event.get("type")
             if kind == "fault" and event.get("phase") == "start":
@@ -96,6 +101,11 @@ class _Sorted:
                 self.receipts.append(event)
             elif kind == "final":
                 self.final[_tp(event)][int(event["offset"])] = _record_id(event)
+            elif kind == "replica_record":
+                tp = _tp(event)
+                key = (tp[0], tp[1], int(event["offset"]), int(event["epoch"]))
+                self.replicas[key].add(_record_id(event))
+                self.replica_records += 1
             elif kind == "final_partition":
                 self.final_partitions[_tp(event)] = bool(event.get("complete"))
         self.fault_starts.sort()
@@ -233,7 +243,9 @@ def check(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "lost_examples": [":".join(map(str, r)) for r in acks["lost"][:5]],
         "order_violations": log_order + acks["order_violations"] + receipts["order"],
         "duplicates": duplicates,
-        "double_leaders": acks["double_leaders"],
+        "double_leaders": acks["double_leaders"]
+        + sum(1 for records in run.replicas.values() if len(records) > 1),
+        "replica_records": run.replica_records,
         "offset_mismatches": acks["offset_mismatches"],
         "receipt_conflicts": receipts["conflicts"],
         "received": len(run.receipts),
@@ -246,9 +258,11 @@ def check(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def violations(verdict: dict[str, Any]) -> list[str]:
-    """Human-readable reasons why ``verdict`` is not safe; empty when it is."""
-    problems = [f"{name} = {verdict[name]}" for name in SAFETY_FIELDS if verdict.get(name)]
+def violations(verdict: dict[str, Any], duplicates: bool = True) -> list[str]:
+    """Human-readable reasons why ``verdict`` is not safe; empty when it is.
+    ``duplicates=False`` leaves duplicates out (reported, not judged)."""
+    fields = [name for name in SAFETY_FIELDS if duplicates or name != "duplicates"]
+    problems = [f"{name} = {verdict[name]}" for name in fields if verdict.get(name)]
     if not verdict.get("final_read_complete"):
         problems.append(f"final read incomplete: {verdict.get('unreadable_partitions')}")
     return problems

@@ -29,6 +29,7 @@ from tests.fault.harness.history import HistoryWriter, decode_value, read_histor
 from tests.fault.harness.load import ConsumerWorker, ProducerWorker
 from tests.fault.harness.nemesis import Nemesis, NemesisConfig
 from tests.fault.harness.network import create_network
+from tests.fault.harness.replica_logs import replica_records
 from tidemq import Admin
 from tidemq.errors import TideError
 
@@ -40,6 +41,13 @@ def replication_available() -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     return importlib.util.find_spec("tidemq.core.replica") is not None
+
+
+def strict_duplicates() -> bool:
+    """Do the tests fail on duplicates? Not until brokers recognise a retried batch
+    across a restart (idempotent producer state); ``TIDE_FAULT_STRICT_DUPLICATES=1``
+    turns it on. Duplicates are always reported."""
+    return os.environ.get("TIDE_FAULT_STRICT_DUPLICATES") == "1"
 
 
 @dataclass(frozen=True)
@@ -104,9 +112,12 @@ def run(root: Path, config: RunConfig) -> dict[str, Any]:
         _say("run failed; process log tails:\n" + cluster.log_tails())
         raise
     finally:
-        history.close()
         cluster.close()
         network.destroy()
+        try:
+            record_replica_logs(cluster, history, config.topics)
+        finally:
+            history.close()
     verdict = check(read_history(root / "history.jsonl"))
     verdict["network"] = network.kind
     verdict["replication"] = replicated
@@ -156,6 +167,14 @@ def _run_load_under_faults(
         for consumer in consumers:
             consumer.stop()
     _say(f"load stopped: {sum(p.sent for p in producers)} sent, {acked} acknowledged")
+
+
+def record_replica_logs(
+    cluster: FaultCluster, history: HistoryWriter, topics: tuple[TopicSpec, ...]
+) -> None:
+    """Every broker's logs as ``replica_record`` events (call once every process stopped)."""
+    for fields in replica_records(cluster.root, {topic.name for topic in topics}):
+        history.write("replica_record", **fields)
 
 
 def _all_received(producers: list[ProducerWorker], consumers: list[ConsumerWorker]) -> bool:
