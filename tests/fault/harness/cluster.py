@@ -21,6 +21,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -91,6 +92,7 @@ class FaultCluster:
         self.services: dict[str, Service] = {}
         self._tls: dict[str, TlsFiles] = {}
         self._ssl: ssl.SSLContext | None = None
+        self._lock = threading.Lock()  # nemesis lanes start processes concurrently
 
     @staticmethod
     def host_names(brokers: int) -> list[str]:
@@ -147,6 +149,11 @@ class FaultCluster:
     # -- processes ---------------------------------------------------------------------
 
     def launch(self, name: str) -> None:
+        with self._lock:
+            self._launch(name)
+            self._write_cluster_file()
+
+    def _launch(self, name: str) -> None:
         service = self.services[name]
         if service.running():
             raise ClusterError(f"{name} is already running (pid {service.pid})")
@@ -165,7 +172,6 @@ class FaultCluster:
             )
         service.paused = False
         service.history.append(service.process)
-        self._write_cluster_file()
 
     def signal(self, name: str, signum: int) -> None:
         service = self.services[name]
