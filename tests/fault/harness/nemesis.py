@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from tests.fault.harness.cluster import FaultCluster
 from tests.fault.harness.history import HistoryWriter
+from tests.fault.harness.network import NamespaceNetwork
 from tidemq.cli.launch import COORDINATOR, broker_name
 
 PROCESS_KINDS = ("broker_kill", "broker_pause", "broker_restart", "coordinator_restart")
@@ -186,27 +187,31 @@ class Nemesis:
             self.cluster.signal(target, signal.SIGCONT)
         return {"seconds": round(duration, 3)}
 
-    def _network(self, target: str, hurt: Callable[[], None]) -> dict[str, object]:
+    def _namespaces(self) -> NamespaceNetwork:
         network = self.cluster.network
-        assert network.kind == "netns"
+        if not isinstance(network, NamespaceNetwork):
+            raise RuntimeError("network faults need network namespaces")
+        return network
+
+    def _network(self, target: str, hurt: Callable[[NamespaceNetwork], None]) -> dict[str, object]:
+        network = self._namespaces()
         duration = self._duration()
         try:
-            hurt()
+            hurt(network)
             self._stop.wait(duration)
         finally:
-            network.heal(target)  # type: ignore[union-attr]
+            network.heal(target)
         return {"seconds": round(duration, 3)}
 
     def _link_down(self, target: str) -> dict[str, object]:
-        return self._network(target, lambda: self.cluster.network.link_down(target))  # type: ignore[union-attr]
+        return self._network(target, lambda network: network.link_down(target))
 
     def _isolate(self, target: str) -> dict[str, object]:
-        return self._network(target, lambda: self.cluster.network.isolate(target))  # type: ignore[union-attr]
+        return self._network(target, lambda network: network.isolate(target))
 
     def _packet_loss(self, target: str) -> dict[str, object]:
         probability = self.config.loss_probability
-        network = self.cluster.network
-        return self._network(target, lambda: network.lossy(target, probability))  # type: ignore[union-attr]
+        return self._network(target, lambda network: network.lossy(target, probability))
 
     def heal_all(self, timeout_s: float = 60.0) -> None:
         """Everything back: paused processes continued, dead ones started, links healed."""
@@ -216,7 +221,7 @@ class Nemesis:
                 cluster.signal(name, signal.SIGCONT)
             if not service.running():
                 cluster.launch(name)
-            if cluster.network.supports_network_faults and name != COORDINATOR:
-                cluster.network.heal(name)  # type: ignore[union-attr]
+            if isinstance(cluster.network, NamespaceNetwork) and name != COORDINATOR:
+                cluster.network.heal(name)
         cluster.wait_healthy(timeout_s)
         self.history.write("note", what="healed")

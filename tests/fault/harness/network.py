@@ -174,7 +174,6 @@ class NamespaceNetwork:
         self._bridge_address = str(addresses[0])
         self._addresses = {host: str(addresses[i + 1]) for i, host in enumerate(hosts)}
         self._forwarding = _read("/proc/sys/net/ipv4/ip_forward")
-        self._built: list[str] = []
 
     def namespace(self, host: str) -> str:
         return f"{PREFIX}{self.tag}-{host}"
@@ -200,13 +199,11 @@ class NamespaceNetwork:
     def build(self) -> NamespaceNetwork:
         prefix = f"{self.subnet.prefixlen}"
         _run(["ip", "link", "add", self.bridge, "type", "bridge"])
-        self._built.append("bridge")
         _run(["ip", "addr", "add", f"{self._bridge_address}/{prefix}", "dev", self.bridge])
         _run(["ip", "link", "set", self.bridge, "up"])
         for host in self.hosts:
             namespace, veth = self.namespace(host), self._veth(host)
             _run(["ip", "netns", "add", namespace])
-            self._built.append(namespace)
             _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", veth + "p"])
             _run(["ip", "link", "set", veth, "master", self.bridge, "up"])
             _run(["ip", "link", "set", veth + "p", "netns", namespace])
@@ -234,7 +231,6 @@ class NamespaceNetwork:
         _run(["ip", "link", "delete", self.bridge], check=False)
         for host in self.hosts:
             _run(["ip", "link", "delete", self._veth(host)], check=False)
-        self._built.clear()
 
     def leftovers(self) -> list[str]:
         """Names of ours that still exist (for the teardown test)."""
