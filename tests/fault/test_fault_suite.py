@@ -12,76 +12,64 @@ brokers down past the session timeout, so failovers really happen.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
+from tests.fault.conftest import keep, run_scenario
 from tests.fault.harness.checker import violations
 from tests.fault.harness.cluster import FaultCluster
-from tests.fault.harness.nemesis import NETWORK_KINDS, NemesisConfig
+from tests.fault.harness.nemesis import ALL_KINDS, NETWORK_KINDS, PROCESS_KINDS
 from tests.fault.harness.network import NamespaceNetwork, create_network, namespaces_available
-from tests.fault.harness.runner import RunConfig, run, strict_duplicates
-
-# A client whose broker dies or vanishes mid-request can leave a socket for the garbage
-# collector (ResourceWarning); under a nemesis that is expected noise, not a failure
-# of the test. Anything else raised in __del__ still fails the suite.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <(socket.socket|function _SelectorTransport.__del__)"
-    ":pytest.PytestUnraisableExceptionWarning"
-)
+from tests.fault.harness.runner import strict_duplicates
 
 PER_KIND = 20
 
 
-def keep_on_failure(root: Path, verdict: dict[str, object]) -> str:
-    """Copies the history and logs out of pytest's rotating tmp dirs; returns where."""
-    kept = Path(tempfile.mkdtemp(prefix="tidemq-fault-failed-"))
-    shutil.copy(root / "history.jsonl", kept)
-    shutil.copytree(root / "cluster" / "logs", kept / "logs")
-    return f"{json.dumps(verdict)}\nhistory and logs kept in {kept}"
-
-
 def test_faults_lose_no_acknowledged_record(tmp_path: Path) -> None:
-    nemesis = NemesisConfig(
-        per_kind=PER_KIND, max_duration_s=240.0, seed=1, lanes=3,
-        fault_s=(0.3, 1.2), quiet_s=(0.1, 0.4),
+    verdict = run_scenario(
+        "tests.fault.run", "--per-kind", str(PER_KIND), "--minutes", "4", "--lanes", "3",
+        "--fault-s", "0.3,1.2", "--quiet-s", "0.1,0.4", "--seed", "1",
+        root=tmp_path, timeout_s=420.0,
     )  # fmt: skip
-    config = RunConfig(nemesis=nemesis)
-    verdict = run(tmp_path, config)
     print(json.dumps(verdict))
-    problems = violations(verdict, duplicates=strict_duplicates())
-    assert problems == [], keep_on_failure(tmp_path, verdict)
+    explain = f"{json.dumps(verdict)}\n{keep(tmp_path)}" if violations(verdict) else ""
+    assert violations(verdict, duplicates=strict_duplicates()) == [], explain
     assert verdict["acknowledged_lost"] == 0
     assert verdict["order_violations"] == 0
     assert verdict["double_leaders"] == 0
-    expected = set(config.nemesis.kinds)
-    if verdict["network"] != "netns":
-        expected -= set(NETWORK_KINDS)
+    expected = ALL_KINDS if verdict["network"] == "netns" else PROCESS_KINDS
     for kind in expected:
-        assert verdict["faults"].get(kind, 0) >= PER_KIND, verdict["faults"]
+        assert verdict["faults"].get(kind, 0) >= PER_KIND, (verdict["faults"], explain)
     assert verdict["acknowledged"] > 1000
     assert verdict["nemesis_errors"] == []
 
 
 def test_loopback_fallback_runs_process_faults(tmp_path: Path) -> None:
     """Where namespaces are unavailable the harness runs on loopback and says so."""
-    config = RunConfig(
-        network="loopback",
-        topics=RunConfig().topics[:1],
-        producers_per_topic=1,
-        consumers=1,
-        nemesis=NemesisConfig(per_kind=2, max_duration_s=60.0, seed=2),
-    )
-    verdict = run(tmp_path, config)
+    verdict = run_scenario(
+        "tests.fault.run", "--network", "loopback", "--per-kind", "2", "--minutes", "1",
+        "--topics", "rf2:4:2", "--producers-per-topic", "1", "--consumers", "1",
+        root=tmp_path, timeout_s=180.0,
+    )  # fmt: skip
     assert verdict["network"] == "loopback"
     assert violations(verdict, duplicates=strict_duplicates()) == [], json.dumps(verdict)
     assert not set(verdict["faults"]) & set(NETWORK_KINDS)
-    assert all(verdict["faults"].get(k, 0) >= 2 for k in ("broker_kill", "broker_pause"))
+    assert all(verdict["faults"].get(kind, 0) >= 2 for kind in PROCESS_KINDS), verdict
+
+
+def test_scenario_command_rejects_bad_arguments(tmp_path: Path) -> None:
+    for bad in (["--kinds", "broker_kill,meteor"], ["--topics", "x:1"], ["--fault-s", "2,1"]):
+        completed = subprocess.run(
+            [sys.executable, "-m", "tests.fault.run", *bad, "--dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert completed.returncode == 2, completed.stderr
+        assert "error" in completed.stderr
+    assert not (tmp_path / "history.jsonl").exists()
 
 
 @pytest.mark.skipif(not namespaces_available()[0], reason="network namespaces unavailable")
