@@ -106,7 +106,7 @@ def run(root: Path, config: RunConfig) -> dict[str, Any]:
     try:
         cluster.start()
         nemesis = Nemesis(cluster, history, _nemesis_config(config, replicated))
-        _run_load_under_faults(cluster, history, config, nemesis)
+        _run_load_under_faults(cluster, history, config, nemesis, replicated)
         final_read(cluster, history, config.topics, config.recover_timeout_s)
     except BaseException:
         _say("run failed; process log tails:\n" + cluster.log_tails())
@@ -127,8 +127,23 @@ def run(root: Path, config: RunConfig) -> dict[str, Any]:
     return verdict
 
 
+def _full_isr(cluster: FaultCluster, topics: tuple[TopicSpec, ...]) -> bool:
+    try:
+        return all(
+            sorted(partition["isr"]) == sorted(partition["replicas"])
+            for topic in topics
+            for partition in cluster.topic(topic.name)["partitions"]
+        )
+    except (OSError, urllib.error.URLError, ValueError, KeyError):
+        return False
+
+
 def _run_load_under_faults(
-    cluster: FaultCluster, history: HistoryWriter, config: RunConfig, nemesis: Nemesis
+    cluster: FaultCluster,
+    history: HistoryWriter,
+    config: RunConfig,
+    nemesis: Nemesis,
+    replicated: bool,
 ) -> None:
     client = cluster.client_config
     with Admin(**client) as admin:
@@ -151,6 +166,9 @@ def _run_load_under_faults(
     try:
         if not _wait_for(lambda: all(p.acked > 0 for p in producers), 30.0):
             raise RuntimeError("producers got no acknowledgement before any fault")
+        # the first fault meets a healthy cluster: with replication, every replica in sync
+        if replicated and not _wait_for(lambda: _full_isr(cluster, config.topics), 60.0):
+            raise RuntimeError("the ISRs never filled up before the first fault")
         _say(f"load running; nemesis starts: {nemesis.kinds}, {nemesis.config.per_kind} each")
         nemesis.start()
         nemesis.wait(nemesis.config.max_duration_s + 120.0)
