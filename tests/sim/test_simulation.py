@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from tests.sim.cluster import InvariantBroken, Simulation
 
 SEEDS = int(os.environ.get("TIDE_SIM_SEEDS", "2000"))

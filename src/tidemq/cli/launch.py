@@ -143,6 +143,8 @@ def broker_argv(
     host: str = HOST,
     advertised_host: str = HOST,
 ) -> list[str]:
+    """``host``: the address the broker listens on and advertises (the fault harness
+    gives each broker its own network namespace and address)."""
     return [
         *_module_argv(python, "broker"),
         "--id", str(broker_id),
