@@ -18,6 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from tidemq.broker.idempotence import load_producer_state
 from tidemq.errors import NotLeader, RequestTimedOut
 from tidemq.storage import FsyncPolicy, LogConfig, PartitionLog
 
@@ -60,6 +61,8 @@ class PartitionReplica:
         self.high_watermark = self._durable_end()
         self._progress = asyncio.Event()
         self.closed = False
+        # Idempotent producers (broker/idempotence.py): rebuilt from the log on open.
+        self.producers = load_producer_state(log)
 
     @classmethod
     def open(

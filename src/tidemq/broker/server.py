@@ -27,6 +27,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tidemq.broker.idempotence import append_idempotent
 from tidemq.broker.partition import (
     Assignment,
     PartitionReplica,
@@ -169,18 +170,21 @@ class Broker:
 
     async def produce(
         self, topic: str, partition: int, body: bytes, acks: str, epoch: int | None
-    ) -> dict[str, int]:
+    ) -> dict[str, Any]:
         replica = self.leader_for(topic, partition, epoch)
         headers = check_batches(body)
-        first, last = replica.append(body, _now_ms())
-        self.syncer.mark_dirty(replica)
-        self.metrics.messages_in.labels(topic).inc(sum(h.record_count for h in headers))
-        self.metrics.bytes_in.labels(topic).inc(len(body))
+        # Idempotence: duplicates of retried batches get their original offsets.
+        outcome = append_idempotent(replica, body, headers, _now_ms())
+        if outcome.appended_bytes:
+            self.syncer.mark_dirty(replica)
+            self.metrics.messages_in.labels(topic).inc(outcome.appended_records)
+            self.metrics.bytes_in.labels(topic).inc(outcome.appended_bytes)
         if acks != "0":
-            await replica.wait_for_high_watermark(last + 1, PRODUCE_TIMEOUT_S)
+            await replica.wait_for_high_watermark(outcome.commit_offset, PRODUCE_TIMEOUT_S)
         return {
-            "base_offset": first,
-            "last_offset": last,
+            "base_offset": outcome.base_offset,
+            "last_offset": outcome.last_offset,
+            "batch_base_offsets": outcome.batch_base_offsets,
             "log_end_offset": replica.log.log_end_offset,
             "high_watermark": replica.high_watermark,
         }
