@@ -66,10 +66,7 @@ class Log:
 
 
 def snapshot(table: ProducerStateTable) -> list[tuple[int, int, list[object]]]:
-    return [
-        (pid, entry.epoch, list(entry.batches))
-        for pid, entry in table.items()
-    ]
+    return [(pid, entry.epoch, list(entry.batches)) for pid, entry in table.items()]
 
 
 def assert_log_is_clean(batches: list[BatchHeader]) -> None:
