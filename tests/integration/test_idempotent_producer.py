@@ -1,0 +1,142 @@
+"""Idempotent produce end to end: produce answers are dropped and retried.
+
+A one-broker TLS cluster; the broker is restarted with ``--advertised-url`` pointing
+at a fault-injecting proxy (fault_proxy.py) that forwards every request but drops a
+fifth of the produce answers after the broker appended the batches. The producer
+keeps up to 5 batches of a partition in flight. Reading the partitions back: every
+message once, in order per key, each acknowledged one at the offset it was told.
+The same run without idempotence writes duplicates (so the injection really bites).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fault_proxy import DroppingProxy
+
+from tidemq import Admin, Consumer, Message, Producer
+from tidemq.tls import TlsFiles, client_context, server_context
+
+PARTITIONS = 3
+KEYS = 60
+
+
+@pytest.fixture
+def proxied_cluster(cluster_factory: Any) -> Iterator[tuple[Any, DroppingProxy]]:
+    cluster = cluster_factory(brokers=1)
+    broker = cluster.broker_entry(1)
+    argv = list(broker["argv"])
+
+    def option(flag: str) -> str:
+        return argv[argv.index(flag) + 1]
+
+    ca_file = option("--ca-file")
+    server_tls = server_context(
+        TlsFiles(ca_file, option("--cert-file"), option("--key-file")), require_client_cert=False
+    )
+    upstream_tls = client_context(
+        TlsFiles(ca_file, cluster.info["client_cert_file"], cluster.info["client_key_file"])
+    )
+    proxy = DroppingProxy(broker["url"], server_tls, upstream_tls, drop_fraction=0.2, seed=6)
+    proxy.start()
+    try:
+        # Restart the broker so that the coordinator hands the proxy's URL to clients.
+        cluster.kill_broker(1)
+        argv[argv.index("--advertised-url") + 1] = proxy.url
+        path = cluster.data_dir / "cluster.json"
+        info = json.loads(path.read_text())
+        info["brokers"][0]["argv"] = argv
+        path.write_text(json.dumps(info))
+        cluster.up()
+        with Admin(**cluster.config) as admin:
+            deadline = time.monotonic() + 30
+            while admin.describe_cluster()["brokers"][0]["url"] != proxy.url:
+                assert time.monotonic() < deadline, "the broker never advertised the proxy"
+                time.sleep(0.1)  # polling interval
+        yield cluster, proxy
+    finally:
+        proxy.stop()
+
+
+def produce(cluster: Any, topic: str, count: int, **options: Any) -> list[tuple[str, Any]]:
+    """Sends ``count`` keyed messages; returns (value, future) in send order."""
+    with Admin(**cluster.config) as admin:
+        admin.create_topic(topic, partitions=PARTITIONS, replication_factor=1)
+    sent = []
+    per_key: dict[int, int] = defaultdict(int)
+    with Producer(
+        **cluster.config,
+        batch_size=2048,
+        linger_ms=2,
+        retry_backoff_ms=10,
+        retry_backoff_max_ms=100,
+        request_timeout_ms=10_000,
+        **options,
+    ) as producer:
+        for i in range(count):
+            key = i % KEYS
+            value = f"{key}:{per_key[key]}"
+            per_key[key] += 1
+            sent.append((value, producer.send(topic, value, key=f"k{key}")))
+            if i % 500 == 499:
+                time.sleep(0.005)  # let several small requests overlap, not one big one
+        producer.flush(timeout=120)
+    return sent
+
+
+def read_all(cluster: Any, topic: str, at_least: int) -> list[Message]:
+    received: list[Message] = []
+    with Consumer(topic, group=f"{topic}-reader", **cluster.config) as consumer:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            chunk = consumer.poll(timeout=1.0, max_records=5000)
+            received.extend(chunk)
+            if not chunk and len(received) >= at_least:
+                break
+    return received
+
+
+def test_dropped_produce_answers_leave_no_duplicate_and_keep_order(
+    proxied_cluster: tuple[Any, DroppingProxy],
+) -> None:
+    cluster, proxy = proxied_cluster
+    count = 15_000
+    sent = produce(cluster, "idempotent", count, max_in_flight=5)
+    print(
+        f"produce requests {proxy.produce_requests}, answers dropped {proxy.dropped}, "
+        f"most batches of a partition in flight {proxy.max_in_flight_batches}"
+    )
+    assert proxy.dropped >= 10, f"only {proxy.dropped} answers dropped"
+    assert 2 <= proxy.max_in_flight_batches <= 5, proxy.max_in_flight_batches
+
+    acknowledged = {}
+    for value, future in sent:
+        metadata = future.result(timeout=0)  # every message acknowledged
+        acknowledged[(metadata.partition, metadata.offset)] = value
+    messages = read_all(cluster, "idempotent", count)
+    values = [m.value.decode() for m in messages if m.value is not None]
+    assert len(values) == len(set(values)), "a retried batch was written twice"
+    assert sorted(values) == sorted(value for value, _ in sent), "a message is missing"
+    for message in messages:
+        assert acknowledged[(message.partition, message.offset)] == message.value.decode()
+    last: dict[str, int] = {}
+    for message in sorted(messages, key=lambda m: (m.partition, m.offset)):
+        key, position = message.value.decode().split(":")
+        assert int(position) == last.get(key, -1) + 1, f"order of key {key}"
+        last[key] = int(position)
+
+
+def test_without_idempotence_the_same_faults_write_duplicates(
+    proxied_cluster: tuple[Any, DroppingProxy],
+) -> None:
+    cluster, proxy = proxied_cluster
+    sent = produce(cluster, "plain", 3_000, enable_idempotence=False)
+    assert proxy.dropped >= 3
+    messages = read_all(cluster, "plain", len(sent))
+    values = [m.value for m in messages]
+    assert len(values) > len(set(values)), "dropped answers should have caused duplicates"
