@@ -83,9 +83,7 @@ class DroppingProxy:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.server_ssl)
         await site.start()
-        server = site._server  # noqa: SLF001 - the bound port of an ephemeral site
-        assert isinstance(server, asyncio.base_events.Server)
-        self.port = server.sockets[0].getsockname()[1]
+        self.port = int(self._runner.addresses[0][1])
 
     async def _stop(self) -> None:
         if self._runner is not None:
