@@ -1,9 +1,9 @@
 """A fault-injecting HTTPS proxy to put in front of one broker (tests only).
 
 It forwards every request to the broker and relays the answer, except that a
-seeded fraction of produce requests lose their answer: the broker appended the
-batches and answered, and the proxy closes the client's connection instead of
-relaying it (a lost response, the case that makes a non-idempotent retry write
+seeded fraction of successful produce answers (status 200) are lost: the broker
+appended the batches and answered, and the proxy closes the client's connection
+instead of relaying it (a lost response, the case that makes a non-idempotent retry write
 twice). Produce answers are also delayed by a random few milliseconds, so requests
 of one partition that are in flight together may overtake one another.
 
@@ -139,7 +139,7 @@ class DroppingProxy:
             relayed.update({k: v for k, v in upstream.headers.items() if k.startswith("Tide-")})
         if is_produce:
             await asyncio.sleep(self.random.uniform(0, self.max_delay_s))
-            if self.random.random() < self.drop_fraction:
+            if status == 200 and self.random.random() < self.drop_fraction:
                 self.dropped += 1
                 if request.transport is not None:
                     request.transport.abort()  # the broker answered; the client never hears it

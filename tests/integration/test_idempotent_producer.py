@@ -63,7 +63,9 @@ def proxied_cluster(cluster_factory: Any) -> Iterator[tuple[Any, DroppingProxy]]
         proxy.stop()
 
 
-def produce(cluster: Any, topic: str, count: int, **options: Any) -> list[tuple[str, Any]]:
+def produce(
+    cluster: Any, topic: str, count: int, flush_every: int = 0, **options: Any
+) -> list[tuple[str, Any]]:
     """Sends ``count`` keyed messages; returns (value, future) in send order."""
     with Admin(**cluster.config) as admin:
         admin.create_topic(topic, partitions=PARTITIONS, replication_factor=1)
@@ -83,8 +85,10 @@ def produce(cluster: Any, topic: str, count: int, **options: Any) -> list[tuple[
             value = f"{key}:{per_key[key]}"
             per_key[key] += 1
             sent.append((value, producer.send(topic, value, key=f"k{key}")))
-            if i % 500 == 499:
-                time.sleep(0.005)  # let several small requests overlap, not one big one
+            if flush_every and i % flush_every == flush_every - 1:
+                producer.flush(timeout=60)
+            elif i % 100 == 99:
+                time.sleep(0.003)  # more, smaller requests: several overlap per partition
         producer.flush(timeout=120)
     return sent
 
@@ -111,7 +115,7 @@ def test_dropped_produce_answers_leave_no_duplicate_and_keep_order(
         f"produce requests {proxy.produce_requests}, answers dropped {proxy.dropped}, "
         f"most batches of a partition in flight {proxy.max_in_flight_batches}"
     )
-    assert proxy.dropped >= 10, f"only {proxy.dropped} answers dropped"
+    assert proxy.dropped >= 5, f"only {proxy.dropped} answers dropped"
     assert 2 <= proxy.max_in_flight_batches <= 5, proxy.max_in_flight_batches
 
     acknowledged = {}
@@ -135,8 +139,9 @@ def test_without_idempotence_the_same_faults_write_duplicates(
     proxied_cluster: tuple[Any, DroppingProxy],
 ) -> None:
     cluster, proxy = proxied_cluster
-    sent = produce(cluster, "plain", 3_000, enable_idempotence=False)
-    assert proxy.dropped >= 3
+    proxy.drop_fraction = 0.3
+    sent = produce(cluster, "plain", 5_000, flush_every=100, enable_idempotence=False)
+    assert proxy.dropped >= 3, f"{proxy.dropped} of {proxy.produce_requests} answers dropped"
     messages = read_all(cluster, "plain", len(sent))
     values = [m.value for m in messages]
     assert len(values) > len(set(values)), "dropped answers should have caused duplicates"
