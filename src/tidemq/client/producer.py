@@ -6,15 +6,20 @@ sticky partition when keyless), appends into the accumulator and returns a
 the first time a topic is seen (to learn its partition count, creating the topic)
 and to wake the sender when a batch opens or seals, never per message.
 
-The sender task (one per producer) drains ready partitions into one request each:
-``POST {leader}/v1/topics/{t}/partitions/{p}/records?acks=..&leader_epoch=E`` with
-the batches back to back, at most one request in flight per partition (ordering),
-all partitions in parallel. Retriable failures (not_leader, fenced or unknown leader
-epoch, connection failed, 503, 504) refresh the metadata, back off (exponential,
-capped, jittered) and resend the same bytes until ``retries`` or
-``delivery_timeout_ms`` runs out. With ``enable_idempotence`` the batches carry a
-producer id and per-partition sequence numbers, so a leader that already appended a
-retried batch can answer with the original offsets instead of appending it twice.
+The sender task (one per producer) drains ready partitions and sends one
+multi-partition request per leader (``POST {leader}/v1/produce``). With idempotence
+(the default) each batch carries the producer id and per-partition sequence numbers,
+stamped at drain time (client/sequencing.py), and up to ``max_in_flight`` batches of a
+partition may be unacknowledged at once; the leader appends in sequence only and
+answers a retried batch with its original offsets. Without a producer id, one request
+per partition is in flight. Any failure pauses the partition; once its requests in
+flight end, ``_recover`` resends the unresolved groups oldest first, one at a time
+(``POST {leader}/v1/topics/{t}/partitions/{p}/records``). Retriable failures
+(not_leader, fenced or unknown leader epoch, connection failed, 503, 504) refresh the
+metadata, back off (exponential, capped, jittered) and resend the same bytes until
+``retries`` or ``delivery_timeout_ms`` runs out; a group given up on, or an
+``unknown_producer_id`` for the oldest group, starts a new producer epoch for the
+partition and renumbers what it still holds from sequence 0.
 """
 
 from __future__ import annotations
@@ -90,8 +95,9 @@ class Producer:
     ``batch_size=65536``, ``acks="all"`` (or 1, 0), ``retries``,
     ``delivery_timeout_ms=120000``, ``buffer_memory=32 MiB``, ``max_block_ms=60000``,
     ``request_timeout_ms=30000``, ``max_request_bytes=1 MiB``,
-    ``enable_idempotence=True``, ``max_in_flight=5`` (accepted; the producer keeps one
-    request in flight per partition, see the architecture notes), plus the connection
+    ``enable_idempotence=True``, ``max_in_flight=5`` (batches of a partition
+    unacknowledged at once, at most 5: what the broker remembers; without a producer
+    id one request per partition is in flight), plus the connection
     settings ``bootstrap``, ``ca_file``, ``cert_file``, ``key_file``, ``token``.
     """
 
