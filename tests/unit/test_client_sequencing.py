@@ -91,3 +91,19 @@ def test_a_broker_table_accepts_the_renumbered_groups_and_fences_the_old_ones() 
     table.record(new_third, 2)
     with pytest.raises(ProducerFenced):
         table.check(old_third)
+
+
+def test_a_lingering_batch_waits_for_the_request_in_flight_a_full_one_does_not() -> None:
+    accumulator = accumulator_with(1, window=5)
+    first = accumulator.drain(("t", 0), 1 << 20, 1.0)
+    assert len(first) == 1
+    accumulator.append("t", 0, 1, None, b"x", None, 1_000, 0.1)  # opens a new batch
+    assert accumulator.ready(5.0).partitions == []  # lingered long, but one is in flight
+    assert accumulator.drain(("t", 0), 1 << 20, 5.0) == []
+    accumulator.append("t", 0, 1, None, b"x", None, 1_000, 0.1)
+    accumulator.append("t", 0, 1, None, b"x", None, 1_000, 0.1)  # seals the full batch
+    assert accumulator.ready(5.0).partitions == [("t", 0)]
+    assert [b.count for b in accumulator.drain(("t", 0), 1 << 20, 5.0)] == [2]
+    accumulator.begin_flush()  # flush: the open batch goes too
+    assert [b.count for b in accumulator.drain(("t", 0), 1 << 20, 5.0)] == [1]
+    accumulator.end_flush()

@@ -17,7 +17,11 @@ Invariants:
   (``in_flight_batches_max`` None) a partition has at most one request in flight, so
   a retry never overtakes later records. With idempotence it has at most
   ``in_flight_batches_max`` batches in flight, in one or several requests, and the
-  producer keeps order with sequence numbers: on a failure it pauses the
+  producer keeps order with sequence numbers. A further request of a partition goes
+  only with *full* (size-sealed) batches, or during flush/close: a batch sealed by
+  linger waits for the request in flight, so a light load sends as few requests as
+  with one in flight (each costs CPU on both sides) and a heavy one pipelines.
+  On a failure the producer pauses the
   partition (no new drain), lets the requests in flight finish, resends in sequence
   order, then resumes it (client/producer.py). Many partitions are in flight in
   parallel.
@@ -381,8 +385,8 @@ class RecordAccumulator:
                     partitions.append(tp)
                     continue
                 batch = queue.open
-                if batch is None:
-                    continue
+                if batch is None or (queue.in_flight_requests and not hurry):
+                    continue  # a lingering batch waits for the request in flight
                 deadline = batch.created + self.linger_s
                 if hurry or now >= deadline:
                     partitions.append(tp)
@@ -408,7 +412,8 @@ class RecordAccumulator:
             if queue is None or not room:
                 return []
             hurry = self._flushing > 0 or self._closed or self._memory_waiters > 0
-            if queue.open is not None and (hurry or now >= queue.open.created + self.linger_s):
+            lingered = queue.open is not None and now >= queue.open.created + self.linger_s
+            if queue.open is not None and (hurry or (lingered and not queue.in_flight_requests)):
                 self._seal_locked(tp, queue)
             batches: list[ProducerBatch] = []
             total = 0
