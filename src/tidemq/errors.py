@@ -169,6 +169,11 @@ class OutOfOrderSequence(TideError):
     http_status = 409
     retriable = False
 
+    def __init__(self, message: str = "", earlier_missing: bool = False) -> None:
+        super().__init__(message)
+        # Broker side: a batch this one follows may still be on its way (it may fit later).
+        self.earlier_missing = earlier_missing
+
 
 class ProducerFenced(TideError):
     """Idempotent produce: the batch carries an older producer epoch than the broker's."""
@@ -186,6 +191,7 @@ class UnknownProducerId(TideError):
     code = "unknown_producer_id"
     http_status = 409
     retriable = False
+    earlier_missing = True  # the producer's first batch may still be on its way
 
 
 class InvariantViolation(Exception):

@@ -3,11 +3,13 @@ offsets, gaps and stale epochs rejected, state rebuilt from the log after a rest
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 from test_broker_api import BASE, BATCH_TYPE, broker_client, expect_error, produce, run
 
+from tidemq.broker import idempotence
 from tidemq.broker.idempotence import load_producer_state
 from tidemq.storage import LogConfig, PartitionLog
 from tidemq.wire.batch import BatchBuilder, decode_records
@@ -143,3 +145,33 @@ def test_rebuild_reads_the_last_two_segments(tmp_path: Path) -> None:
     kept = {pid for pid, _ in table.items()}
     assert 5 in kept and 0 not in kept
     log.close()
+
+
+def test_a_request_that_overtook_an_earlier_one_waits_for_it(tmp_path: Path) -> None:
+    """Requests of one producer travel on several connections: the later one waits
+    (briefly) for the gap before it to fill, and both land in sequence order."""
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, client):
+            replica = broker.replicas[("orders", 0)]
+            later = asyncio.ensure_future(produce(client, stamped(2, 7, 0, 2)))
+            while not idempotence._appended.get(replica):  # the later one is waiting
+                await asyncio.sleep(0.001)  # polling interval
+            assert await offsets_of(await produce(client, stamped(2, 7, 0, 0))) == (0, 1, [0])
+            assert await offsets_of(await later) == (2, 3, [2])
+            # A gap that never fills is still rejected, after the short wait.
+            started = asyncio.get_running_loop().time()
+            await expect_error(
+                await produce(client, stamped(1, 7, 0, 9)), 409, "out_of_order_sequence"
+            )
+            waited = asyncio.get_running_loop().time() - started
+            assert idempotence.REORDER_WAIT_S <= waited < 5
+            # A batch that is behind (an old retry no longer remembered) is not kept waiting.
+            started = asyncio.get_running_loop().time()
+            await expect_error(
+                await produce(client, stamped(1, 7, 0, 1)), 409, "out_of_order_sequence"
+            )
+            assert asyncio.get_running_loop().time() - started < idempotence.REORDER_WAIT_S
+            assert await stored_values(client) == [b"v0", b"v1", b"v2", b"v3"]
+
+    run(scenario)

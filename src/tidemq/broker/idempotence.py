@@ -9,6 +9,11 @@ against a :class:`~tidemq.broker.partition.PartitionReplica`:
   their original offsets), then record the appended ones with the offsets the log
   gave them. Check, append and record run without an ``await`` between them, so two
   requests of one producer can never interleave there.
+* ``append_in_sequence``: the same, but a request whose batches follow one that has
+  not arrived yet (``earlier_missing``: the producer's requests of one partition travel
+  on several HTTP connections and may overtake one another) waits up to
+  ``REORDER_WAIT_S`` for appends to this partition and tries again, instead of sending
+  the producer through a resend round at once. Then the error goes back as usual.
 * ``load_producer_state``: on open, replay the headers of the last two segments
   (Kafka's choice when it has no producer snapshot). A producer whose last batch is
   older is unknown to the table; its next batch gets ``unknown_producer_id`` unless it
@@ -18,10 +23,14 @@ against a :class:`~tidemq.broker.partition.PartitionReplica`:
 
 from __future__ import annotations
 
+import asyncio
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tidemq.core.producers import Append, ProducerStateTable
+from tidemq.errors import NotLeader, OutOfOrderSequence, UnknownProducerId
 from tidemq.storage import PartitionLog
 from tidemq.wire.batch import BatchHeader, iter_headers
 
@@ -30,6 +39,12 @@ if TYPE_CHECKING:
 
 REBUILD_SEGMENTS = 2
 REBUILD_READ_BYTES = 1024 * 1024
+REORDER_WAIT_S = 0.25
+
+# One event per replica, set (and replaced) after every append of the produce path.
+_appended: weakref.WeakKeyDictionary[PartitionReplica, asyncio.Event] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +79,10 @@ def append_idempotent(
             position += header.size
         appended_body = b"".join(parts)
     cursor = replica.append(appended_body, now_ms)[0] if appended_body else -1
+    if appended_body:
+        event = _appended.pop(replica, None)
+        if event is not None:
+            event.set()
     offsets: list[int] = []
     commit_offset = 0
     appended_records = 0
@@ -83,6 +102,38 @@ def append_idempotent(
         appended_records,
         len(appended_body),
     )
+
+
+async def append_in_sequence(
+    replica: PartitionReplica,
+    body: bytes,
+    headers: list[BatchHeader],
+    now_ms: Callable[[], int],
+    wait_s: float = REORDER_WAIT_S,
+) -> ProduceOutcome:
+    """``append_idempotent``, waiting up to ``wait_s`` for a missing earlier batch."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    leader_epoch = replica.leader_epoch
+    while True:
+        try:
+            return append_idempotent(replica, body, headers, now_ms())
+        except (OutOfOrderSequence, UnknownProducerId) as error:
+            remaining = deadline - loop.time()
+            if not error.earlier_missing or remaining <= 0:
+                raise
+            event = _appended.get(replica)
+            if event is None:
+                event = _appended[replica] = asyncio.Event()
+            try:
+                async with asyncio.timeout(remaining):
+                    await event.wait()
+            except TimeoutError:
+                pass
+            if replica.closed or replica.leader_epoch != leader_epoch:
+                raise NotLeader(
+                    f"leadership of {replica.topic}/{replica.partition} changed meanwhile"
+                ) from error
 
 
 def load_producer_state(log: PartitionLog) -> ProducerStateTable:

@@ -27,7 +27,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from tidemq.broker.idempotence import append_idempotent
+from tidemq.broker.idempotence import append_in_sequence
 from tidemq.broker.partition import (
     Assignment,
     PartitionReplica,
@@ -174,7 +174,7 @@ class Broker:
         replica = self.leader_for(topic, partition, epoch)
         headers = check_batches(body)
         # Idempotence: duplicates of retried batches get their original offsets.
-        outcome = append_idempotent(replica, body, headers, _now_ms())
+        outcome = await append_in_sequence(replica, body, headers, _now_ms)
         if outcome.appended_bytes:
             self.syncer.mark_dirty(replica)
             self.metrics.messages_in.labels(topic).inc(outcome.appended_records)

@@ -25,7 +25,9 @@ the table keeps its epoch and its last ``WINDOW_BATCHES`` = 5 batches as
   it); or the producer id is unknown and its base sequence is 0;
 * **fenced** (:class:`ProducerFenced`) if its epoch is older than the current one;
 * **out of order** (:class:`OutOfOrderSequence`) otherwise: a gap, or an old batch
-  no longer remembered;
+  no longer remembered. ``earlier_missing`` tells a gap (a batch before this one may
+  still arrive: requests of one producer travel on several connections) from a batch
+  that is behind;
 * from an **unknown producer** (:class:`UnknownProducerId`) if the producer id is not
   in the table and the sequence is not 0: the broker lost its state (evicted, older
   than what a restart re-read, or a new producer whose first batch is still on its
@@ -149,7 +151,8 @@ def judge(entry: ProducerEntry | None, header: BatchHeader) -> Decision:
         if base == 0:
             return APPEND
         raise OutOfOrderSequence(
-            f"producer {producer_id}: a new epoch {epoch} must start at sequence 0, not {base}"
+            f"producer {producer_id}: a new epoch {epoch} must start at sequence 0, not {base}",
+            earlier_missing=True,
         )
     known = entry.find(base, last_sequence(base, header.record_count))
     if known is not None:
@@ -157,9 +160,11 @@ def judge(entry: ProducerEntry | None, header: BatchHeader) -> Decision:
     expected = next_sequence(entry.last_sequence)
     if base == expected:
         return APPEND
+    ahead = (base - expected) % SEQUENCE_MODULUS < SEQUENCE_MODULUS // 2
     raise OutOfOrderSequence(
         f"producer {producer_id} epoch {epoch}: batch starts at sequence {base}, "
-        f"expected {expected}"
+        f"expected {expected}",
+        earlier_missing=ahead,
     )
 
 
