@@ -11,6 +11,7 @@ The same run without idempotence writes duplicates (so the injection really bite
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -145,3 +146,36 @@ def test_without_idempotence_the_same_faults_write_duplicates(
     messages = read_all(cluster, "plain", len(sent))
     values = [m.value for m in messages]
     assert len(values) > len(set(values)), "dropped answers should have caused duplicates"
+
+
+def test_a_producer_forgotten_by_a_restarted_broker_starts_a_new_epoch(
+    cluster_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker rebuilds producer state from its last two segments only: after other
+    producers rolled several segments and the broker restarted, it no longer knows the
+    first producer, answers unknown_producer_id, and the producer renumbers from 0 in a
+    new epoch. Nothing is lost, duplicated or reordered."""
+    caplog.set_level(logging.INFO, logger="tidemq.client")
+    cluster = cluster_factory(brokers=1, segment_bytes=4096)
+    topic = "forgotten"
+    with Admin(**cluster.config) as admin:
+        admin.create_topic(topic, partitions=1, replication_factor=1)
+    with Producer(**cluster.config, retry_backoff_ms=10, retry_backoff_max_ms=200) as first:
+        for i in range(50):
+            first.send(topic, f"first:{i}", key="a")
+        first.flush(timeout=60)
+        with Producer(**cluster.config, linger_ms=0) as other:
+            for i in range(400):
+                other.send(topic, f"other:{i}" + "x" * 100, key="b").result(timeout=30)
+        cluster.kill_broker(1)
+        cluster.up()
+        futures = [first.send(topic, f"first:{i}", key="a") for i in range(50, 100)]
+        first.flush(timeout=60)
+        for future in futures:
+            future.result(timeout=0)
+    messages = read_all(cluster, topic, 500)
+    firsts = [m.value.decode() for m in messages if m.value and m.value.startswith(b"first")]
+    assert firsts == [f"first:{i}" for i in range(100)]
+    assert len(messages) == 500
+    assert "unknown_producer_id" in caplog.text or "unknown to this partition" in caplog.text
+    assert "starting a new producer epoch" in caplog.text

@@ -42,9 +42,7 @@ REBUILD_READ_BYTES = 1024 * 1024
 REORDER_WAIT_S = 0.25
 
 # One event per replica, set (and replaced) after every append of the produce path.
-_appended: weakref.WeakKeyDictionary[PartitionReplica, asyncio.Event] = (
-    weakref.WeakKeyDictionary()
-)
+_appended: weakref.WeakKeyDictionary[PartitionReplica, asyncio.Event] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True, slots=True)

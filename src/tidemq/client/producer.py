@@ -47,6 +47,7 @@ from tidemq.errors import (
     InvalidRequest,
     NotLeader,
     OutOfOrderSequence,
+    RequestTimedOut,
     TideError,
     UnknownPartition,
     UnknownProducerId,
@@ -248,11 +249,16 @@ class Producer:
         self._tasks = group
         max_bytes = self._options.max_request_bytes
         identity_attempt = 0
+        identity_since = time.monotonic()
         while True:
             wake.clear()
             if not self._identity_known and not self._closing:
                 identity_attempt += 1
                 if not await self._acquire_identity(identity_attempt):
+                    if time.monotonic() - identity_since > self._options.delivery_timeout_ms / 1000:
+                        # No producer id within delivery_timeout_ms: fail what waits.
+                        accumulator.abort(RequestTimedOut("no producer id from the coordinator"))
+                        identity_since = time.monotonic()
                     continue
             now = time.monotonic()
             ready = accumulator.ready(now)
@@ -408,6 +414,7 @@ class Producer:
         options = self._options
         deadline = request.batches[0].created + options.delivery_timeout_ms / 1000
         attempt = 0
+        reset_done = False
         while True:
             try:
                 info = await self._metadata.leader(topic, partition)
@@ -421,12 +428,12 @@ class Producer:
             except UnknownProducerId as error:
                 # The broker forgot this producer and nothing earlier is outstanding:
                 # a new epoch from sequence 0 (once; a second time is a real failure).
-                if not sequencer.reset_needed and attempt == 0:
+                if not reset_done:
                     log.info("%s/%s: %s; starting a new producer epoch", topic, partition, error)
                     request.in_flight = False
                     sequencer.reset(self._producer_id)
                     request.in_flight = True
-                    attempt += 1
+                    reset_done = True
                     continue
                 self._give_up(tp, request, error)
                 return
