@@ -563,9 +563,10 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
                 "application/json": {"schema": {"type": "object"}},
             },
             responses={
-                "200": "appended",
+                "200": "appended (or, for a retried idempotent batch, its original offsets)",
                 "400": "bad batch",
                 "404": "unknown topic",
+                "409": "stale leader epoch, or an idempotent producer's sequence/epoch error",
                 "421": "not leader",
                 "413": "too large",
             },
