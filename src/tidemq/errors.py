@@ -50,6 +50,14 @@ class RequestTooLarge(TideError):
     http_status = 413
 
 
+class Forbidden(TideError):
+    """The caller's certificate may not call this endpoint, or may not act as the
+    broker the request names (docs/PROTOCOL.md, "Who may call what")."""
+
+    code = "forbidden"
+    http_status = 403
+
+
 class OffsetOutOfRange(TideError):
     code = "offset_out_of_range"
     http_status = 416
@@ -101,6 +109,31 @@ class UnknownLeaderEpoch(TideError):
 
 class NotEnoughReplicas(TideError):
     code = "not_enough_replicas"
+    http_status = 503
+    retriable = True
+
+
+class StalePartitionEpoch(TideError):
+    """An ISR proposal named a partition epoch that is no longer current."""
+
+    code = "stale_partition_epoch"
+    http_status = 409
+    retriable = False
+
+
+class ClusterIdMismatch(TideError):
+    """A broker that joined another cluster (another coordinator store) asked to join
+    this one. It keeps its data and is refused until an operator resolves it."""
+
+    code = "cluster_id_mismatch"
+    http_status = 409
+    retriable = False
+
+
+class BrokerBusy(TideError):
+    """Admission control: the broker holds its limit of request bytes in memory."""
+
+    code = "broker_busy"
     http_status = 503
     retriable = True
 

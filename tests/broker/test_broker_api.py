@@ -15,41 +15,45 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from tidemq.broker.server import BATCH_TYPE, Broker, BrokerConfig, create_app
 from tidemq.storage import FsyncPolicy, LogConfig
+from tidemq.transport import HttpTransport
+from tidemq.wire import control
 from tidemq.wire.batch import build_batch, decode_records
 
 BASE = "/v1/topics/orders/partitions/{}"
 
 
-def _answer(epoch: int = 1, leader: int = 1) -> dict[str, Any]:
-    return {
-        "topics": {"orders": 2},
-        "assignments": [
-            {
-                "topic": "orders",
-                "partition": 0,
-                "leader_id": leader,
-                "leader_url": "x",
-                "leader_epoch": epoch,
-                "replicas": [1],
-                "isr": [1],
-            },
-            {
-                "topic": "orders",
-                "partition": 1,
-                "leader_id": 2,
-                "leader_url": "y",
-                "leader_epoch": epoch,
-                "replicas": [2, 1],
-                "isr": [2, 1],
-            },
-        ],
+TOPIC_ID = "0123456789abcdef0123456789abcdef"
+
+
+def _answer(epoch: int = 1, leader: int = 1) -> control.HeartbeatAnswer:
+    def assignment(partition: int, leader_id: int, replicas: list[int]) -> dict[str, Any]:
+        return {
+            "topic": "orders",
+            "partition": partition,
+            "topic_id": TOPIC_ID,
+            "leader_id": leader_id,
+            "leader_url": "http://127.0.0.1:1",
+            "leader_epoch": epoch,
+            "partition_epoch": epoch,
+            "replicas": replicas,
+            "isr": replicas,
+        }
+
+    answer = {
+        "cluster_id": "c1",
+        "topics": {"orders": {"topic_id": TOPIC_ID, "partitions": 2}},
+        "deleted_topic_ids": [],
+        "heartbeat_interval_ms": 1000,
+        "assignments": [assignment(0, leader, [1]), assignment(1, 2, [2, 1])],
     }
+    return control.decode(json.dumps(answer).encode(), control.HeartbeatAnswer)
 
 
 @asynccontextmanager
@@ -65,7 +69,7 @@ async def broker_client(
         max_request_bytes=max_request_bytes,
     )
     registry = CollectorRegistry()
-    broker = Broker(config, aiohttp.ClientSession, registry)
+    broker = Broker(config, lambda: HttpTransport(False, {}, 4, 1000), registry)
     broker.reconcile(_answer())
     broker.registered = True
     app = create_app(broker, registry)
@@ -340,10 +344,16 @@ def test_reassignment_and_topic_deletion(tmp_path: Path) -> None:
             await expect_error(await produce(client, batch(1)), 421, "not_leader")
             broker.reconcile(_answer(epoch=3, leader=1))
             assert (await produce(client, batch(1), leader_epoch="3")).status == 200
-            broker.reconcile({"topics": {}, "assignments": []})
-            assert broker.replicas == {}
-            assert not (tmp_path / "orders-0").exists()
+            directory = tmp_path / f"orders-0-{TOPIC_ID}"
+            assert directory.exists()
+            # A coordinator that forgot the topic (not deleted it) never deletes data.
+            forgot = control.HeartbeatAnswer("c1", [], {}, [], 1000)
+            broker.reconcile(forgot)
+            assert broker.replicas == {} and directory.exists()
             await expect_error(await produce(client, batch(1)), 404, "unknown_topic")
+            # An explicit delete of this topic id does.
+            broker.reconcile(control.HeartbeatAnswer("c1", [], {}, [TOPIC_ID], 1000))
+            assert not directory.exists()
 
     run(scenario)
 
@@ -391,5 +401,53 @@ def test_multi_partition_produce_answers_per_partition(tmp_path: Path) -> None:
                     "corrupt_batch",
                 )
             assert broker.replicas[("orders", 0)].log.log_end_offset == 5
+
+    run(scenario)
+
+
+def test_json_fetch_is_bounded_by_its_output_size(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (_, client):
+            values = [(None, bytes([i % 256]) * 300) for i in range(40)]
+            assert (await produce(client, build_batch(values, 1000))).status == 200
+            # 40 records of 300 bytes are ~16 KB of base64 JSON from a ~12 KB batch
+            offset, seen = 0, 0
+            while offset < 40:
+                response = await client.get(
+                    BASE.format(0) + "/records",
+                    params={"offset": str(offset), "max_bytes": "2000", "encoding": "base64"},
+                )
+                body = await response.json()
+                assert 1 <= len(body["records"]) <= 5, "bounded by rendered size, not input"
+                assert len(await response.read()) < 2000 + 5 * 200
+                assert body["records"][0]["offset"] == offset
+                offset = body["next_offset"]
+                seen += len(body["records"])
+            assert seen == 40
+
+    run(scenario)
+
+
+def test_produce_admission_control_refuses_past_the_in_flight_byte_limit(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, client):
+            broker.config.max_inflight_produce_bytes = 1000
+            # partition 0 now has a follower that never fetches: acks=all waits
+            answer = _answer(epoch=2)
+            first = answer.assignments[0]
+            waiting = msgspec.structs.replace(first, replicas=[1, 2], isr=[1, 2])
+            broker.reconcile(msgspec.structs.replace(answer, assignments=[waiting]))
+            held = asyncio.ensure_future(produce(client, batch(20)))
+            deadline = asyncio.get_running_loop().time() + 10
+            while broker._inflight_produce_bytes == 0:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
+            big = batch(30)
+            assert len(big) > 1000 - broker._inflight_produce_bytes
+            await expect_error(await produce(client, big), 503, "broker_busy")
+            assert broker.replicas[("orders", 0)].log.log_end_offset == 20
+            held.cancel()
 
     run(scenario)

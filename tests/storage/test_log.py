@@ -4,7 +4,6 @@ truncation and the leader-epoch cache."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -236,26 +235,6 @@ def test_config_is_checked() -> None:
     with pytest.raises(ValueError):
         LogConfig(retention_ms=-2)
     assert LogConfig(fsync=FsyncPolicy("interval")).fsync is FsyncPolicy.INTERVAL
-
-
-def test_append_throughput_without_fsync(tmp_path: Path) -> None:
-    log = open_log(tmp_path, segment_bytes_max=64 * 1024 * 1024)
-    body = batch_of([bytes(1000)] * 100)  # ~100 KB
-    started = time.perf_counter()
-    total_bytes = 0
-    for _ in range(500):
-        log.append(body, 1, START_MS)
-        total_bytes += len(body)
-    seconds = time.perf_counter() - started
-    print(f"append: {total_bytes / seconds / 1e6:.0f} MB/s ({len(body)} byte batches, no fsync)")
-    started = time.perf_counter()
-    offset = 0
-    while offset < log.log_end_offset:
-        data = log.read(offset, 1 << 20)
-        offset = list(iter_headers(data))[-1].next_offset
-    seconds = time.perf_counter() - started
-    print(f"read: {total_bytes / seconds / 1e6:.0f} MB/s (1 MiB reads)")
-    log.close()
 
 
 def test_epoch_entries_never_outlive_the_data_they_cover(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from tidemq.broker.idempotence import append_in_sequence
 from tidemq.client import producer as producer_module
 from tidemq.client.metadata import PartitionInfo, TopicInfo
 from tidemq.core.producers import ProducerStateTable
+from tidemq.core.replica import Acks
 from tidemq.errors import (
     ConnectionFailed,
     NotLeader,
@@ -35,10 +36,16 @@ PARTITIONS = 2
 TOPIC = "t"
 
 
+class AlwaysLeader:
+    def check_produce(self, acks: Acks) -> None:
+        pass
+
+
 class MemoryReplica:
     """What append_in_sequence needs of a PartitionReplica, over a list of bytes."""
 
     def __init__(self, partition: int) -> None:
+        self.core = AlwaysLeader()
         self.topic, self.partition = TOPIC, partition
         self.producers = ProducerStateTable()
         self.leader_epoch = 0
@@ -46,7 +53,7 @@ class MemoryReplica:
         self.batches: list[bytes] = []
         self.end = 0
 
-    def append(self, body: bytes, now_ms: int) -> tuple[int, int]:
+    def append(self, body: bytes, acks: Acks, now_ms: int) -> tuple[int, int]:
         first = self.end
         position = 0
         for header in check_batches(body):
@@ -106,6 +113,7 @@ class FaultyBroker:
             replica,  # type: ignore[arg-type]
             body,
             check_batches(body),
+            Acks.ALL,
             lambda: 0,
             wait_s=0.02,
         )

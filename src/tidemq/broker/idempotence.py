@@ -18,7 +18,9 @@ against a :class:`~tidemq.broker.partition.PartitionReplica`:
   (Kafka's choice when it has no producer snapshot). A producer whose last batch is
   older is unknown to the table; its next batch gets ``unknown_producer_id`` unless it
   starts at sequence 0, and its client resolves that (resend in order, or a new epoch).
-  The replica's owner must call it again after truncating the log.
+  The replica calls it again after truncating its log.
+* ``record_replicated``: a follower records the batches it replicates, so that it has
+  the same table as its leader and can answer retries when it becomes leader.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tidemq.core.producers import Append, ProducerStateTable
+from tidemq.core.replica import Acks
 from tidemq.errors import NotLeader, OutOfOrderSequence, UnknownProducerId
 from tidemq.storage import PartitionLog
 from tidemq.wire.batch import BatchHeader, iter_headers
@@ -61,9 +64,10 @@ class ProduceOutcome:
 
 
 def append_idempotent(
-    replica: PartitionReplica, body: bytes, headers: list[BatchHeader], now_ms: int
+    replica: PartitionReplica, body: bytes, headers: list[BatchHeader], acks: Acks, now_ms: int
 ) -> ProduceOutcome:
     """Appends the batches of ``body`` (already checked: ``headers``) that are new."""
+    replica.core.check_produce(acks)  # role and min ISR, also for a body of duplicates
     decisions = replica.producers.check_all(headers)
     fresh = [isinstance(decision, Append) for decision in decisions]
     if all(fresh):
@@ -76,7 +80,7 @@ def append_idempotent(
                 parts.append(body[position : position + header.size])
             position += header.size
         appended_body = b"".join(parts)
-    cursor = replica.append(appended_body, now_ms)[0] if appended_body else -1
+    cursor = replica.append(appended_body, acks, now_ms)[0] if appended_body else -1
     if appended_body:
         event = _appended.pop(replica, None)
         if event is not None:
@@ -106,6 +110,7 @@ async def append_in_sequence(
     replica: PartitionReplica,
     body: bytes,
     headers: list[BatchHeader],
+    acks: Acks,
     now_ms: Callable[[], int],
     wait_s: float = REORDER_WAIT_S,
 ) -> ProduceOutcome:
@@ -115,7 +120,7 @@ async def append_in_sequence(
     leader_epoch = replica.leader_epoch
     while True:
         try:
-            return append_idempotent(replica, body, headers, now_ms())
+            return append_idempotent(replica, body, headers, acks, now_ms())
         except (OutOfOrderSequence, UnknownProducerId) as error:
             remaining = deadline - loop.time()
             if not error.earlier_missing or remaining <= 0:
@@ -132,6 +137,12 @@ async def append_in_sequence(
                 raise NotLeader(
                     f"leadership of {replica.topic}/{replica.partition} changed meanwhile"
                 ) from error
+
+
+def record_replicated(table: ProducerStateTable, batches: bytes) -> None:
+    """A follower's appended batches (with their leader-given offsets) into its table."""
+    for header in iter_headers(batches):
+        table.record(header, header.base_offset)
 
 
 def load_producer_state(log: PartitionLog) -> ProducerStateTable:

@@ -334,6 +334,11 @@ class Producer:
             for tp, request, _ in items:
                 self._failed(tp, request, error)
             return
+        except Exception as exc:  # a bug: resend (recovery fails the records if it recurs)
+            log.exception("produce to %s failed unexpectedly", leader_url)
+            for tp, request, _ in items:
+                self._failed(tp, request, InternalError(f"client error: {exc!r}"))
+            return
         for (tp, request, _), result in zip(items, results, strict=True):
             outcome = _entry_outcome(result)
             if isinstance(outcome, TideError):

@@ -77,8 +77,8 @@ def command(
     log_level: str,
 ) -> None:
     """Run the coordinator: cluster metadata, failover, consumer groups."""
-    if not plain_http and not (cert_file and key_file):
-        raise click.UsageError("give --cert-file and --key-file (and --ca-file), or --plain-http")
+    if not plain_http and not (cert_file and key_file and ca_file):
+        raise click.UsageError("give --cert-file, --key-file and --ca-file, or --plain-http")
     _check_positive(
         session_timeout_ms=session_timeout_ms,
         heartbeat_interval_ms=heartbeat_interval_ms,

@@ -33,6 +33,7 @@ from tidemq.coordinator.store import CommandStore
 from tidemq.core.groups import ConsumerGroup
 from tidemq.core.metadata import (
     AllocateProducerId,
+    AlterIsr,
     ChangeLeader,
     ClusterState,
     Command,
@@ -45,10 +46,11 @@ from tidemq.core.metadata import (
     RegisterBroker,
     TopicState,
     plan_failover,
-    plan_isr_expansion,
+    plan_reelection,
 )
 from tidemq.core.placement import place_partitions
 from tidemq.errors import (
+    ClusterIdMismatch,
     InvalidRequest,
     InvariantViolation,
     NoBrokersAvailable,
@@ -56,10 +58,13 @@ from tidemq.errors import (
     TopicExists,
     UnknownBroker,
     UnknownGroup,
+    UnknownTopic,
 )
 from tidemq.service.app import build_app
+from tidemq.service.callers import ANY, CLIENTS, broker_self
 from tidemq.service.http import Endpoint, check_int, check_name, read_json_object
 from tidemq.tls import TlsFiles
+from tidemq.wire import control
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +126,7 @@ class Coordinator:
         for broker_id in state.brokers:  # a fresh session for every known broker
             self.liveness.start_session(broker_id, now_ms)
         self.groups: dict[str, ConsumerGroup] = {}
+        self.rejected_brokers: dict[int, str] = {}  # broker id -> the cluster id it has
         self.ready = False
         self._write_lock = asyncio.Lock()
         self.registry = CollectorRegistry()
@@ -197,14 +203,58 @@ class Coordinator:
             raise InvariantViolation(f"committed command {command} does not apply") from error
 
     async def reconcile(self) -> None:
-        """Failover first, then ISR expansion, each from the state the last left."""
+        """Failover: leaders and ISRs in line with who is alive. (ISR expansion is the
+        leaders' job: they propose it with AlterIsr once a follower caught up.)"""
         async with self._write_lock:
-            live = self.live_brokers()
-            await self._commit_locked(plan_failover(self.state, live))
-            await self._commit_locked(plan_isr_expansion(self.state, live, self.liveness))
+            commands = plan_failover(self.state, self.live_brokers())
+            for command in commands:
+                log.info("failover: %s", command)
+            await self._commit_locked(commands)
+
+    async def alter_isr(self, request: control.AlterIsrRequest, broker_id: int) -> Any:
+        command = AlterIsr(
+            request.topic,
+            request.partition,
+            broker_id,
+            request.leader_epoch,
+            request.partition_epoch,
+            tuple(request.isr),
+        )
+        async with self._write_lock:
+            topic = self.state.topic(request.topic)
+            if request.topic_id and request.topic_id != topic.topic_id:
+                raise UnknownTopic(f"topic {request.topic!r} has another id now")
+            [partition] = await self._commit_locked([command])
+        log.info(
+            "ISR of %s/%s is now %s (leader %s, leader epoch %s, partition epoch %s)",
+            request.topic,
+            request.partition,
+            partition.isr,
+            broker_id,
+            request.leader_epoch,
+            partition.partition_epoch,
+        )
+        return partition
+
+    def check_cluster_id(self, broker_id: int, cluster_id: str) -> None:
+        """A broker that joined another cluster is refused, loudly, and keeps its data."""
+        if cluster_id and cluster_id != self.state.cluster_id:
+            message = (
+                f"broker {broker_id} belongs to cluster {cluster_id}, this coordinator "
+                f"runs cluster {self.state.cluster_id}: refused (was the coordinator's "
+                "data directory replaced?)"
+            )
+            self.rejected_brokers[broker_id] = cluster_id
+            log.error("%s", message)
+            raise ClusterIdMismatch(message)
+        self.rejected_brokers.pop(broker_id, None)
 
     async def create_topic(
-        self, name: str, partitions: int, replication_factor: int | None
+        self,
+        name: str,
+        partitions: int,
+        replication_factor: int | None,
+        min_insync_replicas: int | None = None,
     ) -> TopicState:
         async with self._write_lock:
             if name in self.state.topics:
@@ -218,8 +268,23 @@ class Coordinator:
             hint = zlib.crc32(name.encode())
             placement = place_partitions(partitions, replication_factor, live, load, hint, leaders)
             assignments = tuple(tuple(replicas) for replicas in placement)
-            await self._commit_locked(
-                [CreateTopic(name, partitions, replication_factor, assignments)]
+            if min_insync_replicas is None:
+                min_insync_replicas = 2 if replication_factor >= 3 else 1
+            command = CreateTopic(
+                name,
+                partitions,
+                replication_factor,
+                assignments,
+                self.new_id(),
+                min_insync_replicas,
+            )
+            await self._commit_locked([command])
+            log.info(
+                "topic %s created: id %s, %s partitions, replication factor %s",
+                name,
+                command.topic_id,
+                partitions,
+                replication_factor,
             )
             return self.state.topic(name)
 
@@ -231,7 +296,9 @@ class Coordinator:
     def topic_json(self, topic: TopicState) -> dict[str, Any]:
         return {
             "name": topic.name,
+            "topic_id": topic.topic_id,
             "replication_factor": topic.replication_factor,
+            "min_insync_replicas": topic.min_insync_replicas,
             "partitions": [
                 self.partition_json(topic.name, index) for index in range(len(topic.partitions))
             ],
@@ -245,6 +312,7 @@ class Coordinator:
             "leader_id": leader,
             "leader_url": None if leader is None else self.state.brokers.get(leader),
             "leader_epoch": partition.leader_epoch,
+            "partition_epoch": partition.partition_epoch,
             "replicas": list(partition.replicas),
             "isr": list(partition.isr),
         }
@@ -380,23 +448,26 @@ def _query_bool(request: web.Request, name: str) -> bool:
     return raw in ("true", "1")
 
 
-def _report(entry: Any) -> tuple[tuple[str, int], PartitionReport]:
-    entry = _object(entry, "partitions")
-    key = (
-        check_name(_field(entry, "topic"), "topic"),
-        check_int(entry.get("partition"), "partition", 0),
-    )
+def _report(entry: control.PartitionReport) -> tuple[tuple[str, int], PartitionReport]:
     report = PartitionReport(
-        leader_epoch=check_int(entry.get("leader_epoch", -1), "leader_epoch", -1),
-        log_start_offset=check_int(entry.get("log_start_offset", 0), "log_start_offset", 0),
-        log_end_offset=check_int(entry.get("log_end_offset", 0), "log_end_offset", 0),
-        high_watermark=check_int(entry.get("high_watermark", 0), "high_watermark", 0),
+        leader_epoch=entry.leader_epoch,
+        log_start_offset=entry.log_start_offset,
+        log_end_offset=entry.log_end_offset,
+        high_watermark=entry.high_watermark,
     )
-    return key, report
+    return (entry.topic, entry.partition), report
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
     return web.json_response(body, status=status)
+
+
+def _message(message: Any) -> web.Response:
+    return web.Response(body=control.encode(message), content_type="application/json")
+
+
+def _schema_body(kind: Any) -> dict[str, Any]:
+    return {"application/json": {"schema": control.schema(kind)}}
 
 
 # --- handlers -----------------------------------------------------------------------
@@ -416,18 +487,36 @@ class _Handlers:
                 "/v1/brokers/register",
                 self.register_broker,
                 "Register a broker (again)",
-                JSON_BODY,
+                _schema_body(control.BrokerRegistration),
+                responses={"200": "OK", "409": "cluster_id_mismatch"},
+                callers=broker_self(body="broker_id"),
             ),
             Endpoint(
                 "POST",
                 "/v1/brokers/{broker_id}/heartbeat",
                 self.broker_heartbeat,
                 "Broker heartbeat: reports in, assignments out",
-                JSON_BODY,
-                responses={"200": "OK", "404": "unknown_broker"},
+                _schema_body(control.BrokerHeartbeat),
+                responses={"200": "OK", "404": "unknown_broker", "409": "cluster_id_mismatch"},
+                callers=broker_self(path="broker_id"),
             ),
-            Endpoint("GET", "/v1/brokers", self.list_brokers, "Brokers and their liveness"),
-            Endpoint("GET", "/v1/cluster", self.describe_cluster, "Cluster overview"),
+            Endpoint(
+                "POST",
+                "/v1/brokers/{broker_id}/alter-isr",
+                self.alter_isr,
+                "A leader proposes an ISR change (compare-and-set on both epochs)",
+                _schema_body(control.AlterIsrRequest),
+                responses={
+                    "200": "applied",
+                    "409": "stale_partition_epoch",
+                    "421": "not_leader",
+                },
+                callers=broker_self(path="broker_id"),
+            ),
+            Endpoint(
+                "GET", "/v1/brokers", self.list_brokers, "Brokers and their liveness", callers=ANY
+            ),
+            Endpoint("GET", "/v1/cluster", self.describe_cluster, "Cluster overview", callers=ANY),
             Endpoint(
                 "POST",
                 "/v1/topics",
@@ -435,14 +524,16 @@ class _Handlers:
                 "Create a topic",
                 JSON_BODY,
                 responses=created,
+                callers=CLIENTS,
             ),
-            Endpoint("GET", "/v1/topics", self.list_topics, "Every topic"),
+            Endpoint("GET", "/v1/topics", self.list_topics, "Every topic", callers=ANY),
             Endpoint(
                 "GET",
                 "/v1/topics/{name}",
                 self.describe_topic,
                 "One topic",
                 responses={"200": "OK", "404": "unknown_topic"},
+                callers=ANY,
             ),
             Endpoint(
                 "DELETE",
@@ -450,6 +541,7 @@ class _Handlers:
                 self.delete_topic,
                 "Delete a topic",
                 responses={"200": "OK", "404": "unknown_topic"},
+                callers=CLIENTS,
             ),
             Endpoint(
                 "GET",
@@ -457,6 +549,7 @@ class _Handlers:
                 self.metadata,
                 "Brokers and topics for clients",
                 parameters=_METADATA_PARAMETERS,
+                callers=CLIENTS,
             ),
             Endpoint(
                 "POST",
@@ -464,6 +557,7 @@ class _Handlers:
                 self.allocate_producer,
                 "Allocate an idempotent producer id",
                 JSON_BODY,
+                callers=CLIENTS,
             ),
             Endpoint(
                 "POST",
@@ -472,6 +566,7 @@ class _Handlers:
                 "Consumer group member heartbeat",
                 JSON_BODY,
                 responses={"200": "OK", "409": "fenced_member"},
+                callers=CLIENTS,
             ),
             Endpoint(
                 "POST",
@@ -479,6 +574,7 @@ class _Handlers:
                 self.group_leave,
                 "Leave a consumer group",
                 JSON_BODY,
+                callers=CLIENTS,
             ),
             Endpoint(
                 "POST",
@@ -487,6 +583,7 @@ class _Handlers:
                 "Commit offsets",
                 JSON_BODY,
                 responses={"200": "OK", "409": "fenced_member"},
+                callers=CLIENTS,
             ),
             Endpoint(
                 "GET",
@@ -494,63 +591,102 @@ class _Handlers:
                 self.fetch_offsets,
                 "Committed offsets",
                 parameters=[_TOPICS_PARAMETER],
+                callers=ANY,
             ),
-            Endpoint("GET", "/v1/groups", self.list_groups, "Consumer groups"),
+            Endpoint("GET", "/v1/groups", self.list_groups, "Consumer groups", callers=ANY),
             Endpoint(
                 "GET",
                 "/v1/groups/{group}",
                 self.describe_group,
                 "Members, offsets and lag of a group",
                 responses={"200": "OK", "404": "unknown_group"},
+                callers=ANY,
             ),
         ]
 
     # -- brokers --
 
     async def register_broker(self, request: web.Request) -> web.Response:
-        body = await read_json_object(request, REQUEST_BYTES_MAX)
-        broker_id = check_int(_field(body, "broker_id"), "broker_id", 0, BROKER_ID_MAX)
-        url = _field(body, "url")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise InvalidRequest("url must be an http:// or https:// URL")
-        if len(url) > URL_CHARS_MAX:
-            raise InvalidRequest(f"url is longer than {URL_CHARS_MAX} characters")
-        if self.c.state.brokers.get(broker_id) != url:
-            await self.c.commit([RegisterBroker(broker_id, url)])
+        body = control.decode(await request.read(), control.BrokerRegistration)
+        broker_id, url = body.broker_id, body.url
+        self.c.check_cluster_id(broker_id, body.cluster_id)
+        # A new broker process leads nothing in an epoch it led before it (re)started.
+        reelections = plan_reelection(self.c.state, broker_id)
+        changed = self.c.state.brokers.get(broker_id) != url
+        await self.c.commit(
+            [RegisterBroker(broker_id, url), *reelections] if changed else reelections
+        )
+        log.info(
+            "broker %s registered at %s; %s partitions it leads get a new leader epoch",
+            broker_id,
+            url,
+            len(reelections),
+        )
         self.c.liveness.start_session(broker_id, self.c.clock_ms())
         await self.c.reconcile()
-        return _json(
-            {
-                "broker_id": broker_id,
-                "cluster_id": self.c.state.cluster_id,
-                "heartbeat_interval_ms": self.c.config.heartbeat_interval_ms,
-                "session_timeout_ms": self.c.config.session_timeout_ms,
-            }
+        answer = control.RegistrationAnswer(
+            broker_id=broker_id,
+            cluster_id=self.c.state.cluster_id,
+            heartbeat_interval_ms=self.c.config.heartbeat_interval_ms,
+            session_timeout_ms=self.c.config.session_timeout_ms,
         )
+        return _message(answer)
 
     async def broker_heartbeat(self, request: web.Request) -> web.Response:
         broker_id = check_int(request.match_info["broker_id"], "broker_id", 0, BROKER_ID_MAX)
+        body = control.decode(await request.read(), control.BrokerHeartbeat)
+        self.c.check_cluster_id(broker_id, body.cluster_id)
         if broker_id not in self.c.state.brokers:
             raise UnknownBroker(f"broker {broker_id} is not registered: register again")
-        body = await read_json_object(request, BROKER_HEARTBEAT_BYTES_MAX)
-        entries = _list(body.get("partitions", []), "partitions", 1_000_000)
-        reports = [_report(entry) for entry in entries]
+        reports = [_report(entry) for entry in body.partitions]
         if self.c.liveness.heartbeat(broker_id, self.c.clock_ms(), reports):
             log.info("broker %s is back", broker_id)
             await self.c.reconcile()
+        return _message(self._desired_state(broker_id))
+
+    def _desired_state(self, broker_id: int) -> control.HeartbeatAnswer:
         state = self.c.state
         assignments = [
-            {"topic": name, **self.c.partition_json(name, index)}
+            control.PartitionAssignment(
+                topic=name,
+                partition=index,
+                topic_id=topic.topic_id,
+                leader_id=partition.leader_id,
+                leader_url=(
+                    None if partition.leader_id is None else state.brokers.get(partition.leader_id)
+                ),
+                leader_epoch=partition.leader_epoch,
+                partition_epoch=partition.partition_epoch,
+                replicas=list(partition.replicas),
+                isr=list(partition.isr),
+                min_insync_replicas=topic.min_insync_replicas,
+            )
             for name, topic in sorted(state.topics.items())
             for index, partition in enumerate(topic.partitions)
             if broker_id in partition.replicas
         ]
-        return _json(
-            {
-                "assignments": assignments,
-                "topics": {name: len(topic.partitions) for name, topic in state.topics.items()},
-                "heartbeat_interval_ms": self.c.config.heartbeat_interval_ms,
-            }
+        topics = {
+            name: control.TopicSummary(topic.topic_id, len(topic.partitions))
+            for name, topic in state.topics.items()
+        }
+        return control.HeartbeatAnswer(
+            cluster_id=state.cluster_id,
+            assignments=assignments,
+            topics=topics,
+            deleted_topic_ids=list(state.deleted_topic_ids),
+            heartbeat_interval_ms=self.c.config.heartbeat_interval_ms,
+        )
+
+    async def alter_isr(self, request: web.Request) -> web.Response:
+        broker_id = check_int(request.match_info["broker_id"], "broker_id", 0, BROKER_ID_MAX)
+        body = control.decode(await request.read(), control.AlterIsrRequest)
+        partition = await self.c.alter_isr(body, broker_id)
+        return _message(
+            control.AlterIsrAnswer(
+                leader_epoch=partition.leader_epoch,
+                partition_epoch=partition.partition_epoch,
+                isr=list(partition.isr),
+            )
         )
 
     async def list_brokers(self, _: web.Request) -> web.Response:
@@ -563,6 +699,10 @@ class _Handlers:
                 "brokers": self.c.brokers_json(),
                 "topics": sorted(self.c.state.topics),
                 "controller": "coordinator",
+                "rejected_brokers": [
+                    {"broker_id": broker, "cluster_id": cluster}
+                    for broker, cluster in sorted(self.c.rejected_brokers.items())
+                ],
             }
         )
 
@@ -583,7 +723,13 @@ class _Handlers:
             if raw_factor is None
             else check_int(raw_factor, "replication_factor", 1, MAX_REPLICATION_FACTOR)
         )
-        topic = await self.c.create_topic(name, partitions, factor)
+        raw_min_insync = body.get("min_insync_replicas")
+        min_insync = (
+            None
+            if raw_min_insync is None
+            else check_int(raw_min_insync, "min_insync_replicas", 1, MAX_REPLICATION_FACTOR)
+        )
+        topic = await self.c.create_topic(name, partitions, factor, min_insync)
         return _json(self.c.topic_json(topic), status=201)
 
     async def list_topics(self, _: web.Request) -> web.Response:

@@ -15,7 +15,12 @@ Must always hold:
   persisted command applies cleanly (a failure on replay is an InvariantViolation).
 * per partition: replicas are distinct registered brokers; the ISR is a subset of the
   replicas; the leader, when there is one, is in the ISR; the leader epoch only grows,
-  by one at every ChangeLeader.
+  by one at every ChangeLeader; the partition epoch grows by one at every change of
+  leader, ISR or replicas, so a leader's ISR proposal (AlterIsr) can be applied as a
+  compare-and-set on both epochs.
+* every topic incarnation has its own ``topic_id``; deleting a topic remembers its id
+  (``deleted_topic_ids``, the newest DELETED_TOPIC_IDS_MAX), which is what allows a
+  broker to delete that topic's data.
 * an offline partition (leader None) keeps its last ISR, so only a replica that was in
   sync may lead it again (no unclean election).
 
@@ -35,6 +40,8 @@ from tidemq.core.placement import elect_leader
 from tidemq.errors import (
     InvalidRequest,
     InvariantViolation,
+    NotLeader,
+    StalePartitionEpoch,
     TopicExists,
     UnknownPartition,
     UnknownTopic,
@@ -43,6 +50,7 @@ from tidemq.errors import (
 MAX_TOPICS = 10_000
 MAX_BROKERS = 10_000
 MAX_PARTITIONS_PER_TOPIC = 10_000
+DELETED_TOPIC_IDS_MAX = 10_000
 SNAPSHOT_VERSION = 1
 
 TopicPartition = tuple[str, int]
@@ -68,6 +76,8 @@ class CreateTopic:
     partitions: int
     replication_factor: int
     assignments: tuple[tuple[int, ...], ...]  # replicas per partition, leader first
+    topic_id: str = ""
+    min_insync_replicas: int = 1
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,19 @@ class ChangeIsr:
 
 
 @dataclass(frozen=True)
+class AlterIsr:
+    """A leader's ISR proposal (Kafka's AlterPartition): applied only if the proposer
+    still leads in ``leader_epoch`` and nothing changed since ``partition_epoch``."""
+
+    topic: str
+    partition: int
+    broker_id: int
+    leader_epoch: int
+    partition_epoch: int
+    isr: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class CommitOffsets:
     group: str
     offsets: tuple[tuple[str, int, int], ...]  # (topic, partition, next offset)
@@ -112,6 +135,7 @@ Command = (
     | DeleteTopic
     | ChangeLeader
     | ChangeIsr
+    | AlterIsr
     | CommitOffsets
     | AllocateProducerId
 )
@@ -124,6 +148,7 @@ _COMMAND_TYPES: dict[str, type[Any]] = {
         DeleteTopic,
         ChangeLeader,
         ChangeIsr,
+        AlterIsr,
         CommitOffsets,
         AllocateProducerId,
     )
@@ -144,9 +169,14 @@ def command_from_json(data: dict[str, Any]) -> Command:
     cls = _COMMAND_TYPES.get(str(data.get("type")))
     if cls is None:
         raise ValueError(f"unknown command type {data.get('type')!r}")
-    names = [f.name for f in dataclasses.fields(cls)]
+    # Fields added later have defaults: commands persisted before them still load.
+    names = [f.name for f in dataclasses.fields(cls) if f.name in data or _required(f)]
     command: Command = cls(**{name: _to_tuples(data[name]) for name in names})
     return command
+
+
+def _required(field_: dataclasses.Field[Any]) -> bool:
+    return field_.default is dataclasses.MISSING and field_.default_factory is dataclasses.MISSING
 
 
 # --- state ----------------------------------------------------------------------
@@ -158,6 +188,7 @@ class PartitionState:
     leader_id: int | None
     leader_epoch: int
     isr: list[int]
+    partition_epoch: int = 0
 
 
 @dataclass
@@ -165,6 +196,8 @@ class TopicState:
     name: str
     replication_factor: int
     partitions: list[PartitionState]
+    topic_id: str = ""
+    min_insync_replicas: int = 1
 
 
 @dataclass
@@ -174,6 +207,7 @@ class ClusterState:
     topics: dict[str, TopicState] = field(default_factory=dict)
     offsets: dict[str, dict[TopicPartition, int]] = field(default_factory=dict)
     next_producer_id: int = 0
+    deleted_topic_ids: list[str] = field(default_factory=list)
 
     # -- reading --
 
@@ -228,6 +262,7 @@ class ClusterState:
                 for (topic, partition), offset in sorted(committed.items())
             ],
             "next_producer_id": self.next_producer_id,
+            "deleted_topic_ids": list(self.deleted_topic_ids),
         }
 
     @classmethod
@@ -241,13 +276,16 @@ class ClusterState:
         for row in data["offsets"]:
             group = state.offsets.setdefault(row["group"], {})
             group[(row["topic"], int(row["partition"]))] = int(row["offset"])
+        state.deleted_topic_ids = [str(i) for i in data.get("deleted_topic_ids", [])]
         return state
 
 
 def _topic_to_json(topic: TopicState) -> dict[str, Any]:
     return {
         "name": topic.name,
+        "topic_id": topic.topic_id,
         "replication_factor": topic.replication_factor,
+        "min_insync_replicas": topic.min_insync_replicas,
         "partitions": [dataclasses.asdict(p) for p in topic.partitions],
     }
 
@@ -259,10 +297,17 @@ def _topic_from_json(data: dict[str, Any]) -> TopicState:
             leader_id=p["leader_id"],
             leader_epoch=int(p["leader_epoch"]),
             isr=list(p["isr"]),
+            partition_epoch=int(p.get("partition_epoch", 0)),
         )
         for p in data["partitions"]
     ]
-    return TopicState(data["name"], int(data["replication_factor"]), partitions)
+    return TopicState(
+        data["name"],
+        int(data["replication_factor"]),
+        partitions,
+        str(data.get("topic_id", "")),
+        int(data.get("min_insync_replicas", 1)),
+    )
 
 
 # --- checks (raise, never mutate) -------------------------------------------------
@@ -289,6 +334,11 @@ def _check_create(state: ClusterState, command: CreateTopic) -> None:
             raise InvalidRequest(f"replicas {list(replicas)} are not distinct or miscounted")
         if any(broker not in state.brokers for broker in replicas):
             raise InvalidRequest(f"replicas {list(replicas)} name an unregistered broker")
+    if not 1 <= command.min_insync_replicas <= command.replication_factor:
+        raise InvalidRequest(
+            f"min_insync_replicas must be 1 to the replication factor "
+            f"({command.replication_factor}), got {command.min_insync_replicas}"
+        )
 
 
 def _check_delete(state: ClusterState, command: DeleteTopic) -> None:
@@ -312,6 +362,22 @@ def _check_change_isr(state: ClusterState, command: ChangeIsr) -> None:
     _check_isr(partition, partition.leader_id, command.isr)
 
 
+def _check_alter_isr(state: ClusterState, command: AlterIsr) -> None:
+    partition = state.partition(command.topic, command.partition)
+    if partition.leader_id != command.broker_id or partition.leader_epoch != command.leader_epoch:
+        raise NotLeader(
+            f"{command.topic}/{command.partition}: broker {command.broker_id} does not lead "
+            f"in epoch {command.leader_epoch} (leader {partition.leader_id}, "
+            f"epoch {partition.leader_epoch})"
+        )
+    if partition.partition_epoch != command.partition_epoch:
+        raise StalePartitionEpoch(
+            f"{command.topic}/{command.partition}: partition epoch {command.partition_epoch} "
+            f"!= current {partition.partition_epoch}"
+        )
+    _check_isr(partition, partition.leader_id, command.isr)
+
+
 def _check_commit(state: ClusterState, command: CommitOffsets) -> None:
     for topic, partition, offset in command.offsets:
         state.partition(topic, partition)
@@ -325,6 +391,7 @@ _CHECKS: dict[type[Any], Any] = {
     DeleteTopic: _check_delete,
     ChangeLeader: _check_change_leader,
     ChangeIsr: _check_change_isr,
+    AlterIsr: _check_alter_isr,
     CommitOffsets: _check_commit,
 }
 
@@ -343,23 +410,29 @@ def _apply_register(state: ClusterState, command: RegisterBroker) -> None:
 
 
 def _apply_create(state: ClusterState, command: CreateTopic) -> None:
-    """A new partition's ISR is its leader alone: a follower joins the ISR only once
-    it has reported, under the current epoch, a log end at the leader's high
-    watermark (plan_isr_expansion), which a broker does only for replicas it
-    actually replicates. Until follower replication exists no follower ever does, so
-    failover never elects an empty replica (no acknowledged message is lost: the
-    partition is offline until its leader returns)."""
+    """A new partition's ISR is every replica: all are empty, hence all in sync (as in
+    Kafka). A follower that then fails to fetch leaves it through its leader's
+    proposal (AlterIsr) or, if its broker dies, through failover."""
     partitions = [
-        PartitionState(list(replicas), replicas[0], 0, [replicas[0]])
+        PartitionState(list(replicas), replicas[0], 0, list(replicas))
         for replicas in command.assignments
     ]
-    state.topics[command.name] = TopicState(command.name, command.replication_factor, partitions)
+    state.topics[command.name] = TopicState(
+        command.name,
+        command.replication_factor,
+        partitions,
+        command.topic_id,
+        command.min_insync_replicas,
+    )
 
 
 def _apply_delete(state: ClusterState, command: DeleteTopic) -> None:
     """Deleting a topic forgets its committed offsets too, so a topic created again
     under the same name starts clean."""
-    del state.topics[command.name]
+    topic = state.topics.pop(command.name)
+    if topic.topic_id:
+        state.deleted_topic_ids.append(topic.topic_id)
+        del state.deleted_topic_ids[:-DELETED_TOPIC_IDS_MAX]
     for committed in state.offsets.values():
         for key in [key for key in committed if key[0] == command.name]:
             del committed[key]
@@ -372,11 +445,21 @@ def _apply_change_leader(state: ClusterState, command: ChangeLeader) -> int:
     partition.leader_id = command.leader_id
     partition.isr = list(command.isr)
     partition.leader_epoch += 1
+    partition.partition_epoch += 1
     return partition.leader_epoch
 
 
 def _apply_change_isr(state: ClusterState, command: ChangeIsr) -> None:
-    state.partition(command.topic, command.partition).isr = list(command.isr)
+    partition = state.partition(command.topic, command.partition)
+    partition.isr = list(command.isr)
+    partition.partition_epoch += 1
+
+
+def _apply_alter_isr(state: ClusterState, command: AlterIsr) -> PartitionState:
+    partition = state.partition(command.topic, command.partition)
+    partition.isr = list(command.isr)
+    partition.partition_epoch += 1
+    return partition
 
 
 def _apply_commit(state: ClusterState, command: CommitOffsets) -> int:
@@ -399,6 +482,7 @@ _APPLIES: dict[type[Any], Any] = {
     DeleteTopic: _apply_delete,
     ChangeLeader: _apply_change_leader,
     ChangeIsr: _apply_change_isr,
+    AlterIsr: _apply_alter_isr,
     CommitOffsets: _apply_commit,
     AllocateProducerId: _apply_allocate,
 }
@@ -442,6 +526,20 @@ def _partition_failover(
     return None
 
 
+def plan_reelection(state: ClusterState, broker_id: int) -> list[Command]:
+    """A broker (re)registered: a new process, which may have lost what it had not
+    fsynced. For every partition it leads, the same leader in a new epoch (same ISR:
+    everything committed is durable on it). Without the bump it would lead on in the
+    old epoch and could write new records at offsets its followers already hold from
+    before the crash, with the same epoch, where no divergence check could see it."""
+    commands: list[Command] = []
+    for name, topic in sorted(state.topics.items()):
+        for index, partition in enumerate(topic.partitions):
+            if partition.leader_id == broker_id:
+                commands.append(ChangeLeader(name, index, broker_id, tuple(partition.isr)))
+    return commands
+
+
 @dataclass(frozen=True)
 class PartitionReport:
     """What a broker says about one replica in its heartbeat."""
@@ -450,44 +548,6 @@ class PartitionReport:
     log_start_offset: int
     log_end_offset: int
     high_watermark: int
-
-
-def plan_isr_expansion(
-    state: ClusterState, live: Collection[int], liveness: Liveness
-) -> list[Command]:
-    """A live follower outside the ISR rejoins it once its log end offset reached the
-    leader's high watermark, both reported under the current leader epoch."""
-    commands: list[Command] = []
-    for name, topic in sorted(state.topics.items()):
-        for index, partition in enumerate(topic.partitions):
-            isr = _expanded_isr(name, index, partition, live, liveness)
-            if isr is not None:
-                commands.append(ChangeIsr(name, index, isr))
-    return commands
-
-
-def _expanded_isr(
-    topic: str, index: int, partition: PartitionState, live: Collection[int], liveness: Liveness
-) -> tuple[int, ...] | None:
-    if partition.leader_id is None or len(partition.isr) == len(partition.replicas):
-        return None
-    leader_report = liveness.report(partition.leader_id, topic, index)
-    if leader_report is None or leader_report.leader_epoch != partition.leader_epoch:
-        return None
-    joining = []
-    for broker in partition.replicas:
-        if broker in partition.isr or broker not in live:
-            continue
-        report = liveness.report(broker, topic, index)
-        if (
-            report is not None
-            and report.leader_epoch == partition.leader_epoch
-            and report.log_end_offset >= leader_report.high_watermark
-        ):
-            joining.append(broker)
-    if not joining:
-        return None
-    return tuple(b for b in partition.replicas if b in partition.isr or b in joining)
 
 
 # --- soft state -----------------------------------------------------------------
