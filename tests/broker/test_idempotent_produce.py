@@ -11,8 +11,10 @@ from test_broker_api import BASE, BATCH_TYPE, broker_client, expect_error, produ
 
 from tidemq.broker import idempotence
 from tidemq.broker.idempotence import load_producer_state
+from tidemq.broker.partition import PartitionReplica
+from tidemq.core.producers import APPEND, Duplicate
 from tidemq.storage import LogConfig, PartitionLog
-from tidemq.wire.batch import BatchBuilder, decode_records
+from tidemq.wire.batch import BatchBuilder, decode_records, patch_batch, read_header
 from tidemq.wire.produce import PRODUCE_TYPE, encode_produce
 
 
@@ -173,5 +175,32 @@ def test_a_request_that_overtook_an_earlier_one_waits_for_it(tmp_path: Path) -> 
             )
             assert asyncio.get_running_loop().time() - started < idempotence.REORDER_WAIT_S
             assert await stored_values(client) == [b"v0", b"v1", b"v2", b"v3"]
+
+    run(scenario)
+
+
+def test_a_follower_records_replicated_batches_and_forgets_truncated_ones(
+    tmp_path: Path,
+) -> None:
+    """A follower's table follows its log: a new leader answers retries like the old."""
+
+    async def scenario() -> None:
+        replica = PartitionReplica.open(
+            tmp_path, 2, ("orders", 0, "0" * 32), LogConfig(), 10_000, lambda *_: None, lambda: 0
+        )
+        body = bytearray()
+        for i in range(3):  # as the leader stored them: offsets 0, 2, 4 in epoch 1
+            batch = bytearray(stamped(2, 7, 0, 2 * i))
+            patch_batch(batch, 0, 2 * i, 1)
+            body += batch
+        replica.append_replicated(bytes(body), 0)
+        entry = replica.producers.entry(7)
+        assert entry is not None and [b.base_offset for b in entry.batches] == [0, 2, 4]
+        assert replica.producers.check(read_header(stamped(2, 7, 0, 2))) == Duplicate(2, 3)
+        replica.truncate_to(4)  # diverged from the new leader after offset 3
+        entry = replica.producers.entry(7)
+        assert entry is not None and [b.base_offset for b in entry.batches] == [0, 2]
+        assert replica.producers.check(read_header(stamped(2, 7, 0, 4))) == APPEND
+        replica.close()
 
     run(scenario)
