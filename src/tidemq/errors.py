@@ -214,6 +214,41 @@ class FencedMember(TideError):
     retriable = False
 
 
+class OutOfOrderSequence(TideError):
+    """Idempotent produce: the batch's sequence does not follow the producer's last one
+    on this partition (a gap, or a batch older than the ones the broker remembers).
+    Not retriable as such; a producer with an earlier batch still outstanding resends
+    in order (Kafka's rule), otherwise it starts a new producer epoch."""
+
+    code = "out_of_order_sequence"
+    http_status = 409
+    retriable = False
+
+    def __init__(self, message: str = "", earlier_missing: bool = False) -> None:
+        super().__init__(message)
+        # Broker side: a batch this one follows may still be on its way (it may fit later).
+        self.earlier_missing = earlier_missing
+
+
+class ProducerFenced(TideError):
+    """Idempotent produce: the batch carries an older producer epoch than the broker's."""
+
+    code = "producer_fenced"
+    http_status = 409
+    retriable = False
+
+
+class UnknownProducerId(TideError):
+    """Idempotent produce: the partition has no state for this producer id and the batch
+    does not start at sequence 0 (state evicted or lost, or an earlier batch of a new
+    producer is still on its way). The producer resends in order or starts a new epoch."""
+
+    code = "unknown_producer_id"
+    http_status = 409
+    retriable = False
+    earlier_missing = True  # the producer's first batch may still be on its way
+
+
 class InvariantViolation(Exception):
     """A broken invariant: a bug. Not a TideError; nothing should catch it."""
 

@@ -89,3 +89,12 @@ def test_parse_bootstrap() -> None:
     assert parse_bootstrap(["https://a:1"]) == ("https://a:1",)
     with pytest.raises(ConfigurationError):
         parse_bootstrap("ftp://a:1")
+
+
+def test_max_in_flight_is_bounded_by_the_broker_window_with_idempotence() -> None:
+    with pytest.raises(ConfigurationError, match="max_in_flight"):
+        resolve(ProducerOptions, {"bootstrap": "x:1", "max_in_flight": 6}, {})
+    _, options = resolve(
+        ProducerOptions, {"bootstrap": "x:1", "max_in_flight": 6, "enable_idempotence": False}, {}
+    )
+    assert options.max_in_flight == 6

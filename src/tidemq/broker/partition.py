@@ -29,6 +29,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from tidemq.broker.idempotence import load_producer_state, record_replicated
 from tidemq.core.replica import (
     Acks,
     Appended,
@@ -111,6 +112,8 @@ class PartitionReplica:
         self._waiters: dict[int, asyncio.Future[None]] = {}
         self._durable_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.closed = False
+        # Idempotent producers (broker/idempotence.py): rebuilt from the log on open.
+        self.producers = load_producer_state(log_)
 
     @classmethod
     def open(
@@ -235,6 +238,7 @@ class PartitionReplica:
 
     def append_replicated(self, body: bytes, now_ms: int) -> None:
         self.log.append_replicated(body, now_ms)
+        record_replicated(self.producers, body)  # so that a new leader knows producers
         self._appended()
 
     def truncate_to(self, offset: int) -> None:
@@ -247,6 +251,7 @@ class PartitionReplica:
             self.core.leader_epoch,
         )
         self.log.truncate_to(offset)
+        self.producers = load_producer_state(self.log)  # forget truncated batches
         self.handle(Truncated(self.log.log_end_offset))
 
     def reset_to(self, offset: int, now_ms: int) -> None:
@@ -257,6 +262,7 @@ class PartitionReplica:
         self.directory.mkdir(parents=True)
         write_offset(self.directory / LOG_START_FILE, offset)
         self.log = PartitionLog.open(self.directory, self.config, now_ms)
+        self.producers = load_producer_state(self.log)
         self.handle(Truncated(self.log.log_end_offset))
         self.handle(Flushed(self._durable_end()))
 

@@ -39,6 +39,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tidemq.broker.idempotence import append_in_sequence
 from tidemq.broker.partition import PartitionReplica, parse_partition_directory_name
 from tidemq.broker.syncer import GroupCommitSyncer
 from tidemq.core.replica import (
@@ -304,20 +305,23 @@ class Broker:
 
     async def produce(
         self, topic: str, partition: int, body: bytes, acks: Acks, epoch: int | None
-    ) -> dict[str, int]:
+    ) -> dict[str, Any]:
         replica = self.leader_for(topic, partition, epoch)
         headers = check_batches(body)
+        # Idempotence: duplicates of retried batches get their original offsets.
         now_ms = _now_ms()
-        first, last = replica.append(body, acks, now_ms)
-        self.syncer.mark_dirty(replica)
-        self.metrics.messages_in.labels(topic).inc(sum(h.record_count for h in headers))
+        outcome = await append_in_sequence(replica, body, headers, acks, _now_ms)
         for header in headers:
             self.metrics.producer_seen(header.producer_id, now_ms)
-        self.metrics.bytes_in.labels(topic).inc(len(body))
-        await replica.wait_ack(last + 1, acks, PRODUCE_TIMEOUT_S)
+        if outcome.appended_bytes:
+            self.syncer.mark_dirty(replica)
+            self.metrics.messages_in.labels(topic).inc(outcome.appended_records)
+            self.metrics.bytes_in.labels(topic).inc(outcome.appended_bytes)
+        await replica.wait_ack(outcome.commit_offset, acks, PRODUCE_TIMEOUT_S)
         return {
-            "base_offset": first,
-            "last_offset": last,
+            "base_offset": outcome.base_offset,
+            "last_offset": outcome.last_offset,
+            "batch_base_offsets": outcome.batch_base_offsets,
             "log_end_offset": replica.log.log_end_offset,
             "high_watermark": replica.high_watermark,
         }
@@ -1192,9 +1196,10 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
                 "application/json": {"schema": {"type": "object"}},
             },
             responses={
-                "200": "appended",
+                "200": "appended (or, for a retried idempotent batch, its original offsets)",
                 "400": "bad batch",
                 "404": "unknown topic",
+                "409": "stale leader epoch, or an idempotent producer's sequence/epoch error",
                 "421": "not leader",
                 "413": "too large",
             },

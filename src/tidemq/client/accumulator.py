@@ -13,9 +13,18 @@ own) or when the sender drains it after ``linger_ms`` (or at once during
 
 Invariants:
 
-* ordering: a partition has at most one request in flight (``in_flight``), and
-  ``drain`` takes its batches oldest first, so a retry never overtakes later
-  records; many partitions are in flight in parallel.
+* ordering: ``drain`` takes a partition's batches oldest first. Without idempotence
+  (``in_flight_batches_max`` None) a partition has at most one request in flight, so
+  a retry never overtakes later records. With idempotence it has at most
+  ``in_flight_batches_max`` batches in flight, in one or several requests, and the
+  producer keeps order with sequence numbers. A further request of a partition goes
+  only with *full* (size-sealed) batches, or during flush/close: a batch sealed by
+  linger waits for the request in flight, so a light load sends as few requests as
+  with one in flight (each costs CPU on both sides) and a heavy one pipelines.
+  On a failure the producer pauses the
+  partition (no new drain), lets the requests in flight finish, resends in sequence
+  order, then resumes it (client/producer.py). Many partitions are in flight in
+  parallel.
 * memory: ``used`` counts the record bytes (batch headers aside) of every batch not
   yet completed and
   never exceeds ``buffer_memory`` (``append`` waits up to ``max_block_ms``, then
@@ -189,16 +198,26 @@ class RecordFuture:
 
 
 class _PartitionQueue:
-    __slots__ = ("in_flight", "open", "sealed")
+    __slots__ = ("in_flight_batches", "in_flight_requests", "open", "paused", "sealed")
 
     def __init__(self) -> None:
         self.open: ProducerBatch | None = None
         self.sealed: deque[ProducerBatch] = deque()
-        self.in_flight = False
+        self.in_flight_requests = 0
+        self.in_flight_batches = 0
+        self.paused = False
+
+    def idle(self) -> bool:
+        return (
+            self.open is None
+            and not self.sealed
+            and not self.in_flight_requests
+            and not self.paused
+        )
 
 
 class Readiness(NamedTuple):
-    partitions: list[TopicPartition]  # have something to send and nothing in flight
+    partitions: list[TopicPartition]  # have something to send and room in flight
     next_check: float | None  # monotonic time when an open batch's linger ends
 
 
@@ -235,6 +254,8 @@ class RecordAccumulator:
         self._memory_waiters = 0
         self._flushing = 0
         self._closed = False
+        # None: one request in flight per partition; n: up to n batches (idempotence).
+        self.in_flight_batches_max: int | None = None
 
     # -- user threads -----------------------------------------------------------------
 
@@ -358,14 +379,14 @@ class RecordAccumulator:
         with self._lock:
             hurry = self._flushing > 0 or self._closed or self._memory_waiters > 0
             for tp, queue in self._queues.items():
-                if queue.in_flight:
+                if not self._room(queue):
                     continue
                 if queue.sealed:
                     partitions.append(tp)
                     continue
                 batch = queue.open
-                if batch is None:
-                    continue
+                if batch is None or (queue.in_flight_requests and not hurry):
+                    continue  # a lingering batch waits for the request in flight
                 deadline = batch.created + self.linger_s
                 if hurry or now >= deadline:
                     partitions.append(tp)
@@ -373,24 +394,41 @@ class RecordAccumulator:
                     next_check = deadline
         return Readiness(partitions, next_check)
 
+    def _room(self, queue: _PartitionQueue) -> int:
+        """How many more batches of this partition may go in flight now."""
+        if queue.paused:
+            return 0
+        limit = self.in_flight_batches_max
+        if limit is None:
+            return 0 if queue.in_flight_requests else 1 << 30
+        return max(0, limit - queue.in_flight_batches)
+
     def drain(self, tp: TopicPartition, max_bytes: int, now: float) -> list[ProducerBatch]:
-        """Oldest batches of ``tp`` up to ``max_bytes`` (at least one); marks it in flight."""
+        """Oldest batches of ``tp`` up to ``max_bytes`` (at least one) and the in-flight
+        limit; counts them in flight until ``complete``."""
         with self._lock:
             queue = self._queues.get(tp)
-            if queue is None or queue.in_flight:
+            room = 0 if queue is None else self._room(queue)
+            if queue is None or not room:
                 return []
             hurry = self._flushing > 0 or self._closed or self._memory_waiters > 0
-            if queue.open is not None and (hurry or now >= queue.open.created + self.linger_s):
+            lingered = queue.open is not None and now >= queue.open.created + self.linger_s
+            if queue.open is not None and (hurry or (lingered and not queue.in_flight_requests)):
                 self._seal_locked(tp, queue)
             batches: list[ProducerBatch] = []
             total = 0
-            while queue.sealed and (not batches or total + queue.sealed[0].size <= max_bytes):
+            while (
+                queue.sealed
+                and len(batches) < room
+                and (not batches or total + queue.sealed[0].size <= max_bytes)
+            ):
                 batch = queue.sealed.popleft()
                 batches.append(batch)
                 total += batch.size
             if batches:
-                queue.in_flight = True
-            elif queue.open is None:
+                queue.in_flight_requests += 1
+                queue.in_flight_batches += len(batches)
+            elif queue.idle():
                 del self._queues[tp]
             return batches
 
@@ -402,10 +440,28 @@ class RecordAccumulator:
                 self._incomplete.discard(batch)
             queue = self._queues.get(tp)
             if queue is not None:
-                queue.in_flight = False
-                if queue.open is None and not queue.sealed:
+                queue.in_flight_requests -= 1
+                queue.in_flight_batches -= len(batches)
+                if queue.idle():
                     del self._queues[tp]
             self._space.notify_all()
+        self._wake()
+
+    def pause(self, tp: TopicPartition) -> None:
+        """No new drains of ``tp`` until ``resume`` (the producer is resending)."""
+        with self._lock:
+            queue = self._queues.get(tp)
+            if queue is None:
+                queue = self._queues[tp] = _PartitionQueue()
+            queue.paused = True
+
+    def resume(self, tp: TopicPartition) -> None:
+        with self._lock:
+            queue = self._queues.get(tp)
+            if queue is not None:
+                queue.paused = False
+                if queue.idle():
+                    del self._queues[tp]
         self._wake()
 
     def abort(self, error: TideError) -> None:
@@ -415,9 +471,9 @@ class RecordAccumulator:
             for tp, queue in list(self._queues.items()):
                 if queue.open is not None:
                     self._seal_locked(tp, queue)
-                if not queue.in_flight:
-                    failed.extend(queue.sealed)
-                    queue.sealed.clear()
+                failed.extend(queue.sealed)  # never sent: what is in flight is not here
+                queue.sealed.clear()
+                if queue.idle():
                     del self._queues[tp]
             for batch in failed:
                 self.used -= batch.size - HEADER_SIZE

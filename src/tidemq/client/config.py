@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from tidemq.core.producers import WINDOW_BATCHES
 from tidemq.errors import InvalidRequest, RequestTimedOut
 
 ENVIRONMENT = {
@@ -86,6 +87,11 @@ class ProducerOptions:
         )
         if str(self.acks) not in ("all", "-1", "0", "1"):
             raise ConfigurationError(f"acks must be 'all', 1 or 0, not {self.acks!r}")
+        if self.enable_idempotence and self.max_in_flight > WINDOW_BATCHES:
+            raise ConfigurationError(
+                f"max_in_flight must be at most {WINDOW_BATCHES} with enable_idempotence "
+                f"(the batches a broker remembers per producer), not {self.max_in_flight}"
+            )
 
     @property
     def acks_parameter(self) -> str:

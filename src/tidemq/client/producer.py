@@ -6,15 +6,20 @@ sticky partition when keyless), appends into the accumulator and returns a
 the first time a topic is seen (to learn its partition count, creating the topic)
 and to wake the sender when a batch opens or seals, never per message.
 
-The sender task (one per producer) drains ready partitions into one request each:
-``POST {leader}/v1/topics/{t}/partitions/{p}/records?acks=..&leader_epoch=E`` with
-the batches back to back, at most one request in flight per partition (ordering),
-all partitions in parallel. Retriable failures (not_leader, fenced or unknown leader
-epoch, connection failed, 503, 504) refresh the metadata, back off (exponential,
-capped, jittered) and resend the same bytes until ``retries`` or
-``delivery_timeout_ms`` runs out. With ``enable_idempotence`` the batches carry a
-producer id and per-partition sequence numbers, so a leader that already appended a
-retried batch can answer with the original offsets instead of appending it twice.
+The sender task (one per producer) drains ready partitions and sends one
+multi-partition request per leader (``POST {leader}/v1/produce``). With idempotence
+(the default) each batch carries the producer id and per-partition sequence numbers,
+stamped at drain time (client/sequencing.py), and up to ``max_in_flight`` batches of a
+partition may be unacknowledged at once; the leader appends in sequence only and
+answers a retried batch with its original offsets. Without a producer id, one request
+per partition is in flight. Any failure pauses the partition; once its requests in
+flight end, ``_recover`` resends the unresolved groups oldest first, one at a time
+(``POST {leader}/v1/topics/{t}/partitions/{p}/records``). Retriable failures
+(not_leader, fenced or unknown leader epoch, connection failed, 503, 504) refresh the
+metadata, back off (exponential, capped, jittered) and resend the same bytes until
+``retries`` or ``delivery_timeout_ms`` runs out; a group given up on, or an
+``unknown_producer_id`` for the oldest group, starts a new producer epoch for the
+partition and renumbers what it still holds from sequence 0.
 """
 
 from __future__ import annotations
@@ -28,21 +33,26 @@ from typing import Any
 from zlib import crc32
 
 from tidemq.client.accumulator import (
-    ProducerBatch,
     RecordAccumulator,
     RecordFuture,
     TopicPartition,
 )
 from tidemq.client.config import ProducerOptions, ResultTimeout, resolve
 from tidemq.client.metadata import MetadataCache
+from tidemq.client.sequencing import PartitionSequencer, RequestGroup
 from tidemq.client.transport import BATCH_TYPE, LoopThread, Transport, backoff_seconds
 from tidemq.errors import (
     ClientClosed,
     InternalError,
     InvalidRequest,
+    NotLeader,
+    OutOfOrderSequence,
+    RequestTimedOut,
     TideError,
     UnknownPartition,
+    UnknownProducerId,
     UnknownTopic,
+    error_for_code,
 )
 from tidemq.wire.produce import PRODUCE_TYPE, encode_produce
 
@@ -86,8 +96,9 @@ class Producer:
     ``batch_size=65536``, ``acks="all"`` (or 1, 0), ``retries``,
     ``delivery_timeout_ms=120000``, ``buffer_memory=32 MiB``, ``max_block_ms=60000``,
     ``request_timeout_ms=30000``, ``max_request_bytes=1 MiB``,
-    ``enable_idempotence=True``, ``max_in_flight=5`` (accepted; the producer keeps one
-    request in flight per partition, see the architecture notes), plus the connection
+    ``enable_idempotence=True``, ``max_in_flight=5`` (batches of a partition
+    unacknowledged at once, at most 5: what the broker remembers; without a producer
+    id one request per partition is in flight), plus the connection
     settings ``bootstrap``, ``ca_file``, ``cert_file``, ``key_file``, ``token``.
     """
 
@@ -104,7 +115,8 @@ class Producer:
         self._producer_id = -1
         self._producer_epoch = -1
         self._identity_known = not options.enable_idempotence
-        self._sequences: dict[TopicPartition, int] = {}
+        self._sequencers: dict[TopicPartition, PartitionSequencer] = {}
+        self._recoveries: set[TopicPartition] = set()  # paused, waiting for in-flight to end
         self._closing = False
         try:
             self._thread.call(self._open(), 10.0)
@@ -234,16 +246,29 @@ class Producer:
         wake = self._wake_event
         if wake is None:  # pragma: no cover - set by _open
             raise InternalError("producer not opened")
+        self._tasks = group
         max_bytes = self._options.max_request_bytes
+        identity_attempt = 0
+        identity_since = time.monotonic()
         while True:
             wake.clear()
+            if not self._identity_known and not self._closing:
+                identity_attempt += 1
+                if not await self._acquire_identity(identity_attempt):
+                    if time.monotonic() - identity_since > self._options.delivery_timeout_ms / 1000:
+                        # No producer id within delivery_timeout_ms: fail what waits.
+                        accumulator.abort(RequestTimedOut("no producer id from the coordinator"))
+                        identity_since = time.monotonic()
+                    continue
             now = time.monotonic()
             ready = accumulator.ready(now)
-            drained = []
+            drained: list[tuple[TopicPartition, RequestGroup]] = []
             for tp in ready.partitions:
                 batches = accumulator.drain(tp, max_bytes, now)
                 if batches:
-                    drained.append((tp, batches))
+                    # Stamped here, in drain order, with no await since the drain:
+                    # sequence order is record order.
+                    drained.append((tp, self._sequencer(tp).start(batches, self._producer_id)))
             if drained:
                 group.create_task(self._deliver_grouped(drained))
             if self._closing and accumulator.is_empty():
@@ -258,41 +283,38 @@ class Producer:
                 except TimeoutError:
                     pass
 
-    async def _deliver_grouped(
-        self, drained: list[tuple[TopicPartition, list[ProducerBatch]]]
-    ) -> None:
+    def _sequencer(self, tp: TopicPartition) -> PartitionSequencer:
+        sequencer = self._sequencers.get(tp)
+        if sequencer is None:
+            sequencer = self._sequencers[tp] = PartitionSequencer(self._producer_epoch)
+        return sequencer
+
+    async def _deliver_grouped(self, drained: list[tuple[TopicPartition, RequestGroup]]) -> None:
         """First attempt: one multi-partition request per leader broker (wire/produce.py).
 
-        Partitions whose leader is unknown, whose entry failed, or whose whole request
-        failed go to ``_deliver``, which retries each partition on its own; the
-        partition stays in flight throughout, so order per partition holds.
+        A partition whose leader is unknown, whose entry failed, or whose whole request
+        failed goes to ``_failed``: it is paused and resent in order by ``_recover``.
         """
-        by_leader: dict[str, list[tuple[TopicPartition, list[ProducerBatch], int]]] = {}
-        alone: list[tuple[TopicPartition, list[ProducerBatch]]] = []
-        for tp, batches in drained:
+        by_leader: dict[str, list[tuple[TopicPartition, RequestGroup, int]]] = {}
+        for tp, request in drained:
             try:
                 info = await self._metadata.leader(*tp)
-            except TideError:
-                alone.append((tp, batches))
+            except TideError as error:
+                self._failed(tp, request, error)
                 continue
             if info.leader_url is None:
-                alone.append((tp, batches))
+                self._failed(tp, request, NotLeader(f"{tp[0]}/{tp[1]} has no leader"))
             else:
-                by_leader.setdefault(info.leader_url, []).append((tp, batches, info.leader_epoch))
+                by_leader.setdefault(info.leader_url, []).append((tp, request, info.leader_epoch))
         await asyncio.gather(
-            *(self._deliver_to_leader(url, items) for url, items in by_leader.items()),
-            *(self._deliver(tp, batches) for tp, batches in alone),
+            *(self._deliver_to_leader(url, items) for url, items in by_leader.items())
         )
 
     async def _deliver_to_leader(
-        self, leader_url: str, items: list[tuple[TopicPartition, list[ProducerBatch], int]]
+        self, leader_url: str, items: list[tuple[TopicPartition, RequestGroup, int]]
     ) -> None:
-        retry: list[tuple[TopicPartition, list[ProducerBatch]]] = []
         try:
-            entries = [
-                (tp[0], tp[1], epoch, await self._payload(tp, batches))
-                for tp, batches, epoch in items
-            ]
+            entries = [(tp[0], tp[1], epoch, request.payload()) for tp, request, epoch in items]
             answer = await self._transport.request_json(
                 "POST",
                 f"{leader_url}/v1/produce",
@@ -304,63 +326,122 @@ class Producer:
             if not isinstance(results, list) or len(results) != len(items):
                 raise InternalError("malformed multi-partition produce answer")
         except asyncio.CancelledError:
-            for tp, batches, _ in items:
-                for batch in batches:
-                    batch.complete(-1, ClientClosed("the producer closed before delivery"))
-                self._accumulator.complete(tp, batches)
+            for tp, request, _ in items:
+                self._give_up(tp, request, ClientClosed("the producer closed before delivery"))
             raise
         except TideError as error:
-            log.debug("produce to %s failed (%s); retrying per partition", leader_url, error)
-            retry = [(tp, batches) for tp, batches, _ in items]
-            for tp, _ in retry:
-                self._metadata.invalidate(tp[0])
-        else:
-            for (tp, batches, _), result in zip(items, results, strict=True):
-                base_offset = result.get("base_offset") if isinstance(result, dict) else None
-                if not isinstance(base_offset, int):
-                    self._metadata.invalidate(tp[0])
-                    retry.append((tp, batches))
-                    continue
-                for batch in batches:
-                    batch.complete(base_offset, None)
-                    base_offset += batch.count
-                self._accumulator.complete(tp, batches)
-        if retry:
-            await asyncio.gather(*(self._deliver(tp, batches) for tp, batches in retry))
+            log.debug("produce to %s failed (%s); resending per partition", leader_url, error)
+            for tp, request, _ in items:
+                self._failed(tp, request, error)
+            return
+        except Exception as exc:  # a bug: resend (recovery fails the records if it recurs)
+            log.exception("produce to %s failed unexpectedly", leader_url)
+            for tp, request, _ in items:
+                self._failed(tp, request, InternalError(f"client error: {exc!r}"))
+            return
+        for (tp, request, _), result in zip(items, results, strict=True):
+            outcome = _entry_outcome(result)
+            if isinstance(outcome, TideError):
+                self._failed(tp, request, outcome)
+            else:
+                self._succeeded(tp, request, outcome)
 
-    async def _deliver(self, tp: TopicPartition, batches: list[ProducerBatch]) -> None:
-        """Sends ``batches`` of one partition until acknowledged or given up."""
+    def _succeeded(self, tp: TopicPartition, request: RequestGroup, answer: Any) -> None:
+        offsets = _batch_offsets(answer, request)
+        for batch, base_offset in zip(request.batches, offsets, strict=True):
+            batch.complete(base_offset, None)
+        self._settle(tp, request)
+
+    def _give_up(self, tp: TopicPartition, request: RequestGroup, error: TideError) -> None:
+        """The group fails for good: its records get ``error``; later groups of the
+        partition will need a new epoch (their sequences would follow a gap)."""
+        for batch in request.batches:
+            batch.complete(-1, error)
+        self._sequencer(tp).reset_needed = True
+        self._settle(tp, request)
+
+    def _settle(self, tp: TopicPartition, request: RequestGroup) -> None:
+        sequencer = self._sequencer(tp)
+        request.in_flight = False
+        sequencer.settle(request)
+        self._accumulator.complete(tp, request.batches)
+        self._maybe_recover(tp, sequencer)
+
+    def _failed(self, tp: TopicPartition, request: RequestGroup, error: TideError) -> None:
+        """A first attempt failed: pause the partition; resend once nothing is in flight."""
+        log.debug("produce to %s/%s: %s; resending in order", tp[0], tp[1], error)
+        if not isinstance(error, OutOfOrderSequence | UnknownProducerId):
+            self._metadata.invalidate(tp[0])
+        request.in_flight = False
+        sequencer = self._sequencer(tp)
+        if not sequencer.recovering:
+            sequencer.recovering = True
+            self._accumulator.pause(tp)
+            self._recoveries.add(tp)
+        self._maybe_recover(tp, sequencer)
+
+    def _maybe_recover(self, tp: TopicPartition, sequencer: PartitionSequencer) -> None:
+        if tp in self._recoveries and sequencer.in_flight == 0:
+            self._recoveries.discard(tp)
+            self._tasks.create_task(self._recover(tp, sequencer))
+
+    async def _recover(self, tp: TopicPartition, sequencer: PartitionSequencer) -> None:
+        """Resends the partition's held groups one at a time, oldest first."""
         try:
-            await self._deliver_with_retries(tp, batches)
+            while True:
+                if sequencer.reset_needed:
+                    sequencer.reset(self._producer_id)
+                if not sequencer.groups:
+                    return
+                request = sequencer.groups[0]
+                request.in_flight = True
+                try:
+                    await self._resend(tp, request, sequencer)
+                finally:
+                    request.in_flight = False
         except asyncio.CancelledError:
-            for batch in batches:
-                batch.complete(-1, ClientClosed("the producer closed before delivery"))
+            for request in list(sequencer.groups):
+                self._give_up(tp, request, ClientClosed("the producer closed before delivery"))
             raise
         except Exception as exc:  # a bug: fail the records rather than the producer
-            log.exception("delivering to %s/%s failed unexpectedly", *tp)
-            for batch in batches:
-                batch.complete(-1, InternalError(f"client error: {exc!r}"))
+            log.exception("resending to %s/%s failed unexpectedly", *tp)
+            for request in list(sequencer.groups):
+                self._give_up(tp, request, InternalError(f"client error: {exc!r}"))
         finally:
-            self._accumulator.complete(tp, batches)
+            sequencer.recovering = False
+            self._accumulator.resume(tp)
 
-    async def _deliver_with_retries(self, tp: TopicPartition, batches: list[ProducerBatch]) -> None:
+    async def _resend(
+        self, tp: TopicPartition, request: RequestGroup, sequencer: PartitionSequencer
+    ) -> None:
+        """Sends one group alone until it settles (or needs a reset first)."""
         topic, partition = tp
         options = self._options
-        deadline = batches[0].created + options.delivery_timeout_ms / 1000
+        deadline = request.batches[0].created + options.delivery_timeout_ms / 1000
         attempt = 0
-        payload: bytes | None = None
+        reset_done = False
         while True:
             try:
-                if payload is None:
-                    payload = await self._payload(tp, batches)
                 info = await self._metadata.leader(topic, partition)
                 answer = await self._transport.request_json(
                     "POST",
                     f"{info.leader_url}/v1/topics/{topic}/partitions/{partition}/records",
                     params={"acks": options.acks_parameter, "leader_epoch": str(info.leader_epoch)},
-                    data=payload,
+                    data=request.payload(),
                     headers={"Content-Type": BATCH_TYPE},
                 )
+            except UnknownProducerId as error:
+                # The broker forgot this producer and nothing earlier is outstanding:
+                # a new epoch from sequence 0 (once; a second time is a real failure).
+                if not reset_done:
+                    log.info("%s/%s: %s; starting a new producer epoch", topic, partition, error)
+                    request.in_flight = False
+                    sequencer.reset(self._producer_id)
+                    request.in_flight = True
+                    reset_done = True
+                    continue
+                self._give_up(tp, request, error)
+                return
             except TideError as error:
                 attempt += 1
                 connection = self._connection
@@ -373,47 +454,66 @@ class Producer:
                     or time.monotonic() + delay > deadline
                     or self._closing
                 ):
-                    for batch in batches:
-                        batch.complete(-1, error)
+                    self._give_up(tp, request, error)
                     return
                 log.debug("produce to %s/%s: %s; retry %d", topic, partition, error, attempt)
                 self._metadata.invalidate(topic)
                 await asyncio.sleep(delay)
                 continue
-            base_offset = int(answer.get("base_offset", -1)) if isinstance(answer, dict) else -1
-            for batch in batches:
-                batch.complete(base_offset, None)
-                if base_offset >= 0:
-                    base_offset += batch.count
+            self._succeeded(tp, request, answer)
             return
 
-    async def _payload(self, tp: TopicPartition, batches: list[ProducerBatch]) -> bytes:
-        """The request body: every batch sealed (sequenced once), back to back."""
-        if not self._identity_known:
-            await self._acquire_identity()
-        sequence = self._sequences.get(tp, 0)
-        parts = []
-        for batch in batches:
-            if batch.payload is None:
-                producer_id = self._producer_id
-                base_sequence = sequence if producer_id >= 0 else -1
-                parts.append(batch.seal(producer_id, self._producer_epoch, base_sequence))
-                sequence = (sequence + batch.count) & 0x7FFFFFFF
-            else:
-                parts.append(batch.payload)
-        self._sequences[tp] = sequence
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    async def _acquire_identity(self) -> None:
-        """A producer id for idempotence; without one (old coordinator) send plain."""
+    async def _acquire_identity(self, attempt: int) -> bool:
+        """A producer id for idempotence; without one (old coordinator) send plain.
+        False: not yet (retriable error; backed off), try again."""
         try:
             answer = await self._transport.coordinator("POST", "/v1/producers", json_body={})
             self._producer_id = int(answer["producer_id"])
             self._producer_epoch = int(answer.get("producer_epoch", 0))
         except TideError as error:
             if error.retriable:
-                raise
+                connection = self._connection
+                log.debug("no producer id yet (%s); retrying", error)
+                await asyncio.sleep(
+                    backoff_seconds(
+                        attempt, connection.retry_backoff_ms, connection.retry_backoff_max_ms
+                    )
+                )
+                return False
             log.warning("no producer id (%s): sending without idempotence", error)
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("malformed producer id answer (%r): sending without idempotence", exc)
+        if self._producer_id >= 0:
+            self._accumulator.in_flight_batches_max = self._options.max_in_flight
         self._identity_known = True
+        return True
+
+
+def _entry_outcome(result: object) -> dict[str, Any] | TideError:
+    """One entry of a multi-partition produce answer: its offsets or its error."""
+    if not isinstance(result, dict):
+        return InternalError("malformed produce entry")
+    if isinstance(result.get("base_offset"), int):
+        return result
+    error = result.get("error")
+    if isinstance(error, dict):
+        return error_for_code(str(error.get("code")), str(error.get("message")))
+    return InternalError("malformed produce entry")
+
+
+def _batch_offsets(answer: object, request: RequestGroup) -> list[int]:
+    """Each batch's base offset: ``batch_base_offsets`` when the broker gives them
+    (idempotent brokers: a retried batch keeps its original offsets), else
+    consecutive from ``base_offset``; -1 when unknown (acks=0 to an old broker)."""
+    if isinstance(answer, dict):
+        listed = answer.get("batch_base_offsets")
+        if isinstance(listed, list) and len(listed) == len(request.batches):
+            return [int(offset) for offset in listed]
+        base = answer.get("base_offset")
+        if isinstance(base, int) and base >= 0:
+            offsets = []
+            for batch in request.batches:
+                offsets.append(base)
+                base += batch.count
+            return offsets
+    return [-1] * len(request.batches)

@@ -214,6 +214,11 @@ class PartitionLog:
     def segment_count(self) -> int:
         return len(self._segments)
 
+    @property
+    def segment_base_offsets(self) -> list[int]:
+        """Base offset of each segment, oldest first (a copy)."""
+        return list(self._base_offsets)
+
     # --------------------------------------------------------------- append
 
     def append(

@@ -322,6 +322,21 @@ def patch_batch(buffer: bytearray, position: int, base_offset: int, leader_epoch
     _I32.pack_into(buffer, position + _LEADER_EPOCH_AT, leader_epoch)
 
 
+_PRODUCER_FIELDS = struct.Struct(">qhi")  # producer_id, producer_epoch, base_sequence
+_PRODUCER_FIELDS_AT = 43
+
+
+def restamp(batch: bytes, producer_id: int, producer_epoch: int, base_sequence: int) -> bytes:
+    """A copy of one sealed batch with new producer fields and its CRC recomputed (an
+    idempotent producer that starts a new epoch renumbers the batches it still holds)."""
+    buffer = bytearray(batch)
+    _PRODUCER_FIELDS.pack_into(
+        buffer, _PRODUCER_FIELDS_AT, producer_id, producer_epoch, base_sequence
+    )
+    _U32.pack_into(buffer, 17, zlib.crc32(memoryview(buffer)[CRC_START:]))
+    return bytes(buffer)
+
+
 def iter_headers(data: bytes | bytearray | memoryview) -> Iterator[BatchHeader]:
     """Headers of consecutive batches; stops at a partial trailing batch."""
     position = 0

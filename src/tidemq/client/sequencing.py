@@ -1,0 +1,104 @@
+"""Per-partition sequencing for the idempotent producer. No I/O; loop thread only.
+
+Each request of a partition carries a *group*: the batches drained together, sent and
+resent as one unit. ``start`` stamps a group's batches with the producer id, the
+partition's producer epoch and consecutive sequence numbers (once; retries resend the
+same bytes). Groups stay here, oldest first, until they succeed or fail for good.
+
+The broker (core/producers.py) appends a batch only if its sequence follows the last
+one it holds, answers a resent batch with its original offsets, and remembers the last
+5 batches per producer: so the accumulator lets at most 5 batches of a partition be in
+flight, in one or several requests.
+
+Recovery (Kafka's rules, simplified): when a group fails (connection lost, timeout,
+not leader, or a sequence error because an earlier group had not arrived yet), the
+partition is paused; once no group of it is in flight, the groups are resent one at a
+time, oldest first, each until it settles. A group that fails for good (non-retriable
+error, out of retries or time) leaves a gap, and a broker that forgot the producer
+answers ``unknown_producer_id``: both are healed by a *reset*, which starts a new epoch
+for this partition and renumbers the groups still held from sequence 0 (the broker
+accepts sequence 0 of a newer epoch, and fences the old one).
+
+Invariants: sequences of a partition's groups are consecutive in ``groups`` order; at
+most one resend is in flight per partition; a reset happens only while nothing of the
+partition is in flight.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from tidemq.client.accumulator import ProducerBatch
+from tidemq.errors import InvariantViolation
+from tidemq.wire.batch import restamp
+
+SEQUENCE_MODULUS = 1 << 31
+
+
+class RequestGroup:
+    """The batches of one partition sent in one request, and whether it is in flight."""
+
+    __slots__ = ("batches", "in_flight", "record_count")
+
+    def __init__(self, batches: list[ProducerBatch]) -> None:
+        self.batches = batches
+        self.in_flight = True
+        self.record_count = sum(batch.count for batch in batches)
+
+    def payload(self) -> bytes:
+        parts = []
+        for batch in self.batches:
+            if batch.payload is None:
+                raise InvariantViolation("a group's batch lost its bytes before it settled")
+            parts.append(batch.payload)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class PartitionSequencer:
+    __slots__ = ("epoch", "groups", "next_sequence", "recovering", "reset_needed")
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.next_sequence = 0
+        self.groups: deque[RequestGroup] = deque()
+        self.recovering = False  # paused: resending in order (one task at a time)
+        self.reset_needed = False
+
+    def start(self, batches: list[ProducerBatch], producer_id: int) -> RequestGroup:
+        """Stamps and registers a newly drained group; it is in flight."""
+        sequence = self.next_sequence
+        for batch in batches:
+            if producer_id < 0:
+                batch.seal(-1, -1, -1)
+                continue
+            batch.seal(producer_id, self.epoch, sequence)
+            sequence = (sequence + batch.count) % SEQUENCE_MODULUS
+        self.next_sequence = sequence
+        group = RequestGroup(batches)
+        self.groups.append(group)
+        return group
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for group in self.groups if group.in_flight)
+
+    def settle(self, group: RequestGroup) -> None:
+        """The group succeeded or failed for good: forget it."""
+        self.groups.remove(group)
+
+    def reset(self, producer_id: int) -> None:
+        """New epoch; the held groups are renumbered from 0. Only with nothing in flight."""
+        if self.in_flight:
+            raise InvariantViolation("producer epoch reset with requests in flight")
+        self.reset_needed = False
+        if producer_id < 0:
+            return
+        self.epoch += 1
+        sequence = 0
+        for group in self.groups:
+            for batch in group.batches:
+                if batch.payload is None:
+                    raise InvariantViolation("a held batch has no bytes")
+                batch.payload = restamp(batch.payload, producer_id, self.epoch, sequence)
+                sequence = (sequence + batch.count) % SEQUENCE_MODULUS
+        self.next_sequence = sequence

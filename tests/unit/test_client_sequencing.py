@@ -1,0 +1,109 @@
+"""The producer's per-partition sequencing (client/sequencing.py) and the accumulator's
+in-flight window: stamping at drain, renumbering on a new epoch, pause and resume."""
+
+from __future__ import annotations
+
+import pytest
+
+from tidemq.client.accumulator import RecordAccumulator
+from tidemq.client.sequencing import PartitionSequencer
+from tidemq.core.producers import APPEND, ProducerStateTable
+from tidemq.errors import InvariantViolation, OutOfOrderSequence, ProducerFenced
+from tidemq.wire.batch import check_batch
+
+
+def accumulator_with(batches: int, window: int | None) -> RecordAccumulator:
+    """``batches`` sealed batches of two records each on partition ("t", 0)."""
+    accumulator = RecordAccumulator(
+        batch_size=61 + 2 * 19,
+        buffer_memory=1 << 20,
+        linger_ms=0,
+        wake=lambda: None,
+        clock=lambda: 0.0,
+    )
+    accumulator.in_flight_batches_max = window
+    for _ in range(batches * 2):
+        accumulator.append("t", 0, 1, None, b"x", None, 1_000, 0.1)
+    return accumulator
+
+
+def test_the_window_bounds_batches_in_flight_across_requests() -> None:
+    accumulator = accumulator_with(8, window=5)
+    first = accumulator.drain(("t", 0), 1 << 20, 1.0)
+    assert len(first) == 5
+    assert accumulator.drain(("t", 0), 1 << 20, 1.0) == []
+    assert accumulator.ready(1.0).partitions == []
+    accumulator.complete(("t", 0), first[:2])  # say a request of two of them settled
+    second = accumulator.drain(("t", 0), 1 << 20, 1.0)
+    assert len(second) == 2
+    accumulator.pause(("t", 0))
+    accumulator.complete(("t", 0), first[2:])
+    assert accumulator.ready(1.0).partitions == [] and not accumulator.is_empty()
+    accumulator.resume(("t", 0))
+    assert accumulator.ready(1.0).partitions == [("t", 0)]
+
+
+def test_without_idempotence_one_request_per_partition_takes_everything_ready() -> None:
+    accumulator = accumulator_with(8, window=None)
+    batches = accumulator.drain(("t", 0), 1 << 20, 1.0)
+    assert len(batches) == 8
+    assert accumulator.drain(("t", 0), 1 << 20, 1.0) == []
+
+
+def test_groups_are_stamped_in_drain_order_and_renumbered_by_a_new_epoch() -> None:
+    accumulator = accumulator_with(6, window=5)
+    sequencer = PartitionSequencer(epoch=0)
+    one = sequencer.start(accumulator.drain(("t", 0), 400, 1.0), producer_id=9)
+    two = sequencer.start(accumulator.drain(("t", 0), 1 << 20, 1.0), producer_id=9)
+    stamps = [check_batch(b.payload or b"")[9:12] for b in one.batches + two.batches]
+    assert stamps == [(9, 0, 2 * i) for i in range(len(stamps))]
+    assert sequencer.next_sequence == 2 * len(stamps)
+    with pytest.raises(InvariantViolation):
+        sequencer.reset(9)  # both still in flight
+    one.in_flight = two.in_flight = False
+    sequencer.settle(one)
+    sequencer.reset(9)
+    assert sequencer.epoch == 1
+    restamped = [check_batch(b.payload or b"")[9:12] for b in two.batches]
+    assert restamped == [(9, 1, 2 * i) for i in range(len(two.batches))]
+    assert sequencer.next_sequence == 2 * len(two.batches)
+
+
+def test_a_broker_table_accepts_the_renumbered_groups_and_fences_the_old_ones() -> None:
+    """What a reset is for: after a group failed for good, the held ones still land."""
+    accumulator = accumulator_with(3, window=5)
+    sequencer = PartitionSequencer(epoch=0)
+    groups = [sequencer.start(accumulator.drain(("t", 0), 1, 1.0), 4) for _ in range(3)]
+    table = ProducerStateTable()
+    first = check_batch(groups[0].payload())
+    assert table.check(first) == APPEND
+    table.record(first, 0)
+    old_third = check_batch(groups[2].payload())
+    with pytest.raises(OutOfOrderSequence):  # the second group never arrived: a gap
+        table.check(old_third)
+    for group in groups:
+        group.in_flight = False
+    sequencer.settle(groups[0])
+    sequencer.settle(groups[1])  # given up
+    sequencer.reset(4)
+    new_third = check_batch(groups[2].payload())
+    assert table.check(new_third) == APPEND
+    table.record(new_third, 2)
+    with pytest.raises(ProducerFenced):
+        table.check(old_third)
+
+
+def test_a_lingering_batch_waits_for_the_request_in_flight_a_full_one_does_not() -> None:
+    accumulator = accumulator_with(1, window=5)
+    first = accumulator.drain(("t", 0), 1 << 20, 1.0)
+    assert len(first) == 1
+    accumulator.append("t", 0, 1, None, b"x", None, 1_000, 0.1)  # opens a new batch
+    assert accumulator.ready(5.0).partitions == []  # lingered long, but one is in flight
+    assert accumulator.drain(("t", 0), 1 << 20, 5.0) == []
+    accumulator.append("t", 0, 1, None, b"x", None, 1_000, 0.1)
+    accumulator.append("t", 0, 1, None, b"x", None, 1_000, 0.1)  # seals the full batch
+    assert accumulator.ready(5.0).partitions == [("t", 0)]
+    assert [b.count for b in accumulator.drain(("t", 0), 1 << 20, 5.0)] == [2]
+    accumulator.begin_flush()  # flush: the open batch goes too
+    assert [b.count for b in accumulator.drain(("t", 0), 1 << 20, 5.0)] == [1]
+    accumulator.end_flush()
