@@ -1,7 +1,6 @@
 """Failover time: under load, SIGKILL the leader of the most partitions, eight times,
 and measure until all its partitions accept writes again. Issue 5 asks for p99 within
-the session timeout + 2 s. Needs replication: without it a killed leader's
-partitions stay offline until it returns, so this is xfail (non-strict) until then.
+the session timeout + 2 s.
 """
 
 from __future__ import annotations

@@ -44,10 +44,10 @@ def replication_available() -> bool:
 
 
 def strict_duplicates() -> bool:
-    """Do the tests fail on duplicates? Not until brokers recognise a retried batch
-    across a restart (idempotent producer state); ``TIDE_FAULT_STRICT_DUPLICATES=1``
-    turns it on. Duplicates are always reported."""
-    return os.environ.get("TIDE_FAULT_STRICT_DUPLICATES") == "1"
+    """Do the tests fail on duplicates? Yes: brokers recognise a retried batch, also
+    across restarts and failovers (idempotent producer state, rebuilt from the log and
+    replicated). ``TIDE_FAULT_STRICT_DUPLICATES=0`` only reports them."""
+    return os.environ.get("TIDE_FAULT_STRICT_DUPLICATES", "1") == "1"
 
 
 @dataclass(frozen=True)
