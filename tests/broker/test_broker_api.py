@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from tidemq.broker.server import BATCH_TYPE, Broker, BrokerConfig, create_app
+from tidemq.errors import NotLeader, UnknownTopic
 from tidemq.storage import FsyncPolicy, LogConfig
 from tidemq.transport import HttpTransport
 from tidemq.wire import control
@@ -578,3 +579,15 @@ def test_a_weak_fsync_broker_says_when_it_did_not_shut_down_cleanly(tmp_path: Pa
     assert not broker(FsyncPolicy.INTERVAL).unclean_weak_fsync  # closed cleanly
     assert broker(FsyncPolicy.INTERVAL).unclean_weak_fsync  # the last run "crashed"
     assert not broker(FsyncPolicy.ALWAYS).unclean_weak_fsync  # durable means durable
+
+
+def test_a_starting_broker_says_not_leader_not_unknown_topic(tmp_path: Path) -> None:
+    """Seen by the fault suite: a restarted broker answered unknown_topic (final for a
+    producer) until its first heartbeat answer told it the topics."""
+    config = BrokerConfig(1, tmp_path, "http://c", "http://b", LogConfig())
+    broker = Broker(config, lambda: HttpTransport(False, {}, 4, 1000), CollectorRegistry())
+    with pytest.raises(NotLeader):
+        broker.replica_for("orders", 0)
+    broker.reconcile(_answer())
+    with pytest.raises(UnknownTopic):
+        broker.replica_for("nothing", 0)

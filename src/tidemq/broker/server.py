@@ -270,6 +270,7 @@ class Broker:
         self._tasks: asyncio.TaskGroup | None = None
         self._followers: dict[Key, tuple[int, asyncio.Task[None]]] = {}
         self._inflight_produce_bytes = 0
+        self.reconciled = False  # no heartbeat answer yet: topics unknown, not absent
         self._follower_warned: dict[Key, float] = {}
 
     @property
@@ -282,6 +283,10 @@ class Broker:
         replica = self.replicas.get((topic, partition))
         if replica is not None:
             return replica
+        if not self.reconciled:
+            # Before its first heartbeat answer a (re)started broker knows no topic: not
+            # a reason for a client to give up on one (unknown_topic is final).
+            raise NotLeader(f"broker {self.config.broker_id} is starting: no assignments yet")
         summary = self.topics.get(topic)
         if summary is None:
             raise UnknownTopic(f"unknown topic {topic!r}")
@@ -605,6 +610,7 @@ class Broker:
     # ---- reconciling the desired state --------------------------------------------
 
     def reconcile(self, answer: control.HeartbeatAnswer) -> None:
+        self.reconciled = True
         self.topics = dict(answer.topics)
         wanted = {(a.topic, a.partition): a for a in answer.assignments}
         deleted_ids = set(answer.deleted_topic_ids)
