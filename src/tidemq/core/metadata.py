@@ -105,6 +105,16 @@ class AllocateProducerId:
     pass
 
 
+@dataclass(frozen=True)
+class RecordGroupSession:
+    """Raises the largest session timeout a group's members may use (it never
+    shrinks): after a restart the coordinator waits that long before moving any of
+    the group's partitions (see tidemq.core.groups)."""
+
+    group: str
+    session_timeout_ms: int
+
+
 Command = (
     InitCluster
     | RegisterBroker
@@ -114,6 +124,7 @@ Command = (
     | ChangeIsr
     | CommitOffsets
     | AllocateProducerId
+    | RecordGroupSession
 )
 _COMMAND_TYPES: dict[str, type[Any]] = {
     cls.__name__: cls
@@ -126,6 +137,7 @@ _COMMAND_TYPES: dict[str, type[Any]] = {
         ChangeIsr,
         CommitOffsets,
         AllocateProducerId,
+        RecordGroupSession,
     )
 }
 
@@ -174,6 +186,7 @@ class ClusterState:
     topics: dict[str, TopicState] = field(default_factory=dict)
     offsets: dict[str, dict[TopicPartition, int]] = field(default_factory=dict)
     next_producer_id: int = 0
+    group_session_ms: dict[str, int] = field(default_factory=dict)  # RecordGroupSession
 
     # -- reading --
 
@@ -228,6 +241,10 @@ class ClusterState:
                 for (topic, partition), offset in sorted(committed.items())
             ],
             "next_producer_id": self.next_producer_id,
+            "group_sessions": [
+                {"group": group, "session_timeout_ms": timeout}
+                for group, timeout in sorted(self.group_session_ms.items())
+            ],
         }
 
     @classmethod
@@ -241,6 +258,8 @@ class ClusterState:
         for row in data["offsets"]:
             group = state.offsets.setdefault(row["group"], {})
             group[(row["topic"], int(row["partition"]))] = int(row["offset"])
+        for row in data.get("group_sessions", []):  # absent in older snapshots
+            state.group_session_ms[str(row["group"])] = int(row["session_timeout_ms"])
         return state
 
 
@@ -319,6 +338,11 @@ def _check_commit(state: ClusterState, command: CommitOffsets) -> None:
             raise InvalidRequest(f"offset must be >= 0, got {offset}")
 
 
+def _check_group_session(state: ClusterState, command: RecordGroupSession) -> None:
+    if command.session_timeout_ms <= state.group_session_ms.get(command.group, 0):
+        raise InvalidRequest("a group's session bound only grows")
+
+
 _CHECKS: dict[type[Any], Any] = {
     RegisterBroker: _check_register,
     CreateTopic: _check_create,
@@ -326,6 +350,7 @@ _CHECKS: dict[type[Any], Any] = {
     ChangeLeader: _check_change_leader,
     ChangeIsr: _check_change_isr,
     CommitOffsets: _check_commit,
+    RecordGroupSession: _check_group_session,
 }
 
 
@@ -392,6 +417,10 @@ def _apply_allocate(state: ClusterState, command: AllocateProducerId) -> int:
     return producer_id
 
 
+def _apply_group_session(state: ClusterState, command: RecordGroupSession) -> None:
+    state.group_session_ms[command.group] = command.session_timeout_ms
+
+
 _APPLIES: dict[type[Any], Any] = {
     InitCluster: _apply_init,
     RegisterBroker: _apply_register,
@@ -401,6 +430,7 @@ _APPLIES: dict[type[Any], Any] = {
     ChangeIsr: _apply_change_isr,
     CommitOffsets: _apply_commit,
     AllocateProducerId: _apply_allocate,
+    RecordGroupSession: _apply_group_session,
 }
 
 
