@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -218,3 +219,29 @@ def check_single_owner(group: ConsumerGroup, clients: dict[str, Client]) -> None
     for member in group.members.values():
         assert not assigned & member.assignment, "two members are assigned one partition"
         assigned |= member.assignment
+
+
+def test_a_steady_heartbeat_does_not_walk_the_other_members() -> None:
+    class CountingMembers(dict[str, Any]):
+        walks = 0
+
+        def values(self) -> Any:
+            CountingMembers.walks += 1
+            return super().values()
+
+        def items(self) -> Any:
+            CountingMembers.walks += 1
+            return super().items()
+
+        def __iter__(self) -> Any:
+            CountingMembers.walks += 1
+            return super().__iter__()
+
+    group = ConsumerGroup("g")
+    members = [beat(group, None, 0, [], new_id=f"m{n}") for n in range(12)]
+    for _ in range(3):  # settle: everyone releases and is granted
+        members = [beat(group, m, e, a) for m, e, a in members]
+    group.members = CountingMembers(group.members)
+    member, epoch, assignment = members[5]
+    assert beat(group, member, epoch, assignment) == (member, epoch, assignment)
+    assert CountingMembers.walks == 0
