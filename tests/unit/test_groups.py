@@ -245,3 +245,20 @@ def test_a_steady_heartbeat_does_not_walk_the_other_members() -> None:
     member, epoch, assignment = members[5]
     assert beat(group, member, epoch, assignment) == (member, epoch, assignment)
     assert CountingMembers.walks == 0
+
+
+def test_a_ghost_adopted_after_a_restart_cannot_commit_over_the_real_owner() -> None:
+    # Before the restart a owned partition 0 at epoch 5, released it, and b got it.
+    # a's heartbeat and commit from those days arrive late, after the restart.
+    group = ConsumerGroup("g", recover_until_ms=SESSION_MS)
+    partition = [("orders", 0)]
+    beat(group, "a", 5, partition, now_ms=1)  # the ghost: adopted, holds partition 0
+    with pytest.raises(Unavailable):  # b (the real owner) has not heartbeated yet
+        group.validate_commit("a", 5, partition, 2)
+    _, b_epoch, b_assignment = beat(group, "b", 7, partition, now_ms=3)
+    assert b_assignment == []  # b must let go until the ghost's session runs out
+    for now_ms in (SESSION_MS, SESSION_MS + 1):
+        with pytest.raises(FencedMember):  # two holders: neither may commit
+            group.validate_commit("a", 5, partition, now_ms)
+        with pytest.raises(FencedMember):
+            group.validate_commit("b", b_epoch, partition, now_ms)
