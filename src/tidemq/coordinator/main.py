@@ -60,6 +60,12 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
 @click.option("--heartbeat-interval-ms", type=int, default=1000, show_default=True)
 @click.option("--default-partitions", type=int, default=12, show_default=True)
 @click.option("--default-replication-factor", type=int, default=2, show_default=True)
+@click.option(
+    "--no-group-commit",
+    is_flag=True,
+    hidden=True,
+    help="one transaction per offset commit (to measure what group commit buys)",
+)
 @click.option("--log-level", default="info", show_default=True)
 def command(
     data_dir: Path,
@@ -74,6 +80,7 @@ def command(
     heartbeat_interval_ms: int,
     default_partitions: int,
     default_replication_factor: int,
+    no_group_commit: bool,
     log_level: str,
 ) -> None:
     """Run the coordinator: cluster metadata, failover, consumer groups."""
@@ -103,6 +110,7 @@ def command(
         heartbeat_interval_ms=heartbeat_interval_ms,
         default_partitions=default_partitions,
         default_replication_factor=default_replication_factor,
+        offset_group_commit=not no_group_commit,
     )
     asyncio.run(run_coordinator(config))
 

@@ -99,6 +99,8 @@ class CoordinatorConfig:
     default_partitions: int = 12
     default_replication_factor: int = 2
     snapshot_every: int = 1000
+    # False: one transaction per offset commit (only to measure what group commit buys)
+    offset_group_commit: bool = True
 
     @property
     def url(self) -> str:
@@ -300,16 +302,22 @@ class Coordinator:
         try:
             async with self._write_lock:
                 if not entry.future.done():
-                    await self._commit_pending_offsets()
+                    await self._commit_pending_offsets(
+                        None if self.config.offset_group_commit else entry
+                    )
         except asyncio.CancelledError:
             entry.future.cancel()
             raise
         return await entry.future
 
-    async def _commit_pending_offsets(self) -> None:
-        """Checks every pending commit, persists the valid ones in one transaction,
-        applies them and answers each. Caller holds the write lock."""
-        batch, self._pending_commits = self._pending_commits, []
+    async def _commit_pending_offsets(self, only: _PendingCommit | None = None) -> None:
+        """Checks every pending commit (or ``only`` that one), persists the valid ones
+        in one transaction, applies them and answers each. Caller holds the write lock."""
+        if only is None:
+            batch, self._pending_commits = self._pending_commits, []
+        else:
+            self._pending_commits.remove(only)
+            batch = [only]
         now_ms = self.clock_ms()
         accepted: list[_PendingCommit] = []
         for entry in batch:
