@@ -80,7 +80,9 @@ BROKER_ID_MAX = (1 << 31) - 1
 URL_CHARS_MAX = 2000
 GROUP_SESSION_TIMEOUT_MS_DEFAULT = 10_000
 GROUP_SESSION_TIMEOUT_MS_MIN = 100
-GROUP_SESSION_TIMEOUT_MS_MAX = 3_600_000
+# A group's largest session timeout is also how long it recovers after a coordinator
+# restart (partitions do not move, commits wait), and that bound never shrinks.
+GROUP_SESSION_TIMEOUT_MS_MAX = 300_000
 # Offset commits waiting for the next group commit; more are refused (503, retriable).
 OFFSET_COMMITS_PENDING_MAX = 10_000
 JSON_BODY = {"application/json": {"schema": {"type": "object"}}}
