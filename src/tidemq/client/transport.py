@@ -110,6 +110,10 @@ class Transport:
             limit=0,
             limit_per_host=config.connections_per_host,
             keepalive_timeout=60,
+            # Before CPython 3.12.8 a TLS connection closed mid-request (a cancelled
+            # long-poll) leaves its socket open until the TLS shutdown finishes, which
+            # never happens once the client's loop stops: abort them on close instead.
+            enable_cleanup_closed=_NEEDS_CLEANUP_CLOSED,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -186,6 +190,9 @@ class Transport:
         if last is None:  # pragma: no cover - bootstrap is never empty
             raise ConnectionFailed("no coordinator URL")
         raise last
+
+
+_NEEDS_CLEANUP_CLOSED = bool(getattr(aiohttp.connector, "NEEDS_CLEANUP_CLOSED", False))
 
 
 class LoopThread:
