@@ -187,7 +187,9 @@ class Proxy:
         """Creates the shared producer and admin client (ConfigurationError if the
         TIDE_* settings are missing or wrong)."""
         self._producer = await self._blocking(
-            functools.partial(Producer, delivery_timeout_ms=30_000, **self.config.client)
+            functools.partial(
+                Producer, linger_ms=1, delivery_timeout_ms=30_000, **self.config.client
+            )
         )
         self._admin = await self._blocking(
             functools.partial(Admin, request_timeout_ms=5_000, **self.config.client)
