@@ -128,3 +128,18 @@ def test_listen_addresses() -> None:
     for bad in ("8080", ":80", "host:", "host:0", "host:70000", "host:x"):
         with pytest.raises(ValueError):
             codec.parse_listen(bad)
+
+
+def test_the_proxy_command_is_registered_and_checks_its_arguments() -> None:
+    from click.testing import CliRunner
+
+    from tidemq.cli.main import cli
+
+    runner = CliRunner()
+    assert "  proxy " in runner.invoke(cli, ["--help"]).output
+    helped = runner.invoke(cli, ["proxy", "--help"])
+    assert helped.exit_code == 0 and "--plain-http" in helped.output
+    bad = runner.invoke(cli, ["proxy", "--listen", "nowhere"])
+    assert bad.exit_code == 2 and "HOST:PORT" in bad.output
+    no_cert = runner.invoke(cli, ["proxy", "--listen", "127.0.0.1:1"], env={"TIDE_CERT_FILE": ""})
+    assert no_cert.exit_code == 2 and "--cert-file" in no_cert.output

@@ -93,7 +93,7 @@ class ProxyConfig:
     max_request_bytes: int = 8 * 1024 * 1024
     max_records_per_push: int = 10_000
     max_pushes_per_client: int = 16
-    max_pushes: int = 128
+    max_pushes: int = 32  # with max_request_bytes: at most 256 MiB of bodies in memory
     keepalive_ms: int = 15_000
     client: Mapping[str, Any] = field(default_factory=dict)
 
@@ -151,6 +151,7 @@ class Proxy:
         self._ready = False
         self._closing = False
         self._tasks: asyncio.TaskGroup | None = None
+        self._late: list[asyncio.Future[None]] = []  # closes begun after the group ended
         self._records_in = Counter(
             "tide_proxy_records_in",
             "Records pushed through the proxy and acknowledged by the cluster",
@@ -197,9 +198,12 @@ class Proxy:
 
     def app(self, registry: CollectorRegistry) -> web.Application:
         app = build_app(
-            "tide proxy", self.endpoints(), registry, lambda: self._ready,
-            self.config.max_request_bytes,
-        )  # fmt: skip
+            "tide proxy",
+            self.endpoints(),
+            registry,
+            is_ready=lambda: self._ready,
+            max_body_bytes=self.config.max_request_bytes,
+        )
         app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
         return app
@@ -215,7 +219,7 @@ class Proxy:
         interval_s = min(1.0, self.config.limits.idle_timeout_ms / 4000)
         while True:
             for session_id in self._table.expired(self._clock_ms()):
-                await self._close(session_id, "idle")
+                self._close_later(session_id, "idle")
             await asyncio.sleep(interval_s)
 
     async def _check_ready_forever(self) -> None:
@@ -235,6 +239,7 @@ class Proxy:
         for session in self._sessions.values():
             session.changed.set()
         await asyncio.gather(*(self._close(sid, "shutdown") for sid in list(self._sessions)))
+        await asyncio.gather(*self._late)
         seed, self._seed = self._seed, None
         if seed is not None:
             await self._blocking(seed.close)
@@ -250,15 +255,16 @@ class Proxy:
         self._push_executor.shutdown(wait=False)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        """Runs ``coroutine`` in the proxy's task group (its failure stops the proxy)."""
+        """Runs ``coroutine`` in the proxy's task group (its failure stops the proxy);
+        once that group has finished (shutting down), in the shutdown's own list."""
         tasks = self._tasks
-        if tasks is None or self._closing:
-            coroutine.close()  # shutting down: _on_shutdown closes every session
-            return
-        try:
-            tasks.create_task(coroutine)
-        except RuntimeError:  # the group is finishing
-            coroutine.close()
+        if tasks is not None:
+            try:
+                tasks.create_task(coroutine)
+                return
+            except RuntimeError:  # the group has finished
+                pass
+        self._late.append(asyncio.ensure_future(coroutine))
 
     async def _blocking(
         self,
@@ -508,18 +514,32 @@ class Proxy:
         return web.json_response({"session_id": session.session_id, "closed": True})
 
     async def _close(self, session_id: str, reason: str) -> None:
+        session = self._detach(session_id, reason)
+        if session is not None:
+            await self._close_consumer(session)
+
+    def _close_later(self, session_id: str, reason: str) -> None:
+        """Frees the session's slot now; its member leaves the group in the background."""
+        session = self._detach(session_id, reason)
+        if session is not None:
+            self._spawn(self._close_consumer(session))
+
+    def _detach(self, session_id: str, reason: str) -> _Session | None:
         self._table.remove(session_id)
         session = self._sessions.pop(session_id, None)
         if session is None:
-            return
+            return None
         session.closed = True
         session.changed.set()
         self._closed.labels(reason).inc()
         log.info("session %s closed (%s)", session_id, reason)
+        return session
+
+    async def _close_consumer(self, session: _Session) -> None:
         try:
             await self._blocking(session.consumer.close)
         except TideError as error:
-            log.warning("closing session %s: %s", session_id, error)
+            log.warning("closing session %s: %s", session.session_id, error)
 
     async def pull(self, request: web.Request) -> web.Response:
         session = self._session(request)
@@ -640,7 +660,7 @@ class Proxy:
             self._streams.dec()
             self._table.detach_stream(session.session_id, self._clock_ms())
             if ended == "disconnected":
-                self._spawn(self._close(session.session_id, "disconnected"))
+                self._close_later(session.session_id, "disconnected")
         return response
 
     async def _stream(self, stream: _Stream, keepalive_s: float) -> str:
