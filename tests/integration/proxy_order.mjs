@@ -1,10 +1,11 @@
 // tide proxy driven from Node.js (built-in fetch, no packages): the order-and-
-// exactly-once test. Pushes keyed records through the proxy, consumes them through
-// two sessions of one group (one pulls, one subscribes with Server-Sent Events),
-// commits after each batch, and checks that every record arrived exactly once, in
-// order per key, on the partition crc32(key) mod partitions says.
+// exactly-once test. Opens SESSIONS members of one group (half pull, half subscribe
+// with Server-Sent Events), waits until they share the partitions evenly, pushes
+// keyed records through the proxy while they consume, commits after each batch, and
+// checks that every record arrived exactly once, in order per key, on the partition
+// crc32(key) mod partitions says, and that each partition went to one member only.
 //
-// Environment: PROXY_URL, TOPIC, GROUP, MESSAGES, KEYS, PARTITIONS, DEADLINE_MS.
+// Environment: PROXY_URL, TOPIC, GROUP, MESSAGES, KEYS, PARTITIONS, SESSIONS, DEADLINE_MS.
 // Prints one JSON summary line; exits 0 only if every check passed.
 
 const base = process.env.PROXY_URL;
@@ -13,6 +14,7 @@ const group = process.env.GROUP;
 const total = Number(process.env.MESSAGES);
 const keyCount = Number(process.env.KEYS);
 const partitions = Number(process.env.PARTITIONS);
+const sessionCount = Number(process.env.SESSIONS || 2);
 const deadline = Date.now() + Number(process.env.DEADLINE_MS || 120000);
 const PUSH_BATCH = 500;
 
@@ -53,12 +55,12 @@ function crc32(text) {
 }
 
 async function waitForBalance(sessions) {
-  const half = partitions / sessions.length;
+  const share = partitions / sessions.length;
   for (;;) {
     const described = await Promise.all(
       sessions.map((id) => call("GET", `/v1/sessions/${id}`)),
     );
-    if (described.every((d) => d.assignment.length === half)) return described;
+    if (described.every((d) => d.assignment.length === share)) return described;
     checkDeadline("waiting for the group to balance");
     await sleep(100); // polling interval
   }
@@ -84,7 +86,11 @@ async function pushAll(summary) {
 function makeReceiver(summary) {
   const seen = new Set();
   const lastByKey = new Map();
-  return (record, via) => {
+  const ownerOf = new Map();
+  return (record, via, session) => {
+    const owner = ownerOf.get(record.partition);
+    if (owner === undefined) ownerOf.set(record.partition, session);
+    else if (owner !== session) summary.sharedPartitions++;
     const id = `${record.partition}/${record.offset}`;
     if (seen.has(id)) {
       summary.duplicates++;
@@ -106,7 +112,7 @@ async function pullLoop(session, receive, summary) {
   while (summary.received < total) {
     checkDeadline("pulling");
     const answer = await call("POST", `/v1/sessions/${session}/pull?max_records=300&timeout_ms=500`);
-    for (const record of answer.records) receive(record, "viaPull");
+    for (const record of answer.records) receive(record, "viaPull", session);
     if (answer.records.length) await call("POST", `/v1/sessions/${session}/commit`, { batch: answer.batch });
   }
 }
@@ -136,7 +142,7 @@ async function eventLoop(session, receive, summary, abort) {
           else if (line.startsWith("data: ")) data = JSON.parse(line.slice(6));
         }
         if (data === null) continue; // a keep-alive comment
-        if (event === "message") receive(data, "viaEvents");
+        if (event === "message") receive(data, "viaEvents", session);
         else if (event === "batch") {
           summary.batches++;
           await call("POST", `/v1/sessions/${session}/commit`, { batch: data.batch });
@@ -152,29 +158,39 @@ async function eventLoop(session, receive, summary, abort) {
 async function main() {
   const summary = {
     received: 0, duplicates: 0, outOfOrder: 0, wrongPartition: 0, mismatched: 0,
-    viaPull: 0, viaEvents: 0, batches: 0, leftOver: 0,
+    sharedPartitions: 0, viaPull: 0, viaEvents: 0, batches: 0, leftOver: 0,
+    seconds: 0,
   };
-  const first = await call("POST", "/v1/sessions", { group, topics: [topic] });
-  const second = await call("POST", "/v1/sessions", { group, topics: [topic] });
-  await waitForBalance([first.session_id, second.session_id]);
+  const sessions = [];
+  for (let i = 0; i < sessionCount; i++) {
+    sessions.push((await call("POST", "/v1/sessions", { group, topics: [topic] })).session_id);
+  }
+  await waitForBalance(sessions);
+  const started = Date.now();
   const receive = makeReceiver(summary);
-  const abort = new AbortController();
+  const pulling = sessions.filter((_, i) => i % 2 === 0);
+  const streaming = sessions.filter((_, i) => i % 2 === 1);
   const consuming = Promise.all([
-    pullLoop(first.session_id, receive, summary),
-    eventLoop(second.session_id, receive, summary, abort).catch((error) => {
-      if (summary.received < total) throw error;
-    }),
+    ...pulling.map((session) => pullLoop(session, receive, summary)),
+    ...streaming.map((session) =>
+      eventLoop(session, receive, summary, new AbortController()).catch((error) => {
+        if (summary.received < total) throw error;
+      }),
+    ),
   ]);
   await pushAll(summary);
   await consuming;
-  // Nothing more may come: a last pull of the first session finds nothing.
-  const extra = await call("POST", `/v1/sessions/${first.session_id}/pull?timeout_ms=1000`);
-  summary.leftOver = extra.records.length;
-  await call("DELETE", `/v1/sessions/${first.session_id}`);
+  summary.seconds = (Date.now() - started) / 1000;
+  // Nothing more may come: a last pull of each pulling session finds nothing.
+  for (const session of pulling) {
+    const extra = await call("POST", `/v1/sessions/${session}/pull?timeout_ms=1000`);
+    summary.leftOver += extra.records.length;
+    await call("DELETE", `/v1/sessions/${session}`);
+  }
   console.log(JSON.stringify(summary));
   const ok = summary.received === total && summary.duplicates === 0 && summary.outOfOrder === 0
     && summary.wrongPartition === 0 && summary.mismatched === 0 && summary.leftOver === 0
-    && summary.viaPull > 0 && summary.viaEvents > 0;
+    && summary.sharedPartitions === 0 && summary.viaPull > 0 && summary.viaEvents > 0;
   process.exit(ok ? 0 : 1);
 }
 

@@ -476,7 +476,7 @@ def test_node_order_and_exactly_once(cluster: Any, start_proxy: Any) -> None:
     node = shutil.which("node")
     if node is None:
         pytest.fail("node is not installed (scripts/test installs nodejs when absent)")
-    partitions, messages = 12, 6_000
+    partitions, messages = 12, 20_000
     _create_topic(cluster, "node-orders", partitions)
     proxy = start_proxy(cluster, "--client-auth", "none")
     environment = {
@@ -488,6 +488,7 @@ def test_node_order_and_exactly_once(cluster: Any, start_proxy: Any) -> None:
         "MESSAGES": str(messages),
         "KEYS": "40",
         "PARTITIONS": str(partitions),
+        "SESSIONS": "4",
         "DEADLINE_MS": "120000",
     }
     completed = subprocess.run(
@@ -503,6 +504,7 @@ def test_node_order_and_exactly_once(cluster: Any, start_proxy: Any) -> None:
     print("node summary:", summary)
     assert summary["received"] == messages
     assert summary["duplicates"] == summary["outOfOrder"] == summary["wrongPartition"] == 0
+    assert summary["sharedPartitions"] == summary["leftOver"] == 0
     assert summary["viaPull"] > 0 and summary["viaEvents"] > 0
     with Admin(**cluster.config) as admin:
         offsets = admin.describe_group("node-group")["offsets"]

@@ -45,6 +45,7 @@ def test_one_record_or_many_with_per_record_encoding() -> None:
         ({"value": "\ud800"}, "not valid Unicode"),
         ({"value": "x", "headers": ["h"]}, "headers must be an object"),
         ({"value": "x", "headers": {"h": None}}, "must be a string"),
+        ({"value": "x", "headers": {"\ud800": "v"}}, "not valid Unicode"),
         ({"records": []}, "non-empty list"),
         ({"records": "x"}, "non-empty list"),
         ({"records": [{"value": "a"}], "key": "k"}, "unknown field(s) beside 'records'"),
@@ -115,8 +116,9 @@ def test_positions_and_sse_framing() -> None:
 
 def test_seed_text_forms() -> None:
     assert codec.parse_seed_push({"key": "1", "message": "2"}) == ("1", "2")
-    with pytest.raises(InvalidRequest):
-        codec.parse_seed_push({"key": 1, "message": "2"})
+    for bad in ({"key": 1, "message": "2"}, {"key": "k"}, {"key": "k", "message": "\udfff"}):
+        with pytest.raises(InvalidRequest):
+            codec.parse_seed_push(bad)
     assert codec.seed_list([]) == "[]"
     messages = [Message("default", 0, i, b"k", str(i).encode(), 0, []) for i in range(2)]
     assert codec.seed_list(messages) == "[key:k-value:0, key:k-value:1]"

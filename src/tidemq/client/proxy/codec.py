@@ -70,9 +70,14 @@ def _decode_text(raw: Any, encoding: str, what: str) -> bytes | None:
             return base64.b64decode(raw, validate=True)
         except (binascii.Error, ValueError) as error:
             raise InvalidRequest(f"{what} is not valid base64") from error
+    _check_text(raw, what)
+    return raw.encode()
+
+
+def _check_text(raw: str, what: str) -> None:
     try:
-        return raw.encode()
-    except UnicodeEncodeError as error:  # a lone surrogate from a \\ud800 escape
+        raw.encode()
+    except UnicodeEncodeError as error:  # a lone surrogate, from a JSON \\ud800 escape
         raise InvalidRequest(f"{what} is not valid Unicode text") from error
 
 
@@ -83,6 +88,7 @@ def _parse_headers(raw: Any, encoding: str, where: str) -> list[tuple[str, bytes
         raise InvalidRequest(f"{where}: headers must be an object of strings")
     out = []
     for name, value in raw.items():
+        _check_text(name, f"{where}: header name {name!r}")
         decoded = _decode_text(value, encoding, f"{where}: header {name!r}")
         if decoded is None:
             raise InvalidRequest(f"{where}: header {name!r} must be a string")
@@ -229,6 +235,8 @@ def parse_seed_push(body: dict[str, Any]) -> tuple[str, str]:
     key, message = body.get("key"), body.get("message")
     if not isinstance(key, str) or not isinstance(message, str):
         raise InvalidRequest('expected {"key": string, "message": string}')
+    _check_text(key, "key")
+    _check_text(message, "message")
     return key, message
 
 

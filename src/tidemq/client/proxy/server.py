@@ -862,7 +862,11 @@ def _batch_field(body: dict[str, Any]) -> int | None:
     if unknown:
         raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}")
     raw = body.get("batch")
-    return None if raw is None else check_int(raw, "batch", minimum=0)
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise InvalidRequest(f"batch must be an integer, not {raw!r}")
+    return check_int(raw, "batch", minimum=0)
 
 
 # -- OpenAPI fragments ---------------------------------------------------------------------
