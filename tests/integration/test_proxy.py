@@ -8,6 +8,7 @@ SIGKILL), and its log is printed then. Nothing sleeps a fixed time.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import queue
@@ -290,39 +291,21 @@ def test_curl_subscribe_with_server_sent_events(cluster: Any, start_proxy: Any) 
     )
     assert pushed.status == 200, pushed.text
     session = _open_session(proxy, "sse-group", "sse-orders")
-
-    stream = subprocess.Popen(
-        ["curl", "-sS", "-N", *proxy.curl_flags(), f"{proxy.url}/v1/sessions/{session}/events"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-    )
-    events: queue.Queue[tuple[str, Any]] = queue.Queue()
-    reader = threading.Thread(target=_read_events, args=(stream, events), daemon=True)
-    reader.start()
-    try:
+    with _event_stream(proxy, session) as events:
         values, batch = _collect_batch(events, 3)
         assert sorted(values) == ["v0", "v1", "v2"]
         # No acknowledgement yet: the stream holds the next batch back, and a pull on
         # the same session is refused while the stream is open.
         busy = proxy.curl("POST", f"/v1/sessions/{session}/pull")
         assert (busy.status, busy.error_code) == (409, "session_busy")
-        assert (
-            proxy.curl("POST", "/v1/topics/sse-orders/records", {"key": "k9", "value": "v9"}).status
-            == 200
-        )
+        more = proxy.curl("POST", "/v1/topics/sse-orders/records", {"key": "k9", "value": "v9"})
+        assert more.status == 200, more.text
         assert proxy.curl("GET", f"/v1/sessions/{session}").json["batch"] == batch
         ack = proxy.curl("POST", f"/v1/sessions/{session}/commit", {"batch": batch})
         assert ack.status == 200, ack.text
         values, second = _collect_batch(events, 1)
         assert values == ["v9"] and second == batch + 1
         proxy.curl("POST", f"/v1/sessions/{session}/commit", {"batch": second})
-    finally:
-        stream.send_signal(signal.SIGTERM)  # the client goes away
-        stream.wait(timeout=10)
-        reader.join(timeout=10)
-        assert stream.stdout is not None
-        stream.stdout.close()
     # Its session is closed and its member leaves the group.
     _poll(lambda: proxy.curl("GET", f"/v1/sessions/{session}").status == 404, 15.0, "cleanup")
     with Admin(**cluster.config) as admin:
@@ -333,6 +316,48 @@ def test_curl_subscribe_with_server_sent_events(cluster: Any, start_proxy: Any) 
         'tide_proxy_sessions_closed_total{reason="disconnected"} 1.0'
         in proxy.curl("GET", "/metrics").text
     )
+
+    # ack=auto: the proxy commits each batch itself once it is written.
+    automatic = _open_session(proxy, "sse-auto", "sse-orders")
+    with _event_stream(proxy, automatic, "?ack=auto&max_records=2") as events:
+        received = []
+        while len(received) < 4:
+            values, _ = _collect_batch(events, None, ack="auto")
+            received += values
+        assert sorted(received) == ["v0", "v1", "v2", "v9"]
+        with Admin(**cluster.config) as admin:
+
+            def all_committed() -> bool:
+                offsets = admin.describe_group("sse-auto")["offsets"]
+                return sum(entry["committed"] for entry in offsets) == 4
+
+            _poll(all_committed, 15.0, "the automatic commits")
+
+
+@contextlib.contextmanager
+def _event_stream(
+    proxy: ProxyProcess, session: str, query: str = ""
+) -> Iterator[queue.Queue[tuple[str, Any]]]:
+    """``curl -N`` on the session's events; (event, data) pairs arrive in the queue.
+    Leaving the block ends curl: the client goes away."""
+    url = f"{proxy.url}/v1/sessions/{session}/events{query}"
+    stream = subprocess.Popen(
+        ["curl", "-sS", "-N", *proxy.curl_flags(), url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    events: queue.Queue[tuple[str, Any]] = queue.Queue()
+    reader = threading.Thread(target=_read_events, args=(stream, events), daemon=True)
+    reader.start()
+    try:
+        yield events
+    finally:
+        stream.send_signal(signal.SIGTERM)
+        stream.wait(timeout=10)
+        reader.join(timeout=10)
+        assert stream.stdout is not None
+        stream.stdout.close()
 
 
 def _read_events(stream: subprocess.Popen[bytes], events: queue.Queue[tuple[str, Any]]) -> None:
@@ -347,8 +372,11 @@ def _read_events(stream: subprocess.Popen[bytes], events: queue.Queue[tuple[str,
             event = "message"
 
 
-def _collect_batch(events: queue.Queue[tuple[str, Any]], count: int) -> tuple[list[str], int]:
-    """The values of the next ``count`` message events and the batch event after them."""
+def _collect_batch(
+    events: queue.Queue[tuple[str, Any]], count: int | None, ack: str = "manual"
+) -> tuple[list[str], int]:
+    """The values of the next batch's message events (``count`` of them, unless
+    None) and the batch's number."""
     values: list[str] = []
     deadline = time.monotonic() + 30.0
     while True:
@@ -356,8 +384,8 @@ def _collect_batch(events: queue.Queue[tuple[str, Any]], count: int) -> tuple[li
         if event == "message":
             values.append(data["value"])
         elif event == "batch":
-            assert data["count"] == len(values) == count, (data, values)
-            assert data["ack"] == "manual"
+            assert data["count"] == len(values) == (count or len(values)), (data, values)
+            assert data["ack"] == ack
             return values, int(data["batch"])
 
 
