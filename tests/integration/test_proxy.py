@@ -451,7 +451,9 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(cluster: Any, start_pr
     assert proxy.curl("POST", f"/v1/sessions/{session}/commit", {"batch": 2}).status == 200
 
 
-def test_limits_per_client_in_total_and_idle_sessions(cluster: Any, start_proxy: Any) -> None:
+def test_limits_per_client_in_total_and_idle_sessions(
+    cluster: Any, start_proxy: Any, tmp_path: Path
+) -> None:
     proxy = start_proxy(
         cluster,
         "--max-sessions",
@@ -459,7 +461,9 @@ def test_limits_per_client_in_total_and_idle_sessions(cluster: Any, start_proxy:
         "--max-sessions-per-client",
         "2",
         "--session-idle-timeout-ms",
-        "1500",
+        "3000",
+        "--max-pushes-per-client",
+        "1",
     )
     _create_topic(cluster, "limited", 1)
     body = {"group": "limited-group", "topic": "limited"}
@@ -495,6 +499,33 @@ def test_limits_per_client_in_total_and_idle_sessions(cluster: Any, start_proxy:
         'tide_proxy_rejected_requests_total{limit="sessions"} 2.0'
         in proxy.curl("GET", "/metrics").text
     )
+
+    # One push in flight per client: a slow upload holds the slot, so another push of
+    # the same client is refused meanwhile, while other clients' pushes go through.
+    slow_body = tmp_path / "slow.json"  # ~5 s at 40 KB/s
+    slow_body.write_text(json.dumps({"key": "slow", "value": "x" * 200_000}))
+    command = ["curl", "-sS", "--limit-rate", "40K", "-o", "/dev/null", "-w", "%{http_code}"]
+    command += [*proxy.curl_flags(), "-H", "Content-Type: application/json"]
+    command += ["--data-binary", f"@{slow_body}", f"{proxy.url}/v1/topics/limited/records"]
+    slow = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+    )
+    try:
+
+        def refused_meanwhile() -> bool:
+            answer = proxy.curl("POST", "/v1/topics/limited/records", {"value": "quick"})
+            return answer.status == 429 and answer.error_code == "too_many_requests"
+
+        _poll(refused_meanwhile, 10.0, "a second push of the same client to be refused")
+        assert slow.poll() is None, "the slow upload finished before the check"
+        other_client = proxy.curl("POST", "/v1/topics/limited/records", {"value": "x"}, *other)
+        assert other_client.status == 200, other_client.text
+        output, _ = slow.communicate(timeout=30)
+        assert output == "200"
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+            slow.communicate()
 
 
 # -- Node.js -------------------------------------------------------------------------------

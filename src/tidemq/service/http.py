@@ -78,13 +78,23 @@ def make_error_middleware(
     return middleware
 
 
-async def read_json(request: web.Request, max_bytes: int = 1 << 20) -> Any:
-    """The request body as JSON, or a 400/413 TideError. Never trusts Content-Length alone."""
+async def read_body(request: web.Request, max_bytes: int) -> bytes:
+    """The whole body (it may arrive in many chunks), or RequestTooLarge past ``max_bytes``."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise RequestTooLarge(f"body of {request.content_length} bytes exceeds {max_bytes}")
-    raw = await request.content.read(max_bytes + 1)
-    if len(raw) > max_bytes:
-        raise RequestTooLarge(f"body exceeds {max_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(max_bytes + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > max_bytes:
+            raise RequestTooLarge(f"body exceeds {max_bytes} bytes")
+    return b"".join(chunks)
+
+
+async def read_json(request: web.Request, max_bytes: int = 1 << 20) -> Any:
+    """The request body as JSON, or a 400/413 TideError. Never trusts Content-Length alone."""
+    raw = await read_body(request, max_bytes)
     if not raw:
         raise MalformedJson("expected a JSON body")
     try:

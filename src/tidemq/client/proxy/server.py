@@ -57,7 +57,6 @@ from tidemq.errors import (
     ClientClosed,
     InvalidRequest,
     MalformedJson,
-    RequestTooLarge,
     SessionBusy,
     StaleBatch,
     TideError,
@@ -66,7 +65,14 @@ from tidemq.errors import (
     UnknownSession,
 )
 from tidemq.service.app import build_app
-from tidemq.service.http import Endpoint, check_int, check_name, query_int, read_json_object
+from tidemq.service.http import (
+    Endpoint,
+    check_int,
+    check_name,
+    query_int,
+    read_body,
+    read_json_object,
+)
 
 log = logging.getLogger("tidemq.proxy")
 
@@ -843,9 +849,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 async def _optional_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object; an empty body is ``{}``."""
-    raw = await request.content.read(SMALL_BODY_BYTES + 1)
-    if len(raw) > SMALL_BODY_BYTES:
-        raise RequestTooLarge(f"body exceeds {SMALL_BODY_BYTES} bytes")
+    raw = await read_body(request, SMALL_BODY_BYTES)
     if not raw.strip():
         return {}
     try:
