@@ -502,8 +502,8 @@ def test_limits_per_client_in_total_and_idle_sessions(
 
     # One push in flight per client: a slow upload holds the slot, so another push of
     # the same client is refused meanwhile, while other clients' pushes go through.
-    slow_body = tmp_path / "slow.json"  # ~5 s at 40 KB/s
-    slow_body.write_text(json.dumps({"key": "slow", "value": "x" * 200_000}))
+    slow_body = tmp_path / "slow.json"  # ~10 s at 40 KB/s
+    slow_body.write_text(json.dumps({"key": "slow", "value": "x" * 400_000}))
     command = ["curl", "-sS", "--limit-rate", "40K", "-o", "/dev/null", "-w", "%{http_code}"]
     command += [*proxy.curl_flags(), "-H", "Content-Type: application/json"]
     command += ["--data-binary", f"@{slow_body}", f"{proxy.url}/v1/topics/limited/records"]
@@ -516,8 +516,8 @@ def test_limits_per_client_in_total_and_idle_sessions(
             answer = proxy.curl("POST", "/v1/topics/limited/records", {"value": "quick"})
             return answer.status == 429 and answer.error_code == "too_many_requests"
 
-        _poll(refused_meanwhile, 10.0, "a second push of the same client to be refused")
-        assert slow.poll() is None, "the slow upload finished before the check"
+        _poll(refused_meanwhile, 10.0, f"a second push to be refused (slow: {slow.poll()})")
+        assert slow.poll() is None, f"the slow upload finished early: {slow.communicate()}"
         other_client = proxy.curl("POST", "/v1/topics/limited/records", {"value": "x"}, *other)
         assert other_client.status == 200, other_client.text
         output, _ = slow.communicate(timeout=30)
