@@ -511,17 +511,15 @@ def test_limits_per_client_in_total_and_idle_sessions(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
     )
     try:
-
-        def refused_meanwhile() -> bool:
-            answer = proxy.curl("POST", "/v1/topics/limited/records", {"value": "quick"})
-            return answer.status == 429 and answer.error_code == "too_many_requests"
-
-        _poll(refused_meanwhile, 10.0, f"a second push to be refused (slow: {slow.poll()})")
-        assert slow.poll() is None, f"the slow upload finished early: {slow.communicate()}"
+        in_flight = "tide_proxy_pushes_in_flight 1.0"
+        _poll(lambda: in_flight in proxy.curl("GET", "/metrics").text, 10.0, "the slow push")
+        refused_push = proxy.curl("POST", "/v1/topics/limited/records", {"value": "quick"})
+        assert (refused_push.status, refused_push.error_code) == (429, "too_many_requests")
         other_client = proxy.curl("POST", "/v1/topics/limited/records", {"value": "x"}, *other)
         assert other_client.status == 200, other_client.text
-        output, _ = slow.communicate(timeout=30)
-        assert output == "200"
+        assert slow.poll() is None, f"the slow upload finished early: {slow.communicate()}"
+        output, errors = slow.communicate(timeout=60)
+        assert output == "200", errors
     finally:
         if slow.poll() is None:
             slow.kill()

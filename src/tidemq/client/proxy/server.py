@@ -51,7 +51,7 @@ from tidemq.client.admin import Admin
 from tidemq.client.consumer import Consumer
 from tidemq.client.fetch_buffer import Message
 from tidemq.client.producer import Producer
-from tidemq.client.proxy import codec
+from tidemq.client.proxy import codec, openapi
 from tidemq.client.proxy.sessions import RequestSlots, SessionLimits, SessionTable
 from tidemq.errors import (
     ClientClosed,
@@ -172,6 +172,10 @@ class Proxy:
         )
         sessions = Gauge("tide_proxy_sessions", "Open consumer sessions", registry=registry)
         sessions.set_function(lambda: len(self._table))
+        pushes = Gauge(
+            "tide_proxy_pushes_in_flight", "Push requests being served", registry=registry
+        )
+        pushes.set_function(lambda: self._pushes.in_flight)
         self._streams = Gauge(
             "tide_proxy_event_streams", "Open Server-Sent Event streams", registry=registry
         )
@@ -292,30 +296,30 @@ class Proxy:
                 "/v1/topics/{topic}/records",
                 self.push,
                 "Push one record or many; answers once all are acknowledged",
-                request_body=_json_schema(_PUSH_SCHEMA),
-                responses=_responses("200", "400", "404", "413", "429", "503", "504"),
+                request_body=openapi.json_schema(openapi.PUSH_SCHEMA),
+                responses=openapi.responses("200", "400", "404", "413", "429", "503", "504"),
             ),
             Endpoint(
                 "POST",
                 "/v1/sessions",
                 self.create_session,
                 "Open a session: a consumer group member run by the proxy",
-                request_body=_json_schema(_SESSION_SCHEMA),
-                responses=_responses("201", "400", "413", "429", "503"),
+                request_body=openapi.json_schema(openapi.SESSION_SCHEMA),
+                responses=openapi.responses("201", "400", "413", "429", "503"),
             ),
             Endpoint(
                 "GET",
                 session_path,
                 self.describe_session,
                 "A session: group, topics, assignment, batches",
-                responses=_responses("200", "404"),
+                responses=openapi.responses("200", "404"),
             ),
             Endpoint(
                 "DELETE",
                 session_path,
                 self.delete_session,
                 "Close a session: the member leaves its group",
-                responses=_responses("200", "404"),
+                responses=openapi.responses("200", "404"),
             ),
             Endpoint(
                 "POST",
@@ -323,11 +327,11 @@ class Proxy:
                 self.pull,
                 "Pull the next records of a session (long-polls up to timeout_ms)",
                 parameters=[
-                    _query("max_records", "integer", 1, MAX_PULL_RECORDS),
-                    _query("timeout_ms", "integer", 0, MAX_WAIT_MS),
-                    _encoding_parameter(),
+                    openapi.query("max_records", "integer", 1, MAX_PULL_RECORDS),
+                    openapi.query("timeout_ms", "integer", 0, MAX_WAIT_MS),
+                    openapi.encoding_parameter(),
                 ],
-                responses=_responses("200", "400", "404", "409", "503"),
+                responses=openapi.responses("200", "400", "404", "409", "503"),
             ),
             Endpoint(
                 "GET",
@@ -335,53 +339,53 @@ class Proxy:
                 self.events,
                 "Subscribe: the session's records as Server-Sent Events",
                 parameters=[
-                    _query("max_records", "integer", 1, MAX_PULL_RECORDS),
-                    _query("keepalive_ms", "integer", 100, 60_000),
-                    _encoding_parameter(),
+                    openapi.query("max_records", "integer", 1, MAX_PULL_RECORDS),
+                    openapi.query("keepalive_ms", "integer", 100, 60_000),
+                    openapi.encoding_parameter(),
                     {
                         "name": "ack",
                         "in": "query",
                         "schema": {"type": "string", "enum": ["manual", "auto"]},
                     },
                 ],
-                responses=_responses("200", "400", "404", "409"),
+                responses=openapi.responses("200", "400", "404", "409"),
             ),
             Endpoint(
                 "POST",
                 session_path + "/commit",
                 self.commit,
                 "Commit (acknowledge) every record the session has handed out",
-                request_body=_json_schema(_COMMIT_SCHEMA),
-                responses=_responses("200", "400", "404", "409", "503"),
+                request_body=openapi.json_schema(openapi.COMMIT_SCHEMA),
+                responses=openapi.responses("200", "400", "404", "409", "503"),
             ),
             Endpoint(
                 "POST",
                 "/api/python/push",
                 self.seed_push,
                 "Seed API: push {key, message} to topic default",
-                request_body=_json_schema(_SEED_PUSH_SCHEMA),
-                responses=_responses("200", "400", "413", "429", "503", "504"),
+                request_body=openapi.json_schema(openapi.SEED_PUSH_SCHEMA),
+                responses=openapi.responses("200", "400", "413", "429", "503", "504"),
             ),
             Endpoint(
                 "POST",
                 "/api/python/pull",
                 self.seed_pull,
                 "Seed API: the next message of topic default as [key:K-value:V] ([] if none)",
-                responses=_responses("200", "429", "503"),
+                responses=openapi.responses("200", "429", "503"),
             ),
             Endpoint(
                 "POST",
                 "/api/python/subscribe",
                 self.seed_subscribe,
                 "Seed API: make sure the proxy's member of group default has joined; OK",
-                responses=_responses("200", "429", "503"),
+                responses=openapi.responses("200", "429", "503"),
             ),
             Endpoint(
                 "POST",
                 "/api/python/pull-as-subscriber",
                 self.seed_pull_as_subscriber,
                 "Seed API: up to 100 messages as [key:K1-value:V1, key:K2-value:V2]",
-                responses=_responses("200", "429", "503"),
+                responses=openapi.responses("200", "429", "503"),
             ),
         ]
 
@@ -871,95 +875,3 @@ def _batch_field(body: dict[str, Any]) -> int | None:
     if isinstance(raw, bool) or not isinstance(raw, int):
         raise InvalidRequest(f"batch must be an integer, not {raw!r}")
     return check_int(raw, "batch", minimum=0)
-
-
-# -- OpenAPI fragments ---------------------------------------------------------------------
-
-_RECORD_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "key": {"type": ["string", "null"]},
-        "value": {"type": ["string", "null"]},
-        "headers": {"type": "object", "additionalProperties": {"type": "string"}},
-        "partition": {"type": "integer", "minimum": 0},
-        "encoding": {"type": "string", "enum": list(codec.ENCODINGS)},
-    },
-    "required": ["value"],
-    "additionalProperties": False,
-}
-_PUSH_SCHEMA: dict[str, Any] = {
-    "oneOf": [
-        _RECORD_SCHEMA,
-        {
-            "type": "object",
-            "properties": {
-                "records": {"type": "array", "items": _RECORD_SCHEMA, "minItems": 1},
-                "encoding": {"type": "string", "enum": list(codec.ENCODINGS)},
-            },
-            "required": ["records"],
-            "additionalProperties": False,
-        },
-    ]
-}
-_SESSION_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "group": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,200}$"},
-        "topics": {
-            "type": "array",
-            "items": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,200}$"},
-            "minItems": 1,
-            "maxItems": codec.MAX_TOPICS_PER_SESSION,
-        },
-        "topic": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,200}$"},
-        "auto_offset_reset": {"type": "string", "enum": ["earliest", "latest"]},
-        "wait_ms": {"type": "integer", "minimum": 0, "maximum": codec.MAX_SESSION_WAIT_MS},
-    },
-    "required": ["group"],
-    "additionalProperties": False,
-}
-_COMMIT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"batch": {"type": "integer", "minimum": 0}},
-    "additionalProperties": False,
-}
-_SEED_PUSH_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"key": {"type": "string"}, "message": {"type": "string"}},
-    "required": ["key", "message"],
-}
-_STATUS_TEXT = {
-    "200": "OK",
-    "201": "created",
-    "400": "bad input: nothing changed",
-    "404": "no such session (or topic)",
-    "409": "the session is busy, or the commit names a stale batch",
-    "413": "body too large",
-    "429": "a limit was reached: retry later",
-    "503": "the cluster or the proxy is not available",
-    "504": "not acknowledged in time",
-}
-
-
-def _responses(*codes: str) -> dict[str, str]:
-    return {code: _STATUS_TEXT[code] for code in codes}
-
-
-def _json_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"application/json": {"schema": schema}}
-
-
-def _query(name: str, kind: str, minimum: int, maximum: int) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "query",
-        "schema": {"type": kind, "minimum": minimum, "maximum": maximum},
-    }
-
-
-def _encoding_parameter() -> dict[str, Any]:
-    return {
-        "name": "encoding",
-        "in": "query",
-        "schema": {"type": "string", "enum": ["utf-8", "base64"]},
-    }
