@@ -23,9 +23,10 @@ event stream) at a time, so the pool needs at most one thread per session.
 Delivery (at-least-once): records handed out by a pull or an event are committed
 when the client commits (an event stream waits for that commit before it sends the
 next batch, unless ``ack=auto``). A session that ends hands its partitions back to
-the group the way ``Consumer.close()`` does; records it handed out but that were
-not committed are delivered again to the partition's next owner, as the consumer
-library decides (docs/ARCHITECTURE.md, "Consumer").
+the group the way ``Consumer.close()`` does (``enable_auto_commit=False``): whether
+records handed out but not committed are delivered again to the partition's next
+owner is the consumer library's decision (docs/PROTOCOL.md, "tide proxy", notes
+today's gap).
 """
 
 from __future__ import annotations
