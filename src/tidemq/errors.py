@@ -184,11 +184,11 @@ class SessionBusy(TideError):
     http_status = 409
 
 
-class StaleBatch(TideError):
-    """A ``tide proxy`` commit named a batch that is not the session's latest one:
-    committing would also commit records handed out after it."""
+class BatchMismatch(TideError):
+    """A ``tide proxy`` commit named a batch that is not the session's latest one
+    (an older one: committing would also commit records handed out after it)."""
 
-    code = "stale_batch"
+    code = "batch_mismatch"
     http_status = 409
 
 

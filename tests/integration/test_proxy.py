@@ -401,7 +401,14 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(cluster: Any, start_pr
         ("POST", push, [1, 2], None, 400, "invalid_request"),
         ("POST", push, {"records": []}, None, 400, "invalid_request"),
         ("POST", push, {"records": [*two, {"value": "%%", "encoding": "base64"}]}, None, 400, bad),
-        ("POST", push, {"records": [*two, {"value": "x", "partition": 1}]}, None, 400, bad),
+        (
+            "POST",
+            push,
+            {"records": [*two, {"value": "x", "partition": 1}]},
+            None,
+            404,
+            "unknown_partition",
+        ),
         ("POST", push, {"value": "x", "colour": "red"}, None, 400, "invalid_request"),
         ("POST", push, {"value": "x" * 5000}, None, 413, "request_too_large"),
         ("POST", "/v1/topics/bad%20name/records", {"value": "x"}, None, 400, "invalid_request"),
@@ -429,7 +436,7 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(cluster: Any, start_pr
         assert (answer.status, answer.error_code) == (400, "invalid_request"), answer.text
     for body, status, code in [
         ({"batch": "x"}, 400, "invalid_request"),
-        ({"batch": 7}, 400, "invalid_request"),
+        ({"batch": 7}, 409, "batch_mismatch"),
         ({"batch": 0, "more": 1}, 400, "invalid_request"),
     ]:
         answer = proxy.curl("POST", f"/v1/sessions/{session}/commit", body)
@@ -444,7 +451,7 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(cluster: Any, start_pr
     # Committing batch 1 would also commit batch 2, which the client may not have
     # processed: refused, and nothing is committed.
     stale = proxy.curl("POST", f"/v1/sessions/{session}/commit", {"batch": 1})
-    assert (stale.status, stale.error_code) == (409, "stale_batch"), stale.text
+    assert (stale.status, stale.error_code) == (409, "batch_mismatch"), stale.text
     with Admin(**cluster.config) as admin:
         assert admin.describe_group("strict-group")["offsets"] == []
         assert "bad name" not in json.dumps(admin.list_topics())

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tidemq.client.proxy import codec
-from tidemq.errors import InvalidRequest
+from tidemq.errors import InvalidRequest, UnknownPartition
 from tidemq.wire.batch import Message
 
 
@@ -62,7 +62,7 @@ def test_bad_push_bodies_are_refused_whole(body: dict[str, object], fragment: st
 def test_explicit_partitions_are_checked_against_the_topic() -> None:
     records = codec.parse_push({"records": [{"value": "a", "partition": 1}]}, 5)
     codec.check_partitions(records, "t", 2)
-    with pytest.raises(InvalidRequest, match="has 1 partitions, no partition 1"):
+    with pytest.raises(UnknownPartition, match="has 1 partitions, no partition 1"):
         codec.check_partitions(records, "t", 1)
 
 

@@ -31,6 +31,7 @@ class Endpoint:
     handler: Handler
     summary: str
     request_body: dict[str, Any] | None = None  # OpenAPI requestBody content map
+    request_body_required: bool = True  # False: an empty body is accepted too
     parameters: list[dict[str, Any]] = field(default_factory=list)
     responses: dict[str, str] = field(default_factory=lambda: {"200": "OK"})
 
@@ -156,16 +157,22 @@ def openapi_document(title: str, endpoints: Iterable[Endpoint]) -> dict[str, Any
             "responses": {code: {"description": text} for code, text in endpoint.responses.items()},
         }
         parameters = list(endpoint.parameters)
+        described = {(p.get("in"), p.get("name")) for p in parameters}
         for segment in endpoint.path.split("/"):
             if segment.startswith("{") and segment.endswith("}"):
                 name = segment[1:-1].split(":")[0]
+                if ("path", name) in described:
+                    continue  # the endpoint describes it itself (e.g. with a pattern)
                 parameters.append(
                     {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                 )
         if parameters:
             operation["parameters"] = parameters
         if endpoint.request_body:
-            operation["requestBody"] = {"content": endpoint.request_body}
+            operation["requestBody"] = {
+                "content": endpoint.request_body,
+                "required": endpoint.request_body_required,
+            }
         paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = operation
     return {
         "openapi": "3.1.0",

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tidemq.errors import InvalidRequest
+from tidemq.errors import InvalidRequest, UnknownPartition
 from tidemq.service.http import check_name
 from tidemq.wire.batch import Message
 
@@ -96,12 +96,22 @@ def _parse_headers(raw: Any, encoding: str, where: str) -> list[tuple[str, bytes
     return out or None
 
 
+def json_int(raw: Any) -> int | None:
+    """A JSON integer (3 or 3.0, as JSON Schema counts both), else None."""
+    if isinstance(raw, float) and raw.is_integer():
+        return int(raw)
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        return None
+    return raw
+
+
 def _parse_partition(raw: Any, where: str) -> int | None:
     if raw is None:
         return None
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+    partition = json_int(raw)
+    if partition is None or partition < 0:
         raise InvalidRequest(f"{where}: partition must be a non-negative integer")
-    return raw
+    return partition
 
 
 def _parse_record(raw: Any, default_encoding: str, where: str) -> OutgoingRecord:
@@ -144,7 +154,7 @@ def parse_push(body: dict[str, Any], max_records: int) -> list[OutgoingRecord]:
 def check_partitions(records: Sequence[OutgoingRecord], topic: str, count: int) -> None:
     for i, record in enumerate(records):
         if record.partition is not None and record.partition >= count:
-            raise InvalidRequest(
+            raise UnknownPartition(
                 f"record {i}: topic {topic} has {count} partitions, no partition {record.partition}"
             )
 
@@ -164,8 +174,8 @@ def parse_session_request(body: dict[str, Any]) -> SessionRequest:
     reset = body.get("auto_offset_reset", "earliest")
     if reset not in ("earliest", "latest"):
         raise InvalidRequest(f"auto_offset_reset must be 'earliest' or 'latest', not {reset!r}")
-    wait_ms = body.get("wait_ms", 0)
-    if isinstance(wait_ms, bool) or not isinstance(wait_ms, int):
+    wait_ms = json_int(body.get("wait_ms", 0))
+    if wait_ms is None:
         raise InvalidRequest("wait_ms must be an integer")
     if not 0 <= wait_ms <= MAX_SESSION_WAIT_MS:
         raise InvalidRequest(f"wait_ms must be between 0 and {MAX_SESSION_WAIT_MS}")

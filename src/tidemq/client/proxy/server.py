@@ -55,11 +55,11 @@ from tidemq.client.producer import Producer
 from tidemq.client.proxy import codec, openapi
 from tidemq.client.proxy.sessions import RequestSlots, SessionLimits, SessionTable
 from tidemq.errors import (
+    BatchMismatch,
     ClientClosed,
     InvalidRequest,
     MalformedJson,
     SessionBusy,
-    StaleBatch,
     TideError,
     TooManyRequests,
     Unavailable,
@@ -297,6 +297,7 @@ class Proxy:
                 "/v1/topics/{topic}/records",
                 self.push,
                 "Push one record or many; answers once all are acknowledged",
+                parameters=[openapi.TOPIC_PARAMETER],
                 request_body=openapi.json_schema(openapi.PUSH_SCHEMA),
                 responses=openapi.responses("200", "400", "404", "413", "429", "503", "504"),
             ),
@@ -357,6 +358,7 @@ class Proxy:
                 self.commit,
                 "Commit (acknowledge) every record the session has handed out",
                 request_body=openapi.json_schema(openapi.COMMIT_SCHEMA),
+                request_body_required=False,
                 responses=openapi.responses("200", "400", "404", "409", "503"),
             ),
             Endpoint(
@@ -607,10 +609,10 @@ class Proxy:
         async with session.lock:
             if batch is not None and batch != session.batch:
                 if batch > session.batch:
-                    raise InvalidRequest(
+                    raise BatchMismatch(
                         f"no batch {batch} yet: the latest handed out is {session.batch}"
                     )
-                raise StaleBatch(
+                raise BatchMismatch(
                     f"batch {batch} is not the latest one handed out ({session.batch}); "
                     f"commit {session.batch}, or leave 'batch' out, to commit everything"
                 )
@@ -873,6 +875,7 @@ def _batch_field(body: dict[str, Any]) -> int | None:
     raw = body.get("batch")
     if raw is None:
         return None
-    if isinstance(raw, bool) or not isinstance(raw, int):
+    batch = codec.json_int(raw)
+    if batch is None:
         raise InvalidRequest(f"batch must be an integer, not {raw!r}")
-    return check_int(raw, "batch", minimum=0)
+    return check_int(batch, "batch", minimum=0)
