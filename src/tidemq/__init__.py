@@ -24,6 +24,7 @@ from tidemq import errors
 from tidemq.errors import (
     ClientClosed,
     ConnectionFailed,
+    CorruptRecord,
     InvalidRequest,
     NotLeader,
     OffsetOutOfRange,
@@ -64,6 +65,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectionFailed",
     "Consumer",
+    "CorruptRecord",
     "InvalidRequest",
     "Message",
     "NotLeader",

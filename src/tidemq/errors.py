@@ -45,9 +45,39 @@ class CorruptBatch(InvalidRequest):
     code = "corrupt_batch"
 
 
+class CorruptRecord(CorruptBatch):
+    """Client side: a fetched record that cannot be decoded ("poison"). Names where it
+    is; ``consumer.seek(error.topic, error.partition, error.offset + 1)`` skips it, and
+    seeking to ``error.next_batch_offset`` skips the rest of its batch."""
+
+    code = "corrupt_record"  # client side only, never on the wire
+
+    def __init__(
+        self,
+        message: str = "",
+        topic: str = "",
+        partition: int = -1,
+        offset: int = -1,
+        next_batch_offset: int = -1,
+    ) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.next_batch_offset = next_batch_offset
+
+
 class RequestTooLarge(TideError):
     code = "request_too_large"
     http_status = 413
+
+
+class Forbidden(TideError):
+    """The caller's certificate may not call this endpoint, or may not act as the
+    broker the request names (docs/PROTOCOL.md, "Who may call what")."""
+
+    code = "forbidden"
+    http_status = 403
 
 
 class OffsetOutOfRange(TideError):
@@ -101,6 +131,31 @@ class UnknownLeaderEpoch(TideError):
 
 class NotEnoughReplicas(TideError):
     code = "not_enough_replicas"
+    http_status = 503
+    retriable = True
+
+
+class StalePartitionEpoch(TideError):
+    """An ISR proposal named a partition epoch that is no longer current."""
+
+    code = "stale_partition_epoch"
+    http_status = 409
+    retriable = False
+
+
+class ClusterIdMismatch(TideError):
+    """A broker that joined another cluster (another coordinator store) asked to join
+    this one. It keeps its data and is refused until an operator resolves it."""
+
+    code = "cluster_id_mismatch"
+    http_status = 409
+    retriable = False
+
+
+class BrokerBusy(TideError):
+    """Admission control: the broker holds its limit of request bytes in memory."""
+
+    code = "broker_busy"
     http_status = 503
     retriable = True
 

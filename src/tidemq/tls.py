@@ -34,9 +34,14 @@ class TlsFiles:
 
 
 def server_context(files: TlsFiles, require_client_cert: bool = True) -> ssl.SSLContext:
+    """Mutual TLS by default: callers must present a certificate of the cluster CA,
+    whose common name is their identity (service/callers.py)."""
     if not files.cert_file or not files.key_file:
         raise ValueError("a TLS server needs a certificate and a key")
+    if require_client_cert and not files.ca_file:
+        raise ValueError("mutual TLS needs the cluster CA file to verify callers' certificates")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.options |= ssl.OP_NO_RENEGOTIATION  # a connection's identity never changes
     context.load_cert_chain(files.cert_file, files.key_file)
     if files.ca_file:
         context.load_verify_locations(files.ca_file)

@@ -9,47 +9,52 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from tidemq.broker.server import BATCH_TYPE, Broker, BrokerConfig, create_app
 from tidemq.storage import FsyncPolicy, LogConfig
+from tidemq.transport import HttpTransport
+from tidemq.wire import control
 from tidemq.wire.batch import build_batch, decode_records
 
 BASE = "/v1/topics/orders/partitions/{}"
 
 
-def _answer(epoch: int = 1, leader: int = 1) -> dict[str, Any]:
-    return {
-        "topics": {"orders": 2},
-        "assignments": [
-            {
-                "topic": "orders",
-                "partition": 0,
-                "leader_id": leader,
-                "leader_url": "x",
-                "leader_epoch": epoch,
-                "replicas": [1],
-                "isr": [1],
-            },
-            {
-                "topic": "orders",
-                "partition": 1,
-                "leader_id": 2,
-                "leader_url": "y",
-                "leader_epoch": epoch,
-                "replicas": [2, 1],
-                "isr": [2, 1],
-            },
-        ],
+TOPIC_ID = "0123456789abcdef0123456789abcdef"
+
+
+def _answer(epoch: int = 1, leader: int = 1) -> control.HeartbeatAnswer:
+    def assignment(partition: int, leader_id: int, replicas: list[int]) -> dict[str, Any]:
+        return {
+            "topic": "orders",
+            "partition": partition,
+            "topic_id": TOPIC_ID,
+            "leader_id": leader_id,
+            "leader_url": "http://127.0.0.1:1",
+            "leader_epoch": epoch,
+            "partition_epoch": epoch,
+            "replicas": replicas,
+            "isr": replicas,
+        }
+
+    answer = {
+        "cluster_id": "c1",
+        "topics": {"orders": {"topic_id": TOPIC_ID, "partitions": 2}},
+        "deleted_topic_ids": [],
+        "heartbeat_interval_ms": 1000,
+        "assignments": [assignment(0, leader, [1]), assignment(1, 2, [2, 1])],
     }
+    return control.decode(json.dumps(answer).encode(), control.HeartbeatAnswer)
 
 
 @asynccontextmanager
@@ -65,7 +70,7 @@ async def broker_client(
         max_request_bytes=max_request_bytes,
     )
     registry = CollectorRegistry()
-    broker = Broker(config, aiohttp.ClientSession, registry)
+    broker = Broker(config, lambda: HttpTransport(False, {}, 4, 1000), registry)
     broker.reconcile(_answer())
     broker.registered = True
     app = create_app(broker, registry)
@@ -205,12 +210,22 @@ def _wrong_count(data: bytes) -> bytes:
     return bytes(damaged)
 
 
+def _poison_record(data: bytes) -> bytes:
+    """Valid CRC and record lengths, but record 1's key runs past its record (issue 6)."""
+    damaged = bytearray(data)
+    second = 61 + 4 + struct.unpack_from(">I", damaged, 61)[0]
+    struct.pack_into(">i", damaged, second + 8, 200)
+    struct.pack_into(">I", damaged, 17, zlib.crc32(memoryview(damaged)[21:]))
+    return bytes(damaged)
+
+
 BAD_PRODUCES: list[tuple[str, Callable[[bytes], bytes], dict[str, str], int, int, str]] = [
     ("crc", _corrupt_crc, {}, 0, 400, "corrupt_batch"),
     ("length", _wrong_length, {}, 0, 400, "corrupt_batch"),
     ("truncated", lambda b: b[:-3], {}, 0, 400, "corrupt_batch"),
     ("trailing garbage", lambda b: b + b"xyz", {}, 0, 400, "corrupt_batch"),
     ("record count", _wrong_count, {}, 0, 400, "corrupt_batch"),
+    ("poison record", _poison_record, {}, 0, 400, "corrupt_batch"),
     ("empty body", lambda b: b"", {}, 0, 400, "corrupt_batch"),
     ("not leader", lambda b: b, {}, 1, 421, "not_leader"),
     ("stale epoch", lambda b: b, {"leader_epoch": "0"}, 0, 409, "fenced_leader_epoch"),
@@ -340,10 +355,16 @@ def test_reassignment_and_topic_deletion(tmp_path: Path) -> None:
             await expect_error(await produce(client, batch(1)), 421, "not_leader")
             broker.reconcile(_answer(epoch=3, leader=1))
             assert (await produce(client, batch(1), leader_epoch="3")).status == 200
-            broker.reconcile({"topics": {}, "assignments": []})
-            assert broker.replicas == {}
-            assert not (tmp_path / "orders-0").exists()
+            directory = tmp_path / f"orders-0-{TOPIC_ID}"
+            assert directory.exists()
+            # A coordinator that forgot the topic (not deleted it) never deletes data.
+            forgot = control.HeartbeatAnswer("c1", [], {}, [], 1000)
+            broker.reconcile(forgot)
+            assert broker.replicas == {} and directory.exists()
             await expect_error(await produce(client, batch(1)), 404, "unknown_topic")
+            # An explicit delete of this topic id does.
+            broker.reconcile(control.HeartbeatAnswer("c1", [], {}, [TOPIC_ID], 1000))
+            assert not directory.exists()
 
     run(scenario)
 
@@ -391,5 +412,156 @@ def test_multi_partition_produce_answers_per_partition(tmp_path: Path) -> None:
                     "corrupt_batch",
                 )
             assert broker.replicas[("orders", 0)].log.log_end_offset == 5
+
+    run(scenario)
+
+
+def test_json_fetch_is_bounded_by_its_output_size(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (_, client):
+            values = [(None, bytes([i % 256]) * 300) for i in range(40)]
+            assert (await produce(client, build_batch(values, 1000))).status == 200
+            # 40 records of 300 bytes are ~16 KB of base64 JSON from a ~12 KB batch
+            offset, seen = 0, 0
+            while offset < 40:
+                response = await client.get(
+                    BASE.format(0) + "/records",
+                    params={"offset": str(offset), "max_bytes": "2000", "encoding": "base64"},
+                )
+                body = await response.json()
+                assert 1 <= len(body["records"]) <= 5, "bounded by rendered size, not input"
+                assert len(await response.read()) < 2000 + 5 * 200
+                assert body["records"][0]["offset"] == offset
+                offset = body["next_offset"]
+                seen += len(body["records"])
+            assert seen == 40
+
+    run(scenario)
+
+
+def test_produce_admission_control_refuses_past_the_in_flight_byte_limit(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, client):
+            broker.config.max_inflight_produce_bytes = 1000
+            # partition 0 now has a follower that never fetches: acks=all waits
+            answer = _answer(epoch=2)
+            first = answer.assignments[0]
+            waiting = msgspec.structs.replace(first, replicas=[1, 2], isr=[1, 2])
+            broker.reconcile(msgspec.structs.replace(answer, assignments=[waiting]))
+            held = asyncio.ensure_future(produce(client, batch(20)))
+            deadline = asyncio.get_running_loop().time() + 10
+            while broker._inflight_produce_bytes == 0:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
+            big = batch(30)
+            assert len(big) > 1000 - broker._inflight_produce_bytes
+            await expect_error(await produce(client, big), 503, "broker_busy")
+            assert broker.replicas[("orders", 0)].log.log_end_offset == 20
+            held.cancel()
+
+    run(scenario)
+
+
+def test_multi_partition_fetch_waits_once_for_whichever_partition_has_data(
+    tmp_path: Path,
+) -> None:
+    from tidemq.wire.fetch import FETCH_TYPE, decode_fetch
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, client):
+            two_leaders = _answer(epoch=2)
+            both = [
+                msgspec.structs.replace(a, leader_id=1, replicas=[1], isr=[1])
+                for a in two_leaders.assignments
+            ]
+            broker.reconcile(msgspec.structs.replace(two_leaders, assignments=both))
+            request = {
+                "wait_ms": 5000,
+                "partitions": [
+                    {"topic": "orders", "partition": 0, "offset": 0},
+                    {"topic": "orders", "partition": 1, "offset": 0},
+                ],
+            }
+            waiting = asyncio.ensure_future(client.post("/v1/fetch", json=request))
+            await asyncio.sleep(0.2)  # let the fetch park on both partitions
+            assert not waiting.done()
+            assert (await produce(client, batch(3), partition=1)).status == 200
+            response = await asyncio.wait_for(waiting, 5)
+            assert response.status == 200 and response.content_type == FETCH_TYPE
+            [entry] = decode_fetch(await response.read())
+            assert (entry.topic, entry.partition, entry.error) == ("orders", 1, None)
+            assert [r.value for r in decode_records(entry.batches)] == [b"v0", b"v1", b"v2"]
+            assert entry.high_watermark == 3
+            assert broker.replicas[("orders", 0)].core.waiting() == 0  # the other waiter left
+            # errors come back at once, per partition, next to data
+            request["partitions"].append({"topic": "orders", "partition": 7, "offset": 0})
+            response = await client.post("/v1/fetch", json=request)
+            entries = {e.partition: e for e in decode_fetch(await response.read())}
+            assert entries[7].error is not None and entries[7].error["code"] == "unknown_partition"
+            assert entries[1].batches and 0 not in entries
+            bad = await client.post("/v1/fetch", json={"partitions": []})
+            await expect_error(bad, 400, "invalid_request")
+
+    run(scenario)
+
+
+def test_any_failure_of_the_background_work_is_fail_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: an EIO outside the syncer ended the task group, and the broker
+    then closed "cleanly" (syncing again, writing clean-shutdown markers)."""
+    import errno
+
+    import tidemq.broker.server as server_module
+
+    stopped: list[str] = []  # the real fail_stop ends the process: record instead
+    monkeypatch.setattr(server_module, "fail_stop", stopped.append)
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, _):
+
+            async def disk_error() -> None:
+                raise OSError(errno.EIO, "Input/output error")
+
+            async def idle() -> None:
+                await asyncio.sleep(3600)
+
+            monkeypatch.setattr(broker, "maintenance_loop", disk_error)
+            for name in ("coordinator_loop", "tick_loop"):
+                monkeypatch.setattr(broker, name, idle)
+            monkeypatch.setattr(broker.syncer, "run", idle)
+            await asyncio.wait_for(broker.run(), 10)
+            assert stopped and "Input/output error" in stopped[0]
+
+    run(scenario)
+
+
+def test_a_failed_fsync_is_fail_stop_and_nothing_is_marked_clean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tidemq.broker.syncer as syncer_module
+
+    stopped: list[str] = []
+    monkeypatch.setattr(syncer_module, "fail_stop", stopped.append)
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, client):
+            replica = broker.replicas[("orders", 0)]
+
+            def eio() -> int:
+                raise OSError(5, "Input/output error")
+
+            monkeypatch.setattr(replica.log, "sync", eio)
+            produced = asyncio.ensure_future(produce(client, batch(2)))
+            deadline = asyncio.get_running_loop().time() + 10
+            while not stopped:
+                assert asyncio.get_running_loop().time() < deadline, "no fail-stop"
+                await asyncio.sleep(0.01)
+            assert "fsync of orders/0 failed" in stopped[0]
+            assert replica.high_watermark == 0  # nothing acknowledged on a failed fsync
+            produced.cancel()
+            monkeypatch.undo()
 
     run(scenario)

@@ -6,15 +6,20 @@ import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from click.testing import CliRunner
 
+from tidemq.client.config import ConnectionConfig
+from tidemq.client.transport import Transport
 from tidemq.coordinator.main import CoordinatorConfig, command, run_coordinator
-from tidemq.tls import client_context, ensure_cluster_pki
+from tidemq.errors import ConnectionFailed
+from tidemq.tls import TlsFiles, client_context, ensure_cluster_pki, server_context
 
 DEADLINE_S = 10.0
 
@@ -105,13 +110,15 @@ def test_topics_brokers_and_restart(tmp_path: Path) -> None:
             first = topic["partitions"][0]
             assert first["leader_id"] == first["replicas"][0]
             assert first["leader_url"] == f"https://127.0.0.1:{9100 + first['leader_id']}"
-            assert first["leader_epoch"] == 0 and first["isr"] == [first["leader_id"]]
+            assert first["leader_epoch"] == 0 and first["isr"] == first["replicas"]
+            assert len(topic["topic_id"]) == 32 and topic["min_insync_replicas"] == 1
 
             status, body = await api.call("POST", "/v1/topics", {"name": "orders"})
             assert (status, body["error"]["code"]) == (409, "topic_exists")
 
             status, body = await api.call("POST", "/v1/brokers/2/heartbeat", {"partitions": []})
-            assert body["topics"] == {"orders": 6}
+            assert body["topics"] == {"orders": {"topic_id": topic["topic_id"], "partitions": 6}}
+            assert body["cluster_id"] and body["deleted_topic_ids"] == []
             assert {a["partition"] for a in body["assignments"]} == {
                 p["partition"] for p in topic["partitions"] if 2 in p["replicas"]
             }
@@ -343,32 +350,203 @@ def test_cli_refuses_plain_http_unless_asked(tmp_path: Path) -> None:
     assert result.exit_code != 0 and "--plain-http" in result.output
 
 
-def test_mutual_tls(tmp_path: Path) -> None:
-    files = ensure_cluster_pki(tmp_path / "pki", ["coordinator", "client"])
+@asynccontextmanager
+async def tls_coordinator(
+    tmp_path: Path, names: list[str]
+) -> AsyncIterator[tuple[str, dict[str, TlsFiles], dict[str, Api]]]:
+    """A coordinator under mutual TLS; its URL, the PKI files, one Api per certificate."""
+    files = ensure_cluster_pki(tmp_path / "pki", ["coordinator", *names])
+    port = free_port()
+    config = CoordinatorConfig(data_dir=tmp_path / "data", port=port, tls=files["coordinator"])
+    task = asyncio.create_task(run_coordinator(config))
+    base = f"https://127.0.0.1:{port}"
+    async with AsyncExitStack() as stack:
+        apis: dict[str, Api] = {}
+        for name in names:
+            connector = aiohttp.TCPConnector(ssl=client_context(files[name]))
+            session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+            apis[name] = Api(session, base)
 
-    async def run() -> None:
-        port = free_port()
-        config = CoordinatorConfig(data_dir=tmp_path / "data", port=port, tls=files["coordinator"])
-        task = asyncio.create_task(run_coordinator(config))
-        url = f"https://127.0.0.1:{port}/readyz"
+        async def ready() -> bool:
+            if task.done():
+                task.result()
+            try:
+                return (await apis[names[0]].call("GET", "/readyz"))[0] == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
         try:
-            async with aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=client_context(files["client"]))
-            ) as session:
-
-                async def ready() -> bool:
-                    try:
-                        async with session.get(url) as response:
-                            return response.status == 200
-                    except aiohttp.ClientConnectionError:
-                        return False
-
-                await eventually(ready, "the TLS coordinator to be ready")
+            await eventually(ready, "the TLS coordinator to be ready")
+            yield base, files, apis
         finally:
             task.cancel()
             try:
                 await task
             except asyncio.CancelledError:
                 pass
+
+
+def test_mutual_tls(tmp_path: Path) -> None:
+    """Without a certificate, or with one of another CA, the TLS handshake fails and the
+    client raises ConnectionFailed; the cluster's client certificate gets in."""
+    stranger = ensure_cluster_pki(tmp_path / "other-ca", ["client"])["client"]
+
+    async def run() -> None:
+        async with tls_coordinator(tmp_path, ["client"]) as (base, files, _):
+            ca_file = files["client"].ca_file
+            refused = [
+                TlsFiles(ca_file),
+                TlsFiles(ca_file, stranger.cert_file, stranger.key_file),
+            ]
+            for tls in refused:
+                transport = Transport(ConnectionConfig((base,), *astuple(tls)))
+                try:
+                    with pytest.raises(ConnectionFailed):
+                        await transport.coordinator("GET", "/v1/cluster")
+                finally:
+                    await transport.close()
+            transport = Transport(ConnectionConfig((base,), *astuple(files["client"])))
+            try:
+                answer = await transport.coordinator("GET", "/v1/cluster")
+                assert answer["cluster_id"]
+            finally:
+                await transport.close()
+
+    scenario(run)
+
+
+def test_tls_without_the_ca_file_is_refused(tmp_path: Path) -> None:
+    files = ensure_cluster_pki(tmp_path / "pki", ["coordinator"])["coordinator"]
+    assert files.cert_file and files.key_file
+    tls_args = ["--cert-file", files.cert_file, "--key-file", files.key_file]
+    result = CliRunner().invoke(command, ["--data-dir", str(tmp_path), "--port", "1", *tls_args])
+    assert result.exit_code != 0 and "--ca-file" in result.output
+    with pytest.raises(ValueError, match="CA"):
+        server_context(TlsFiles(None, files.cert_file, files.key_file))
+
+
+async def refused(api: Api, method: str, path: str, body: Any = None) -> str:
+    status, answer = await api.call(method, path, body)
+    assert (status, answer["error"]["code"]) == (403, "forbidden"), (method, path, answer)
+    message: str = answer["error"]["message"]
+    return message
+
+
+def test_only_broker_n_acts_as_broker_n(tmp_path: Path) -> None:
+    """A client certificate cannot register as broker 1 and send clients elsewhere."""
+
+    async def run() -> None:
+        names = ["client", "broker-1", "broker-2", "coordinator"]
+        async with tls_coordinator(tmp_path, names) as (_, _, api):
+            evil = {"broker_id": 1, "url": "https://evil.example:1"}
+            for name in ("client", "broker-2", "coordinator"):
+                await refused(api[name], "POST", "/v1/brokers/register", evil)
+            assert (await api["client"].call("GET", "/v1/brokers"))[1]["brokers"] == []
+
+            good = {"broker_id": 1, "url": "https://127.0.0.1:9101"}
+            status, body = await api["broker-1"].call("POST", "/v1/brokers/register", good)
+            assert (status, body["broker_id"]) == (200, 1)
+            status, _ = await api["broker-1"].call(
+                "POST", "/v1/brokers/1/heartbeat", {"partitions": []}
+            )
+            assert status == 200
+            message = await refused(api["broker-2"], "POST", "/v1/brokers/register", evil)
+            assert "'broker-2'" in message
+            for name in ("client", "broker-2", "coordinator"):
+                await refused(api[name], "POST", "/v1/brokers/1/heartbeat", {"partitions": []})
+            _, body = await api["client"].call("GET", "/v1/brokers")
+            assert [(b["id"], b["url"]) for b in body["brokers"]] == [(1, good["url"])]
+
+    scenario(run)
+
+
+def test_a_broker_registers_as_the_last_broker_id_its_body_names(tmp_path: Path) -> None:
+    """JSON with a repeated key: the check and the handler both take the last value."""
+
+    async def run() -> None:
+        async with tls_coordinator(tmp_path, ["broker-1", "broker-2"]) as (_, _, api):
+            twice = b'{"broker_id": 1, "url": "https://127.0.0.1:9102", "broker_id": 2}'
+            status, _ = await api["broker-1"].call("POST", "/v1/brokers/register", data=twice)
+            assert status == 403
+            status, body = await api["broker-2"].call("POST", "/v1/brokers/register", data=twice)
+            assert (status, body["broker_id"]) == (200, 2)
+
+    scenario(run)
+
+
+def test_only_the_leader_broker_proposes_its_isr_changes(tmp_path: Path) -> None:
+    async def run() -> None:
+        names = ["client", "broker-1", "broker-2"]
+        async with tls_coordinator(tmp_path, names) as (_, _, api):
+            for broker_id in (1, 2):
+                registration = {"broker_id": broker_id, "url": f"https://127.0.0.1:910{broker_id}"}
+                status, _ = await api[f"broker-{broker_id}"].call(
+                    "POST", "/v1/brokers/register", registration
+                )
+                assert status == 200
+            body = {"name": "t", "partitions": 1, "replication_factor": 2}
+            status, topic = await api["client"].call("POST", "/v1/topics", body)
+            assert status == 201
+            partition = topic["partitions"][0]
+            leader, follower = partition["leader_id"], 3 - partition["leader_id"]
+            proposal = {
+                "topic": "t",
+                "partition": 0,
+                "topic_id": topic["topic_id"],
+                "leader_epoch": partition["leader_epoch"],
+                "partition_epoch": partition["partition_epoch"],
+                "isr": [leader],
+            }
+            path = f"/v1/brokers/{leader}/alter-isr"
+            for name in ("client", f"broker-{follower}"):
+                await refused(api[name], "POST", path, proposal)
+            _, now = await api["client"].call("GET", "/v1/topics/t")
+            assert now["partitions"][0] == partition, "a refused proposal changed the ISR"
+            # The follower speaking for itself passes the check; the coordinator refuses it.
+            status, answer = await api[f"broker-{follower}"].call(
+                "POST", f"/v1/brokers/{follower}/alter-isr", proposal
+            )
+            assert status != 403 and answer["error"]["code"] != "forbidden"
+            status, answer = await api[f"broker-{leader}"].call("POST", path, proposal)
+            assert (status, answer["isr"]) == (200, [leader])
+
+    scenario(run)
+
+
+def test_broker_certificates_reach_no_client_endpoint(tmp_path: Path) -> None:
+    async def run() -> None:
+        names = ["client", "broker-1", "coordinator"]
+        async with tls_coordinator(tmp_path, names) as (_, _, api):
+            await api["broker-1"].call(
+                "POST", "/v1/brokers/register", {"broker_id": 1, "url": "https://127.0.0.1:9101"}
+            )
+            member = {"member_id": None, "member_epoch": 0, "topics": ["t"]}
+            writes = [
+                ("POST", "/v1/topics", {"name": "t", "partitions": 1, "replication_factor": 1}),
+                ("DELETE", "/v1/topics/t", None),
+                ("GET", "/v1/metadata?topics=t&auto_create=true", None),
+                ("POST", "/v1/producers", {}),
+                ("POST", "/v1/groups/g/heartbeat", member),
+                ("POST", "/v1/groups/g/leave", {"member_id": "m"}),
+                ("POST", "/v1/groups/g/offsets", {"offsets": []}),
+            ]
+            for name in ("broker-1", "coordinator"):
+                for method, path, body in writes:
+                    await refused(api[name], method, path, body)
+            assert (await api["client"].call("GET", "/v1/topics"))[1]["topics"] == []
+            status, _ = await api["client"].call("POST", "/v1/topics", writes[0][2])
+            assert status == 201
+            for name in names:  # reads of cluster state and monitoring: any certificate
+                for path in ("/v1/topics", "/v1/topics/t", "/v1/cluster", "/v1/groups"):
+                    assert (await api[name].call("GET", path))[0] == 200, (name, path)
+                for path in ("/healthz", "/readyz", "/openapi.json"):
+                    assert (await api[name].call("GET", path))[0] == 200, (name, path)
+                assert "tide_" in await api[name].text("/metrics")
+            _, document = await api["client"].call("GET", "/openapi.json")
+            register = document["paths"]["/v1/brokers/register"]["post"]
+            assert register["x-callers"] == ["broker-{body.broker_id}"]
+            heartbeat = document["paths"]["/v1/brokers/{broker_id}/heartbeat"]["post"]
+            assert heartbeat["x-callers"] == ["broker-{path.broker_id}"]
+            assert document["paths"]["/v1/metadata"]["get"]["x-callers"] == ["client"]
 
     scenario(run)

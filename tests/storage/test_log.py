@@ -4,7 +4,6 @@ truncation and the leader-epoch cache."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -198,7 +197,7 @@ def test_truncate_and_epoch_cache_across_reopen(tmp_path: Path) -> None:
             log.append(batch_of([b"x" * 40, b"y" * 40]), epoch, START_MS)
     assert log.epoch_entries() == [(1, 0), (3, 8), (4, 14)]
     assert log.latest_epoch() == 4
-    assert [log.end_offset_for_epoch(epoch) for epoch in range(6)] == [0, 8, 8, 14, 24, -1]
+    assert [log.end_offset_for_epoch(epoch) for epoch in range(6)] == [0, 8, 8, 14, 24, 24]
     assert log.epoch_and_end_offset(2) == (1, 8)
     log.sync()
 
@@ -238,26 +237,6 @@ def test_config_is_checked() -> None:
     assert LogConfig(fsync=FsyncPolicy("interval")).fsync is FsyncPolicy.INTERVAL
 
 
-def test_append_throughput_without_fsync(tmp_path: Path) -> None:
-    log = open_log(tmp_path, segment_bytes_max=64 * 1024 * 1024)
-    body = batch_of([bytes(1000)] * 100)  # ~100 KB
-    started = time.perf_counter()
-    total_bytes = 0
-    for _ in range(500):
-        log.append(body, 1, START_MS)
-        total_bytes += len(body)
-    seconds = time.perf_counter() - started
-    print(f"append: {total_bytes / seconds / 1e6:.0f} MB/s ({len(body)} byte batches, no fsync)")
-    started = time.perf_counter()
-    offset = 0
-    while offset < log.log_end_offset:
-        data = log.read(offset, 1 << 20)
-        offset = list(iter_headers(data))[-1].next_offset
-    seconds = time.perf_counter() - started
-    print(f"read: {total_bytes / seconds / 1e6:.0f} MB/s (1 MiB reads)")
-    log.close()
-
-
 def test_epoch_entries_never_outlive_the_data_they_cover(tmp_path: Path) -> None:
     config = {"segment_bytes_max": 150, "retention_bytes": 0, "retention_ms": -1}
     log = open_log(tmp_path, **config)
@@ -271,4 +250,19 @@ def test_epoch_entries_never_outlive_the_data_they_cover(tmp_path: Path) -> None
         segment.close()
     log = open_log(tmp_path, **config)
     assert (log.log_start_offset, log.log_end_offset, log.epoch_entries()) == (2, 2, [])
+    log.close()
+
+
+def test_retention_never_deletes_at_or_above_the_high_watermark(tmp_path: Path) -> None:
+    """Review finding: an old producer timestamp (or a small byte budget) made a segment
+    expire before followers had copied it."""
+    log = open_log(tmp_path, segment_bytes_max=1, retention_ms=1)
+    for number in range(5):  # one batch a segment, timestamps long past retention
+        log.append(batch_of([f"v{number}".encode()], timestamp_ms=1), 0, START_MS)
+    assert log.segment_count == 5
+    assert log.apply_retention(START_MS + 10_000, max_offset=2) == 2  # segments 0, 1 only
+    assert log.log_start_offset == 2
+    assert log.apply_retention(START_MS + 10_000, max_offset=2) == 0
+    assert log.apply_retention(START_MS + 10_000, max_offset=5) == 2  # the active one stays
+    assert log.log_start_offset == 4
     log.close()

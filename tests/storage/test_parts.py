@@ -27,7 +27,7 @@ def test_epoch_cache_kafka_semantics() -> None:
     assert cache.epoch_and_end_offset(2, 30) == (1, 10)
     assert cache.epoch_and_end_offset(4, 30) == (3, 20)
     assert cache.epoch_and_end_offset(5, 30) == (5, 30)
-    assert cache.epoch_and_end_offset(6, 30) == (-1, -1)
+    assert cache.epoch_and_end_offset(6, 30) == (5, 30)  # newer than all: ends at log end
     assert not cache.assign(4, 25)  # not newer than latest
     assert cache.assign(7, 15)  # replaces entries starting at or after 15
     assert cache.entries() == [(1, 0), (3, 10), (7, 15)]

@@ -11,7 +11,7 @@ from storage_helpers import START_MS, batch_of, numbered_values, open_log, read_
 
 from tidemq.errors import CorruptBatch
 from tidemq.storage import PartitionLog
-from tidemq.wire.batch import HEADER_SIZE, iter_headers
+from tidemq.wire.batch import HEADER_SIZE, iter_headers, patch_batch
 
 BATCH_RECORDS = 4
 
@@ -190,3 +190,28 @@ def test_lost_epoch_checkpoint_is_rebuilt_from_headers(tmp_path: Path) -> None:
     log = open_log(tmp_path, segment_bytes_max=300)
     assert log.epoch_entries() == entries == [(epoch, 2 * (epoch - 1)) for epoch in range(1, 6)]
     log.close()
+
+
+def test_truncation_inside_a_batch_puts_the_recovery_point_at_the_batch_start(
+    tmp_path: Path,
+) -> None:
+    """Found by the model test: truncate_to(5) cuts back to the batch starting at 4, so
+    the recovery point must be 4, not 5; otherwise a crash after a replicated batch
+    with a new epoch at 4 recovers the epoch as starting at 5 (one batch a segment, so
+    recovery re-reads only from the segment holding the recovery point)."""
+    log = open_log(tmp_path, segment_bytes_max=1)
+    log.append(batch_of([b"a", b"b", b"c", b"d"]), 0, START_MS)
+    log.append(batch_of([b"e", b"f"]), 0, START_MS)  # offsets 4-5
+    log.sync()
+    log.truncate_to(5)
+    assert log.log_end_offset == 4
+    replicated = bytearray(batch_of([b"x"]))
+    patch_batch(replicated, 0, 4, 1)  # as the leader wrote it: offset 4, epoch 1
+    log.append_replicated(bytes(replicated), START_MS)
+    log.append(batch_of([b"y"]), 1, START_MS)
+    for segment in log._segments:  # a process crash: no close, no sync
+        segment.close()
+    again = open_log(tmp_path, segment_bytes_max=1)
+    assert again.epoch_entries() == [(0, 0), (1, 4)]
+    assert [value for _, value in read_all(again)] == [b"a", b"b", b"c", b"d", b"x", b"y"]
+    again.close()

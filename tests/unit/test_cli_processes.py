@@ -24,7 +24,11 @@ def test_spawn_is_running_and_stop(tmp_path: Path) -> None:
     log = tmp_path / "logs" / "x.log"
     pid = processes.spawn(STAND_IN, log, tmp_path)
     try:
-        assert processes.is_running(pid, STAND_IN)
+        # Until the child has exec'd, /proc shows the parent's command line: poll.
+        deadline = time.monotonic() + 10
+        while not processes.is_running(pid, STAND_IN):
+            assert time.monotonic() < deadline, "the spawned process never showed its argv"
+            time.sleep(0.01)
         assert os.getsid(pid) == pid  # its own session: outlives the CLI
         other = [*STAND_IN[:-1], "/elsewhere"]
         assert not processes.is_running(pid, other)  # not ours: never signalled

@@ -7,6 +7,7 @@ from tidemq.cli.render import (
     format_record,
     group_table,
     partitions_table,
+    reassignments_table,
     table,
     topics_summary,
 )
@@ -82,3 +83,21 @@ def test_group_table() -> None:
 def test_format_record() -> None:
     assert format_record(3, 17, b"k", b"hello world") == "3 17 k hello world"
     assert format_record(0, 0, None, b"\xff") == "0 0 - \\xff"
+
+
+def test_reassignments_table_shows_moves_and_draining_brokers() -> None:
+    idle = reassignments_table({"draining": [], "reassignments": []})
+    assert idle.splitlines() == ["draining brokers: -", "no partition moves in progress"]
+    move = {
+        "topic": "orders",
+        "partition": 3,
+        "from": [1, 2],
+        "to": [3, 2],
+        "step": "copying",
+        "leader_id": 1,
+        "isr": [1, 2],
+    }
+    lines = reassignments_table({"draining": [1], "reassignments": [move]}).splitlines()
+    assert lines[:2] == ["draining brokers: 1", "1 partition moves in progress"]
+    assert lines[2].split() == ["MOVING", "FROM", "TO", "STEP", "LEADER", "ISR"]
+    assert lines[3].split() == ["orders/3", "1,2", "3,2", "copying", "1", "1,2"]

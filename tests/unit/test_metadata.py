@@ -8,6 +8,7 @@ import pytest
 
 from tidemq.core.metadata import (
     AllocateProducerId,
+    AlterIsr,
     ChangeIsr,
     ChangeLeader,
     ClusterState,
@@ -17,14 +18,20 @@ from tidemq.core.metadata import (
     DeleteTopic,
     InitCluster,
     Liveness,
-    PartitionReport,
     RegisterBroker,
     command_from_json,
     command_to_json,
     plan_failover,
-    plan_isr_expansion,
+    plan_reelection,
 )
-from tidemq.errors import InvalidRequest, TopicExists, UnknownPartition, UnknownTopic
+from tidemq.errors import (
+    InvalidRequest,
+    NotLeader,
+    StalePartitionEpoch,
+    TopicExists,
+    UnknownPartition,
+    UnknownTopic,
+)
 
 
 def history() -> list[Command]:
@@ -106,10 +113,9 @@ def test_bad_commands_raise_and_change_nothing() -> None:
 def test_failover_picks_an_isr_replica_and_bumps_the_epoch() -> None:
     state = build(history()[:5])  # orders: [1,2] [2,3] [3,1], leaders 1, 2, 3
     for index, replicas in enumerate(([1, 2], [2, 3], [3, 1])):
-        assert state.partition("orders", index).isr == replicas[:1]  # a new ISR: the leader
-        state.apply(ChangeIsr("orders", index, tuple(replicas)))  # followers caught up
+        assert state.partition("orders", index).isr == replicas  # new and empty: all in sync
     commands = plan_failover(state, live={2, 3})
-    assert ChangeLeader("orders", 0, 2, (2,)) in commands
+    assert ChangeLeader("orders", 0, 2, (2,), 0) in commands
     assert ChangeIsr("orders", 2, (3,)) in commands  # dead follower leaves the ISR
     for command in commands:
         state.apply(command)
@@ -122,24 +128,38 @@ def test_no_unclean_election_and_return_of_the_last_in_sync_replica() -> None:
     state = build(history()[:5])
     state.apply(ChangeIsr("orders", 0, (1,)))  # broker 2 fell behind
     [offline] = [c for c in plan_failover(state, live={2, 3}) if c.partition == 0]
-    assert offline == ChangeLeader("orders", 0, None, (1,))
+    assert offline == ChangeLeader("orders", 0, None, (1,), 0)
     state.apply(offline)
     assert [c for c in plan_failover(state, live={2, 3}) if c.partition == 0] == []
     [back] = [c for c in plan_failover(state, live={1, 2, 3}) if c.partition == 0]
-    assert back == ChangeLeader("orders", 0, 1, (1,))
+    assert back == ChangeLeader("orders", 0, 1, (1,), 1)
     state.apply(back)
     assert state.partition("orders", 0).leader_epoch == 2
 
 
-def test_caught_up_follower_rejoins_the_isr() -> None:
+def test_alter_isr_is_a_compare_and_set_on_both_epochs() -> None:
     state = build(history()[:5])
-    state.apply(ChangeIsr("orders", 0, (1,)))
-    liveness = Liveness(session_timeout_ms=1000)
-    liveness.heartbeat(1, 0, [(("orders", 0), PartitionReport(0, 0, 10, 10))])
-    liveness.heartbeat(2, 0, [(("orders", 0), PartitionReport(0, 0, 9, 9))])
-    assert plan_isr_expansion(state, {1, 2}, liveness) == []
-    liveness.heartbeat(2, 5, [(("orders", 0), PartitionReport(0, 0, 10, 9))])
-    assert plan_isr_expansion(state, {1, 2}, liveness) == [ChangeIsr("orders", 0, (1, 2))]
+    partition = state.partition("orders", 0)
+    leader, epoch, partition_epoch = partition.leader_id, partition.leader_epoch, 0
+    assert leader is not None and partition.isr == partition.replicas
+    follower = next(b for b in partition.replicas if b != leader)
+    state.apply(AlterIsr("orders", 0, leader, epoch, partition_epoch, (leader,)))
+    assert partition.isr == [leader] and partition.partition_epoch == 1
+    # the same proposal again names an old partition epoch: refused, nothing changes
+    with pytest.raises(StalePartitionEpoch):
+        state.apply(AlterIsr("orders", 0, leader, epoch, partition_epoch, (leader,)))
+    # a deposed leader (old leader epoch) cannot shrink the ISR to itself
+    state.apply(ChangeLeader("orders", 0, follower, (follower,)))
+    with pytest.raises(NotLeader):
+        state.apply(AlterIsr("orders", 0, leader, epoch + 1, 2, (leader,)))
+    with pytest.raises(NotLeader):
+        state.apply(AlterIsr("orders", 0, leader, epoch, 2, (leader,)))
+    assert partition.isr == [follower] and partition.partition_epoch == 2
+    # the current leader may expand, but never leave itself out
+    with pytest.raises(InvalidRequest):
+        state.apply(AlterIsr("orders", 0, follower, epoch + 1, 2, (leader,)))
+    state.apply(AlterIsr("orders", 0, follower, epoch + 1, 2, (follower, leader)))
+    assert partition.isr == [follower, leader] and partition.partition_epoch == 3
 
 
 def test_liveness_sessions_expire_and_revive() -> None:
@@ -153,3 +173,21 @@ def test_liveness_sessions_expire_and_revive() -> None:
     assert liveness.alive_ids() == {2}
     assert liveness.heartbeat(1, now_ms=150) is True
     assert liveness.alive_ids() == {1, 2}
+
+
+def test_a_reelection_planned_before_a_failover_does_not_apply_after_it() -> None:
+    """Review finding: a restarted broker's re-election, planned from the state before a
+    failover, must not undo it (ChangeLeader is a compare-and-set on the epoch)."""
+    state = ClusterState()
+    state.apply(InitCluster("c"))
+    for broker in (1, 2):
+        state.apply(RegisterBroker(broker, f"http://b{broker}"))
+    state.apply(CreateTopic("t", 1, 2, ((1, 2),), "a" * 32, 1))
+    stale = plan_reelection(state, 1)
+    for command in plan_failover(state, live={2}):
+        state.apply(command)
+    assert state.partition("t", 0).leader_id == 2
+    with pytest.raises(StalePartitionEpoch):
+        for command in stale:
+            state.apply(command)
+    assert (state.partition("t", 0).leader_id, state.partition("t", 0).isr) == (2, [2])

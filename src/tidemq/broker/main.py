@@ -6,14 +6,16 @@ import asyncio
 import logging
 from pathlib import Path
 
-import aiohttp
 import click
 from prometheus_client import CollectorRegistry
 
 from tidemq.broker.server import Broker, BrokerConfig, create_app
+from tidemq.logs import LOG_FORMATS
+from tidemq.logs import configure as configure_logging
 from tidemq.service.app import serve
 from tidemq.storage import FsyncPolicy, LogConfig
 from tidemq.tls import TlsFiles, client_context, server_context
+from tidemq.transport import HttpTransport
 
 log = logging.getLogger(__name__)
 
@@ -21,24 +23,19 @@ log = logging.getLogger(__name__)
 async def run_broker(config: BrokerConfig, host: str, port: int, tls: TlsFiles | None) -> None:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     registry = CollectorRegistry()
-    ssl_client = client_context(tls) if tls else None
+    ssl_client = client_context(tls) if tls else False
 
-    def session_factory() -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(ssl=ssl_client if ssl_client else False, limit=8)
-        return aiohttp.ClientSession(connector=connector)
+    def transport_factory() -> HttpTransport:
+        # Followers hold one long-poll per followed partition and leader: the bound.
+        return HttpTransport(
+            ssl_client, {"User-Agent": f"tidemq-broker-{config.broker_id}"}, 256, 30_000
+        )
 
-    broker = Broker(config, session_factory, registry)
+    broker = Broker(config, transport_factory, registry)
     app = create_app(broker, registry)
     ssl_server = server_context(tls) if tls else None
-
-    async def background() -> None:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(broker.coordinator_loop())
-            group.create_task(broker.syncer.run())
-            group.create_task(broker.maintenance_loop())
-
     try:
-        await serve(app, host, port, ssl_server, until=background)
+        await serve(app, host, port, ssl_server, until=broker.run)
     finally:
         await broker.close()
 
@@ -68,7 +65,15 @@ async def run_broker(config: BrokerConfig, host: str, port: int, tls: TlsFiles |
 @click.option("--retention-ms", type=int, default=7 * 24 * 3600 * 1000, show_default=True)
 @click.option("--retention-bytes", type=int, default=-1, show_default=True)
 @click.option("--max-request-bytes", type=int, default=8 * 1024 * 1024, show_default=True)
+@click.option(
+    "--replica-lag-time-max-ms",
+    type=int,
+    default=10_000,
+    show_default=True,
+    help="A follower that has not caught up for this long leaves the ISR.",
+)
 @click.option("--log-level", default="info", show_default=True)
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True)
 def command(
     broker_id: int,
     data_dir: Path,
@@ -87,17 +92,18 @@ def command(
     retention_ms: int,
     retention_bytes: int,
     max_request_bytes: int,
+    replica_lag_time_max_ms: int,
     log_level: str,
+    log_format: str,
 ) -> None:
-    """Run a broker: stores, serves and (later) replicates partition logs."""
-    logging.basicConfig(
-        level=log_level.upper(),
-        format=f"%(asctime)s broker-{broker_id} %(levelname)s %(name)s: %(message)s",
-    )
+    """Run a broker: stores, serves and replicates partition logs."""
+    configure_logging(f"broker-{broker_id}", log_level, log_format)
     tls: TlsFiles | None = None
     if not plain_http:
-        if not (cert_file and key_file):
-            raise click.UsageError("TLS needs --cert-file and --key-file (or pass --plain-http)")
+        if not (cert_file and key_file and ca_file):
+            raise click.UsageError(
+                "TLS needs --cert-file, --key-file and --ca-file (or pass --plain-http)"
+            )
         tls = TlsFiles(ca_file, cert_file, key_file)
     scheme = "http" if plain_http else "https"
     log_config = LogConfig(
@@ -115,5 +121,6 @@ def command(
         advertised_url=advertised_url or f"{scheme}://{host}:{port}",
         log_config=log_config,
         max_request_bytes=max_request_bytes,
+        replica_lag_time_max_ms=replica_lag_time_max_ms,
     )
     asyncio.run(run_broker(config, host, port, tls))

@@ -1,142 +1,337 @@
-"""One partition replica on this broker: its log, its role, its high watermark,
-and the waiters (acks, long-poll fetches) that its progress releases.
+"""One partition replica on this broker: its log and the shell around its pure
+replication core (:mod:`tidemq.core.replica`).
 
-Invariants:
-* ``high_watermark <= durable_end`` where durable_end is the log's flushed offset
-  under ``fsync=always`` and its log end offset otherwise: a consumer never sees a
-  record a crash could take back, and an acknowledgement (acks=1/all) is sent only
-  once the acknowledged offsets are below the high watermark.
-* the high watermark never goes backwards while this broker stays leader.
+The core decides (high watermark, ISR proposals, which waiting request completes or
+fails); this class only carries out its effects: it resolves asyncio futures, hands
+ISR proposals to the broker, and checkpoints the high watermark. Nothing here waits
+on an event that stays set: every waiter is one future answered exactly once, and
+closing or demoting the replica fails the waiters at once (retriable NotLeader).
+
+Invariants (the core's, plus):
+* ``core.log_end_offset == log.log_end_offset`` and ``core.durable_offset`` is the
+  log's flushed offset (``fsync=always``) or its log end (other policies) after every
+  method returns;
 * only the event loop thread calls into this object; ``sync`` of the log runs on a
   worker thread and is the one method of PartitionLog safe to call concurrently.
+
+Directory: ``<topic>-<partition>-<topic_id>`` so that a topic deleted and created
+again under the same name never meets the old incarnation's log; the high watermark
+checkpoint ``high-watermark-checkpoint`` holds a value that is only ever too low.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
+import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
+from tidemq.core.replica import (
+    Acks,
+    Appended,
+    Assigned,
+    AwaitAck,
+    AwaitData,
+    Cancel,
+    Closed,
+    Complete,
+    Effect,
+    Event,
+    Fail,
+    Flushed,
+    FollowerFetched,
+    HighWatermarkAdvanced,
+    LeaderAnswered,
+    ProposeIsr,
+    ReplicaAssignment,
+    ReplicaCore,
+    Truncated,
+)
 from tidemq.errors import NotLeader, RequestTimedOut
 from tidemq.storage import FsyncPolicy, LogConfig, PartitionLog
+from tidemq.storage.checkpoint import read_offset, write_offset
+from tidemq.storage.log import LOG_START_FILE
+
+log = logging.getLogger(__name__)
+
+HIGH_WATERMARK_FILE = "high-watermark-checkpoint"
+_DIRECTORY = re.compile(r"^(?P<topic>.+)-(?P<partition>\d+)-(?P<topic_id>[0-9a-f]{32})$")
+_waiter_ids = itertools.count(1)
+
+ProposalSink = Callable[["PartitionReplica", ProposeIsr], None]
 
 
-@dataclass(frozen=True)
-class Assignment:
-    """What the coordinator wants this broker to be for one partition."""
-
-    topic: str
-    partition: int
-    leader_id: int | None
-    leader_url: str | None
-    leader_epoch: int
-    replicas: tuple[int, ...]
-    isr: tuple[int, ...]
+def partition_directory_name(topic: str, partition: int, topic_id: str) -> str:
+    return f"{topic}-{partition}-{topic_id}"
 
 
-def partition_directory_name(topic: str, partition: int) -> str:
-    return f"{topic}-{partition}"
-
-
-def parse_partition_directory_name(name: str) -> tuple[str, int] | None:
-    topic, _, number = name.rpartition("-")
-    if not topic or not number.isdigit():
+def parse_partition_directory_name(name: str) -> tuple[str, int, str] | None:
+    """(topic, partition, topic id) of a replica directory; None for anything else."""
+    match = _DIRECTORY.match(name)
+    if match is None:
         return None
-    return topic, int(number)
+    return match["topic"], int(match["partition"]), match["topic_id"]
 
 
 class PartitionReplica:
     def __init__(
-        self, topic: str, partition: int, log: PartitionLog, config: LogConfig, directory: Path
+        self,
+        broker_id: int,
+        topic: str,
+        partition: int,
+        topic_id: str,
+        log_: PartitionLog,
+        config: LogConfig,
+        directory: Path,
+        lag_time_max_ms: int,
+        propose: ProposalSink,
+        clock_ms: Callable[[], int],
     ) -> None:
         self.topic = topic
-        self.directory = directory
         self.partition = partition
-        self.log = log
+        self.topic_id = topic_id
+        self.directory = directory
+        self.log = log_
         self.config = config
-        self.leader_epoch = -1
-        self.is_leader = False
-        self.high_watermark = self._durable_end()
-        self._progress = asyncio.Event()
+        self._propose = propose
+        self._clock_ms = clock_ms
+        durable = self._durable_end()
+        checkpoint = read_offset(directory / HIGH_WATERMARK_FILE) or 0
+        self.core = ReplicaCore(
+            broker_id=broker_id,
+            log_end_offset=log_.log_end_offset,
+            durable_offset=durable,
+            high_watermark=min(checkpoint, durable),
+            lag_time_max_ms=lag_time_max_ms,
+        )
+        self._checkpointed_high_watermark = checkpoint
+        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._durable_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.closed = False
 
     @classmethod
     def open(
-        cls, data_dir: Path, topic: str, partition: int, config: LogConfig, now_ms: int
+        cls,
+        data_dir: Path,
+        broker_id: int,
+        assignment_key: tuple[str, int, str],
+        config: LogConfig,
+        lag_time_max_ms: int,
+        propose: ProposalSink,
+        clock_ms: Callable[[], int],
     ) -> PartitionReplica:
-        directory = data_dir / partition_directory_name(topic, partition)
-        log = PartitionLog.open(directory, config, now_ms)
-        return cls(topic, partition, log, config, directory)
+        topic, partition, topic_id = assignment_key
+        directory = data_dir / partition_directory_name(topic, partition, topic_id)
+        log_ = PartitionLog.open(directory, config, clock_ms())
+        return cls(
+            broker_id,
+            topic,
+            partition,
+            topic_id,
+            log_,
+            config,
+            directory,
+            lag_time_max_ms,
+            propose,
+            clock_ms,
+        )
+
+    # -- reading --
+
+    @property
+    def is_leader(self) -> bool:
+        return self.core.is_leader
+
+    @property
+    def leader_epoch(self) -> int:
+        return self.core.leader_epoch
+
+    @property
+    def high_watermark(self) -> int:
+        return self.core.high_watermark
 
     def _durable_end(self) -> int:
         if self.config.fsync is FsyncPolicy.ALWAYS:
             return self.log.flushed_offset
         return self.log.log_end_offset
 
-    def apply_assignment(self, assignment: Assignment, broker_id: int) -> None:
-        self.is_leader = assignment.leader_id == broker_id
-        if assignment.leader_epoch > self.leader_epoch:
-            self.leader_epoch = assignment.leader_epoch
+    # -- feeding the core --
 
-    def append(self, body: bytes, now_ms: int) -> tuple[int, int]:
-        if not self.is_leader:
-            raise NotLeader(f"broker does not lead {self.topic}/{self.partition}")
-        first, last = self.log.append(body, self.leader_epoch, now_ms)
-        self.advance_high_watermark()
+    def handle(self, event: Event) -> None:
+        self._carry_out(self.core.handle(event, self._clock_ms()))
+
+    def _carry_out(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Complete):
+                future = self._waiters.pop(effect.waiter_id, None)
+                if future is not None and not future.done():
+                    future.set_result(None)
+            elif isinstance(effect, Fail):
+                future = self._waiters.pop(effect.waiter_id, None)
+                if future is not None and not future.done():
+                    future.set_exception(effect.error)
+            elif isinstance(effect, ProposeIsr):
+                self._propose(self, effect)
+            elif isinstance(effect, HighWatermarkAdvanced):
+                pass  # checkpointed by the maintenance loop; read from the core
+
+    def assign(self, assignment: ReplicaAssignment) -> None:
+        self.handle(Assigned(assignment))
+
+    # -- leader --
+
+    def append(self, body: bytes, acks: Acks, now_ms: int) -> tuple[int, int]:
+        """Leader path: checks role and min ISR, appends, tells the core."""
+        self.core.check_produce(acks)
+        first, last = self.log.append(body, self.core.leader_epoch, now_ms)
+        self._appended()
         return first, last
 
-    def advance_high_watermark(self) -> None:
-        """Single-replica ISR: the high watermark is the durable end of the local log.
+    def _appended(self) -> None:
+        self.handle(Appended(self.log.log_end_offset))
+        if self.config.fsync is not FsyncPolicy.ALWAYS:
+            self.handle(Flushed(self.log.log_end_offset))
 
-        Followers arrive with replication: then it becomes the minimum over the ISR.
-        """
-        durable = self._durable_end()
-        if durable > self.high_watermark:
-            self.high_watermark = durable
-            self._progress.set()
-            self._progress = asyncio.Event()
+    async def wait_ack(self, end_offset: int, acks: Acks, timeout_s: float) -> None:
+        await self._wait(
+            lambda waiter_id: AwaitAck(waiter_id, end_offset, acks),
+            timeout_s,
+            f"offset {end_offset - 1} not acknowledged (acks={acks.value}) in time",
+        )
 
-    async def wait_for_high_watermark(self, offset: int, timeout_s: float) -> None:
-        """Returns once high_watermark >= offset; RequestTimedOut after timeout_s."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while self.high_watermark < offset:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise RequestTimedOut(
-                    f"{self.topic}/{self.partition}: offset {offset} not committed in time"
-                )
-            try:
-                await asyncio.wait_for(self._progress.wait(), remaining)
-            except TimeoutError:
-                continue
-
-    async def wait_for_data(self, offset: int, timeout_s: float) -> None:
-        """Long-poll: returns when something at or after ``offset`` is visible, or on timeout."""
-        if timeout_s <= 0 or self.high_watermark > offset:
+    async def wait_for_data(self, offset: int, timeout_s: float, follower: bool) -> None:
+        """Long-poll: returns when there is something to read at ``offset`` or on timeout."""
+        if timeout_s <= 0:
             return
         try:
-            await self.wait_for_high_watermark(offset + 1, timeout_s)
+            await self._wait(lambda waiter_id: AwaitData(waiter_id, offset, follower), timeout_s)
         except RequestTimedOut:
             return
+
+    async def _wait(self, make: Callable[[int], Event], timeout_s: float, what: str = "") -> None:
+        waiter_id = next(_waiter_ids)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[waiter_id] = future
+        self.handle(make(waiter_id))
+        if future.done():
+            self._waiters.pop(waiter_id, None)
+            return future.result()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await future
+        except TimeoutError:
+            raise RequestTimedOut(f"{self.topic}/{self.partition}: {what or 'timed out'}") from None
+        finally:
+            if self._waiters.pop(waiter_id, None) is not None:
+                self.handle(Cancel(waiter_id))
+
+    def follower_fetched(self, broker_id: int, fetch_offset: int, durable_offset: int) -> None:
+        self.handle(FollowerFetched(broker_id, fetch_offset, durable_offset))
+
+    # -- follower --
+
+    def append_replicated(self, body: bytes, now_ms: int) -> None:
+        self.log.append_replicated(body, now_ms)
+        self._appended()
+
+    def truncate_to(self, offset: int) -> None:
+        log.info(
+            "%s/%s: truncating from %s to %s (diverged from the leader in epoch %s)",
+            self.topic,
+            self.partition,
+            self.log.log_end_offset,
+            offset,
+            self.core.leader_epoch,
+        )
+        self.log.truncate_to(offset)
+        self.handle(Truncated(self.log.log_end_offset))
+
+    def reset_to(self, offset: int, now_ms: int) -> None:
+        """Follower: drop the whole log and start empty at ``offset`` (the leader's log
+        start moved past our log end: what we lack no longer exists anywhere)."""
+        self.log.close()
+        shutil.rmtree(self.directory)
+        self.directory.mkdir(parents=True)
+        write_offset(self.directory / LOG_START_FILE, offset)
+        self.log = PartitionLog.open(self.directory, self.config, now_ms)
+        self.handle(Truncated(self.log.log_end_offset))
+        self.handle(Flushed(self._durable_end()))
+
+    def leader_answered(self, high_watermark: int) -> None:
+        self.handle(LeaderAnswered(high_watermark))
+
+    async def wait_durable(self, offset: int) -> None:
+        """Returns once everything below ``offset`` is durable here (follower fetch
+        loop: it reports its durable end with its next fetch)."""
+        if self.core.durable_offset >= offset or self.closed:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._durable_waiters.append((offset, future))
+        await future
+
+    # -- fsync results --
+
+    def flushed(self) -> None:
+        """The syncer finished an fsync of this log."""
+        if self.closed:
+            return
+        self.handle(Flushed(self._durable_end()))
+        durable = self.core.durable_offset
+        pending = []
+        for offset, future in self._durable_waiters:
+            if offset <= durable:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                pending.append((offset, future))
+        self._durable_waiters = pending
+
+    # -- housekeeping --
+
+    def checkpoint_high_watermark(self) -> None:
+        """Writes the high watermark checkpoint (two fsyncs; the maintenance loop calls
+        it on a worker thread, racing a close or delete of this replica)."""
+        high_watermark = self.core.high_watermark
+        if self.closed or high_watermark == self._checkpointed_high_watermark:
+            return
+        try:
+            write_offset(self.directory / HIGH_WATERMARK_FILE, high_watermark)
+        except FileNotFoundError:
+            if self.closed:
+                return  # deleted meanwhile
+            raise
+        self._checkpointed_high_watermark = high_watermark
 
     def stats(self) -> dict[str, object]:
         return {
             "topic": self.topic,
+            "topic_id": self.topic_id,
             "partition": self.partition,
-            "role": "leader" if self.is_leader else "follower",
-            "leader_epoch": self.leader_epoch,
+            "role": self.core.role.value,
+            "leader_epoch": self.core.leader_epoch,
+            "partition_epoch": self.core.partition_epoch,
+            "isr": list(self.core.isr),
             "log_start_offset": self.log.log_start_offset,
             "log_end_offset": self.log.log_end_offset,
-            "high_watermark": self.high_watermark,
+            "high_watermark": self.core.high_watermark,
             "size_bytes": self.log.size_bytes,
         }
 
     def close(self) -> None:
+        """Fails every waiter at once, checkpoints, closes the log (which syncs)."""
+        if self.closed:
+            return
+        self.handle(Closed())
+        for _, future in self._durable_waiters:
+            if not future.done():
+                future.set_exception(NotLeader("partition closed"))
+        self._durable_waiters.clear()
+        self.checkpoint_high_watermark()
         self.closed = True
         self.log.close()
-        self._progress.set()
 
     def delete(self) -> None:
         self.close()

@@ -1,9 +1,21 @@
-"""The broker's HTTP shell: produce, fetch, offsets, and the link to the coordinator.
+"""The broker's HTTP shell: produce, fetch, offsets, replication, and the link to the
+coordinator.
 
 The broker is level-triggered: every heartbeat answer carries the complete desired
-state for this broker (each partition it replicates, its leader and epoch, and the
-partition count of every topic), and ``reconcile`` moves the local state towards
-it. A lost heartbeat answer therefore heals with the next one.
+state for this broker (each partition it replicates with its leader, epochs and ISR,
+and every topic's id and partition count), and ``reconcile`` moves the local state
+towards it. A lost heartbeat answer therefore heals with the next one.
+
+Replication: for each partition it follows, the broker runs one fetch loop that
+long-polls the leader's ``/v1/replica/...`` endpoint, appends what it gets (same
+bytes), waits until that is durable and fetches again, which tells the leader its
+new durable end. Decisions (high watermark, ISR proposals, which request completes)
+are in each replica's pure core (:mod:`tidemq.core.replica`).
+
+Identity: the broker keeps the cluster id it first joined (``DATA_DIR/cluster-id``)
+and refuses a coordinator with another one; it deletes a replica's data only when the
+coordinator names that topic id as deleted, or names the topic id as live with this
+broker no longer among its replicas (a completed move).
 
 Hot path (produce, fetch): the body is checked once per batch (header, CRC,
 framing) and then the same bytes are written and served; no per-record objects.
@@ -14,42 +26,58 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from tidemq.broker.partition import (
-    Assignment,
-    PartitionReplica,
-    parse_partition_directory_name,
-)
+from tidemq.broker.partition import PartitionReplica, parse_partition_directory_name
 from tidemq.broker.syncer import GroupCommitSyncer
+from tidemq.core.replica import (
+    UNKNOWN,
+    Acks,
+    IsrAnswered,
+    ProposeIsr,
+    ReplicaAssignment,
+    Tick,
+    diverging_epoch,
+    truncation_offset,
+)
 from tidemq.errors import (
+    BrokerBusy,
+    ClusterIdMismatch,
+    CorruptBatch,
     FencedLeaderEpoch,
     InvalidRequest,
     NotLeader,
     OffsetOutOfRange,
     RequestTooLarge,
+    StalePartitionEpoch,
     TideError,
     UnknownBroker,
     UnknownLeaderEpoch,
     UnknownPartition,
     UnknownTopic,
-    error_for_code,
 )
+from tidemq.logs import event
 from tidemq.service.app import build_app
+from tidemq.service.callers import ANY, CLIENTS, broker_self
+from tidemq.service.failstop import fail_stop
 from tidemq.service.http import Endpoint, check_int, query_int, read_json_object
 from tidemq.storage import LogConfig
+from tidemq.storage.checkpoint import write_atomically
+from tidemq.transport import HttpTransport
+from tidemq.wire import control
 from tidemq.wire.batch import build_batch, check_batches, decode_records, iter_headers
+from tidemq.wire.fetch import FETCH_TYPE, FetchEntry, FetchPartition, FetchRequest, encode_fetch
 from tidemq.wire.produce import PRODUCE_TYPE, ProduceEntry, decode_produce
 
 log = logging.getLogger(__name__)
@@ -58,6 +86,11 @@ BATCH_TYPE = "application/vnd.tidemq.batches"
 MAX_WAIT_MS = 30_000
 MAX_FETCH_BYTES = 8 * 1024 * 1024
 PRODUCE_TIMEOUT_S = 30.0
+CLUSTER_ID_FILE = "cluster-id"
+REPLICA_FETCH_BYTES = 4 * 1024 * 1024
+TICK_INTERVAL_S = 0.25
+
+Key = tuple[str, int]
 
 
 @dataclass
@@ -70,13 +103,34 @@ class BrokerConfig:
     max_request_bytes: int = 8 * 1024 * 1024
     heartbeat_interval_ms: int = 1000
     request_timeout_ms: int = 5000
+    replica_lag_time_max_ms: int = 10_000
+    replica_fetch_wait_ms: int = 1000
+    max_inflight_produce_bytes: int = 64 * 1024 * 1024
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def parse_acks(raw: str) -> Acks:
+    if raw in ("all", "-1"):
+        return Acks.ALL
+    if raw == "1":
+        return Acks.LEADER
+    if raw == "0":
+        return Acks.NONE
+    raise InvalidRequest("acks must be 0, 1 or all")
+
+
+PRODUCER_ACTIVE_WINDOW_MS = 60_000
+PRODUCERS_TRACKED_MAX = 100_000
+
+
 class BrokerMetrics:
+    """The broker's Prometheus metrics (docs/OPERATIONS.md, "Metrics"): traffic per
+    topic, partitions by role, log size and segments per partition, fsync latency,
+    disk space, and the idempotent producers seen in the last minute."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.messages_in = Counter(
             "tide_messages_in_total", "Records appended as leader", ["topic"], registry=registry
@@ -90,6 +144,12 @@ class BrokerMetrics:
         self.bytes_out = Counter(
             "tide_bytes_out_total", "Batch bytes served by fetch", ["topic"], registry=registry
         )
+        self.replicated_bytes = Counter(
+            "tide_replication_bytes_in_total",
+            "Batch bytes appended as follower",
+            ["topic"],
+            registry=registry,
+        )
         self.fsync_seconds = Histogram(
             "tide_fsync_duration_seconds",
             "fsync latency of one partition log",
@@ -102,9 +162,20 @@ class BrokerMetrics:
             ["role"],
             registry=registry,
         )
+        self.under_replicated = Gauge(
+            "tide_broker_under_replicated_partitions",
+            "Partitions led here whose ISR is smaller than their replica set",
+            registry=registry,
+        )
         self.log_size = Gauge(
             "tide_log_size_bytes",
             "Bytes stored per partition replica",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.log_segments = Gauge(
+            "tide_log_segments",
+            "Segment files per partition replica",
             ["topic", "partition"],
             registry=registry,
         )
@@ -114,6 +185,58 @@ class BrokerMetrics:
             ["topic", "partition"],
             registry=registry,
         )
+        self.disk_free = Gauge(
+            "tide_disk_free_bytes",
+            "Free bytes on the file system of the broker's data directory",
+            registry=registry,
+        )
+        self.disk_size = Gauge(
+            "tide_disk_size_bytes",
+            "Size of the file system of the broker's data directory",
+            registry=registry,
+        )
+        self.producers_active = Gauge(
+            "tide_producers_active",
+            "Idempotent producer ids that produced here in the last minute",
+            registry=registry,
+        )
+        self.isr_proposals = Counter(
+            "tide_isr_proposals_total",
+            "ISR changes proposed by leaders on this broker, by outcome",
+            ["outcome"],
+            registry=registry,
+        )
+        self._producers_seen_ms: dict[int, int] = {}
+
+    def producer_seen(self, producer_id: int, now_ms: int) -> None:
+        if producer_id < 0:
+            return
+        seen = self._producers_seen_ms
+        if producer_id in seen or len(seen) < PRODUCERS_TRACKED_MAX:
+            seen[producer_id] = now_ms
+
+    def update_producers(self, now_ms: int) -> None:
+        """Forgets producers idle for a minute; sets the gauge."""
+        cutoff = now_ms - PRODUCER_ACTIVE_WINDOW_MS
+        seen = self._producers_seen_ms
+        for producer_id in [p for p, at in seen.items() if at < cutoff]:
+            del seen[producer_id]
+        self.producers_active.set(len(seen))
+
+    def update_disk(self, data_dir: Path) -> None:
+        try:
+            usage = shutil.disk_usage(data_dir)
+        except OSError:
+            return
+        self.disk_free.set(usage.free)
+        self.disk_size.set(usage.total)
+
+    def forget_partition(self, topic: str, partition: int) -> None:
+        for gauge in (self.log_size, self.log_segments, self.high_watermark):
+            try:
+                gauge.remove(topic, str(partition))
+            except KeyError:
+                pass
 
 
 class Broker:
@@ -122,23 +245,33 @@ class Broker:
     def __init__(
         self,
         config: BrokerConfig,
-        session_factory: Callable[[], aiohttp.ClientSession],
+        transport_factory: Callable[[], HttpTransport],
         registry: CollectorRegistry,
     ) -> None:
         self.config = config
-        self.replicas: dict[tuple[str, int], PartitionReplica] = {}
-        self.topic_partitions: dict[str, int] = {}
+        self.replicas: dict[Key, PartitionReplica] = {}
+        self.topics: dict[str, control.TopicSummary] = {}
         self.metrics = BrokerMetrics(registry)
         self.syncer = GroupCommitSyncer(
             config.log_config.fsync,
             config.log_config.fsync_interval_ms,
             self.metrics.fsync_seconds,
         )
-        self._session_factory = session_factory
-        self._session: aiohttp.ClientSession | None = None
+        self._transport_factory = transport_factory
+        self._transport: HttpTransport | None = None
         self.registered = False
-        self._directories_scanned = False
+        self.cluster_id = self._read_cluster_id()
+        self.cluster_mismatch: str | None = None
+        self._deleted_ids_scanned: set[str] | None = None
         self.heartbeat_interval_ms = config.heartbeat_interval_ms
+        self._tasks: asyncio.TaskGroup | None = None
+        self._followers: dict[Key, tuple[int, asyncio.Task[None]]] = {}
+        self._inflight_produce_bytes = 0
+        self._follower_warned: dict[Key, float] = {}
+
+    @property
+    def topic_partitions(self) -> dict[str, int]:
+        return {name: summary.partitions for name, summary in self.topics.items()}
 
     # ---- lookup -------------------------------------------------------------------
 
@@ -146,15 +279,15 @@ class Broker:
         replica = self.replicas.get((topic, partition))
         if replica is not None:
             return replica
-        count = self.topic_partitions.get(topic)
-        if count is None:
+        summary = self.topics.get(topic)
+        if summary is None:
             raise UnknownTopic(f"unknown topic {topic!r}")
-        if not 0 <= partition < count:
-            raise UnknownPartition(f"topic {topic!r} has partitions 0..{count - 1}")
+        if not 0 <= partition < summary.partitions:
+            raise UnknownPartition(f"topic {topic!r} has partitions 0..{summary.partitions - 1}")
         raise NotLeader(f"broker {self.config.broker_id} does not host {topic}/{partition}")
 
     def leader_for(self, topic: str, partition: int, epoch: int | None) -> PartitionReplica:
-        """The one epoch gate: every produce and consumer fetch passes here first."""
+        """The one epoch gate: every produce, fetch and replica fetch passes here first."""
         replica = self.replica_for(topic, partition)
         if not replica.is_leader:
             raise NotLeader(f"broker {self.config.broker_id} does not lead {topic}/{partition}")
@@ -168,16 +301,18 @@ class Broker:
     # ---- produce ------------------------------------------------------------------
 
     async def produce(
-        self, topic: str, partition: int, body: bytes, acks: str, epoch: int | None
+        self, topic: str, partition: int, body: bytes, acks: Acks, epoch: int | None
     ) -> dict[str, int]:
         replica = self.leader_for(topic, partition, epoch)
         headers = check_batches(body)
-        first, last = replica.append(body, _now_ms())
+        now_ms = _now_ms()
+        first, last = replica.append(body, acks, now_ms)
         self.syncer.mark_dirty(replica)
         self.metrics.messages_in.labels(topic).inc(sum(h.record_count for h in headers))
+        for header in headers:
+            self.metrics.producer_seen(header.producer_id, now_ms)
         self.metrics.bytes_in.labels(topic).inc(len(body))
-        if acks != "0":
-            await replica.wait_for_high_watermark(last + 1, PRODUCE_TIMEOUT_S)
+        await replica.wait_ack(last + 1, acks, PRODUCE_TIMEOUT_S)
         return {
             "base_offset": first,
             "last_offset": last,
@@ -185,7 +320,7 @@ class Broker:
             "high_watermark": replica.high_watermark,
         }
 
-    async def produce_entry(self, entry: ProduceEntry, acks: str) -> dict[str, Any]:
+    async def produce_entry(self, entry: ProduceEntry, acks: Acks) -> dict[str, Any]:
         """One partition of a multi-partition produce: its result or its error."""
         head: dict[str, Any] = {"topic": entry.topic, "partition": entry.partition}
         epoch = entry.leader_epoch if entry.leader_epoch >= 0 else None
@@ -214,7 +349,9 @@ class Broker:
             raise OffsetOutOfRange(
                 f"offset {offset} outside [{log_.log_start_offset}, {log_.log_end_offset}]"
             )
-        await replica.wait_for_data(offset, wait_ms / 1000)
+        await replica.wait_for_data(offset, wait_ms / 1000, follower=False)
+        if replica.closed:
+            raise NotLeader(f"{topic}/{partition} closed while the fetch waited")
         if offset < log_.log_start_offset:
             raise OffsetOutOfRange(f"offset {offset} was deleted by retention meanwhile")
         if offset >= replica.high_watermark:
@@ -226,57 +363,215 @@ class Broker:
             self.metrics.bytes_out.labels(topic).inc(len(data))
         return data, replica
 
+    async def fetch_many(self, request: FetchRequest) -> list[FetchEntry]:
+        """A consumer's multi-partition long-poll: answers at once with every partition
+        that has data or an error, else waits up to ``wait_ms`` for the first of them
+        to have data (each waiter is a future the replica core answers or cancels)."""
+        entries = self._fetch_ready(request)
+        if entries or request.wait_ms == 0:
+            return entries
+        waits = [
+            asyncio.ensure_future(
+                self.replicas[(p.topic, p.partition)].wait_for_data(
+                    p.offset, request.wait_ms / 1000, follower=False
+                )
+            )
+            for p in request.partitions
+        ]
+        try:
+            await asyncio.wait(
+                waits, timeout=request.wait_ms / 1000, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        return self._fetch_ready(request)
+
+    def _fetch_ready(self, request: FetchRequest) -> list[FetchEntry]:
+        entries: list[FetchEntry] = []
+        budget = request.max_bytes
+        for wanted in request.partitions:
+            try:
+                entry = self._fetch_entry(wanted, budget)
+            except TideError as error:
+                entries.append(
+                    FetchEntry(
+                        wanted.topic, wanted.partition, -1, -1, error.to_json()["error"], b""
+                    )
+                )
+                continue
+            if entry is not None:
+                entries.append(entry)
+                budget -= len(entry.batches)
+                if budget <= 0:
+                    break
+        return entries
+
+    def _fetch_entry(self, wanted: FetchPartition, budget: int) -> FetchEntry | None:
+        epoch = wanted.leader_epoch if wanted.leader_epoch >= 0 else None
+        replica = self.leader_for(wanted.topic, wanted.partition, epoch)
+        log_ = replica.log
+        if not log_.log_start_offset <= wanted.offset <= log_.log_end_offset:
+            raise OffsetOutOfRange(
+                f"offset {wanted.offset} outside [{log_.log_start_offset}, {log_.log_end_offset}]"
+            )
+        if wanted.offset >= replica.high_watermark:
+            return None
+        data = log_.read(wanted.offset, min(wanted.max_bytes, budget), replica.high_watermark)
+        if data:
+            count = sum(h.record_count for h in iter_headers(data))
+            self.metrics.messages_out.labels(wanted.topic).inc(count)
+            self.metrics.bytes_out.labels(wanted.topic).inc(len(data))
+        return FetchEntry(
+            wanted.topic,
+            wanted.partition,
+            replica.high_watermark,
+            log_.log_start_offset,
+            None,
+            data,
+        )
+
+    @contextlib.contextmanager
+    def admit_produce(self, content_length: int | None) -> Iterator[None]:
+        """Admission control: produce bodies held in memory at once stay below
+        ``max_inflight_produce_bytes``; past it, a retriable 503 broker_busy."""
+        size = content_length if content_length is not None else self.config.max_request_bytes
+        if self._inflight_produce_bytes and (
+            self._inflight_produce_bytes + size > self.config.max_inflight_produce_bytes
+        ):
+            raise BrokerBusy(
+                f"{self._inflight_produce_bytes} bytes of produce requests in flight "
+                f"(limit {self.config.max_inflight_produce_bytes}): retry"
+            )
+        self._inflight_produce_bytes += size
+        try:
+            yield
+        finally:
+            self._inflight_produce_bytes -= size
+
+    async def replica_fetch(
+        self, topic: str, partition: int, request: ReplicaFetch
+    ) -> tuple[bytes, dict[str, str]]:
+        """A follower's fetch: checked against the epoch history first (a diverged
+        follower is told where to cut), then counted by the core, then served from
+        the log up to its end (followers copy what is not committed yet)."""
+        replica = self.leader_for(topic, partition, request.leader_epoch)
+        if request.topic_id and request.topic_id != replica.topic_id:
+            raise UnknownTopic(f"{topic} has topic id {replica.topic_id}, not {request.topic_id}")
+        if request.broker_id not in replica.core.replicas or (
+            request.broker_id == self.config.broker_id
+        ):
+            raise NotLeader(f"broker {request.broker_id} is not a follower of {topic}/{partition}")
+        log_ = replica.log
+        headers = {"Tide-Log-Start-Offset": str(log_.log_start_offset)}
+        diverging = diverging_epoch(
+            request.offset,
+            request.last_fetched_epoch,
+            log_.epoch_and_end_offset(request.last_fetched_epoch),
+            log_.log_start_offset,
+        )
+        if diverging is None and request.offset > log_.log_end_offset:
+            diverging = (log_.latest_epoch(), log_.log_end_offset)
+        if diverging is not None:
+            headers["Tide-Diverging-Epoch"] = str(diverging[0])
+            headers["Tide-Diverging-End-Offset"] = str(diverging[1])
+            return b"", headers
+        if request.offset < log_.log_start_offset:
+            return b"", headers  # the follower starts over at the log start
+        replica.follower_fetched(request.broker_id, request.offset, request.durable_offset)
+        if request.offset >= log_.log_end_offset:
+            await replica.wait_for_data(request.offset, request.wait_ms / 1000, follower=True)
+        if replica.closed or not replica.is_leader:
+            raise NotLeader(f"{topic}/{partition}: leadership moved while the fetch waited")
+        data = log_.read(request.offset, request.max_bytes)
+        headers["Tide-High-Watermark"] = str(replica.high_watermark)
+        headers["Tide-Log-End-Offset"] = str(log_.log_end_offset)
+        return data, headers
+
     # ---- coordinator link ---------------------------------------------------------
 
-    def _session_open(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = self._session_factory()
-        return self._session
+    @property
+    def transport(self) -> HttpTransport:
+        if self._transport is None:
+            self._transport = self._transport_factory()
+        return self._transport
 
-    async def _coordinator_call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        session = self._session_open()
+    async def _coordinator_call(self, path: str, message: Any) -> bytes:
         url = self.config.coordinator_url.rstrip("/") + path
-        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_ms / 1000)
-        async with session.post(url, json=body, timeout=timeout) as response:
-            payload = await response.json(content_type=None)
-            if response.status >= 400:
-                error = payload.get("error", {}) if isinstance(payload, dict) else {}
-                raise error_for_code(str(error.get("code")), str(error.get("message")))
-            if not isinstance(payload, dict):
-                raise InvalidRequest("coordinator answered with a non-object")
-            return payload
+        body, _ = await self.transport.request(
+            "POST",
+            url,
+            data=control.encode(message),
+            headers={"Content-Type": "application/json"},
+        )
+        return body
+
+    def _read_cluster_id(self) -> str:
+        path = self.config.data_dir / CLUSTER_ID_FILE
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            return ""
+
+    def _adopt_cluster_id(self, cluster_id: str) -> None:
+        if self.cluster_id == cluster_id:
+            self.cluster_mismatch = None
+            return
+        if self.cluster_id:
+            self.cluster_mismatch = (
+                f"this broker belongs to cluster {self.cluster_id}; the coordinator at "
+                f"{self.config.coordinator_url} runs cluster {cluster_id}"
+            )
+            raise ClusterIdMismatch(self.cluster_mismatch)
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.config.data_dir / CLUSTER_ID_FILE, cluster_id + "\n")
+        self.cluster_id = cluster_id
+        log.info("joined cluster %s", cluster_id)
 
     async def register(self) -> None:
-        answer = await self._coordinator_call(
-            "/v1/brokers/register",
-            {"broker_id": self.config.broker_id, "url": self.config.advertised_url},
+        request = control.BrokerRegistration(
+            broker_id=self.config.broker_id,
+            url=self.config.advertised_url,
+            cluster_id=self.cluster_id,
         )
-        self.heartbeat_interval_ms = int(
-            answer.get("heartbeat_interval_ms", self.heartbeat_interval_ms)
+        answer = control.decode(
+            await self._coordinator_call("/v1/brokers/register", request),
+            control.RegistrationAnswer,
         )
+        self._adopt_cluster_id(answer.cluster_id)
+        self.heartbeat_interval_ms = answer.heartbeat_interval_ms
         self.registered = True
-        log.info("registered with the coordinator as broker %s", self.config.broker_id)
+        event(
+            log,
+            "broker_registered",
+            f"registered with the coordinator as broker {self.config.broker_id}",
+            broker_id=self.config.broker_id,
+            url=self.config.advertised_url,
+            cluster_id=self.cluster_id,
+        )
 
     async def heartbeat(self) -> None:
-        # Only led partitions are reported: a follower that does not replicate yet
-        # (follower fetching is the replication issue) must never look in sync to the
-        # coordinator, which adds a reported, caught-up follower to the ISR.
-        reports = [self._heartbeat_stats(r) for r in self.replicas.values() if r.is_leader]
-        body = {"partitions": reports}
+        reports = [self._report(replica) for replica in self.replicas.values()]
         path = f"/v1/brokers/{self.config.broker_id}/heartbeat"
-        answer = await self._coordinator_call(path, body)
+        request = control.BrokerHeartbeat(cluster_id=self.cluster_id, partitions=reports)
+        answer = control.decode(
+            await self._coordinator_call(path, request), control.HeartbeatAnswer
+        )
+        self._adopt_cluster_id(answer.cluster_id)
         self.reconcile(answer)
 
     @staticmethod
-    def _heartbeat_stats(replica: PartitionReplica) -> dict[str, Any]:
-        return {
-            "topic": replica.topic,
-            "partition": replica.partition,
-            "leader_epoch": replica.leader_epoch,
-            "log_start_offset": replica.log.log_start_offset,
-            "log_end_offset": replica.log.log_end_offset,
-            "high_watermark": replica.high_watermark,
-        }
+    def _report(replica: PartitionReplica) -> control.PartitionReport:
+        return control.PartitionReport(
+            topic=replica.topic,
+            partition=replica.partition,
+            topic_id=replica.topic_id,
+            leader_epoch=replica.leader_epoch,
+            log_start_offset=replica.log.log_start_offset,
+            log_end_offset=replica.log.log_end_offset,
+            high_watermark=replica.high_watermark,
+        )
 
     async def coordinator_loop(self) -> None:
         """Registers, then heartbeats forever; re-registers when the coordinator forgot us."""
@@ -290,98 +585,374 @@ class Broker:
                 await asyncio.sleep(self.heartbeat_interval_ms / 1000)
             except UnknownBroker:
                 self.registered = False
-            except (TideError, aiohttp.ClientError, TimeoutError, ValueError) as error:
+            except ClusterIdMismatch as error:
+                self.registered = False
+                log.critical("refusing the coordinator, keeping all data: %s", error)
+                await asyncio.sleep(5.0)
+            except TideError as error:
                 log.warning("coordinator unreachable (%s); retrying in %.1fs", error, backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 2.0)
 
-    def reconcile(self, answer: dict[str, Any]) -> None:
-        topics = answer.get("topics", {})
-        previous_topics = set(self.topic_partitions)
-        self.topic_partitions = {str(name): int(count) for name, count in topics.items()}
-        # Deleted topics' directories: looked for at the first reconcile (topics deleted
-        # while this broker was down) and whenever a topic disappears, not every beat.
-        scan_directories = not self._directories_scanned or bool(
-            previous_topics - set(self.topic_partitions)
-        )
-        wanted: dict[tuple[str, int], Assignment] = {}
-        for item in answer.get("assignments", []):
-            assignment = Assignment(
-                topic=str(item["topic"]),
-                partition=int(item["partition"]),
-                leader_id=item.get("leader_id"),
-                leader_url=item.get("leader_url"),
-                leader_epoch=int(item["leader_epoch"]),
-                replicas=tuple(item.get("replicas", [])),
-                isr=tuple(item.get("isr", [])),
-            )
-            wanted[(assignment.topic, assignment.partition)] = assignment
-        self._drop_unwanted(wanted)
-        if scan_directories:
-            self._remove_deleted_topic_directories()
-            self._directories_scanned = True
-        now_ms = _now_ms()
+    # ---- reconciling the desired state --------------------------------------------
+
+    def reconcile(self, answer: control.HeartbeatAnswer) -> None:
+        self.topics = dict(answer.topics)
+        wanted = {(a.topic, a.partition): a for a in answer.assignments}
+        deleted_ids = set(answer.deleted_topic_ids)
+        self._drop_unwanted(wanted, deleted_ids)
+        # Directories of deleted topics: looked for at the first reconcile (topics deleted
+        # while this broker was down) and whenever a deletion is new, not every beat.
+        if deleted_ids != self._deleted_ids_scanned:
+            self._remove_deleted_topic_directories(deleted_ids)
+            self._deleted_ids_scanned = deleted_ids
         for key, assignment in wanted.items():
             replica = self.replicas.get(key)
+            if replica is not None and replica.topic_id != assignment.topic_id:
+                self._drop(
+                    key, delete=assignment.topic_id != "" and replica.topic_id in deleted_ids
+                )
+                replica = None
             if replica is None:
                 replica = PartitionReplica.open(
-                    self.config.data_dir, key[0], key[1], self.config.log_config, now_ms
+                    self.config.data_dir,
+                    self.config.broker_id,
+                    (assignment.topic, assignment.partition, assignment.topic_id),
+                    self.config.log_config,
+                    self.config.replica_lag_time_max_ms,
+                    self._propose_isr,
+                    _now_ms,
                 )
                 self.replicas[key] = replica
-            replica.apply_assignment(assignment, self.config.broker_id)
-        self._update_partition_gauges()
+                _log_recovery(replica)
+            before = (replica.is_leader, replica.leader_epoch)
+            replica.assign(_replica_assignment(assignment))
+            self._steer_follower(replica, assignment)
+            if (replica.is_leader, replica.leader_epoch) != before:
+                _log_role(replica, assignment)
+        self._update_partition_gauges(wanted)
 
-    def _drop_unwanted(self, wanted: dict[tuple[str, int], Assignment]) -> None:
+    def _drop_unwanted(
+        self, wanted: dict[Key, control.PartitionAssignment], deleted_ids: set[str]
+    ) -> None:
         for key in [k for k in self.replicas if k not in wanted]:
-            replica = self.replicas.pop(key)
-            if key[0] not in self.topic_partitions:
-                log.info("topic %s deleted: removing %s/%s", key[0], key[0], key[1])
-                replica.delete()
-            else:
-                log.info("no longer a replica of %s/%s: closing it", key[0], key[1])
-                replica.close()
-            for gauge in (self.metrics.log_size, self.metrics.high_watermark):
-                try:
-                    gauge.remove(key[0], str(key[1]))
-                except KeyError:
-                    pass
+            replica = self.replicas[key]
+            summary = self.topics.get(replica.topic)
+            moved_away = summary is not None and summary.topic_id == replica.topic_id
+            self._drop(key, delete=replica.topic_id in deleted_ids or moved_away)
 
-    def _remove_deleted_topic_directories(self) -> None:
-        """Partition directories of topics the coordinator no longer has."""
+    def _drop(self, key: Key, delete: bool) -> None:
+        replica = self.replicas.pop(key)
+        self._stop_follower(key)
+        if delete:
+            event(
+                log,
+                "replica_deleted",
+                f"removing {key[0]}/{key[1]} (topic id {replica.topic_id})",
+                topic=key[0],
+                partition=key[1],
+                topic_id=replica.topic_id,
+            )
+            replica.delete()
+        else:
+            log.info("no longer a replica of %s/%s: closing it, keeping its data", *key)
+            replica.close()
+        self.metrics.forget_partition(key[0], key[1])
+
+    def _remove_deleted_topic_directories(self, deleted_ids: set[str]) -> None:
+        """Replica directories whose topic id the coordinator says was deleted."""
         if not self.config.data_dir.exists():
             return
+        open_ids = {(r.topic, r.partition, r.topic_id) for r in self.replicas.values()}
         for path in self.config.data_dir.iterdir():
             parsed = parse_partition_directory_name(path.name)
-            if parsed is None or not path.is_dir() or parsed in self.replicas:
+            if parsed is None or not path.is_dir() or parsed in open_ids:
                 continue
-            if parsed[0] not in self.topic_partitions:
+            if parsed[2] in deleted_ids:
+                log.info("removing %s: topic id %s was deleted", path.name, parsed[2])
                 shutil.rmtree(path, ignore_errors=True)
 
-    def _update_partition_gauges(self) -> None:
+    def _update_partition_gauges(self, wanted: dict[Key, control.PartitionAssignment]) -> None:
         leaders = sum(1 for r in self.replicas.values() if r.is_leader)
         self.metrics.partitions.labels("leader").set(leaders)
         self.metrics.partitions.labels("follower").set(len(self.replicas) - leaders)
+        self.metrics.under_replicated.set(
+            sum(
+                1
+                for assignment in wanted.values()
+                if assignment.leader_id == self.config.broker_id
+                and len(assignment.isr) < len(assignment.replicas)
+            )
+        )
+
+    # ---- ISR proposals ------------------------------------------------------------
+
+    def _propose_isr(self, replica: PartitionReplica, proposal: ProposeIsr) -> None:
+        if self._tasks is None:
+            return  # not running (unit tests): the core retries on a later tick
+        self._tasks.create_task(self._send_proposal(replica, proposal))
+
+    async def _send_proposal(self, replica: PartitionReplica, proposal: ProposeIsr) -> None:
+        request = control.AlterIsrRequest(
+            topic=replica.topic,
+            partition=replica.partition,
+            topic_id=replica.topic_id,
+            leader_epoch=proposal.leader_epoch,
+            partition_epoch=proposal.partition_epoch,
+            isr=list(proposal.isr),
+        )
+        path = f"/v1/brokers/{self.config.broker_id}/alter-isr"
+        try:
+            answer = control.decode(
+                await self._coordinator_call(path, request), control.AlterIsrAnswer
+            )
+        except (StalePartitionEpoch, NotLeader, UnknownTopic) as error:
+            log.info("%s/%s: ISR proposal refused: %s", replica.topic, replica.partition, error)
+            self.metrics.isr_proposals.labels("refused").inc()
+            replica.handle(IsrAnswered(False, proposal.partition_epoch))
+            return
+        except TideError as error:
+            log.warning("%s/%s: ISR proposal failed: %s", replica.topic, replica.partition, error)
+            self.metrics.isr_proposals.labels("failed").inc()
+            replica.handle(IsrAnswered(False, proposal.partition_epoch))
+            return
+        log.info(
+            "%s/%s: ISR %s -> %s (leader epoch %s, partition epoch %s)",
+            replica.topic,
+            replica.partition,
+            list(replica.core.isr),
+            answer.isr,
+            answer.leader_epoch,
+            answer.partition_epoch,
+        )
+        self.metrics.isr_proposals.labels("accepted").inc()
+        replica.handle(
+            IsrAnswered(
+                True,
+                proposal.partition_epoch,
+                answer.leader_epoch,
+                answer.partition_epoch,
+                tuple(answer.isr),
+            )
+        )
+
+    # ---- following ----------------------------------------------------------------
+
+    def _steer_follower(
+        self, replica: PartitionReplica, assignment: control.PartitionAssignment
+    ) -> None:
+        """One fetch loop per followed partition, restarted when the leader epoch moves."""
+        key = (replica.topic, replica.partition)
+        running = self._followers.get(key)
+        follows = (
+            assignment.leader_id is not None
+            and assignment.leader_id != self.config.broker_id
+            and assignment.leader_url is not None
+        )
+        if running is not None and (not follows or running[0] != assignment.leader_epoch):
+            self._stop_follower(key)
+            running = None
+        if follows and running is None and self._tasks is not None:
+            url = str(assignment.leader_url)
+            task = self._tasks.create_task(self._follow(replica, url, assignment.leader_epoch))
+            self._followers[key] = (assignment.leader_epoch, task)
+
+    def _stop_follower(self, key: Key) -> None:
+        running = self._followers.pop(key, None)
+        if running is not None:
+            running[1].cancel()
+
+    async def _follow(self, replica: PartitionReplica, leader_url: str, leader_epoch: int) -> None:
+        """Fetch, append, wait until durable, fetch again (which reports it)."""
+        backoff_s = 0.05
+        url = f"{leader_url.rstrip('/')}/v1/replica/{replica.topic}/{replica.partition}/records"
+        while not replica.closed:
+            try:
+                await self._fetch_once(replica, url, leader_epoch)
+                backoff_s = 0.05
+            except (TideError, ValueError) as error:
+                # Retried with a capped backoff; said once per second at most, not at DEBUG:
+                # a follower that cannot fetch is how a partition becomes under-replicated.
+                now = time.monotonic()
+                if now - self._follower_warned.get((replica.topic, replica.partition), 0.0) >= 1.0:
+                    self._follower_warned[(replica.topic, replica.partition)] = now
+                    log.warning(
+                        "%s/%s: replica fetch from %s failed: %s",
+                        replica.topic,
+                        replica.partition,
+                        leader_url,
+                        error,
+                    )
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 1.0)
+
+    async def _fetch_once(self, replica: PartitionReplica, url: str, leader_epoch: int) -> None:
+        log_ = replica.log
+        params = {
+            "broker_id": str(self.config.broker_id),
+            "topic_id": replica.topic_id,
+            "leader_epoch": str(leader_epoch),
+            "offset": str(log_.log_end_offset),
+            "last_fetched_epoch": str(log_.latest_epoch()),
+            "durable_offset": str(replica.core.durable_offset),
+            "wait_ms": str(self.config.replica_fetch_wait_ms),
+            "max_bytes": str(REPLICA_FETCH_BYTES),
+        }
+        timeout_ms = self.config.replica_fetch_wait_ms + self.config.request_timeout_ms
+        body, headers = await self.transport.request(
+            "GET", url, params=params, headers={"Accept": BATCH_TYPE}, timeout_ms=timeout_ms
+        )
+        if replica.closed:
+            return
+        diverging_end = headers.get("Tide-Diverging-End-Offset")
+        if diverging_end is not None:
+            epoch = int(headers.get("Tide-Diverging-Epoch", str(UNKNOWN)))
+            own = log_.epoch_and_end_offset(epoch) if epoch != UNKNOWN else (UNKNOWN, UNKNOWN)
+            cut = truncation_offset(
+                (epoch, int(diverging_end)), own, log_.log_start_offset, log_.log_end_offset
+            )
+            if cut < log_.log_start_offset:
+                self._restart_at(replica, cut)
+            elif cut < log_.log_end_offset:
+                replica.truncate_to(cut)
+            else:  # nothing to cut: never ask again at once, that would spin
+                raise CorruptBatch(
+                    f"leader says our log diverges at epoch {epoch} end {diverging_end}, "
+                    f"but ours ends at {log_.log_end_offset} with nothing to cut"
+                )
+            return
+        leader_start = int(headers.get("Tide-Log-Start-Offset", "0"))
+        if log_.log_end_offset < leader_start:
+            self._restart_at(replica, leader_start)
+            return
+        if body:
+            replica.append_replicated(body, _now_ms())
+            self.syncer.mark_dirty(replica)
+            self.metrics.replicated_bytes.labels(replica.topic).inc(len(body))
+            await replica.wait_durable(log_.log_end_offset)
+        high_watermark = headers.get("Tide-High-Watermark")
+        if high_watermark is not None:
+            replica.leader_answered(int(high_watermark))
+
+    def _restart_at(self, replica: PartitionReplica, offset: int) -> None:
+        """The leader deleted (retention) what this follower needs next: start over."""
+        log.info(
+            "%s/%s: leader's log starts at %s, past ours (%s): starting over there",
+            replica.topic,
+            replica.partition,
+            offset,
+            replica.log.log_end_offset,
+        )
+        replica.reset_to(offset, _now_ms())
+
+    # ---- housekeeping -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The broker's background work, in one task group: a failure of any part
+        surfaces and stops the broker."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                tasks.create_task(self.coordinator_loop())
+                tasks.create_task(self.syncer.run())
+                tasks.create_task(self.maintenance_loop())
+                tasks.create_task(self.tick_loop())
+        except* Exception as group:
+            # A broken invariant, a failed fsync or write (EIO, ENOSPC) anywhere in the
+            # background work: the state on disk is no longer known to be right. Exit at
+            # once; run_broker's close() (which syncs and marks logs clean) never runs.
+            fail_stop(f"the broker's background work failed: {group.exceptions!r}")
+
+    async def tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_INTERVAL_S)
+            for replica in list(self.replicas.values()):
+                if replica.is_leader:
+                    replica.handle(Tick())
 
     async def maintenance_loop(self) -> None:
-        """Retention and metrics, once a second or so."""
+        """Retention, high watermark checkpoints and metrics, once a second or so."""
         while True:
             await asyncio.sleep(1.0)
             now_ms = _now_ms()
+            self.metrics.update_producers(now_ms)
+            self.metrics.update_disk(self.config.data_dir)
             for (topic, number), replica in list(self.replicas.items()):
-                replica.log.apply_retention(now_ms)
+                # Never past the high watermark: a follower may still need the records.
+                replica.log.apply_retention(now_ms, replica.high_watermark)
+                # Two fsyncs: off the event loop, so heartbeats are never late for it.
+                await asyncio.to_thread(replica.checkpoint_high_watermark)
                 self.metrics.log_size.labels(topic, str(number)).set(replica.log.size_bytes)
+                self.metrics.log_segments.labels(topic, str(number)).set(replica.log.segment_count)
                 if replica.is_leader:
                     self.metrics.high_watermark.labels(topic, str(number)).set(
                         replica.high_watermark
                     )
 
     async def close(self) -> None:
+        for key in list(self._followers):
+            self._stop_follower(key)
         await self.syncer.close()
         for replica in self.replicas.values():
             replica.close()
         self.replicas.clear()
-        if self._session is not None:
-            await self._session.close()
+        if self._transport is not None:
+            await self._transport.close()
+
+
+@dataclass(frozen=True)
+class ReplicaFetch:
+    broker_id: int
+    topic_id: str
+    leader_epoch: int
+    offset: int
+    last_fetched_epoch: int
+    durable_offset: int
+    wait_ms: int
+    max_bytes: int
+
+
+def _replica_assignment(assignment: control.PartitionAssignment) -> ReplicaAssignment:
+    return ReplicaAssignment(
+        leader_id=assignment.leader_id,
+        leader_epoch=assignment.leader_epoch,
+        partition_epoch=assignment.partition_epoch,
+        replicas=tuple(assignment.replicas),
+        isr=tuple(assignment.isr),
+        min_insync_replicas=assignment.min_insync_replicas,
+    )
+
+
+def _log_recovery(replica: PartitionReplica) -> None:
+    truncated = replica.log.recovered_truncated_bytes
+    if truncated > 0:
+        event(
+            log,
+            "log_truncated",
+            f"{replica.topic}/{replica.partition}: recovery cut {truncated} bytes of torn tail",
+            logging.WARNING,
+            topic=replica.topic,
+            partition=replica.partition,
+            reason="recovery",
+            truncated_bytes=truncated,
+            log_end_offset=replica.log.log_end_offset,
+        )
+
+
+def _log_role(replica: PartitionReplica, assignment: control.PartitionAssignment) -> None:
+    role = "leader" if replica.is_leader else "follower"
+    event(
+        log,
+        "replica_role_changed",
+        f"{replica.topic}/{replica.partition}: {role} at leader epoch {replica.leader_epoch}",
+        topic=replica.topic,
+        partition=replica.partition,
+        role=role,
+        leader_id=assignment.leader_id,
+        leader_epoch=replica.leader_epoch,
+        partition_epoch=assignment.partition_epoch,
+        isr=assignment.isr,
+    )
 
 
 # ---- HTTP handlers -------------------------------------------------------------------
@@ -393,11 +964,8 @@ def _path_partition(request: web.Request) -> tuple[str, int]:
     return topic, partition
 
 
-def _acks_parameter(request: web.Request) -> str:
-    acks = request.query.get("acks", "all")
-    if acks not in ("0", "1", "all", "-1"):
-        raise InvalidRequest("acks must be 0, 1 or all")
-    return acks
+def _acks_parameter(request: web.Request) -> Acks:
+    return parse_acks(request.query.get("acks", "all"))
 
 
 def _optional_epoch(request: web.Request) -> int | None:
@@ -447,6 +1015,34 @@ def _json_records_to_batch(body: dict[str, Any], now_ms: int) -> bytes:
     return build_batch(pairs, now_ms, headers)
 
 
+def _json_records(data: bytes, offset: int, encoding: str, max_bytes: int) -> list[dict[str, Any]]:
+    """Records as JSON objects, bounded by their *output* size (base64 and JSON escaping
+    make text larger than the batches it comes from): at least one, then stop before
+    ``max_bytes`` of keys, values and headers would be passed."""
+    records: list[dict[str, Any]] = []
+    size = 0
+    for r in decode_records(data, min_offset=offset):
+        key, value = _render(r.key, encoding), _render(r.value, encoding)
+        headers = {name: _render(v, encoding) for name, v in r.headers}
+        size += _JSON_RECORD_OVERHEAD + len(key or "") + len(value or "")
+        size += sum(len(name) + len(text or "") for name, text in headers.items())
+        if records and size > max_bytes:
+            break
+        records.append(
+            {
+                "offset": r.offset,
+                "timestamp": r.timestamp,
+                "key": key,
+                "value": value,
+                "headers": headers,
+            }
+        )
+    return records
+
+
+_JSON_RECORD_OVERHEAD = 80  # braces, field names, offset and timestamp digits
+
+
 def _render(raw: bytes | None, encoding: str) -> str | None:
     if raw is None:
         return None
@@ -467,6 +1063,12 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
             raise RequestTooLarge(
                 f"body of {request.content_length} bytes exceeds {broker.config.max_request_bytes}"
             )
+        with broker.admit_produce(request.content_length):
+            return await produce_admitted(request, topic, partition, acks, epoch)
+
+    async def produce_admitted(
+        request: web.Request, topic: str, partition: int, acks: Acks, epoch: int | None
+    ) -> web.Response:
         if request.content_type == "application/json":
             broker.leader_for(topic, partition, epoch)
             body = _json_records_to_batch(
@@ -479,8 +1081,11 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
 
     async def produce_many(request: web.Request) -> web.Response:
         acks = _acks_parameter(request)
-        entries = decode_produce(await request.read())
-        results = await asyncio.gather(*(broker.produce_entry(entry, acks) for entry in entries))
+        with broker.admit_produce(request.content_length):
+            entries = decode_produce(await request.read())
+            results = await asyncio.gather(
+                *(broker.produce_entry(entry, acks) for entry in entries)
+            )
         return web.json_response({"results": results})
 
     async def fetch(request: web.Request) -> web.StreamResponse:
@@ -500,24 +1105,35 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
         encoding = request.query.get("encoding", "utf-8")
         if encoding not in ("utf-8", "base64"):
             raise InvalidRequest("encoding must be 'utf-8' or 'base64'")
-        decoded = list(decode_records(data, min_offset=offset))
-        records = [
-            {
-                "offset": r.offset,
-                "timestamp": r.timestamp,
-                "key": _render(r.key, encoding),
-                "value": _render(r.value, encoding),
-                "headers": {name: _render(v, encoding) for name, v in r.headers},
-            }
-            for r in decoded
-        ]
-        next_offset = decoded[-1].offset + 1 if decoded else offset
+        records = _json_records(data, offset, encoding, max_bytes)
+        next_offset = records[-1]["offset"] + 1 if records else offset
         body = {
             "records": records,
             "high_watermark": replica.high_watermark,
             "next_offset": next_offset,
         }
         return web.json_response(body, headers=headers, dumps=json.dumps)
+
+    async def fetch_many(request: web.Request) -> web.Response:
+        body = control.decode(await request.read(), FetchRequest)
+        entries = await broker.fetch_many(body)
+        return web.Response(body=encode_fetch(entries), content_type=FETCH_TYPE)
+
+    async def replica_fetch(request: web.Request) -> web.Response:
+        topic = request.match_info["topic"]
+        partition = check_int(request.match_info["partition"], "partition", minimum=0)
+        fetch = ReplicaFetch(
+            broker_id=query_int(request, "broker_id", minimum=0),
+            topic_id=request.query.get("topic_id", ""),
+            leader_epoch=query_int(request, "leader_epoch", minimum=0),
+            offset=query_int(request, "offset", minimum=0),
+            last_fetched_epoch=query_int(request, "last_fetched_epoch", -1, minimum=-1),
+            durable_offset=query_int(request, "durable_offset", 0, minimum=0),
+            wait_ms=query_int(request, "wait_ms", 0, minimum=0, maximum=MAX_WAIT_MS),
+            max_bytes=query_int(request, "max_bytes", 1 << 20, minimum=1, maximum=MAX_FETCH_BYTES),
+        )
+        data, headers = await broker.replica_fetch(topic, partition, fetch)
+        return web.Response(body=data, content_type=BATCH_TYPE, headers=headers)
 
     async def offsets(request: web.Request) -> web.Response:
         topic, partition = _path_partition(request)
@@ -548,6 +1164,7 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
             "Append batches to several partitions led here; one result per entry",
             request_body={PRODUCE_TYPE: {"schema": {"type": "string", "format": "binary"}}},
             responses={"200": "per-partition results", "400": "bad framing"},
+            callers=CLIENTS,
         ),
         Endpoint(
             "POST",
@@ -565,6 +1182,7 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
                 "421": "not leader",
                 "413": "too large",
             },
+            callers=CLIENTS,
         ),
         Endpoint(
             "GET",
@@ -572,9 +1190,35 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
             fetch,
             "Read record batches below the high watermark",
             responses={"200": "batches or JSON records", "416": "offset out of range"},
+            callers=CLIENTS,
         ),
-        Endpoint("GET", base + "/offsets", offsets, "Log start, high watermark, log end"),
-        Endpoint("GET", "/v1/partitions", partitions, "Partition replicas on this broker"),
+        Endpoint(
+            "POST",
+            "/v1/fetch",
+            fetch_many,
+            "Long-poll several partitions led here at once; binary entries (PROTOCOL.md)",
+            request_body={"application/json": {"schema": control.schema(FetchRequest)}},
+            responses={"200": "entries with data or an error (none: nothing new)"},
+            callers=CLIENTS,
+        ),
+        Endpoint(
+            "GET", base + "/offsets", offsets, "Log start, high watermark, log end", callers=ANY
+        ),
+        Endpoint(
+            "GET",
+            "/v1/replica/{topic}/{partition}/records",
+            replica_fetch,
+            "Follower fetch (brokers only): log-end batches, divergence, high watermark",
+            responses={
+                "200": "batches (maybe none), or Tide-Diverging-End-Offset",
+                "409": "fenced or unknown leader epoch",
+                "421": "not leader, or the caller is not a follower",
+            },
+            callers=broker_self(query="broker_id"),
+        ),
+        Endpoint(
+            "GET", "/v1/partitions", partitions, "Partition replicas on this broker", callers=ANY
+        ),
     ]
 
 

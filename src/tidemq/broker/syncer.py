@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from prometheus_client import Histogram
 
 from tidemq.broker.partition import PartitionReplica
+from tidemq.service.failstop import fail_stop
 from tidemq.storage import FsyncPolicy
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,11 @@ class GroupCommitSyncer:
         self._in_flight.pop(key, None)
         error = done.exception()
         if error is not None:
-            log.critical("fsync of %s/%s failed: %s", replica.topic, replica.partition, error)
-            if self._failure is not None and not self._failure.done():
-                self._failure.set_exception(error)
-            return
-        replica.advance_high_watermark()
+            # Fail-stop: the log's durable state is unknown, and retrying fsync is unsafe
+            # (the failed call may have dropped dirty pages). Exit now, before anything
+            # writes a recovery point or a clean-shutdown marker.
+            fail_stop(f"fsync of {replica.topic}/{replica.partition} failed: {error!r}")
+        replica.flushed()
         if self.policy is FsyncPolicy.ALWAYS and key in self._dirty:
             self._start(replica)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tidemq.cli import processes
+from tidemq.cli import monitor, processes
 from tidemq.cli.launch import (
     CLIENT,
     COORDINATOR,
@@ -290,7 +290,8 @@ class StopReport:
 
 
 def down(data_dir: Path, grace_s: float = 10.0, say: Say = _quiet) -> list[StopReport]:
-    """Stops the brokers (together), then the coordinator. Keeps every file."""
+    """Stops the cluster's ``tide monitor`` Prometheus, the brokers (together), then
+    the coordinator. Keeps every file."""
     layout = Layout(data_dir.resolve())
     if not cluster_file(layout.root).exists():
         raise ClusterError(f"no cluster in {layout.root} ({cluster_file(layout.root)} not found)")
@@ -298,6 +299,7 @@ def down(data_dir: Path, grace_s: float = 10.0, say: Say = _quiet) -> list[StopR
         info = _read_existing(layout)
         if info is None:
             raise ClusterError(f"no cluster in {layout.root}")
+        monitor.stop(layout.root, grace_s, say)
         reports: list[StopReport] = []
         groups = [
             [(broker_name(b.id), b.pid, b.argv) for b in info.brokers],

@@ -103,6 +103,18 @@ class ControlPlane:
         answer = self._call("GET", "/v1/brokers")
         return list(answer.get("brokers", [])) if isinstance(answer, dict) else []
 
+    def drain(self, broker_id: int) -> dict[str, Any]:
+        answer: dict[str, Any] = self._call("POST", f"/v1/brokers/{broker_id}/drain")
+        return answer
+
+    def undrain(self, broker_id: int) -> dict[str, Any]:
+        answer: dict[str, Any] = self._call("POST", f"/v1/brokers/{broker_id}/undrain")
+        return answer
+
+    def reassignments(self) -> dict[str, Any]:
+        answer: dict[str, Any] = self._call("GET", "/v1/reassignments")
+        return answer
+
     def topics(self) -> list[dict[str, Any]]:
         answer = self._call("GET", "/v1/topics")
         return list(answer.get("topics", [])) if isinstance(answer, dict) else []

@@ -65,13 +65,15 @@ class ServiceOptions:
     retention_bytes: int | None = None
     max_request_bytes: int | None = None
     session_timeout_ms: int | None = None
+    replica_replacement_ms: int | None = None
     default_partitions: int | None = None
     default_replication_factor: int | None = None
+    log_format: str | None = None
     extra_broker_args: tuple[str, ...] = field(default=())
 
 
-def url_for(port: int, plain_http: bool) -> str:
-    return f"{'http' if plain_http else 'https'}://{HOST}:{port}"
+def url_for(port: int, plain_http: bool, host: str = HOST) -> str:
+    return f"{'http' if plain_http else 'https'}://{host}:{port}"
 
 
 def _module_argv(python: str, role: str) -> list[str]:
@@ -104,22 +106,29 @@ def coordinator_argv(
     options: ServiceOptions,
     broker_count: int,
     python: str = sys.executable,
+    host: str = HOST,
+    advertised_host: str = HOST,
 ) -> list[str]:
     """The coordinator's argv. With fewer than 2 brokers the default replication
-    factor drops to the broker count so that topics can be created at all."""
+    factor drops to the broker count so that topics can be created at all.
+    ``host`` / ``advertised_host``: where it listens and the name others reach it by
+    (the compose stack: 0.0.0.0 and the service name; docker-compose.yml is tested
+    to run exactly these argvs)."""
     replication_factor = options.default_replication_factor
     if replication_factor is None and broker_count < 2:
         replication_factor = max(1, broker_count)
     return [
         *_module_argv(python, "coordinator"),
         "--data-dir", str(layout.process_dir(COORDINATOR)),
-        "--host", HOST,
+        "--host", host,
         "--port", str(port),
-        "--advertised-url", url_for(port, options.plain_http),
+        "--advertised-url", url_for(port, options.plain_http, advertised_host),
         *_tls_args(tls, options.plain_http),
         *_optional("--session-timeout-ms", options.session_timeout_ms),
+        *_optional("--replica-replacement-ms", options.replica_replacement_ms),
         *_optional("--default-partitions", options.default_partitions),
         *_optional("--default-replication-factor", replication_factor),
+        *_optional("--log-format", options.log_format),
     ]  # fmt: skip
 
 
@@ -131,14 +140,16 @@ def broker_argv(
     tls: TlsFiles | None,
     options: ServiceOptions,
     python: str = sys.executable,
+    host: str = HOST,
+    advertised_host: str = HOST,
 ) -> list[str]:
     return [
         *_module_argv(python, "broker"),
         "--id", str(broker_id),
         "--data-dir", str(layout.process_dir(broker_name(broker_id))),
-        "--host", HOST,
+        "--host", host,
         "--port", str(port),
-        "--advertised-url", url_for(port, options.plain_http),
+        "--advertised-url", url_for(port, options.plain_http, advertised_host),
         "--coordinator", coordinator_url,
         *_tls_args(tls, options.plain_http),
         *_optional("--fsync", options.fsync),
@@ -146,6 +157,7 @@ def broker_argv(
         *_optional("--retention-ms", options.retention_ms),
         *_optional("--retention-bytes", options.retention_bytes),
         *_optional("--max-request-bytes", options.max_request_bytes),
+        *_optional("--log-format", options.log_format),
         *options.extra_broker_args,
     ]  # fmt: skip
 

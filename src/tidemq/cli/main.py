@@ -28,7 +28,12 @@ from tidemq.cli.control import (
 from tidemq.cli.launch import ServiceOptions
 from tidemq.cli.model import ClusterFileError, ClusterInfo, env_lines, read_cluster_file
 from tidemq.cli.processes import ProbeError
-from tidemq.cli.render import brokers_table, partitions_table, topics_summary
+from tidemq.cli.render import (
+    brokers_table,
+    partitions_table,
+    reassignments_table,
+    topics_summary,
+)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -110,12 +115,24 @@ def data_dir_option(default: str | None = DEFAULT_DATA_DIR) -> Callable[[_F], _F
     help="How long to wait for the cluster to become healthy.",
 )
 @click.option("--session-timeout-ms", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--replica-replacement-ms",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Re-create a dead broker's replicas elsewhere after this long (default 60000).",
+)
 @click.option("--default-partitions", type=click.IntRange(min=1), default=None)
 @click.option("--default-replication-factor", type=click.IntRange(min=1), default=None)
 @click.option("--segment-bytes", type=click.IntRange(min=1), default=None)
 @click.option("--retention-ms", type=click.IntRange(min=-1), default=None)
 @click.option("--retention-bytes", type=click.IntRange(min=-1), default=None)
 @click.option("--max-request-bytes", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="Services' log lines (service default: text).",
+)
 def up(
     brokers: int,
     data_dir: str,
@@ -161,7 +178,8 @@ def _status_line(info: ClusterInfo) -> str:
     help="How long to wait after SIGTERM before SIGKILL.",
 )
 def down(data_dir: str, grace_s: float) -> None:
-    """Stop the local cluster (brokers first, then the coordinator). Keeps the data."""
+    """Stop the local cluster (its `tide monitor`, the brokers, then the coordinator).
+    Keeps the data."""
     try:
         cluster_ops.down(Path(data_dir), grace_s, say=say)
     except cluster_ops.ClusterError as error:
@@ -209,13 +227,21 @@ def _status_report(target: Target) -> dict[str, Any]:
         coordinator.update(pid=target.info.coordinator.pid, running=local[0]["running"])
     brokers: list[dict[str, Any]] = []
     topics: list[dict[str, Any]] = []
+    moves: dict[str, Any] = {"draining": [], "reassignments": []}
     try:
         control = ControlPlane(target)
         brokers = control.brokers()
         topics = control.topics()
+        moves = control.reassignments()
     except (ProbeError, ConfigError) as error:
         coordinator["error"] = str(error)
-    return {"coordinator": coordinator, "brokers": brokers, "topics": topics, "processes": local}
+    return {
+        "coordinator": coordinator,
+        "brokers": brokers,
+        "topics": topics,
+        "processes": local,
+        "moves": moves,
+    }
 
 
 def _status_text(report: dict[str, Any]) -> str:
@@ -231,6 +257,8 @@ def _status_text(report: dict[str, Any]) -> str:
         f"{alive}/{len(report['brokers'])} brokers alive\n"
         + brokers_table(report["brokers"], report["processes"]),
     ]
+    if "moves" in report:
+        parts.append(reassignments_table(report["moves"]))
     if report["topics"]:
         parts.append(topics_summary(report["topics"]))
         parts.append(partitions_table(report["topics"]))
@@ -241,9 +269,11 @@ def _status_text(report: dict[str, Any]) -> str:
 
 def _register_subcommands() -> None:
     from tidemq.cli.bench import bench
+    from tidemq.cli.brokers import brokers
     from tidemq.cli.client_commands import consume, groups, produce, topics
+    from tidemq.cli.ops_commands import certs, health, monitor
 
-    for command in (topics, produce, consume, groups, bench):
+    for command in (topics, produce, consume, groups, bench, brokers, monitor, certs, health):
         cli.add_command(command)
 
 

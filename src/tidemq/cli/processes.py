@@ -70,6 +70,14 @@ def _reap(pid: int) -> bool:
     return True
 
 
+def has_exited(pid: int) -> bool:
+    """True when ``pid`` is a child spawned here that has exited (it is reaped now).
+
+    Unlike :func:`is_running`, this never reads /proc, so it cannot mistake a child
+    that is still starting for a stranger."""
+    return _reap(pid)
+
+
 def read_cmdline(pid: int) -> list[str] | None:
     """The process's argv from /proc; [] for a zombie; None when /proc has no answer."""
     try:

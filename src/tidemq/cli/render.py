@@ -80,6 +80,28 @@ def partitions_table(topics: Sequence[dict[str, Any]]) -> str:
     return table(["TOPIC", "PARTITION", "LEADER", "EPOCH", "REPLICAS", "ISR"], rows)
 
 
+def reassignments_table(answer: dict[str, Any]) -> str:
+    """Partition moves in progress (GET /v1/reassignments) and draining brokers."""
+    moves = answer.get("reassignments") or []
+    draining = answer.get("draining") or []
+    head = f"draining brokers: {_cell(list(draining))}"
+    if not moves:
+        return f"{head}\nno partition moves in progress"
+    rows = [
+        [
+            f"{move.get('topic')}/{move.get('partition')}",
+            move.get("from"),
+            move.get("to"),
+            move.get("step"),
+            move.get("leader_id"),
+            move.get("isr"),
+        ]
+        for move in moves
+    ]
+    moving = table(["MOVING", "FROM", "TO", "STEP", "LEADER", "ISR"], rows)
+    return f"{head}\n{len(moves)} partition moves in progress\n{moving}"
+
+
 def topics_summary(topics: Sequence[dict[str, Any]]) -> str:
     rows = []
     for topic in sorted(topics, key=lambda t: str(t.get("name"))):

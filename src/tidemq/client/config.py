@@ -92,6 +92,9 @@ class ProducerOptions:
         return "all" if str(self.acks) in ("all", "-1") else str(self.acks)
 
 
+DELIVERY_MODES = ("at_least_once", "at_most_once", "manual")
+
+
 @dataclass(frozen=True)
 class ConsumerOptions:
     auto_offset_reset: str = "earliest"
@@ -103,8 +106,14 @@ class ConsumerOptions:
     fetch_wait_ms: int = 500
     max_partition_buffer_bytes: int = 4 * 1024 * 1024
     close_timeout_ms: int = 30_000
+    delivery: str = "at_least_once"
+    max_poll_interval_ms: int = 300_000
 
     def __post_init__(self) -> None:
+        if self.delivery not in DELIVERY_MODES:
+            raise ConfigurationError(
+                f"delivery must be one of {', '.join(DELIVERY_MODES)}, not {self.delivery!r}"
+            )
         if self.auto_offset_reset not in ("earliest", "latest"):
             raise ConfigurationError(
                 f"auto_offset_reset must be 'earliest' or 'latest', not {self.auto_offset_reset!r}"
@@ -117,6 +126,7 @@ class ConsumerOptions:
             "fetch_max_bytes",
             "max_partition_buffer_bytes",
             "close_timeout_ms",
+            "max_poll_interval_ms",
         )
         _non_negative(self, "fetch_wait_ms")
         if self.fetch_wait_ms > 30_000:

@@ -4,21 +4,37 @@ Loop thread (one per consumer), inside one TaskGroup:
 
 * the *membership* task heartbeats ``POST /v1/groups/{group}/heartbeat`` every
   ``heartbeat_interval_ms`` (the coordinator may change it) with the partitions it
-  owns, and reconciles towards the returned assignment. Revoke first: stop the
-  partition's fetcher, drop its buffered records, commit its position, and only then
-  leave it out of ``owned`` (heartbeating again at once, so the coordinator can hand it
-  on). Then assign: start a fetcher per new partition.
+  owns, and reconciles towards the returned assignment. Assign: start a fetcher per
+  new partition. Revoke in two steps, so that a record in the application's hands
+  is never handed to the next owner: *begin* (stop the fetcher, drop the partition's
+  buffered records, hand out nothing more of it) and, once the application has
+  finished what it was given (it polled again, committed, or its handler returned;
+  or ``max_poll_interval_ms`` passed), *release* (commit, leave the partition out of
+  ``owned`` and heartbeat at once, so the coordinator can hand it on).
 * a *fetcher* per owned partition: find the start (committed offset, else
   ``log_start_offset`` / ``high_watermark`` per ``auto_offset_reset``), then long-poll
   ``GET {leader}/v1/topics/{t}/partitions/{p}/records?offset=N&max_bytes&wait_ms``
   for binary batches, decode them (skipping offsets below N) and put the messages
   into the :class:`~tidemq.client.fetch_buffer.FetchBuffer`; it pauses while the
   partition holds ``max_partition_buffer_bytes`` or more there. not_leader / fenced /
-  connection errors refresh metadata and back off; offset_out_of_range resets.
+  connection errors refresh metadata and back off; offset_out_of_range resets. An
+  undecodable record becomes an error marker in the buffer (``poll`` raises
+  :class:`~tidemq.errors.CorruptRecord` when it reaches it) and parks the fetcher
+  until the application seeks past it.
 
-User thread: ``poll`` takes from the buffer; ``commit`` sends the positions of
-everything returned so far; ``subscribe`` loops ``handler(message)`` and commits what
-it has processed after each polled chunk. Delivery is at-least-once.
+The session promise. The coordinator expires a member ``session_timeout_ms`` after
+it *received* its last heartbeat, which is after we *sent* it. So the member stops
+fetching and handing out at ``sent + session_timeout_ms - margin`` (margin: a fifth
+of the session) of its last successful heartbeat: the buffer refuses to hand out
+past that instant whatever the loop is doing, fetchers wait, and the membership
+task drops every partition without committing. A later successful heartbeat starts
+over from the committed offsets.
+
+Delivery modes (``delivery=``): ``at_least_once`` (default: commits what is done,
+where a record is done when the application polls again, commits, or its handler
+returns), ``at_most_once`` (commits what ``poll`` returns before returning it) and
+``manual`` (only ``commit()`` commits). A background failure is raised by the next
+``poll`` / ``subscribe`` call, and by every later one.
 """
 
 from __future__ import annotations
@@ -44,35 +60,57 @@ from tidemq.client.transport import (
 )
 from tidemq.errors import (
     ClientClosed,
+    CorruptRecord,
+    InternalError,
     InvalidRequest,
     OffsetOutOfRange,
     TideError,
     Unavailable,
 )
-from tidemq.wire.batch import decode_records, iter_headers
+from tidemq.wire.batch import FetchedRecords, decode_fetch
 
 log = logging.getLogger("tidemq.client")
+
+SESSION_MARGIN_FRACTION = 5  # stop handing out 1/5 of the session before it can expire
 
 
 def decode_messages(
     topic: str, partition: int, body: bytes, offset: int
 ) -> tuple[list[Message], int]:
-    """Messages at or after ``offset`` in a fetch answer, and the next offset to fetch."""
-    messages = decode_records(body, offset, topic, partition)
-    next_offset = offset
-    for header in iter_headers(body):
-        next_offset = max(next_offset, header.next_offset)
-    return messages, next_offset
+    """Messages at or after ``offset`` in a fetch answer, and the next offset to fetch;
+    raises CorruptRecord at an undecodable record."""
+    fetched = decode_fetch(body, offset, topic, partition)
+    if fetched.undecodable is not None:
+        raise corrupt_record_error(topic, partition, fetched)
+    return fetched.messages, fetched.next_offset
+
+
+def corrupt_record_error(topic: str, partition: int, fetched: FetchedRecords) -> CorruptRecord:
+    bad = fetched.undecodable
+    if bad is None:  # pragma: no cover - callers check
+        raise ValueError("nothing undecodable")
+    return CorruptRecord(
+        f"{topic}/{partition} offset {bad.offset}: the record cannot be decoded "
+        f"({bad.reason}); skip it with consumer.seek({topic!r}, {partition}, "
+        f"{bad.offset + 1}), or its batch with seek to {bad.next_batch_offset}",
+        topic=topic,
+        partition=partition,
+        offset=bad.offset,
+        next_batch_offset=bad.next_batch_offset,
+    )
 
 
 class Consumer:
     """A member of consumer group ``group`` reading ``topics``. See the module doc.
 
-    Options: ``auto_offset_reset="earliest"`` ("latest"), ``enable_auto_commit=True``
-    with ``auto_commit_interval_ms=5000`` (commits records already returned, at the next
+    Options: ``delivery="at_least_once"`` ("at_most_once", "manual"),
+    ``auto_offset_reset="earliest"`` ("latest"), ``enable_auto_commit=True`` with
+    ``auto_commit_interval_ms=5000`` (at least once: commits done records at the next
     ``poll``), ``heartbeat_interval_ms=1000``, ``session_timeout_ms=10000``,
-    ``fetch_max_bytes=1 MiB``, ``fetch_wait_ms=500``, ``max_partition_buffer_bytes=4 MiB``,
-    ``close_timeout_ms=30000``, plus the connection settings.
+    ``max_poll_interval_ms=300000`` (how long a revocation waits for the application),
+    ``fetch_max_bytes=1 MiB``, ``fetch_wait_ms=500``,
+    ``max_partition_buffer_bytes=4 MiB``, ``close_timeout_ms=30000``, plus the
+    connection settings.
     """
 
     def __init__(self, *topics: str, group: str, **config: Any) -> None:
@@ -83,13 +121,20 @@ class Consumer:
         self._connection, self._options = resolve(ConsumerOptions, config)
         self.topics = tuple(dict.fromkeys(topics))
         self.group = group
+        self._delivery = self._options.delivery
+        session_ms = self._options.session_timeout_ms
+        self._session_limit_s = (session_ms - session_ms // SESSION_MARGIN_FRACTION) / 1000
         self._closed = False
+        self._close_done = threading.Event()
         self._closing_event: asyncio.Event | None = None
         self._thread = LoopThread(f"tidemq-consumer-{group}")
-        self._buffer = FetchBuffer(self._options.max_partition_buffer_bytes, self._space_freed)
+        self._buffer = FetchBuffer(
+            self._options.max_partition_buffer_bytes, self._space_freed, self._done_signal
+        )
         self._member_id: str | None = None
         self._member_epoch = 0
         self._owned: set[TopicPartition] = set()
+        self._revoking: dict[TopicPartition, float] = {}  # -> when the revocation began
         self._fetchers: dict[TopicPartition, asyncio.Task[None]] = {}
         self._space: dict[TopicPartition, asyncio.Event] = {}
         self._committed: dict[TopicPartition, int] = {}
@@ -101,6 +146,7 @@ class Consumer:
         self._subscriber_idle = threading.Event()
         self._subscriber_idle.set()
         self._background_error: TideError | None = None
+        self.last_heartbeat_sent: float | None = None  # monotonic s of the last success
         try:
             self._thread.call(self._open(), 10.0)
         except BaseException:
@@ -112,72 +158,112 @@ class Consumer:
         self._transport = Transport(self._connection)
         self._metadata = MetadataCache(self._transport, self._connection.metadata_max_age_ms)
         self._closing_event = asyncio.Event()
-        self._heartbeat_now = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._session_alive = asyncio.Event()
 
     # -- public API -------------------------------------------------------------------
 
     def poll(self, timeout: float = 1.0, max_records: int = 500) -> list[Message]:
-        """Up to ``max_records`` messages, waiting up to ``timeout`` s for the first."""
+        """Up to ``max_records`` messages, waiting up to ``timeout`` s for the first.
+
+        Calling ``poll`` again means the records of the previous call are done. Raises
+        :class:`~tidemq.errors.CorruptRecord` at an undecodable record (after handing
+        out everything before it) until ``seek`` moves past it, and the background's
+        error if it died.
+        """
         self._check_open()
-        if self._options.enable_auto_commit:
+        self._buffer.mark_done()
+        if self._delivery == "at_least_once" and self._options.enable_auto_commit:
             self._maybe_auto_commit()
-        return self._buffer.take(max_records, timeout)
+        messages = self._buffer.take(max_records, timeout)
+        if messages and self._delivery == "at_most_once":
+            self._commit_before_handing_over(messages)
+        return messages
 
     def commit(self) -> None:
         """Commits the position after every record returned so far; synchronous."""
         self._check_open()
+        self._buffer.mark_done()
         self._thread.call(self._commit(self._buffer.positions()), self._request_timeout_s)
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        """The next record of an owned partition is ``offset``; what was handed out
+        before counts as done. Skips an undecodable record::
+
+            except CorruptRecord as error:
+                consumer.seek(error.topic, error.partition, error.offset + 1)
+        """
+        self._check_open()
+        if offset < 0:
+            raise InvalidRequest(f"offset must be >= 0, not {offset}")
+        self._thread.call(self._seek({(topic, partition): offset}), self._request_timeout_s)
 
     def position(self, topic: str, partition: int) -> int | None:
         """The next offset ``poll`` returns for an owned partition (None: not known)."""
         return self._buffer.position((topic, partition))
 
     def assignment(self) -> set[TopicPartition]:
-        """The (topic, partition) pairs this member owns now."""
+        """The (topic, partition) pairs this member owns now (not being revoked)."""
         return self._buffer.assignment()
 
     def subscribe(self, handler: Callable[[Message], object], max_records: int = 500) -> None:
         """Calls ``handler(message)`` for every message until ``close()`` (from another
-        thread) or KeyboardInterrupt. A message counts as processed when the handler
-        returns; processed positions are committed after each polled chunk, so a crash
-        redelivers at most that chunk (at-least-once). An exception from the handler
-        commits what was processed before it and propagates.
+        thread) or KeyboardInterrupt. At least once: a message is done when the handler
+        returns; done positions are committed after each polled chunk. A handler that
+        raises stops ``subscribe`` with its exception: what was done before is
+        committed, and that message and the ones after it are delivered again by the
+        next ``poll`` or ``subscribe``. At most once: each chunk is committed before its
+        first message goes to the handler.
         """
         self._check_open()
         self._subscriber = threading.current_thread()
         self._subscriber_idle.clear()
         try:
             while not self._closed:
+                self._check_open()
                 messages = self._buffer.take(max_records, 0.5, advance=False)
-                processed = False
-                try:
-                    for message in messages:
-                        if self._closed:
-                            break
-                        tp = (message.topic, message.partition)
-                        if not self._buffer.owns(tp):
-                            continue  # revoked meanwhile: its new owner will deliver it
-                        handler(message)
-                        self._buffer.advance(tp, message.offset + 1)
-                        processed = True
-                finally:
-                    if processed and not self._closed:
-                        self.commit()
+                if not messages:
+                    continue
+                if self._delivery == "at_most_once":
+                    self._handle_at_most_once(handler, messages)
+                else:
+                    self._handle_chunk(handler, messages)
         except KeyboardInterrupt:
             return
+        except ClientClosed:
+            if not self._closed:
+                raise
         finally:
             self._subscriber = None
             self._subscriber_idle.set()
 
     def close(self, timeout: float | None = None) -> None:
-        """Commits, leaves the group and stops. Idempotent; safe from any thread."""
+        """Commits what is done, leaves the group and stops. Idempotent; any thread.
+
+        In poll mode the records of the last ``poll`` count as done, as if the
+        application polled again (not when a ``with`` block ends with an exception).
+        """
+        self._close(timeout, finished=True)
+
+    def _close(self, timeout: float | None, finished: bool) -> None:
+        limit = self._options.close_timeout_ms / 1000 if timeout is None else timeout
         if self._closed:
+            if threading.current_thread() is not self._subscriber:
+                self._close_done.wait(limit)  # another thread is closing: wait for it
             return
         self._closed = True
+        try:
+            self._close_now(limit, finished)
+        finally:
+            self._close_done.set()
+
+    def _close_now(self, limit: float, finished: bool) -> None:
         self._buffer.close()
-        limit = self._options.close_timeout_ms / 1000 if timeout is None else timeout
-        if self._subscriber is not None and self._subscriber is not threading.current_thread():
+        subscriber = self._subscriber
+        if subscriber is not None and subscriber is not threading.current_thread():
             self._subscriber_idle.wait(limit)
+        elif finished and subscriber is None:
+            self._buffer.mark_done()
         try:
             self._thread.call(self._shutdown(), limit)
         except TideError as error:
@@ -198,7 +284,7 @@ class Consumer:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self.close()
+        self._close(None, finished=exc_type is None)
 
     def wait_until_ready(self, timeout: float) -> bool:
         """True once the member has joined and fetched each owned partition once."""
@@ -213,16 +299,95 @@ class Consumer:
         return False
 
     @property
+    def member_id(self) -> str | None:
+        return self._member_id
+
+    @property
+    def background_error(self) -> TideError | None:
+        """Why the background task stopped (then every call raises it), or None."""
+        return self._background_error
+
+    @property
     def _request_timeout_s(self) -> float:
         return self._connection.request_timeout_ms / 1000 + 1
 
     def _check_open(self) -> None:
-        if self._closed:
-            raise ClientClosed("the consumer is closed")
         error = self._background_error
         if error is not None:
-            self._background_error = None
             raise error
+        if self._closed:
+            raise ClientClosed("the consumer is closed")
+
+    # -- user thread: delivery --------------------------------------------------------
+
+    def _handle_chunk(self, handler: Callable[[Message], object], messages: list[Message]) -> None:
+        """At least once / manual: hand out one message at a time, done when it returns."""
+        buffer = self._buffer
+        handled = False
+        try:
+            for index, message in enumerate(messages):
+                if self._closed:
+                    break
+                if not buffer.hand_out(message):
+                    continue  # revoked, rewound or the session lapsed: not ours to give
+                try:
+                    handler(message)
+                except BaseException:
+                    self._rewind({(m.topic, m.partition) for m in messages[index:]})
+                    raise
+                buffer.processed((message.topic, message.partition), message.offset + 1)
+                handled = True
+        finally:
+            if handled and self._delivery == "at_least_once" and not self._closed:
+                self._commit_logged_sync()
+
+    def _handle_at_most_once(
+        self, handler: Callable[[Message], object], messages: list[Message]
+    ) -> None:
+        given = [message for message in messages if self._buffer.hand_out(message)]
+        if not given:
+            return
+        self._commit_before_handing_over(given)
+        for index, message in enumerate(given):
+            try:
+                handler(message)
+            except BaseException:
+                self._give_back(given[index + 1 :])
+                raise
+
+    def _commit_before_handing_over(self, messages: list[Message]) -> None:
+        """At most once: commit past ``messages`` or hand none of them out."""
+        self._buffer.mark_done()
+        try:
+            self._thread.call(self._commit(self._buffer.positions()), self._request_timeout_s)
+        except TideError:
+            self._give_back(messages, commit=False)
+            raise
+
+    def _give_back(self, messages: list[Message], commit: bool = True) -> None:
+        """Makes ``messages`` (not given to the application) be fetched again and, if
+        ``commit``, moves the commit back to them (they were committed unseen)."""
+        first: dict[TopicPartition, int] = {}
+        for message in messages:
+            first.setdefault((message.topic, message.partition), message.offset)
+        if first and not self._closed:
+            self._thread.call(
+                self._seek(first, commit=commit, strict=False), self._request_timeout_s
+            )
+
+    def _rewind(self, partitions: set[TopicPartition]) -> None:
+        """Handed out but not done records of ``partitions`` are delivered again."""
+        positions = self._buffer.rewind(partitions)
+        if positions and not self._closed:
+            self._thread.call(self._seek(positions, strict=False), self._request_timeout_s)
+        if self._delivery == "at_least_once" and not self._closed:
+            self._commit_logged_sync()
+
+    def _commit_logged_sync(self) -> None:
+        try:
+            self._thread.call(self._commit(self._buffer.positions()), self._request_timeout_s)
+        except TideError as error:
+            log.warning("commit for group %s failed: %s", self.group, error)
 
     def _maybe_auto_commit(self) -> None:
         now = time.monotonic()
@@ -245,6 +410,10 @@ class Consumer:
             if event is not None:
                 event.set()
 
+    def _done_signal(self) -> None:
+        """From the buffer: a revoking partition's records may all be done now."""
+        self._thread.call_soon(self._wake.set)
+
     # -- loop thread: lifecycle -------------------------------------------------------
 
     async def _run(self) -> None:
@@ -255,27 +424,44 @@ class Consumer:
                 self._group = group
                 await self._membership()
             await self._commit_and_leave()
-        except Exception:
-            log.exception("the consumer's membership task stopped")
+        except BaseException as exc:
+            self._background_failed(exc)
             raise
         finally:
             await self._transport.close()
+
+    def _background_failed(self, exc: BaseException) -> None:
+        """Hands a background failure to the application's next poll / subscribe."""
+        cause = exc
+        while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+            cause = cause.exceptions[0]
+        if isinstance(cause, asyncio.CancelledError) and self._closed:
+            return
+        if isinstance(cause, TideError):
+            error = cause
+        else:
+            error = InternalError(f"the consumer's background task failed: {cause!r}")
+            error.__cause__ = cause
+        log.error("consumer of group %s stopped: %s", self.group, error, exc_info=exc)
+        self._background_error = error
+        self._buffer.fail(error)
 
     async def _shutdown(self) -> None:
         """Asks ``_run`` to finish and waits for it (errors are logged there)."""
         closing = self._closing_event
         if closing is not None:
             closing.set()
-            self._heartbeat_now.set()
+            self._wake.set()
         task = getattr(self, "_run_task", None)
         if task is not None:
             await asyncio.wait([task])
 
     async def _commit_and_leave(self) -> None:
-        try:
-            await self._commit(self._buffer.positions())
-        except TideError as error:
-            log.warning("final commit failed: %s", error)
+        if self._delivery != "manual" and not self._buffer.session_expired():
+            try:
+                await self._commit(self._buffer.positions())
+            except TideError as error:
+                log.warning("final commit failed: %s", error)
         if self._member_id is not None:
             try:
                 await self._transport.coordinator(
@@ -294,30 +480,70 @@ class Consumer:
         closing = self._closing_event
         if closing is None:  # pragma: no cover - set by _open
             return
-        interval_ms = self._options.heartbeat_interval_ms
+        interval_s = self._options.heartbeat_interval_ms / 1000
         attempt = 0
+        next_heartbeat = 0.0
         while not closing.is_set():
-            try:
-                answer = await self._heartbeat()
+            self._wake.clear()
+            if self._owned and self._buffer.session_expired():
+                await self._session_lapsed()
+            released = await self._release_finished()
+            now = time.monotonic()
+            if released or now >= next_heartbeat:
+                sent = now
+                try:
+                    answer = await self._heartbeat()
+                except TideError as error:
+                    attempt += 1
+                    if not error.retriable:
+                        log.warning(
+                            "group %s heartbeat rejected (%s): rejoining", self.group, error
+                        )
+                        await self._lose_everything()
+                    else:
+                        log.debug("group %s heartbeat failed: %s", self.group, error)
+                    next_heartbeat = time.monotonic() + backoff_seconds(
+                        attempt,
+                        self._connection.retry_backoff_ms,
+                        max(int(interval_s * 1000), 1_000),
+                    )
+                    continue
                 attempt = 0
-            except TideError as error:
-                attempt += 1
-                if not error.retriable:
-                    log.warning("group %s heartbeat rejected (%s): rejoining", self.group, error)
-                    await self._lose_everything()
-                delay = backoff_seconds(
-                    attempt, self._connection.retry_backoff_ms, max(interval_ms, 1_000)
-                )
-                await sleep_or(closing, delay)
+                self.last_heartbeat_sent = sent
+                self._buffer.set_session_deadline(sent + self._session_limit_s)
+                self._session_alive.set()
+                interval_s = int(answer.get("heartbeat_interval_ms") or interval_s * 1000) / 1000
+                await self._reconcile(answer)
+                self._joined.set()
+                next_heartbeat = time.monotonic() + interval_s
                 continue
-            interval_ms = int(answer.get("heartbeat_interval_ms") or interval_ms)
-            revoked_any = await self._reconcile(answer)
-            self._joined.set()
-            if revoked_any:
-                continue  # tell the coordinator at once, so the partitions can move on
-            self._heartbeat_now.clear()
-            await sleep_or(self._heartbeat_now, interval_ms / 1000)
+            await sleep_or(self._wake, self._next_wake_s(next_heartbeat) - now)
+        await self._finish_fetchers()
+
+    async def _finish_fetchers(self) -> None:
+        """Closing: lets each fetcher finish its long-poll (so its TLS connection goes
+        back to the pool and closes cleanly with the session), then cancels the rest."""
+        for event in self._space.values():
+            event.set()
+        self._session_alive.set()
+        tasks = list(self._fetchers.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._options.fetch_wait_ms / 1000 + 1)
         await self._stop_fetchers(set(self._fetchers))
+
+    def _next_wake_s(self, next_heartbeat: float) -> float:
+        """When the membership task must look again: heartbeat, session, revocations."""
+        wake = next_heartbeat
+        if self._owned:
+            wake = min(wake, self._buffer_session_deadline())
+        limit_s = self._options.max_poll_interval_ms / 1000
+        for began in self._revoking.values():
+            wake = min(wake, began + limit_s)
+        return max(wake, time.monotonic() + 0.001)
+
+    def _buffer_session_deadline(self) -> float:
+        sent = self.last_heartbeat_sent
+        return float("inf") if sent is None else sent + self._session_limit_s
 
     async def _heartbeat(self) -> Any:
         body = {
@@ -327,51 +553,97 @@ class Consumer:
             "owned": [{"topic": t, "partition": p} for t, p in sorted(self._owned)],
             "session_timeout_ms": self._options.session_timeout_ms,
         }
+        timeout_ms = min(self._connection.request_timeout_ms, int(self._session_limit_s * 1000))
         answer = await self._transport.coordinator(
-            "POST", f"/v1/groups/{self.group}/heartbeat", json_body=body
+            "POST", f"/v1/groups/{self.group}/heartbeat", json_body=body, timeout_ms=timeout_ms
         )
         self._member_id = str(answer["member_id"])
         self._member_epoch = int(answer.get("member_epoch", 0))
         return answer
 
-    async def _reconcile(self, answer: Any) -> bool:
+    async def _reconcile(self, answer: Any) -> None:
         target = {
             (str(item["topic"]), int(item["partition"])) for item in answer.get("assignment", [])
         }
-        revoked = self._owned - target
+        revoked = self._owned - set(self._revoking) - target
         added = target - self._owned
         if revoked:
-            await self._revoke(revoked)
+            await self._begin_revoke(revoked)
         if added:
             await self._assign(added)
-        return bool(revoked)
 
-    async def _revoke(self, partitions: set[TopicPartition]) -> None:
+    async def _begin_revoke(self, partitions: set[TopicPartition]) -> None:
+        """Stop fetching and handing out; release once the application is done."""
         await self._stop_fetchers(partitions)
-        positions = {}
+        now = time.monotonic()
         for tp in partitions:
-            position = self._buffer.revoke(tp)
+            self._buffer.begin_revoke(tp)
+            self._revoking[tp] = now
+        self._wake.set()
+
+    async def _release_finished(self) -> bool:
+        """Releases revoking partitions whose records are all done (or that waited
+        ``max_poll_interval_ms``): commits their done positions, drops them from owned."""
+        if not self._revoking:
+            return False
+        limit_s = self._options.max_poll_interval_ms / 1000
+        now = time.monotonic()
+        finished = []
+        for tp, began in self._revoking.items():
+            if self._buffer.revocation_ready(tp):
+                finished.append(tp)
+            elif now - began >= limit_s:
+                log.warning(
+                    "%s/%s revoked %.0f s ago and not done: releasing it (records handed out "
+                    "but not done will be delivered again)",
+                    *tp,
+                    now - began,
+                )
+                finished.append(tp)
+        if not finished:
+            return False
+        positions = {}
+        for tp in finished:
+            del self._revoking[tp]
+            position = self._buffer.remove(tp)
             if position is not None:
                 positions[tp] = position
-        try:
-            await self._commit(positions)
-        except TideError as error:
-            log.warning("commit on revocation failed: %s", error)
-        for tp in partitions:
+        if self._delivery != "manual":
+            try:
+                await self._commit(positions)
+            except TideError as error:
+                log.warning("commit on revocation failed: %s", error)
+        for tp in finished:
             self._committed.pop(tp, None)
             self._fetched_once.discard(tp)
-        self._owned -= partitions
+        self._owned -= set(finished)
+        return True
+
+    async def _session_lapsed(self) -> None:
+        """No successful heartbeat for the session minus the margin: another member may
+        soon own our partitions. Stop everything, commit nothing; rejoin when heard."""
+        log.warning(
+            "group %s: no successful heartbeat for %.1f s: stopped fetching and handing out",
+            self.group,
+            self._session_limit_s,
+        )
+        self._session_alive.clear()
+        await self._drop_all()
 
     async def _lose_everything(self) -> None:
         """Fenced or expired: drop all partitions without committing, rejoin as new."""
-        await self._stop_fetchers(set(self._fetchers))
-        for tp in self._owned:
-            self._buffer.revoke(tp)
-        self._owned.clear()
-        self._committed.clear()
-        self._fetched_once.clear()
+        await self._drop_all()
         self._member_id = None
         self._member_epoch = 0
+
+    async def _drop_all(self) -> None:
+        await self._stop_fetchers(set(self._fetchers))
+        for tp in self._owned:
+            self._buffer.remove(tp)
+        self._owned.clear()
+        self._revoking.clear()
+        self._committed.clear()
+        self._fetched_once.clear()
 
     async def _assign(self, partitions: set[TopicPartition]) -> None:
         committed = await self._committed_offsets({topic for topic, _ in partitions})
@@ -385,8 +657,28 @@ class Consumer:
             start = committed.get(tp) if committed is not None else None
             self._fetchers[tp] = self._group.create_task(self._fetch_loop(tp, start))
 
+    async def _seek(
+        self, positions: dict[TopicPartition, int], commit: bool = False, strict: bool = True
+    ) -> None:
+        """Restarts the fetchers of owned, active partitions at ``positions``; others
+        are an error if ``strict`` (the application's seek), else left alone (a rewind:
+        a partition revoked meanwhile is its next owner's to deliver)."""
+        for tp in list(positions):
+            if tp not in self._owned or tp in self._revoking:
+                if strict:
+                    raise InvalidRequest(f"{tp[0]}/{tp[1]} is not assigned to this consumer")
+                positions = {k: v for k, v in positions.items() if k != tp}
+        await self._stop_fetchers(set(positions))
+        for tp, offset in positions.items():
+            self._buffer.seek(tp, offset)
+            self._space[tp] = asyncio.Event()
+            self._fetchers[tp] = self._group.create_task(self._fetch_loop(tp, offset, offset))
+        if commit:
+            await self._commit(positions)
+
     async def _stop_fetchers(self, partitions: Iterable[TopicPartition]) -> None:
-        tasks = [self._fetchers.pop(tp) for tp in list(partitions) if tp in self._fetchers]
+        partitions = list(partitions)
+        tasks = [self._fetchers.pop(tp) for tp in partitions if tp in self._fetchers]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -481,18 +773,30 @@ class Consumer:
 
     # -- loop thread: fetching --------------------------------------------------------
 
-    async def _fetch_loop(self, tp: TopicPartition, committed: int | None) -> None:
+    async def _fetch_loop(
+        self, tp: TopicPartition, committed: int | None, position: int | None = None
+    ) -> None:
+        """Fetches ``tp`` from ``position`` (after a seek) or from its start."""
         topic, partition = tp
-        offset = await self._start_position(tp, committed)
-        self._buffer.seek(tp, offset)
+        if position is None:
+            offset = await self._start_position(tp, committed)
+            self._buffer.seek(tp, offset)
+        else:
+            offset = position
         options = self._options
         params = {
             "max_bytes": str(options.fetch_max_bytes),
             "wait_ms": str(options.fetch_wait_ms),
         }
         attempt = 0
-        while True:
+        closing = self._closing_event
+        while closing is None or not closing.is_set():
             await self._wait_for_space(tp)
+            if closing is not None and closing.is_set():
+                return
+            while self._buffer.session_expired() and not (closing and closing.is_set()):
+                self._session_alive.clear()
+                await self._session_alive.wait()
             try:
                 info = await self._metadata.leader(topic, partition)
                 params["offset"] = str(offset)
@@ -503,7 +807,6 @@ class Consumer:
                     headers={"Accept": BATCH_TYPE},
                     timeout_ms=self._connection.request_timeout_ms + options.fetch_wait_ms,
                 )
-                messages, offset = decode_messages(topic, partition, body, offset)
             except OffsetOutOfRange as error:
                 log.info(
                     "%s/%s offset %d out of range (%s): resetting", topic, partition, offset, error
@@ -524,16 +827,26 @@ class Consumer:
                 )
                 continue
             attempt = 0
+            fetched = decode_fetch(body, offset, topic, partition)
+            offset = fetched.next_offset
             self._fetched_once.add(tp)
-            if messages:
-                self._buffer.put(tp, messages, len(body))
+            if fetched.messages:
+                self._buffer.put(tp, fetched.messages, len(body))
+            if fetched.undecodable is not None:
+                corrupt = corrupt_record_error(topic, partition, fetched)
+                log.error("%s", corrupt)
+                self._buffer.put_error(tp, corrupt)
+                if closing is not None:  # parked until a seek, a revocation or closing
+                    await closing.wait()
+                return
 
     async def _wait_for_space(self, tp: TopicPartition) -> None:
         event = self._space.get(tp)
         if event is None:
             return
+        closing = self._closing_event
         while True:
             event.clear()
-            if self._buffer.has_space(tp):
+            if self._buffer.has_space(tp) or (closing is not None and closing.is_set()):
                 return
             await event.wait()

@@ -2,13 +2,10 @@
 
 * :class:`LoopThread` runs an event loop on a daemon thread; user threads hand it
   coroutines with :meth:`LoopThread.call` (blocking, bounded) or ``submit``.
-* :class:`Transport` owns the ``aiohttp.ClientSession`` (keep-alive, TLS client
-  context, ``connections_per_host`` connections per host, ``Authorization: Bearer``
-  when a token is set) and is the error boundary: aiohttp, ssl and OS errors become
-  :class:`~tidemq.errors.ConnectionFailed`, timeouts become
-  :class:`~tidemq.errors.RequestTimedOut` (``from`` the original), and error bodies
-  ``{"error": {"code", "message"}}`` become the matching TideError. Nothing above
-  this module sees an aiohttp or ssl exception.
+* :class:`Transport` is the shared :class:`tidemq.transport.HttpTransport` (one
+  error boundary for broker, client and CLI) configured from the client's settings:
+  TLS client context, ``connections_per_host``, ``Authorization: Bearer`` when a token
+  is set.
 * Coordinator calls go to the bootstrap URLs in turn, starting with the last one that
   answered; a connection failure moves on to the next.
 """
@@ -17,69 +14,32 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
 import random
 import ssl
 import threading
-from collections.abc import Awaitable, Coroutine, Mapping
+from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
-
-import aiohttp
 
 from tidemq.client.config import ConnectionConfig, ResultTimeout
 from tidemq.errors import (
-    ERRORS_BY_CODE,
     ClientClosed,
     ConnectionFailed,
-    InternalError,
     InvalidRequest,
-    RequestTimedOut,
     TideError,
-    Unavailable,
 )
 from tidemq.tls import TlsFiles, client_context
+from tidemq.transport import (  # re-exported: the client's error boundary is the shared one
+    HttpTransport,
+    error_from_response,
+    translate_exception,
+)
 
 log = logging.getLogger("tidemq.client")
 
 BATCH_TYPE = "application/vnd.tidemq.batches"
 JSON_TYPE = "application/json"
 T = TypeVar("T")
-
-
-def error_from_response(status: int, body: bytes) -> TideError:
-    """The TideError for an HTTP error answer; tolerant of bodies that are not ours."""
-    code, message = "", ""
-    try:
-        parsed = json.loads(body)
-        error = parsed["error"]
-        code, message = str(error["code"]), str(error.get("message", ""))
-    except (ValueError, KeyError, TypeError):
-        message = body[:200].decode("utf-8", "replace")
-    cls = ERRORS_BY_CODE.get(code)
-    if cls is not None and code != "internal_error":
-        return cls(message)
-    if code == "internal_error" or status == 500:
-        return InternalError(message or f"HTTP {status}")
-    label = f"{code or 'HTTP ' + str(status)}: {message}".rstrip(": ")
-    if status in (502, 503):
-        return Unavailable(label)
-    if status == 504:
-        return RequestTimedOut(label)
-    if 400 <= status < 500:
-        return InvalidRequest(label)
-    return InternalError(label)
-
-
-def translate_exception(exc: BaseException, what: str) -> TideError:
-    """The TideError for a transport failure (aiohttp, ssl, OS, timeout)."""
-    if isinstance(exc, TideError):
-        return exc
-    if isinstance(exc, TimeoutError):
-        return RequestTimedOut(f"{what}: timed out")
-    if isinstance(exc, aiohttp.ClientError | ssl.SSLError | OSError):
-        return ConnectionFailed(f"{what}: {type(exc).__name__}: {exc}")
-    return InternalError(f"{what}: {type(exc).__name__}: {exc}")
 
 
 def backoff_seconds(attempt: int, base_ms: int, max_ms: int) -> float:
@@ -89,8 +49,12 @@ def backoff_seconds(attempt: int, base_ms: int, max_ms: int) -> float:
     return ceiling * jitter / 1000.0
 
 
-class Transport:
-    """HTTP(S) requests with error translation. Create and use inside the loop."""
+__all__ = ["Transport", "error_from_response", "translate_exception"]
+
+
+class Transport(HttpTransport):
+    """The client's requests: TLS and token from its configuration, coordinator calls
+    over every bootstrap URL. Create and use inside the loop."""
 
     def __init__(self, config: ConnectionConfig) -> None:
         self.config = config
@@ -105,68 +69,10 @@ class Transport:
         headers = {"User-Agent": "tidemq-python"}
         if config.token:
             headers["Authorization"] = f"Bearer {config.token}"
-        connector = aiohttp.TCPConnector(
-            ssl=ssl_context,
-            limit=0,
-            limit_per_host=config.connections_per_host,
-            keepalive_timeout=60,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            headers=headers,
-            timeout=aiohttp.ClientTimeout(total=config.request_timeout_ms / 1000),
-            raise_for_status=False,
+        super().__init__(
+            ssl_context, headers, config.connections_per_host, config.request_timeout_ms
         )
         self._coordinator_index = 0
-
-    async def close(self) -> None:
-        await self._session.close()
-
-    async def request(
-        self,
-        method: str,
-        url: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        json_body: Any = None,
-        data: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-        timeout_ms: int | None = None,
-    ) -> tuple[bytes, Mapping[str, str]]:
-        """One request; the body and headers of a 2xx answer, else a TideError."""
-        what = f"{method} {url}"
-        extra: dict[str, Any] = {}
-        if timeout_ms is not None:
-            extra["timeout"] = aiohttp.ClientTimeout(total=timeout_ms / 1000)
-        try:
-            async with self._session.request(
-                method,
-                url,
-                params=params,
-                json=json_body,
-                data=data,
-                headers=headers,
-                **extra,
-            ) as response:
-                body = await response.read()
-                if response.status >= 400:
-                    raise error_from_response(response.status, body)
-                return body, response.headers
-        except TideError:
-            raise
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            raise translate_exception(exc, what) from exc
-
-    async def request_json(self, method: str, url: str, **kwargs: Any) -> Any:
-        body, _ = await self.request(method, url, **kwargs)
-        if not body:
-            return {}
-        try:
-            return json.loads(body)
-        except ValueError as exc:
-            raise InternalError(f"{method} {url}: answer is not JSON") from exc
 
     async def coordinator(self, method: str, path: str, **kwargs: Any) -> Any:
         """A JSON request to the coordinator, trying each bootstrap URL in turn."""
@@ -241,6 +147,17 @@ class LoopThread:
         if self._thread.is_alive():
             log.warning("client loop thread did not stop within %s s", timeout_s)
             return
+        if _has_running_loop():
+            # E.g. a finalizer run by the garbage collector inside the application's own
+            # event loop, where run_until_complete is refused: finish on a helper thread.
+            helper = threading.Thread(target=self._finish, name="tidemq-loop-close")
+            helper.start()
+            helper.join(timeout_s)
+            return
+        self._finish()
+
+    def _finish(self) -> None:
+        """Cancels what is left on the stopped loop and closes it."""
         pending = [task for task in asyncio.all_tasks(self.loop) if not task.done()]
         for task in pending:
             task.cancel()
@@ -248,6 +165,14 @@ class LoopThread:
             self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
+
+
+def _has_running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 async def sleep_or(event: asyncio.Event, seconds: float) -> bool:

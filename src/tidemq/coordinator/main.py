@@ -19,6 +19,8 @@ import click
 
 from tidemq.coordinator.server import Coordinator, CoordinatorConfig
 from tidemq.coordinator.store import CommandStore
+from tidemq.logs import LOG_FORMATS
+from tidemq.logs import configure as configure_logging
 from tidemq.service.app import serve
 from tidemq.tls import TlsFiles, server_context
 
@@ -60,7 +62,29 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
 @click.option("--heartbeat-interval-ms", type=int, default=1000, show_default=True)
 @click.option("--default-partitions", type=int, default=12, show_default=True)
 @click.option("--default-replication-factor", type=int, default=2, show_default=True)
+@click.option(
+    "--rebalance-moves-max",
+    type=click.IntRange(min=0),
+    default=4,
+    show_default=True,
+    help="Partition moves in flight at once (0: no rebalancing, no draining).",
+)
+@click.option(
+    "--rebalance-moves-per-broker-max",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Moves adding to or removing from one broker at once.",
+)
+@click.option(
+    "--replica-replacement-ms",
+    type=click.IntRange(min=0),
+    default=60_000,
+    show_default=True,
+    help="A broker dead this long past its session has its replicas re-created elsewhere.",
+)
 @click.option("--log-level", default="info", show_default=True)
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True)
 def command(
     data_dir: Path,
     host: str,
@@ -74,20 +98,22 @@ def command(
     heartbeat_interval_ms: int,
     default_partitions: int,
     default_replication_factor: int,
+    rebalance_moves_max: int,
+    rebalance_moves_per_broker_max: int,
+    replica_replacement_ms: int,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run the coordinator: cluster metadata, failover, consumer groups."""
-    if not plain_http and not (cert_file and key_file):
-        raise click.UsageError("give --cert-file and --key-file (and --ca-file), or --plain-http")
+    if not plain_http and not (cert_file and key_file and ca_file):
+        raise click.UsageError("give --cert-file, --key-file and --ca-file, or --plain-http")
     _check_positive(
         session_timeout_ms=session_timeout_ms,
         heartbeat_interval_ms=heartbeat_interval_ms,
         default_partitions=default_partitions,
         default_replication_factor=default_replication_factor,
     )
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging("coordinator", log_level, log_format)
     config = CoordinatorConfig(
         data_dir=data_dir,
         port=port,
@@ -103,6 +129,9 @@ def command(
         heartbeat_interval_ms=heartbeat_interval_ms,
         default_partitions=default_partitions,
         default_replication_factor=default_replication_factor,
+        rebalance_moves_max=rebalance_moves_max,
+        rebalance_moves_per_broker_max=rebalance_moves_per_broker_max,
+        replica_replacement_ms=replica_replacement_ms,
     )
     asyncio.run(run_coordinator(config))
 

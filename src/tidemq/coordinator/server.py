@@ -1,8 +1,8 @@
 """The coordinator's HTTP shell: decodes requests, feeds :mod:`tidemq.core`, persists.
 
 Owns: the coordinator endpoints of docs/PROTOCOL.md ("Coordinator API"), the
-background tick (broker session expiry, failover, ISR expansion, group member
-expiry) and the coordinator's Prometheus metrics.
+background tick (broker session expiry, failover, ISR expansion, rebalancing moves,
+group member expiry) and the coordinator's Prometheus metrics.
 
 Must always hold:
 
@@ -20,35 +20,44 @@ import logging
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry
 
+from tidemq.coordinator.events import log_committed
+from tidemq.coordinator.metrics import ClusterCollector, CoordinatorMetrics
 from tidemq.coordinator.store import CommandStore
 from tidemq.core.groups import ConsumerGroup
 from tidemq.core.metadata import (
     AllocateProducerId,
+    AlterIsr,
+    CancelReassignment,
+    ChangeIsr,
     ChangeLeader,
     ClusterState,
     Command,
     CommitOffsets,
+    CompleteReassignment,
     CreateTopic,
     DeleteTopic,
     InitCluster,
     Liveness,
     PartitionReport,
+    ReassignReplicas,
     RegisterBroker,
+    SetBrokerDraining,
     TopicState,
     plan_failover,
-    plan_isr_expansion,
+    plan_reelection,
 )
 from tidemq.core.placement import place_partitions
+from tidemq.core.rebalance import RebalanceLimits, plan_rebalance
 from tidemq.errors import (
+    ClusterIdMismatch,
     InvalidRequest,
     InvariantViolation,
     NoBrokersAvailable,
@@ -56,10 +65,14 @@ from tidemq.errors import (
     TopicExists,
     UnknownBroker,
     UnknownGroup,
+    UnknownTopic,
 )
+from tidemq.logs import event
 from tidemq.service.app import build_app
+from tidemq.service.callers import ANY, CLIENTS, broker_self
 from tidemq.service.http import Endpoint, check_int, check_name, read_json_object
 from tidemq.tls import TlsFiles
+from tidemq.wire import control
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +102,11 @@ class CoordinatorConfig:
     default_partitions: int = 12
     default_replication_factor: int = 2
     snapshot_every: int = 1000
+    # A broker dead this long (past its session) has its replicas re-created on live
+    # brokers: a new follower copies each partition from its leader.
+    replica_replacement_ms: int = 60_000
+    rebalance_moves_max: int = 4  # partition moves in flight at once; 0: no rebalancing
+    rebalance_moves_per_broker_max: int = 2  # moves adding to or removing from one broker
 
     @property
     def url(self) -> str:
@@ -121,15 +139,13 @@ class Coordinator:
         for broker_id in state.brokers:  # a fresh session for every known broker
             self.liveness.start_session(broker_id, now_ms)
         self.groups: dict[str, ConsumerGroup] = {}
+        self.rejected_brokers: dict[int, str] = {}  # broker id -> the cluster id it has
         self.ready = False
         self._write_lock = asyncio.Lock()
         self.registry = CollectorRegistry()
-        self.leader_elections = Counter(
-            "tide_leader_elections_total",
-            "Leader changes decided by the coordinator",
-            registry=self.registry,
-        )
-        self.registry.register(_ClusterCollector(self))
+        self.metrics = CoordinatorMetrics(self.registry)
+        self.collector = ClusterCollector(self, clock_ms)
+        self.registry.register(self.collector)
 
     # -- lifecycle --
 
@@ -156,13 +172,20 @@ class Coordinator:
         """Expires broker sessions and group members; repairs leaders and ISRs."""
         now_ms = self.clock_ms()
         for broker_id in self.liveness.expire(now_ms):
-            log.warning(
-                "broker %s missed its session of %s ms", broker_id, self.config.session_timeout_ms
+            event(
+                log,
+                "broker_declared_dead",
+                f"broker {broker_id} missed its session of {self.config.session_timeout_ms} ms",
+                logging.WARNING,
+                broker_id=broker_id,
             )
         await self.reconcile()
+        self.collector.sample_high_watermarks()
         for name in list(self.groups):
+            epoch_before = self.groups[name].group_epoch
             for member_id in self.groups[name].expire(now_ms):
                 log.info("group %s: member %s session expired", name, member_id)
+            self.metrics.group_changed(name, epoch_before, self.groups[name].group_epoch)
             if not self.groups[name].members:
                 del self.groups[name]
 
@@ -171,6 +194,14 @@ class Coordinator:
     async def commit(self, commands: list[Command]) -> list[Any]:
         async with self._write_lock:
             return await self._commit_locked(commands)
+
+    @property
+    def write_lock(self) -> asyncio.Lock:
+        return self._write_lock
+
+    async def commit_locked(self, commands: list[Command]) -> list[Any]:
+        """For a caller that planned ``commands`` under :attr:`write_lock` and holds it."""
+        return await self._commit_locked(commands)
 
     async def _commit_locked(self, commands: list[Command]) -> list[Any]:
         """Check, persist (one transaction), then apply. Caller holds the write lock.
@@ -184,8 +215,11 @@ class Coordinator:
         for command in commands:
             self.state.check(command)
         seq = await self.store.append(commands)
-        results = [self._apply_committed(command) for command in commands]
-        self.leader_elections.inc(sum(isinstance(c, ChangeLeader) for c in commands))
+        results = []
+        for command in commands:
+            self.metrics.before_apply(self.state, command)
+            log_committed(self.state, command)
+            results.append(self._apply_committed(command))
         if self.store.snapshot_due():
             await self.store.write_snapshot(self.state.to_snapshot(), seq)
         return results
@@ -197,29 +231,106 @@ class Coordinator:
             raise InvariantViolation(f"committed command {command} does not apply") from error
 
     async def reconcile(self) -> None:
-        """Failover first, then ISR expansion, each from the state the last left."""
+        """Failover first, then the next steps of rebalancing moves, each from the
+        state the last left. (ISR expansion is the leaders' job: they propose it with
+        AlterIsr once a follower caught up.)"""
         async with self._write_lock:
+            # Each committed command is logged as an event (coordinator/events.py).
             live = self.live_brokers()
             await self._commit_locked(plan_failover(self.state, live))
-            await self._commit_locked(plan_isr_expansion(self.state, live, self.liveness))
+            replace = self.liveness.dead_for(self.clock_ms(), self.config.replica_replacement_ms)
+            moves = plan_rebalance(self.state, live, self.rebalance_limits(), replace)
+            self._log_moves(moves)
+            await self._commit_locked(moves)
+
+    async def alter_isr(self, request: control.AlterIsrRequest, broker_id: int) -> Any:
+        command = AlterIsr(
+            request.topic,
+            request.partition,
+            broker_id,
+            request.leader_epoch,
+            request.partition_epoch,
+            tuple(request.isr),
+        )
+        async with self._write_lock:
+            topic = self.state.topic(request.topic)
+            if request.topic_id and request.topic_id != topic.topic_id:
+                raise UnknownTopic(f"topic {request.topic!r} has another id now")
+            [partition] = await self._commit_locked([command])  # logged as isr_changed
+        return partition
+
+    def check_cluster_id(self, broker_id: int, cluster_id: str) -> None:
+        """A broker that joined another cluster is refused, loudly, and keeps its data."""
+        if cluster_id and cluster_id != self.state.cluster_id:
+            message = (
+                f"broker {broker_id} belongs to cluster {cluster_id}, this coordinator "
+                f"runs cluster {self.state.cluster_id}: refused (was the coordinator's "
+                "data directory replaced?)"
+            )
+            self.rejected_brokers[broker_id] = cluster_id
+            log.error("%s", message)
+            raise ClusterIdMismatch(message)
+        self.rejected_brokers.pop(broker_id, None)
+
+    def rebalance_limits(self) -> RebalanceLimits:
+        return RebalanceLimits(
+            moves_in_flight_max=self.config.rebalance_moves_max,
+            moves_per_broker_max=self.config.rebalance_moves_per_broker_max,
+        )
+
+    def _log_moves(self, commands: list[Command]) -> None:
+        """One log line per step of a partition move (called before they apply)."""
+        for command in commands:
+            line = _move_step(self.state, command)
+            if line is not None:
+                log.info("%s", line)
+
+    async def set_draining(self, broker_id: int, draining: bool) -> None:
+        """Marks a broker draining (or not), then lets the planner start at once."""
+        async with self._write_lock:
+            if broker_id not in self.state.brokers:
+                raise UnknownBroker(f"broker {broker_id} is not registered")
+            if (broker_id in self.state.draining) != draining:
+                await self._commit_locked([SetBrokerDraining(broker_id, draining)])
+                log.info("broker %s %s", broker_id, "draining" if draining else "undrained")
+        await self.reconcile()
 
     async def create_topic(
-        self, name: str, partitions: int, replication_factor: int | None
+        self,
+        name: str,
+        partitions: int,
+        replication_factor: int | None,
+        min_insync_replicas: int | None = None,
     ) -> TopicState:
         async with self._write_lock:
             if name in self.state.topics:
                 raise TopicExists(f"topic {name!r} exists")
-            live = sorted(self.live_brokers())
+            live = sorted(self.live_brokers() - self.state.draining)
             if not live:
-                raise NoBrokersAvailable("no live broker to place partitions on")
+                raise NoBrokersAvailable("no live, undrained broker to place partitions on")
             if replication_factor is None:
                 replication_factor = min(self.config.default_replication_factor, len(live))
             load, leaders = self.state.replica_load()
             hint = zlib.crc32(name.encode())
             placement = place_partitions(partitions, replication_factor, live, load, hint, leaders)
             assignments = tuple(tuple(replicas) for replicas in placement)
-            await self._commit_locked(
-                [CreateTopic(name, partitions, replication_factor, assignments)]
+            if min_insync_replicas is None:
+                min_insync_replicas = 2 if replication_factor >= 3 else 1
+            command = CreateTopic(
+                name,
+                partitions,
+                replication_factor,
+                assignments,
+                self.new_id(),
+                min_insync_replicas,
+            )
+            await self._commit_locked([command])
+            log.info(
+                "topic %s created: id %s, %s partitions, replication factor %s",
+                name,
+                command.topic_id,
+                partitions,
+                replication_factor,
             )
             return self.state.topic(name)
 
@@ -231,7 +342,9 @@ class Coordinator:
     def topic_json(self, topic: TopicState) -> dict[str, Any]:
         return {
             "name": topic.name,
+            "topic_id": topic.topic_id,
             "replication_factor": topic.replication_factor,
+            "min_insync_replicas": topic.min_insync_replicas,
             "partitions": [
                 self.partition_json(topic.name, index) for index in range(len(topic.partitions))
             ],
@@ -240,13 +353,17 @@ class Coordinator:
     def partition_json(self, topic: str, index: int) -> dict[str, Any]:
         partition = self.state.partition(topic, index)
         leader = partition.leader_id
+        move = self.state.reassignments.get((topic, index))
         return {
             "partition": index,
             "leader_id": leader,
             "leader_url": None if leader is None else self.state.brokers.get(leader),
             "leader_epoch": partition.leader_epoch,
+            "partition_epoch": partition.partition_epoch,
             "replicas": list(partition.replicas),
             "isr": list(partition.isr),
+            "adding_replicas": [] if move is None else list(move.adding),
+            "removing_replicas": [] if move is None else list(move.removing),
         }
 
     def brokers_json(self) -> list[dict[str, Any]]:
@@ -258,9 +375,30 @@ class Coordinator:
                 "alive": self.liveness.is_alive(broker_id),
                 "partitions": replicas.get(broker_id, 0),
                 "leaders": leaders.get(broker_id, 0),
+                "draining": broker_id in self.state.draining,
             }
             for broker_id, url in sorted(self.state.brokers.items())
         ]
+
+    def reassignments_json(self) -> dict[str, Any]:
+        moves = []
+        for (topic, index), move in sorted(self.state.reassignments.items()):
+            partition = self.state.partition(topic, index)
+            moves.append(
+                {
+                    "topic": topic,
+                    "partition": index,
+                    "from": list(move.original),
+                    "to": list(move.target),
+                    "adding": list(move.adding),
+                    "removing": list(move.removing),
+                    "replicas": list(partition.replicas),
+                    "isr": list(partition.isr),
+                    "leader_id": partition.leader_id,
+                    "step": _step_name(move.target, partition.isr, partition.leader_id),
+                }
+            )
+        return {"draining": sorted(self.state.draining), "reassignments": moves}
 
     def high_watermark(self, topic: str, partition: int) -> int | None:
         """The high watermark the partition's leader last reported, if any."""
@@ -275,56 +413,36 @@ class Coordinator:
         return _Handlers(self).endpoints()
 
 
-class _ClusterCollector:
-    """Computes the coordinator's gauges from its state at scrape time."""
-
-    def __init__(self, coordinator: Coordinator) -> None:
-        self.coordinator = coordinator
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        coordinator = self.coordinator
-        state = coordinator.state
-        partitions = [p for topic in state.topics.values() for p in topic.partitions]
-        yield _gauge(
-            "tide_brokers_alive",
-            "Registered brokers with a live session",
-            len(coordinator.live_brokers()),
-        )
-        yield _gauge("tide_topics", "Topics", len(state.topics))
-        yield _gauge(
-            "tide_partitions_offline",
-            "Partitions without a leader",
-            sum(p.leader_id is None for p in partitions),
-        )
-        yield _gauge(
-            "tide_partitions_under_replicated",
-            "Partitions whose ISR is smaller than their replica set",
-            sum(len(p.isr) < len(p.replicas) for p in partitions),
-        )
-        members = GaugeMetricFamily(
-            "tide_consumer_group_members", "Live members per consumer group", labels=["group"]
-        )
-        for name, group in sorted(coordinator.groups.items()):
-            members.add_metric([name], len(group.members))
-        yield members
-        yield self._lag()
-
-    def _lag(self) -> GaugeMetricFamily:
-        lag = GaugeMetricFamily(
-            "tide_consumer_lag",
-            "Leader high watermark minus committed offset",
-            labels=["group", "topic", "partition"],
-        )
-        for group, committed in sorted(self.coordinator.state.offsets.items()):
-            for (topic, partition), offset in sorted(committed.items()):
-                high_watermark = self.coordinator.high_watermark(topic, partition)
-                if high_watermark is not None:
-                    lag.add_metric([group, topic, str(partition)], max(0, high_watermark - offset))
-        return lag
+def _step_name(target: tuple[int, ...], isr: list[int], leader_id: int | None) -> str:
+    if any(broker not in isr for broker in target):
+        return "copying"
+    return "moving_leader" if leader_id not in target else "dropping"
 
 
-def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, documentation, value=value)
+def _move_step(state: ClusterState, command: Command) -> str | None:
+    """A log line for a command that is a step of a partition move, else None."""
+    steps = (ReassignReplicas, ChangeIsr, ChangeLeader, CompleteReassignment, CancelReassignment)
+    if not isinstance(command, steps):
+        return None
+    key = (command.topic, command.partition)
+    move = state.reassignments.get(key)
+    where = f"move {key[0]}/{key[1]}"
+    if isinstance(command, ReassignReplicas):
+        old = state.partition(*key).replicas
+        added = [b for b in command.replicas if b not in old]
+        return f"{where}: start {old} -> {list(command.replicas)}, adding {added}"
+    if move is None:
+        return None
+    if isinstance(command, ChangeIsr):
+        return f"{where}: isr now {list(command.isr)} (waiting for {list(move.target)})"
+    if isinstance(command, ChangeLeader):
+        old_leader = state.partition(*key).leader_id
+        return f"{where}: leadership {old_leader} -> {command.leader_id}"
+    if isinstance(command, CompleteReassignment):
+        return f"{where}: done, dropped {list(move.removing)}, replicas {list(move.target)}"
+    if isinstance(command, CancelReassignment):
+        return f"{where}: cancelled, replicas back to {list(move.original)}"
+    return None
 
 
 # --- request parsing (pure helpers) -------------------------------------------------
@@ -380,23 +498,26 @@ def _query_bool(request: web.Request, name: str) -> bool:
     return raw in ("true", "1")
 
 
-def _report(entry: Any) -> tuple[tuple[str, int], PartitionReport]:
-    entry = _object(entry, "partitions")
-    key = (
-        check_name(_field(entry, "topic"), "topic"),
-        check_int(entry.get("partition"), "partition", 0),
-    )
+def _report(entry: control.PartitionReport) -> tuple[tuple[str, int], PartitionReport]:
     report = PartitionReport(
-        leader_epoch=check_int(entry.get("leader_epoch", -1), "leader_epoch", -1),
-        log_start_offset=check_int(entry.get("log_start_offset", 0), "log_start_offset", 0),
-        log_end_offset=check_int(entry.get("log_end_offset", 0), "log_end_offset", 0),
-        high_watermark=check_int(entry.get("high_watermark", 0), "high_watermark", 0),
+        leader_epoch=entry.leader_epoch,
+        log_start_offset=entry.log_start_offset,
+        log_end_offset=entry.log_end_offset,
+        high_watermark=entry.high_watermark,
     )
-    return key, report
+    return (entry.topic, entry.partition), report
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
     return web.json_response(body, status=status)
+
+
+def _message(message: Any) -> web.Response:
+    return web.Response(body=control.encode(message), content_type="application/json")
+
+
+def _schema_body(kind: Any) -> dict[str, Any]:
+    return {"application/json": {"schema": control.schema(kind)}}
 
 
 # --- handlers -----------------------------------------------------------------------
@@ -416,18 +537,59 @@ class _Handlers:
                 "/v1/brokers/register",
                 self.register_broker,
                 "Register a broker (again)",
-                JSON_BODY,
+                _schema_body(control.BrokerRegistration),
+                responses={"200": "OK", "409": "cluster_id_mismatch"},
+                callers=broker_self(body="broker_id"),
             ),
             Endpoint(
                 "POST",
                 "/v1/brokers/{broker_id}/heartbeat",
                 self.broker_heartbeat,
                 "Broker heartbeat: reports in, assignments out",
-                JSON_BODY,
-                responses={"200": "OK", "404": "unknown_broker"},
+                _schema_body(control.BrokerHeartbeat),
+                responses={"200": "OK", "404": "unknown_broker", "409": "cluster_id_mismatch"},
+                callers=broker_self(path="broker_id"),
             ),
-            Endpoint("GET", "/v1/brokers", self.list_brokers, "Brokers and their liveness"),
-            Endpoint("GET", "/v1/cluster", self.describe_cluster, "Cluster overview"),
+            Endpoint(
+                "POST",
+                "/v1/brokers/{broker_id}/alter-isr",
+                self.alter_isr,
+                "A leader proposes an ISR change (compare-and-set on both epochs)",
+                _schema_body(control.AlterIsrRequest),
+                responses={
+                    "200": "applied",
+                    "409": "stale_partition_epoch",
+                    "421": "not_leader",
+                },
+                callers=broker_self(path="broker_id"),
+            ),
+            Endpoint(
+                "GET", "/v1/brokers", self.list_brokers, "Brokers and their liveness", callers=ANY
+            ),
+            Endpoint("GET", "/v1/cluster", self.describe_cluster, "Cluster overview", callers=ANY),
+            Endpoint(
+                "POST",
+                "/v1/brokers/{broker_id}/drain",
+                self.drain_broker,
+                "Move every replica off a broker (scale-in)",
+                responses={"200": "OK", "400": "invalid_request", "404": "unknown_broker"},
+                callers=CLIENTS,
+            ),
+            Endpoint(
+                "POST",
+                "/v1/brokers/{broker_id}/undrain",
+                self.undrain_broker,
+                "Stop draining a broker; it takes a fair share again",
+                responses={"200": "OK", "404": "unknown_broker"},
+                callers=CLIENTS,
+            ),
+            Endpoint(
+                "GET",
+                "/v1/reassignments",
+                self.list_reassignments,
+                "Partition moves in progress and draining brokers",
+                callers=ANY,
+            ),
             Endpoint(
                 "POST",
                 "/v1/topics",
@@ -435,14 +597,16 @@ class _Handlers:
                 "Create a topic",
                 JSON_BODY,
                 responses=created,
+                callers=CLIENTS,
             ),
-            Endpoint("GET", "/v1/topics", self.list_topics, "Every topic"),
+            Endpoint("GET", "/v1/topics", self.list_topics, "Every topic", callers=ANY),
             Endpoint(
                 "GET",
                 "/v1/topics/{name}",
                 self.describe_topic,
                 "One topic",
                 responses={"200": "OK", "404": "unknown_topic"},
+                callers=ANY,
             ),
             Endpoint(
                 "DELETE",
@@ -450,6 +614,7 @@ class _Handlers:
                 self.delete_topic,
                 "Delete a topic",
                 responses={"200": "OK", "404": "unknown_topic"},
+                callers=CLIENTS,
             ),
             Endpoint(
                 "GET",
@@ -457,6 +622,7 @@ class _Handlers:
                 self.metadata,
                 "Brokers and topics for clients",
                 parameters=_METADATA_PARAMETERS,
+                callers=CLIENTS,
             ),
             Endpoint(
                 "POST",
@@ -464,6 +630,7 @@ class _Handlers:
                 self.allocate_producer,
                 "Allocate an idempotent producer id",
                 JSON_BODY,
+                callers=CLIENTS,
             ),
             Endpoint(
                 "POST",
@@ -472,6 +639,7 @@ class _Handlers:
                 "Consumer group member heartbeat",
                 JSON_BODY,
                 responses={"200": "OK", "409": "fenced_member"},
+                callers=CLIENTS,
             ),
             Endpoint(
                 "POST",
@@ -479,6 +647,7 @@ class _Handlers:
                 self.group_leave,
                 "Leave a consumer group",
                 JSON_BODY,
+                callers=CLIENTS,
             ),
             Endpoint(
                 "POST",
@@ -487,6 +656,7 @@ class _Handlers:
                 "Commit offsets",
                 JSON_BODY,
                 responses={"200": "OK", "409": "fenced_member"},
+                callers=CLIENTS,
             ),
             Endpoint(
                 "GET",
@@ -494,67 +664,123 @@ class _Handlers:
                 self.fetch_offsets,
                 "Committed offsets",
                 parameters=[_TOPICS_PARAMETER],
+                callers=ANY,
             ),
-            Endpoint("GET", "/v1/groups", self.list_groups, "Consumer groups"),
+            Endpoint("GET", "/v1/groups", self.list_groups, "Consumer groups", callers=ANY),
             Endpoint(
                 "GET",
                 "/v1/groups/{group}",
                 self.describe_group,
                 "Members, offsets and lag of a group",
                 responses={"200": "OK", "404": "unknown_group"},
+                callers=ANY,
             ),
         ]
 
     # -- brokers --
 
     async def register_broker(self, request: web.Request) -> web.Response:
-        body = await read_json_object(request, REQUEST_BYTES_MAX)
-        broker_id = check_int(_field(body, "broker_id"), "broker_id", 0, BROKER_ID_MAX)
-        url = _field(body, "url")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise InvalidRequest("url must be an http:// or https:// URL")
-        if len(url) > URL_CHARS_MAX:
-            raise InvalidRequest(f"url is longer than {URL_CHARS_MAX} characters")
-        if self.c.state.brokers.get(broker_id) != url:
-            await self.c.commit([RegisterBroker(broker_id, url)])
+        body = control.decode(await request.read(), control.BrokerRegistration)
+        broker_id, url = body.broker_id, body.url
+        self.c.check_cluster_id(broker_id, body.cluster_id)
+        # A new broker process leads nothing in an epoch it led before it (re)started.
+        # Planned under the write lock: from the state it will be applied to.
+        async with self.c.write_lock:
+            reelections = plan_reelection(self.c.state, broker_id)
+            changed = self.c.state.brokers.get(broker_id) != url
+            await self.c.commit_locked(
+                [RegisterBroker(broker_id, url), *reelections] if changed else reelections
+            )
+        log.info(
+            "broker %s registered at %s; %s partitions it leads get a new leader epoch",
+            broker_id,
+            url,
+            len(reelections),
+        )
         self.c.liveness.start_session(broker_id, self.c.clock_ms())
         await self.c.reconcile()
-        return _json(
-            {
-                "broker_id": broker_id,
-                "cluster_id": self.c.state.cluster_id,
-                "heartbeat_interval_ms": self.c.config.heartbeat_interval_ms,
-                "session_timeout_ms": self.c.config.session_timeout_ms,
-            }
+        answer = control.RegistrationAnswer(
+            broker_id=broker_id,
+            cluster_id=self.c.state.cluster_id,
+            heartbeat_interval_ms=self.c.config.heartbeat_interval_ms,
+            session_timeout_ms=self.c.config.session_timeout_ms,
         )
+        return _message(answer)
 
     async def broker_heartbeat(self, request: web.Request) -> web.Response:
         broker_id = check_int(request.match_info["broker_id"], "broker_id", 0, BROKER_ID_MAX)
+        body = control.decode(await request.read(), control.BrokerHeartbeat)
+        self.c.check_cluster_id(broker_id, body.cluster_id)
         if broker_id not in self.c.state.brokers:
             raise UnknownBroker(f"broker {broker_id} is not registered: register again")
-        body = await read_json_object(request, BROKER_HEARTBEAT_BYTES_MAX)
-        entries = _list(body.get("partitions", []), "partitions", 1_000_000)
-        reports = [_report(entry) for entry in entries]
+        reports = [_report(entry) for entry in body.partitions]
         if self.c.liveness.heartbeat(broker_id, self.c.clock_ms(), reports):
-            log.info("broker %s is back", broker_id)
+            event(log, "broker_alive_again", f"broker {broker_id} is back", broker_id=broker_id)
             await self.c.reconcile()
+        return _message(self._desired_state(broker_id))
+
+    def _desired_state(self, broker_id: int) -> control.HeartbeatAnswer:
         state = self.c.state
         assignments = [
-            {"topic": name, **self.c.partition_json(name, index)}
+            control.PartitionAssignment(
+                topic=name,
+                partition=index,
+                topic_id=topic.topic_id,
+                leader_id=partition.leader_id,
+                leader_url=(
+                    None if partition.leader_id is None else state.brokers.get(partition.leader_id)
+                ),
+                leader_epoch=partition.leader_epoch,
+                partition_epoch=partition.partition_epoch,
+                replicas=list(partition.replicas),
+                isr=list(partition.isr),
+                min_insync_replicas=topic.min_insync_replicas,
+            )
             for name, topic in sorted(state.topics.items())
             for index, partition in enumerate(topic.partitions)
             if broker_id in partition.replicas
         ]
-        return _json(
-            {
-                "assignments": assignments,
-                "topics": {name: len(topic.partitions) for name, topic in state.topics.items()},
-                "heartbeat_interval_ms": self.c.config.heartbeat_interval_ms,
-            }
+        topics = {
+            name: control.TopicSummary(topic.topic_id, len(topic.partitions))
+            for name, topic in state.topics.items()
+        }
+        return control.HeartbeatAnswer(
+            cluster_id=state.cluster_id,
+            assignments=assignments,
+            topics=topics,
+            deleted_topic_ids=list(state.deleted_topic_ids),
+            heartbeat_interval_ms=self.c.config.heartbeat_interval_ms,
+        )
+
+    async def alter_isr(self, request: web.Request) -> web.Response:
+        broker_id = check_int(request.match_info["broker_id"], "broker_id", 0, BROKER_ID_MAX)
+        body = control.decode(await request.read(), control.AlterIsrRequest)
+        partition = await self.c.alter_isr(body, broker_id)
+        return _message(
+            control.AlterIsrAnswer(
+                leader_epoch=partition.leader_epoch,
+                partition_epoch=partition.partition_epoch,
+                isr=list(partition.isr),
+            )
         )
 
     async def list_brokers(self, _: web.Request) -> web.Response:
         return _json({"brokers": self.c.brokers_json()})
+
+    async def drain_broker(self, request: web.Request) -> web.Response:
+        return await self._set_draining(request, True)
+
+    async def undrain_broker(self, request: web.Request) -> web.Response:
+        return await self._set_draining(request, False)
+
+    async def _set_draining(self, request: web.Request, draining: bool) -> web.Response:
+        broker_id = check_int(request.match_info["broker_id"], "broker_id", 0, BROKER_ID_MAX)
+        await self.c.set_draining(broker_id, draining)
+        [broker] = [b for b in self.c.brokers_json() if b["id"] == broker_id]
+        return _json(broker)
+
+    async def list_reassignments(self, _: web.Request) -> web.Response:
+        return _json(self.c.reassignments_json())
 
     async def describe_cluster(self, _: web.Request) -> web.Response:
         return _json(
@@ -563,6 +789,10 @@ class _Handlers:
                 "brokers": self.c.brokers_json(),
                 "topics": sorted(self.c.state.topics),
                 "controller": "coordinator",
+                "rejected_brokers": [
+                    {"broker_id": broker, "cluster_id": cluster}
+                    for broker, cluster in sorted(self.c.rejected_brokers.items())
+                ],
             }
         )
 
@@ -583,7 +813,13 @@ class _Handlers:
             if raw_factor is None
             else check_int(raw_factor, "replication_factor", 1, MAX_REPLICATION_FACTOR)
         )
-        topic = await self.c.create_topic(name, partitions, factor)
+        raw_min_insync = body.get("min_insync_replicas")
+        min_insync = (
+            None
+            if raw_min_insync is None
+            else check_int(raw_min_insync, "min_insync_replicas", 1, MAX_REPLICATION_FACTOR)
+        )
+        topic = await self.c.create_topic(name, partitions, factor, min_insync)
         return _json(self.c.topic_json(topic), status=201)
 
     async def list_topics(self, _: web.Request) -> web.Response:
@@ -642,6 +878,7 @@ class _Handlers:
             GROUP_SESSION_TIMEOUT_MS_MAX,
         )
         group = self.c.groups.get(name) or ConsumerGroup(name)
+        epoch_before = group.group_epoch
         counts = {t: len(topic.partitions) for t, topic in self.c.state.topics.items()}
         result = group.heartbeat(
             member_id,
@@ -654,6 +891,7 @@ class _Handlers:
             session_timeout_ms,
         )
         self.c.groups.setdefault(name, group)
+        self.c.metrics.group_changed(name, epoch_before, group.group_epoch)
         interval_ms = max(1, min(self.c.config.heartbeat_interval_ms, session_timeout_ms // 3))
         return _json(
             {
@@ -670,7 +908,9 @@ class _Handlers:
         member_id = _member_id(_field(body, "member_id"))
         group = self.c.groups.get(name)
         if group is not None and member_id is not None:
+            epoch_before = group.group_epoch
             group.leave(member_id)
+            self.c.metrics.group_changed(name, epoch_before, group.group_epoch)
             if not group.members:
                 del self.c.groups[name]
         return _json({"left": True})

@@ -15,9 +15,20 @@ Must always hold:
   persisted command applies cleanly (a failure on replay is an InvariantViolation).
 * per partition: replicas are distinct registered brokers; the ISR is a subset of the
   replicas; the leader, when there is one, is in the ISR; the leader epoch only grows,
-  by one at every ChangeLeader.
+  by one at every ChangeLeader; the partition epoch grows by one at every change of
+  leader, ISR or replicas, so a leader's ISR proposal (AlterIsr) can be applied as a
+  compare-and-set on both epochs.
+* every topic incarnation has its own ``topic_id``; deleting a topic remembers its id
+  (``deleted_topic_ids``, the newest DELETED_TOPIC_IDS_MAX), which is what allows a
+  broker to delete that topic's data.
 * an offline partition (leader None) keeps its last ISR, so only a replica that was in
   sync may lead it again (no unclean election).
+* a partition being moved (a :class:`Reassignment`, core/rebalance.py plans them) holds
+  original + adding replicas; it shrinks to its target only when every target replica
+  is in the ISR and the leader is one of them, or back to its original (cancel) only
+  while the leader is an original replica: a move never drops the last in-sync copy.
+* draining brokers receive no new replica; at least max(replication factor) brokers
+  stay undrained.
 
 Soft state that is *not* persisted lives in :class:`Liveness`: broker sessions and
 what brokers report about their partitions. It is rebuilt from heartbeats after a
@@ -35,7 +46,10 @@ from tidemq.core.placement import elect_leader
 from tidemq.errors import (
     InvalidRequest,
     InvariantViolation,
+    NotLeader,
+    StalePartitionEpoch,
     TopicExists,
+    UnknownBroker,
     UnknownPartition,
     UnknownTopic,
 )
@@ -43,6 +57,7 @@ from tidemq.errors import (
 MAX_TOPICS = 10_000
 MAX_BROKERS = 10_000
 MAX_PARTITIONS_PER_TOPIC = 10_000
+DELETED_TOPIC_IDS_MAX = 10_000
 SNAPSHOT_VERSION = 1
 
 TopicPartition = tuple[str, int]
@@ -68,6 +83,8 @@ class CreateTopic:
     partitions: int
     replication_factor: int
     assignments: tuple[tuple[int, ...], ...]  # replicas per partition, leader first
+    topic_id: str = ""
+    min_insync_replicas: int = 1
 
 
 @dataclass(frozen=True)
@@ -77,12 +94,17 @@ class DeleteTopic:
 
 @dataclass(frozen=True)
 class ChangeLeader:
-    """A new leader (or None: offline) and ISR; bumps the leader epoch."""
+    """A new leader (or None: offline) and ISR; bumps the leader epoch.
+
+    ``expected_leader_epoch`` (when >= 0) makes it a compare-and-set: it applies only
+    to the epoch it was planned from, so a plan made from an older state (a
+    re-election racing a failover) fails instead of undoing what came between."""
 
     topic: str
     partition: int
     leader_id: int | None
     isr: tuple[int, ...]
+    expected_leader_epoch: int = -1
 
 
 @dataclass(frozen=True)
@@ -92,6 +114,53 @@ class ChangeIsr:
     topic: str
     partition: int
     isr: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class AlterIsr:
+    """A leader's ISR proposal (Kafka's AlterPartition): applied only if the proposer
+    still leads in ``leader_epoch`` and nothing changed since ``partition_epoch``."""
+
+    topic: str
+    partition: int
+    broker_id: int
+    leader_epoch: int
+    partition_epoch: int
+    isr: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SetBrokerDraining:
+    """Marks a broker as draining (scale-in: move everything off it) or not."""
+
+    broker_id: int
+    draining: bool
+
+
+@dataclass(frozen=True)
+class ReassignReplicas:
+    """Starts moving a partition to ``replicas`` (its target, as many as now): the
+    missing ones are added (replicas = original + adding); leader and ISR unchanged."""
+
+    topic: str
+    partition: int
+    replicas: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CompleteReassignment:
+    """Drops the replicas a move removes: replicas = target, ISR = ISR & target."""
+
+    topic: str
+    partition: int
+
+
+@dataclass(frozen=True)
+class CancelReassignment:
+    """Abandons a move: replicas = original, ISR = ISR & original."""
+
+    topic: str
+    partition: int
 
 
 @dataclass(frozen=True)
@@ -112,8 +181,13 @@ Command = (
     | DeleteTopic
     | ChangeLeader
     | ChangeIsr
+    | AlterIsr
     | CommitOffsets
     | AllocateProducerId
+    | SetBrokerDraining
+    | ReassignReplicas
+    | CompleteReassignment
+    | CancelReassignment
 )
 _COMMAND_TYPES: dict[str, type[Any]] = {
     cls.__name__: cls
@@ -124,8 +198,13 @@ _COMMAND_TYPES: dict[str, type[Any]] = {
         DeleteTopic,
         ChangeLeader,
         ChangeIsr,
+        AlterIsr,
         CommitOffsets,
         AllocateProducerId,
+        SetBrokerDraining,
+        ReassignReplicas,
+        CompleteReassignment,
+        CancelReassignment,
     )
 }
 
@@ -144,9 +223,14 @@ def command_from_json(data: dict[str, Any]) -> Command:
     cls = _COMMAND_TYPES.get(str(data.get("type")))
     if cls is None:
         raise ValueError(f"unknown command type {data.get('type')!r}")
-    names = [f.name for f in dataclasses.fields(cls)]
+    # Fields added later have defaults: commands persisted before them still load.
+    names = [f.name for f in dataclasses.fields(cls) if f.name in data or _required(f)]
     command: Command = cls(**{name: _to_tuples(data[name]) for name in names})
     return command
+
+
+def _required(field_: dataclasses.Field[Any]) -> bool:
+    return field_.default is dataclasses.MISSING and field_.default_factory is dataclasses.MISSING
 
 
 # --- state ----------------------------------------------------------------------
@@ -158,6 +242,27 @@ class PartitionState:
     leader_id: int | None
     leader_epoch: int
     isr: list[int]
+    partition_epoch: int = 0
+
+
+@dataclass(frozen=True)
+class Reassignment:
+    """A partition move in progress: from ``original`` to ``target`` replicas."""
+
+    original: tuple[int, ...]
+    target: tuple[int, ...]
+
+    @property
+    def adding(self) -> tuple[int, ...]:
+        return tuple(b for b in self.target if b not in self.original)
+
+    @property
+    def removing(self) -> tuple[int, ...]:
+        return tuple(b for b in self.original if b not in self.target)
+
+
+def min_insync_replicas(topic: TopicState) -> int:
+    return topic.min_insync_replicas
 
 
 @dataclass
@@ -165,6 +270,8 @@ class TopicState:
     name: str
     replication_factor: int
     partitions: list[PartitionState]
+    topic_id: str = ""
+    min_insync_replicas: int = 1
 
 
 @dataclass
@@ -174,6 +281,9 @@ class ClusterState:
     topics: dict[str, TopicState] = field(default_factory=dict)
     offsets: dict[str, dict[TopicPartition, int]] = field(default_factory=dict)
     next_producer_id: int = 0
+    deleted_topic_ids: list[str] = field(default_factory=list)
+    draining: set[int] = field(default_factory=set)
+    reassignments: dict[TopicPartition, Reassignment] = field(default_factory=dict)
 
     # -- reading --
 
@@ -228,6 +338,12 @@ class ClusterState:
                 for (topic, partition), offset in sorted(committed.items())
             ],
             "next_producer_id": self.next_producer_id,
+            "deleted_topic_ids": list(self.deleted_topic_ids),
+            "draining": sorted(self.draining),
+            "reassignments": [
+                {"topic": t, "partition": p, "original": list(m.original), "target": list(m.target)}
+                for (t, p), m in sorted(self.reassignments.items())
+            ],
         }
 
     @classmethod
@@ -241,13 +357,22 @@ class ClusterState:
         for row in data["offsets"]:
             group = state.offsets.setdefault(row["group"], {})
             group[(row["topic"], int(row["partition"]))] = int(row["offset"])
+        state.deleted_topic_ids = [str(i) for i in data.get("deleted_topic_ids", [])]
+        state.draining = {int(b) for b in data.get("draining", [])}
+        for row in data.get("reassignments", []):
+            key = (str(row["topic"]), int(row["partition"]))
+            state.reassignments[key] = Reassignment(
+                tuple(int(b) for b in row["original"]), tuple(int(b) for b in row["target"])
+            )
         return state
 
 
 def _topic_to_json(topic: TopicState) -> dict[str, Any]:
     return {
         "name": topic.name,
+        "topic_id": topic.topic_id,
         "replication_factor": topic.replication_factor,
+        "min_insync_replicas": topic.min_insync_replicas,
         "partitions": [dataclasses.asdict(p) for p in topic.partitions],
     }
 
@@ -259,10 +384,17 @@ def _topic_from_json(data: dict[str, Any]) -> TopicState:
             leader_id=p["leader_id"],
             leader_epoch=int(p["leader_epoch"]),
             isr=list(p["isr"]),
+            partition_epoch=int(p.get("partition_epoch", 0)),
         )
         for p in data["partitions"]
     ]
-    return TopicState(data["name"], int(data["replication_factor"]), partitions)
+    return TopicState(
+        data["name"],
+        int(data["replication_factor"]),
+        partitions,
+        str(data.get("topic_id", "")),
+        int(data.get("min_insync_replicas", 1)),
+    )
 
 
 # --- checks (raise, never mutate) -------------------------------------------------
@@ -289,6 +421,11 @@ def _check_create(state: ClusterState, command: CreateTopic) -> None:
             raise InvalidRequest(f"replicas {list(replicas)} are not distinct or miscounted")
         if any(broker not in state.brokers for broker in replicas):
             raise InvalidRequest(f"replicas {list(replicas)} name an unregistered broker")
+    if not 1 <= command.min_insync_replicas <= command.replication_factor:
+        raise InvalidRequest(
+            f"min_insync_replicas must be 1 to the replication factor "
+            f"({command.replication_factor}), got {command.min_insync_replicas}"
+        )
 
 
 def _check_delete(state: ClusterState, command: DeleteTopic) -> None:
@@ -304,12 +441,108 @@ def _check_isr(partition: PartitionState, leader_id: int | None, isr: tuple[int,
 
 def _check_change_leader(state: ClusterState, command: ChangeLeader) -> None:
     partition = state.partition(command.topic, command.partition)
+    expected = command.expected_leader_epoch
+    if expected >= 0 and partition.leader_epoch != expected:
+        raise StalePartitionEpoch(
+            f"{command.topic}/{command.partition}: planned from leader epoch {expected}, "
+            f"now {partition.leader_epoch}"
+        )
     _check_isr(partition, command.leader_id, command.isr)
 
 
 def _check_change_isr(state: ClusterState, command: ChangeIsr) -> None:
     partition = state.partition(command.topic, command.partition)
     _check_isr(partition, partition.leader_id, command.isr)
+
+
+def _check_alter_isr(state: ClusterState, command: AlterIsr) -> None:
+    partition = state.partition(command.topic, command.partition)
+    if partition.leader_id != command.broker_id or partition.leader_epoch != command.leader_epoch:
+        raise NotLeader(
+            f"{command.topic}/{command.partition}: broker {command.broker_id} does not lead "
+            f"in epoch {command.leader_epoch} (leader {partition.leader_id}, "
+            f"epoch {partition.leader_epoch})"
+        )
+    if partition.partition_epoch != command.partition_epoch:
+        raise StalePartitionEpoch(
+            f"{command.topic}/{command.partition}: partition epoch {command.partition_epoch} "
+            f"!= current {partition.partition_epoch}"
+        )
+    _check_isr(partition, partition.leader_id, command.isr)
+
+
+def _check_draining(state: ClusterState, command: SetBrokerDraining) -> None:
+    if command.broker_id not in state.brokers:
+        raise UnknownBroker(f"broker {command.broker_id} is not registered")
+    if not command.draining:
+        return
+    staying = set(state.brokers) - state.draining - {command.broker_id}
+    needed = max((t.replication_factor for t in state.topics.values()), default=1)
+    if len(staying) < needed:
+        raise InvalidRequest(
+            f"draining broker {command.broker_id} would leave {len(staying)} brokers "
+            f"for a replication factor of {needed}"
+        )
+
+
+def _check_reassign(state: ClusterState, command: ReassignReplicas) -> None:
+    partition = state.partition(command.topic, command.partition)
+    if (command.topic, command.partition) in state.reassignments:
+        raise InvalidRequest(f"{command.topic}/{command.partition} is already being moved")
+    target = command.replicas
+    if len(set(target)) != len(target) or len(target) != len(partition.replicas):
+        raise InvalidRequest(
+            f"target {list(target)} must be {len(partition.replicas)} distinct brokers"
+        )
+    if set(target) == set(partition.replicas):
+        raise InvalidRequest(f"{command.topic}/{command.partition} is already on {list(target)}")
+    for broker in target:
+        if broker not in state.brokers:
+            raise InvalidRequest(f"target {list(target)} names an unregistered broker")
+        if broker in state.draining and broker not in partition.replicas:
+            raise InvalidRequest(f"broker {broker} is draining: no new replica goes there")
+    if partition.leader_id is None:
+        raise InvalidRequest(f"{command.topic}/{command.partition} is offline: not moved")
+
+
+def _moving(state: ClusterState, topic: str, index: int) -> Reassignment:
+    state.partition(topic, index)
+    move = state.reassignments.get((topic, index))
+    if move is None:
+        raise InvalidRequest(f"{topic}/{index} is not being moved")
+    return move
+
+
+def _check_shrink(state: ClusterState, topic: str, index: int, keep: tuple[int, ...]) -> None:
+    """Dropping every replica outside ``keep`` must keep the leader and an ISR that is
+    not empty and, where it shrinks, not below min_insync_replicas."""
+    partition = state.partition(topic, index)
+    if partition.leader_id is None or partition.leader_id not in keep:
+        raise InvalidRequest(
+            f"{topic}/{index}: leader {partition.leader_id} would not be among {list(keep)}"
+        )
+    kept_isr = [b for b in partition.isr if b in keep]
+    floor = min(min_insync_replicas(state.topic(topic)), len(partition.isr))
+    if not kept_isr or len(kept_isr) < floor:
+        raise InvalidRequest(
+            f"{topic}/{index}: dropping to {list(keep)} would leave isr {kept_isr}"
+        )
+
+
+def _check_complete(state: ClusterState, command: CompleteReassignment) -> None:
+    move = _moving(state, command.topic, command.partition)
+    isr = state.partition(command.topic, command.partition).isr
+    lagging = [b for b in move.target if b not in isr]
+    if lagging:
+        raise InvalidRequest(
+            f"{command.topic}/{command.partition}: target replicas {lagging} are not in sync"
+        )
+    _check_shrink(state, command.topic, command.partition, move.target)
+
+
+def _check_cancel(state: ClusterState, command: CancelReassignment) -> None:
+    move = _moving(state, command.topic, command.partition)
+    _check_shrink(state, command.topic, command.partition, move.original)
 
 
 def _check_commit(state: ClusterState, command: CommitOffsets) -> None:
@@ -325,7 +558,12 @@ _CHECKS: dict[type[Any], Any] = {
     DeleteTopic: _check_delete,
     ChangeLeader: _check_change_leader,
     ChangeIsr: _check_change_isr,
+    AlterIsr: _check_alter_isr,
     CommitOffsets: _check_commit,
+    SetBrokerDraining: _check_draining,
+    ReassignReplicas: _check_reassign,
+    CompleteReassignment: _check_complete,
+    CancelReassignment: _check_cancel,
 }
 
 
@@ -343,28 +581,36 @@ def _apply_register(state: ClusterState, command: RegisterBroker) -> None:
 
 
 def _apply_create(state: ClusterState, command: CreateTopic) -> None:
-    """A new partition's ISR is its leader alone: a follower joins the ISR only once
-    it has reported, under the current epoch, a log end at the leader's high
-    watermark (plan_isr_expansion), which a broker does only for replicas it
-    actually replicates. Until follower replication exists no follower ever does, so
-    failover never elects an empty replica (no acknowledged message is lost: the
-    partition is offline until its leader returns)."""
+    """A new partition's ISR is every replica: all are empty, hence all in sync (as in
+    Kafka). A follower that then fails to fetch leaves it through its leader's
+    proposal (AlterIsr) or, if its broker dies, through failover."""
     partitions = [
-        PartitionState(list(replicas), replicas[0], 0, [replicas[0]])
+        PartitionState(list(replicas), replicas[0], 0, list(replicas))
         for replicas in command.assignments
     ]
-    state.topics[command.name] = TopicState(command.name, command.replication_factor, partitions)
+    state.topics[command.name] = TopicState(
+        command.name,
+        command.replication_factor,
+        partitions,
+        command.topic_id,
+        command.min_insync_replicas,
+    )
 
 
 def _apply_delete(state: ClusterState, command: DeleteTopic) -> None:
     """Deleting a topic forgets its committed offsets too, so a topic created again
     under the same name starts clean."""
-    del state.topics[command.name]
+    topic = state.topics.pop(command.name)
+    if topic.topic_id:
+        state.deleted_topic_ids.append(topic.topic_id)
+        del state.deleted_topic_ids[:-DELETED_TOPIC_IDS_MAX]
     for committed in state.offsets.values():
         for key in [key for key in committed if key[0] == command.name]:
             del committed[key]
     for group in [group for group, committed in state.offsets.items() if not committed]:
         del state.offsets[group]
+    for key in [key for key in state.reassignments if key[0] == command.name]:
+        del state.reassignments[key]
 
 
 def _apply_change_leader(state: ClusterState, command: ChangeLeader) -> int:
@@ -372,11 +618,55 @@ def _apply_change_leader(state: ClusterState, command: ChangeLeader) -> int:
     partition.leader_id = command.leader_id
     partition.isr = list(command.isr)
     partition.leader_epoch += 1
+    partition.partition_epoch += 1
     return partition.leader_epoch
 
 
 def _apply_change_isr(state: ClusterState, command: ChangeIsr) -> None:
-    state.partition(command.topic, command.partition).isr = list(command.isr)
+    partition = state.partition(command.topic, command.partition)
+    partition.isr = list(command.isr)
+    partition.partition_epoch += 1
+
+
+def _apply_alter_isr(state: ClusterState, command: AlterIsr) -> PartitionState:
+    partition = state.partition(command.topic, command.partition)
+    partition.isr = list(command.isr)
+    partition.partition_epoch += 1
+    return partition
+
+
+def _apply_draining(state: ClusterState, command: SetBrokerDraining) -> None:
+    if command.draining:
+        state.draining.add(command.broker_id)
+    else:
+        state.draining.discard(command.broker_id)
+
+
+def _apply_reassign(state: ClusterState, command: ReassignReplicas) -> None:
+    partition = state.partition(command.topic, command.partition)
+    original = tuple(partition.replicas)
+    partition.replicas = [*original, *(b for b in command.replicas if b not in original)]
+    partition.partition_epoch += 1
+    move = Reassignment(original, command.replicas)
+    state.reassignments[(command.topic, command.partition)] = move
+
+
+def _shrink_to(state: ClusterState, topic: str, index: int, keep: tuple[int, ...]) -> None:
+    partition = state.partition(topic, index)
+    partition.isr = [b for b in keep if b in partition.isr]
+    partition.replicas = list(keep)
+    partition.partition_epoch += 1
+    del state.reassignments[(topic, index)]
+
+
+def _apply_complete(state: ClusterState, command: CompleteReassignment) -> None:
+    move = state.reassignments[(command.topic, command.partition)]
+    _shrink_to(state, command.topic, command.partition, move.target)
+
+
+def _apply_cancel(state: ClusterState, command: CancelReassignment) -> None:
+    move = state.reassignments[(command.topic, command.partition)]
+    _shrink_to(state, command.topic, command.partition, move.original)
 
 
 def _apply_commit(state: ClusterState, command: CommitOffsets) -> int:
@@ -399,8 +689,13 @@ _APPLIES: dict[type[Any], Any] = {
     DeleteTopic: _apply_delete,
     ChangeLeader: _apply_change_leader,
     ChangeIsr: _apply_change_isr,
+    AlterIsr: _apply_alter_isr,
     CommitOffsets: _apply_commit,
     AllocateProducerId: _apply_allocate,
+    SetBrokerDraining: _apply_draining,
+    ReassignReplicas: _apply_reassign,
+    CompleteReassignment: _apply_complete,
+    CancelReassignment: _apply_cancel,
 }
 
 
@@ -433,13 +728,30 @@ def _partition_failover(
         if new_leader is None:
             if leader is None:
                 return None
-            return ChangeLeader(topic, index, None, tuple(partition.isr))
+            return ChangeLeader(topic, index, None, tuple(partition.isr), partition.leader_epoch)
         live_isr = tuple(b for b in partition.isr if b in live)
-        return ChangeLeader(topic, index, new_leader, live_isr)
+        return ChangeLeader(topic, index, new_leader, live_isr, partition.leader_epoch)
     live_isr = tuple(b for b in partition.isr if b in live)
     if live_isr != tuple(partition.isr):
         return ChangeIsr(topic, index, live_isr)
     return None
+
+
+def plan_reelection(state: ClusterState, broker_id: int) -> list[Command]:
+    """A broker (re)registered: a new process, which may have lost what it had not
+    fsynced. For every partition it leads, the same leader in a new epoch (same ISR:
+    everything committed is durable on it). Without the bump it would lead on in the
+    old epoch and could write new records at offsets its followers already hold from
+    before the crash, with the same epoch, where no divergence check could see it."""
+    commands: list[Command] = []
+    for name, topic in sorted(state.topics.items()):
+        for index, partition in enumerate(topic.partitions):
+            if partition.leader_id == broker_id:
+                command = ChangeLeader(
+                    name, index, broker_id, tuple(partition.isr), partition.leader_epoch
+                )
+                commands.append(command)
+    return commands
 
 
 @dataclass(frozen=True)
@@ -450,44 +762,6 @@ class PartitionReport:
     log_start_offset: int
     log_end_offset: int
     high_watermark: int
-
-
-def plan_isr_expansion(
-    state: ClusterState, live: Collection[int], liveness: Liveness
-) -> list[Command]:
-    """A live follower outside the ISR rejoins it once its log end offset reached the
-    leader's high watermark, both reported under the current leader epoch."""
-    commands: list[Command] = []
-    for name, topic in sorted(state.topics.items()):
-        for index, partition in enumerate(topic.partitions):
-            isr = _expanded_isr(name, index, partition, live, liveness)
-            if isr is not None:
-                commands.append(ChangeIsr(name, index, isr))
-    return commands
-
-
-def _expanded_isr(
-    topic: str, index: int, partition: PartitionState, live: Collection[int], liveness: Liveness
-) -> tuple[int, ...] | None:
-    if partition.leader_id is None or len(partition.isr) == len(partition.replicas):
-        return None
-    leader_report = liveness.report(partition.leader_id, topic, index)
-    if leader_report is None or leader_report.leader_epoch != partition.leader_epoch:
-        return None
-    joining = []
-    for broker in partition.replicas:
-        if broker in partition.isr or broker not in live:
-            continue
-        report = liveness.report(broker, topic, index)
-        if (
-            report is not None
-            and report.leader_epoch == partition.leader_epoch
-            and report.log_end_offset >= leader_report.high_watermark
-        ):
-            joining.append(broker)
-    if not joining:
-        return None
-    return tuple(b for b in partition.replicas if b in partition.isr or b in joining)
 
 
 # --- soft state -----------------------------------------------------------------
@@ -538,6 +812,16 @@ class Liveness:
                 session.reports = {}
                 died.append(broker_id)
         return died
+
+    def dead_for(self, now_ms: int, at_least_ms: int) -> set[int]:
+        """Brokers whose last heartbeat is at least ``at_least_ms`` past their session:
+        the coordinator replaces their replicas on live brokers."""
+        return {
+            broker
+            for broker, session in self._sessions.items()
+            if not session.alive
+            and now_ms - session.last_heartbeat_ms - self.session_timeout_ms >= at_least_ms
+        }
 
     def is_alive(self, broker_id: int) -> bool:
         session = self._sessions.get(broker_id)

@@ -1,6 +1,9 @@
 """Builds an aiohttp application from an endpoint table and runs it under TLS.
 
-Every service gets /healthz, /readyz, /metrics and /openapi.json from here.
+Every service gets /healthz, /readyz, /metrics and /openapi.json from here (PUBLIC:
+anyone who can connect, for monitoring; the coordinator and brokers only let callers
+with a cluster certificate connect), and the authorization middleware that enforces
+each endpoint's ``callers``.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from tidemq.service.callers import PUBLIC, Callers
 from tidemq.service.http import (
     Endpoint,
+    make_authorization_middleware,
     make_error_middleware,
     new_latency_histogram,
     openapi_document,
@@ -33,8 +38,16 @@ def build_app(
     max_body_bytes: int,
 ) -> web.Application:
     latency = new_latency_histogram(registry)
-    middleware: Any = make_error_middleware(latency)
-    app = web.Application(middlewares=[middleware], client_max_size=max_body_bytes)
+    rules: dict[web.AbstractRoute, Callers] = {}
+
+    def rule_for(request: web.Request) -> Callers | None:
+        return rules.get(request.match_info.route)
+
+    middlewares: list[Any] = [
+        make_error_middleware(latency),
+        make_authorization_middleware(rule_for),
+    ]
+    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -50,11 +63,18 @@ def build_app(
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     standard = [
-        Endpoint("GET", "/healthz", healthz, "Liveness: the process serves requests"),
         Endpoint(
-            "GET", "/readyz", readyz, "Readiness", responses={"200": "ready", "503": "not ready"}
+            "GET", "/healthz", healthz, "Liveness: the process serves requests", callers=PUBLIC
         ),
-        Endpoint("GET", "/metrics", metrics, "Prometheus metrics"),
+        Endpoint(
+            "GET",
+            "/readyz",
+            readyz,
+            "Readiness",
+            responses={"200": "ready", "503": "not ready"},
+            callers=PUBLIC,
+        ),
+        Endpoint("GET", "/metrics", metrics, "Prometheus metrics", callers=PUBLIC),
     ]
     every = [*standard, *endpoints]
     document = openapi_document(title, every)
@@ -62,9 +82,12 @@ def build_app(
     async def openapi(_: web.Request) -> web.Response:
         return web.json_response(document)
 
-    every.append(Endpoint("GET", "/openapi.json", openapi, "This API, as OpenAPI 3.1"))
+    every.append(
+        Endpoint("GET", "/openapi.json", openapi, "This API, as OpenAPI 3.1", callers=PUBLIC)
+    )
     for endpoint in every:
-        app.router.add_route(endpoint.method, endpoint.path, endpoint.handler)
+        route = app.router.add_route(endpoint.method, endpoint.path, endpoint.handler)
+        rules[route] = endpoint.callers
     return app
 
 

@@ -1,5 +1,7 @@
-"""HTTP shell helpers: an endpoint table that serves both routing and OpenAPI,
-one error middleware that maps every failure to ``{"error": {"code", "message"}}``.
+"""HTTP shell helpers: an endpoint table that serves routing, authorization and
+OpenAPI; one error middleware that maps every failure to
+``{"error": {"code", "message"}}``; one authorization middleware that checks each
+endpoint's declared callers (service/callers.py) against the caller's certificate.
 """
 
 from __future__ import annotations
@@ -14,7 +16,16 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram
 
-from tidemq.errors import InvalidRequest, MalformedJson, RequestTooLarge, TideError
+from tidemq.errors import (
+    Forbidden,
+    InvalidRequest,
+    InvariantViolation,
+    MalformedJson,
+    RequestTooLarge,
+    TideError,
+)
+from tidemq.service.callers import Callers, Identity, Location
+from tidemq.service.failstop import fail_stop
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +35,8 @@ JSON_TYPE = "application/json"
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One route: what it does, for the router and for /openapi.json."""
+    """One route: what it does and who may call it, for the router, the authorization
+    middleware and /openapi.json. ``callers`` has no default: every endpoint says."""
 
     method: str
     path: str
@@ -34,6 +46,24 @@ class Endpoint:
     request_body_required: bool = True  # False: an empty body is accepted too
     parameters: list[dict[str, Any]] = field(default_factory=list)
     responses: dict[str, str] = field(default_factory=lambda: {"200": "OK"})
+    callers: Callers = field(kw_only=True)
+
+    def __post_init__(self) -> None:
+        names = path_parameters(self.path)
+        for grant in self.callers.broker_self_grants():
+            if grant.location == "path" and grant.name not in names:
+                raise ValueError(
+                    f"{self.path}: broker_self(path={grant.name!r}) names no path part"
+                )
+
+
+def path_parameters(path: str) -> list[str]:
+    """The names of ``{name}`` / ``{name:regex}`` parts of a route path."""
+    return [
+        segment[1:-1].split(":")[0]
+        for segment in path.split("/")
+        if segment.startswith("{") and segment.endswith("}")
+    ]
 
 
 def error_response(error: TideError) -> web.Response:
@@ -66,6 +96,8 @@ def make_error_middleware(
             code = {404: "not_found", 405: "method_not_allowed"}.get(error.status, "http_error")
             body = {"error": {"code": code, "message": error.reason}}
             return web.json_response(body, status=error.status)
+        except InvariantViolation as error:
+            fail_stop(f"invariant broken serving {request.method} {request.path}: {error}")
         except Exception:
             log.exception("unhandled error serving %s %s", request.method, request.path)
             return web.json_response(
@@ -79,10 +111,83 @@ def make_error_middleware(
     return middleware
 
 
+# The body, when the authorization middleware read it first (RequestKey: aiohttp >= 3.14).
+_BODY_KEY = web.RequestKey("tidemq.body", bytes)
+
+
+def make_authorization_middleware(
+    rules: Callable[[web.Request], Callers | None],
+) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """Checks the matched endpoint's ``callers`` against the caller's certificate.
+
+    Over TLS the common name of the certificate the server verified is the identity
+    (service/callers.py); a caller without one is anonymous, which only servers that
+    do not demand certificates ever see. Over plain HTTP (``--plain-http``) there is
+    no identity at all and nothing is checked: plain HTTP is for tests on loopback
+    only (docs/OPERATIONS.md). A request the router did not match has no rule and goes
+    on to the router's 404/405.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        transport = request.transport
+        if transport is None:
+            raise Forbidden("the connection is closed: the caller is unknown")
+        if transport.get_extra_info("ssl_object") is None:
+            return await handler(request)
+        callers = rules(request)
+        if callers is None:
+            return await handler(request)
+        identity = Identity.from_peercert(transport.get_extra_info("peercert"))
+        if identity is None:
+            raise Forbidden("the client certificate does not have exactly one common name")
+        values: dict[tuple[Location, str], Any] = {}
+        if callers.needs_values(identity):
+            values = await _named_values(request, callers)
+        refusal = callers.refusal(identity, values)
+        if refusal is not None:
+            raise Forbidden(refusal)
+        return await handler(request)
+
+    return middleware
+
+
+async def _named_values(request: web.Request, callers: Callers) -> dict[tuple[Location, str], Any]:
+    """The raw values the broker-self grants name; the body is read (bounded by the
+    app's client_max_size) and kept for the handler's :func:`read_json`."""
+    values: dict[tuple[Location, str], Any] = {}
+    for grant in callers.broker_self_grants():
+        key = (grant.location, grant.name)
+        if grant.location == "path":
+            values[key] = request.match_info.get(grant.name)
+        elif grant.location == "query":
+            values[key] = request.query.get(grant.name)
+        else:
+            body = await _body_json(request)
+            if isinstance(body, dict):
+                values[key] = body.get(grant.name)
+    return values
+
+
+async def _body_json(request: web.Request) -> Any:
+    if _BODY_KEY not in request:
+        request[_BODY_KEY] = await request.read()
+    try:
+        return json.loads(request[_BODY_KEY])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
 async def read_body(request: web.Request, max_bytes: int) -> bytes:
-    """The whole body (it may arrive in many chunks), or RequestTooLarge past ``max_bytes``."""
+    """The whole body (it may arrive in many chunks: ``content.read(n)`` returns one),
+    or RequestTooLarge past ``max_bytes``. Never trusts Content-Length alone."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise RequestTooLarge(f"body of {request.content_length} bytes exceeds {max_bytes}")
+    if _BODY_KEY in request:  # the authorization middleware read it already
+        raw = request[_BODY_KEY]
+        if len(raw) > max_bytes:
+            raise RequestTooLarge(f"body exceeds {max_bytes} bytes")
+        return raw
     chunks: list[bytes] = []
     size = 0
     while chunk := await request.content.read(max_bytes + 1 - size):
@@ -156,16 +261,17 @@ def openapi_document(title: str, endpoints: Iterable[Endpoint]) -> dict[str, Any
             "summary": endpoint.summary,
             "responses": {code: {"description": text} for code, text in endpoint.responses.items()},
         }
+        operation["x-callers"] = endpoint.callers.labels()
+        if endpoint.callers.labels() not in (["any"], ["public"]):
+            operation["responses"].setdefault("403", {"description": "forbidden"})
         parameters = list(endpoint.parameters)
         described = {(p.get("in"), p.get("name")) for p in parameters}
-        for segment in endpoint.path.split("/"):
-            if segment.startswith("{") and segment.endswith("}"):
-                name = segment[1:-1].split(":")[0]
-                if ("path", name) in described:
-                    continue  # the endpoint describes it itself (e.g. with a pattern)
-                parameters.append(
-                    {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                )
+        for name in path_parameters(endpoint.path):
+            if ("path", name) in described:
+                continue  # the endpoint describes it itself (e.g. with a pattern)
+            parameters.append(
+                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            )
         if parameters:
             operation["parameters"] = parameters
         if endpoint.request_body:

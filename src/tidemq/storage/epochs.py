@@ -68,13 +68,16 @@ class LeaderEpochCache:
         """Kafka's OffsetsForLeaderEpoch answer: (largest epoch <= epoch, its end offset).
 
         The end offset is the start offset of the first epoch greater than ``epoch``,
-        or ``log_end_offset`` if ``epoch`` is the latest. (UNDEFINED, UNDEFINED) when
-        ``epoch`` is newer than every entry or the cache is empty.
+        or ``log_end_offset`` if ``epoch`` is the latest. An epoch newer than every
+        entry answers (latest, ``log_end_offset``): a follower can hold an epoch this
+        leader never wrote in (the uncommitted tail of a later, deposed leader), and what
+        they share ends at our log end at most (Kafka gets the same by caching the
+        leader's own epoch at election). (UNDEFINED, UNDEFINED) when the cache is empty.
         """
-        if not self._entries or epoch > self.latest_epoch() or epoch < 0:
+        if not self._entries or epoch < 0:
             return UNDEFINED, UNDEFINED
-        if epoch == self.latest_epoch():
-            return epoch, log_end_offset
+        if epoch >= self.latest_epoch():
+            return self.latest_epoch(), log_end_offset
         floor_epoch = epoch
         for entry_epoch, start_offset in self._entries:
             if entry_epoch > epoch:

@@ -40,6 +40,7 @@ few fields both touch and is held only for bookkeeping, never for I/O;
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -47,6 +48,7 @@ from bisect import bisect_right
 from pathlib import Path
 
 from tidemq.errors import CorruptBatch, OffsetOutOfRange, invariant
+from tidemq.logs import event
 from tidemq.storage.checkpoint import (
     fsync_directory,
     read_epochs,
@@ -66,6 +68,8 @@ LOG_START_FILE = "log-start-offset-checkpoint"
 EPOCH_FILE = "leader-epoch-checkpoint"
 CLEAN_SHUTDOWN_FILE = "clean-shutdown"
 APPEND_BYTES_MAX = (1 << 31) - 1
+
+_log = logging.getLogger(__name__)
 _SEGMENT_NAME = re.compile(r"^(\d{20})\.log$")
 
 
@@ -365,18 +369,36 @@ class PartitionLog:
                 epochs = self._epochs.entries()
             for later in removed:
                 later.delete()
+            event(
+                _log,
+                "log_truncated",
+                f"{self.directory.name}: truncated to offset {header.base_offset}",
+                logging.WARNING,
+                directory=self.directory.name,
+                reason="truncate_to",
+                log_end_offset=header.base_offset,
+            )
             segment.truncate(position, header.base_offset)
             segment.write_index()
             write_epochs(self.directory / EPOCH_FILE, epochs)
-            self._recovery_checkpoint_offset = min(self._recovery_checkpoint_offset, offset)
+            self._recovery_checkpoint_offset = min(
+                self._recovery_checkpoint_offset, header.base_offset
+            )
             write_offset(self.directory / RECOVERY_POINT_FILE, self._recovery_checkpoint_offset)
 
     # ------------------------------------------------------------ retention
 
-    def apply_retention(self, now_ms: int) -> int:
-        """Deletes whole old segments past retention_ms or retention_bytes; how many."""
+    def apply_retention(self, now_ms: int, max_offset: int | None = None) -> int:
+        """Deletes whole old segments past retention_ms or retention_bytes; how many.
+
+        Only segments wholly below ``max_offset`` (the broker passes the high watermark):
+        a record not yet on every in-sync replica is never deleted, however old its
+        timestamp or small the byte budget."""
         self._check_open()
         count = self._retention_victims(now_ms)
+        if max_offset is not None:
+            while count and self._segments[count].base_offset > max_offset:
+                count -= 1
         if count:
             self._advance_log_start(self._segments[count].base_offset)
             self._delete_oldest(count)

@@ -247,15 +247,60 @@ def check_batch(data: bytes | bytearray | memoryview, position: int = 0) -> Batc
 
 
 def _check_record_framing(view: memoryview, count: int, position: int) -> None:
+    """Every record's fields fit its length exactly, and the records fill the batch.
+
+    This is the broker's per-record cost on produce (about 0.4 us a record): one
+    unpack and a sum, plus a walk over headers when a record has any. A batch that
+    passes decodes without error in every client.
+    """
     cursor = HEADER_SIZE
     end = len(view)
-    unpack = _U32.unpack_from
-    for _ in range(count):
+    unpack = RECORD_HEADER.unpack_from
+    for index in range(count):
         if cursor + RECORD_HEADER_SIZE > end:
-            raise CorruptBatch(f"batch at byte {position}: records overrun the batch")
-        cursor += 4 + unpack(view, cursor)[0]
+            raise CorruptBatch(f"batch at byte {position}: record {index} overruns the batch")
+        length, _, key_length, value_length, header_count = unpack(view, cursor)
+        record_end = cursor + 4 + length
+        if key_length < -1 or value_length < -1 or record_end > end:
+            raise CorruptBatch(f"batch at byte {position}: record {index} has bad lengths")
+        fields = _RECORD_FIXED + (key_length if key_length > 0 else 0)
+        fields += value_length if value_length > 0 else 0
+        if header_count:
+            start = cursor + RECORD_HEADER_SIZE + fields - _RECORD_FIXED
+            fields += _headers_size(view, start, record_end, header_count, position, index)
+        if fields != length:
+            raise CorruptBatch(
+                f"batch at byte {position}: record {index} fields do not fill its length"
+            )
+        cursor = record_end
     if cursor != end:
         raise CorruptBatch(f"batch at byte {position}: records do not fill the batch exactly")
+
+
+def _headers_size(
+    view: memoryview, cursor: int, end: int, count: int, position: int, index: int
+) -> int:
+    """Bytes taken by ``count`` headers at ``cursor``, which must end by ``end``."""
+    start = cursor
+    for _ in range(count):
+        if cursor + 2 > end:
+            break
+        (name_length,) = _HEADER_NAME.unpack_from(view, cursor)
+        name_end = cursor + 2 + name_length
+        if name_end + 4 > end:
+            break
+        try:
+            bytes(view[cursor + 2 : name_end]).decode()
+        except UnicodeDecodeError:
+            raise CorruptBatch(
+                f"batch at byte {position}: record {index} header name is not UTF-8"
+            ) from None
+        cursor = name_end + 4 + _U32.unpack_from(view, name_end)[0]
+        if cursor > end:
+            break
+    else:
+        return cursor - start
+    raise CorruptBatch(f"batch at byte {position}: record {index} headers overrun it")
 
 
 def check_batches(data: bytes | bytearray | memoryview) -> list[BatchHeader]:
@@ -290,67 +335,165 @@ def iter_headers(data: bytes | bytearray | memoryview) -> Iterator[BatchHeader]:
         position += size
 
 
+class UndecodableRecord(NamedTuple):
+    """Where a fetch answer stops making sense: the first wanted record that cannot be
+    decoded (CRC mismatch, bad framing), and the offset after its batch."""
+
+    offset: int
+    next_batch_offset: int
+    reason: str
+
+
+class FetchedRecords(NamedTuple):
+    """A decoded fetch answer: the records before any undecodable one, the next
+    offset to fetch (the undecodable record's, if any), and the undecodable record."""
+
+    messages: list[Message]
+    next_offset: int
+    undecodable: UndecodableRecord | None
+
+
+def decode_fetch(
+    data: bytes | bytearray | memoryview,
+    min_offset: int = 0,
+    topic: str = "",
+    partition: int = -1,
+) -> FetchedRecords:
+    """Every record at or after ``min_offset`` in consecutive whole batches, checking
+    each batch's CRC and each record's framing; stops at the first record that fails.
+
+    A fetch may return batches that start before the requested offset; callers pass
+    the offset they asked for so that they see each record once. Records below it are
+    only walked past (their length), so a damaged record is reported only when it is
+    wanted, or when the walk cannot get past it. A partial trailing batch is ignored.
+    """
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    out: list[Message] = []
+    position = 0
+    end = len(data)
+    next_offset = min_offset
+    while position + HEADER_SIZE <= end:
+        header = HEADER.unpack_from(data, position)
+        batch_end = position + header[1] + LENGTH_PREFIX
+        if batch_end > end or batch_end < position + HEADER_SIZE:
+            break
+        base_offset, record_count = header[0], header[12]
+        batch_next = base_offset + record_count
+        if batch_next <= min_offset:
+            position = batch_end
+            continue
+        reason = _batch_problem(data, position, batch_end, header)
+        first_bad = base_offset
+        if reason is None:
+            bad = _decode_batch(
+                data, position, batch_end, header, min_offset, topic, partition, out
+            )
+            if bad is None:
+                next_offset = max(next_offset, batch_next)
+                position = batch_end
+                continue
+            index, reason = bad
+            first_bad = base_offset + index
+        offset = max(first_bad, min_offset)
+        return FetchedRecords(out, offset, UndecodableRecord(offset, batch_next, reason))
+    return FetchedRecords(out, next_offset, None)
+
+
 def decode_records(
     data: bytes | bytearray | memoryview,
     min_offset: int = 0,
     topic: str = "",
     partition: int = -1,
 ) -> list[Message]:
-    """Every record of consecutive whole batches, skipping offsets below min_offset.
+    """Like :func:`decode_fetch`, but raises CorruptBatch at an undecodable record."""
+    fetched = decode_fetch(data, min_offset, topic, partition)
+    if fetched.undecodable is not None:
+        bad = fetched.undecodable
+        raise CorruptBatch(f"record at offset {bad.offset} cannot be decoded: {bad.reason}")
+    return fetched.messages
 
-    A fetch may return batches that start before the requested offset; callers pass
-    the offset they asked for so that they see each record once. A partial trailing
-    batch is ignored. This is the consumer's per-record cost, so the loop builds the
-    tuples directly (about 1 us a record here) and shares one empty header tuple.
+
+def _batch_problem(
+    data: bytes, position: int, batch_end: int, header: tuple[int, ...]
+) -> str | None:
+    """Why a whole batch cannot be trusted (magic, counts, CRC), or None."""
+    if header[3] != MAGIC:
+        return f"unknown magic {header[3]}"
+    if not 1 <= header[12] <= MAX_RECORDS_PER_BATCH or header[6] != header[12] - 1:
+        return f"bad record_count {header[12]}"
+    crc = zlib.crc32(memoryview(data)[position + CRC_START : batch_end])
+    if crc != header[4]:
+        return f"CRC {crc:#010x} != {header[4]:#010x}"
+    return None
+
+
+def _decode_batch(
+    data: bytes,
+    position: int,
+    batch_end: int,
+    header: tuple[int, ...],
+    min_offset: int,
+    topic: str,
+    partition: int,
+    out: list[Message],
+) -> tuple[int, str] | None:
+    """Appends the batch's records at or after ``min_offset`` to ``out``; returns
+    (index, reason) of the first record that does not decode, else None.
+
+    This is the consumer's per-record cost, so the loop builds the tuples directly
+    (about 1 us a record here) and shares one empty header tuple.
     """
-    if not isinstance(data, bytes):
-        data = bytes(data)
-    out: list[Message] = []
     append = out.append
     unpack_record = RECORD_HEADER.unpack_from
     new = tuple.__new__
     no_headers: tuple[tuple[str, bytes], ...] = ()
-    position = 0
-    end = len(data)
-    while position + HEADER_SIZE <= end:
-        header = HEADER.unpack_from(data, position)
-        batch_end = position + header[1] + LENGTH_PREFIX
-        if batch_end > end:
-            break
-        base_offset = header[0]
-        base_timestamp = header[7]
-        cursor = position + HEADER_SIZE
-        for index in range(header[12]):
-            if cursor + RECORD_HEADER_SIZE > batch_end:
-                raise CorruptBatch(f"record {index} of batch {base_offset} overruns it")
-            length, delta, key_length, value_length, header_count = unpack_record(data, cursor)
-            record_end = cursor + 4 + length
-            field = cursor + RECORD_HEADER_SIZE
-            key = None
-            if key_length >= 0:
-                key = data[field : field + key_length]
-                field += key_length
-            value = None
-            if value_length >= 0:
-                value = data[field : field + value_length]
-                field += value_length
-            headers: Sequence[tuple[str, bytes]] = no_headers
-            if header_count:
-                parsed: list[tuple[str, bytes]] = []
-                field = _decode_headers(data, field, header_count, parsed)
-                headers = parsed
-            if field != record_end or record_end > batch_end:
-                raise CorruptBatch(f"record {index} of batch {base_offset}: bad length")
+    base_offset = header[0]
+    base_timestamp = header[7]
+    cursor = position + HEADER_SIZE
+    for index in range(header[12]):
+        if cursor + RECORD_HEADER_SIZE > batch_end:
+            return index, "record overruns its batch"
+        length, delta, key_length, value_length, header_count = unpack_record(data, cursor)
+        record_end = cursor + 4 + length
+        if record_end > batch_end:
+            return index, "record length overruns its batch"
+        offset = base_offset + index
+        if offset < min_offset:
             cursor = record_end
-            offset = base_offset + index
-            if offset >= min_offset:
-                fields = (topic, partition, offset, key, value, base_timestamp + delta, headers)
-                append(new(Message, fields))
-        position = batch_end
-    return out
+            continue
+        if key_length < -1 or value_length < -1:
+            return index, "negative key or value length"
+        field = cursor + RECORD_HEADER_SIZE
+        key = None
+        if key_length >= 0:
+            key = data[field : field + key_length]
+            field += key_length
+        value = None
+        if value_length >= 0:
+            value = data[field : field + value_length]
+            field += value_length
+        headers: Sequence[tuple[str, bytes]] = no_headers
+        if header_count:
+            parsed: list[tuple[str, bytes]] = []
+            try:
+                field = _decode_headers(data, field, header_count, parsed, record_end)
+            except (CorruptBatch, UnicodeDecodeError, struct.error):
+                return index, "bad record headers"
+            headers = parsed
+        if field != record_end:
+            return index, "record fields do not fill its length"
+        cursor = record_end
+        fields = (topic, partition, offset, key, value, base_timestamp + delta, headers)
+        append(new(Message, fields))
+    if cursor != batch_end:
+        return header[12] - 1, "records do not fill the batch"
+    return None
 
 
-def _decode_headers(data: bytes, cursor: int, count: int, out: list[tuple[str, bytes]]) -> int:
+def _decode_headers(
+    data: bytes, cursor: int, count: int, out: list[tuple[str, bytes]], end: int
+) -> int:
     for _ in range(count):
         (name_length,) = _HEADER_NAME.unpack_from(data, cursor)
         cursor += 2
@@ -358,6 +501,8 @@ def _decode_headers(data: bytes, cursor: int, count: int, out: list[tuple[str, b
         cursor += name_length
         (value_length,) = _U32.unpack_from(data, cursor)
         cursor += 4
+        if cursor + value_length > end:
+            raise CorruptBatch("header overruns its record")
         out.append((name, data[cursor : cursor + value_length]))
         cursor += value_length
     return cursor

@@ -23,10 +23,8 @@ event stream) at a time, so the pool needs at most one thread per session.
 Delivery (at-least-once): records handed out by a pull or an event are committed
 when the client commits (an event stream waits for that commit before it sends the
 next batch, unless ``ack=auto``). A session that ends hands its partitions back to
-the group the way ``Consumer.close()`` does (``enable_auto_commit=False``): whether
-records handed out but not committed are delivered again to the partition's next
-owner is the consumer library's decision (docs/PROTOCOL.md, "tide proxy", notes
-today's gap).
+the group without committing (the consumer's ``delivery="manual"``): records it
+handed out but its client did not commit go to the partition's next owner.
 """
 
 from __future__ import annotations
@@ -66,6 +64,7 @@ from tidemq.errors import (
     UnknownSession,
 )
 from tidemq.service.app import build_app
+from tidemq.service.callers import ANONYMOUS, CLIENTS
 from tidemq.service.http import (
     Endpoint,
     check_int,
@@ -89,6 +88,9 @@ MAX_WAIT_MS = 30_000
 LIVENESS_CHECK_S = 1.0  # an event stream notices a closed connection within this
 READY_CHECK_S = 5.0
 SMALL_BODY_BYTES = 64 * 1024
+# The proxy serves programs, not services: client certificates, and callers without
+# one when --client-auth is optional or none (a broker's certificate is refused).
+PROXY_CALLERS = CLIENTS | ANONYMOUS
 
 
 @dataclass(frozen=True)
@@ -299,6 +301,7 @@ class Proxy:
                 "Push one record or many; answers once all are acknowledged",
                 parameters=[openapi.TOPIC_PARAMETER],
                 request_body=openapi.json_schema(openapi.PUSH_SCHEMA),
+                callers=PROXY_CALLERS,
                 responses=openapi.responses("200", "400", "404", "413", "429", "503", "504"),
             ),
             Endpoint(
@@ -307,6 +310,7 @@ class Proxy:
                 self.create_session,
                 "Open a session: a consumer group member run by the proxy",
                 request_body=openapi.json_schema(openapi.SESSION_SCHEMA),
+                callers=PROXY_CALLERS,
                 responses=openapi.responses("201", "400", "413", "429", "503"),
             ),
             Endpoint(
@@ -314,6 +318,7 @@ class Proxy:
                 session_path,
                 self.describe_session,
                 "A session: group, topics, assignment, batches",
+                callers=PROXY_CALLERS,
                 responses=openapi.responses("200", "404"),
             ),
             Endpoint(
@@ -321,6 +326,7 @@ class Proxy:
                 session_path,
                 self.delete_session,
                 "Close a session: the member leaves its group",
+                callers=PROXY_CALLERS,
                 responses=openapi.responses("200", "404"),
             ),
             Endpoint(
@@ -333,6 +339,7 @@ class Proxy:
                     openapi.query("timeout_ms", "integer", 0, MAX_WAIT_MS),
                     openapi.encoding_parameter(),
                 ],
+                callers=PROXY_CALLERS,
                 responses=openapi.responses("200", "400", "404", "409", "503"),
             ),
             Endpoint(
@@ -350,6 +357,7 @@ class Proxy:
                         "schema": {"type": "string", "enum": ["manual", "auto"]},
                     },
                 ],
+                callers=PROXY_CALLERS,
                 responses=openapi.responses("200", "400", "404", "409"),
             ),
             Endpoint(
@@ -359,6 +367,7 @@ class Proxy:
                 "Commit (acknowledge) every record the session has handed out",
                 request_body=openapi.json_schema(openapi.COMMIT_SCHEMA),
                 request_body_required=False,
+                callers=PROXY_CALLERS,
                 responses=openapi.responses("200", "400", "404", "409", "503"),
             ),
             Endpoint(
@@ -367,6 +376,7 @@ class Proxy:
                 self.seed_push,
                 "Seed API: push {key, message} to topic default",
                 request_body=openapi.json_schema(openapi.SEED_PUSH_SCHEMA),
+                callers=PROXY_CALLERS,
                 responses=openapi.responses("200", "400", "413", "429", "503", "504"),
             ),
             Endpoint(
@@ -374,6 +384,7 @@ class Proxy:
                 "/api/python/pull",
                 self.seed_pull,
                 "Seed API: the next message of topic default as [key:K-value:V] ([] if none)",
+                callers=PROXY_CALLERS,
                 responses=openapi.responses("200", "429", "503"),
             ),
             Endpoint(
@@ -381,6 +392,7 @@ class Proxy:
                 "/api/python/subscribe",
                 self.seed_subscribe,
                 "Seed API: make sure the proxy's member of group default has joined; OK",
+                callers=PROXY_CALLERS,
                 responses=openapi.responses("200", "429", "503"),
             ),
             Endpoint(
@@ -388,6 +400,7 @@ class Proxy:
                 "/api/python/pull-as-subscriber",
                 self.seed_pull_as_subscriber,
                 "Seed API: up to 100 messages as [key:K1-value:V1, key:K2-value:V2]",
+                callers=PROXY_CALLERS,
                 responses=openapi.responses("200", "429", "503"),
             ),
         ]
@@ -480,7 +493,7 @@ class Proxy:
                     Consumer,
                     *spec.topics,
                     group=spec.group,
-                    enable_auto_commit=False,
+                    delivery="manual",  # only the client's commit commits
                     auto_offset_reset=spec.auto_offset_reset,
                     **self.config.client,
                 )
