@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tidemq import Admin
+from tidemq import Admin, UnknownGroup
 from tidemq.wire.partitioner import partition_for_key
 
 NODE_PROGRAM = Path(__file__).with_name("proxy_order.mjs")
@@ -172,6 +172,14 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
         print(f"----- {proxy.log_path} -----\n{proxy.log_tail()}")
 
 
+def _members(admin: Admin, group: str) -> list[Any]:
+    """The group's members; none once the coordinator forgot an empty group."""
+    try:
+        return list(admin.describe_group(group)["members"])
+    except UnknownGroup:
+        return []
+
+
 def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
@@ -309,7 +317,7 @@ def test_curl_subscribe_with_server_sent_events(cluster: Any, start_proxy: Any) 
     # Its session is closed and its member leaves the group.
     _poll(lambda: proxy.curl("GET", f"/v1/sessions/{session}").status == 404, 15.0, "cleanup")
     with Admin(**cluster.config) as admin:
-        _poll(lambda: not admin.describe_group("sse-group")["members"], 15.0, "the member to leave")
+        _poll(lambda: not _members(admin, "sse-group"), 15.0, "the member to leave")
         offsets = admin.describe_group("sse-group")["offsets"]
     assert sum(entry["committed"] for entry in offsets) == 4
     assert (
@@ -387,6 +395,24 @@ def _collect_batch(
             assert data["count"] == len(values) == (count or len(values)), (data, values)
             assert data["ack"] == ack
             return values, int(data["batch"])
+
+
+def test_records_not_committed_go_to_the_next_member(cluster: Any, start_proxy: Any) -> None:
+    proxy = start_proxy(cluster)
+    _create_topic(cluster, "redeliver", 1)
+    records = [{"key": "k", "value": f"v{i}"} for i in range(3)]
+    assert proxy.curl("POST", "/v1/topics/redeliver/records", {"records": records}).status == 200
+    first = _open_session(proxy, "redeliver-group", "redeliver")
+    assert [r["value"] for r in _pull_until(proxy, first, 3)] == ["v0", "v1", "v2"]
+    assert proxy.curl("DELETE", f"/v1/sessions/{first}").status == 200  # never committed
+    second = _open_session(proxy, "redeliver-group", "redeliver")
+    again = _pull_until(proxy, second, 3)
+    assert [(r["value"], r["offset"]) for r in again] == [("v0", 0), ("v1", 1), ("v2", 2)]
+    assert proxy.curl("POST", f"/v1/sessions/{second}/commit").status == 200
+    assert proxy.curl("DELETE", f"/v1/sessions/{second}").status == 200
+    third = _open_session(proxy, "redeliver-group", "redeliver")
+    nothing = proxy.curl("POST", f"/v1/sessions/{third}/pull?timeout_ms=1000")
+    assert nothing.json["records"] == []
 
 
 def test_bad_input_gets_a_clear_error_and_changes_nothing(cluster: Any, start_proxy: Any) -> None:
@@ -498,9 +524,7 @@ def test_limits_per_client_in_total_and_idle_sessions(
         proxy.curl("GET", f"/v1/sessions/{theirs.json['session_id']}", None, *other).status == 404
     )
     with Admin(**cluster.config) as admin:
-        _poll(
-            lambda: not admin.describe_group("limited-group")["members"], 15.0, "members to leave"
-        )
+        _poll(lambda: not _members(admin, "limited-group"), 15.0, "members to leave")
     assert proxy.curl("POST", "/v1/sessions", body).status == 201
     assert (
         'tide_proxy_rejected_requests_total{limit="sessions"} 2.0'
