@@ -218,6 +218,10 @@ def test_curl_push_pull_commit_over_mutual_tls(cluster: Any, start_proxy: Any) -
     with pytest.raises(CurlFailed):  # no client certificate: the handshake is refused
         proxy.curl("GET", "/healthz", client_cert=False)
     assert proxy.curl("GET", "/healthz").json == {"status": "ok"}
+    tls = Path(cluster.config["ca_file"]).parent  # a broker's certificate is not a client's
+    as_broker = ("--cert", str(tls / "broker-1.pem"), "--key", str(tls / "broker-1-key.pem"))
+    refused = proxy.curl("POST", "/v1/topics/curl-orders/records", {"value": "x"}, *as_broker)
+    assert (refused.status, refused.error_code) == (403, "forbidden"), refused.text
     paths = proxy.curl("GET", "/openapi.json").json["paths"]
     for path in (
         "/v1/topics/{topic}/records",
