@@ -61,7 +61,8 @@ class Settings:
     latency_rate: int = 1000
     latency_s: float = 10.0
     batch_size: int = 131_072
-    buffer_bytes: int = 8 * 1024 * 1024
+    buffer_bytes: int = 6 * 1024 * 1024
+    request_bytes: int = 128 * 1024
 
 
 # -- measuring the machine -----------------------------------------------------------
@@ -180,6 +181,7 @@ def throughput_run(
         "value_bytes": settings.value_bytes,
         "batch_size": settings.batch_size,
         "buffer_memory": settings.buffer_bytes,
+        "max_request_bytes": settings.request_bytes,
         "start_at": start_at,
         "warmup_s": settings.warmup_s,
         "measure_s": settings.measure_s,
@@ -389,6 +391,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--latency-s", type=float, default=defaults.latency_s)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--buffer-bytes", type=int, default=defaults.buffer_bytes)
+    parser.add_argument("--request-bytes", type=int, default=defaults.request_bytes)
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: tmp)")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -419,6 +422,7 @@ def main(argv: list[str]) -> int:
         latency_s=args.latency_s,
         batch_size=args.batch_size,
         buffer_bytes=args.buffer_bytes,
+        request_bytes=args.request_bytes,
     )
     # SIGTERM unwinds like Ctrl-C, so every finally (processes, namespaces) runs.
     signal.signal(signal.SIGTERM, _interrupt)

@@ -22,7 +22,9 @@ batches: bytes, not records, must be what the capped links limit.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import struct
 import sys
 import threading
@@ -156,6 +158,11 @@ def main(argv: list[str]) -> int:
             f"usage: python -m tests.scale.worker {{{','.join(ROLES)}}} SPEC_JSON", file=sys.stderr
         )
         return 2
+    if os.environ.get("TIDE_SCALE_DEBUG_DIR"):  # client debug log per worker, for diagnosis
+        logging.basicConfig(
+            filename=f"{os.environ['TIDE_SCALE_DEBUG_DIR']}/{argv[0]}-{os.getpid()}.log",
+            level=logging.DEBUG,
+        )
     result = ROLES[argv[0]](json.loads(argv[1]))
     print(json.dumps(result), flush=True)
     return 0 if "error" not in result else 1
