@@ -190,7 +190,7 @@ def throughput_run(
     brokers = [broker_name(i) for i in cluster.broker_ids]
     window_start = start_at + settings.warmup_s
     time.sleep(max(0.0, window_start - time.time()))
-    pids = [p.pid for p in (*cluster.processes.values(), *producers)]
+    pids = [p.pid for p in cluster.processes.values()] + [p.pid for p in producers]
     links_before = {b: link_bytes(cluster.network, b) for b in brokers}
     cpu_before, started = cpu_times(), time.monotonic()
     own_before = process_cpu_s(pids)
@@ -198,7 +198,7 @@ def throughput_run(
     links_after = {b: link_bytes(cluster.network, b) for b in brokers}
     cpu_after, seconds = cpu_times(), time.monotonic() - started
     own_cpu = process_cpu_s(pids) - own_before
-    results = [workers.result(p, 120.0) for p in producers]
+    results = [workers.result(p, 200.0) for p in producers]
     messages_per_s = sum(r["window_acked"] / r["window_s"] for r in results)
     cap_bytes_per_s = settings.rate_mbit * 1e6 / 8
     link_use = {
@@ -268,12 +268,17 @@ def capped_cluster(root: Path, brokers: int, settings: Settings) -> Iterator[Ben
     hosts = BenchCluster.host_names(brokers)
     network = create_network(hosts, capped=hosts[1:], rate_mbit=settings.rate_mbit)
     cluster = BenchCluster(root / f"cluster-{brokers}-{uuid.uuid4().hex[:6]}", network, brokers)
+    failed = True
     try:
         yield cluster.start()
+        failed = False
     finally:
         cluster.close()
         network.destroy()
-        shutil.rmtree(cluster.root, ignore_errors=True)
+        if failed:
+            log(f"kept the cluster's logs in {cluster.layout.logs_dir}")
+        else:
+            shutil.rmtree(cluster.root, ignore_errors=True)
 
 
 def describe_network(cluster: BenchCluster) -> dict[str, Any]:
@@ -318,17 +323,31 @@ def scaling(root: Path, broker_counts: list[int], runs: int, settings: Settings)
 def replication(
     root: Path, brokers: int, factors: list[int], runs: int, settings: Settings
 ) -> dict[str, Any]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     with capped_cluster(root, brokers, settings) as cluster:
         workers = Workers()
         try:
             for factor in factors:
                 for acks in ("1", "all"):
-                    measured = [
-                        throughput_run(cluster, workers, settings, factor, acks)
-                        for _ in range(runs)
-                    ]
-                    latency = latency_run(cluster, workers, settings, factor, acks)
+                    try:
+                        measured = [
+                            throughput_run(cluster, workers, settings, factor, acks)
+                            for _ in range(runs)
+                        ]
+                        latency = latency_run(cluster, workers, settings, factor, acks)
+                    except RuntimeError as error:  # a stuck worker: report it, go on
+                        log(f"RF {factor} acks {acks} failed: {str(error)[-300:]}")
+                        shutil.copytree(
+                            cluster.layout.logs_dir, root / f"logs-rf{factor}-acks{acks}"
+                        )
+                        rows.append(
+                            {
+                                "replication_factor": factor,
+                                "acks": acks,
+                                "error": str(error)[-2000:],
+                            }
+                        )
+                        continue
                     row = {
                         "replication_factor": factor,
                         "acks": acks,

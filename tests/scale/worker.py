@@ -82,7 +82,7 @@ def produce(spec: dict[str, Any]) -> dict[str, Any]:
                 send(topic, value).add_done_callback(done)
             sent += SEND_CHECK_EVERY
         sampler.join()
-        producer.flush(spec.get("flush_timeout_s", 60.0))
+        producer.flush(spec.get("flush_timeout_s", 150.0))
     (warm_count, warm_at), (end_count, end_at) = samples["warm"], samples["end"]
     return {
         "sent": sent,
