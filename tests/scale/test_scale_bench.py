@@ -21,7 +21,7 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 AVAILABLE, WHY = namespaces_available()
 pytestmark = [
     pytest.mark.skipif(not AVAILABLE, reason=f"network namespaces unavailable: {WHY}"),
-    pytest.mark.timeout(120),
+    pytest.mark.timeout(400),
 ]
 TINY = ["--producers", "1", "--warmup-s", "1", "--measure-s", "2", "--rate-mbit", "8"]
 
@@ -32,6 +32,14 @@ def _bench(*args: str) -> subprocess.Popen[str]:
         cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
+
+
+def _kill(bench: subprocess.Popen[str]) -> None:
+    """Kills the benchmark's process group if it still runs; the caller's ``with``
+    closes the pipes."""
+    if bench.poll() is None:
+        os.killpg(bench.pid, signal.SIGKILL)
+        bench.communicate()
 
 
 def _names() -> tuple[list[str], list[str]]:
@@ -55,13 +63,11 @@ def _alive(pid: int) -> bool:
 
 
 def test_one_and_two_capped_brokers_measure_and_clean_up(tmp_path: Path) -> None:
-    bench = _bench("--part", "scaling", "--brokers", "1,2", "--runs", "1", *TINY)
-    try:
-        stdout, stderr = bench.communicate(timeout=100)
-    finally:
-        if bench.poll() is None:
-            os.killpg(bench.pid, signal.SIGKILL)
-            bench.wait()
+    with _bench("--part", "scaling", "--brokers", "1,2", "--runs", "1", *TINY) as bench:
+        try:
+            stdout, stderr = bench.communicate(timeout=200)
+        finally:
+            _kill(bench)
     assert bench.returncode == 0, stderr[-3000:]
     report: dict[str, Any] = json.loads(stdout.splitlines()[-1])
     by_brokers = report["scaling"]["by_brokers"]
@@ -88,18 +94,16 @@ def test_one_and_two_capped_brokers_measure_and_clean_up(tmp_path: Path) -> None
 
 
 def test_a_run_stopped_halfway_leaves_nothing_behind() -> None:
-    bench = _bench("--part", "scaling", "--brokers", "2", "--runs", "5", *TINY)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not _ours(bench.pid):
-            assert bench.poll() is None, bench.communicate()[1][-3000:]
-            time.sleep(0.1)
-        assert _ours(bench.pid), "the benchmark built no namespace within 60 s"
-        bench.send_signal(signal.SIGTERM)
-        bench.communicate(timeout=60)
-    finally:
-        if bench.poll() is None:
-            os.killpg(bench.pid, signal.SIGKILL)
-            bench.wait()
+    with _bench("--part", "scaling", "--brokers", "2", "--runs", "5", *TINY) as bench:
+        try:
+            deadline = time.monotonic() + 150
+            while time.monotonic() < deadline and not _ours(bench.pid):
+                assert bench.poll() is None, bench.communicate()[1][-3000:]
+                time.sleep(0.1)
+            assert _ours(bench.pid), "the benchmark built no namespace within 150 s"
+            bench.send_signal(signal.SIGTERM)
+            bench.communicate(timeout=60)
+        finally:
+            _kill(bench)
     assert bench.returncode != 0
     assert _ours(bench.pid) == []
