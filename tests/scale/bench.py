@@ -103,6 +103,24 @@ def link_bytes(network: CappedNetwork, host: str) -> dict[str, int]:
     return {key: int(match.group(1)) if match else 0 for key, match in found.items()}
 
 
+def wait_links_idle(
+    network: CappedNetwork, hosts: list[str], rate_mbit: float, timeout_s: float = 120.0
+) -> float:
+    """Waits until every capped link carries under 5 % of its cap (replication of an
+    earlier run's backlog has ended); returns the seconds waited."""
+    started = time.monotonic()
+    limit = 0.05 * rate_mbit * 1e6 / 8 * 0.5  # bytes per half second
+    before = {h: link_bytes(network, h) for h in hosts}
+    while time.monotonic() - started < timeout_s:
+        time.sleep(0.5)
+        after = {h: link_bytes(network, h) for h in hosts}
+        busiest = max(after[h][d] - before[h][d] for h in hosts for d in after[h])
+        if busiest < limit:
+            break
+        before = after
+    return round(time.monotonic() - started, 1)
+
+
 def median(values: list[float]) -> float:
     return round(statistics.median(values), 2) if values else 0.0
 
@@ -199,6 +217,8 @@ def throughput_run(
     cpu_after, seconds = cpu_times(), time.monotonic() - started
     own_cpu = process_cpu_s(pids) - own_before
     results = [workers.result(p, 200.0) for p in producers]
+    cluster.delete_topic(topic)  # its followers stop copying a backlog: next run starts idle
+    idle_after_s = wait_links_idle(cluster.network, brokers, settings.rate_mbit)
     messages_per_s = sum(r["window_acked"] / r["window_s"] for r in results)
     cap_bytes_per_s = settings.rate_mbit * 1e6 / 8
     link_use = {
@@ -222,6 +242,7 @@ def throughput_run(
         "link_use_of_cap": link_use,
         "cpu_busy": round(busy / total, 3) if total else None,
         "own_cpu_cores": round(own_cpu / seconds, 3),
+        "seconds_until_links_idle": idle_after_s,
     }
 
 
@@ -256,6 +277,9 @@ def latency_run(
     )
     sent = Workers.result(producer, settings.latency_s + 90.0)["sent"]
     received = Workers.result(consumer, settings.latency_s + 90.0)
+    cluster.delete_topic(topic)
+    brokers = [broker_name(i) for i in cluster.broker_ids]
+    wait_links_idle(cluster.network, brokers, settings.rate_mbit)
     return {"rate_per_s": settings.latency_rate, "sent": sent, **received}
 
 

@@ -185,3 +185,6 @@ class BenchCluster:
                 return rows
             time.sleep(POLL_S)
         raise ClusterError(f"topic {name} not fully led and in sync within {timeout_s} s")
+
+    def delete_topic(self, name: str) -> None:
+        self.call("DELETE", f"{self.coordinator_url}/v1/topics/{name}")
