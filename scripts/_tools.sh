@@ -1,5 +1,6 @@
 # Sourced by scripts/test: makes sure the Debian tools that the ops tests run are
-# installed (promtool and prometheus from `prometheus`, `docker-compose`). Installs
+# installed (promtool and prometheus from `prometheus`, `docker-compose`, and as root
+# `iproute2`). Installs
 # them quietly with apt-get when absent (CI starts on a fresh machine). Debian's
 # prometheus package would start a service on port 9090: a policy-rc.d that
 # refuses service starts is put in place for the install (and removed if we made it).
@@ -9,6 +10,8 @@ ensure_debian_tools() {
     command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
     command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
     command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+    # ip and tc for the scalability benchmark's test (tests/scale), which needs root.
+    [ "$(id -u)" -ne 0 ] || command -v tc >/dev/null 2>&1 || missing+=(iproute2)
     if [ "${#missing[@]}" -eq 0 ]; then
         return 0
     fi

@@ -1,0 +1,109 @@
+"""The scalability benchmark's harness at a tiny scale (docs/BENCHMARKS.md has the real
+runs): namespaces and tbf caps are built, a run measures something, and every
+namespace, bridge, veth and process is gone afterwards, also when the run is stopped
+halfway. Nothing here asserts a speed. Skipped unless root with ip, tc and netns."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.scale.network import PREFIX, namespaces_available
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+AVAILABLE, WHY = namespaces_available()
+pytestmark = [
+    pytest.mark.skipif(not AVAILABLE, reason=f"network namespaces unavailable: {WHY}"),
+    pytest.mark.timeout(400),
+]
+TINY = ["--producers", "1", "--warmup-s", "1", "--measure-s", "2", "--rate-mbit", "8"]
+
+
+def _bench(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.scale.bench", *args],
+        cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _kill(bench: subprocess.Popen[str]) -> None:
+    """Kills the benchmark's process group if it still runs; the caller's ``with``
+    closes the pipes."""
+    if bench.poll() is None:
+        os.killpg(bench.pid, signal.SIGKILL)
+        bench.communicate()
+
+
+def _names() -> tuple[list[str], list[str]]:
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    link_names = [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()]
+    return [line.split()[0] for line in namespaces.splitlines() if line.split()], link_names
+
+
+def _ours(tag: int) -> list[str]:
+    namespaces, links = _names()
+    return [n for n in namespaces + links if n.startswith((f"{PREFIX}{tag}", f"{PREFIX}b{tag}"))]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_one_and_two_capped_brokers_measure_and_clean_up(tmp_path: Path) -> None:
+    with _bench("--part", "scaling", "--brokers", "1,2", "--runs", "1", *TINY) as bench:
+        try:
+            stdout, stderr = bench.communicate(timeout=200)
+        finally:
+            _kill(bench)
+    assert bench.returncode == 0, stderr[-3000:]
+    report: dict[str, Any] = json.loads(stdout.splitlines()[-1])
+    by_brokers = report["scaling"]["by_brokers"]
+    assert set(by_brokers) == {"1", "2"}
+    for count, part in by_brokers.items():
+        network = part["network"]
+        brokers = [f"broker-{i}" for i in range(1, int(count) + 1)]
+        for broker in brokers:  # capped both ways while the run was on
+            for direction in ("ingress", "egress"):
+                assert "tbf" in network["caps"][broker][direction]
+                assert "rate 8Mbit" in network["caps"][broker][direction]
+        assert "tbf" not in network["caps"]["coordinator"]["ingress"]
+        (run,) = part["runs"]
+        assert run["messages_per_s"] > 0 and run["failed"] == 0
+        assert sorted(run["leaders_per_broker"]) == [str(i) for i in range(1, int(count) + 1)]
+        assert sum(run["leaders_per_broker"].values()) == report["settings"]["partitions"]
+        assert set(run["link_use_of_cap"]) == set(brokers)
+        # Gone afterwards: namespaces, bridge, veths, processes.
+        namespaces, links = _names()
+        assert not set(network["namespaces"]) & set(namespaces)
+        assert not {network["bridge"], *network["veths"]} & set(links)
+        assert not [name for name, pid in network["pids"].items() if _alive(pid)]
+    assert _ours(bench.pid) == []
+
+
+def test_a_run_stopped_halfway_leaves_nothing_behind() -> None:
+    with _bench("--part", "scaling", "--brokers", "2", "--runs", "5", *TINY) as bench:
+        try:
+            deadline = time.monotonic() + 150
+            while time.monotonic() < deadline and not _ours(bench.pid):
+                assert bench.poll() is None, bench.communicate()[1][-3000:]
+                time.sleep(0.1)
+            assert _ours(bench.pid), "the benchmark built no namespace within 150 s"
+            bench.send_signal(signal.SIGTERM)
+            bench.communicate(timeout=60)
+        finally:
+            _kill(bench)
+    assert bench.returncode != 0
+    assert _ours(bench.pid) == []
