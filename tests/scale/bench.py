@@ -43,7 +43,6 @@ from typing import Any
 
 from tests.scale.cluster import BenchCluster
 from tests.scale.network import CappedNetwork, NetworkError, create_network
-
 from tidemq.cli.launch import COORDINATOR, broker_name
 
 REPOSITORY = Path(__file__).resolve().parents[2]

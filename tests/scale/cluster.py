@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from tests.scale.network import CappedNetwork
-
 from tidemq.cli.launch import (
     CLIENT,
     COORDINATOR,

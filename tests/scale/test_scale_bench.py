@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tests.scale.network import PREFIX, namespaces_available
 
 REPOSITORY = Path(__file__).resolve().parents[2]

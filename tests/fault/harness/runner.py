@@ -252,6 +252,14 @@ def _read_partition(
     leader_url = described.get("leader_url")
     if not leader_url:
         raise ValueError(f"{topic}/{partition} has no leader")
+    # A leader elected moments ago knows the high watermark only once its followers
+    # fetched from it (Kafka's rule too): what every replica holds can sit above it for
+    # a heartbeat or two. The load has stopped: wait until everything is committed.
+    offsets = cluster.get_json(
+        f"{leader_url}/v1/topics/{topic}/partitions/{partition}/offsets", timeout_s=10.0
+    )
+    if int(offsets["high_watermark"]) < int(offsets["log_end_offset"]):
+        raise ValueError(f"{topic}/{partition}: high watermark below log end, not settled yet")
     records: list[dict[str, Any]] = []
     offset = 0
     while True:
