@@ -24,7 +24,7 @@ pytestmark = [
     pytest.mark.skipif(not AVAILABLE, reason=f"network namespaces unavailable: {WHY}"),
     pytest.mark.timeout(400),
 ]
-TINY = ["--producers", "1", "--warmup-s", "1", "--measure-s", "2", "--rate-mbit", "8"]
+TINY = ["--producers", "1", "--warmup-s", "4", "--measure-s", "3", "--rate-mbit", "8"]
 
 
 def _bench(*args: str) -> subprocess.Popen[str]:
