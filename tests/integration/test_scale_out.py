@@ -157,15 +157,24 @@ def test_scale_out_and_drain_under_load_lose_nothing(
     assert load.acknowledged
     with Consumer("load", group="check", **cluster.config) as consumer:
         received: dict[str, list[str]] = {}
+        where: dict[str, tuple[int, int]] = {}  # value -> (partition, offset), for a failure
         count = 0
         deadline = time.monotonic() + 60
         while count < len(load.acknowledged) and time.monotonic() < deadline:
             for message in consumer.poll(timeout=0.5, max_records=2000):
                 received.setdefault(message.key.decode(), []).append(message.value.decode())
+                where[message.value.decode()] = (message.partition, message.offset)
                 count += 1
     values = {value for values in received.values() for value in values}
     lost = [value for _, value in load.acknowledged if value not in values]
     assert not lost, f"{len(lost)} acknowledged messages lost"
-    for values_of_key in received.values():
+    for key, values_of_key in received.items():
         numbers = [int(value[1:]) for value in values_of_key]
-        assert numbers == sorted(numbers), "order per key broken"
+        if numbers != sorted(numbers):
+            first = next(i for i in range(1, len(numbers)) if numbers[i] < numbers[i - 1])
+            around = [(f"m{n}", where.get(f"m{n}")) for n in numbers[max(0, first - 3) : first + 3]]
+            duplicated = len(numbers) != len(set(numbers))
+            raise AssertionError(
+                f"order per key broken for {key} (duplicates: {duplicated}; "
+                f"errors while producing: {len(load.errors)}): {around}"
+            )
