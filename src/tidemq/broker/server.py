@@ -156,7 +156,20 @@ class BrokerMetrics:
             "tide_fsync_duration_seconds",
             "fsync latency of one partition log",
             registry=registry,
-            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1),
+            buckets=(
+                0.0001,
+                0.00025,
+                0.0005,
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                1,
+            ),
         )
         self.partitions = Gauge(
             "tide_broker_partitions",
