@@ -287,6 +287,38 @@ def _format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _group_phase(
+    target: Target,
+    topic: str,
+    partitions: int,
+    phase: str,
+    members: int,
+    repeat: int,
+    as_json: bool,
+    join_rate: int,
+    scale_messages: int,
+    handler_ms: float,
+) -> None:
+    from tidemq.cli import bench_groups
+
+    client_kwargs = target.client_kwargs()
+    report: dict[str, Any] = {"topic": topic, "partitions": partitions}
+    try:
+        if phase == "join":
+            report["join"] = bench_groups.join_phase(
+                client_kwargs, topic, members, join_rate, repeat
+            )
+            text = bench_groups.format_join(report["join"])
+        else:
+            report["scale"] = bench_groups.scale_phase(
+                client_kwargs, topic, partitions, members, scale_messages, handler_ms, repeat
+            )
+            text = bench_groups.format_scale(report["scale"])
+    except TideError as error:
+        raise click.ClickException(f"{type(error).__name__}: {error}") from error
+    click.echo(json.dumps(report, indent=2) if as_json else f"topic {topic}: {text}")
+
+
 @click.command()
 @data_dir_option
 @click.option("--messages", type=click.IntRange(min=1), default=200_000, show_default=True)
@@ -304,7 +336,34 @@ def _format_report(report: dict[str, Any]) -> str:
 )
 @click.option("--latency-seconds", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
 @click.option(
-    "--phase", type=click.Choice(["all", "throughput", "latency"]), default="all", show_default=True
+    "--phase",
+    type=click.Choice(["all", "throughput", "latency", "join", "scale"]),
+    default="all",
+    show_default=True,
+    help="all = throughput + latency; join and scale measure consumer groups.",
+)
+@click.option(
+    "--members",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Group size of the join and scale phases (scale also runs 1 member).",
+)
+@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option(
+    "--join-rate",
+    type=click.IntRange(min=1),
+    default=2000,
+    show_default=True,
+    help="Messages/s produced during the join phase.",
+)
+@click.option("--scale-messages", type=click.IntRange(min=1), default=12_000, show_default=True)
+@click.option(
+    "--handler-ms",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="How long the scale phase's handler sleeps per message.",
 )
 @click.option("--acks", type=click.Choice(["all", "1", "0"]), default="all", show_default=True)
 @click.option("--linger-ms", type=click.IntRange(min=0), default=None)
@@ -319,14 +378,34 @@ def bench(
     rate_per_s: int,
     latency_seconds: float,
     phase: str,
+    members: int,
+    repeat: int,
+    join_rate: int,
+    scale_messages: int,
+    handler_ms: float,
     acks: str,
     linger_ms: int | None,
     as_json: bool,
 ) -> None:
-    """Measure throughput (msg/s, MB/s in and out) and end-to-end latency."""
+    """Measure throughput (msg/s, MB/s in and out), end-to-end latency, and consumer
+    groups (join latency and pause, scaling with an I/O-bound handler)."""
     target = target_for(data_dir)
     topic = topic or f"bench-{uuid.uuid4().hex[:8]}"
     _ensure_topic(target, topic, partitions)
+    if phase in ("join", "scale"):
+        _group_phase(
+            target,
+            topic,
+            partitions,
+            phase,
+            members,
+            repeat,
+            as_json,
+            join_rate,
+            scale_messages,
+            handler_ms,
+        )
+        return
     producer_options: dict[str, Any] = {"acks": acks if acks == "all" else int(acks)}
     if linger_ms is not None:
         producer_options["linger_ms"] = linger_ms
