@@ -169,7 +169,9 @@ def test_scale_out_and_drain_under_load_lose_nothing(
     lost = [value for _, value in load.acknowledged if value not in values]
     assert not lost, f"{len(lost)} acknowledged messages lost"
     for key, values_of_key in received.items():
-        numbers = [int(value[1:]) for value in values_of_key]
+        # At least once: a consumer whose session lapsed (a slow heartbeat on a loaded
+        # machine) gets uncommitted records again. Order is about first deliveries.
+        numbers = list(dict.fromkeys(int(value[1:]) for value in values_of_key))
         if numbers != sorted(numbers):
             first = next(i for i in range(1, len(numbers)) if numbers[i] < numbers[i - 1])
             around = [(f"m{n}", where.get(f"m{n}")) for n in numbers[max(0, first - 3) : first + 3]]
