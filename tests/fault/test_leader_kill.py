@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from tests.fault.conftest import keep, run_scenario
 from tests.fault.harness.runner import replication_available
 from tests.fault.leader_kill import problems
@@ -17,7 +15,6 @@ from tests.fault.leader_kill import problems
 KILLS = 8
 
 
-@pytest.mark.xfail(not replication_available(), reason="needs replication (issue 5)", strict=False)
 def test_leader_kill_failover_time(tmp_path: Path) -> None:
     result = run_scenario(
         "tests.fault.leader_kill", "--kills", str(KILLS), "--session-timeout-ms", "3000",
