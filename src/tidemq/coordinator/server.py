@@ -70,7 +70,15 @@ from tidemq.errors import (
 from tidemq.logs import event
 from tidemq.service.app import build_app
 from tidemq.service.callers import ANY, CLIENTS, broker_self
-from tidemq.service.http import Endpoint, check_int, check_name, read_json_object
+from tidemq.service.http import (
+    NAME_SCHEMA,
+    Endpoint,
+    check_int,
+    check_name,
+    int_schema,
+    path_parameter,
+    read_json_object,
+)
 from tidemq.tls import TlsFiles
 from tidemq.wire import control
 
@@ -530,7 +538,11 @@ class _Handlers:
         self.c = coordinator
 
     def endpoints(self) -> list[Endpoint]:
-        created = {"201": "created", "409": "topic_exists", "503": "no_brokers_available"}
+        created = {
+            "201": "created",
+            "409": "topic_exists, or cluster_state_conflict (more replicas than live brokers)",
+            "503": "no_brokers_available",
+        }
         return [
             Endpoint(
                 "POST",
@@ -547,6 +559,7 @@ class _Handlers:
                 self.broker_heartbeat,
                 "Broker heartbeat: reports in, assignments out",
                 _schema_body(control.BrokerHeartbeat),
+                parameters=[_BROKER_ID_PARAMETER],
                 responses={"200": "OK", "404": "unknown_broker", "409": "cluster_id_mismatch"},
                 callers=broker_self(path="broker_id"),
             ),
@@ -556,6 +569,7 @@ class _Handlers:
                 self.alter_isr,
                 "A leader proposes an ISR change (compare-and-set on both epochs)",
                 _schema_body(control.AlterIsrRequest),
+                parameters=[_BROKER_ID_PARAMETER],
                 responses={
                     "200": "applied",
                     "409": "stale_partition_epoch",
@@ -572,7 +586,12 @@ class _Handlers:
                 "/v1/brokers/{broker_id}/drain",
                 self.drain_broker,
                 "Move every replica off a broker (scale-in)",
-                responses={"200": "OK", "400": "invalid_request", "404": "unknown_broker"},
+                parameters=[_BROKER_ID_PARAMETER],
+                responses={
+                    "200": "OK",
+                    "404": "unknown_broker",
+                    "409": "cluster_state_conflict (too few brokers would stay)",
+                },
                 callers=CLIENTS,
             ),
             Endpoint(
@@ -580,6 +599,7 @@ class _Handlers:
                 "/v1/brokers/{broker_id}/undrain",
                 self.undrain_broker,
                 "Stop draining a broker; it takes a fair share again",
+                parameters=[_BROKER_ID_PARAMETER],
                 responses={"200": "OK", "404": "unknown_broker"},
                 callers=CLIENTS,
             ),
@@ -595,7 +615,7 @@ class _Handlers:
                 "/v1/topics",
                 self.create_topic,
                 "Create a topic",
-                JSON_BODY,
+                _schema_body(control.CreateTopicRequest),
                 responses=created,
                 callers=CLIENTS,
             ),
@@ -605,6 +625,7 @@ class _Handlers:
                 "/v1/topics/{name}",
                 self.describe_topic,
                 "One topic",
+                parameters=[_NAME_PARAMETER],
                 responses={"200": "OK", "404": "unknown_topic"},
                 callers=ANY,
             ),
@@ -613,6 +634,7 @@ class _Handlers:
                 "/v1/topics/{name}",
                 self.delete_topic,
                 "Delete a topic",
+                parameters=[_NAME_PARAMETER],
                 responses={"200": "OK", "404": "unknown_topic"},
                 callers=CLIENTS,
             ),
@@ -622,6 +644,7 @@ class _Handlers:
                 self.metadata,
                 "Brokers and topics for clients",
                 parameters=_METADATA_PARAMETERS,
+                responses={"200": "OK", "404": "unknown_topic (auto_create false)"},
                 callers=CLIENTS,
             ),
             Endpoint(
@@ -629,7 +652,7 @@ class _Handlers:
                 "/v1/producers",
                 self.allocate_producer,
                 "Allocate an idempotent producer id",
-                JSON_BODY,
+                _schema_body(control.AllocateProducerRequest),
                 callers=CLIENTS,
             ),
             Endpoint(
@@ -637,7 +660,8 @@ class _Handlers:
                 "/v1/groups/{group}/heartbeat",
                 self.group_heartbeat,
                 "Consumer group member heartbeat",
-                JSON_BODY,
+                _schema_body(control.GroupHeartbeatRequest),
+                parameters=[_GROUP_PARAMETER],
                 responses={"200": "OK", "409": "fenced_member"},
                 callers=CLIENTS,
             ),
@@ -646,7 +670,8 @@ class _Handlers:
                 "/v1/groups/{group}/leave",
                 self.group_leave,
                 "Leave a consumer group",
-                JSON_BODY,
+                _schema_body(control.GroupLeaveRequest),
+                parameters=[_GROUP_PARAMETER],
                 callers=CLIENTS,
             ),
             Endpoint(
@@ -654,8 +679,9 @@ class _Handlers:
                 "/v1/groups/{group}/offsets",
                 self.commit_offsets,
                 "Commit offsets",
-                JSON_BODY,
-                responses={"200": "OK", "409": "fenced_member"},
+                _schema_body(control.CommitOffsetsRequest),
+                parameters=[_GROUP_PARAMETER],
+                responses={"200": "OK", "404": "unknown_topic", "409": "fenced_member"},
                 callers=CLIENTS,
             ),
             Endpoint(
@@ -663,7 +689,7 @@ class _Handlers:
                 "/v1/groups/{group}/offsets",
                 self.fetch_offsets,
                 "Committed offsets",
-                parameters=[_TOPICS_PARAMETER],
+                parameters=[_GROUP_PARAMETER, _TOPICS_PARAMETER],
                 callers=ANY,
             ),
             Endpoint("GET", "/v1/groups", self.list_groups, "Consumer groups", callers=ANY),
@@ -672,6 +698,7 @@ class _Handlers:
                 "/v1/groups/{group}",
                 self.describe_group,
                 "Members, offsets and lag of a group",
+                parameters=[_GROUP_PARAMETER],
                 responses={"200": "OK", "404": "unknown_group"},
                 callers=ANY,
             ),
@@ -992,9 +1019,12 @@ _TOPICS_PARAMETER = {
     "name": "topics",
     "in": "query",
     "required": False,
-    "schema": {"type": "string"},
+    "schema": {"type": "string", "pattern": "^([A-Za-z0-9._-]{1,200}(,[A-Za-z0-9._-]{1,200})*)?$"},
     "description": "comma-separated topic names",
 }
+_BROKER_ID_PARAMETER = path_parameter("broker_id", int_schema(0, BROKER_ID_MAX))
+_NAME_PARAMETER = path_parameter("name", NAME_SCHEMA)
+_GROUP_PARAMETER = path_parameter("group", NAME_SCHEMA)
 _METADATA_PARAMETERS = [
     _TOPICS_PARAMETER,
     {"name": "auto_create", "in": "query", "required": False, "schema": {"type": "boolean"}},

@@ -94,7 +94,9 @@ def make_error_middleware(
                 raise
             code = {404: "not_found", 405: "method_not_allowed"}.get(error.status, "http_error")
             body = {"error": {"code": code, "message": error.reason}}
-            return web.json_response(body, status=error.status)
+            # A 405 says which methods the path has (RFC 9110: Allow is required).
+            kept = {name: error.headers[name] for name in ("Allow",) if name in error.headers}
+            return web.json_response(body, status=error.status, headers=kept)
         except InvariantViolation as error:
             fail_stop(f"invariant broken serving {request.method} {request.path}: {error}")
         except Exception:
@@ -181,7 +183,9 @@ async def read_json(request: web.Request, max_bytes: int = 1 << 20) -> Any:
     """The request body as JSON, or a 400/413 TideError. Never trusts Content-Length alone."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise RequestTooLarge(f"body of {request.content_length} bytes exceeds {max_bytes}")
-    raw = request[_BODY_KEY] if _BODY_KEY in request else await request.content.read(max_bytes + 1)
+    raw = (
+        request[_BODY_KEY] if _BODY_KEY in request else await _read_at_most(request, max_bytes + 1)
+    )
     if len(raw) > max_bytes:
         raise RequestTooLarge(f"body exceeds {max_bytes} bytes")
     if not raw:
@@ -190,6 +194,18 @@ async def read_json(request: web.Request, max_bytes: int = 1 << 20) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise MalformedJson(f"malformed JSON: {error}") from error
+
+
+async def _read_at_most(request: web.Request, limit: int) -> bytes:
+    """Up to ``limit`` bytes of the body. (``content.read(n)`` returns what has arrived,
+    which for a body larger than one chunk is only its start.)"""
+    body = bytearray()
+    while len(body) < limit:
+        chunk = await request.content.read(limit - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
 
 
 async def read_json_object(request: web.Request, max_bytes: int = 1 << 20) -> dict[str, Any]:
@@ -215,8 +231,8 @@ def query_int(
 
 
 def check_int(raw: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
-    if isinstance(raw, bool):
-        raise InvalidRequest(f"{name} must be an integer")
+    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+        raise InvalidRequest(f"{name} must be an integer, got {raw!r}")
     try:
         value = int(raw)
     except (TypeError, ValueError) as error:
@@ -237,7 +253,33 @@ def check_name(raw: Any, what: str) -> str:
     return raw
 
 
+# OpenAPI schemas of what check_name / check_int accept, for parameters.
+NAME_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 200,
+    "pattern": "^[A-Za-z0-9._-]+$",
+}
+
+
+def int_schema(minimum: int | None = None, maximum: int | None = None) -> dict[str, Any]:
+    bounds = {"minimum": minimum, "maximum": maximum}
+    return {"type": "integer", **{k: v for k, v in bounds.items() if v is not None}}
+
+
+def path_parameter(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A typed path parameter for ``Endpoint.parameters`` (untyped ones are strings)."""
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+def query_parameter(name: str, schema: dict[str, Any], required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": schema}
+
+
 def openapi_document(title: str, endpoints: Iterable[Endpoint]) -> dict[str, Any]:
+    """Every endpoint with its callers and answers. Whatever takes input (parameters or
+    a body) can answer 400 ``invalid_request``, and a body can answer 413: both are
+    documented for every such endpoint, so the document lists every status it can see."""
     paths: dict[str, dict[str, Any]] = {}
     for endpoint in endpoints:
         operation: dict[str, Any] = {
@@ -248,14 +290,17 @@ def openapi_document(title: str, endpoints: Iterable[Endpoint]) -> dict[str, Any
         if endpoint.callers.labels() not in (["any"], ["public"]):
             operation["responses"].setdefault("403", {"description": "forbidden"})
         parameters = list(endpoint.parameters)
+        declared = {(p["in"], p["name"]) for p in parameters}
         for name in path_parameters(endpoint.path):
-            parameters.append(
-                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            )
+            if ("path", name) not in declared:
+                parameters.append(path_parameter(name, {"type": "string"}))
         if parameters:
             operation["parameters"] = parameters
+            operation["responses"].setdefault("400", {"description": "invalid_request"})
         if endpoint.request_body:
-            operation["requestBody"] = {"content": endpoint.request_body}
+            operation["requestBody"] = {"content": endpoint.request_body, "required": True}
+            operation["responses"].setdefault("400", {"description": "invalid_request"})
+            operation["responses"].setdefault("413", {"description": "request_too_large"})
         paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = operation
     return {
         "openapi": "3.1.0",
