@@ -16,6 +16,7 @@ the seed fixed, so a run takes seconds and a failure reproduces.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -173,6 +174,7 @@ def test_a_wrong_method_gets_405_with_allow_and_large_bodies_are_read_whole(
         timeout=10,
     )
     assert response.status_code == 200, response.text
+    _assert_lone_surrogates_refused(live)
     for base, path, allowed in [
         (info["coordinator"]["url"], "/v1/topics", {"GET", "POST"}),
         (info["coordinator"]["url"], "/v1/topics/orders", {"GET", "DELETE"}),
@@ -191,6 +193,37 @@ def test_a_wrong_method_gets_405_with_allow_and_large_bodies_are_read_whole(
 
 def test_broker_keeps_its_openapi_contract(live: LocalCluster) -> None:
     _assert_contract_kept(live, live.info["brokers"][0]["url"])
+
+
+def _assert_lone_surrogates_refused(live: LocalCluster) -> None:
+    """JSON may escape a lone surrogate; it is no text, so a 400 (it was a 500)."""
+    info = live.info
+    session = requests.Session()
+    session.trust_env = False  # else REQUESTS_CA_BUNDLE would replace the cluster CA
+    session.verify, session.cert = (
+        info["ca_file"],
+        (info["client_cert_file"], info["client_key_file"]),
+    )
+    with session:
+        created = session.post(
+            info["coordinator"]["url"] + "/v1/topics", json={"name": "text", "partitions": 1}
+        )
+        assert created.status_code == 201, created.text
+        records = info["brokers"][0]["url"] + "/v1/topics/text/partitions/0/records"
+        json_type = {"Content-Type": "application/json"}
+        deadline = time.monotonic() + 30
+        while session.post(records, json={"records": [{"value": "ok"}]}).status_code != 200:
+            assert time.monotonic() < deadline, "the broker never led text/0"
+            time.sleep(0.1)  # the polling interval
+        for body in (
+            b'{"records": [{"value": "\\ud800"}]}',
+            b'{"records": [{"key": "\\udfff", "value": "v"}]}',
+            b'{"records": [{"value": "v", "headers": {"\\ud800": "x"}}]}',
+            b'{"records": [{"value": "v", "headers": {"h": "\\ud800"}}]}',
+        ):
+            answer = session.post(records, data=body, headers=json_type)
+            assert answer.status_code == 400, (body, answer.text)
+            assert answer.json()["error"]["code"] == "invalid_request"
 
 
 @pytest.mark.skipif(

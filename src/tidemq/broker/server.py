@@ -1012,7 +1012,14 @@ def _decode_text(raw: Any, encoding: str, what: str) -> bytes | None:
             return base64.b64decode(raw, validate=True)
         except (binascii.Error, ValueError) as error:
             raise InvalidRequest(f"{what} is not valid base64") from error
-    return raw.encode()
+    return _utf8(raw, what)
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError as error:  # a lone surrogate ("\ud800") is valid JSON
+        raise InvalidRequest(f"{what} is not valid Unicode text") from error
 
 
 def _json_records_to_batch(body: dict[str, Any], now_ms: int) -> bytes:
@@ -1040,7 +1047,9 @@ def _json_records_to_batch(body: dict[str, Any], now_ms: int) -> bytes:
             isinstance(v, str) for v in raw_headers.values()
         ):
             raise InvalidRequest("headers must be an object of strings")
-        headers.append([(str(k), v.encode()) for k, v in raw_headers.items()] or None)
+        for name in raw_headers:
+            _utf8(name, "header name")
+        headers.append([(k, _utf8(v, "header value")) for k, v in raw_headers.items()] or None)
     return build_batch(pairs, now_ms, headers)
 
 

@@ -829,6 +829,7 @@ class _Handlers:
 
     async def create_topic(self, request: web.Request) -> web.Response:
         body = await read_json_object(request, REQUEST_BYTES_MAX)
+        control.check(body, control.CreateTopicRequest)
         name = check_name(_field(body, "name"), "topic")
         partitions = check_int(
             body.get("partitions", self.c.config.default_partitions),
@@ -887,7 +888,9 @@ class _Handlers:
             return self.c.state.topic(name)
 
     async def allocate_producer(self, request: web.Request) -> web.Response:
-        await read_json_object(request, REQUEST_BYTES_MAX)
+        control.check(
+            await read_json_object(request, REQUEST_BYTES_MAX), control.AllocateProducerRequest
+        )
         [producer_id] = await self.c.commit([AllocateProducerId()])
         return _json({"producer_id": producer_id, "producer_epoch": 0})
 
@@ -896,6 +899,7 @@ class _Handlers:
     async def group_heartbeat(self, request: web.Request) -> web.Response:
         name = check_name(request.match_info["group"], "group")
         body = await read_json_object(request, REQUEST_BYTES_MAX)
+        control.check(body, control.GroupHeartbeatRequest)
         member_id = _member_id(body.get("member_id"))
         member_epoch = check_int(body.get("member_epoch", 0), "member_epoch", 0)
         topics = [check_name(t, "topic") for t in _list(body.get("topics", []), "topics", 10_000)]
@@ -934,6 +938,7 @@ class _Handlers:
     async def group_leave(self, request: web.Request) -> web.Response:
         name = check_name(request.match_info["group"], "group")
         body = await read_json_object(request, REQUEST_BYTES_MAX)
+        control.check(body, control.GroupLeaveRequest)
         member_id = _member_id(_field(body, "member_id"))
         group = self.c.groups.get(name)
         if group is not None and member_id is not None:
@@ -947,6 +952,7 @@ class _Handlers:
     async def commit_offsets(self, request: web.Request) -> web.Response:
         name = check_name(request.match_info["group"], "group")
         body = await read_json_object(request, REQUEST_BYTES_MAX)
+        control.check(body, control.CommitOffsetsRequest)
         member_id = _member_id(body.get("member_id"))
         raw_epoch = body.get("member_epoch")
         member_epoch = None if raw_epoch is None else check_int(raw_epoch, "member_epoch", 0)
