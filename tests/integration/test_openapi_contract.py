@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 BATCH_TYPE = "application/vnd.tidemq.batches"
 
-MAX_EXAMPLES = 30
+MAX_EXAMPLES = 50
 SEED = 20261127
 # Answers a schema-valid request may get because of the cluster's state, not its shape
 # (schemathesis's defaults, plus the broker's documented state answers: 416 an offset

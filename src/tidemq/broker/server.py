@@ -895,10 +895,14 @@ class Broker:
             self.metrics.update_producers(now_ms)
             self.metrics.update_disk(self.config.data_dir)
             for (topic, number), replica in list(self.replicas.items()):
+                if self.replicas.get((topic, number)) is not replica:
+                    continue  # dropped (topic deleted, replica moved) while this pass awaited
                 # Never past the high watermark: a follower may still need the records.
                 replica.log.apply_retention(now_ms, replica.high_watermark)
                 # Two fsyncs: off the event loop, so heartbeats are never late for it.
                 await asyncio.to_thread(replica.checkpoint_high_watermark)
+                if self.replicas.get((topic, number)) is not replica:
+                    continue
                 self.metrics.log_size.labels(topic, str(number)).set(replica.log.size_bytes)
                 self.metrics.log_segments.labels(topic, str(number)).set(replica.log.segment_count)
                 if replica.is_leader:
