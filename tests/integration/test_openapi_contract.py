@@ -72,7 +72,8 @@ def contract_failures(cluster: LocalCluster, base_url: str) -> list[str]:
             "tls-verify": info["ca_file"],
             "request-cert": info["client_cert_file"],
             "request-cert-key": info["client_key_file"],
-            "request-timeout": 10,
+            # Above the longest long-poll a request may ask for (wait_ms <= 30 s).
+            "request-timeout": 40,
             "workers": 1,
             "generation": {"max-examples": MAX_EXAMPLES, "deterministic": True},
             "checks": {
@@ -196,7 +197,8 @@ def test_broker_keeps_its_openapi_contract(live: LocalCluster) -> None:
 
 
 def _assert_lone_surrogates_refused(live: LocalCluster) -> None:
-    """JSON may escape a lone surrogate; it is no text, so a 400 (it was a 500)."""
+    """JSON may escape a lone surrogate; it is no text, so a 400 (it was a 500). And
+    headers that are not an object are refused (``false`` was taken for none)."""
     info = live.info
     session = requests.Session()
     session.trust_env = False  # else REQUESTS_CA_BUNDLE would replace the cluster CA
@@ -220,6 +222,8 @@ def _assert_lone_surrogates_refused(live: LocalCluster) -> None:
             b'{"records": [{"key": "\\udfff", "value": "v"}]}',
             b'{"records": [{"value": "v", "headers": {"\\ud800": "x"}}]}',
             b'{"records": [{"value": "v", "headers": {"h": "\\ud800"}}]}',
+            b'{"records": [{"value": "v", "headers": false}]}',
+            b'{"records": [{"value": "v", "headers": []}]}',
         ):
             answer = session.post(records, data=body, headers=json_type)
             assert answer.status_code == 400, (body, answer.text)

@@ -1046,7 +1046,8 @@ def _json_records_to_batch(body: dict[str, Any], now_ms: int) -> bytes:
                 _decode_text(record.get("value"), encoding, "value"),
             )
         )
-        raw_headers = record.get("headers") or {}
+        raw_headers = record.get("headers")
+        raw_headers = {} if raw_headers is None else raw_headers  # false, [] are no headers
         if not isinstance(raw_headers, dict) or not all(
             isinstance(v, str) for v in raw_headers.values()
         ):
