@@ -258,6 +258,39 @@ class UnknownProducerId(TideError):
     earlier_missing = True  # the producer's first batch may still be on its way
 
 
+class TooManyRequests(TideError):
+    """A limit was reached: sessions or requests in flight, per client or in total
+    (``tide proxy``). Retry later, or close something first."""
+
+    code = "too_many_requests"
+    http_status = 429
+    retriable = True
+
+
+class UnknownSession(TideError):
+    """No such ``tide proxy`` session for this client (never created, deleted, or
+    expired after being idle): create a new one."""
+
+    code = "unknown_session"
+    http_status = 404
+
+
+class SessionBusy(TideError):
+    """The ``tide proxy`` session is already in use by a request that excludes this
+    one (a second pull, or an open event stream)."""
+
+    code = "session_busy"
+    http_status = 409
+
+
+class BatchMismatch(TideError):
+    """A ``tide proxy`` commit named a batch that is not the session's latest one
+    (an older one: committing would also commit records handed out after it)."""
+
+    code = "batch_mismatch"
+    http_status = 409
+
+
 class InvariantViolation(Exception):
     """A broken invariant: a bug. Not a TideError; nothing should catch it."""
 

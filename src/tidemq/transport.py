@@ -65,6 +65,9 @@ def translate_exception(exc: BaseException, what: str) -> TideError:
     return InternalError(f"{what}: {type(exc).__name__}: {exc}")
 
 
+_NEEDS_CLEANUP_CLOSED = bool(getattr(aiohttp.connector, "NEEDS_CLEANUP_CLOSED", False))
+
+
 class HttpTransport:
     """HTTP(S) requests with error translation. Create, use and close inside one loop."""
 
@@ -80,6 +83,10 @@ class HttpTransport:
             limit=0,
             limit_per_host=connections_per_host,
             keepalive_timeout=60,
+            # Before CPython 3.12.8 a TLS connection closed mid-request (a cancelled
+            # long-poll) leaves its socket open until the TLS shutdown finishes, which
+            # never happens once the client's loop stops: abort them on close instead.
+            enable_cleanup_closed=_NEEDS_CLEANUP_CLOSED,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,

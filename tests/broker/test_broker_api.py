@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from tidemq.broker.server import BATCH_TYPE, Broker, BrokerConfig, create_app
+from tidemq.errors import NotLeader, UnknownTopic
 from tidemq.storage import FsyncPolicy, LogConfig
 from tidemq.transport import HttpTransport
 from tidemq.wire import control
@@ -621,3 +622,15 @@ def test_maintenance_skips_replicas_dropped_while_it_awaits(tmp_path: Path) -> N
             assert waiter in done, task.exception() if task.done() else "no second pass"
 
     run(scenario)
+
+
+def test_a_starting_broker_says_not_leader_not_unknown_topic(tmp_path: Path) -> None:
+    """Seen by the fault suite: a restarted broker answered unknown_topic (final for a
+    producer) until its first heartbeat answer told it the topics."""
+    config = BrokerConfig(1, tmp_path, "http://c", "http://b", LogConfig())
+    broker = Broker(config, lambda: HttpTransport(False, {}, 4, 1000), CollectorRegistry())
+    with pytest.raises(NotLeader):
+        broker.replica_for("orders", 0)
+    broker.reconcile(_answer())
+    with pytest.raises(UnknownTopic):
+        broker.replica_for("nothing", 0)

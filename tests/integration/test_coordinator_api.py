@@ -243,12 +243,16 @@ def test_consumer_group_over_http(tmp_path: Path) -> None:
             b = await beat(b["member_id"], b["member_epoch"], [])
             assert len(a["assignment"]) == 2 and len(b["assignment"]) == 2
 
+            b_partition = b["assignment"][0]["partition"]
             stale = {
                 "member_id": b["member_id"],
                 "member_epoch": b["member_epoch"] - 1,
-                "offsets": [{"topic": "orders", "partition": 0, "offset": 1}],
+                "offsets": [{"topic": "orders", "partition": b_partition, "offset": 1}],
             }
             status, body = await api.call("POST", "/v1/groups/g/offsets", stale)
+            assert (status, body["error"]["code"]) == (409, "fenced_member")
+            not_owner = {**stale, "member_id": a["member_id"], "member_epoch": a["member_epoch"]}
+            status, body = await api.call("POST", "/v1/groups/g/offsets", not_owner)
             assert (status, body["error"]["code"]) == (409, "fenced_member")
             status, body = await api.call(
                 "POST", "/v1/groups/g/offsets", {**stale, "member_epoch": b["member_epoch"]}
@@ -260,7 +264,7 @@ def test_consumer_group_over_http(tmp_path: Path) -> None:
             assert group["offsets"] == [
                 {
                     "topic": "orders",
-                    "partition": 0,
+                    "partition": b_partition,
                     "committed": 1,
                     "high_watermark": None,
                     "lag": None,

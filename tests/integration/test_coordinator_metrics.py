@@ -108,8 +108,10 @@ def test_rebalances_and_lag_in_messages_and_seconds(tmp_path: Path) -> None:
             found = await samples(api)
             assert value(found, "tide_consumer_group_rebalances_total", group="g") == 1
             await api.call("POST", "/v1/brokers/1/heartbeat", {"partitions": [report(0, 10)]})
-            commit = {"offsets": [{"topic": "t", "partition": 0, "offset": 4}]}
-            await api.call("POST", "/v1/groups/g/offsets", commit)
+            owner = {"member_id": member["member_id"], "member_epoch": member["member_epoch"]}
+            commit = {**owner, "offsets": [{"topic": "t", "partition": 0, "offset": 4}]}
+            status, answer = await api.call("POST", "/v1/groups/g/offsets", commit)
+            assert status == 200, answer  # only the owner commits (core/groups.py)
 
             async def lag_seconds_grows() -> bool:
                 await api.call("POST", "/v1/brokers/1/heartbeat", {"partitions": [report(0, 10)]})
@@ -125,8 +127,9 @@ def test_rebalances_and_lag_in_messages_and_seconds(tmp_path: Path) -> None:
             assert (
                 value(found, "tide_consumer_lag_messages", group="g", topic="t", partition="0") == 6
             )
-            commit = {"offsets": [{"topic": "t", "partition": 0, "offset": 10}]}
-            await api.call("POST", "/v1/groups/g/offsets", commit)
+            commit = {**owner, "offsets": [{"topic": "t", "partition": 0, "offset": 10}]}
+            status, answer = await api.call("POST", "/v1/groups/g/offsets", commit)
+            assert status == 200, answer
             found = await samples(api)
             assert (
                 value(found, "tide_consumer_lag_seconds", group="g", topic="t", partition="0") == 0

@@ -217,6 +217,10 @@ def test_prometheus_scrapes_a_live_cluster_and_the_broker_down_alert_fires(
         cluster.kill_broker(2)
         firing = poll(lambda: broker_down_alerts(api), "TideBrokerDown to fire for broker 2")
         assert firing == [{"alertname": "TideBrokerDown", "broker": "2", "severity": "critical"}]
+        poll(
+            lambda: firing_alerts(api, "TidePartitionsUnderReplicated"),
+            "TidePartitionsUnderReplicated to fire once broker 2 left the ISRs",
+        )
         check_the_event_log(cluster.data_dir / "logs")
     finally:
         processes.stop([(entry.pid, entry.argv)], grace_s=5.0)
@@ -234,9 +238,18 @@ def check_everything_returns_data(api: PrometheusApi) -> None:
         return [where for where, expr in queries if not api.query(expr)]
 
     poll_problems(empty_panels, "every dashboard query to return data")
-    for alert, expr, selector in alert_selectors():
+    selectors = alert_selectors()
+    assert {alert for alert, _, _ in selectors} >= {"TideBrokerDown", "TideFsyncSlow"}
+    for alert, expr, selector in selectors:
         assert api.query(selector), f"{alert}: {selector} returns no data"
         api.query(expr)  # evaluates (an alert expression is empty while all is well)
+
+
+def firing_alerts(api: PrometheusApi, name: str) -> list[dict[str, str]]:
+    alerts = api.get("/api/v1/alerts")["alerts"]
+    return [
+        a["labels"] for a in alerts if a["labels"]["alertname"] == name and a["state"] == "firing"
+    ]
 
 
 def broker_down_alerts(api: PrometheusApi) -> list[dict[str, str]]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tidemq.core.groups import ConsumerGroup, compute_target
-from tidemq.errors import FencedMember
+from tidemq.errors import FencedMember, Unavailable
 
 COUNTS = {"orders": 12}
 SESSION_MS = 1000
@@ -61,13 +62,58 @@ def test_stale_epoch_is_fenced_and_epoch_zero_rejoins() -> None:
 
 def test_commits_are_validated_against_the_member_epoch() -> None:
     group = ConsumerGroup("g")
-    _, epoch, _ = beat(group, None, 0, [], new_id="a")
-    group.validate_commit(None, None)  # standalone consumer
-    group.validate_commit("a", epoch)
+    _, epoch, owned = beat(group, None, 0, [], new_id="a")
+    group.validate_commit(None, None, [], 0)  # standalone consumer, nothing held
+    group.validate_commit("a", epoch, owned, 0)
     with pytest.raises(FencedMember):
-        group.validate_commit("a", epoch - 1)
+        group.validate_commit("a", epoch - 1, owned, 0)
     with pytest.raises(FencedMember):
-        group.validate_commit("b", 1)
+        group.validate_commit("b", 1, owned, 0)
+
+
+def test_commits_are_validated_against_ownership() -> None:
+    group = ConsumerGroup("g")
+    _, a_epoch, a_owned = beat(group, None, 0, [], new_id="a")
+    _, b_epoch, _ = beat(group, None, 0, [], new_id="b")
+    _, a_epoch, a_next = beat(group, "a", a_epoch, a_owned)  # told to revoke six
+    moved = sorted(set(a_owned) - set(a_next))
+    # The commit on revocation: a still reports them owned, so it may commit them.
+    group.validate_commit("a", a_epoch, moved, 0)
+    _, a_epoch, _ = beat(group, "a", a_epoch, a_next)  # a reports them released
+    _, b_epoch, b_owned = beat(group, "b", b_epoch, [])
+    assert b_owned == moved
+    # a's delayed commit of a partition it gave away, at its current epoch: refused.
+    with pytest.raises(FencedMember, match="does not own"):
+        group.validate_commit("a", a_epoch, moved[:1], 0)
+    group.validate_commit("b", b_epoch, moved, 0)
+    with pytest.raises(FencedMember, match="owned by members"):
+        group.validate_commit(None, None, moved[:1], 0)  # standalone, but b owns it
+
+
+def test_after_a_restart_nothing_moves_until_forgotten_sessions_ran_out() -> None:
+    # Before the restart a owned 0-5 and b 6-11; the new coordinator knows neither.
+    group = ConsumerGroup("g", recover_until_ms=SESSION_MS)
+    a_owned = [("orders", p) for p in range(6)]
+    _, c_epoch, c_owned = beat(group, None, 0, [], now_ms=1, new_id="c")
+    assert c_owned == []  # b may still be fetching 6-11: nothing is granted to c
+    member, a_epoch, a_assignment = beat(group, "a", 7, a_owned, now_ms=2)
+    assert (member, a_epoch, a_assignment) == ("a", 7, a_owned)  # adopted, not fenced
+    with pytest.raises(Unavailable):  # commits wait until every owner is known again
+        group.validate_commit("a", a_epoch, a_owned, 3)
+    _, c_epoch, c_owned = beat(group, "c", c_epoch, [], now_ms=SESSION_MS - 1)
+    assert c_owned == []
+    _, c_epoch, c_owned = beat(group, "c", c_epoch, [], now_ms=SESSION_MS)
+    assert c_owned and not set(c_owned) & set(a_owned)  # b's old partitions move now
+    with pytest.raises(FencedMember):  # after recovery an unknown member is fenced
+        beat(group, "ghost", 3, [], now_ms=SESSION_MS)
+
+
+def test_adoption_never_gives_one_partition_to_two_members() -> None:
+    group = ConsumerGroup("g", recover_until_ms=SESSION_MS)
+    beat(group, "a", 4, [("orders", 0), ("orders", 1)], now_ms=1)
+    # A stale report from before the restart claims partition 1 too.
+    _, b_epoch, b_assignment = beat(group, "b", 9, [("orders", 1), ("orders", 2)], now_ms=2)
+    assert (b_epoch, b_assignment) == (10, [("orders", 2)])  # told to drop 1, epoch moves
 
 
 def test_expiry_and_leave_free_partitions() -> None:
@@ -173,3 +219,46 @@ def check_single_owner(group: ConsumerGroup, clients: dict[str, Client]) -> None
     for member in group.members.values():
         assert not assigned & member.assignment, "two members are assigned one partition"
         assigned |= member.assignment
+
+
+def test_a_steady_heartbeat_does_not_walk_the_other_members() -> None:
+    class CountingMembers(dict[str, Any]):
+        walks = 0
+
+        def values(self) -> Any:
+            CountingMembers.walks += 1
+            return super().values()
+
+        def items(self) -> Any:
+            CountingMembers.walks += 1
+            return super().items()
+
+        def __iter__(self) -> Any:
+            CountingMembers.walks += 1
+            return super().__iter__()
+
+    group = ConsumerGroup("g")
+    members = [beat(group, None, 0, [], new_id=f"m{n}") for n in range(12)]
+    for _ in range(3):  # settle: everyone releases and is granted
+        members = [beat(group, m, e, a) for m, e, a in members]
+    group.members = CountingMembers(group.members)
+    member, epoch, assignment = members[5]
+    assert beat(group, member, epoch, assignment) == (member, epoch, assignment)
+    assert CountingMembers.walks == 0
+
+
+def test_a_ghost_adopted_after_a_restart_cannot_commit_over_the_real_owner() -> None:
+    # Before the restart a owned partition 0 at epoch 5, released it, and b got it.
+    # a's heartbeat and commit from those days arrive late, after the restart.
+    group = ConsumerGroup("g", recover_until_ms=SESSION_MS)
+    partition = [("orders", 0)]
+    beat(group, "a", 5, partition, now_ms=1)  # the ghost: adopted, holds partition 0
+    with pytest.raises(Unavailable):  # b (the real owner) has not heartbeated yet
+        group.validate_commit("a", 5, partition, 2)
+    _, b_epoch, b_assignment = beat(group, "b", 7, partition, now_ms=3)
+    assert b_assignment == []  # b must let go until the ghost's session runs out
+    for now_ms in (SESSION_MS, SESSION_MS + 1):
+        with pytest.raises(FencedMember):  # two holders: neither may commit
+            group.validate_commit("a", 5, partition, now_ms)
+        with pytest.raises(FencedMember):
+            group.validate_commit("b", b_epoch, partition, now_ms)

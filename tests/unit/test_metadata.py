@@ -18,6 +18,7 @@ from tidemq.core.metadata import (
     DeleteTopic,
     InitCluster,
     Liveness,
+    RecordGroupSession,
     RegisterBroker,
     command_from_json,
     command_to_json,
@@ -47,6 +48,7 @@ def history() -> list[Command]:
         ChangeIsr("orders", 0, (1, 2)),
         AllocateProducerId(),
         DeleteTopic("gone"),
+        RecordGroupSession("g", 30_000),
     ]
 
 
@@ -79,6 +81,16 @@ def test_snapshot_round_trip_then_more_commands() -> None:
         original.apply(command)
         restored.apply(command)
     assert restored == original
+
+
+def test_group_session_bounds_only_grow_and_survive_old_snapshots() -> None:
+    state = build([RecordGroupSession("g", 10_000)])
+    with pytest.raises(InvalidRequest):
+        state.check(RecordGroupSession("g", 10_000))
+    snapshot = state.to_snapshot()
+    assert ClusterState.from_snapshot(snapshot).group_session_ms == {"g": 10_000}
+    del snapshot["group_sessions"]  # written before the field existed
+    assert ClusterState.from_snapshot(snapshot).group_session_ms == {}
 
 
 def test_apply_results_and_effects() -> None:

@@ -165,7 +165,20 @@ class BrokerMetrics:
             "tide_fsync_duration_seconds",
             "fsync latency of one partition log",
             registry=registry,
-            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1),
+            buckets=(
+                0.0001,
+                0.00025,
+                0.0005,
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                1,
+            ),
         )
         self.partitions = Gauge(
             "tide_broker_partitions",
@@ -279,6 +292,7 @@ class Broker:
         self._tasks: asyncio.TaskGroup | None = None
         self._followers: dict[Key, tuple[int, asyncio.Task[None]]] = {}
         self._inflight_produce_bytes = 0
+        self.reconciled = False  # no heartbeat answer yet: topics unknown, not absent
         self._follower_warned: dict[Key, float] = {}
 
     @property
@@ -291,6 +305,10 @@ class Broker:
         replica = self.replicas.get((topic, partition))
         if replica is not None:
             return replica
+        if not self.reconciled:
+            # Before its first heartbeat answer a (re)started broker knows no topic: not
+            # a reason for a client to give up on one (unknown_topic is final).
+            raise NotLeader(f"broker {self.config.broker_id} is starting: no assignments yet")
         summary = self.topics.get(topic)
         if summary is None:
             raise UnknownTopic(f"unknown topic {topic!r}")
@@ -614,6 +632,7 @@ class Broker:
     # ---- reconciling the desired state --------------------------------------------
 
     def reconcile(self, answer: control.HeartbeatAnswer) -> None:
+        self.reconciled = True
         self.topics = dict(answer.topics)
         wanted = {(a.topic, a.partition): a for a in answer.assignments}
         deleted_ids = set(answer.deleted_topic_ids)

@@ -40,6 +40,7 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 _LAZY_COMMANDS = {
     "coordinator": ("tidemq.coordinator.main", "Run the coordinator service."),
     "broker": ("tidemq.broker.main", "Run a broker service."),
+    "proxy": ("tidemq.client.proxy.main", "Run the REST proxy (HTTP API for any language)."),
 }
 
 

@@ -44,6 +44,7 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
@@ -61,6 +62,8 @@ from tidemq.client.transport import (
 from tidemq.errors import (
     ClientClosed,
     CorruptRecord,
+    FencedMember,
+    Forbidden,
     InternalError,
     InvalidRequest,
     OffsetOutOfRange,
@@ -131,7 +134,9 @@ class Consumer:
         self._buffer = FetchBuffer(
             self._options.max_partition_buffer_bytes, self._space_freed, self._done_signal
         )
-        self._member_id: str | None = None
+        # Chosen here, not by the coordinator: a join whose answer is lost and is sent
+        # again names the same member instead of creating a ghost that holds partitions.
+        self._member_id: str | None = uuid.uuid4().hex
         self._member_epoch = 0
         self._owned: set[TopicPartition] = set()
         self._revoking: dict[TopicPartition, float] = {}  # -> when the revocation began
@@ -324,12 +329,17 @@ class Consumer:
         """At least once / manual: hand out one message at a time, done when it returns."""
         buffer = self._buffer
         handled = False
+        skipped: set[TopicPartition] = set()
         try:
             for index, message in enumerate(messages):
                 if self._closed:
                     break
                 if not buffer.hand_out(message):
-                    continue  # revoked, rewound or the session lapsed: not ours to give
+                    # revoked, rewound or the session lapsed: not ours to give now; what
+                    # follows it in this chunk must be fetched again (a session that
+                    # comes back must not find the partition stalled past a gap)
+                    skipped.add((message.topic, message.partition))
+                    continue
                 try:
                     handler(message)
                 except BaseException:
@@ -338,7 +348,9 @@ class Consumer:
                 buffer.processed((message.topic, message.partition), message.offset + 1)
                 handled = True
         finally:
-            if handled and self._delivery == "at_least_once" and not self._closed:
+            if skipped and not self._closed:
+                self._rewind(skipped)  # revoked partitions are left alone by the buffer
+            elif handled and self._delivery == "at_least_once" and not self._closed:
                 self._commit_logged_sync()
 
     def _handle_at_most_once(
@@ -349,6 +361,11 @@ class Consumer:
             return
         self._commit_before_handing_over(given)
         for index, message in enumerate(given):
+            tp = (message.topic, message.partition)
+            if not self._buffer.owns(tp) or self._buffer.session_expired():
+                # released (its next owner may be at the next offsets already) or the
+                # session lapsed: at most once means these are simply not delivered
+                continue
             try:
                 handler(message)
             except BaseException:
@@ -495,11 +512,15 @@ class Consumer:
                     answer = await self._heartbeat()
                 except TideError as error:
                     attempt += 1
-                    if not error.retriable:
+                    if isinstance(error, FencedMember):
                         log.warning(
                             "group %s heartbeat rejected (%s): rejoining", self.group, error
                         )
                         await self._lose_everything()
+                    elif not error.retriable:
+                        # Forbidden, a bad session timeout...: rejoining cannot fix it,
+                        # and poll() must not return [] for ever. Raise it there.
+                        raise
                     else:
                         log.debug("group %s heartbeat failed: %s", self.group, error)
                     next_heartbeat = time.monotonic() + backoff_seconds(
@@ -633,7 +654,7 @@ class Consumer:
     async def _lose_everything(self) -> None:
         """Fenced or expired: drop all partitions without committing, rejoin as new."""
         await self._drop_all()
-        self._member_id = None
+        self._member_id = uuid.uuid4().hex  # rejoin as a new member (a retried join: same)
         self._member_epoch = 0
 
     async def _drop_all(self) -> None:
@@ -744,6 +765,16 @@ class Consumer:
         return int(answer[field])
 
     async def _commit(self, positions: dict[TopicPartition, int]) -> None:
+        """One commit at a time: two in flight on different connections could be
+        applied in the opposite order and move the group's offset backwards (and the
+        ``_committed`` cache would then hide it)."""
+        lock = self.__dict__.get("_commit_lock")
+        if lock is None:
+            lock = self.__dict__["_commit_lock"] = asyncio.Lock()
+        async with lock:
+            await self._commit_serially(positions)
+
+    async def _commit_serially(self, positions: dict[TopicPartition, int]) -> None:
         changed = {
             tp: position
             for tp, position in positions.items()
@@ -757,7 +788,7 @@ class Consumer:
                 for (t, p), offset in sorted(changed.items())
             ]
         }
-        if self._member_id is not None:
+        if self._member_id is not None and self._member_epoch > 0:  # joined
             body["member_id"] = self._member_id
             body["member_epoch"] = self._member_epoch
         await self._transport.coordinator(
@@ -815,6 +846,8 @@ class Consumer:
                 self._buffer.seek(tp, offset)
                 continue
             except TideError as error:
+                if isinstance(error, Forbidden | InvalidRequest):
+                    raise  # retrying cannot help: poll() raises it (background failure)
                 attempt += 1
                 self._metadata.invalidate(topic)
                 log.debug("fetch %s/%s: %s; retry %d", topic, partition, error, attempt)

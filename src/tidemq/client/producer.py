@@ -42,13 +42,19 @@ from tidemq.client.metadata import MetadataCache
 from tidemq.client.sequencing import PartitionSequencer, RequestGroup
 from tidemq.client.transport import BATCH_TYPE, LoopThread, Transport, backoff_seconds
 from tidemq.errors import (
+    BrokerBusy,
     ClientClosed,
+    FencedLeaderEpoch,
+    Forbidden,
     InternalError,
     InvalidRequest,
     NotLeader,
     OutOfOrderSequence,
+    ProducerFenced,
     RequestTimedOut,
+    RequestTooLarge,
     TideError,
+    UnknownLeaderEpoch,
     UnknownPartition,
     UnknownProducerId,
     UnknownTopic,
@@ -61,6 +67,22 @@ log = logging.getLogger("tidemq.client")
 # A broker learns of a new topic or partition from its next coordinator heartbeat, so a
 # produce right after the topic was created may meet these: retry like not_leader.
 _BROKER_NOT_READY = (UnknownTopic, UnknownPartition)
+# Refusals that come before the broker appends anything. Anything else (a timeout, a
+# lost connection, not_leader or not_enough_replicas after the append) leaves the
+# outcome of a batch unknown.
+_NOT_APPENDED = (
+    InvalidRequest,
+    RequestTooLarge,
+    FencedLeaderEpoch,
+    UnknownLeaderEpoch,
+    OutOfOrderSequence,
+    ProducerFenced,
+    UnknownProducerId,
+    UnknownTopic,
+    UnknownPartition,
+    BrokerBusy,
+    Forbidden,
+)
 
 
 def to_bytes(value: object, what: str) -> bytes | None:
@@ -353,12 +375,27 @@ class Producer:
         self._settle(tp, request)
 
     def _give_up(self, tp: TopicPartition, request: RequestGroup, error: TideError) -> None:
-        """The group fails for good: its records get ``error``; later groups of the
-        partition will need a new epoch (their sequences would follow a gap)."""
-        for batch in request.batches:
-            batch.complete(-1, error)
-        self._sequencer(tp).reset_needed = True
-        self._settle(tp, request)
+        """The group fails for good: its records get ``error``.
+
+        If the broker definitely did not append it (it refused the request before
+        appending), later groups of the partition cannot have been appended either (the
+        broker appends strictly in sequence): they are renumbered in a new epoch. If the
+        outcome is unknown (a timeout, a lost answer, a failure after the append), it may
+        have landed, and so may the later groups already sent: renumbering them would
+        write them twice. Then they fail with the same error, and new groups continue the
+        sequence; should the given-up group not have landed after all, the broker answers
+        the next one with a gap, a definite refusal, and only then the epoch moves on."""
+        sequencer = self._sequencer(tp)
+        held = [request]
+        if not isinstance(error, _NOT_APPENDED):
+            held += [g for g in sequencer.groups if g is not request and not g.in_flight]
+        for group in held:
+            for batch in group.batches:
+                batch.complete(-1, error)
+        if isinstance(error, _NOT_APPENDED):
+            sequencer.reset_needed = True
+        for group in held:
+            self._settle(tp, group)
 
     def _settle(self, tp: TopicPartition, request: RequestGroup) -> None:
         sequencer = self._sequencer(tp)

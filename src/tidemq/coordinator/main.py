@@ -83,6 +83,12 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
     show_default=True,
     help="A broker dead this long past its session has its replicas re-created elsewhere.",
 )
+@click.option(
+    "--no-group-commit",
+    is_flag=True,
+    hidden=True,
+    help="one transaction per offset commit (to measure what group commit buys)",
+)
 @click.option("--log-level", default="info", show_default=True)
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True)
 def command(
@@ -101,6 +107,7 @@ def command(
     rebalance_moves_max: int,
     rebalance_moves_per_broker_max: int,
     replica_replacement_ms: int,
+    no_group_commit: bool,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -132,6 +139,7 @@ def command(
         rebalance_moves_max=rebalance_moves_max,
         rebalance_moves_per_broker_max=rebalance_moves_per_broker_max,
         replica_replacement_ms=replica_replacement_ms,
+        offset_group_commit=not no_group_commit,
     )
     asyncio.run(run_coordinator(config))
 

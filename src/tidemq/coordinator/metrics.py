@@ -123,10 +123,17 @@ class ClusterCollector:
             "Partitions without a leader",
             sum(p.leader_id is None for p in partitions),
         )
+        # A partition being moved lists original + adding replicas until the move
+        # completes; count it against its replication factor (Kafka's KIP-352), or
+        # every healthy rebalance or drain would page as under-replicated.
         yield _gauge(
             "tide_partitions_under_replicated",
-            "Partitions whose ISR is smaller than their replica set",
-            sum(len(p.isr) < len(p.replicas) for p in partitions),
+            "Partitions whose ISR is smaller than their replication factor",
+            sum(
+                len(p.isr) < min(len(p.replicas), topic.replication_factor)
+                for topic in state.topics.values()
+                for p in topic.partitions
+            ),
         )
         yield _gauge(
             "tide_reassignments_in_progress",
@@ -154,12 +161,18 @@ class ClusterCollector:
             "Partitions each broker leads, as the coordinator decided",
             labels=["broker"],
         )
+        draining = GaugeMetricFamily(
+            "tide_broker_draining",
+            "1 if the broker is drained (scale-in), else 0",
+            labels=["broker"],
+        )
         for broker_id in sorted(self.coordinator.state.brokers):
             label = [str(broker_id)]
             alive.add_metric(label, 1 if broker_id in live else 0)
+            draining.add_metric(label, 1 if broker_id in self.coordinator.state.draining else 0)
             replica_gauge.add_metric(label, replicas.get(broker_id, 0))
             leader_gauge.add_metric(label, leaders.get(broker_id, 0))
-        yield from (alive, replica_gauge, leader_gauge)
+        yield from (alive, replica_gauge, leader_gauge, draining)
 
     @staticmethod
     def _topic_partitions(state: ClusterState) -> GaugeMetricFamily:

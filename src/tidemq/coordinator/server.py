@@ -10,7 +10,13 @@ Must always hold:
   then applied in memory and answered (persist before reply);
 * writers are serialized by one lock held from the check to the apply, so the state a
   command was checked against is the state it is applied to;
-* soft state (broker sessions and reports, group membership) never reaches the store.
+* soft state (broker sessions and reports, group membership) never reaches the store;
+* group membership changes (heartbeat, leave, expiry) also take the write lock, so an
+  offset commit is checked against ownership and epoch under the lock that persists and
+  applies it, and no grant can slip between its check and its apply;
+* offset commits are group-committed: every commit waiting for the lock is checked,
+  persisted in one transaction (one fsync) and applied by whichever request gets the
+  lock first.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import logging
 import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +37,7 @@ from prometheus_client import CollectorRegistry
 from tidemq.coordinator.events import log_committed
 from tidemq.coordinator.metrics import ClusterCollector, CoordinatorMetrics
 from tidemq.coordinator.store import CommandStore
-from tidemq.core.groups import ConsumerGroup
+from tidemq.core.groups import ConsumerGroup, HeartbeatResult, TopicPartition
 from tidemq.core.metadata import (
     AllocateProducerId,
     AlterIsr,
@@ -48,6 +54,7 @@ from tidemq.core.metadata import (
     Liveness,
     PartitionReport,
     ReassignReplicas,
+    RecordGroupSession,
     RegisterBroker,
     SetBrokerDraining,
     TopicState,
@@ -63,6 +70,7 @@ from tidemq.errors import (
     NoBrokersAvailable,
     TideError,
     TopicExists,
+    Unavailable,
     UnknownBroker,
     UnknownGroup,
     UnknownTopic,
@@ -93,7 +101,11 @@ BROKER_ID_MAX = (1 << 31) - 1
 URL_CHARS_MAX = 2000
 GROUP_SESSION_TIMEOUT_MS_DEFAULT = 10_000
 GROUP_SESSION_TIMEOUT_MS_MIN = 100
-GROUP_SESSION_TIMEOUT_MS_MAX = 3_600_000
+# A group's largest session timeout is also how long it recovers after a coordinator
+# restart (partitions do not move, commits wait), and that bound never shrinks.
+GROUP_SESSION_TIMEOUT_MS_MAX = 300_000
+# Offset commits waiting for the next group commit; more are refused (503, retriable).
+OFFSET_COMMITS_PENDING_MAX = 10_000
 JSON_BODY = {"application/json": {"schema": {"type": "object"}}}
 
 
@@ -115,6 +127,8 @@ class CoordinatorConfig:
     replica_replacement_ms: int = 60_000
     rebalance_moves_max: int = 4  # partition moves in flight at once; 0: no rebalancing
     rebalance_moves_per_broker_max: int = 2  # moves adding to or removing from one broker
+    # False: one transaction per offset commit (only to measure what group commit buys)
+    offset_group_commit: bool = True
 
     @property
     def url(self) -> str:
@@ -148,6 +162,11 @@ class Coordinator:
             self.liveness.start_session(broker_id, now_ms)
         self.groups: dict[str, ConsumerGroup] = {}
         self.rejected_brokers: dict[int, str] = {}  # broker id -> the cluster id it has
+        # Group recovery after this start: each group's session bound as persisted by
+        # earlier runs (bounds raised from now on concern members we will know).
+        self.started_ms = now_ms
+        self.recovery_bounds_ms = dict(state.group_session_ms)
+        self._pending_commits: list[_PendingCommit] = []
         self.ready = False
         self._write_lock = asyncio.Lock()
         self.registry = CollectorRegistry()
@@ -189,13 +208,14 @@ class Coordinator:
             )
         await self.reconcile()
         self.collector.sample_high_watermarks()
-        for name in list(self.groups):
-            epoch_before = self.groups[name].group_epoch
-            for member_id in self.groups[name].expire(now_ms):
-                log.info("group %s: member %s session expired", name, member_id)
-            self.metrics.group_changed(name, epoch_before, self.groups[name].group_epoch)
-            if not self.groups[name].members:
-                del self.groups[name]
+        async with self._write_lock:
+            for name in list(self.groups):
+                epoch_before = self.groups[name].group_epoch
+                for member_id in self.groups[name].expire(now_ms):
+                    log.info("group %s: member %s session expired", name, member_id)
+                self.metrics.group_changed(name, epoch_before, self.groups[name].group_epoch)
+                if not self.groups[name].members:
+                    del self.groups[name]
 
     # -- writing --
 
@@ -222,14 +242,12 @@ class Coordinator:
             return []
         for command in commands:
             self.state.check(command)
-        seq = await self.store.append(commands)
+        await self.store.append(commands)  # snapshots are written on the store's thread
         results = []
         for command in commands:
             self.metrics.before_apply(self.state, command)
             log_committed(self.state, command)
             results.append(self._apply_committed(command))
-        if self.store.snapshot_due():
-            await self.store.write_snapshot(self.state.to_snapshot(), seq)
         return results
 
     def _apply_committed(self, command: Command) -> Any:
@@ -342,6 +360,116 @@ class Coordinator:
             )
             return self.state.topic(name)
 
+    # -- consumer groups --
+
+    def group(self, name: str) -> ConsumerGroup:
+        """The group's live state, or a new one (not registered yet). A group new in
+        memory recovers until its persisted session bound has passed since this
+        coordinator started: members it forgot may still be fetching until then."""
+        group = self.groups.get(name)
+        if group is None:
+            bound_ms = self.recovery_bounds_ms.get(name, 0)
+            group = ConsumerGroup(name, recover_until_ms=self.started_ms + bound_ms)
+        return group
+
+    async def group_heartbeat(
+        self,
+        name: str,
+        member_id: str | None,
+        member_epoch: int,
+        topics: list[str],
+        owned: list[TopicPartition],
+        session_timeout_ms: int,
+    ) -> HeartbeatResult:
+        async with self._write_lock:
+            if session_timeout_ms > self.state.group_session_ms.get(name, 0):
+                # persisted before any member may rely on it (see core.groups)
+                await self._commit_locked([RecordGroupSession(name, session_timeout_ms)])
+            group = self.group(name)
+            epoch_before = group.group_epoch
+            result = group.heartbeat(
+                member_id,
+                member_epoch,
+                topics,
+                owned,
+                self.clock_ms(),
+                _PartitionCounts(self.state.topics),
+                self.new_id(),
+                session_timeout_ms,
+            )
+            self.groups.setdefault(name, group)
+            self.metrics.group_changed(name, epoch_before, group.group_epoch)
+            return result
+
+    async def group_leave(self, name: str, member_id: str) -> None:
+        async with self._write_lock:
+            group = self.groups.get(name)
+            if group is not None:
+                epoch_before = group.group_epoch
+                group.leave(member_id)
+                self.metrics.group_changed(name, epoch_before, group.group_epoch)
+                if not group.members:
+                    del self.groups[name]
+
+    async def commit_offsets(
+        self,
+        name: str,
+        member_id: str | None,
+        member_epoch: int | None,
+        offsets: tuple[tuple[str, int, int], ...],
+    ) -> int:
+        """Queues the commit and joins the next group commit (see the module doc)."""
+        if len(self._pending_commits) >= OFFSET_COMMITS_PENDING_MAX:
+            raise Unavailable(f"{OFFSET_COMMITS_PENDING_MAX} offset commits are pending: retry")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        entry = _PendingCommit(CommitOffsets(name, offsets), member_id, member_epoch, future)
+        self._pending_commits.append(entry)
+        try:
+            async with self._write_lock:
+                if not entry.future.done():
+                    await self._commit_pending_offsets(
+                        None if self.config.offset_group_commit else entry
+                    )
+        except asyncio.CancelledError:
+            entry.future.cancel()
+            raise
+        return await entry.future
+
+    async def _commit_pending_offsets(self, only: _PendingCommit | None = None) -> None:
+        """Checks every pending commit (or ``only`` that one), persists the valid ones
+        in one transaction, applies them and answers each. Caller holds the write lock."""
+        if only is None:
+            batch, self._pending_commits = self._pending_commits, []
+        else:
+            self._pending_commits.remove(only)
+            batch = [only]
+        now_ms = self.clock_ms()
+        accepted: list[_PendingCommit] = []
+        for entry in batch:
+            if entry.future.done():  # its request was cancelled
+                continue
+            command = entry.command
+            try:
+                partitions = [(topic, partition) for topic, partition, _ in command.offsets]
+                self.group(command.group).validate_commit(
+                    entry.member_id, entry.member_epoch, partitions, now_ms
+                )
+                self.state.check(command)
+            except TideError as error:
+                entry.future.set_exception(error)
+                continue
+            accepted.append(entry)
+        try:
+            results = await self._commit_locked([entry.command for entry in accepted])
+        except Exception as error:
+            for entry in accepted:
+                if not entry.future.done():
+                    entry.future.set_exception(error)
+            return
+        for entry, result in zip(accepted, results, strict=True):
+            if not entry.future.done():
+                entry.future.set_result(result)
+
     # -- reading --
 
     def live_brokers(self) -> set[int]:
@@ -425,6 +553,30 @@ def _step_name(target: tuple[int, ...], isr: list[int], leader_id: int | None) -
     if any(broker not in isr for broker in target):
         return "copying"
     return "moving_leader" if leader_id not in target else "dropping"
+
+
+@dataclass
+class _PendingCommit:
+    command: CommitOffsets
+    member_id: str | None
+    member_epoch: int | None
+    future: asyncio.Future[int]
+
+
+class _PartitionCounts(Mapping[str, int]):
+    """Partition counts read lazily: a group heartbeat looks up only its own topics."""
+
+    def __init__(self, topics: Mapping[str, TopicState]) -> None:
+        self._topics = topics
+
+    def __getitem__(self, name: str) -> int:
+        return len(self._topics[name].partitions)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._topics)
+
+    def __len__(self) -> int:
+        return len(self._topics)
 
 
 def _move_step(state: ClusterState, command: Command) -> str | None:
@@ -910,21 +1062,9 @@ class _Handlers:
             GROUP_SESSION_TIMEOUT_MS_MIN,
             GROUP_SESSION_TIMEOUT_MS_MAX,
         )
-        group = self.c.groups.get(name) or ConsumerGroup(name)
-        epoch_before = group.group_epoch
-        counts = {t: len(topic.partitions) for t, topic in self.c.state.topics.items()}
-        result = group.heartbeat(
-            member_id,
-            member_epoch,
-            topics,
-            owned,
-            self.c.clock_ms(),
-            counts,
-            self.c.new_id(),
-            session_timeout_ms,
+        result = await self.c.group_heartbeat(
+            name, member_id, member_epoch, topics, owned, session_timeout_ms
         )
-        self.c.groups.setdefault(name, group)
-        self.c.metrics.group_changed(name, epoch_before, group.group_epoch)
         interval_ms = max(1, min(self.c.config.heartbeat_interval_ms, session_timeout_ms // 3))
         return _json(
             {
@@ -940,13 +1080,8 @@ class _Handlers:
         body = await read_json_object(request, REQUEST_BYTES_MAX)
         control.check(body, control.GroupLeaveRequest)
         member_id = _member_id(_field(body, "member_id"))
-        group = self.c.groups.get(name)
-        if group is not None and member_id is not None:
-            epoch_before = group.group_epoch
-            group.leave(member_id)
-            self.c.metrics.group_changed(name, epoch_before, group.group_epoch)
-            if not group.members:
-                del self.c.groups[name]
+        if member_id is not None:
+            await self.c.group_leave(name, member_id)
         return _json({"left": True})
 
     async def commit_offsets(self, request: web.Request) -> web.Response:
@@ -962,8 +1097,7 @@ class _Handlers:
             topic = check_name(_field(entry, "topic"), "topic")
             partition = check_int(_field(entry, "partition"), "partition", 0)
             offsets.append((topic, partition, check_int(_field(entry, "offset"), "offset", 0)))
-        (self.c.groups.get(name) or ConsumerGroup(name)).validate_commit(member_id, member_epoch)
-        [committed] = await self.c.commit([CommitOffsets(name, tuple(offsets))])
+        committed = await self.c.commit_offsets(name, member_id, member_epoch, tuple(offsets))
         return _json({"committed": committed})
 
     async def fetch_offsets(self, request: web.Request) -> web.Response:

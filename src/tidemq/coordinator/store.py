@@ -17,11 +17,19 @@ Must always hold:
 
 SQLite blocks, so every call runs on one dedicated thread (the connection lives
 there); the event loop only awaits. One thread also means one writer, in order.
+
+Snapshots never touch the event loop: the thread keeps its own copy of the state (the
+*shadow*), applies every command it commits to it, and builds and encodes the snapshot
+from the shadow when one is due, right after the commit. The loop's state is never
+read from the thread, so there is no race; the cost is a second copy of the metadata
+in memory. The JSON is encoded one row at a time, so the thread gives up the GIL
+between rows and the loop keeps running while a large snapshot is written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +59,7 @@ class CommandStore:
         self.snapshot_every = snapshot_every
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tide-sqlite")
         self._connection: sqlite3.Connection | None = None
+        self._shadow = ClusterState()  # the thread's own copy of the state
         self.last_seq = 0
         self.snapshot_seq = 0
 
@@ -69,18 +78,12 @@ class CommandStore:
 
     async def append(self, commands: list[Command]) -> int:
         """Durably appends commands in one transaction (one fsync); returns the last
-        sequence number."""
-        texts = [json.dumps(command_to_json(c), separators=(",", ":")) for c in commands]
-        last_seq: int = await self._run(self._append, texts)
+        sequence number. Writes a snapshot first when one is due (on the thread).
+
+        The caller must have checked the commands against the state they will be
+        applied to (they are applied to the shadow here, in the same order)."""
+        last_seq: int = await self._run(self._append, list(commands))
         return last_seq
-
-    def snapshot_due(self) -> bool:
-        return self.last_seq - self.snapshot_seq >= self.snapshot_every
-
-    async def write_snapshot(self, snapshot: dict[str, Any], seq: int) -> None:
-        """Stores ``snapshot`` (the state through ``seq``) and drops older commands."""
-        text = json.dumps(snapshot, separators=(",", ":"))
-        await self._run(self._write_snapshot, text, seq)
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -115,15 +118,23 @@ class CommandStore:
         for seq, text in rows:
             _replay(state, int(seq), text)
             self.last_seq = int(seq)
+        self._shadow = copy.deepcopy(state)
         return state
 
-    def _append(self, texts: list[str]) -> int:
+    def _append(self, commands: list[Command]) -> int:
         first = self.last_seq + 1
-        rows = [(first + index, text) for index, text in enumerate(texts)]
+        rows = [
+            (first + index, json.dumps(command_to_json(command), separators=(",", ":")))
+            for index, command in enumerate(commands)
+        ]
         with self._db() as connection:  # one transaction, committed on exit
             connection.execute("BEGIN IMMEDIATE")
             connection.executemany("INSERT INTO commands (seq, json) VALUES (?, ?)", rows)
-        self.last_seq = first + len(texts) - 1
+        self.last_seq = first + len(commands) - 1
+        for seq, text in rows:
+            _replay(self._shadow, seq, text)
+        if self.last_seq - self.snapshot_seq >= self.snapshot_every:
+            self._write_snapshot(_encode(self._shadow.to_snapshot()), self.last_seq)
         return self.last_seq
 
     def _write_snapshot(self, text: str, seq: int) -> None:
@@ -138,6 +149,19 @@ class CommandStore:
     def _close(self) -> None:
         self._db().close()
         self._connection = None
+
+
+def _encode(snapshot: dict[str, Any]) -> str:
+    """``json.dumps(snapshot)`` one list row at a time (each call holds the GIL)."""
+    parts = []
+    for key, value in snapshot.items():
+        if isinstance(value, list):
+            rows = ",".join(json.dumps(row, separators=(",", ":")) for row in value)
+            encoded = f"[{rows}]"
+        else:
+            encoded = json.dumps(value, separators=(",", ":"))
+        parts.append(f"{json.dumps(key)}:{encoded}")
+    return "{" + ",".join(parts) + "}"
 
 
 def _replay(state: ClusterState, seq: int, text: str) -> None:

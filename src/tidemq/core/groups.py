@@ -1,10 +1,11 @@
 """Consumer group membership: a server-side, incremental protocol (after KIP-848).
 
 Owns: the members of every consumer group, their member epochs, the group's target
-assignment and what each member has been told it may own. Soft state: nothing here
-is persisted. After a coordinator restart members are unknown; their next heartbeat
-is fenced and they rejoin with ``member_epoch`` 0 (committed offsets, which *are*
-persisted, live in :mod:`tidemq.core.metadata`).
+assignment, what each member has been told it may own, and which partitions each
+member *holds*. Soft state: nothing here is persisted except, by the shell, the
+largest session timeout a group's members ever used (``RecordGroupSession``), which
+bounds how long a member the coordinator forgot in a restart may still be fetching.
+Committed offsets live in :mod:`tidemq.core.metadata`.
 
 How it works. A member heartbeats with the topics it subscribes to and the partitions
 it owns (``owned``). Whenever membership, subscriptions or partition counts change, the
@@ -15,19 +16,59 @@ towards its target in two steps:
 
 * revoke at once: partitions outside its target leave its assignment;
 * grant only when free: a target partition joins its assignment only when no other
-  member holds it, where "holds" means it is in that member's assignment or in the
-  ``owned`` that member last reported (it may still be processing it). The old owner
-  releases a partition by leaving it out of ``owned`` in its next heartbeat, or by
-  leaving the group, or by its session expiring.
+  member *holds* it, where a member holds the partitions of its assignment and of the
+  ``owned`` it last reported (it may still be processing them). The old owner releases
+  a partition by leaving it out of ``owned`` in its next heartbeat, or by leaving the
+  group, or by its session expiring.
 
 The member epoch grows by one whenever a member's assignment changes. A heartbeat with
 any other epoch than the member's current one (or 0, a rejoin that resends the full
-state) is fenced; so is a commit.
+state) is fenced and changes nothing; a fenced member is *not* removed, so a delayed
+duplicate cannot evict a healthy member.
 
-Must always hold: the assignments of two members never share a partition; and a
-partition never enters an assignment while another member reports owning it. Hence a
-partition has at most one consumer of the group at any moment, as long as members
-stop consuming what they no longer list in ``owned`` and when their session expires.
+Commits. A member's commit is accepted only if it carries the member's current epoch
+and the member is the only holder of every partition in it (assignment or last
+reported ``owned``: the commit on revocation is sent after the assignment dropped the
+partition but before the member reported it gone). A commit without a member id (a
+standalone consumer) is accepted only for partitions no member holds. The shell runs this check
+under the same lock that persists and applies the commit, and membership changes take
+that lock too, so a check can never be overtaken by a grant.
+
+Coordinator restart. Membership is soft, so a restarted coordinator does not know who
+holds what. For each group it knows ``session_bound_ms``, the largest session timeout
+its members ever used (persisted before any member may use it). Until
+``recover_until_ms`` = restart time + that bound, the group is *recovering*:
+
+* nothing is granted (a member we have not heard from since the restart may hold any
+  partition, but by ``recover_until_ms`` its session has run out and it has stopped);
+* a heartbeat from an unknown member with an epoch > 0 is *adopted* rather than fenced:
+  the member is re-created at its epoch and holds what it reports owning, except what
+  another member already holds, so members that stay in touch keep consuming;
+* every commit is answered ``unavailable`` (retriable): an adopted member may be a
+  ghost (a heartbeat delayed across the restart, whose sender has since moved on) and
+  its delayed commit could overwrite the real owner's offsets, which may not have
+  heartbeated yet. Once recovery ends every member that may still be fetching has
+  heartbeated and holds what it fetches, so "the only holder" is exact again.
+
+Why not persist membership: every assignment change would cost an fsync and a
+command, and members re-sync within one heartbeat anyway; the restart pause applies
+only to *moving* partitions, for at most one session timeout. See docs/ARCHITECTURE.md.
+
+The invariant (checked by tests/unit/test_groups_model.py under reordered, duplicated
+and lost heartbeats, expiry and restarts). Assume each member stops fetching a
+partition (a) before it reports it no longer owned, (b) as soon as it is fenced, and
+(c) once ``session_timeout_ms`` has passed since it *sent* its last heartbeat that was
+answered successfully. Then:
+
+    at every moment, no partition is owned by two members that could both still be
+    fetching it.
+
+It rests on three facts this module maintains: holdings of two members never
+overlap in assignments, and a partition joins an assignment only when nobody else
+holds it; a member is forgotten (leave, expiry) only once it has stopped (expiry
+needs ``now - last_heartbeat_ms > session_timeout_ms``, and the coordinator's
+``last_heartbeat_ms`` is no earlier than the member's send time); and after a restart
+no grant happens before every forgotten member's session has run out.
 """
 
 from __future__ import annotations
@@ -35,7 +76,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from tidemq.errors import FencedMember, InvalidRequest, invariant
+from tidemq.errors import FencedMember, InvalidRequest, Unavailable, invariant
 
 MAX_MEMBERS_PER_GROUP = 1000
 
@@ -63,13 +104,26 @@ class HeartbeatResult:
 
 @dataclass
 class ConsumerGroup:
-    """One group's membership state machine."""
+    """One group's membership state machine.
+
+    Work per heartbeat is proportional to the member's own request and to what
+    changed: the group looks up partition counts only for the topics its members
+    subscribe to, and an index (partition -> members holding it) answers "is it
+    free?" without scanning other members. The target is recomputed (over the
+    group's partitions) only when membership, subscriptions or counts change.
+    """
 
     name: str
+    recover_until_ms: int = 0  # after a coordinator restart: see the module docstring
     members: dict[str, Member] = field(default_factory=dict)
     partition_counts: dict[str, int] = field(default_factory=dict)
     group_epoch: int = 0  # grows when the target must be recomputed
     target_epoch: int = -1
+    holders: dict[TopicPartition, set[str]] = field(default_factory=dict)
+    subscribers: dict[str, int] = field(default_factory=dict)  # topic -> members
+
+    def recovering(self, now_ms: int) -> bool:
+        return now_ms < self.recover_until_ms
 
     def heartbeat(
         self,
@@ -83,25 +137,80 @@ class ConsumerGroup:
         session_timeout_ms: int,
     ) -> HeartbeatResult:
         """One heartbeat. ``new_member_id`` names a member that joins without an id.
+        ``partition_counts`` is read only for the topics the group subscribes to.
 
-        Raises FencedMember for a stale epoch or an unknown member with epoch > 0.
+        Raises FencedMember for a stale epoch or an unknown member with epoch > 0
+        (outside recovery); a fenced heartbeat changes nothing.
         """
+        reported = frozenset(owned)
         member = self._gate(member_id, member_epoch, new_member_id, now_ms, session_timeout_ms)
-        subscribed = tuple(sorted(set(topics)))
-        if subscribed != member.topics:
-            member.topics = subscribed
-            self.group_epoch += 1
-        wanted = {topic for m in self.members.values() for topic in m.topics}
-        counts = {t: partition_counts[t] for t in sorted(wanted) if partition_counts.get(t, 0) > 0}
-        if counts != self.partition_counts:
-            self.partition_counts = counts
-            self.group_epoch += 1
-        member.owned = frozenset(owned)
+        if member is None:  # an unknown member while recovering: adopt it
+            member = self._adopt(
+                member_id or new_member_id, member_epoch, reported, now_ms, session_timeout_ms
+            )
+        self._subscribe(member, tuple(sorted(set(topics))))
+        self._refresh_counts(partition_counts)
+        self._hold(member, member.assignment, reported)
         member.last_heartbeat_ms = now_ms
         member.session_timeout_ms = session_timeout_ms
         self._refresh_target()
-        self._reconcile(member)
+        self._reconcile(member, now_ms)
         return HeartbeatResult(member.member_id, member.member_epoch, sorted(member.assignment))
+
+    def leave(self, member_id: str) -> bool:
+        """Removes a member at once; its partitions become free. False if unknown."""
+        member = self.members.get(member_id)
+        if member is None:
+            return False
+        self._remove(member)
+        return True
+
+    def expire(self, now_ms: int) -> list[str]:
+        """Drops members whose session passed without a heartbeat; returns their ids."""
+        gone = [
+            member
+            for member in self.members.values()
+            if now_ms - member.last_heartbeat_ms > member.session_timeout_ms
+        ]
+        for member in gone:
+            self._remove(member)
+        return [member.member_id for member in gone]
+
+    def validate_commit(
+        self,
+        member_id: str | None,
+        member_epoch: int | None,
+        partitions: Iterable[TopicPartition],
+        now_ms: int,
+    ) -> None:
+        """Raises unless the commit may be applied now: see "Commits" above."""
+        if self.recovering(now_ms):
+            raise Unavailable(
+                f"group {self.name!r} is relearning its members after a coordinator restart "
+                f"(for {self.recover_until_ms - now_ms} ms more): retry"
+            )
+        wanted = sorted(set(partitions))
+        if member_id is None:
+            taken = [tp for tp in wanted if self.holders.get(tp)]
+            if taken:
+                raise FencedMember(
+                    f"partitions {_names(taken)} are owned by members of group {self.name!r}: "
+                    "commit with member_id and member_epoch"
+                )
+            return
+        member = self.members.get(member_id)
+        if member is None:
+            raise FencedMember(f"unknown member {member_id!r}: rejoin the group")
+        if member_epoch != member.member_epoch:
+            raise FencedMember(
+                f"member {member_id} committed with epoch {member_epoch}, "
+                f"current is {member.member_epoch}"
+            )
+        foreign = [tp for tp in wanted if self.holders.get(tp) != {member_id}]
+        if foreign:
+            raise FencedMember(f"member {member_id} does not own {_names(foreign)}")
+
+    # -- internals --
 
     def _gate(
         self,
@@ -110,8 +219,8 @@ class ConsumerGroup:
         new_member_id: str,
         now_ms: int,
         session_timeout_ms: int,
-    ) -> Member:
-        """The one epoch gate: stale is fenced, epoch 0 (re)joins."""
+    ) -> Member | None:
+        """The one epoch gate: stale is fenced, epoch 0 (re)joins. None: adopt."""
         known = None if member_id is None else self.members.get(member_id)
         if known is not None:
             if member_epoch not in (0, known.member_epoch):
@@ -120,10 +229,12 @@ class ConsumerGroup:
                     f"{known.member_epoch}: rejoin with member_epoch 0"
                 )
             return known
-        if member_epoch != 0:
+        if member_epoch != 0 and (member_id is None or not self.recovering(now_ms)):
             raise FencedMember(f"unknown member {member_id!r}: rejoin with member_epoch 0")
         if len(self.members) >= MAX_MEMBERS_PER_GROUP:
             raise InvalidRequest(f"group {self.name!r} has {MAX_MEMBERS_PER_GROUP} members")
+        if member_epoch != 0:
+            return None
         member = Member(
             member_id=member_id or new_member_id,
             member_epoch=1,
@@ -136,41 +247,76 @@ class ConsumerGroup:
         self.group_epoch += 1
         return member
 
-    def leave(self, member_id: str) -> bool:
-        """Removes a member at once; its partitions become free. False if unknown."""
-        if self.members.pop(member_id, None) is None:
-            return False
+    def _adopt(
+        self,
+        member_id: str,
+        member_epoch: int,
+        reported: frozenset[TopicPartition],
+        now_ms: int,
+        session_timeout_ms: int,
+    ) -> Member:
+        """Re-creates a member the coordinator forgot in a restart, holding what it
+        reports except what another member already holds (a stale report)."""
+        free = frozenset(tp for tp in reported if not self.holders.get(tp))
+        member = Member(
+            member_id=member_id,
+            member_epoch=member_epoch if free == reported else member_epoch + 1,
+            topics=(),
+            owned=frozenset(),
+            last_heartbeat_ms=now_ms,
+            session_timeout_ms=session_timeout_ms,
+        )
+        self.members[member_id] = member
+        self._hold(member, free, frozenset())
         self.group_epoch += 1
-        return True
+        return member
 
-    def expire(self, now_ms: int) -> list[str]:
-        """Drops members whose session passed without a heartbeat; returns their ids."""
-        gone = [
-            member.member_id
-            for member in self.members.values()
-            if now_ms - member.last_heartbeat_ms > member.session_timeout_ms
-        ]
-        for member_id in gone:
-            del self.members[member_id]
-        if gone:
-            self.group_epoch += 1
-        return gone
+    def _remove(self, member: Member) -> None:
+        self._hold(member, frozenset(), frozenset())
+        self._subscribe(member, ())
+        del self.members[member.member_id]
+        self.group_epoch += 1
 
-    def validate_commit(self, member_id: str | None, member_epoch: int | None) -> None:
-        """Commits without a member id (standalone consumers) pass; a member's must
-        carry its current epoch."""
-        if member_id is None:
+    def _subscribe(self, member: Member, topics: tuple[str, ...]) -> None:
+        if topics == member.topics:
             return
-        member = self.members.get(member_id)
-        if member is None:
-            raise FencedMember(f"unknown member {member_id!r}: rejoin the group")
-        if member_epoch != member.member_epoch:
-            raise FencedMember(
-                f"member {member_id} committed with epoch {member_epoch}, "
-                f"current is {member.member_epoch}"
-            )
+        for topic in member.topics:
+            self.subscribers[topic] -= 1
+            if not self.subscribers[topic]:
+                del self.subscribers[topic]
+        for topic in topics:
+            self.subscribers[topic] = self.subscribers.get(topic, 0) + 1
+        member.topics = topics
+        self.group_epoch += 1
 
-    # -- internals --
+    def _refresh_counts(self, partition_counts: Mapping[str, int]) -> None:
+        counts = {}
+        for topic in sorted(self.subscribers):
+            count = partition_counts.get(topic, 0)
+            if count > 0:
+                counts[topic] = count
+        if counts != self.partition_counts:
+            self.partition_counts = counts
+            self.group_epoch += 1
+
+    def _hold(
+        self,
+        member: Member,
+        assignment: frozenset[TopicPartition],
+        owned: frozenset[TopicPartition],
+    ) -> None:
+        """Sets a member's assignment and owned, keeping the holders index exact."""
+        before = member.assignment | member.owned
+        member.assignment = assignment
+        member.owned = owned
+        after = assignment | owned
+        for tp in before - after:
+            holders = self.holders[tp]
+            holders.discard(member.member_id)
+            if not holders:
+                del self.holders[tp]
+        for tp in after - before:
+            self.holders.setdefault(tp, set()).add(member.member_id)
 
     def _refresh_target(self) -> None:
         if self.target_epoch == self.group_epoch:
@@ -179,40 +325,50 @@ class ConsumerGroup:
             {m.member_id: m.topics for m in self.members.values()},
             self.partition_counts,
             {m.member_id: m.target for m in self.members.values()},
+            {m.member_id: m.assignment for m in self.members.values()},
         )
         for member in self.members.values():
             member.target = targets.get(member.member_id, frozenset())
         self.target_epoch = self.group_epoch
 
-    def _reconcile(self, member: Member) -> None:
-        held_by_others: set[TopicPartition] = set()
-        for other in self.members.values():
-            if other is not member:
-                held_by_others |= other.assignment | other.owned
+    def _free_for(self, member: Member, tp: TopicPartition) -> bool:
+        holders = self.holders.get(tp)
+        return not holders or holders == {member.member_id}
+
+    def _reconcile(self, member: Member, now_ms: int) -> None:
         keep = member.assignment & member.target
-        grant = (member.target - keep) - held_by_others
-        assignment = keep | grant
+        grant: frozenset[TopicPartition] = frozenset()
+        if not self.recovering(now_ms):
+            grant = frozenset(tp for tp in member.target - keep if self._free_for(member, tp))
         invariant(
-            not (assignment & (held_by_others - member.assignment)),
+            all(self._free_for(member, tp) for tp in grant - member.assignment),
             "a partition was granted while another member holds it",
         )
+        assignment = keep | grant
         if assignment != member.assignment:
-            member.assignment = assignment
+            self._hold(member, assignment, member.owned)
             member.member_epoch += 1
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    shown = ", ".join(f"{topic}/{partition}" for topic, partition in partitions[:5])
+    return shown + (f" and {len(partitions) - 5} more" if len(partitions) > 5 else "")
 
 
 def compute_target(
     subscriptions: Mapping[str, Iterable[str]],
     partition_counts: Mapping[str, int],
     previous: Mapping[str, frozenset[TopicPartition]],
+    held: Mapping[str, frozenset[TopicPartition]] | None = None,
 ) -> dict[str, frozenset[TopicPartition]]:
     """Balanced, sticky target: per topic, subscribers get floor or ceil of its
-    partitions; members keep previous partitions up to their quota. Deterministic."""
+    partitions; members keep what they ``held`` (their assignment), then their
+    ``previous`` target, up to their quota. Deterministic."""
     result: dict[str, set[TopicPartition]] = {member: set() for member in subscriptions}
     for topic, count in sorted(partition_counts.items()):
         members = sorted(m for m, topics in subscriptions.items() if topic in set(topics))
         if members:
-            _assign_topic(topic, count, members, previous, result)
+            _assign_topic(topic, count, members, (held or {}, previous), result)
     return {member: frozenset(parts) for member, parts in result.items()}
 
 
@@ -220,26 +376,31 @@ def _assign_topic(
     topic: str,
     count: int,
     members: list[str],
-    previous: Mapping[str, frozenset[TopicPartition]],
+    preferences: tuple[Mapping[str, frozenset[TopicPartition]], ...],
     result: dict[str, set[TopicPartition]],
 ) -> None:
-    kept = {
-        m: sorted(p for t, p in previous.get(m, frozenset()) if t == topic and p < count)
-        for m in members
-    }
+    rounds = [
+        {
+            m: sorted(p for t, p in wish.get(m, frozenset()) if t == topic and p < count)
+            for m in members
+        }
+        for wish in preferences
+    ]
+    kept_count = {m: len({p for wishes in rounds for p in wishes[m]}) for m in members}
     base, extra = divmod(count, len(members))
     # Ceil quotas go to members that already hold the most (stickiness), then to the
     # members with the fewest partitions over all topics so far (global balance).
-    order = sorted(members, key=lambda m: (-len(kept[m]), len(result[m]), m))
+    order = sorted(members, key=lambda m: (-kept_count[m], len(result[m]), m))
     quota = {m: base + (1 if i < extra else 0) for i, m in enumerate(order)}
     taken: set[int] = set()
     given = dict.fromkeys(members, 0)
-    for member in members:
-        for partition in kept[member][: quota[member]]:
-            if partition not in taken:
-                taken.add(partition)
-                given[member] += 1
-                result[member].add((topic, partition))
+    for wishes in rounds:  # what members hold first, so a stale target never wins
+        for member in members:
+            for partition in wishes[member]:
+                if given[member] < quota[member] and partition not in taken:
+                    taken.add(partition)
+                    given[member] += 1
+                    result[member].add((topic, partition))
     free = iter(p for p in range(count) if p not in taken)
     for member in order:
         for _ in range(quota[member] - given[member]):

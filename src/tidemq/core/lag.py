@@ -49,8 +49,16 @@ class HighWatermarkTimeline:
         watermarks.append(high_watermark)
         times.append(max(now_ms, times[-1]) if times else now_ms)
         if len(watermarks) > self.points_max:
-            del watermarks[0]
-            del times[0]
+            # Thin instead of forgetting the oldest point (which capped every age at
+            # points_max heartbeats): drop the interior point whose removal widens a
+            # gap the least relative to its age, so the error stays proportional to age.
+            now = times[-1]
+            drop = min(
+                range(1, len(times) - 1),
+                key=lambda i: (times[i + 1] - times[i - 1]) / max(1, now - times[i - 1]),
+            )
+            del watermarks[drop]
+            del times[drop]
 
     def age_ms(self, key: TopicPartition, committed: int, now_ms: int) -> int | None:
         """Age of the message at offset ``committed``; 0 when nothing is uncommitted,

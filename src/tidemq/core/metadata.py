@@ -175,6 +175,16 @@ class AllocateProducerId:
     pass
 
 
+@dataclass(frozen=True)
+class RecordGroupSession:
+    """Raises the largest session timeout a group's members may use (it never
+    shrinks): after a restart the coordinator waits that long before moving any of
+    the group's partitions (see tidemq.core.groups)."""
+
+    group: str
+    session_timeout_ms: int
+
+
 Command = (
     InitCluster
     | RegisterBroker
@@ -189,6 +199,7 @@ Command = (
     | ReassignReplicas
     | CompleteReassignment
     | CancelReassignment
+    | RecordGroupSession
 )
 _COMMAND_TYPES: dict[str, type[Any]] = {
     cls.__name__: cls
@@ -206,6 +217,7 @@ _COMMAND_TYPES: dict[str, type[Any]] = {
         ReassignReplicas,
         CompleteReassignment,
         CancelReassignment,
+        RecordGroupSession,
     )
 }
 
@@ -285,6 +297,7 @@ class ClusterState:
     deleted_topic_ids: list[str] = field(default_factory=list)
     draining: set[int] = field(default_factory=set)
     reassignments: dict[TopicPartition, Reassignment] = field(default_factory=dict)
+    group_session_ms: dict[str, int] = field(default_factory=dict)  # RecordGroupSession
 
     # -- reading --
 
@@ -345,6 +358,10 @@ class ClusterState:
                 {"topic": t, "partition": p, "original": list(m.original), "target": list(m.target)}
                 for (t, p), m in sorted(self.reassignments.items())
             ],
+            "group_sessions": [
+                {"group": group, "session_timeout_ms": timeout}
+                for group, timeout in sorted(self.group_session_ms.items())
+            ],
         }
 
     @classmethod
@@ -365,6 +382,8 @@ class ClusterState:
             state.reassignments[key] = Reassignment(
                 tuple(int(b) for b in row["original"]), tuple(int(b) for b in row["target"])
             )
+        for row in data.get("group_sessions", []):  # absent in older snapshots
+            state.group_session_ms[str(row["group"])] = int(row["session_timeout_ms"])
         return state
 
 
@@ -553,6 +572,11 @@ def _check_commit(state: ClusterState, command: CommitOffsets) -> None:
             raise InvalidRequest(f"offset must be >= 0, got {offset}")
 
 
+def _check_group_session(state: ClusterState, command: RecordGroupSession) -> None:
+    if command.session_timeout_ms <= state.group_session_ms.get(command.group, 0):
+        raise InvalidRequest("a group's session bound only grows")
+
+
 _CHECKS: dict[type[Any], Any] = {
     RegisterBroker: _check_register,
     CreateTopic: _check_create,
@@ -565,6 +589,7 @@ _CHECKS: dict[type[Any], Any] = {
     ReassignReplicas: _check_reassign,
     CompleteReassignment: _check_complete,
     CancelReassignment: _check_cancel,
+    RecordGroupSession: _check_group_session,
 }
 
 
@@ -683,6 +708,10 @@ def _apply_allocate(state: ClusterState, command: AllocateProducerId) -> int:
     return producer_id
 
 
+def _apply_group_session(state: ClusterState, command: RecordGroupSession) -> None:
+    state.group_session_ms[command.group] = command.session_timeout_ms
+
+
 _APPLIES: dict[type[Any], Any] = {
     InitCluster: _apply_init,
     RegisterBroker: _apply_register,
@@ -697,6 +726,7 @@ _APPLIES: dict[type[Any], Any] = {
     ReassignReplicas: _apply_reassign,
     CompleteReassignment: _apply_complete,
     CancelReassignment: _apply_cancel,
+    RecordGroupSession: _apply_group_session,
 }
 
 

@@ -43,6 +43,7 @@ class Endpoint:
     handler: Handler
     summary: str
     request_body: dict[str, Any] | None = None  # OpenAPI requestBody content map
+    request_body_required: bool = True  # False: an empty body is accepted too
     parameters: list[dict[str, Any]] = field(default_factory=list)
     responses: dict[str, str] = field(default_factory=lambda: {"200": "OK"})
     callers: Callers = field(kw_only=True)
@@ -179,33 +180,35 @@ async def _body_json(request: web.Request) -> Any:
         return None
 
 
-async def read_json(request: web.Request, max_bytes: int = 1 << 20) -> Any:
-    """The request body as JSON, or a 400/413 TideError. Never trusts Content-Length alone."""
+async def read_body(request: web.Request, max_bytes: int) -> bytes:
+    """The whole body (it may arrive in many chunks: ``content.read(n)`` returns one),
+    or RequestTooLarge past ``max_bytes``. Never trusts Content-Length alone."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise RequestTooLarge(f"body of {request.content_length} bytes exceeds {max_bytes}")
-    raw = (
-        request[_BODY_KEY] if _BODY_KEY in request else await _read_at_most(request, max_bytes + 1)
-    )
-    if len(raw) > max_bytes:
-        raise RequestTooLarge(f"body exceeds {max_bytes} bytes")
+    if _BODY_KEY in request:  # the authorization middleware read it already
+        raw = request[_BODY_KEY]
+        if len(raw) > max_bytes:
+            raise RequestTooLarge(f"body exceeds {max_bytes} bytes")
+        return raw
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(max_bytes + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > max_bytes:
+            raise RequestTooLarge(f"body exceeds {max_bytes} bytes")
+    return b"".join(chunks)
+
+
+async def read_json(request: web.Request, max_bytes: int = 1 << 20) -> Any:
+    """The request body as JSON, or a 400/413 TideError. Never trusts Content-Length alone."""
+    raw = await read_body(request, max_bytes)
     if not raw:
         raise MalformedJson("expected a JSON body")
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise MalformedJson(f"malformed JSON: {error}") from error
-
-
-async def _read_at_most(request: web.Request, limit: int) -> bytes:
-    """Up to ``limit`` bytes of the body. (``content.read(n)`` returns what has arrived,
-    which for a body larger than one chunk is only its start.)"""
-    body = bytearray()
-    while len(body) < limit:
-        chunk = await request.content.read(limit - len(body))
-        if not chunk:
-            break
-        body += chunk
-    return bytes(body)
 
 
 async def read_json_object(request: web.Request, max_bytes: int = 1 << 20) -> dict[str, Any]:
@@ -290,15 +293,21 @@ def openapi_document(title: str, endpoints: Iterable[Endpoint]) -> dict[str, Any
         if endpoint.callers.labels() not in (["any"], ["public"]):
             operation["responses"].setdefault("403", {"description": "forbidden"})
         parameters = list(endpoint.parameters)
-        declared = {(p["in"], p["name"]) for p in parameters}
+        described = {(p.get("in"), p.get("name")) for p in parameters}
         for name in path_parameters(endpoint.path):
-            if ("path", name) not in declared:
-                parameters.append(path_parameter(name, {"type": "string"}))
+            if ("path", name) in described:
+                continue  # the endpoint describes it itself (e.g. with a pattern)
+            parameters.append(
+                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            )
         if parameters:
             operation["parameters"] = parameters
             operation["responses"].setdefault("400", {"description": "invalid_request"})
         if endpoint.request_body:
-            operation["requestBody"] = {"content": endpoint.request_body, "required": True}
+            operation["requestBody"] = {
+                "content": endpoint.request_body,
+                "required": endpoint.request_body_required,
+            }
             operation["responses"].setdefault("400", {"description": "invalid_request"})
             operation["responses"].setdefault("413", {"description": "request_too_large"})
         paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = operation
