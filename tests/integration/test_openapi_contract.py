@@ -16,6 +16,11 @@ the seed fixed, so a run takes seconds and a failure reproduces.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -230,10 +235,51 @@ def _assert_lone_surrogates_refused(live: LocalCluster) -> None:
             assert answer.json()["error"]["code"] == "invalid_request"
 
 
-@pytest.mark.skipif(
-    not (Path(__file__).parents[2] / "src" / "tidemq" / "client" / "proxy.py").exists(),
-    reason="TODO(issue 6 item 8): `tide proxy` is not merged yet; run the same contract "
-    "test against it once src/tidemq/client/proxy*.py exists",
-)
-def test_proxy_keeps_its_openapi_contract(live: LocalCluster) -> None:
-    pytest.fail("TODO: start `tide proxy` against the cluster and check its contract")
+def test_proxy_keeps_its_openapi_contract(live: LocalCluster, tmp_path: Path) -> None:
+    """``tide proxy`` over HTTPS with the cluster's client certificate, like the others."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TIDE_")}
+    environment.update(live.env)
+    url = f"https://127.0.0.1:{port}"
+    log_path = tmp_path / "proxy.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tidemq", "proxy", "--listen", f"127.0.0.1:{port}"],
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        _wait_ready(live, url, process, log_path)
+        _assert_contract_kept(live, url)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        print(log_path.read_text(errors="replace")[-4000:])
+
+
+def _wait_ready(live: LocalCluster, url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    info = live.info
+    deadline = time.monotonic() + 30
+    while True:
+        assert process.poll() is None, "tide proxy exited: " + log.read_text(errors="replace")
+        try:
+            answer = requests.get(
+                url + "/readyz",
+                verify=info["ca_file"],
+                cert=(info["client_cert_file"], info["client_key_file"]),
+                timeout=5,
+            )
+            if answer.status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, "tide proxy never became ready"
+        time.sleep(0.05)  # the polling interval
