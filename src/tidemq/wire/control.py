@@ -124,6 +124,9 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Z
 MemberId = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Factor = Annotated[int, msgspec.Meta(ge=1, le=100)]
+# The coordinator's bounds (coordinator/server.py; tests/unit/test_control_schemas.py).
+GROUP_SESSION_TIMEOUT_MS_MIN = 100
+GROUP_SESSION_TIMEOUT_MS_MAX = 300_000
 
 
 class CreateTopicRequest(msgspec.Struct, frozen=True):
@@ -151,9 +154,9 @@ class GroupHeartbeatRequest(msgspec.Struct, frozen=True):
     owned: Annotated[list[GroupPartition], msgspec.Meta(max_length=1_000_000)] | (
         msgspec.UnsetType
     ) = msgspec.UNSET
-    session_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=3_600_000)] | (
-        msgspec.UnsetType
-    ) = msgspec.UNSET
+    session_timeout_ms: Annotated[
+        int, msgspec.Meta(ge=GROUP_SESSION_TIMEOUT_MS_MIN, le=GROUP_SESSION_TIMEOUT_MS_MAX)
+    ] | (msgspec.UnsetType) = msgspec.UNSET
 
 
 class GroupLeaveRequest(msgspec.Struct, frozen=True):
