@@ -35,6 +35,15 @@ class InvalidRequest(TideError):
     http_status = 400
 
 
+class ClusterStateConflict(InvalidRequest):
+    """A well-formed request the cluster's current state does not allow: a replication
+    factor above the live brokers, draining a broker the replication factors need. It
+    may succeed once brokers join or come back (409 Conflict, as RFC 9110 puts it)."""
+
+    code = "cluster_state_conflict"
+    http_status = 409
+
+
 class MalformedJson(InvalidRequest):
     code = "malformed_json"
 

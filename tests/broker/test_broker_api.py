@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+import threading
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -579,6 +580,48 @@ def test_a_weak_fsync_broker_says_when_it_did_not_shut_down_cleanly(tmp_path: Pa
     assert not broker(FsyncPolicy.INTERVAL).unclean_weak_fsync  # closed cleanly
     assert broker(FsyncPolicy.INTERVAL).unclean_weak_fsync  # the last run "crashed"
     assert not broker(FsyncPolicy.ALWAYS).unclean_weak_fsync  # durable means durable
+
+
+def test_maintenance_skips_replicas_dropped_while_it_awaits(tmp_path: Path) -> None:
+    """A topic deleted while the maintenance pass waits for a checkpoint fsync: the
+    pass skips the closed replicas (it used one, the broker failed-stop; schemathesis
+    found it by creating and deleting topics)."""
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, _):
+            loop = asyncio.get_running_loop()
+            entered, passes, second_pass = asyncio.Event(), [0], asyncio.Event()
+            released = threading.Event()
+            first = broker.replicas[("orders", 0)]
+
+            def checkpoint_blocks() -> None:
+                if threading.current_thread() is threading.main_thread():
+                    return  # the replica's own close(), on the event loop
+                loop.call_soon_threadsafe(entered.set)  # the pass, in asyncio.to_thread
+                released.wait(10)
+
+            def count_pass(now_ms: int) -> None:
+                passes[0] += 1
+                if passes[0] == 2:
+                    second_pass.set()
+
+            first.checkpoint_high_watermark = checkpoint_blocks  # type: ignore[method-assign]
+            broker.metrics.update_producers = count_pass  # type: ignore[method-assign]
+            task = asyncio.ensure_future(broker.maintenance_loop())
+            await asyncio.wait_for(entered.wait(), 10)
+            deleted = msgspec.structs.replace(
+                _answer(), assignments=[], topics={}, deleted_topic_ids=[TOPIC_ID]
+            )
+            broker.reconcile(deleted)
+            assert broker.replicas == {}
+            released.set()
+            waiter = asyncio.ensure_future(second_pass.wait())
+            done, _ = await asyncio.wait({task, waiter}, timeout=10, return_when="FIRST_COMPLETED")
+            task.cancel()
+            waiter.cancel()
+            assert waiter in done, task.exception() if task.done() else "no second pass"
+
+    run(scenario)
 
 
 def test_a_starting_broker_says_not_leader_not_unknown_topic(tmp_path: Path) -> None:

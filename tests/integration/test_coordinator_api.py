@@ -181,10 +181,15 @@ def test_errors_change_nothing(tmp_path: Path) -> None:
                 {"name": "t", "partitions": "x"},
                 {"name": "t", "partitions": 10_001},
                 {"name": "bad name!"},
-                {"name": "t", "replication_factor": 2},
+                {"name": "t", "partitions": 1.5},
             ):
                 status, body = await api.call("POST", "/v1/topics", bad)
                 assert (status, body["error"]["code"]) == (400, "invalid_request"), bad
+            # Well-formed, but more replicas than live brokers: a conflict with the state.
+            status, body = await api.call(
+                "POST", "/v1/topics", {"name": "t", "replication_factor": 2}
+            )
+            assert (status, body["error"]["code"]) == (409, "cluster_state_conflict")
             assert (await api.call("GET", "/v1/topics"))[1] == {"topics": []}
             status, body = await api.call("GET", "/v1/topics/nope")
             assert (status, body["error"]["code"]) == (404, "unknown_topic")

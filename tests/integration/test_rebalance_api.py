@@ -125,7 +125,7 @@ def test_a_new_broker_gets_its_share_and_a_drained_one_ends_empty(tmp_path: Path
             status, body = await api.call("POST", "/v1/brokers/1/drain")
             assert status == 200 and body["draining"] is True
             status, body = await api.call("POST", "/v1/brokers/2/drain")
-            assert (status, body["error"]["code"]) == (400, "invalid_request")
+            assert (status, body["error"]["code"]) == (409, "cluster_state_conflict")
             assert "replication factor" in body["error"]["message"]
             moves = (await api.call("GET", "/v1/reassignments"))[1]
             assert moves["draining"] == [1]

@@ -72,7 +72,16 @@ from tidemq.logs import event
 from tidemq.service.app import build_app
 from tidemq.service.callers import ANY, CLIENTS, broker_self
 from tidemq.service.failstop import fail_stop
-from tidemq.service.http import Endpoint, check_int, query_int, read_json_object
+from tidemq.service.http import (
+    NAME_SCHEMA,
+    Endpoint,
+    check_int,
+    int_schema,
+    path_parameter,
+    query_int,
+    query_parameter,
+    read_json_object,
+)
 from tidemq.storage import FsyncPolicy, LogConfig
 from tidemq.storage.checkpoint import write_atomically
 from tidemq.transport import HttpTransport
@@ -905,10 +914,14 @@ class Broker:
             self.metrics.update_producers(now_ms)
             self.metrics.update_disk(self.config.data_dir)
             for (topic, number), replica in list(self.replicas.items()):
+                if self.replicas.get((topic, number)) is not replica:
+                    continue  # dropped (topic deleted, replica moved) while this pass awaited
                 # Never past the high watermark: a follower may still need the records.
                 replica.log.apply_retention(now_ms, replica.high_watermark)
                 # Two fsyncs: off the event loop, so heartbeats are never late for it.
                 await asyncio.to_thread(replica.checkpoint_high_watermark)
+                if self.replicas.get((topic, number)) is not replica:
+                    continue
                 self.metrics.log_size.labels(topic, str(number)).set(replica.log.size_bytes)
                 self.metrics.log_segments.labels(topic, str(number)).set(replica.log.segment_count)
                 if replica.is_leader:
@@ -1022,7 +1035,14 @@ def _decode_text(raw: Any, encoding: str, what: str) -> bytes | None:
             return base64.b64decode(raw, validate=True)
         except (binascii.Error, ValueError) as error:
             raise InvalidRequest(f"{what} is not valid base64") from error
-    return raw.encode()
+    return _utf8(raw, what)
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError as error:  # a lone surrogate ("\ud800") is valid JSON
+        raise InvalidRequest(f"{what} is not valid Unicode text") from error
 
 
 def _json_records_to_batch(body: dict[str, Any], now_ms: int) -> bytes:
@@ -1045,12 +1065,15 @@ def _json_records_to_batch(body: dict[str, Any], now_ms: int) -> bytes:
                 _decode_text(record.get("value"), encoding, "value"),
             )
         )
-        raw_headers = record.get("headers") or {}
+        raw_headers = record.get("headers")
+        raw_headers = {} if raw_headers is None else raw_headers  # false, [] are no headers
         if not isinstance(raw_headers, dict) or not all(
             isinstance(v, str) for v in raw_headers.values()
         ):
             raise InvalidRequest("headers must be an object of strings")
-        headers.append([(str(k), v.encode()) for k, v in raw_headers.items()] or None)
+        for name in raw_headers:
+            _utf8(name, "header name")
+        headers.append([(k, _utf8(v, "header value")) for k, v in raw_headers.items()] or None)
     return build_batch(pairs, now_ms, headers)
 
 
@@ -1088,6 +1111,55 @@ def _render(raw: bytes | None, encoding: str) -> str | None:
     if encoding == "base64":
         return base64.b64encode(raw).decode()
     return raw.decode("utf-8", errors="replace")
+
+
+# /openapi.json's description of the parameters and JSON bodies the handlers read.
+_PARTITION_PARAMETERS = [
+    path_parameter("topic", NAME_SCHEMA),
+    path_parameter("partition", int_schema(0)),
+]
+_EPOCH_PARAMETER = query_parameter("leader_epoch", int_schema(-1))
+_ACKS_PARAMETER = query_parameter("acks", {"type": "string", "enum": ["0", "1", "all", "-1"]})
+_FETCH_PARAMETERS = [
+    query_parameter("offset", int_schema(0), required=True),
+    query_parameter("max_bytes", int_schema(1, MAX_FETCH_BYTES)),
+    query_parameter("wait_ms", int_schema(0, MAX_WAIT_MS)),
+    query_parameter("encoding", {"type": "string", "enum": ["utf-8", "base64"]}),
+]
+
+
+def _records_schema(encoding: str, text: dict[str, Any]) -> dict[str, Any]:
+    nullable_text = {"anyOf": [text, {"type": "null"}]}
+    record = {
+        "type": "object",
+        "properties": {
+            "key": nullable_text,
+            "value": nullable_text,
+            "headers": {
+                "anyOf": [
+                    {"type": "object", "additionalProperties": {"type": "string"}},
+                    {"type": "null"},
+                ]
+            },
+        },
+    }
+    return {
+        "type": "object",
+        "properties": {
+            "encoding": {"const": encoding},
+            "records": {"type": "array", "items": record, "minItems": 1, "maxItems": 100_000},
+        },
+        "required": ["records", "encoding"] if encoding == "base64" else ["records"],
+    }
+
+
+_BASE64 = "^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+_JSON_RECORDS_SCHEMA = {
+    "oneOf": [
+        _records_schema("utf-8", {"type": "string"}),
+        _records_schema("base64", {"type": "string", "pattern": _BASE64}),
+    ]
+}
 
 
 def make_endpoints(broker: Broker) -> list[Endpoint]:
@@ -1202,6 +1274,7 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
             produce_many,
             "Append batches to several partitions led here; one result per entry",
             request_body={PRODUCE_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+            parameters=[_ACKS_PARAMETER],
             responses={"200": "per-partition results", "400": "bad framing"},
             callers=CLIENTS,
         ),
@@ -1212,8 +1285,9 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
             "Append record batches (leader only)",
             request_body={
                 BATCH_TYPE: {"schema": {"type": "string", "format": "binary"}},
-                "application/json": {"schema": {"type": "object"}},
+                "application/json": {"schema": _JSON_RECORDS_SCHEMA},
             },
+            parameters=[*_PARTITION_PARAMETERS, _ACKS_PARAMETER, _EPOCH_PARAMETER],
             responses={
                 "200": "appended (or, for a retried idempotent batch, its original offsets)",
                 "400": "bad batch",
@@ -1229,7 +1303,14 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
             base + "/records",
             fetch,
             "Read record batches below the high watermark",
-            responses={"200": "batches or JSON records", "416": "offset out of range"},
+            parameters=[*_PARTITION_PARAMETERS, *_FETCH_PARAMETERS, _EPOCH_PARAMETER],
+            responses={
+                "200": "batches or JSON records",
+                "404": "unknown topic or partition",
+                "409": "stale leader epoch",
+                "416": "offset out of range",
+                "421": "not leader",
+            },
             callers=CLIENTS,
         ),
         Endpoint(
@@ -1242,7 +1323,18 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
             callers=CLIENTS,
         ),
         Endpoint(
-            "GET", base + "/offsets", offsets, "Log start, high watermark, log end", callers=ANY
+            "GET",
+            base + "/offsets",
+            offsets,
+            "Log start, high watermark, log end",
+            parameters=[*_PARTITION_PARAMETERS, _EPOCH_PARAMETER],
+            responses={
+                "200": "OK",
+                "404": "unknown topic or partition",
+                "409": "stale leader epoch",
+                "421": "not leader",
+            },
+            callers=ANY,
         ),
         Endpoint(
             "GET",

@@ -78,7 +78,15 @@ from tidemq.errors import (
 from tidemq.logs import event
 from tidemq.service.app import build_app
 from tidemq.service.callers import ANY, CLIENTS, broker_self
-from tidemq.service.http import Endpoint, check_int, check_name, read_json_object
+from tidemq.service.http import (
+    NAME_SCHEMA,
+    Endpoint,
+    check_int,
+    check_name,
+    int_schema,
+    path_parameter,
+    read_json_object,
+)
 from tidemq.tls import TlsFiles
 from tidemq.wire import control
 
@@ -682,7 +690,11 @@ class _Handlers:
         self.c = coordinator
 
     def endpoints(self) -> list[Endpoint]:
-        created = {"201": "created", "409": "topic_exists", "503": "no_brokers_available"}
+        created = {
+            "201": "created",
+            "409": "topic_exists, or cluster_state_conflict (more replicas than live brokers)",
+            "503": "no_brokers_available",
+        }
         return [
             Endpoint(
                 "POST",
@@ -699,6 +711,7 @@ class _Handlers:
                 self.broker_heartbeat,
                 "Broker heartbeat: reports in, assignments out",
                 _schema_body(control.BrokerHeartbeat),
+                parameters=[_BROKER_ID_PARAMETER],
                 responses={"200": "OK", "404": "unknown_broker", "409": "cluster_id_mismatch"},
                 callers=broker_self(path="broker_id"),
             ),
@@ -708,6 +721,7 @@ class _Handlers:
                 self.alter_isr,
                 "A leader proposes an ISR change (compare-and-set on both epochs)",
                 _schema_body(control.AlterIsrRequest),
+                parameters=[_BROKER_ID_PARAMETER],
                 responses={
                     "200": "applied",
                     "409": "stale_partition_epoch",
@@ -724,7 +738,12 @@ class _Handlers:
                 "/v1/brokers/{broker_id}/drain",
                 self.drain_broker,
                 "Move every replica off a broker (scale-in)",
-                responses={"200": "OK", "400": "invalid_request", "404": "unknown_broker"},
+                parameters=[_BROKER_ID_PARAMETER],
+                responses={
+                    "200": "OK",
+                    "404": "unknown_broker",
+                    "409": "cluster_state_conflict (too few brokers would stay)",
+                },
                 callers=CLIENTS,
             ),
             Endpoint(
@@ -732,6 +751,7 @@ class _Handlers:
                 "/v1/brokers/{broker_id}/undrain",
                 self.undrain_broker,
                 "Stop draining a broker; it takes a fair share again",
+                parameters=[_BROKER_ID_PARAMETER],
                 responses={"200": "OK", "404": "unknown_broker"},
                 callers=CLIENTS,
             ),
@@ -747,7 +767,7 @@ class _Handlers:
                 "/v1/topics",
                 self.create_topic,
                 "Create a topic",
-                JSON_BODY,
+                _schema_body(control.CreateTopicRequest),
                 responses=created,
                 callers=CLIENTS,
             ),
@@ -757,6 +777,7 @@ class _Handlers:
                 "/v1/topics/{name}",
                 self.describe_topic,
                 "One topic",
+                parameters=[_NAME_PARAMETER],
                 responses={"200": "OK", "404": "unknown_topic"},
                 callers=ANY,
             ),
@@ -765,6 +786,7 @@ class _Handlers:
                 "/v1/topics/{name}",
                 self.delete_topic,
                 "Delete a topic",
+                parameters=[_NAME_PARAMETER],
                 responses={"200": "OK", "404": "unknown_topic"},
                 callers=CLIENTS,
             ),
@@ -774,6 +796,7 @@ class _Handlers:
                 self.metadata,
                 "Brokers and topics for clients",
                 parameters=_METADATA_PARAMETERS,
+                responses={"200": "OK", "404": "unknown_topic (auto_create false)"},
                 callers=CLIENTS,
             ),
             Endpoint(
@@ -781,7 +804,7 @@ class _Handlers:
                 "/v1/producers",
                 self.allocate_producer,
                 "Allocate an idempotent producer id",
-                JSON_BODY,
+                _schema_body(control.AllocateProducerRequest),
                 callers=CLIENTS,
             ),
             Endpoint(
@@ -789,7 +812,8 @@ class _Handlers:
                 "/v1/groups/{group}/heartbeat",
                 self.group_heartbeat,
                 "Consumer group member heartbeat",
-                JSON_BODY,
+                _schema_body(control.GroupHeartbeatRequest),
+                parameters=[_GROUP_PARAMETER],
                 responses={"200": "OK", "409": "fenced_member"},
                 callers=CLIENTS,
             ),
@@ -798,7 +822,8 @@ class _Handlers:
                 "/v1/groups/{group}/leave",
                 self.group_leave,
                 "Leave a consumer group",
-                JSON_BODY,
+                _schema_body(control.GroupLeaveRequest),
+                parameters=[_GROUP_PARAMETER],
                 callers=CLIENTS,
             ),
             Endpoint(
@@ -806,8 +831,9 @@ class _Handlers:
                 "/v1/groups/{group}/offsets",
                 self.commit_offsets,
                 "Commit offsets",
-                JSON_BODY,
-                responses={"200": "OK", "409": "fenced_member"},
+                _schema_body(control.CommitOffsetsRequest),
+                parameters=[_GROUP_PARAMETER],
+                responses={"200": "OK", "404": "unknown_topic", "409": "fenced_member"},
                 callers=CLIENTS,
             ),
             Endpoint(
@@ -815,7 +841,7 @@ class _Handlers:
                 "/v1/groups/{group}/offsets",
                 self.fetch_offsets,
                 "Committed offsets",
-                parameters=[_TOPICS_PARAMETER],
+                parameters=[_GROUP_PARAMETER, _TOPICS_PARAMETER],
                 callers=ANY,
             ),
             Endpoint("GET", "/v1/groups", self.list_groups, "Consumer groups", callers=ANY),
@@ -824,6 +850,7 @@ class _Handlers:
                 "/v1/groups/{group}",
                 self.describe_group,
                 "Members, offsets and lag of a group",
+                parameters=[_GROUP_PARAMETER],
                 responses={"200": "OK", "404": "unknown_group"},
                 callers=ANY,
             ),
@@ -954,6 +981,7 @@ class _Handlers:
 
     async def create_topic(self, request: web.Request) -> web.Response:
         body = await read_json_object(request, REQUEST_BYTES_MAX)
+        control.check(body, control.CreateTopicRequest)
         name = check_name(_field(body, "name"), "topic")
         partitions = check_int(
             body.get("partitions", self.c.config.default_partitions),
@@ -1012,7 +1040,9 @@ class _Handlers:
             return self.c.state.topic(name)
 
     async def allocate_producer(self, request: web.Request) -> web.Response:
-        await read_json_object(request, REQUEST_BYTES_MAX)
+        control.check(
+            await read_json_object(request, REQUEST_BYTES_MAX), control.AllocateProducerRequest
+        )
         [producer_id] = await self.c.commit([AllocateProducerId()])
         return _json({"producer_id": producer_id, "producer_epoch": 0})
 
@@ -1021,6 +1051,7 @@ class _Handlers:
     async def group_heartbeat(self, request: web.Request) -> web.Response:
         name = check_name(request.match_info["group"], "group")
         body = await read_json_object(request, REQUEST_BYTES_MAX)
+        control.check(body, control.GroupHeartbeatRequest)
         member_id = _member_id(body.get("member_id"))
         member_epoch = check_int(body.get("member_epoch", 0), "member_epoch", 0)
         topics = [check_name(t, "topic") for t in _list(body.get("topics", []), "topics", 10_000)]
@@ -1047,6 +1078,7 @@ class _Handlers:
     async def group_leave(self, request: web.Request) -> web.Response:
         name = check_name(request.match_info["group"], "group")
         body = await read_json_object(request, REQUEST_BYTES_MAX)
+        control.check(body, control.GroupLeaveRequest)
         member_id = _member_id(_field(body, "member_id"))
         if member_id is not None:
             await self.c.group_leave(name, member_id)
@@ -1055,6 +1087,7 @@ class _Handlers:
     async def commit_offsets(self, request: web.Request) -> web.Response:
         name = check_name(request.match_info["group"], "group")
         body = await read_json_object(request, REQUEST_BYTES_MAX)
+        control.check(body, control.CommitOffsetsRequest)
         member_id = _member_id(body.get("member_id"))
         raw_epoch = body.get("member_epoch")
         member_epoch = None if raw_epoch is None else check_int(raw_epoch, "member_epoch", 0)
@@ -1126,9 +1159,12 @@ _TOPICS_PARAMETER = {
     "name": "topics",
     "in": "query",
     "required": False,
-    "schema": {"type": "string"},
+    "schema": {"type": "string", "pattern": "^([A-Za-z0-9._-]{1,200}(,[A-Za-z0-9._-]{1,200})*)?$"},
     "description": "comma-separated topic names",
 }
+_BROKER_ID_PARAMETER = path_parameter("broker_id", int_schema(0, BROKER_ID_MAX))
+_NAME_PARAMETER = path_parameter("name", NAME_SCHEMA)
+_GROUP_PARAMETER = path_parameter("group", NAME_SCHEMA)
 _METADATA_PARAMETERS = [
     _TOPICS_PARAMETER,
     {"name": "auto_create", "in": "query", "required": False, "schema": {"type": "boolean"}},

@@ -44,6 +44,7 @@ from typing import Any
 
 from tidemq.core.placement import elect_leader
 from tidemq.errors import (
+    ClusterStateConflict,
     InvalidRequest,
     InvariantViolation,
     NotLeader,
@@ -498,7 +499,7 @@ def _check_draining(state: ClusterState, command: SetBrokerDraining) -> None:
     staying = set(state.brokers) - state.draining - {command.broker_id}
     needed = max((t.replication_factor for t in state.topics.values()), default=1)
     if len(staying) < needed:
-        raise InvalidRequest(
+        raise ClusterStateConflict(
             f"draining broker {command.broker_id} would leave {len(staying)} brokers "
             f"for a replication factor of {needed}"
         )

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
-from tidemq.errors import InvalidRequest, NoBrokersAvailable
+from tidemq.errors import ClusterStateConflict, InvalidRequest, NoBrokersAvailable
 
 
 def place_partitions(
@@ -44,8 +44,10 @@ def place_partitions(
         raise NoBrokersAvailable("no live broker to place partitions on")
     if partitions < 1:
         raise InvalidRequest(f"partitions must be >= 1, got {partitions}")
-    if not 1 <= replication_factor <= len(brokers):
-        raise InvalidRequest(
+    if replication_factor < 1:
+        raise InvalidRequest(f"replication_factor must be >= 1, got {replication_factor}")
+    if replication_factor > len(brokers):
+        raise ClusterStateConflict(
             f"replication_factor {replication_factor} needs 1 to {len(brokers)} live brokers"
         )
     count = len(brokers)

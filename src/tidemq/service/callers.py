@@ -192,8 +192,11 @@ def _shown(raw: Any, chars_max: int = 40) -> str:
 
 
 def _as_int(raw: Any) -> int | None:
-    """``raw`` as the handler's ``check_int`` reads it (``int(raw)``, no booleans)."""
+    """``raw`` as the handler's ``check_int`` reads it (``int(raw)``, no booleans, no
+    fractions)."""
     if raw is None or isinstance(raw, bool):
+        return None
+    if isinstance(raw, float) and not raw.is_integer():
         return None
     try:
         return int(raw)

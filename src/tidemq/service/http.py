@@ -95,7 +95,9 @@ def make_error_middleware(
                 raise
             code = {404: "not_found", 405: "method_not_allowed"}.get(error.status, "http_error")
             body = {"error": {"code": code, "message": error.reason}}
-            return web.json_response(body, status=error.status)
+            # A 405 says which methods the path has (RFC 9110: Allow is required).
+            kept = {name: error.headers[name] for name in ("Allow",) if name in error.headers}
+            return web.json_response(body, status=error.status, headers=kept)
         except InvariantViolation as error:
             fail_stop(f"invariant broken serving {request.method} {request.path}: {error}")
         except Exception:
@@ -232,8 +234,8 @@ def query_int(
 
 
 def check_int(raw: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
-    if isinstance(raw, bool):
-        raise InvalidRequest(f"{name} must be an integer")
+    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+        raise InvalidRequest(f"{name} must be an integer, got {raw!r}")
     try:
         value = int(raw)
     except (TypeError, ValueError) as error:
@@ -254,7 +256,33 @@ def check_name(raw: Any, what: str) -> str:
     return raw
 
 
+# OpenAPI schemas of what check_name / check_int accept, for parameters.
+NAME_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 200,
+    "pattern": "^[A-Za-z0-9._-]+$",
+}
+
+
+def int_schema(minimum: int | None = None, maximum: int | None = None) -> dict[str, Any]:
+    bounds = {"minimum": minimum, "maximum": maximum}
+    return {"type": "integer", **{k: v for k, v in bounds.items() if v is not None}}
+
+
+def path_parameter(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A typed path parameter for ``Endpoint.parameters`` (untyped ones are strings)."""
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+def query_parameter(name: str, schema: dict[str, Any], required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": schema}
+
+
 def openapi_document(title: str, endpoints: Iterable[Endpoint]) -> dict[str, Any]:
+    """Every endpoint with its callers and answers. Whatever takes input (parameters or
+    a body) can answer 400 ``invalid_request``, and a body can answer 413: both are
+    documented for every such endpoint, so the document lists every status it can see."""
     paths: dict[str, dict[str, Any]] = {}
     for endpoint in endpoints:
         operation: dict[str, Any] = {
@@ -274,11 +302,14 @@ def openapi_document(title: str, endpoints: Iterable[Endpoint]) -> dict[str, Any
             )
         if parameters:
             operation["parameters"] = parameters
+            operation["responses"].setdefault("400", {"description": "invalid_request"})
         if endpoint.request_body:
             operation["requestBody"] = {
                 "content": endpoint.request_body,
                 "required": endpoint.request_body_required,
             }
+            operation["responses"].setdefault("400", {"description": "invalid_request"})
+            operation["responses"].setdefault("413", {"description": "request_too_large"})
         paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = operation
     return {
         "openapi": "3.1.0",

@@ -29,8 +29,8 @@ RECORD_SCHEMA: dict[str, Any] = {
     "properties": {
         "key": {"type": ["string", "null"]},
         "value": {"type": ["string", "null"]},
-        "headers": {"type": "object", "additionalProperties": {"type": "string"}},
-        "partition": {"type": "integer", "minimum": 0},
+        "headers": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
+        "partition": {"type": ["integer", "null"], "minimum": 0},  # null: by key hash
         "encoding": _ENCODING,
     },
     "required": ["value"],

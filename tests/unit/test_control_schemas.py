@@ -1,0 +1,34 @@
+"""The client request types of wire/control.py (whose JSON Schemas /openapi.json
+publishes) keep the bounds the coordinator's handlers check."""
+
+from __future__ import annotations
+
+import pytest
+
+from tidemq.coordinator import server
+from tidemq.errors import InvalidRequest
+from tidemq.wire import control
+from tidemq.wire.fetch import FetchRequest
+
+
+def test_session_timeout_bounds_match_the_coordinator() -> None:
+    assert control.GROUP_SESSION_TIMEOUT_MS_MIN == server.GROUP_SESSION_TIMEOUT_MS_MIN
+    assert control.GROUP_SESSION_TIMEOUT_MS_MAX == server.GROUP_SESSION_TIMEOUT_MS_MAX
+    schema = control.schema(control.GroupHeartbeatRequest)["properties"]["session_timeout_ms"]
+    assert (schema["minimum"], schema["maximum"]) == (
+        server.GROUP_SESSION_TIMEOUT_MS_MIN,
+        server.GROUP_SESSION_TIMEOUT_MS_MAX,
+    )
+
+
+def test_integers_may_be_integral_floats_but_not_strings_or_fractions() -> None:
+    assert (
+        control.check({"name": "t", "partitions": 3.0}, control.CreateTopicRequest).partitions == 3
+    )
+    for partitions in ("3", 3.5, True, None):
+        with pytest.raises(InvalidRequest):
+            control.check({"name": "t", "partitions": partitions}, control.CreateTopicRequest)
+    body = b'{"partitions": [{"topic": "t", "partition": 2.0, "offset": 0}]}'
+    assert control.decode(body, FetchRequest).partitions[0].partition == 2
+    with pytest.raises(InvalidRequest):
+        control.decode(body.replace(b"2.0", b"2.5"), FetchRequest)
