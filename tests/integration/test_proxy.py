@@ -30,7 +30,20 @@ from tidemq import Admin, UnknownGroup
 from tidemq.wire.partitioner import partition_for_key
 
 NODE_PROGRAM = Path(__file__).with_name("proxy_order.mjs")
-SEED_DIR = Path(os.environ.get("TIDE_SEED_DIR", "/work/shared/seed"))
+# The seed's scripts: ../shared/seed beside the repository (as CI lays it out), else
+# the workplace's copy; TIDE_SEED_DIR overrides both.
+SEED_DIR = next(
+    (
+        candidate
+        for candidate in (
+            Path(os.environ.get("TIDE_SEED_DIR", "/nonexistent")),
+            Path(__file__).resolve().parents[3] / "shared" / "seed",
+            Path("/work/shared/seed"),
+        )
+        if candidate.is_dir()
+    ),
+    Path("/work/shared/seed"),
+)
 START_TIMEOUT_S = 30.0
 
 

@@ -23,7 +23,20 @@ from consumer_helpers import wait_for
 
 from tidemq import Admin
 
-SEED = Path("/work/shared/seed")
+# The seed's scripts: ../shared/seed beside the repository (as CI lays it out), else
+# the workplace's copy; TIDE_SEED_DIR overrides both.
+SEED = next(
+    (
+        candidate
+        for candidate in (
+            Path(os.environ.get("TIDE_SEED_DIR", "/nonexistent")),
+            Path(__file__).resolve().parents[3] / "shared" / "seed",
+            Path("/work/shared/seed"),
+        )
+        if candidate.is_dir()
+    ),
+    Path("/work/shared/seed"),
+)
 SEED_IMPORT = "from client import pull, push, subscribe"
 SIMPLE_IMPORT = "from tidemq.simple import pull, push, subscribe"
 
