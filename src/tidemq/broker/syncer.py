@@ -42,7 +42,6 @@ class GroupCommitSyncer:
         self._fsync_seconds = fsync_seconds
         self._dirty: dict[int, PartitionReplica] = {}
         self._in_flight: dict[int, asyncio.Future[None]] = {}
-        self._failure: asyncio.Future[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix="fsync")
 
     def mark_dirty(self, replica: PartitionReplica) -> None:
@@ -85,16 +84,12 @@ class GroupCommitSyncer:
         self._fsync_seconds.observe(time.perf_counter() - started)
 
     async def run(self) -> None:
-        """Waits for a fatal fsync failure (and raises it); under ``interval``
-        also drives the periodic syncs."""
-        self._failure = asyncio.get_running_loop().create_future()
+        """Under ``interval``, drives the periodic syncs; under the other policies there
+        is nothing to drive (a failed fsync ends the process in ``_finished``)."""
         if self.policy is not FsyncPolicy.INTERVAL:
-            await self._failure
             return
         while True:
-            done, _ = await asyncio.wait({self._failure}, timeout=self.interval_ms / 1000)
-            if done:
-                await self._failure
+            await asyncio.sleep(self.interval_ms / 1000)
             await self.sync_dirty()
 
     async def sync_dirty(self) -> None:
