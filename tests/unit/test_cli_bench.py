@@ -29,6 +29,7 @@ def test_short_or_null_values_have_no_send_time() -> None:
 def test_percentile_nearest_rank() -> None:
     values = [float(v) for v in range(1, 1001)]
     assert percentile(values, 0.5) == 500
+    assert percentile(values, 0.9) == 900
     assert percentile(values, 0.99) == 990
     assert percentile(values, 0.999) == 999
     assert percentile(values, 1.0) == 1000
@@ -53,5 +54,16 @@ def test_messages_due() -> None:
 
 def test_latency_summary_in_milliseconds() -> None:
     summary = latency_summary([2_000_000, 1_000_000, 3_000_000])
-    assert summary == {"p50_ms": 2.0, "p99_ms": 3.0, "p999_ms": 3.0, "max_ms": 3.0}
+    assert summary == {"p50_ms": 2.0, "p90_ms": 3.0, "p99_ms": 3.0, "p999_ms": 3.0, "max_ms": 3.0}
     assert latency_summary([])["p50_ms"] is None
+
+
+def test_latency_summary_has_every_percentile_of_1000_values() -> None:
+    summary = latency_summary(reversed([value * 1_000_000 for value in range(1, 1001)]))
+    assert summary == {
+        "p50_ms": 500.0,
+        "p90_ms": 900.0,
+        "p99_ms": 990.0,
+        "p999_ms": 999.0,
+        "max_ms": 1000.0,
+    }

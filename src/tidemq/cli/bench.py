@@ -5,79 +5,58 @@ Two phases (docs/OPERATIONS.md):
 * throughput: one producer in this process sends ``--messages`` as fast as it can
   (then flushes); then a consumer of a new group drains them. Reported: messages/s
   and MB/s in (produce, acknowledged) and out (consume).
-* latency: a consumer of a new group polls in a thread while the producer sends at
-  ``--rate`` messages/s for ``--latency-seconds``; each value starts with its send
-  time (8 bytes, big-endian ``time.monotonic_ns()``, same process, so no clock skew),
-  and the consumer records ``now - send time``. Reported: p50 / p99 / p999 / max.
-  Before measuring, warm-up messages (send time 0) are sent until the consumer
-  sees one, so group join and assignment are not counted as latency.
+* latency (cli/bench_latency.py): a consumer of a new group runs in ANOTHER process
+  (so this process's GIL does not delay it) while the producer sends at ``--rate``
+  messages/s, or at each of ``--rates`` in turn up to saturation, for
+  ``--latency-seconds`` each after ``--warmup-seconds``; each value starts with its
+  send time (``time.monotonic_ns()``, one clock for every process). Reported per rate:
+  sent, received, achieved rate, p50 / p90 / p99 / p99.9 / max. ``--curve PATH`` draws
+  latency versus throughput (cli/bench_curve.py), also from saved ``--from`` reports.
 
-The pure parts (value encoding, percentiles, the rate schedule) are plain functions.
+The pure parts (value encoding, percentiles, the rate schedule, the stop rule) are
+plain functions in bench_latency.
 """
 
 from __future__ import annotations
 
 import json
-import struct
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import click
 
+from tidemq.cli import bench_latency
+from tidemq.cli.bench_latency import (
+    WARMUP_TIMESTAMP,
+    decode_send_ns,
+    encode_value,
+    latency_summary,
+    messages_due,
+    percentile,
+)
 from tidemq.cli.client_commands import data_dir_option, target_for
 from tidemq.cli.control import ControlPlane, Target
 from tidemq.cli.processes import ProbeError
 from tidemq.errors import TideError
 
-_TIMESTAMP = struct.Struct(">q")
-WARMUP_TIMESTAMP = 0
+__all__ = [
+    "WARMUP_TIMESTAMP",
+    "bench",
+    "decode_send_ns",
+    "encode_value",
+    "latency_summary",
+    "messages_due",
+    "percentile",
+]
+
 PROGRESS_STEP = 1000
 DRAIN_IDLE_TIMEOUT_S = 30.0
 
 
-def encode_value(send_ns: int, size: int) -> bytes:
-    """A value of ``max(size, 8)`` bytes starting with the send time."""
-    return _TIMESTAMP.pack(send_ns) + b"x" * max(0, size - _TIMESTAMP.size)
-
-
-def decode_send_ns(value: bytes | None) -> int | None:
-    if value is None or len(value) < _TIMESTAMP.size:
-        return None
-    send_ns: int = _TIMESTAMP.unpack_from(value)[0]
-    return send_ns
-
-
-def percentile(sorted_values: Sequence[float], fraction: float) -> float | None:
-    """Nearest-rank percentile of already sorted values; None when empty."""
-    if not sorted_values:
-        return None
-    rank = max(1, min(len(sorted_values), int(-(-fraction * len(sorted_values) // 1))))
-    return sorted_values[rank - 1]
-
-
-def messages_due(rate_per_s: float, elapsed_s: float) -> int:
-    """How many messages a sender at ``rate_per_s`` should have sent by ``elapsed_s``."""
-    return int(rate_per_s * max(0.0, elapsed_s))
-
-
 def rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else 0.0
-
-
-def latency_summary(latencies_ns: list[int]) -> dict[str, float | None]:
-    ordered = sorted(latencies_ns)
-    millis = [round(value / 1e6, 3) for value in ordered]
-    return {
-        "p50_ms": percentile(millis, 0.50),
-        "p99_ms": percentile(millis, 0.99),
-        "p999_ms": percentile(millis, 0.999),
-        "max_ms": millis[-1] if millis else None,
-    }
 
 
 def _keys(count: int) -> list[bytes]:
@@ -156,107 +135,19 @@ def _consume_throughput(target: Target, topic: str, messages: int) -> dict[str, 
     return result
 
 
-@dataclass
-class _LatencyConsumer:
-    """Polls in a thread, recording now - send time of every measured message."""
-
-    target: Target
-    topic: str
-    latencies_ns: list[int] = field(default_factory=list)
-    warmed_up: threading.Event = field(default_factory=threading.Event)
-    stop: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
-
-    def run(self) -> None:
-        from tidemq import Consumer
-
-        group = f"bench-latency-{uuid.uuid4().hex[:12]}"
-        try:
-            with Consumer(
-                self.topic, group=group, auto_offset_reset="latest", **self.target.client_kwargs()
-            ) as consumer:
-                while not self.stop.is_set():
-                    batch = consumer.poll(timeout=0.1, max_records=10_000)
-                    now = time.monotonic_ns()
-                    for message in batch:
-                        send_ns = decode_send_ns(message.value)
-                        if send_ns == WARMUP_TIMESTAMP:
-                            self.warmed_up.set()
-                        elif send_ns is not None:
-                            self.latencies_ns.append(now - send_ns)
-        except BaseException as error:  # surfaced by the main thread
-            self.error = error
-            self.warmed_up.set()
-
-
-def _latency_phase(
-    target: Target,
-    topic: str,
-    rate_per_s: int,
-    seconds: float,
-    value_bytes: int,
-    keys: list[bytes],
-    producer_options: dict[str, Any],
+def _ensure_topic(
+    target: Target, topic: str, partitions: int, replication_factor: int | None
 ) -> dict[str, Any]:
-    from tidemq import Producer
-
-    consumer = _LatencyConsumer(target, topic)
-    thread = threading.Thread(target=consumer.run, name="bench-consumer", daemon=True)
-    thread.start()
-    sent = 0
-    try:
-        with Producer(**target.client_kwargs(), **producer_options) as producer:
-            warmup_deadline = time.monotonic() + 30.0
-            while not consumer.warmed_up.wait(0.2):
-                if time.monotonic() > warmup_deadline:
-                    raise click.ClickException("latency consumer saw no message within 30 s")
-                producer.send(topic, encode_value(WARMUP_TIMESTAMP, value_bytes), key=keys[0])
-                producer.flush()
-            if consumer.error is not None:
-                raise click.ClickException(f"latency consumer failed: {consumer.error}")
-            total = int(rate_per_s * seconds)
-            started = time.monotonic()
-            key_count = len(keys)
-            with _progress(total, f"latency @ {rate_per_s}/s") as bar:
-                while sent < total:
-                    due = min(total, messages_due(rate_per_s, time.monotonic() - started))
-                    if due <= sent:
-                        time.sleep(0.0005)
-                        continue
-                    for index in range(sent, due):
-                        producer.send(
-                            topic,
-                            encode_value(time.monotonic_ns(), value_bytes),
-                            key=keys[index % key_count],
-                        )
-                    bar.update(due - sent)
-                    sent = due
-            producer.flush()
-        drain_deadline = time.monotonic() + 10.0
-        while len(consumer.latencies_ns) < sent and time.monotonic() < drain_deadline:
-            time.sleep(0.05)
-    finally:
-        consumer.stop.set()
-        thread.join(timeout=30.0)
-    if consumer.error is not None:
-        raise click.ClickException(f"latency consumer failed: {consumer.error}")
-    return {
-        "rate_per_s": rate_per_s,
-        "sent": sent,
-        "received": len(consumer.latencies_ns),
-        **latency_summary(consumer.latencies_ns),
-    }
-
-
-def _ensure_topic(target: Target, topic: str, partitions: int) -> None:
+    """Creates the topic (an existing one is used as it is); returns GET /v1/topics/{t}
+    once every partition has a serving leader."""
     control = ControlPlane(target)
     try:
-        control.create_topic(topic, partitions, None)
+        control.create_topic(topic, partitions, replication_factor)
     except ProbeError as error:
         if "topic_exists" not in str(error):
             raise click.ClickException(f"cannot create topic {topic}: {error}") from error
     try:
-        control.wait_topic_ready(topic)
+        return control.wait_topic_ready(topic)
     except ProbeError as error:
         raise click.ClickException(str(error)) from error
 
@@ -274,16 +165,11 @@ def _format_report(report: dict[str, Any]) -> str:
                 f"  ({phase['messages']} messages in {phase['seconds']} s)"
             )
     if "latency" in report:
-        latency = report["latency"]
-
-        def ms(value: float | None) -> str:
-            return "-" if value is None else f"{value:.2f} ms"
-
-        lines.append(
-            f"end-to-end latency @ {latency['rate_per_s']} msg/s ({latency['received']}/"
-            f"{latency['sent']} received): p50 {ms(latency['p50_ms'])}  p99 "
-            f"{ms(latency['p99_ms'])}  p999 {ms(latency['p999_ms'])}  max {ms(latency['max_ms'])}"
-        )
+        lines.append("end-to-end latency: " + bench_latency.describe_step(report["latency"]))
+    if "latency_sweep" in report:
+        sweep = report["latency_sweep"]
+        lines.append(f"end-to-end latency, {sweep['label']}:")
+        lines += ["  " + bench_latency.describe_step(step) for step in sweep["steps"]]
     return "\n".join(lines)
 
 
@@ -319,12 +205,63 @@ def _group_phase(
     click.echo(json.dumps(report, indent=2) if as_json else f"topic {topic}: {text}")
 
 
+def _latency(
+    target: Target,
+    topic: str,
+    topic_info: dict[str, Any],
+    settings: bench_latency.SweepSettings,
+    single: bool,
+) -> tuple[str, dict[str, Any]]:
+    """Runs the latency sweep (one rate when ``single``); returns the report key and
+    value: ``latency`` (the one step) or ``latency_sweep`` (bench_latency's report)."""
+    try:
+        sweep = bench_latency.sweep_report(
+            target.client_kwargs(), topic, topic_info, settings, progress=True
+        )
+    except bench_latency.HarnessError as error:
+        raise click.ClickException(f"latency phase: {error}") from error
+    if single:
+        return "latency", sweep["steps"][0]
+    return "latency_sweep", sweep
+
+
+def _draw_curve(paths: list[str], reports: list[dict[str, Any]], out: str) -> None:
+    from tidemq.cli import bench_curve
+
+    try:
+        loaded = [bench_curve.load_report(path) for path in paths] + reports
+        bench_curve.draw(bench_curve.series_of(loaded), out)
+    except bench_curve.CurveError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"wrote {out}", err=True)
+
+
+def _check_curve_options(curve: str | None, from_reports: tuple[str, ...], phase: str) -> None:
+    if from_reports and curve is None:
+        raise click.UsageError("--from needs --curve PATH (the image to draw)")
+    if curve is not None and not from_reports and phase not in ("all", "latency"):
+        raise click.UsageError("--curve needs a latency phase (--phase all or latency)")
+    if curve is not None:
+        try:
+            import matplotlib  # noqa: F401  (fail before measuring, not after)
+        except ImportError:
+            raise click.UsageError(
+                "--curve needs matplotlib: pip install 'tidemq[bench]'"
+            ) from None
+
+
 @click.command()
 @data_dir_option
 @click.option("--messages", type=click.IntRange(min=1), default=200_000, show_default=True)
 @click.option("--value-bytes", type=click.IntRange(min=8), default=100, show_default=True)
 @click.option("--keys", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--partitions", type=click.IntRange(min=1), default=12, show_default=True)
+@click.option(
+    "--replication-factor",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Of the topic the bench creates (default: the cluster's).",
+)
 @click.option("--topic", default=None, help="Default: bench-<random>, created for the run.")
 @click.option(
     "--rate",
@@ -334,7 +271,35 @@ def _group_phase(
     show_default=True,
     help="Messages/s of the latency phase.",
 )
-@click.option("--latency-seconds", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
+@click.option(
+    "--rates",
+    callback=bench_latency._rates_option,
+    default=None,
+    help="Ascending msg/s, e.g. 500,1000,2000,5000,10000: the latency phase at each rate "
+    "until saturation (achieved < 90%, not all received, or p99 above --p99-bound-ms). "
+    "Replaces --rate.",
+)
+@click.option(
+    "--latency-seconds",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="Measured seconds per rate.",
+)
+@click.option(
+    "--warmup-seconds",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Unmeasured seconds at each rate before measuring it.",
+)
+@click.option(
+    "--p99-bound-ms",
+    type=click.FloatRange(min=0),
+    default=bench_latency.DEFAULT_P99_BOUND_MS,
+    show_default=True,
+    help="A rate whose p99 is above this is saturated (the sweep stops).",
+)
 @click.option(
     "--phase",
     type=click.Choice(["all", "throughput", "latency", "join", "scale"]),
@@ -368,15 +333,33 @@ def _group_phase(
 @click.option("--acks", type=click.Choice(["all", "1", "0"]), default="all", show_default=True)
 @click.option("--linger-ms", type=click.IntRange(min=0), default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--label", default=None, help="The sweep's name on the curve.")
+@click.option(
+    "--curve",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Draw latency versus throughput into this image (needs tidemq[bench]).",
+)
+@click.option(
+    "--from",
+    "from_reports",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A saved --json report to draw (repeatable); with --from nothing is measured.",
+)
 def bench(
     data_dir: str | None,
     messages: int,
     value_bytes: int,
     keys: int,
     partitions: int,
+    replication_factor: int | None,
     topic: str | None,
     rate_per_s: int,
+    rates: tuple[int, ...] | None,
     latency_seconds: float,
+    warmup_seconds: float,
+    p99_bound_ms: float,
     phase: str,
     members: int,
     repeat: int,
@@ -386,12 +369,20 @@ def bench(
     acks: str,
     linger_ms: int | None,
     as_json: bool,
+    label: str | None,
+    curve: str | None,
+    from_reports: tuple[str, ...],
 ) -> None:
     """Measure throughput (msg/s, MB/s in and out), end-to-end latency, and consumer
     groups (join latency and pause, scaling with an I/O-bound handler)."""
+    _check_curve_options(curve, from_reports, phase)
+    if from_reports:
+        assert curve is not None
+        _draw_curve(list(from_reports), [], curve)
+        return
     target = target_for(data_dir)
     topic = topic or f"bench-{uuid.uuid4().hex[:8]}"
-    _ensure_topic(target, topic, partitions)
+    topic_info = _ensure_topic(target, topic, partitions, replication_factor)
     if phase in ("join", "scale"):
         _group_phase(
             target,
@@ -416,6 +407,7 @@ def bench(
         "value_bytes": value_bytes,
         "keys": keys,
         "partitions": partitions,
+        "replication_factor": bench_latency.topic_replication_factor(topic_info),
         "acks": acks,
     }
     try:
@@ -425,18 +417,18 @@ def bench(
             )
             report["consume"] = _consume_throughput(target, topic, messages)
         if phase in ("all", "latency"):
-            report["latency"] = _latency_phase(
-                target,
-                topic,
-                rate_per_s,
-                latency_seconds,
-                value_bytes,
-                key_list,
-                producer_options,
-            )
+            settings = bench_latency.SweepSettings(
+                rates or (rate_per_s,), latency_seconds, warmup_seconds,
+                value_bytes=value_bytes, keys=keys, acks=acks, linger_ms=linger_ms,
+                p99_bound_ms=p99_bound_ms, label=label,
+            )  # fmt: skip
+            name, value = _latency(target, topic, topic_info, settings, single=rates is None)
+            report[name] = value
     except TideError as error:
         raise click.ClickException(f"{type(error).__name__}: {error}") from error
     click.echo(json.dumps(report, indent=2) if as_json else _format_report(report))
+    if curve is not None:
+        _draw_curve([], [report], curve)
     incomplete = report.get("consume", {}).get("messages", messages) < messages
     if incomplete:
         click.echo(f"error: consumed only {report['consume']['messages']} of {messages}", err=True)

@@ -1,0 +1,647 @@
+"""End-to-end latency at several rates up to saturation, consumer in another process.
+
+Used by ``tide bench`` (its latency phase) and runnable on its own::
+
+    python -m tidemq.cli.bench_latency sweep --data-dir D --partitions 12 \\
+        --replication-factor 2 --rates 500,1000,2000,5000,10000 --json-out r.json
+
+How a sweep works. This process creates the topic (``ControlPlane``), starts the
+consumer process (``... bench_latency consume``, a new consumer group reading from the
+latest offsets) and produces. Warm-up first: a message with send time 0 is sent to
+every partition until the consumer has seen one from each (group joined, every
+partition assigned and positioned), so joining is not counted as latency. Then for
+each rate, ascending: ``--warmup-seconds`` at that rate (not measured), then
+``--seconds`` measured; every value starts with its send time (8 bytes, big-endian
+``time.monotonic_ns()``: CLOCK_MONOTONIC is one clock for every process on the
+machine, so no skew). The consumer records ``receive time - send time``. At the end
+of a step this process tells the consumer the step's window (first and last send
+time) and how many messages it sent in it; the consumer waits for them (up to
+``--drain-seconds``) and answers with the count and the percentiles of that window.
+The sweep stops at the first saturated step (:func:`saturation_reason`).
+
+Control protocol (JSON lines): consumer -> harness on stdout ``{"op": "ready"}`` and
+``{"op": "window", "received": n, "p50_ms": ...}``; harness -> consumer on stdin
+``{"op": "window", "from_ns", "to_ns", "sent", "timeout_s"}`` and ``{"op": "stop"}``.
+The consumer also stops when its stdin closes (the harness died), and the harness
+kills it by PID whatever happens.
+
+Self-contained on purpose: this file imports only the standard library, click and
+tidemq's public API (``Producer``, ``Consumer``, ``cli.control``'s ``ControlPlane``
+and ``resolve_target``), all of which older trees have too, so it measures an older
+checkout unchanged: ``PYTHONPATH=OLD/src python src/tidemq/cli/bench_latency.py ...``
+(docs/BENCHMARKS.md, "Latency versus throughput").
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import queue
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from array import array
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import IO, Any
+
+import click
+
+_TIMESTAMP = struct.Struct(">q")
+WARMUP_TIMESTAMP = 0
+SATURATION_RATE_FRACTION = 0.9  # a step sending below this share of its rate is saturated
+DEFAULT_P99_BOUND_MS = 1000.0
+DEFAULT_RATES = (500, 1000, 2000, 5000, 10_000, 20_000, 50_000)
+WARMUP_DEADLINE_S = 60.0
+RECORD_LIMIT = 5_000_000  # measured messages the consumer keeps per step (16 bytes each)
+POLL_TIMEOUT_S = 0.05  # how soon the consumer sees a command; poll returns on data at once
+SEND_IDLE_S = 0.0005
+COMMAND_QUEUE_MAX = 16
+
+
+class HarnessError(Exception):
+    """The sweep cannot go on: the consumer process failed, or a deadline passed."""
+
+
+# -- pure parts ------------------------------------------------------------------------
+
+
+def encode_value(send_ns: int, size: int) -> bytes:
+    """A value of ``max(size, 8)`` bytes starting with the send time."""
+    return _TIMESTAMP.pack(send_ns) + b"x" * max(0, size - _TIMESTAMP.size)
+
+
+def decode_send_ns(value: bytes | None) -> int | None:
+    if value is None or len(value) < _TIMESTAMP.size:
+        return None
+    send_ns: int = _TIMESTAMP.unpack_from(value)[0]
+    return send_ns
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float | None:
+    """Nearest-rank percentile of already sorted values; None when empty."""
+    if not sorted_values:
+        return None
+    rank = max(1, min(len(sorted_values), int(-(-fraction * len(sorted_values) // 1))))
+    return sorted_values[rank - 1]
+
+
+def messages_due(rate_per_s: float, elapsed_s: float) -> int:
+    """How many messages a sender at ``rate_per_s`` should have sent by ``elapsed_s``."""
+    return int(rate_per_s * max(0.0, elapsed_s))
+
+
+def latency_summary(latencies_ns: Iterable[int]) -> dict[str, float | None]:
+    """p50 / p90 / p99 / p99.9 (``p999_ms``) / max in milliseconds; None when empty."""
+    millis = [round(value / 1e6, 3) for value in sorted(latencies_ns)]
+    return {
+        "p50_ms": percentile(millis, 0.50),
+        "p90_ms": percentile(millis, 0.90),
+        "p99_ms": percentile(millis, 0.99),
+        "p999_ms": percentile(millis, 0.999),
+        "max_ms": millis[-1] if millis else None,
+    }
+
+
+def parse_rates(text: str) -> tuple[int, ...]:
+    """``"500,1000,2000"`` -> (500, 1000, 2000): positive and strictly ascending."""
+    try:
+        rates = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"rates must be comma-separated integers, not {text!r}") from None
+    if not rates:
+        raise ValueError("no rate given")
+    if any(value <= 0 for value in rates):
+        raise ValueError(f"rates must be positive: {text!r}")
+    if any(later <= earlier for earlier, later in itertools.pairwise(rates)):
+        raise ValueError(f"rates must be strictly ascending: {text!r}")
+    return rates
+
+
+def achieved_rate(sent: int, seconds: float) -> float:
+    return round(sent / seconds, 1) if seconds > 0 else 0.0
+
+
+def saturation_reason(step: dict[str, Any], p99_bound_ms: float) -> str | None:
+    """Why a measured step shows saturation, or None: the producer could not keep the
+    asked rate (below 90%), the consumer did not get everything within the drain time,
+    or the p99 is above the bound."""
+    asked = step["rate_per_s"]
+    if step["achieved_per_s"] < SATURATION_RATE_FRACTION * asked:
+        return f"sent {step['achieved_per_s']:.0f} msg/s, below 90% of {asked}"
+    if step["received"] < step["sent"]:
+        return f"consumer received {step['received']} of {step['sent']}"
+    p99 = step.get("p99_ms")
+    if p99 is None or p99 > p99_bound_ms:
+        return f"p99 {p99} ms above {p99_bound_ms:g} ms"
+    return None
+
+
+def step_report(
+    rate_per_s: int, sent: int, seconds: float, window: dict[str, Any], p99_bound_ms: float
+) -> dict[str, Any]:
+    """One step's line of the report, ``saturated`` holding the reason or None."""
+    step: dict[str, Any] = {
+        "rate_per_s": rate_per_s,
+        "seconds": round(seconds, 3),
+        "sent": sent,
+        "received": int(window.get("received", 0)),
+        "achieved_per_s": achieved_rate(sent, seconds),
+        **{key: window.get(key) for key in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms")},
+    }
+    step["saturated"] = saturation_reason(step, p99_bound_ms)
+    return step
+
+
+def next_rates(rates: Sequence[int], steps: Sequence[dict[str, Any]]) -> list[int]:
+    """The sweep's stop rule: the rates still to run after ``steps`` (none once a step
+    is saturated: higher rates would only measure a growing queue)."""
+    if any(step.get("saturated") for step in steps):
+        return []
+    return list(rates[len(steps) :])
+
+
+class Recorder:
+    """The consumer's bookkeeping (no I/O): latencies per send time, warm-up partitions,
+    and the open window's count. Keeps at most ``limit`` measured messages."""
+
+    def __init__(self, limit: int = RECORD_LIMIT) -> None:
+        self.limit = limit
+        self.send_ns = array("q")
+        self.latency_ns = array("q")
+        self.warm_partitions: set[int] = set()
+        self.overflow = 0
+        self.window: tuple[int, int] | None = None
+        self.in_window = 0
+
+    def add(self, messages: Iterable[Any], now_ns: int) -> None:
+        for message in messages:
+            send_ns = decode_send_ns(message.value)
+            if send_ns is None:
+                continue
+            if send_ns == WARMUP_TIMESTAMP:
+                self.warm_partitions.add(message.partition)
+                continue
+            if len(self.send_ns) >= self.limit:
+                self.overflow += 1
+                continue
+            self.send_ns.append(send_ns)
+            self.latency_ns.append(now_ns - send_ns)
+            if self.window is not None and self.window[0] <= send_ns < self.window[1]:
+                self.in_window += 1
+
+    def open_window(self, from_ns: int, to_ns: int) -> None:
+        self.window = (from_ns, to_ns)
+        self.in_window = sum(1 for send_ns in self.send_ns if from_ns <= send_ns < to_ns)
+
+    def close_window(self) -> dict[str, Any]:
+        """The window's count and percentiles; forgets everything sent before its end
+        (warm-up, the window itself and stragglers of earlier steps)."""
+        assert self.window is not None, "close_window without open_window"
+        from_ns, to_ns = self.window
+        pairs = list(zip(self.send_ns, self.latency_ns, strict=True))
+        latencies = [latency for send_ns, latency in pairs if from_ns <= send_ns < to_ns]
+        kept = [(send_ns, latency) for send_ns, latency in pairs if send_ns >= to_ns]
+        self.send_ns = array("q", (send_ns for send_ns, _ in kept))
+        self.latency_ns = array("q", (latency for _, latency in kept))
+        answer = {"received": len(latencies), "overflow": self.overflow}
+        self.window, self.in_window, self.overflow = None, 0, 0
+        return {**answer, **latency_summary(latencies)}
+
+
+# -- the consumer process --------------------------------------------------------------
+
+
+def _emit(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def _read_commands(stream: IO[str], commands: queue.Queue[dict[str, Any]]) -> None:
+    for line in stream:
+        if line.strip():
+            commands.put(json.loads(line))
+    commands.put({"op": "stop"})  # stdin closed: the harness is gone
+
+
+def consume(topic: str, group: str, partitions: int, client_config: dict[str, Any]) -> None:
+    """The consumer process's loop: poll, record, answer window commands."""
+    from tidemq import Consumer
+
+    commands: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=COMMAND_QUEUE_MAX)
+    reader = threading.Thread(target=_read_commands, args=(sys.stdin, commands), daemon=True)
+    reader.start()
+    recorder = Recorder()
+    ready = False
+    pending: dict[str, Any] | None = None
+    with Consumer(topic, group=group, auto_offset_reset="latest", **client_config) as consumer:
+        while True:
+            batch = consumer.poll(timeout=POLL_TIMEOUT_S, max_records=10_000)
+            if batch:
+                recorder.add(batch, time.monotonic_ns())
+            if not ready and len(recorder.warm_partitions) >= partitions:
+                ready = True
+                _emit({"op": "ready"})
+            if pending is None:
+                try:
+                    command = commands.get_nowait()
+                except queue.Empty:
+                    continue
+                if command["op"] == "stop":
+                    return
+                recorder.open_window(int(command["from_ns"]), int(command["to_ns"]))
+                pending = {**command, "deadline": time.monotonic() + float(command["timeout_s"])}
+            if recorder.in_window >= int(pending["sent"]) or time.monotonic() > pending["deadline"]:
+                _emit({"op": "window", **recorder.close_window()})
+                pending = None
+
+
+class ConsumerProcess:
+    """The harness's handle on the consumer process: JSON lines both ways, and a kill
+    by PID in ``close`` whatever state it is in."""
+
+    def __init__(self, command: list[str]) -> None:
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close)
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue(maxsize=COMMAND_QUEUE_MAX)
+        self._reader = threading.Thread(target=self._read, name="bench-consumer-out", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def send(self, message: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
+        except OSError as error:
+            raise HarnessError(f"consumer process is gone: {self._failure()}") from error
+
+    def answer(self, op: str, timeout_s: float) -> dict[str, Any] | None:
+        """The consumer's next ``op`` message, or None if none came within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                return None
+            if line is None:
+                self._lines.put(None)
+                raise HarnessError(f"consumer process ended: {self._failure()}")
+            if line.startswith("{"):
+                message: dict[str, Any] = json.loads(line)
+                if message.get("op") == op:
+                    return message
+        return None
+
+    def _failure(self) -> str:
+        try:
+            code = self.process.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        self._stderr.seek(0)
+        tail = self._stderr.read()[-2000:].decode(errors="replace").strip()
+        return f"exit code {code}; stderr: {tail or '(empty)'}"
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.send({"op": "stop"})
+                self.process.wait(timeout=5.0)
+            except (HarnessError, subprocess.TimeoutExpired):
+                pass
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        self._reader.join(timeout=5.0)
+        self._stderr.close()
+
+
+def _consumer_command() -> list[str]:
+    """How to start this module again: ``-m`` when imported from a package, else by file
+    (so ``python .../bench_latency.py`` works against a tree that lacks this module)."""
+    spec = globals().get("__spec__")
+    if spec is not None and spec.name:
+        return [sys.executable, "-m", spec.name]
+    return [sys.executable, os.path.abspath(__file__)]
+
+
+# -- the producing side ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    rates: tuple[int, ...]
+    step_seconds: float = 5.0
+    warmup_seconds: float = 1.0
+    drain_seconds: float = 10.0
+    value_bytes: int = 100
+    keys: int = 1000
+    acks: str = "all"
+    linger_ms: int | None = None  # None: the client's default
+    p99_bound_ms: float = DEFAULT_P99_BOUND_MS
+    label: str | None = None
+
+    def producer_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"acks": self.acks if self.acks == "all" else int(self.acks)}
+        if self.linger_ms is not None:
+            options["linger_ms"] = self.linger_ms
+        return options
+
+
+def _send_at_rate(
+    producer: Any, topic: str, rate_per_s: int, seconds: float, value_bytes: int, keys: list[bytes]
+) -> tuple[int, list[Any]]:
+    """Sends ``rate_per_s * seconds`` messages on schedule (catching up in bursts when
+    late); returns the count and one future per burst, to check for failures."""
+    total = int(rate_per_s * seconds)
+    sent = 0
+    bursts = []
+    key_count = len(keys)
+    send = producer.send
+    started = time.monotonic()
+    while sent < total:
+        due = min(total, messages_due(rate_per_s, time.monotonic() - started))
+        if due <= sent:
+            time.sleep(SEND_IDLE_S)
+            continue
+        future = None
+        for index in range(sent, due):
+            future = send(
+                topic, encode_value(time.monotonic_ns(), value_bytes), key=keys[index % key_count]
+            )
+        bursts.append(future)
+        sent = due
+    return sent, bursts
+
+
+def _warm_up(producer: Any, consumer: ConsumerProcess, topic: str, value_bytes: int) -> int:
+    """Sends send-time-0 messages to every partition until the consumer has seen one
+    from each; returns the partition count."""
+    partitions = int(producer.partitions_for(topic))
+    value = encode_value(WARMUP_TIMESTAMP, value_bytes)
+    deadline = time.monotonic() + WARMUP_DEADLINE_S
+    while True:
+        for partition in range(partitions):
+            producer.send(topic, value, partition=partition)
+        producer.flush()
+        if consumer.answer("ready", 0.2) is not None:
+            return partitions
+        if time.monotonic() > deadline:
+            raise HarnessError(f"the consumer saw no message within {WARMUP_DEADLINE_S:g} s")
+
+
+def _measure_step(
+    producer: Any,
+    consumer: ConsumerProcess,
+    topic: str,
+    rate_per_s: int,
+    settings: SweepSettings,
+    keys: list[bytes],
+) -> dict[str, Any]:
+    _send_at_rate(producer, topic, rate_per_s, settings.warmup_seconds, settings.value_bytes, keys)
+    from_ns = time.monotonic_ns()
+    sent, bursts = _send_at_rate(
+        producer, topic, rate_per_s, settings.step_seconds, settings.value_bytes, keys
+    )
+    to_ns = time.monotonic_ns()
+    producer.flush()
+    for future in bursts:
+        future.result()  # raises if a send of the step failed
+    consumer.send(
+        {
+            "op": "window",
+            "from_ns": from_ns,
+            "to_ns": to_ns,
+            "sent": sent,
+            "timeout_s": settings.drain_seconds,
+        }
+    )
+    window = consumer.answer("window", settings.drain_seconds + 30.0)
+    if window is None:
+        raise HarnessError("the consumer did not answer for the step's window")
+    seconds = (to_ns - from_ns) / 1e9
+    return step_report(rate_per_s, sent, seconds, window, settings.p99_bound_ms)
+
+
+def describe_step(step: dict[str, Any]) -> str:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    text = (
+        f"{step['rate_per_s']:>7}/s asked {step['achieved_per_s']:>9.0f}/s sent "
+        f"{step['received']}/{step['sent']} received  p50 {ms(step['p50_ms'])}  "
+        f"p90 {ms(step['p90_ms'])}  p99 {ms(step['p99_ms'])}  p99.9 {ms(step['p999_ms'])}  "
+        f"max {ms(step['max_ms'])} ms"
+    )
+    return text + (f"  SATURATED: {step['saturated']}" if step["saturated"] else "")
+
+
+def run_sweep(
+    client_config: dict[str, Any],
+    topic: str,
+    settings: SweepSettings,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Runs the sweep against an existing topic; returns the steps (with saturation)."""
+    from tidemq import Producer
+
+    keys = [f"key-{index}".encode() for index in range(settings.keys)]
+    steps: list[dict[str, Any]] = []
+    with Producer(**client_config, **settings.producer_options()) as producer:
+        partitions = int(producer.partitions_for(topic))
+        group = f"bench-latency-{uuid.uuid4().hex[:12]}"
+        consumer = ConsumerProcess(
+            [
+                *_consumer_command(),
+                "consume",
+                "--topic",
+                topic,
+                "--group",
+                group,
+                "--partitions",
+                str(partitions),
+                "--client-config",
+                json.dumps(client_config),
+            ]
+        )
+        try:
+            _warm_up(producer, consumer, topic, settings.value_bytes)
+            while rates := next_rates(settings.rates, steps):
+                step = _measure_step(producer, consumer, topic, rates[0], settings, keys)
+                steps.append(step)
+                if progress:
+                    click.echo(describe_step(step), err=True)
+        finally:
+            consumer.close()
+    saturated = next((step for step in steps if step["saturated"]), None)
+    return {
+        "partitions": partitions,
+        "steps": steps,
+        "saturated_at_per_s": saturated["rate_per_s"] if saturated else None,
+        "stop_reason": saturated["saturated"] if saturated else None,
+    }
+
+
+def describe_settings(settings: SweepSettings) -> dict[str, Any]:
+    fields = asdict(settings)
+    fields["rates"] = list(settings.rates)
+    return fields
+
+
+def default_label(partitions: int, replication_factor: int | None, label: str | None) -> str:
+    if label:
+        return label
+    rf = "RF ?" if replication_factor is None else f"RF {replication_factor}"
+    return f"{partitions} partition{'s' if partitions != 1 else ''}, {rf}"
+
+
+def topic_replication_factor(topic_info: dict[str, Any]) -> int | None:
+    """The replication factor from ``GET /v1/topics/{t}`` (its field, else replicas)."""
+    factor = topic_info.get("replication_factor")
+    if isinstance(factor, int):
+        return factor
+    partitions = topic_info.get("partitions") or []
+    replicas = partitions[0].get("replicas") if partitions else None
+    return len(replicas) if isinstance(replicas, list) else None
+
+
+# -- the standalone command ------------------------------------------------------------
+
+
+def _rates_option(_context: Any, _parameter: Any, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return parse_rates(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from error
+
+
+@click.group()
+def main() -> None:
+    """tidemq latency harness (sweep rates; `consume` is its consumer process)."""
+
+
+@main.command("consume", hidden=True)
+@click.option("--topic", required=True)
+@click.option("--group", required=True)
+@click.option("--partitions", type=click.IntRange(min=1), required=True)
+@click.option("--client-config", required=True, help="JSON: Consumer keyword arguments.")
+def consume_command(topic: str, group: str, partitions: int, client_config: str) -> None:
+    consume(topic, group, partitions, json.loads(client_config))
+
+
+@main.command("sweep")
+@click.option("--data-dir", default=None, help="The cluster's directory (else TIDE_* / ./data).")
+@click.option("--topic", default=None, help="Default: bench-latency-<random>, created.")
+@click.option("--partitions", type=click.IntRange(min=1), default=12, show_default=True)
+@click.option("--replication-factor", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--rates",
+    callback=_rates_option,
+    default=",".join(map(str, DEFAULT_RATES)),
+    show_default=True,
+    help="Ascending msg/s; the sweep stops at the first saturated rate.",
+)
+@click.option("--seconds", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
+@click.option("--warmup-seconds", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--drain-seconds", type=click.FloatRange(min=0.1), default=10.0, show_default=True)
+@click.option("--value-bytes", type=click.IntRange(min=8), default=100, show_default=True)
+@click.option("--keys", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--acks", type=click.Choice(["all", "1", "0"]), default="all", show_default=True)
+@click.option("--linger-ms", type=click.IntRange(min=0), default=None)
+@click.option("--p99-bound-ms", type=click.FloatRange(min=0), default=DEFAULT_P99_BOUND_MS)
+@click.option("--label", default=None, help="The curve's series name (default: the config).")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None)
+def sweep_command(
+    data_dir: str | None,
+    topic: str | None,
+    partitions: int,
+    replication_factor: int | None,
+    rates: tuple[int, ...],
+    seconds: float,
+    warmup_seconds: float,
+    drain_seconds: float,
+    value_bytes: int,
+    keys: int,
+    acks: str,
+    linger_ms: int | None,
+    p99_bound_ms: float,
+    label: str | None,
+    json_out: str | None,
+) -> None:
+    """Creates a topic and measures end-to-end latency at each rate up to saturation."""
+    from tidemq.cli.control import ControlPlane, resolve_target
+
+    settings = SweepSettings(
+        rates, seconds, warmup_seconds, drain_seconds, value_bytes, keys, acks, linger_ms,
+        p99_bound_ms, label,
+    )  # fmt: skip
+    try:
+        target = resolve_target(data_dir)
+        control = ControlPlane(target)
+        topic = topic or f"bench-latency-{uuid.uuid4().hex[:8]}"
+        control.create_topic(topic, partitions, replication_factor)
+        topic_info = control.wait_topic_ready(topic)
+        report = sweep_report(target.client_kwargs(), topic, topic_info, settings)
+    except Exception as error:  # one clear line for the operator, whatever failed
+        raise click.ClickException(f"{type(error).__name__}: {error}") from error
+    text = json.dumps(report, indent=2)
+    if json_out:
+        with open(json_out, "w", encoding="utf-8") as out:
+            out.write(text + "\n")
+    click.echo(text)
+
+
+def sweep_report(
+    client_config: dict[str, Any],
+    topic: str,
+    topic_info: dict[str, Any],
+    settings: SweepSettings,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The JSON report of one sweep: settings, topic, steps (docs/BENCHMARKS.md)."""
+    import tidemq
+
+    factor = topic_replication_factor(topic_info)
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    result = run_sweep(client_config, topic, settings, progress)
+    return {
+        "kind": "tidemq-latency-sweep",
+        "label": default_label(result["partitions"], factor, settings.label),
+        "topic": topic,
+        "partitions": result["partitions"],
+        "replication_factor": factor,
+        "tidemq": os.path.dirname(os.path.abspath(tidemq.__file__)),
+        "started_at": started_at,
+        **describe_settings(settings),
+        "steps": result["steps"],
+        "saturated_at_per_s": result["saturated_at_per_s"],
+        "stop_reason": result["stop_reason"],
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""The latency sweep's pure parts: rates, saturation, the stop rule, the consumer's
+window bookkeeping, and drawing the curve from saved reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+from click.testing import CliRunner
+
+from tidemq.cli import bench_curve
+from tidemq.cli.bench import bench
+from tidemq.cli.bench_latency import (
+    WARMUP_TIMESTAMP,
+    Recorder,
+    encode_value,
+    next_rates,
+    parse_rates,
+    saturation_reason,
+    step_report,
+)
+
+MS = 1_000_000
+
+
+class FakeMessage(NamedTuple):
+    partition: int
+    value: bytes | None
+
+
+def window(received: int, p99_ms: float | None = 5.0) -> dict[str, Any]:
+    return {
+        "received": received,
+        "p50_ms": 1.0,
+        "p90_ms": 2.0,
+        "p99_ms": p99_ms,
+        "p999_ms": 9.0,
+        "max_ms": 10.0,
+    }
+
+
+def test_parse_rates() -> None:
+    assert parse_rates("500,1000, 2000") == (500, 1000, 2000)
+    assert parse_rates("7") == (7,)
+    for bad in ("", "a,b", "0,10", "1000,500", "500,500", "-1"):
+        with pytest.raises(ValueError):
+            parse_rates(bad)
+
+
+def test_an_unsaturated_step() -> None:
+    step = step_report(1000, sent=5000, seconds=5.0, window=window(5000), p99_bound_ms=1000)
+    assert step["achieved_per_s"] == 1000.0
+    assert step["saturated"] is None
+    assert [step[key] for key in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms")] == [
+        1.0,
+        2.0,
+        5.0,
+        9.0,
+        10.0,
+    ]
+
+
+def test_saturation_when_the_producer_falls_behind() -> None:
+    # 5000 messages took 6 s instead of 5: 833/s is below 90% of 1000/s.
+    step = step_report(1000, sent=5000, seconds=6.0, window=window(5000), p99_bound_ms=1000)
+    assert step["saturated"] is not None
+    assert "below 90%" in step["saturated"]
+    # 5000 in 5.5 s is 909/s: still at least 90%.
+    assert step_report(1000, 5000, 5.5, window(5000), 1000)["saturated"] is None
+
+
+def test_saturation_when_the_consumer_misses_messages_or_p99_is_over_the_bound() -> None:
+    missing = step_report(1000, 5000, 5.0, window(4999), p99_bound_ms=1000)
+    assert missing["saturated"] == "consumer received 4999 of 5000"
+    slow = step_report(1000, 5000, 5.0, window(5000, p99_ms=1500.0), p99_bound_ms=1000)
+    assert slow["saturated"] is not None and "p99 1500.0 ms" in slow["saturated"]
+    nothing = step_report(1000, 5000, 5.0, {"received": 5000}, p99_bound_ms=1000)
+    assert nothing["saturated"] is not None
+    assert saturation_reason({**slow, "p99_ms": 999.0}, 1000) is None
+
+
+def test_the_sweep_stops_at_the_first_saturated_step() -> None:
+    rates = (500, 1000, 2000, 5000)
+    ok = {"rate_per_s": 500, "saturated": None}
+    assert next_rates(rates, []) == [500, 1000, 2000, 5000]
+    assert next_rates(rates, [ok]) == [1000, 2000, 5000]
+    assert next_rates(rates, [ok, {"rate_per_s": 1000, "saturated": "p99"}]) == []
+    assert next_rates(rates, [ok, ok, ok, ok]) == []
+
+
+def test_recorder_counts_warm_up_partitions_and_only_the_window() -> None:
+    recorder = Recorder()
+    warm = encode_value(WARMUP_TIMESTAMP, 100)
+    recorder.add([FakeMessage(0, warm), FakeMessage(2, warm), FakeMessage(1, None)], 50)
+    assert recorder.warm_partitions == {0, 2}
+    # warm-up of the step (send time 10), the window [100, 200), a later message (250)
+    recorder.add([FakeMessage(0, encode_value(10, 8))], 20 * MS)
+    recorder.add(
+        [FakeMessage(0, encode_value(100, 8)), FakeMessage(1, encode_value(150, 8))], 3 * MS + 100
+    )
+    recorder.open_window(100, 200)
+    assert recorder.in_window == 2  # 100 and 150; 10 is the step's warm-up
+    recorder.add(
+        [FakeMessage(1, encode_value(199, 8)), FakeMessage(1, encode_value(250, 8))], 1 * MS + 199
+    )
+    assert recorder.in_window == 3
+    answer = recorder.close_window()
+    assert answer["received"] == 3
+    assert answer["p50_ms"] == 3.0  # latencies 3 ms, 3 ms - 50 ns, 1 ms (rounded to a µs)
+    assert answer["max_ms"] == 3.0
+    assert list(recorder.send_ns) == [250]  # only what was sent after the window
+    recorder.open_window(200, 300)
+    assert recorder.in_window == 1
+
+
+def test_recorder_is_bounded() -> None:
+    recorder = Recorder(limit=2)
+    recorder.add([FakeMessage(0, encode_value(5, 8))] * 3, 10)
+    assert len(recorder.send_ns) == 2
+    assert recorder.overflow == 1
+
+
+def sweep(label: str | None, partitions: int, factor: int, rates: list[int]) -> dict[str, Any]:
+    steps = [
+        {
+            "rate_per_s": rate,
+            "achieved_per_s": rate * 0.99,
+            "sent": rate,
+            "received": rate,
+            "p50_ms": 1.0 + index,
+            "p90_ms": 2.0 + index,
+            "p99_ms": 3.0 + index,
+            "p999_ms": 4.0 + index,
+            "max_ms": 5.0 + index,
+            "saturated": None,
+        }
+        for index, rate in enumerate(rates)
+    ]
+    return {"label": label, "partitions": partitions, "replication_factor": factor, "steps": steps}
+
+
+def test_series_from_reports_of_every_shape() -> None:
+    harness = sweep(None, 12, 2, [2000, 500])
+    from_tide_bench = {"topic": "t", "latency_sweep": sweep("after", 1, 3, [500])}
+    single = {
+        "partitions": 1,
+        "replication_factor": 1,
+        "latency": sweep(None, 1, 1, [700])["steps"][0],
+    }
+    series = bench_curve.series_of([harness, from_tide_bench, single, harness])
+    assert [one.label for one in series] == [
+        "12 partitions, RF 2",
+        "after",
+        "1 partitions, RF 1",
+        "12 partitions, RF 2 (2)",
+    ]
+    assert series[0].achieved_per_s == (495.0, 1980.0)  # sorted by rate
+    assert series[0].latency_ms["p99_ms"] == (4.0, 3.0)
+    assert series[2].latency_ms["p999_ms"] == (4.0,)
+    with pytest.raises(bench_curve.CurveError):
+        bench_curve.series_of([{"topic": "t"}])
+
+
+def test_curve_from_saved_reports_is_a_png_with_every_series(tmp_path: Path) -> None:
+    paths = []
+    for partitions in (1, 12):
+        for factor in (1, 2, 3):
+            path = tmp_path / f"p{partitions}-rf{factor}.json"
+            path.write_text(json.dumps(sweep(None, partitions, factor, [500, 1000, 2000])))
+            paths.append(path)
+    out = tmp_path / "curve.png"
+    labels = bench_curve.draw(
+        bench_curve.series_of([bench_curve.load_report(p) for p in paths]), out
+    )
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 10_000
+    assert len(labels) == 6 * 3
+    assert "12 partitions, RF 3 p99.9" in labels
+    assert "1 partitions, RF 2 p50" in labels
+
+
+def test_tide_bench_draws_from_saved_reports_without_a_cluster(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"latency_sweep": sweep("before", 12, 2, [500, 2000])}))
+    second.write_text(json.dumps(sweep("after", 12, 2, [500, 2000, 5000])))
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(
+        bench, ["--curve", str(out), "--from", str(first), "--from", str(second)]
+    )
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_curve_input_is_a_clear_error(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    out = tmp_path / "out.png"
+    runner = CliRunner()
+    result = runner.invoke(bench, ["--curve", str(out), "--from", str(broken)])
+    assert result.exit_code != 0
+    assert "broken.json" in result.output
+    assert not out.exists()
+    result = runner.invoke(bench, ["--from", str(broken)])
+    assert result.exit_code == 2
+    assert "--from needs --curve" in result.output
+    result = runner.invoke(bench, ["--rates", "1000,500", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "strictly ascending" in result.output
