@@ -153,7 +153,7 @@ def test_series_from_reports_of_every_shape() -> None:
     assert [one.label for one in series] == [
         "12 partitions, RF 2",
         "after",
-        "1 partitions, RF 1",
+        "1 partition, RF 1",
         "12 partitions, RF 2 (2)",
     ]
     assert series[0].achieved_per_s == (495.0, 1980.0)  # sorted by rate
@@ -178,7 +178,7 @@ def test_curve_from_saved_reports_is_a_png_with_every_series(tmp_path: Path) -> 
     assert out.stat().st_size > 10_000
     assert len(labels) == 6 * 3
     assert "12 partitions, RF 3 p99.9" in labels
-    assert "1 partitions, RF 2 p50" in labels
+    assert "1 partition, RF 2 p50" in labels
 
 
 def test_tide_bench_draws_from_saved_reports_without_a_cluster(tmp_path: Path) -> None:

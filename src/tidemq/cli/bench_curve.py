@@ -18,11 +18,17 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 
-PERCENTILES = (("p50_ms", "p50", "-"), ("p99_ms", "p99", "--"), ("p999_ms", "p99.9", ":"))
+LineStyle = Literal["-", "--", ":"]
+# (report key, legend name, line style) of each percentile drawn
+PERCENTILES: tuple[tuple[str, str, LineStyle], ...] = (
+    ("p50_ms", "p50", "-"),
+    ("p99_ms", "p99", "--"),
+    ("p999_ms", "p99.9", ":"),
+)
 
 
 class CurveError(Exception):
@@ -67,7 +73,8 @@ def _label(sweep: dict[str, Any]) -> str:
         return label
     partitions = sweep.get("partitions", "?")
     factor = sweep.get("replication_factor")
-    return f"{partitions} partitions, RF {factor if factor is not None else '?'}"
+    noun = "partition" if partitions == 1 else "partitions"
+    return f"{partitions} {noun}, RF {factor if factor is not None else '?'}"
 
 
 def series_of(reports: Sequence[dict[str, Any]]) -> list[Series]:
@@ -108,13 +115,18 @@ def _pyplot() -> Any:
     return pyplot
 
 
-def draw(series: Sequence[Series], path: str | Path, title: str | None = None) -> list[str]:
-    """Writes the image (format from the suffix, e.g. .png, .svg); returns the legend's
-    labels, one per series and percentile, as drawn."""
+def draw(
+    series: Sequence[Series], path: str | Path, title: str | None = None, log_x: bool = False
+) -> list[str]:
+    """Writes the image (format from the suffix, e.g. .png, .svg); returns the labels
+    of the lines drawn ("<series> p50", ...), one per series and percentile."""
     if not series:
         raise CurveError("no series to draw")
     pyplot = _pyplot()
-    figure, axes = pyplot.subplots(figsize=(9, 5.5), dpi=110)
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
+
+    figure, axes = pyplot.subplots(figsize=(10, 5.5), dpi=110)
     try:
         colours = pyplot.rcParams["axes.prop_cycle"].by_key()["color"]
         for index, one in enumerate(series):
@@ -130,22 +142,46 @@ def draw(series: Sequence[Series], path: str | Path, title: str | None = None) -
                     label=f"{one.label} {name}",
                 )
         axes.set_yscale("log")
+        if log_x:
+            axes.set_xscale("log")
+        plain = FuncFormatter(lambda value, _position: f"{value:g}")
+        for axis in (axes.yaxis, axes.xaxis):
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(plain)
         axes.set_xlabel("achieved throughput (msg/s)")
         axes.set_ylabel("end-to-end latency (ms, log scale)")
-        axes.set_title(title or "tidemq latency versus throughput")
+        axes.set_title(title or "tidemq: end-to-end latency versus throughput")
         axes.grid(True, which="both", alpha=0.3)
-        axes.legend(fontsize="small", ncol=max(1, len(series) // 4 + 1))
-        figure.tight_layout()
-        figure.savefig(str(path))
-        return [text.get_text() for text in axes.get_legend().get_texts()]
+        # Two legends: colour = run configuration, line style = percentile.
+        by_series = [Line2D([], [], color=colours[i % len(colours)]) for i in range(len(series))]
+        first = axes.legend(
+            by_series,
+            [one.label for one in series],
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            fontsize="small",
+        )
+        axes.add_artist(first)
+        by_style = [Line2D([], [], color="black", linestyle=style) for _, _, style in PERCENTILES]
+        second = axes.legend(
+            by_style,
+            [name for _, name, _ in PERCENTILES],
+            loc="lower left",
+            bbox_to_anchor=(1.01, 0.0),
+            fontsize="small",
+        )
+        figure.savefig(str(path), bbox_inches="tight", bbox_extra_artists=[first, second])
+        return [str(line.get_label()) for line in axes.get_lines()]
     finally:
         pyplot.close(figure)
 
 
-def draw_reports(paths: Sequence[str | Path], out: str | Path, title: str | None = None) -> str:
+def draw_reports(
+    paths: Sequence[str | Path], out: str | Path, title: str | None = None, log_x: bool = False
+) -> str:
     """Loads the reports, draws them into ``out``; returns a one-line summary."""
     series = series_of([load_report(path) for path in paths])
-    draw(series, out, title)
+    draw(series, out, title, log_x)
     return f"wrote {out}: {', '.join(one.label for one in series)}"
 
 
@@ -153,10 +189,11 @@ def draw_reports(paths: Sequence[str | Path], out: str | Path, title: str | None
 @click.argument("reports", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
 @click.option("--title", default=None)
-def main(reports: tuple[str, ...], out: str, title: str | None) -> None:
+@click.option("--log-x", is_flag=True, help="Log scale for throughput too (wide sweeps).")
+def main(reports: tuple[str, ...], out: str, title: str | None, log_x: bool) -> None:
     """Draws the latency-versus-throughput curve of one or more JSON reports."""
     try:
-        click.echo(draw_reports(reports, out, title), err=True)
+        click.echo(draw_reports(reports, out, title, log_x), err=True)
     except CurveError as error:
         raise click.ClickException(str(error)) from error
 

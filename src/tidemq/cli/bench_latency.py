@@ -507,6 +507,7 @@ def run_sweep(
 def describe_settings(settings: SweepSettings) -> dict[str, Any]:
     fields = asdict(settings)
     fields["rates"] = list(settings.rates)
+    del fields["label"]  # the report's label is the resolved one
     return fields
 
 
