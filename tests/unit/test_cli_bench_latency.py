@@ -4,6 +4,9 @@ window bookkeeping, and drawing the curve from saved reports."""
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -14,6 +17,8 @@ from tidemq.cli import bench_curve
 from tidemq.cli.bench import bench
 from tidemq.cli.bench_latency import (
     WARMUP_TIMESTAMP,
+    ConsumerProcess,
+    HarnessError,
     Recorder,
     encode_value,
     next_rates,
@@ -208,3 +213,25 @@ def test_bad_curve_input_is_a_clear_error(tmp_path: Path) -> None:
     result = runner.invoke(bench, ["--rates", "1000,500", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert "strictly ascending" in result.output
+
+
+def test_a_consumer_process_that_dies_is_reported_with_its_stderr() -> None:
+    code = "import sys; sys.stderr.write('boom: no cluster'); sys.exit(3)"
+    consumer = ConsumerProcess([sys.executable, "-c", code])
+    try:
+        with pytest.raises(HarnessError, match=r"exit code 3; stderr: boom: no cluster"):
+            consumer.answer("ready", timeout_s=30.0)
+    finally:
+        consumer.close()
+
+
+def test_a_consumer_process_that_ignores_stop_is_killed() -> None:
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    consumer = ConsumerProcess([sys.executable, "-c", code])
+    assert consumer.answer("ready", timeout_s=0.1) is None  # says nothing: no answer
+    started = time.monotonic()
+    consumer.close(grace_s=0.2)
+    assert consumer.process.returncode is not None
+    assert time.monotonic() - started < 10.0
+    with pytest.raises(ProcessLookupError):
+        os.kill(consumer.process.pid, 0)

@@ -318,11 +318,12 @@ class ConsumerProcess:
         tail = self._stderr.read()[-2000:].decode(errors="replace").strip()
         return f"exit code {code}; stderr: {tail or '(empty)'}"
 
-    def close(self) -> None:
+    def close(self, grace_s: float = 5.0) -> None:
+        """Asks the process to stop, kills it (by PID) after ``grace_s``, reaps it."""
         if self.process.poll() is None:
             try:
                 self.send({"op": "stop"})
-                self.process.wait(timeout=5.0)
+                self.process.wait(timeout=grace_s)
             except (HarnessError, subprocess.TimeoutExpired):
                 pass
         if self.process.poll() is None:
