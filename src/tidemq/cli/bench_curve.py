@@ -31,6 +31,9 @@ PERCENTILES: tuple[tuple[str, str, LineStyle], ...] = (
 )
 
 
+MAX_RATE_TICKS = 12
+
+
 class CurveError(Exception):
     """A report cannot be read, or matplotlib is missing."""
 
@@ -38,6 +41,7 @@ class CurveError(Exception):
 @dataclass(frozen=True)
 class Series:
     label: str
+    rates_per_s: tuple[int, ...]  # asked, per step: the x ticks
     achieved_per_s: tuple[float, ...]
     latency_ms: dict[str, tuple[float, ...]]  # "p50_ms" -> one value per step
 
@@ -95,6 +99,7 @@ def series_of(reports: Sequence[dict[str, Any]]) -> list[Series]:
         series.append(
             Series(
                 label,
+                tuple(int(step.get("rate_per_s", 0)) for step in steps),
                 tuple(float(step.get("achieved_per_s", step.get("rate_per_s"))) for step in steps),
                 {key: tuple(float(step[key]) for step in steps) for key, _, _ in PERCENTILES},
             )
@@ -116,15 +121,19 @@ def _pyplot() -> Any:
 
 
 def draw(
-    series: Sequence[Series], path: str | Path, title: str | None = None, log_x: bool = False
+    series: Sequence[Series],
+    path: str | Path,
+    title: str | None = None,
+    log_x: bool | None = None,
 ) -> list[str]:
     """Writes the image (format from the suffix, e.g. .png, .svg); returns the labels
-    of the lines drawn ("<series> p50", ...), one per series and percentile."""
+    of the lines drawn ("<series> p50", ...), one per series and percentile. The x
+    axis is logarithmic when ``log_x``, or (None) when the rates span 10x or more."""
     if not series:
         raise CurveError("no series to draw")
     pyplot = _pyplot()
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, NullLocator
 
     figure, axes = pyplot.subplots(figsize=(10, 5.5), dpi=110)
     try:
@@ -142,12 +151,16 @@ def draw(
                     label=f"{one.label} {name}",
                 )
         axes.set_yscale("log")
-        if log_x:
+        rates = sorted({rate for one in series for rate in one.rates_per_s if rate > 0})
+        if log_x or (log_x is None and rates and rates[-1] >= 10 * rates[0]):
             axes.set_xscale("log")
         plain = FuncFormatter(lambda value, _position: f"{value:g}")
-        for axis in (axes.yaxis, axes.xaxis):
-            axis.set_major_formatter(plain)
-            axis.set_minor_formatter(plain)
+        axes.yaxis.set_major_formatter(plain)
+        axes.yaxis.set_minor_formatter(plain)
+        if 0 < len(rates) <= MAX_RATE_TICKS:  # the asked rates, where the points are
+            axes.xaxis.set_minor_locator(NullLocator())
+            axes.set_xticks(rates)
+        axes.xaxis.set_major_formatter(plain)
         axes.set_xlabel("achieved throughput (msg/s)")
         axes.set_ylabel("end-to-end latency (ms, log scale)")
         axes.set_title(title or "tidemq: end-to-end latency versus throughput")
@@ -177,7 +190,10 @@ def draw(
 
 
 def draw_reports(
-    paths: Sequence[str | Path], out: str | Path, title: str | None = None, log_x: bool = False
+    paths: Sequence[str | Path],
+    out: str | Path,
+    title: str | None = None,
+    log_x: bool | None = None,
 ) -> str:
     """Loads the reports, draws them into ``out``; returns a one-line summary."""
     series = series_of([load_report(path) for path in paths])
@@ -189,8 +205,12 @@ def draw_reports(
 @click.argument("reports", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
 @click.option("--title", default=None)
-@click.option("--log-x", is_flag=True, help="Log scale for throughput too (wide sweeps).")
-def main(reports: tuple[str, ...], out: str, title: str | None, log_x: bool) -> None:
+@click.option(
+    "--log-x/--linear-x",
+    default=None,
+    help="Throughput axis scale (default: log when the rates span 10x or more).",
+)
+def main(reports: tuple[str, ...], out: str, title: str | None, log_x: bool | None) -> None:
     """Draws the latency-versus-throughput curve of one or more JSON reports."""
     try:
         click.echo(draw_reports(reports, out, title, log_x), err=True)
