@@ -54,6 +54,7 @@ from tidemq.core.replica import (
 from tidemq.errors import NotLeader, RequestTimedOut
 from tidemq.storage import FsyncPolicy, LogConfig, PartitionLog
 from tidemq.storage.checkpoint import read_offset, write_offset
+from tidemq.storage.journal import Journal
 from tidemq.storage.log import LOG_START_FILE
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class PartitionReplica:
         lag_time_max_ms: int,
         propose: ProposalSink,
         clock_ms: Callable[[], int],
+        journal: Journal | None = None,
     ) -> None:
         self.topic = topic
         self.partition = partition
@@ -97,6 +99,9 @@ class PartitionReplica:
         self.directory = directory
         self.log = log_
         self.config = config
+        self._journal = journal
+        if journal is not None:
+            log_.attach_journal(journal, directory.name)
         self._propose = propose
         self._clock_ms = clock_ms
         durable = self._durable_end()
@@ -125,6 +130,7 @@ class PartitionReplica:
         lag_time_max_ms: int,
         propose: ProposalSink,
         clock_ms: Callable[[], int],
+        journal: Journal | None = None,
     ) -> PartitionReplica:
         topic, partition, topic_id = assignment_key
         directory = data_dir / partition_directory_name(topic, partition, topic_id)
@@ -140,6 +146,7 @@ class PartitionReplica:
             lag_time_max_ms,
             propose,
             clock_ms,
+            journal,
         )
 
     # -- reading --
@@ -262,6 +269,8 @@ class PartitionReplica:
         self.directory.mkdir(parents=True)
         write_offset(self.directory / LOG_START_FILE, offset)
         self.log = PartitionLog.open(self.directory, self.config, now_ms)
+        if self._journal is not None:
+            self.log.attach_journal(self._journal, self.directory.name)
         self.producers = load_producer_state(self.log)
         self.handle(Truncated(self.log.log_end_offset))
         self.handle(Flushed(self._durable_end()))

@@ -82,8 +82,9 @@ from tidemq.service.http import (
     query_parameter,
     read_json_object,
 )
-from tidemq.storage import FsyncPolicy, LogConfig
+from tidemq.storage import FsyncPolicy, LogConfig, PartitionLog
 from tidemq.storage.checkpoint import write_atomically
+from tidemq.storage.journal import JOURNAL_DIRECTORY, Journal, journal_files, replay
 from tidemq.transport import HttpTransport
 from tidemq.wire import control
 from tidemq.wire.batch import build_batch, check_batches, decode_records, iter_headers
@@ -117,6 +118,7 @@ class BrokerConfig:
     replica_lag_time_max_ms: int = 10_000
     replica_fetch_wait_ms: int = 1000
     max_inflight_produce_bytes: int = 64 * 1024 * 1024
+    journal: bool = True  # under fsync=always: one broker-wide journal fsync per group
 
 
 def _now_ms() -> int:
@@ -280,6 +282,7 @@ class Broker:
             config.log_config.fsync,
             config.log_config.fsync_interval_ms,
             self.metrics.fsync_seconds,
+            self._open_journal(),
         )
         self._transport_factory = transport_factory
         self._transport: HttpTransport | None = None
@@ -658,6 +661,7 @@ class Broker:
                     self.config.replica_lag_time_max_ms,
                     self._propose_isr,
                     _now_ms,
+                    self.syncer.journal,
                 )
                 self.replicas[key] = replica
                 _log_recovery(replica)
@@ -937,10 +941,46 @@ class Broker:
         for replica in self.replicas.values():
             replica.close()
         self.replicas.clear()
+        self.syncer.close_journal()
         if self._transport is not None:
             await self._transport.close()
         if self.config.data_dir.exists():
             write_atomically(self.config.data_dir / CLEAN_SHUTDOWN_FILE, "")
+
+    def _open_journal(self) -> Journal | None:
+        """Replays what a crash left in the journal (storage/journal.py) into the
+        partition logs, fsyncs them, deletes the old files; then a new journal when
+        ``fsync=always`` and the journal is on. Before any replica opens."""
+        directory = self.config.data_dir / JOURNAL_DIRECTORY
+        opened: dict[str, PartitionLog] = {}
+
+        def open_log(key: str) -> PartitionLog | None:
+            path = self.config.data_dir / key
+            if parse_partition_directory_name(key) is None or not path.is_dir():
+                return None
+            opened[key] = PartitionLog.open(path, self.config.log_config, _now_ms())
+            return opened[key]
+
+        try:
+            applied = replay(directory, open_log, _now_ms())
+        finally:
+            for log_ in opened.values():
+                log_.close(mark_clean=False)  # synced: the journal's files may go
+        if applied:
+            event(
+                log,
+                "journal_replayed",
+                f"journal replay re-applied {sum(applied.values())} records "
+                f"to {len(applied)} partition logs",
+                logging.WARNING,
+                records=sum(applied.values()),
+                logs=len(applied),
+            )
+        for path in journal_files(directory):
+            path.unlink()
+        if not (self.config.journal and self.config.log_config.fsync is FsyncPolicy.ALWAYS):
+            return None
+        return Journal.open(directory)
 
     def _consume_clean_shutdown_marker(self) -> bool:
         """True when this broker runs a weaker fsync policy than ``always`` and its last
