@@ -127,6 +127,7 @@ class GroupCommitSyncer:
         error = done.exception()
         if error is not None:  # fail-stop, as for a segment fsync (see _finished)
             fail_stop(f"fsync of the journal failed: {error!r}")
+            return  # (fail_stop does not return; a test's stand-in does)
         self._fsync_seconds.observe(time.perf_counter() - started)
         for replica, log_, end, generation in covered:
             if replica.log is log_ and not log_.closed:
