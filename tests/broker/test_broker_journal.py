@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
-
 from tests.broker.test_broker_api import _answer, batch, broker_client, produce, run
+
 from tidemq.broker.partition import partition_directory_name
 from tidemq.broker.server import Broker, BrokerConfig
 from tidemq.storage import LogConfig
