@@ -221,6 +221,19 @@ class PartitionReplica:
         except RequestTimedOut:
             return
 
+    def add_data_waiter(self, offset: int, follower: bool, future: asyncio.Future[None]) -> int:
+        """Registers ``future`` (which several partitions' waiters may share: one
+        multi-partition long-poll) to be completed when there is data at ``offset``,
+        or failed when this replica stops leading; its id, for ``remove_waiter``."""
+        waiter_id = next(_waiter_ids)
+        self._waiters[waiter_id] = future
+        self.handle(AwaitData(waiter_id, offset, follower))
+        return waiter_id
+
+    def remove_waiter(self, waiter_id: int) -> None:
+        if self._waiters.pop(waiter_id, None) is not None:
+            self.handle(Cancel(waiter_id))
+
     async def _wait(self, make: Callable[[int], Event], timeout_s: float, what: str = "") -> None:
         waiter_id = next(_waiter_ids)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()

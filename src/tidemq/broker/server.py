@@ -406,22 +406,22 @@ class Broker:
         entries = self._fetch_ready(request)
         if entries or request.wait_ms == 0:
             return entries
-        waits = [
-            asyncio.ensure_future(
-                self.replicas[(p.topic, p.partition)].wait_for_data(
-                    p.offset, request.wait_ms / 1000, follower=False
-                )
-            )
-            for p in request.partitions
-        ]
+        # One future shared by every partition's waiter: no task per partition.
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        registered: list[tuple[PartitionReplica, int]] = []
         try:
-            await asyncio.wait(
-                waits, timeout=request.wait_ms / 1000, return_when=asyncio.FIRST_COMPLETED
-            )
+            for wanted in request.partitions:
+                replica = self.replicas.get((wanted.topic, wanted.partition))
+                if replica is None or woken.done():
+                    break  # gone meanwhile: the answer below says so
+                registered.append((replica, replica.add_data_waiter(wanted.offset, False, woken)))
+            else:
+                await asyncio.wait([woken], timeout=request.wait_ms / 1000)
         finally:
-            for wait in waits:
-                wait.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+            for replica, waiter_id in registered:
+                replica.remove_waiter(waiter_id)
+            if woken.done() and not woken.cancelled():
+                woken.exception()  # a failed waiter (leadership lost): the answer says so
         return self._fetch_ready(request)
 
     def _fetch_ready(self, request: FetchRequest) -> list[FetchEntry]:
