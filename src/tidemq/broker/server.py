@@ -31,7 +31,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,7 @@ from tidemq.errors import (
 from tidemq.logs import event
 from tidemq.service.app import build_app
 from tidemq.service.callers import ANY, CLIENTS, broker_self
+from tidemq.service.channel import Operation, Reply, channel_endpoint
 from tidemq.service.failstop import fail_stop
 from tidemq.service.http import (
     NAME_SCHEMA,
@@ -1230,14 +1231,21 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
         answer = await broker.produce(topic, partition, body, acks, epoch)
         return web.json_response(answer)
 
+    async def _produce_many(acks: Acks, body: bytes) -> Reply:
+        entries = decode_produce(body)
+        results = await asyncio.gather(*(broker.produce_entry(entry, acks) for entry in entries))
+        return Reply("application/json", json.dumps({"results": results}).encode())
+
+    async def produce_many_operation(query: Mapping[str, str], body: bytes) -> Reply:
+        acks = parse_acks(query.get("acks", "all"))
+        with broker.admit_produce(len(body)):
+            return await _produce_many(acks, body)
+
     async def produce_many(request: web.Request) -> web.Response:
         acks = _acks_parameter(request)
         with broker.admit_produce(request.content_length):
-            entries = decode_produce(await request.read())
-            results = await asyncio.gather(
-                *(broker.produce_entry(entry, acks) for entry in entries)
-            )
-        return web.json_response({"results": results})
+            reply = await _produce_many(acks, await request.read())
+        return web.Response(body=reply.body, content_type=reply.content_type)
 
     async def fetch(request: web.Request) -> web.StreamResponse:
         topic, partition = _path_partition(request)
@@ -1265,10 +1273,13 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
         }
         return web.json_response(body, headers=headers, dumps=json.dumps)
 
+    async def fetch_many_operation(_: Mapping[str, str], body: bytes) -> Reply:
+        entries = await broker.fetch_many(control.decode(body, FetchRequest))
+        return Reply(FETCH_TYPE, encode_fetch(entries))
+
     async def fetch_many(request: web.Request) -> web.Response:
-        body = control.decode(await request.read(), FetchRequest)
-        entries = await broker.fetch_many(body)
-        return web.Response(body=encode_fetch(entries), content_type=FETCH_TYPE)
+        reply = await fetch_many_operation(request.query, await request.read())
+        return web.Response(body=reply.body, content_type=reply.content_type)
 
     async def replica_fetch(request: web.Request) -> web.Response:
         topic = request.match_info["topic"]
@@ -1307,7 +1318,13 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
         )
 
     base = "/v1/topics/{topic}/partitions/{partition}"
+    # Served over the request channel too (service/channel.py): the hot paths.
+    operations = [
+        Operation("POST", "/v1/produce", produce_many_operation, CLIENTS),
+        Operation("POST", "/v1/fetch", fetch_many_operation, CLIENTS),
+    ]
     return [
+        channel_endpoint(operations, broker.config.max_request_bytes),
         Endpoint(
             "POST",
             "/v1/produce",
