@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
 import click
 from prometheus_client import CollectorRegistry
 
+from tidemq import eventloop
 from tidemq.broker.server import Broker, BrokerConfig, create_app
 from tidemq.logs import LOG_FORMATS
 from tidemq.logs import configure as configure_logging
@@ -134,4 +134,4 @@ def command(
         replica_lag_time_max_ms=replica_lag_time_max_ms,
         journal=journal,
     )
-    asyncio.run(run_broker(config, host, port, tls))
+    eventloop.run(run_broker(config, host, port, tls))
