@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from storage_helpers import START_MS, batch_of, numbered_values, open_log, read_all
 
 from tidemq.errors import CorruptBatch
-from tidemq.storage import PartitionLog
+from tidemq.storage import LogConfig, PartitionLog
 from tidemq.storage.journal import (
     APPEND,
     TRUNCATE,
@@ -23,6 +23,7 @@ from tidemq.storage.journal import (
     journal_files,
     replay,
 )
+from tidemq.wire.batch import patch_batch
 
 KEY = "topic-0-abc"
 
@@ -45,6 +46,14 @@ class Crashable:
     def sync_segments(self) -> None:
         self.log.sync()
         self.segment_synced = self._segment_sizes()
+
+    def truncate(self, offset: int) -> None:
+        """A truncation: the cut is fsynced before truncate_to returns."""
+        self.log.truncate_to(offset)
+        sizes = self._segment_sizes()
+        self.segment_synced = {
+            path: min(self.segment_synced.get(path, 0), size) for path, size in sizes.items()
+        }
 
     def durable_end(self) -> int:
         """What an acknowledgement could have promised: journal-synced appends."""
@@ -170,6 +179,60 @@ def test_appends_after_a_truncation_replay_on_top_of_it(tmp_path: Path) -> None:
     recovered.close()
 
 
+def test_what_the_segment_holds_past_the_journal_was_never_acknowledged_and_is_cut(
+    tmp_path: Path,
+) -> None:
+    node = Crashable(tmp_path)
+    node.log.append(batch_of([b"a"]), 0, START_MS)
+    node.journal_sync()
+    node.log.append(batch_of([b"b"]), 0, START_MS)
+    node.sync_segments()  # a checkpoint fsynced b's segment bytes...
+    assert node.durable_end() == 1  # ...but only the journal's fsync acknowledges
+    os.truncate(journal_files(tmp_path / "journal")[-1], node.journal._files[-1].synced)
+    recovered = recover(tmp_path)
+    assert values(recovered) == [b"a"]
+    recovered.close()
+
+
+def test_a_reset_cut_short_by_a_crash_starts_the_log_over(tmp_path: Path) -> None:
+    node = Crashable(tmp_path)
+    node.log.append(batch_of(numbered_values(0, 3)), 0, START_MS)
+    node.journal_sync()
+    # The follower's reset to the leader's log start 50, journaled, then a crash
+    # before the directory was recreated; after it, appends from 50 were journaled.
+    node.journal.truncate(KEY, 50)
+    node.journal.append(KEY, 50, _at_offset(batch_of([b"fifty"]), 50))
+    node.journal.sync()
+    logs: dict[str, PartitionLog] = {}
+
+    def open_key(key: str) -> PartitionLog:
+        logs[key] = open_log(tmp_path / key)
+        return logs[key]
+
+    def start_over(key: str, offset: int) -> PartitionLog:
+        logs.pop(key).close()
+        logs[key] = PartitionLog.recreate_empty(tmp_path / key, offset, logs_config(), START_MS)
+        return logs[key]
+
+    with pytest.raises(CorruptBatch, match="past the log end"):
+        replay(tmp_path / "journal", open_key, START_MS)  # no way to start over
+    logs.pop(KEY).close()
+    replay(tmp_path / "journal", open_key, START_MS, start_over)
+    assert logs[KEY].log_start_offset == 50
+    assert read_all(logs[KEY]) == [(50, b"fifty")]
+    logs[KEY].close()
+
+
+def logs_config() -> LogConfig:
+    return LogConfig()
+
+
+def _at_offset(batch: bytes, offset: int) -> bytes:
+    buffer = bytearray(batch)
+    patch_batch(buffer, 0, offset, 0)
+    return bytes(buffer)
+
+
 def test_nothing_after_a_torn_record_is_replayed(tmp_path: Path) -> None:
     node = Crashable(tmp_path)
     node.log.append(batch_of([b"a"]), 0, START_MS)
@@ -272,7 +335,7 @@ def test_a_power_loss_at_any_point_keeps_every_durable_record(
                 starts.append(header_end)
             cut = starts[argument % len(starts)]
             if cut < len(model):
-                node.log.truncate_to(cut)
+                node.truncate(cut)
                 del model[cut:]
                 durable = min(durable, cut)
                 epoch += 1  # a new leader's epoch after a divergence

@@ -55,7 +55,6 @@ from tidemq.errors import NotLeader, RequestTimedOut
 from tidemq.storage import FsyncPolicy, LogConfig, PartitionLog
 from tidemq.storage.checkpoint import read_offset, write_offset
 from tidemq.storage.journal import Journal
-from tidemq.storage.log import LOG_START_FILE
 
 log = logging.getLogger(__name__)
 
@@ -277,11 +276,10 @@ class PartitionReplica:
     def reset_to(self, offset: int, now_ms: int) -> None:
         """Follower: drop the whole log and start empty at ``offset`` (the leader's log
         start moved past our log end: what we lack no longer exists anywhere)."""
+        if self._journal is not None:  # durable first: a replay restarts it too
+            self._journal.truncate(self.directory.name, offset)
         self.log.close()
-        shutil.rmtree(self.directory)
-        self.directory.mkdir(parents=True)
-        write_offset(self.directory / LOG_START_FILE, offset)
-        self.log = PartitionLog.open(self.directory, self.config, now_ms)
+        self.log = PartitionLog.recreate_empty(self.directory, offset, self.config, now_ms)
         if self._journal is not None:
             self.log.attach_journal(self._journal, self.directory.name)
         self.producers = load_producer_state(self.log)

@@ -962,8 +962,16 @@ class Broker:
             opened[key] = PartitionLog.open(path, self.config.log_config, _now_ms())
             return opened[key]
 
+        def start_over(key: str, offset: int) -> PartitionLog:
+            opened.pop(key).close(mark_clean=False)
+            path = self.config.data_dir / key
+            opened[key] = PartitionLog.recreate_empty(
+                path, offset, self.config.log_config, _now_ms()
+            )
+            return opened[key]
+
         try:
-            applied = replay(directory, open_log, _now_ms())
+            applied = replay(directory, open_log, _now_ms(), start_over)
         finally:
             for log_ in opened.values():
                 log_.close(mark_clean=False)  # synced: the journal's files may go

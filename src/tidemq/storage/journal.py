@@ -51,6 +51,7 @@ from typing import NamedTuple, Protocol
 from tidemq.errors import CorruptBatch, invariant
 from tidemq.logs import event
 from tidemq.storage.checkpoint import fsync_directory
+from tidemq.wire.batch import iter_headers
 
 _log = logging.getLogger(__name__)
 
@@ -252,27 +253,34 @@ class ReplayTarget(Protocol):
     ) -> tuple[int, int]: ...
 
 
+StartOver = Callable[[str, int], ReplayTarget]
+
+
 def replay(
-    directory: Path, open_log: Callable[[str], ReplayTarget | None], now_ms: int
+    directory: Path,
+    open_log: Callable[[str], ReplayTarget | None],
+    now_ms: int,
+    start_over: StartOver | None = None,
 ) -> dict[str, int]:
-    """Re-applies the journal files to their logs; how many records were applied per
-    key. ``open_log(key)`` returns the log of that partition directory, or None when
-    it no longer exists (a deleted topic or moved replica: its records are skipped).
+    """Re-applies the journal files to their logs; how many batches were (re)written
+    per key. ``open_log(key)`` returns the log of that partition directory, or None
+    when it no longer exists (a deleted topic or moved replica: its records are
+    skipped). ``start_over(key, offset)`` empties a log to restart it at ``offset``
+    (a follower reset that a crash cut short).
+
+    Each log's records are first folded into the *tail* they leave (storage state
+    between journal records is never materialised: a segment may hold bytes of a later
+    history than the record being replayed); then the log is cut at the first batch
+    where it differs from the tail and the rest of the tail is appended. What the
+    segment holds beyond an identical tail stays (it was fsynced by a checkpoint).
     """
-    applied: dict[str, int] = {}
-    targets: dict[str, ReplayTarget | None] = {}
+    tails: dict[str, _Tail] = {}
     for path in journal_files(directory):
         data = path.read_bytes()
         consumed = 0
         for record, end in decode_records(data):
             consumed = end
-            if record.key not in targets:
-                targets[record.key] = open_log(record.key)
-            target = targets[record.key]
-            if target is None:
-                continue
-            if _apply(target, record, now_ms):
-                applied[record.key] = applied.get(record.key, 0) + 1
+            tails.setdefault(record.key, _Tail(record.key)).add(record)
         if consumed < len(data):
             event(
                 _log,
@@ -284,27 +292,94 @@ def replay(
                 dropped_bytes=len(data) - consumed,
             )
             break  # by the prefix rule nothing later was durable
+    applied: dict[str, int] = {}
+    for key, tail in tails.items():
+        target = open_log(key)
+        if target is None:
+            continue
+        written = tail.apply(target, now_ms, start_over)
+        if written:
+            applied[key] = written
     return applied
 
 
-def _apply(target: ReplayTarget, record: JournalRecord, now_ms: int) -> bool:
-    start, end = target.log_start_offset, target.log_end_offset
-    if record.kind == TRUNCATE:
-        if record.offset < end:
-            target.truncate_to(max(record.offset, start))
-            return True
-        return False
-    if record.offset < start:
-        return False  # below the log start: deleted by retention or a reset since
-    if record.offset > end:
-        raise CorruptBatch(
-            f"journal append at offset {record.offset} past the log end {end}: "
-            "a checkpointed segment lost data"
-        )
-    if record.offset < end:
-        held = target.read(record.offset, len(record.payload))
-        if held[: len(record.payload)] == record.payload:
-            return False  # the segment already holds these bytes
-        target.truncate_to(record.offset)
-    target.append_replicated(record.payload, now_ms)
-    return True
+class _Tail:
+    """What a log's journal records leave from offset ``base`` on: contiguous batches."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.base: int | None = None
+        self.end = 0
+        self.batches: list[tuple[int, bytes]] = []
+        self.restarted = False  # the base is a reset of the whole log, not a cut
+
+    def add(self, record: JournalRecord) -> None:
+        if record.kind == TRUNCATE:
+            self._cut(record.offset)
+            return
+        if self.base is None:
+            self.base = self.end = record.offset
+        elif record.offset > self.end:
+            raise CorruptBatch(
+                f"journal of {self.key}: append at {record.offset} after the tail ends at "
+                f"{self.end}"
+            )
+        elif record.offset < self.end:
+            self._cut(record.offset)
+        self.batches.append((record.offset, record.payload))
+        self.end = _next_offset(record.payload, record.offset)
+
+    def _cut(self, offset: int) -> None:
+        if self.base is None or offset <= self.base or offset > self.end:
+            # Below everything journaled, or past the end: only a reset (the follower
+            # restarting empty at the leader's log start) moves a log forward.
+            self.restarted = self.base is not None and offset > self.end
+            self.base = self.end = offset
+            self.batches = []
+            return
+        while self.batches and self.batches[-1][0] >= offset:
+            self.batches.pop()
+        if self.batches and _next_offset(self.batches[-1][1], self.batches[-1][0]) != offset:
+            raise CorruptBatch(f"journal of {self.key}: a cut at {offset} inside a batch")
+        self.end = offset
+
+    def apply(self, target: ReplayTarget, now_ms: int, start_over: StartOver | None) -> int:
+        """Makes the log end with this tail; how many batches were (re)written, or 1
+        for a cut alone. Under the journal a log's durable end moves only with the
+        journal's fsyncs (``PartitionLog.mark_durable``), so what the segment holds
+        past the tail was never acknowledged and is cut."""
+        assert self.base is not None
+        start = target.log_start_offset
+        batches = [(offset, payload) for offset, payload in self.batches if offset >= start]
+        base = batches[0][0] if batches else max(self.end, start)
+        if target.log_end_offset < base:
+            if start_over is None or not (self.restarted or start == target.log_end_offset):
+                raise CorruptBatch(
+                    f"journal of {self.key}: its tail starts at {base}, past the log end "
+                    f"{target.log_end_offset}: a checkpointed segment lost data"
+                )
+            target = start_over(self.key, base)
+        position = base
+        kept = 0
+        while kept < len(batches) and position < target.log_end_offset:
+            offset, payload = batches[kept]
+            held = target.read(offset, len(payload))
+            if held[: len(payload)] != payload:
+                break
+            position = _next_offset(payload, offset)
+            kept += 1
+        changed = 0
+        if position < target.log_end_offset:
+            target.truncate_to(position)
+            changed = 1
+        for _, payload in batches[kept:]:
+            target.append_replicated(payload, now_ms)
+            changed += 1
+        return changed
+
+
+def _next_offset(payload: bytes, offset: int) -> int:
+    last = offset
+    for header in iter_headers(payload):
+        last = header.next_offset
+    return last

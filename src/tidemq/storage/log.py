@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import threading
 from bisect import bisect_right
 from pathlib import Path
@@ -194,6 +195,18 @@ class PartitionLog:
         epochs.truncate_from_end(self._log_end_offset)
         self._epochs = epochs
         self._epochs_dirty = True
+
+    @classmethod
+    def recreate_empty(
+        cls, directory: Path, start_offset: int, config: LogConfig, now_ms: int
+    ) -> PartitionLog:
+        """Deletes the directory's log (closed) and starts it over, empty, at
+        ``start_offset``: a follower whose leader's log start passed its log end."""
+        shutil.rmtree(directory)
+        fsync_directory(directory.parent)
+        directory.mkdir(parents=True)
+        write_offset(directory / LOG_START_FILE, start_offset)
+        return cls.open(directory, config, now_ms)
 
     # ----------------------------------------------------------- properties
 
@@ -365,7 +378,9 @@ class PartitionLog:
             if epochs is not None:
                 write_epochs(self.directory / EPOCH_FILE, epochs)
             with self._lock:
-                if generation == self._truncation_generation:
+                # Under a journal only its fsyncs make appends count as durable
+                # (mark_durable): replay then owes nothing past the journal's end.
+                if generation == self._truncation_generation and self._journal is None:
                     self._flushed_offset = max(self._flushed_offset, end_offset)
             if (force_checkpoint or moved_segment) and generation == self._truncation_generation:
                 write_offset(self.directory / RECOVERY_POINT_FILE, end_offset)
