@@ -7,15 +7,28 @@ It is the error boundary: aiohttp, ssl and OS errors become
 (``from`` the original), and error bodies ``{"error": {"code", "message"}}`` the
 matching TideError. Nothing above this module sees an aiohttp or ssl exception.
 Every request has a timeout; the connection pool is bounded per host.
+
+The hot paths (``CHANNEL_TARGETS``: produce, multi-partition fetch, replica fetch) go
+over the peer's request channel when it has one (service/channel.py: one WebSocket per
+peer, requests as frames, ~4x less CPU per request than HTTP here), and over plain
+HTTP otherwise: a peer that answers the upgrade with 404/405/400 is asked again only
+after ``CHANNEL_RETRY_S``. The answers and errors are the same either way.
+``TIDE_CHANNEL=0`` turns the channel off (comparisons, or a proxy that breaks
+WebSockets).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import os
 import ssl
+import struct
+import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
@@ -65,6 +78,100 @@ def translate_exception(exc: BaseException, what: str) -> TideError:
     return InternalError(f"{what}: {type(exc).__name__}: {exc}")
 
 
+CHANNEL_PATH = "/v1/channel"  # service/channel.py (the transport does not import services)
+CHANNEL_TARGETS = frozenset({"POST /v1/produce", "POST /v1/fetch", "POST /v1/replica/fetch"})
+CHANNEL_RETRY_S = 60.0
+CHANNEL_PENDING_MAX = 1024
+_CHANNEL_FRAME_MAX = 64 * 1024 * 1024
+_REQUEST_HEAD = struct.Struct(">IH")
+_U16 = struct.Struct(">H")
+_ANSWER_HEAD = struct.Struct(">IHH")
+
+
+class _NotOnChannel(Exception):
+    """The peer does not serve this target over its channel: use HTTP."""
+
+
+class _Channel:
+    """One WebSocket to one peer; requests matched to answers by id."""
+
+    def __init__(self, socket: aiohttp.ClientWebSocketResponse, what: str) -> None:
+        self.socket = socket
+        self.what = what
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[tuple[int, str, dict[str, str], bytes]]] = {}
+        self._reader = asyncio.ensure_future(self._read())
+
+    @property
+    def closed(self) -> bool:
+        return self._reader.done()
+
+    async def call(
+        self, target: str, params: Mapping[str, str] | None, body: bytes, timeout_s: float
+    ) -> tuple[int, str, dict[str, str], bytes]:
+        if len(self._pending) >= CHANNEL_PENDING_MAX:
+            raise Unavailable(f"{self.what}: {CHANNEL_PENDING_MAX} requests already waiting")
+        request_id = next(self._ids) & 0xFFFFFFFF
+        target_bytes = target.encode()
+        query = urlencode(params or {}).encode()
+        frame = b"".join(
+            (
+                _REQUEST_HEAD.pack(request_id, len(target_bytes)),
+                target_bytes,
+                _U16.pack(len(query)),
+                query,
+                body,
+            )
+        )
+        answer = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = answer
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.socket.send_bytes(frame)
+                result: tuple[int, str, dict[str, str], bytes] = await answer
+                return result
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def _read(self) -> None:
+        failure: BaseException | None = None
+        try:
+            async for message in self.socket:
+                if message.type is not aiohttp.WSMsgType.BINARY:
+                    break
+                request_id, status, content_type, headers, body = _decode_answer(message.data)
+                waiter = self._pending.get(request_id)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result((status, content_type, headers, body))
+        except Exception as exc:
+            failure = exc
+        finally:
+            error = ConnectionFailed(f"{self.what}: channel closed ({failure!r})")
+            for waiter in self._pending.values():
+                if not waiter.done():
+                    waiter.set_exception(error)
+            if not self.socket.closed:
+                await self.socket.close()
+
+    async def close(self) -> None:
+        await self.socket.close()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
+def _decode_answer(frame: bytes) -> tuple[int, int, str, dict[str, str], bytes]:
+    request_id, status, type_length = _ANSWER_HEAD.unpack_from(frame)
+    position = _ANSWER_HEAD.size
+    content_type = frame[position : position + type_length].decode()
+    position += type_length
+    (headers_length,) = _U16.unpack_from(frame, position)
+    position += _U16.size
+    raw = frame[position : position + headers_length]
+    headers = json.loads(raw) if raw else {}
+    if not isinstance(headers, dict) or position + headers_length > len(frame):
+        raise ValueError("malformed channel answer")
+    return request_id, status, content_type, headers, bytes(frame[position + headers_length :])
+
+
 _NEEDS_CLEANUP_CLOSED = bool(getattr(aiohttp.connector, "NEEDS_CLEANUP_CLOSED", False))
 
 
@@ -94,9 +201,78 @@ class HttpTransport:
             timeout=aiohttp.ClientTimeout(total=request_timeout_ms / 1000),
             raise_for_status=False,
         )
+        self._request_timeout_s = request_timeout_ms / 1000
+        self._use_channels = os.environ.get("TIDE_CHANNEL", "1") != "0"
+        self._channels: dict[str, _Channel] = {}
+        self._connecting: dict[str, asyncio.Lock] = {}
+        self._no_channel_until: dict[tuple[str, str], float] = {}  # (base, target)
 
     async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        await asyncio.gather(*(channel.close() for channel in channels), return_exceptions=True)
         await self._session.close()
+
+    async def _channel(self, base: str) -> _Channel | None:
+        channel = self._channels.get(base)
+        if channel is not None and not channel.closed:
+            return channel
+        lock = self._connecting.setdefault(base, asyncio.Lock())
+        async with lock:
+            channel = self._channels.get(base)
+            if channel is not None and not channel.closed:
+                return channel
+            try:
+                socket = await self._session.ws_connect(
+                    base + CHANNEL_PATH,
+                    autoping=True,
+                    max_msg_size=_CHANNEL_FRAME_MAX,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=1.0),
+                )
+            except aiohttp.WSServerHandshakeError as exc:
+                if exc.status in (400, 404, 405):  # an older peer: plain HTTP for a while
+                    self._no_channel_until[(base, "")] = time.monotonic() + CHANNEL_RETRY_S
+                    return None
+                raise
+            channel = self._channels[base] = _Channel(socket, base)
+            return channel
+
+    def _channel_target(self, method: str, url: str) -> tuple[str, str] | None:
+        """(base URL, target) when this request may go over a channel."""
+        if not self._use_channels:
+            return None
+        parts = urlsplit(url)
+        target = f"{method} {parts.path}"
+        if target not in CHANNEL_TARGETS or parts.query:
+            return None
+        base = f"{parts.scheme}://{parts.netloc}"
+        now = time.monotonic()
+        for key in ((base, ""), (base, target)):
+            until = self._no_channel_until.get(key)
+            if until is not None:
+                if now < until:
+                    return None
+                del self._no_channel_until[key]
+        return base, target
+
+    async def _over_channel(
+        self,
+        base: str,
+        target: str,
+        params: Mapping[str, str] | None,
+        data: bytes,
+        timeout_ms: int | None,
+    ) -> tuple[bytes, Mapping[str, str]]:
+        channel = await self._channel(base)
+        if channel is None:
+            raise _NotOnChannel()
+        timeout_s = self._request_timeout_s if timeout_ms is None else timeout_ms / 1000
+        status, _, headers, body = await channel.call(target, params, data, timeout_s)
+        if status == 404 and b'"not_found"' in body:
+            self._no_channel_until[(base, target)] = time.monotonic() + CHANNEL_RETRY_S
+            raise _NotOnChannel()
+        if status >= 400:
+            raise error_from_response(status, body)
+        return body, headers
 
     async def request(
         self,
@@ -111,6 +287,18 @@ class HttpTransport:
     ) -> tuple[bytes, Mapping[str, str]]:
         """One request; the body and headers of a 2xx answer, else a TideError."""
         what = f"{method} {url}"
+        routed = self._channel_target(method, url) if json_body is None else None
+        if routed is not None:
+            try:
+                return await self._over_channel(*routed, params, data or b"", timeout_ms)
+            except _NotOnChannel:
+                pass
+            except TideError:
+                raise
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                raise translate_exception(exc, what) from exc
         extra: dict[str, Any] = {}
         if timeout_ms is not None:
             extra["timeout"] = aiohttp.ClientTimeout(total=timeout_ms / 1000)

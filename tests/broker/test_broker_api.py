@@ -61,7 +61,10 @@ def _answer(epoch: int = 1, leader: int = 1) -> control.HeartbeatAnswer:
 
 @asynccontextmanager
 async def broker_client(
-    data_dir: Path, fsync: FsyncPolicy = FsyncPolicy.ALWAYS, max_request_bytes: int = 1 << 20
+    data_dir: Path,
+    fsync: FsyncPolicy = FsyncPolicy.ALWAYS,
+    max_request_bytes: int = 1 << 20,
+    journal: bool = True,
 ) -> AsyncIterator[tuple[Broker, TestClient[Any, Any]]]:
     config = BrokerConfig(
         broker_id=1,
@@ -70,6 +73,7 @@ async def broker_client(
         advertised_url="http://127.0.0.1:2",
         log_config=LogConfig(fsync=fsync),
         max_request_bytes=max_request_bytes,
+        journal=journal,
     )
     registry = CollectorRegistry()
     broker = Broker(config, lambda: HttpTransport(False, {}, 4, 1000), registry)
@@ -540,8 +544,9 @@ def test_any_failure_of_the_background_work_is_fail_stop(
     run(scenario)
 
 
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "per-log"])
 def test_a_failed_fsync_is_fail_stop_and_nothing_is_marked_clean(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, journal: bool
 ) -> None:
     import tidemq.broker.syncer as syncer_module
 
@@ -549,19 +554,25 @@ def test_a_failed_fsync_is_fail_stop_and_nothing_is_marked_clean(
     monkeypatch.setattr(syncer_module, "fail_stop", stopped.append)
 
     async def scenario() -> None:
-        async with broker_client(tmp_path) as (broker, client):
+        async with broker_client(tmp_path, journal=journal) as (broker, client):
             replica = broker.replicas[("orders", 0)]
 
             def eio() -> int:
                 raise OSError(5, "Input/output error")
 
-            monkeypatch.setattr(replica.log, "sync", eio)
+            if journal:
+                assert broker.syncer.journal is not None
+                monkeypatch.setattr(broker.syncer.journal, "sync", eio)
+            else:
+                monkeypatch.setattr(replica.log, "sync", eio)
             produced = asyncio.ensure_future(produce(client, batch(2)))
             deadline = asyncio.get_running_loop().time() + 10
             while not stopped:
                 assert asyncio.get_running_loop().time() < deadline, "no fail-stop"
                 await asyncio.sleep(0.01)
-            assert "fsync of orders/0 failed" in stopped[0]
+            assert ("fsync of the journal failed" if journal else "fsync of orders/0 failed") in (
+                stopped[0]
+            )
             assert replica.high_watermark == 0  # nothing acknowledged on a failed fsync
             produced.cancel()
             monkeypatch.undo()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
 import click
 from prometheus_client import CollectorRegistry
 
+from tidemq import eventloop
 from tidemq.broker.server import Broker, BrokerConfig, create_app
 from tidemq.logs import LOG_FORMATS
 from tidemq.logs import configure as configure_logging
@@ -60,6 +60,15 @@ async def run_broker(config: BrokerConfig, host: str, port: int, tls: TlsFiles |
     show_default=True,
 )
 @click.option("--fsync-interval-ms", type=int, default=1000, show_default=True)
+@click.option(
+    "--journal/--no-journal",
+    default=True,
+    show_default=True,
+    envvar="TIDE_BROKER_JOURNAL",
+    help="Under --fsync always: one broker-wide journal fsync makes every partition's "
+    "appends durable (segment files fsynced behind it); --no-journal fsyncs each "
+    "partition log.",
+)
 @click.option("--segment-bytes", type=int, default=128 * 1024 * 1024, show_default=True)
 @click.option("--segment-ms", type=int, default=7 * 24 * 3600 * 1000, show_default=True)
 @click.option("--retention-ms", type=int, default=7 * 24 * 3600 * 1000, show_default=True)
@@ -87,6 +96,7 @@ def command(
     plain_http: bool,
     fsync: str,
     fsync_interval_ms: int,
+    journal: bool,
     segment_bytes: int,
     segment_ms: int,
     retention_ms: int,
@@ -122,5 +132,6 @@ def command(
         log_config=log_config,
         max_request_bytes=max_request_bytes,
         replica_lag_time_max_ms=replica_lag_time_max_ms,
+        journal=journal,
     )
-    asyncio.run(run_broker(config, host, port, tls))
+    eventloop.run(run_broker(config, host, port, tls))

@@ -54,7 +54,7 @@ from tidemq.core.replica import (
 from tidemq.errors import NotLeader, RequestTimedOut
 from tidemq.storage import FsyncPolicy, LogConfig, PartitionLog
 from tidemq.storage.checkpoint import read_offset, write_offset
-from tidemq.storage.log import LOG_START_FILE
+from tidemq.storage.journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class PartitionReplica:
         lag_time_max_ms: int,
         propose: ProposalSink,
         clock_ms: Callable[[], int],
+        journal: Journal | None = None,
     ) -> None:
         self.topic = topic
         self.partition = partition
@@ -97,6 +98,9 @@ class PartitionReplica:
         self.directory = directory
         self.log = log_
         self.config = config
+        self._journal = journal
+        if journal is not None:
+            log_.attach_journal(journal, directory.name)
         self._propose = propose
         self._clock_ms = clock_ms
         durable = self._durable_end()
@@ -125,6 +129,7 @@ class PartitionReplica:
         lag_time_max_ms: int,
         propose: ProposalSink,
         clock_ms: Callable[[], int],
+        journal: Journal | None = None,
     ) -> PartitionReplica:
         topic, partition, topic_id = assignment_key
         directory = data_dir / partition_directory_name(topic, partition, topic_id)
@@ -140,6 +145,7 @@ class PartitionReplica:
             lag_time_max_ms,
             propose,
             clock_ms,
+            journal,
         )
 
     # -- reading --
@@ -214,6 +220,19 @@ class PartitionReplica:
         except RequestTimedOut:
             return
 
+    def add_data_waiter(self, offset: int, follower: bool, future: asyncio.Future[None]) -> int:
+        """Registers ``future`` (which several partitions' waiters may share: one
+        multi-partition long-poll) to be completed when there is data at ``offset``,
+        or failed when this replica stops leading; its id, for ``remove_waiter``."""
+        waiter_id = next(_waiter_ids)
+        self._waiters[waiter_id] = future
+        self.handle(AwaitData(waiter_id, offset, follower))
+        return waiter_id
+
+    def remove_waiter(self, waiter_id: int) -> None:
+        if self._waiters.pop(waiter_id, None) is not None:
+            self.handle(Cancel(waiter_id))
+
     async def _wait(self, make: Callable[[int], Event], timeout_s: float, what: str = "") -> None:
         waiter_id = next(_waiter_ids)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -257,11 +276,12 @@ class PartitionReplica:
     def reset_to(self, offset: int, now_ms: int) -> None:
         """Follower: drop the whole log and start empty at ``offset`` (the leader's log
         start moved past our log end: what we lack no longer exists anywhere)."""
+        if self._journal is not None:  # durable first: a replay restarts it too
+            self._journal.truncate(self.directory.name, offset)
         self.log.close()
-        shutil.rmtree(self.directory)
-        self.directory.mkdir(parents=True)
-        write_offset(self.directory / LOG_START_FILE, offset)
-        self.log = PartitionLog.open(self.directory, self.config, now_ms)
+        self.log = PartitionLog.recreate_empty(self.directory, offset, self.config, now_ms)
+        if self._journal is not None:
+            self.log.attach_journal(self._journal, self.directory.name)
         self.producers = load_producer_state(self.log)
         self.handle(Truncated(self.log.log_end_offset))
         self.handle(Flushed(self._durable_end()))

@@ -31,7 +31,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,7 @@ from tidemq.errors import (
 from tidemq.logs import event
 from tidemq.service.app import build_app
 from tidemq.service.callers import ANY, CLIENTS, broker_self
+from tidemq.service.channel import Operation, Reply, channel_endpoint
 from tidemq.service.failstop import fail_stop
 from tidemq.service.http import (
     NAME_SCHEMA,
@@ -82,8 +83,9 @@ from tidemq.service.http import (
     query_parameter,
     read_json_object,
 )
-from tidemq.storage import FsyncPolicy, LogConfig
+from tidemq.storage import FsyncPolicy, LogConfig, PartitionLog
 from tidemq.storage.checkpoint import write_atomically
+from tidemq.storage.journal import JOURNAL_DIRECTORY, Journal, journal_files, replay
 from tidemq.transport import HttpTransport
 from tidemq.wire import control
 from tidemq.wire.batch import build_batch, check_batches, decode_records, iter_headers
@@ -117,6 +119,7 @@ class BrokerConfig:
     replica_lag_time_max_ms: int = 10_000
     replica_fetch_wait_ms: int = 1000
     max_inflight_produce_bytes: int = 64 * 1024 * 1024
+    journal: bool = True  # under fsync=always: one broker-wide journal fsync per group
 
 
 def _now_ms() -> int:
@@ -280,6 +283,7 @@ class Broker:
             config.log_config.fsync,
             config.log_config.fsync_interval_ms,
             self.metrics.fsync_seconds,
+            self._open_journal(),
         )
         self._transport_factory = transport_factory
         self._transport: HttpTransport | None = None
@@ -403,22 +407,22 @@ class Broker:
         entries = self._fetch_ready(request)
         if entries or request.wait_ms == 0:
             return entries
-        waits = [
-            asyncio.ensure_future(
-                self.replicas[(p.topic, p.partition)].wait_for_data(
-                    p.offset, request.wait_ms / 1000, follower=False
-                )
-            )
-            for p in request.partitions
-        ]
+        # One future shared by every partition's waiter: no task per partition.
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        registered: list[tuple[PartitionReplica, int]] = []
         try:
-            await asyncio.wait(
-                waits, timeout=request.wait_ms / 1000, return_when=asyncio.FIRST_COMPLETED
-            )
+            for wanted in request.partitions:
+                replica = self.replicas.get((wanted.topic, wanted.partition))
+                if replica is None or woken.done():
+                    break  # gone meanwhile: the answer below says so
+                registered.append((replica, replica.add_data_waiter(wanted.offset, False, woken)))
+            else:
+                await asyncio.wait([woken], timeout=request.wait_ms / 1000)
         finally:
-            for wait in waits:
-                wait.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+            for replica, waiter_id in registered:
+                replica.remove_waiter(waiter_id)
+            if woken.done() and not woken.cancelled():
+                woken.exception()  # a failed waiter (leadership lost): the answer says so
         return self._fetch_ready(request)
 
     def _fetch_ready(self, request: FetchRequest) -> list[FetchEntry]:
@@ -658,6 +662,7 @@ class Broker:
                     self.config.replica_lag_time_max_ms,
                     self._propose_isr,
                     _now_ms,
+                    self.syncer.journal,
                 )
                 self.replicas[key] = replica
                 _log_recovery(replica)
@@ -937,10 +942,54 @@ class Broker:
         for replica in self.replicas.values():
             replica.close()
         self.replicas.clear()
+        self.syncer.close_journal()
         if self._transport is not None:
             await self._transport.close()
         if self.config.data_dir.exists():
             write_atomically(self.config.data_dir / CLEAN_SHUTDOWN_FILE, "")
+
+    def _open_journal(self) -> Journal | None:
+        """Replays what a crash left in the journal (storage/journal.py) into the
+        partition logs, fsyncs them, deletes the old files; then a new journal when
+        ``fsync=always`` and the journal is on. Before any replica opens."""
+        directory = self.config.data_dir / JOURNAL_DIRECTORY
+        opened: dict[str, PartitionLog] = {}
+
+        def open_log(key: str) -> PartitionLog | None:
+            path = self.config.data_dir / key
+            if parse_partition_directory_name(key) is None or not path.is_dir():
+                return None
+            opened[key] = PartitionLog.open(path, self.config.log_config, _now_ms())
+            return opened[key]
+
+        def start_over(key: str, offset: int) -> PartitionLog:
+            opened.pop(key).close(mark_clean=False)
+            path = self.config.data_dir / key
+            opened[key] = PartitionLog.recreate_empty(
+                path, offset, self.config.log_config, _now_ms()
+            )
+            return opened[key]
+
+        try:
+            applied = replay(directory, open_log, _now_ms(), start_over)
+        finally:
+            for log_ in opened.values():
+                log_.close(mark_clean=False)  # synced: the journal's files may go
+        if applied:
+            event(
+                log,
+                "journal_replayed",
+                f"journal replay re-applied {sum(applied.values())} records "
+                f"to {len(applied)} partition logs",
+                logging.WARNING,
+                records=sum(applied.values()),
+                logs=len(applied),
+            )
+        for path in journal_files(directory):
+            path.unlink()
+        if not (self.config.journal and self.config.log_config.fsync is FsyncPolicy.ALWAYS):
+            return None
+        return Journal.open(directory)
 
     def _consume_clean_shutdown_marker(self) -> bool:
         """True when this broker runs a weaker fsync policy than ``always`` and its last
@@ -1190,14 +1239,21 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
         answer = await broker.produce(topic, partition, body, acks, epoch)
         return web.json_response(answer)
 
+    async def _produce_many(acks: Acks, body: bytes) -> Reply:
+        entries = decode_produce(body)
+        results = await asyncio.gather(*(broker.produce_entry(entry, acks) for entry in entries))
+        return Reply("application/json", json.dumps({"results": results}).encode())
+
+    async def produce_many_operation(query: Mapping[str, str], body: bytes) -> Reply:
+        acks = parse_acks(query.get("acks", "all"))
+        with broker.admit_produce(len(body)):
+            return await _produce_many(acks, body)
+
     async def produce_many(request: web.Request) -> web.Response:
         acks = _acks_parameter(request)
         with broker.admit_produce(request.content_length):
-            entries = decode_produce(await request.read())
-            results = await asyncio.gather(
-                *(broker.produce_entry(entry, acks) for entry in entries)
-            )
-        return web.json_response({"results": results})
+            reply = await _produce_many(acks, await request.read())
+        return web.Response(body=reply.body, content_type=reply.content_type)
 
     async def fetch(request: web.Request) -> web.StreamResponse:
         topic, partition = _path_partition(request)
@@ -1225,10 +1281,13 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
         }
         return web.json_response(body, headers=headers, dumps=json.dumps)
 
+    async def fetch_many_operation(_: Mapping[str, str], body: bytes) -> Reply:
+        entries = await broker.fetch_many(control.decode(body, FetchRequest))
+        return Reply(FETCH_TYPE, encode_fetch(entries))
+
     async def fetch_many(request: web.Request) -> web.Response:
-        body = control.decode(await request.read(), FetchRequest)
-        entries = await broker.fetch_many(body)
-        return web.Response(body=encode_fetch(entries), content_type=FETCH_TYPE)
+        reply = await fetch_many_operation(request.query, await request.read())
+        return web.Response(body=reply.body, content_type=reply.content_type)
 
     async def replica_fetch(request: web.Request) -> web.Response:
         topic = request.match_info["topic"]
@@ -1267,7 +1326,13 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
         )
 
     base = "/v1/topics/{topic}/partitions/{partition}"
+    # Served over the request channel too (service/channel.py): the hot paths.
+    operations = [
+        Operation("POST", "/v1/produce", produce_many_operation, CLIENTS),
+        Operation("POST", "/v1/fetch", fetch_many_operation, CLIENTS),
+    ]
     return [
+        channel_endpoint(operations, broker.config.max_request_bytes),
         Endpoint(
             "POST",
             "/v1/produce",

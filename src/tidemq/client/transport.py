@@ -21,6 +21,7 @@ import threading
 from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
+from tidemq import eventloop
 from tidemq.client.config import ConnectionConfig, ResultTimeout
 from tidemq.errors import (
     ClientClosed,
@@ -98,7 +99,7 @@ class LoopThread:
     """An asyncio loop running on its own daemon thread."""
 
     def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = eventloop.new_event_loop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 

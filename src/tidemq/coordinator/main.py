@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from tidemq import eventloop
 from tidemq.coordinator.server import Coordinator, CoordinatorConfig
 from tidemq.coordinator.store import CommandStore
 from tidemq.logs import LOG_FORMATS
@@ -141,7 +142,7 @@ def command(
         replica_replacement_ms=replica_replacement_ms,
         offset_group_commit=not no_group_commit,
     )
-    asyncio.run(run_coordinator(config))
+    eventloop.run(run_coordinator(config))
 
 
 def _check_positive(**values: int) -> None:

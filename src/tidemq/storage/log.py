@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import threading
 from bisect import bisect_right
 from pathlib import Path
@@ -60,6 +61,7 @@ from tidemq.storage.checkpoint import (
 from tidemq.storage.config import LogConfig
 from tidemq.storage.epochs import LeaderEpochCache
 from tidemq.storage.index import U32_MAX
+from tidemq.storage.journal import Journal
 from tidemq.storage.segment import LOG_SUFFIX, LogSegment
 from tidemq.wire.batch import BatchSpan, check_batch, iter_headers, patch_batch
 
@@ -91,6 +93,8 @@ class PartitionLog:
         self._recovery_checkpoint_offset = 0
         self._truncation_generation = 0
         self._closed = False
+        self._journal: Journal | None = None
+        self._journal_key = ""
         self.recovered_truncated_bytes = 0  # for logs and metrics: what open() cut off
         self.opened_after_clean_shutdown = False
 
@@ -192,6 +196,18 @@ class PartitionLog:
         self._epochs = epochs
         self._epochs_dirty = True
 
+    @classmethod
+    def recreate_empty(
+        cls, directory: Path, start_offset: int, config: LogConfig, now_ms: int
+    ) -> PartitionLog:
+        """Deletes the directory's log (closed) and starts it over, empty, at
+        ``start_offset``: a follower whose leader's log start passed its log end."""
+        shutil.rmtree(directory)
+        fsync_directory(directory.parent)
+        directory.mkdir(parents=True)
+        write_offset(directory / LOG_START_FILE, start_offset)
+        return cls.open(directory, config, now_ms)
+
     # ----------------------------------------------------------- properties
 
     @property
@@ -205,6 +221,32 @@ class PartitionLog:
     @property
     def flushed_offset(self) -> int:
         return self._flushed_offset
+
+    @property
+    def truncation_generation(self) -> int:
+        """Changes on every truncation: a durable end noted before it is void."""
+        return self._truncation_generation
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -------------------------------------------------------------- journal
+
+    def attach_journal(self, journal: Journal, key: str) -> None:
+        """From now on every append is also written to the broker-wide journal
+        (storage/journal.py) under ``key``, and a truncation is journaled durably
+        before the segment is cut; durability comes from ``mark_durable`` after the
+        journal's fsync, the segment files are fsynced behind it by checkpoints."""
+        self._journal, self._journal_key = journal, key
+
+    def mark_durable(self, end_offset: int, generation: int) -> None:
+        """The journal holding every append below ``end_offset`` was fsynced (noted at
+        truncation generation ``generation``; a truncation since voids it)."""
+        with self._lock:
+            if generation == self._truncation_generation:
+                end = min(end_offset, self._log_end_offset)
+                self._flushed_offset = max(self._flushed_offset, end)
 
     @property
     def size_bytes(self) -> int:
@@ -261,6 +303,8 @@ class PartitionLog:
         segment = self._active_segment(len(buffer), spans[-1].next_offset - 1, now_ms)
         segment.append(buffer, spans, self.config.index_interval_bytes)
         segment.note_timestamp(max_timestamp_ms)
+        if self._journal is not None:
+            self._journal.append(self._journal_key, spans[0].base_offset, buffer)
         with self._lock:
             self._log_end_offset = spans[-1].next_offset
             self._dirty.add(segment)
@@ -334,7 +378,9 @@ class PartitionLog:
             if epochs is not None:
                 write_epochs(self.directory / EPOCH_FILE, epochs)
             with self._lock:
-                if generation == self._truncation_generation:
+                # Under a journal only its fsyncs make appends count as durable
+                # (mark_durable): replay then owes nothing past the journal's end.
+                if generation == self._truncation_generation and self._journal is None:
                     self._flushed_offset = max(self._flushed_offset, end_offset)
             if (force_checkpoint or moved_segment) and generation == self._truncation_generation:
                 write_offset(self.directory / RECOVERY_POINT_FILE, end_offset)
@@ -360,6 +406,8 @@ class PartitionLog:
             if found is None:
                 raise CorruptBatch(f"{segment.log_path}: offset {offset} not found")
             position, header = found
+            if self._journal is not None:  # durable before the cut: replay never undoes it
+                self._journal.truncate(self._journal_key, header.base_offset)
             with self._lock:
                 removed = self._segments[slot + 1 :]
                 del self._segments[slot + 1 :]
@@ -472,8 +520,9 @@ class PartitionLog:
 
     # ---------------------------------------------------------------- close
 
-    def close(self) -> None:
-        """Syncs, writes indexes and the clean-shutdown marker, closes the files."""
+    def close(self, mark_clean: bool = True) -> None:
+        """Syncs, writes indexes and (unless ``mark_clean`` is False: a journal replay
+        after a crash) the clean-shutdown marker, closes the files."""
         if self._closed:
             return
         self._sync(force_checkpoint=True)
@@ -481,7 +530,8 @@ class PartitionLog:
         self._closed = True
         for segment in self._segments:
             segment.close()
-        write_atomically(self.directory / CLEAN_SHUTDOWN_FILE, "")
+        if mark_clean:
+            write_atomically(self.directory / CLEAN_SHUTDOWN_FILE, "")
 
     def _check_open(self) -> None:
         invariant(not self._closed, f"{self.directory}: log used after close()")

@@ -11,7 +11,6 @@ unless ``--plain-http`` asks for it.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import ssl
@@ -19,6 +18,7 @@ import ssl
 import click
 from prometheus_client import CollectorRegistry
 
+from tidemq import eventloop
 from tidemq.client.proxy.codec import parse_listen
 from tidemq.client.proxy.server import Proxy, ProxyConfig
 from tidemq.client.proxy.sessions import SessionLimits
@@ -168,6 +168,6 @@ def command(
         keepalive_ms=keepalive_ms,
     )
     try:
-        asyncio.run(run_proxy(config, host, port, ssl_context))
+        eventloop.run(run_proxy(config, host, port, ssl_context))
     except TideError as error:  # e.g. no TIDE_BOOTSTRAP
         raise click.ClickException(str(error)) from error

@@ -1,0 +1,303 @@
+"""The request channel: chosen HTTP requests carried over one WebSocket per peer.
+
+Why: an HTTPS request through aiohttp costs ~220-260 us of CPU (client and server
+together, measured here), a WebSocket message round trip ~60 us. The hot paths of
+tidemq (produce, multi-partition fetch, replica fetch) send thousands of small
+requests a second, and on a 2-core machine that CPU *is* the latency. So a peer that
+knows the channel opens ``GET /v1/channel`` (a WebSocket upgrade on the same HTTPS
+port, same certificate) and sends those requests as frames; anything else, and any
+peer that does not know the channel, uses plain HTTP. Semantics are exactly the
+HTTP endpoint's: same handler, same authorization rule (``callers``), same status
+codes and error bodies; only the framing differs. docs/PROTOCOL.md "Request channel".
+
+Frames are binary WebSocket messages, big-endian::
+
+    request:  id u32 | target_length u16 | target ("POST /v1/produce", UTF-8)
+              | query_length u16 | query (URL-encoded) | body
+    answer:   id u32 | status u16 | type_length u16 | content type
+              | headers_length u16 | headers (JSON object, or empty) | body
+
+Requests on one channel are served concurrently (a long-poll fetch does not hold up
+a produce) and answered in any order, matched by id. Bounds: a frame is at most the
+service's body limit plus 64 KiB; at most ``REQUESTS_MAX`` requests per channel are
+served at once, a request past that is answered 503 at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import struct
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, urlencode
+
+from aiohttp import WSMsgType, web
+
+from tidemq.errors import Forbidden, InvalidRequest, InvariantViolation, TideError, Unavailable
+from tidemq.service.callers import ANY, Callers, Identity, Location
+from tidemq.service.failstop import fail_stop
+from tidemq.service.http import Endpoint
+
+log = logging.getLogger(__name__)
+
+CHANNEL_PATH = "/v1/channel"
+REQUESTS_MAX = 256
+FRAME_OVERHEAD_MAX = 64 * 1024
+_REQUEST_HEAD = struct.Struct(">IH")
+_U16 = struct.Struct(">H")
+_ANSWER_HEAD = struct.Struct(">IHH")
+
+
+class ChannelRequest(NamedTuple):
+    request_id: int
+    target: str  # "METHOD /path"
+    query: str
+    body: bytes
+
+
+class ChannelAnswer(NamedTuple):
+    request_id: int
+    status: int
+    content_type: str
+    headers: dict[str, str]
+    body: bytes
+
+
+def encode_request(
+    request_id: int, target: str, query: Mapping[str, str] | None, body: bytes
+) -> bytes:
+    target_bytes = target.encode()
+    query_bytes = urlencode(query or {}).encode()
+    return b"".join(
+        (
+            _REQUEST_HEAD.pack(request_id, len(target_bytes)),
+            target_bytes,
+            _U16.pack(len(query_bytes)),
+            query_bytes,
+            body,
+        )
+    )
+
+
+def decode_request(frame: bytes) -> ChannelRequest:
+    """Raises ValueError on a malformed frame."""
+    try:
+        request_id, target_length = _REQUEST_HEAD.unpack_from(frame)
+        position = _REQUEST_HEAD.size
+        target = frame[position : position + target_length].decode()
+        position += target_length
+        (query_length,) = _U16.unpack_from(frame, position)
+        position += _U16.size
+        query = frame[position : position + query_length].decode()
+        position += query_length
+    except (struct.error, UnicodeDecodeError) as error:
+        raise ValueError(f"malformed channel request: {error}") from error
+    if position > len(frame):
+        raise ValueError("malformed channel request: truncated")
+    return ChannelRequest(request_id, target, query, bytes(frame[position:]))
+
+
+def encode_answer(answer: ChannelAnswer) -> bytes:
+    content_type = answer.content_type.encode()
+    headers = json.dumps(answer.headers).encode() if answer.headers else b""
+    return b"".join(
+        (
+            _ANSWER_HEAD.pack(answer.request_id, answer.status, len(content_type)),
+            content_type,
+            _U16.pack(len(headers)),
+            headers,
+            answer.body,
+        )
+    )
+
+
+def decode_answer(frame: bytes) -> ChannelAnswer:
+    """Raises ValueError on a malformed frame."""
+    try:
+        request_id, status, type_length = _ANSWER_HEAD.unpack_from(frame)
+        position = _ANSWER_HEAD.size
+        content_type = frame[position : position + type_length].decode()
+        position += type_length
+        (headers_length,) = _U16.unpack_from(frame, position)
+        position += _U16.size
+        raw_headers = frame[position : position + headers_length]
+        headers = json.loads(raw_headers) if raw_headers else {}
+        position += headers_length
+    except (struct.error, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"malformed channel answer: {error}") from error
+    if position > len(frame) or not isinstance(headers, dict):
+        raise ValueError("malformed channel answer")
+    return ChannelAnswer(request_id, status, content_type, headers, bytes(frame[position:]))
+
+
+@dataclass(frozen=True)
+class Reply:
+    content_type: str
+    body: bytes
+    headers: dict[str, str] | None = None
+
+
+# What an operation gets: the query and the body; what it returns: its 200 answer, or
+# it raises a TideError (answered with its status and error body, as over HTTP).
+OperationHandler = Callable[[Mapping[str, str], bytes], Awaitable[Reply]]
+
+
+@dataclass(frozen=True)
+class Operation:
+    """An HTTP endpoint also served over the channel. ``callers`` is the endpoint's."""
+
+    method: str
+    path: str
+    handler: OperationHandler
+    callers: Callers
+
+    @property
+    def target(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+def channel_endpoint(operations: Sequence[Operation], max_body_bytes: int) -> Endpoint:
+    by_target = {operation.target: operation for operation in operations}
+    for operation in operations:
+        if any(grant.location == "path" for grant in operation.callers.broker_self_grants()):
+            raise ValueError(f"{operation.target}: a channel operation has no path values")
+
+    async def channel(request: web.Request) -> web.StreamResponse:
+        socket = web.WebSocketResponse(
+            max_msg_size=max_body_bytes + FRAME_OVERHEAD_MAX, compress=False, autoping=True
+        )
+        if not socket.can_prepare(request).ok:
+            raise InvalidRequest(f"GET {CHANNEL_PATH} expects a WebSocket upgrade")
+        tls = request.transport is not None and (
+            request.transport.get_extra_info("ssl_object") is not None
+        )
+        identity = (
+            Identity.from_peercert(request.transport.get_extra_info("peercert"))
+            if tls and request.transport is not None
+            else None
+        )
+        await socket.prepare(request)
+        serving: set[asyncio.Task[None]] = set()
+        try:
+            async for message in socket:
+                if message.type is not WSMsgType.BINARY:
+                    await socket.close(code=1003, message=b"binary frames only")
+                    break
+                try:
+                    frame = decode_request(message.data)
+                except ValueError as error:
+                    await socket.close(code=1002, message=str(error).encode()[:120])
+                    break
+                if len(serving) >= REQUESTS_MAX:
+                    busy = Unavailable(f"more than {REQUESTS_MAX} requests in flight")
+                    await _send(socket, _error_answer(frame.request_id, busy))
+                    continue
+                operation = by_target.get(frame.target)
+                task = asyncio.ensure_future(_serve(socket, operation, frame, tls, identity))
+                serving.add(task)
+                task.add_done_callback(serving.discard)
+        finally:
+            for task in serving:
+                task.cancel()
+            await asyncio.gather(*serving, return_exceptions=True)
+        return socket
+
+    return Endpoint(
+        "GET",
+        CHANNEL_PATH,
+        channel,
+        "WebSocket upgrade: the request channel (docs/PROTOCOL.md); "
+        + ", ".join(sorted(by_target)),
+        responses={"101": "switching to the request channel", "400": "not a WebSocket upgrade"},
+        callers=ANY,
+    )
+
+
+async def _serve(
+    socket: web.WebSocketResponse,
+    operation: Operation | None,
+    frame: ChannelRequest,
+    tls: bool,
+    identity: Identity | None,
+) -> None:
+    try:
+        if operation is None:
+            raise _NotServed(f"{frame.target} is not served over the channel")
+        pairs = parse_qsl(frame.query, keep_blank_values=True)
+        query = dict(pairs)
+        if len(query) != len(pairs):
+            raise InvalidRequest("a query parameter is given twice")
+        if tls:
+            _authorize(operation, identity, query, frame.body)
+        reply = await operation.handler(query, frame.body)
+        answer = ChannelAnswer(
+            frame.request_id, 200, reply.content_type, reply.headers or {}, reply.body
+        )
+    except _NotServed as error:
+        answer = ChannelAnswer(
+            frame.request_id,
+            404,
+            "application/json",
+            {},
+            json.dumps({"error": {"code": "not_found", "message": str(error)}}).encode(),
+        )
+    except TideError as error:
+        answer = _error_answer(frame.request_id, error)
+    except InvariantViolation as error:
+        fail_stop(f"invariant broken serving {frame.target} over the channel: {error}")
+    except Exception:
+        log.exception("unhandled error serving %s over the channel", frame.target)
+        answer = ChannelAnswer(
+            frame.request_id,
+            500,
+            "application/json",
+            {},
+            b'{"error": {"code": "internal_error", "message": "internal error"}}',
+        )
+    await _send(socket, answer)
+
+
+class _NotServed(Exception):
+    pass
+
+
+def _error_answer(request_id: int, error: TideError) -> ChannelAnswer:
+    body = json.dumps(error.to_json()).encode()
+    return ChannelAnswer(request_id, error.http_status, "application/json", {}, body)
+
+
+async def _send(socket: web.WebSocketResponse, answer: ChannelAnswer) -> None:
+    if socket.closed:
+        return  # the peer left: it fails its own waiters
+    try:
+        await socket.send_bytes(encode_answer(answer))
+    except ConnectionError:
+        return
+
+
+def _authorize(
+    operation: Operation, identity: Identity | None, query: Mapping[str, str], body: bytes
+) -> None:
+    """The endpoint's rule, as the authorization middleware applies it over HTTP."""
+    if identity is None:
+        raise Forbidden("the client certificate does not have exactly one common name")
+    values: dict[tuple[Location, str], Any] = {}
+    if operation.callers.needs_values(identity):
+        parsed: Any = None
+        for grant in operation.callers.broker_self_grants():
+            if grant.location == "query":
+                values[(grant.location, grant.name)] = query.get(grant.name)
+            else:
+                if parsed is None:
+                    try:
+                        parsed = json.loads(body)
+                    except (UnicodeDecodeError, ValueError):
+                        parsed = {}
+                if isinstance(parsed, dict):
+                    values[(grant.location, grant.name)] = parsed.get(grant.name)
+    refusal = operation.callers.refusal(identity, values)
+    if refusal is not None:
+        raise Forbidden(refusal)

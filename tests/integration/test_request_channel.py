@@ -1,0 +1,205 @@
+"""The request channel (service/channel.py, transport.py) over real mutual TLS, on a
+dummy service: the hot requests go over one WebSocket, with the endpoint's own
+authorization, status codes and errors; anything the peer does not serve over a
+channel (or a peer without one) goes over plain HTTP; bounds and a lost connection
+give clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
+
+import tidemq.service.channel as channel_module
+from tidemq.errors import ConnectionFailed, Forbidden, NotLeader, Unavailable
+from tidemq.service.app import build_app
+from tidemq.service.callers import BROKERS, CLIENTS, broker_self
+from tidemq.service.channel import Operation, Reply, channel_endpoint
+from tidemq.service.http import Endpoint
+from tidemq.tls import client_context as tls_client_context
+from tidemq.tls import ensure_cluster_pki, server_context
+from tidemq.transport import HttpTransport
+
+NAMES = ["coordinator", "broker-1", "broker-2", "client"]
+
+
+class Dummy:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []  # (how, what)
+        self.release = asyncio.Event()
+        self.drop_connections = False
+
+    async def produce(self, query: Mapping[str, str], body: bytes) -> Reply:
+        self.calls.append(("channel", "produce"))
+        if body == b"not-leader":
+            raise NotLeader("moved")
+        return Reply(
+            "application/json", json.dumps({"acks": query.get("acks"), "n": len(body)}).encode()
+        )
+
+    async def fetch(self, query: Mapping[str, str], body: bytes) -> Reply:
+        self.calls.append(("channel", "fetch"))
+        await self.release.wait()  # a long-poll
+        return Reply("application/octet-stream", b"data:" + body, {"Tide-High-Watermark": "7"})
+
+    async def replica(self, query: Mapping[str, str], body: bytes) -> Reply:
+        self.calls.append(("channel", "replica"))
+        return Reply("application/json", b"{}")
+
+    def endpoints(self, with_channel: bool, serve_fetch: bool = True) -> list[Endpoint]:
+        async def http(request: web.Request) -> web.Response:
+            self.calls.append(("http", request.path))
+            return web.json_response({"via": "http", "n": len(await request.read())})
+
+        operations = [
+            Operation("POST", "/v1/produce", self.produce, CLIENTS),
+            Operation("POST", "/v1/replica/fetch", self.replica, broker_self(body="broker_id")),
+        ]
+        if serve_fetch:
+            operations.append(Operation("POST", "/v1/fetch", self.fetch, CLIENTS))
+        endpoints = [
+            Endpoint("POST", "/v1/produce", http, "produce", callers=CLIENTS),
+            Endpoint("POST", "/v1/fetch", http, "fetch", callers=CLIENTS),
+            Endpoint("POST", "/v1/replica/fetch", http, "replica", callers=BROKERS),
+        ]
+        if with_channel:
+            endpoints.append(channel_endpoint(operations, 1 << 16))
+        return endpoints
+
+
+@asynccontextmanager
+async def service(
+    tmp_path: Path, with_channel: bool = True, serve_fetch: bool = True
+) -> AsyncIterator[tuple[Dummy, str, dict[str, HttpTransport]]]:
+    files = ensure_cluster_pki(tmp_path / "pki", NAMES)
+    dummy = Dummy()
+    app = build_app(
+        "dummy",
+        dummy.endpoints(with_channel, serve_fetch),
+        CollectorRegistry(),
+        lambda: True,
+        1 << 16,
+    )
+    server = TestServer(app)
+    async with AsyncExitStack() as stack:
+        await server.start_server(ssl=server_context(files["coordinator"], True))
+        stack.push_async_callback(server.close)
+        transports = {}
+        for name in NAMES:
+            transport = HttpTransport(tls_client_context(files[name]), {}, 4, 5000)
+            stack.push_async_callback(transport.close)
+            transports[name] = transport
+        yield dummy, str(server.make_url("")).rstrip("/"), transports
+
+
+def run(test: object) -> None:
+    asyncio.run(test())  # type: ignore[arg-type]
+
+
+def test_hot_requests_go_over_the_channel_with_the_same_answers(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with service(tmp_path) as (dummy, base, transports):
+            client = transports["client"]
+            answer = await client.request_json(
+                "POST", base + "/v1/produce", params={"acks": "all"}, data=b"12345"
+            )
+            assert answer == {"acks": "all", "n": 5}
+            assert dummy.calls == [("channel", "produce")]
+            with pytest.raises(NotLeader, match="moved"):  # the error, as over HTTP
+                await client.request("POST", base + "/v1/produce", data=b"not-leader")
+            # a long-poll in flight does not hold up other requests on the channel
+            polling = asyncio.ensure_future(client.request("POST", base + "/v1/fetch", data=b"x"))
+            for _ in range(20):
+                await client.request("POST", base + "/v1/produce", data=b"y")
+            assert not polling.done()
+            dummy.release.set()
+            body, headers = await polling
+            assert body == b"data:x" and headers["Tide-High-Watermark"] == "7"
+            assert all(how == "channel" for how, _ in dummy.calls)
+            # anything else is plain HTTP
+            await client.request("GET", base + "/healthz")
+
+    run(scenario)
+
+
+def test_the_endpoints_callers_apply_to_each_request(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with service(tmp_path) as (dummy, base, transports):
+            with pytest.raises(Forbidden):
+                await transports["broker-1"].request("POST", base + "/v1/produce", data=b"x")
+            replica = base + "/v1/replica/fetch"
+            await transports["broker-2"].request(
+                "POST", replica, data=json.dumps({"broker_id": 2}).encode()
+            )
+            with pytest.raises(Forbidden):  # broker-2 acting as broker 1
+                await transports["broker-2"].request(
+                    "POST", replica, data=json.dumps({"broker_id": 1}).encode()
+                )
+            with pytest.raises(Forbidden):
+                await transports["client"].request(
+                    "POST", replica, data=json.dumps({"broker_id": 1}).encode()
+                )
+            assert dummy.calls == [("channel", "replica")]  # refusals reached no handler
+
+    run(scenario)
+
+
+def test_a_peer_without_a_channel_or_without_that_target_gets_plain_http(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with service(tmp_path, with_channel=False) as (dummy, base, transports):
+            answer = await transports["client"].request_json(
+                "POST", base + "/v1/produce", data=b"abc"
+            )
+            assert answer == {"via": "http", "n": 3}
+            assert dummy.calls == [("http", "/v1/produce")]
+        async with service(tmp_path, serve_fetch=False) as (dummy, base, transports):
+            client = transports["client"]
+            assert (await client.request_json("POST", base + "/v1/fetch", data=b"ab"))["n"] == 2
+            await client.request("POST", base + "/v1/fetch", data=b"ab")
+            await client.request("POST", base + "/v1/produce", data=b"ab")
+            assert dummy.calls == [
+                ("http", "/v1/fetch"),
+                ("http", "/v1/fetch"),  # remembered: not asked over the channel again
+                ("channel", "produce"),
+            ]
+
+    run(scenario)
+
+
+def test_requests_past_the_bound_are_refused_and_a_lost_channel_fails_its_waiters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(channel_module, "REQUESTS_MAX", 2)
+
+    async def scenario() -> None:
+        async with service(tmp_path) as (dummy, base, transports):
+            client = transports["client"]
+            polls = [
+                asyncio.ensure_future(client.request("POST", base + "/v1/fetch", data=b"x"))
+                for _ in range(2)
+            ]
+            deadline = asyncio.get_running_loop().time() + 5
+            while len(dummy.calls) < 2:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
+            with pytest.raises(Unavailable, match="in flight"):
+                await client.request("POST", base + "/v1/produce", data=b"x")
+            # the channel breaks: whoever waits on it hears so at once
+            channel = client._channels[base]
+            await channel.socket.close()
+            for poll in polls:
+                with pytest.raises(ConnectionFailed):
+                    await asyncio.wait_for(poll, 5)
+            # and the next request opens a new channel
+            assert (await client.request_json("POST", base + "/v1/produce", data=b"z"))["n"] == 1
+
+    run(scenario)

@@ -1,0 +1,372 @@
+"""The broker-wide journal (storage/journal.py): record framing, replay after a power
+loss, truncations, checkpoints, and a randomized model of crashes at any point."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from storage_helpers import START_MS, batch_of, numbered_values, open_log, read_all
+
+from tidemq.errors import CorruptBatch
+from tidemq.storage import LogConfig, PartitionLog
+from tidemq.storage.journal import (
+    APPEND,
+    TRUNCATE,
+    Journal,
+    decode_records,
+    encode_record,
+    journal_files,
+    replay,
+)
+from tidemq.wire.batch import patch_batch
+
+KEY = "topic-0-abc"
+
+
+class Crashable:
+    """One partition log with a journal, and a simulated power loss: every file goes
+    back to what was fsynced (segments to their size at the last sync; the journal to
+    its synced bytes), optionally keeping a torn piece of the unsynced rest."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.journal = Journal.open(root / "journal")
+        self.log = open_log(root / KEY)
+        self.log.attach_journal(self.journal, KEY)
+        self.segment_synced: dict[Path, int] = self._segment_sizes()
+
+    def _segment_sizes(self) -> dict[Path, int]:
+        return {p: p.stat().st_size for p in (self.root / KEY).glob("*.log")}
+
+    def sync_segments(self) -> None:
+        self.log.sync()
+        self.segment_synced = self._segment_sizes()
+
+    def truncate(self, offset: int) -> None:
+        """A truncation: the cut is fsynced before truncate_to returns."""
+        self.log.truncate_to(offset)
+        sizes = self._segment_sizes()
+        self.segment_synced = {
+            path: min(self.segment_synced.get(path, 0), size) for path, size in sizes.items()
+        }
+
+    def durable_end(self) -> int:
+        """What an acknowledgement could have promised: journal-synced appends."""
+        return self.log.flushed_offset
+
+    def journal_sync(self) -> None:
+        end, generation = self.log.log_end_offset, self.log.truncation_generation
+        self.journal.sync()
+        self.log.mark_durable(end, generation)
+
+    def crash(self, rng: random.Random | None = None) -> PartitionLog:
+        synced_journal = {f.path: f.synced for f in self.journal._files}
+        for path in (self.root / KEY).glob("*.log"):
+            keep = self.segment_synced.get(path, 0)
+            size = path.stat().st_size
+            if rng is not None and size > keep:
+                keep = rng.randint(keep, size)  # some unsynced pages made it, torn
+            os.truncate(path, keep)
+        for path, synced in synced_journal.items():
+            if not path.exists():
+                continue
+            size = path.stat().st_size
+            keep = synced if rng is None or size <= synced else rng.randint(synced, size)
+            os.truncate(path, keep)
+        return recover(self.root)
+
+
+def recover(root: Path) -> PartitionLog:
+    """What the broker does on start: replay into freshly opened logs."""
+    logs: dict[str, PartitionLog] = {}
+
+    def open_key(key: str) -> PartitionLog | None:
+        if not (root / key).is_dir():
+            return None
+        logs[key] = open_log(root / key)
+        return logs[key]
+
+    replay(root / "journal", open_key, START_MS)
+    for log_ in logs.values():
+        log_.close(mark_clean=False)
+    for path in journal_files(root / "journal"):
+        path.unlink()
+    return open_log(root / KEY)
+
+
+def values(log: PartitionLog) -> list[bytes]:
+    return [value for _, value in read_all(log)]
+
+
+def test_records_round_trip_and_a_torn_or_corrupt_record_ends_the_file() -> None:
+    first = encode_record(APPEND, KEY, 7, b"payload")
+    second = encode_record(TRUNCATE, "other-1-x", 3, b"")
+    decoded = [record for record, _ in decode_records(first + second)]
+    assert [(r.kind, r.key, r.offset, r.payload) for r in decoded] == [
+        (APPEND, KEY, 7, b"payload"),
+        (TRUNCATE, "other-1-x", 3, b""),
+    ]
+    assert len(list(decode_records(first + second[:-1]))) == 1  # torn
+    flipped = bytearray(first + second)
+    flipped[len(first) + 12] ^= 0x01
+    assert len(list(decode_records(bytes(flipped)))) == 1  # corrupt
+    assert list(decode_records(b"\x00" * 64)) == []  # zeros: length 0 is never valid
+
+
+def test_replay_restores_journaled_appends_a_power_loss_took_from_the_segment(
+    tmp_path: Path,
+) -> None:
+    node = Crashable(tmp_path)
+    for index in range(3):
+        node.log.append(batch_of(numbered_values(index * 2, 2)), 1, START_MS)
+    node.journal_sync()
+    assert node.durable_end() == 6
+    node.log.append(batch_of(numbered_values(6, 1)), 1, START_MS)  # never synced
+    recovered = node.crash()
+    assert values(recovered) == numbered_values(0, 6)
+    assert recovered.epoch_entries() == [(1, 0)]
+    recovered.close()
+
+
+def test_replay_skips_what_the_segment_already_holds(tmp_path: Path) -> None:
+    node = Crashable(tmp_path)
+    node.log.append(batch_of(numbered_values(0, 3)), 0, START_MS)
+    node.journal_sync()
+    node.sync_segments()
+    logs: dict[str, PartitionLog] = {}
+
+    def open_key(key: str) -> PartitionLog:
+        logs[key] = open_log(tmp_path / key)
+        return logs[key]
+
+    assert replay(tmp_path / "journal", open_key, START_MS) == {}  # nothing re-applied
+    assert values(logs[KEY]) == numbered_values(0, 3)
+    logs[KEY].close()
+
+
+def test_a_truncation_is_journaled_before_the_cut_so_replay_never_undoes_it(
+    tmp_path: Path,
+) -> None:
+    node = Crashable(tmp_path)
+    node.log.append(batch_of(numbered_values(0, 2)), 1, START_MS)
+    node.log.append(batch_of(numbered_values(2, 2)), 1, START_MS)
+    node.journal_sync()
+    node.sync_segments()  # the segment durably holds 0..3
+    node.log.truncate_to(2)
+    # The cut reached the segment file, but a power loss could revert it: make the
+    # segment hold the old bytes again, as if the truncation never reached the disk.
+    recovered = node.crash()
+    assert values(recovered) == numbered_values(0, 2)
+    recovered.close()
+
+
+def test_appends_after_a_truncation_replay_on_top_of_it(tmp_path: Path) -> None:
+    node = Crashable(tmp_path)
+    node.log.append(batch_of(numbered_values(0, 4)), 1, START_MS)
+    node.log.append(batch_of([b"old-a", b"old-b"]), 1, START_MS)
+    node.journal_sync()
+    node.log.truncate_to(4)
+    node.log.append(batch_of([b"new-a"]), 2, START_MS)
+    node.journal_sync()
+    recovered = node.crash()
+    assert values(recovered) == [*numbered_values(0, 4), b"new-a"]
+    assert recovered.epoch_entries() == [(1, 0), (2, 4)]
+    recovered.close()
+
+
+def test_what_the_segment_holds_past_the_journal_was_never_acknowledged_and_is_cut(
+    tmp_path: Path,
+) -> None:
+    node = Crashable(tmp_path)
+    node.log.append(batch_of([b"a"]), 0, START_MS)
+    node.journal_sync()
+    node.log.append(batch_of([b"b"]), 0, START_MS)
+    node.sync_segments()  # a checkpoint fsynced b's segment bytes...
+    assert node.durable_end() == 1  # ...but only the journal's fsync acknowledges
+    os.truncate(journal_files(tmp_path / "journal")[-1], node.journal._files[-1].synced)
+    recovered = recover(tmp_path)
+    assert values(recovered) == [b"a"]
+    recovered.close()
+
+
+def test_a_reset_cut_short_by_a_crash_starts_the_log_over(tmp_path: Path) -> None:
+    node = Crashable(tmp_path)
+    node.log.append(batch_of(numbered_values(0, 3)), 0, START_MS)
+    node.journal_sync()
+    # The follower's reset to the leader's log start 50, journaled, then a crash
+    # before the directory was recreated; after it, appends from 50 were journaled.
+    node.journal.truncate(KEY, 50)
+    node.journal.append(KEY, 50, _at_offset(batch_of([b"fifty"]), 50))
+    node.journal.sync()
+    logs: dict[str, PartitionLog] = {}
+
+    def open_key(key: str) -> PartitionLog:
+        logs[key] = open_log(tmp_path / key)
+        return logs[key]
+
+    def start_over(key: str, offset: int) -> PartitionLog:
+        logs.pop(key).close()
+        logs[key] = PartitionLog.recreate_empty(tmp_path / key, offset, logs_config(), START_MS)
+        return logs[key]
+
+    with pytest.raises(CorruptBatch, match="past the log end"):
+        replay(tmp_path / "journal", open_key, START_MS)  # no way to start over
+    logs.pop(KEY).close()
+    replay(tmp_path / "journal", open_key, START_MS, start_over)
+    assert logs[KEY].log_start_offset == 50
+    assert read_all(logs[KEY]) == [(50, b"fifty")]
+    logs[KEY].close()
+
+
+def logs_config() -> LogConfig:
+    return LogConfig()
+
+
+def _at_offset(batch: bytes, offset: int) -> bytes:
+    buffer = bytearray(batch)
+    patch_batch(buffer, 0, offset, 0)
+    return bytes(buffer)
+
+
+def test_nothing_after_a_torn_record_is_replayed(tmp_path: Path) -> None:
+    node = Crashable(tmp_path)
+    node.log.append(batch_of([b"a"]), 0, START_MS)
+    node.log.append(batch_of([b"b"]), 0, START_MS)
+    node.journal.sync()
+    path = journal_files(tmp_path / "journal")[-1]
+    data = path.read_bytes()
+    first_end = next(decode_records(data))[1]
+    os.truncate(path, first_end + 5)  # the second record torn
+    os.truncate(next((tmp_path / KEY).glob("*.log")), 0)
+    recovered = recover(tmp_path)
+    assert values(recovered) == [b"a"]
+    recovered.close()
+
+
+def test_a_gap_between_segment_and_journal_is_an_error(tmp_path: Path) -> None:
+    directory = tmp_path / KEY
+    journal = Journal.open(tmp_path / "journal")
+    journal.append(KEY, 5, batch_of([b"x"]))
+    journal.sync()
+    log = open_log(directory)
+    with pytest.raises(CorruptBatch, match="past the log end"):
+        replay(tmp_path / "journal", lambda key: log, START_MS)
+    log.close()
+    journal.close(remove_files=True)
+
+
+def test_records_of_a_deleted_partition_are_skipped(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path / "journal")
+    journal.append("gone-0-x", 0, batch_of([b"x"]))
+    journal.sync()
+    assert replay(tmp_path / "journal", lambda key: None, START_MS) == {}
+    journal.close(remove_files=True)
+    assert journal_files(tmp_path / "journal") == []
+
+
+def test_a_checkpoint_deletes_old_files_only_with_their_logs_synced(tmp_path: Path) -> None:
+    node = Crashable(tmp_path)
+    node.log.append(batch_of(numbered_values(0, 3)), 0, START_MS)
+    node.journal_sync()
+    older = node.journal.rotate()
+    assert len(older) == 1 and older[0].exists()
+    node.log.append(batch_of(numbered_values(3, 2)), 0, START_MS)  # into the new file
+    node.sync_segments()  # what the checkpoint does before discarding
+    node.journal.discard(older)
+    assert not older[0].exists() and len(journal_files(tmp_path / "journal")) == 1
+    node.journal_sync()
+    recovered = node.crash()
+    assert values(recovered) == numbered_values(0, 5)
+    recovered.close()
+
+
+def test_mark_durable_is_void_after_a_truncation(tmp_path: Path) -> None:
+    node = Crashable(tmp_path)
+    node.log.append(batch_of(numbered_values(0, 2)), 0, START_MS)
+    node.log.append(batch_of(numbered_values(2, 2)), 0, START_MS)
+    end, generation = node.log.log_end_offset, node.log.truncation_generation
+    node.log.truncate_to(2)
+    node.log.append(batch_of([b"other"]), 1, START_MS)
+    node.journal.sync()
+    node.log.mark_durable(end, generation)  # noted before the cut: says nothing now
+    assert node.log.flushed_offset <= 2
+    node.log.mark_durable(node.log.log_end_offset, node.log.truncation_generation)
+    assert node.log.flushed_offset == 3
+    node.log.close()
+
+
+OPERATION = st.one_of(
+    st.tuples(st.just("append"), st.integers(1, 3)),
+    st.tuples(st.just("truncate"), st.integers(0, 100)),
+    st.tuples(st.just("journal_sync"), st.just(0)),
+    st.tuples(st.just("segment_sync"), st.just(0)),
+    st.tuples(st.just("checkpoint"), st.just(0)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(operations=st.lists(OPERATION, max_size=25), seed=st.integers(0, 2**32))
+def test_a_power_loss_at_any_point_keeps_every_durable_record(
+    tmp_path_factory: pytest.TempPathFactory, operations: list[tuple[str, int]], seed: int
+) -> None:
+    """Model: the log's history as a list of values. After a crash with torn files,
+    the recovered log is a prefix of the final history that holds everything that
+    was durable (journal-synced and not cut since)."""
+    root = tmp_path_factory.mktemp("crash")
+    node = Crashable(root)
+    model: list[bytes] = []
+    durable = 0  # model prefix that any acknowledgement may have promised
+    epoch = 0
+    counter = 0
+    for name, argument in operations:
+        if name == "append":
+            batch = [f"v{counter + i}".encode() for i in range(argument)]
+            counter += argument
+            node.log.append(batch_of(batch), epoch, START_MS)
+            model.extend(batch)
+        elif name == "truncate" and model:
+            starts = [0]
+            for header_end in _batch_ends(node.log):
+                starts.append(header_end)
+            cut = starts[argument % len(starts)]
+            if cut < len(model):
+                node.truncate(cut)
+                del model[cut:]
+                durable = min(durable, cut)
+                epoch += 1  # a new leader's epoch after a divergence
+        elif name == "journal_sync":
+            node.journal_sync()
+            durable = node.log.flushed_offset
+        elif name == "segment_sync":
+            node.sync_segments()
+        elif name == "checkpoint":
+            older = node.journal.rotate()
+            node.sync_segments()
+            node.journal.discard(older)
+    assert node.log.flushed_offset <= len(model)
+    recovered = node.crash(random.Random(seed))
+    got = values(recovered)
+    recovered.close()
+    assert got[:durable] == model[:durable], "a durable record was lost or changed"
+    assert len(got) >= durable
+    # Truncations are durable before the cut, so nothing cut comes back: what survives
+    # is a prefix of the final history.
+    assert got == model[: len(got)], "a truncated record came back"
+
+
+def _batch_ends(log: PartitionLog) -> list[int]:
+    from tidemq.wire.batch import iter_headers
+
+    ends = []
+    offset = log.log_start_offset
+    while offset < log.log_end_offset:
+        data = log.read(offset, 1 << 20)
+        for header in iter_headers(data):
+            ends.append(header.next_offset)
+        offset = ends[-1]
+    return ends
