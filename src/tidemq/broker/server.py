@@ -6,11 +6,12 @@ state for this broker (each partition it replicates with its leader, epochs and 
 and every topic's id and partition count), and ``reconcile`` moves the local state
 towards it. A lost heartbeat answer therefore heals with the next one.
 
-Replication: for each partition it follows, the broker runs one fetch loop that
-long-polls the leader's ``/v1/replica/...`` endpoint, appends what it gets (same
-bytes), waits until that is durable and fetches again, which tells the leader its
-new durable end. Decisions (high watermark, ISR proposals, which request completes)
-are in each replica's pure core (:mod:`tidemq.core.replica`).
+Replication: per leader broker it follows partitions of, the broker runs one fetch
+session (broker/follower.py) that long-polls the leader's ``/v1/replica/fetch`` for
+all of them, appends what it gets (same bytes), waits until that is durable and
+fetches again, which tells the leader the new durable ends. Decisions (high
+watermark, ISR proposals, which request completes) are in each replica's pure core
+(:mod:`tidemq.core.replica`).
 
 Identity: the broker keeps the cluster id it first joined (``DATA_DIR/cluster-id``)
 and refuses a coordinator with another one; it deletes a replica's data only when the
