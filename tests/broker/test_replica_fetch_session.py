@@ -239,6 +239,7 @@ def test_acks_all_completes_after_one_follower_round_trip(tmp_path: Path) -> Non
         async with pair(tmp_path, 12) as p:
             await produce(p.client, 0, batch(1))  # warm: connection up, follower caught up
             await until("a poll waiting", lambda: p.count.in_flight == 1)
+            took = []
             for attempt in range(5):
                 started = p.count.started
                 begun = asyncio.get_running_loop().time()
@@ -247,9 +248,12 @@ def test_acks_all_completes_after_one_follower_round_trip(tmp_path: Path) -> Non
                 # The waiting poll carried the batch; the one next request (sent when
                 # the follower's fsync completed) reported it durable: acknowledged.
                 assert p.count.started - started == 1, p.count.answers[-3:]
-                assert elapsed < WAIT_MS / 1000 / 2
+                took.append(elapsed)
                 assert result["high_watermark"] >= result["last_offset"] + 1
                 await until("the next poll waiting", lambda: p.count.in_flight == 1)
+            # No timer in the loop: the next fetch leaves when the fsync completes
+            # (generous for a loaded machine; a fetch on a timer would show here).
+            assert sorted(took)[2] < 0.2, took
 
     run(scenario)
 
@@ -401,3 +405,20 @@ def test_the_session_endpoint_refuses_bad_requests(tmp_path: Path) -> None:
 )
 def test_the_answer_framing_round_trips(entry: ReplicaFetchEntry) -> None:
     assert decode_replica_fetch(encode_replica_fetch([entry, entry])) == [entry, entry]
+
+
+def test_a_partition_added_while_a_poll_waits_is_fetched_at_once(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with pair(tmp_path, 1) as p:
+            await produce(p.client, 0, batch(1))
+            await until("a poll waiting", lambda: p.count.in_flight == 1)
+            # A heartbeat brings a second partition: the waiting poll (5 s) is replaced
+            # by one that includes it, or acks=all there would wait it out.
+            p.leader.reconcile(_pointing_here(answer(2)))
+            p.follower.reconcile(_pointing_here(answer(2)))
+            begun = asyncio.get_running_loop().time()
+            await produce(p.client, 1, batch(2))
+            assert asyncio.get_running_loop().time() - begun < WAIT_MS / 1000 / 2
+            assert len(p.follower._sessions) == 1 and p.count.most_in_flight <= 2
+
+    run(scenario)

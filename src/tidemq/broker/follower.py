@@ -25,11 +25,12 @@ the fsync, or a poll the leader ends early, yet it cannot acknowledge new record
 sooner: their own fsync here queues behind the running one (one fsync in flight per
 log, or per journal). docs/ARCHITECTURE.md, "Replication", has the whole argument.
 
-A change of the partition set (a partition added or removed, a backoff ended)
-cancels the poll in flight and sends a new one at once: a new follower must not
-wait out a long-poll before the leader hears of it (its first fetch is what lets the
-high watermark, and acks=all, move). Such changes come from heartbeats, so they are
-rare.
+A partition added to the session (a new follower, or a new leader epoch) cancels
+the poll in flight and sends a new one at once: a new follower must not wait out a
+long-poll before the leader hears of it (its first fetch is what lets the high
+watermark, and acks=all, move). Such changes come from heartbeats, so they are rare.
+A partition backing off is left out of the requests, and the poll's ``wait_ms`` is
+cut to end when its backoff does, so it rejoins without a cancelled request.
 
 Failures: a failed request (leader down, timeout) backs the whole session off; an
 unexpected exception (a broken invariant, a failed write) escapes ``run`` and stops
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,8 +114,8 @@ class FetchSession:
         self._changed.set()
 
     def remove(self, key: Key) -> None:
-        if self.partitions.pop(key, None) is not None:
-            self._changed.set()
+        """The poll in flight goes on: an answer for ``key`` is ignored."""
+        self.partitions.pop(key, None)
 
     # -- the loop --
 
@@ -179,11 +181,7 @@ class FetchSession:
         )
         changed = asyncio.ensure_future(self._changed.wait())
         try:
-            await asyncio.wait(
-                (answer, changed),
-                timeout=self._until_a_backoff_ends(followed),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            await asyncio.wait((answer, changed), return_when=asyncio.FIRST_COMPLETED)
         finally:
             changed.cancel()
             if not answer.done():
@@ -194,14 +192,18 @@ class FetchSession:
         body, _ = answer.result()
         return decode_replica_fetch(body)
 
-    def _until_a_backoff_ends(self, followed: dict[Key, Followed]) -> float | None:
-        """Seconds until a partition left out of this request may be fetched again."""
+    def _poll_wait_ms(self, followed: dict[Key, Followed]) -> int:
+        """The poll's wait: ``wait_ms``, or less so that it ends when the first partition
+        left out of it (backing off) may be fetched again."""
         waiting = [
             f.retry_at
             for key, f in self.partitions.items()
             if key not in followed and not f.replica.closed
         ]
-        return max(min(waiting) - time.monotonic(), 0.0) if waiting else None
+        if not waiting:
+            return self._wait_ms
+        until_ms = math.ceil((min(waiting) - time.monotonic()) * 1000)
+        return max(0, min(self._wait_ms, until_ms))
 
     def _request(self, followed: dict[Key, Followed]) -> ReplicaFetchRequest:
         partitions = [_wanted(f) for f in followed.values()]
@@ -210,7 +212,7 @@ class FetchSession:
         return ReplicaFetchRequest(
             broker_id=self.broker_id,
             partitions=partitions,
-            wait_ms=self._wait_ms,
+            wait_ms=self._poll_wait_ms(followed),
             max_bytes=SESSION_BYTES,
         )
 

@@ -214,6 +214,20 @@ class PartitionReplica:
         except RequestTimedOut:
             return
 
+    def watch_data(self, offset: int, future: asyncio.Future[None]) -> int | None:
+        """Follower long-poll over many partitions: ``future`` (shared by all of them)
+        completes when there is data at ``offset`` here, or fails when this replica
+        stops leading. Returns the waiter id for :meth:`unwatch`; None when answered
+        at once. One future for the whole poll instead of a task per partition."""
+        waiter_id = next(_waiter_ids)
+        self._waiters[waiter_id] = future
+        self.handle(AwaitData(waiter_id, offset, follower=True))
+        return waiter_id if waiter_id in self._waiters else None
+
+    def unwatch(self, waiter_id: int) -> None:
+        if self._waiters.pop(waiter_id, None) is not None:
+            self.handle(Cancel(waiter_id))
+
     async def _wait(self, make: Callable[[int], Event], timeout_s: float, what: str = "") -> None:
         waiter_id = next(_waiter_ids)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -627,16 +627,24 @@ class Broker:
                 async with asyncio.timeout(timeout_s):
                     await self._replica_bytes_released.wait()
             return
-        waits = [
-            asyncio.ensure_future(replica.wait_for_data(wanted.offset, timeout_s, follower=True))
-            for wanted, replica in followed
-        ]
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        watching: list[tuple[PartitionReplica, int]] = []
         try:
-            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            for wanted, replica in followed:
+                waiter_id = replica.watch_data(wanted.offset, woken)
+                if waiter_id is None:
+                    return
+                watching.append((replica, waiter_id))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await asyncio.shield(woken)
         finally:
-            for wait in waits:
-                wait.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+            for replica, waiter_id in watching:
+                replica.unwatch(waiter_id)
+            if woken.done():
+                woken.exception()  # a demoted replica's NotLeader: seen by the next read
+            else:
+                woken.cancel()
 
     def release_replica_bytes(self, count: int) -> None:
         self._inflight_replica_bytes -= count
