@@ -189,11 +189,13 @@ def batch(count: int, start: int = 0) -> bytes:
     )
 
 
-async def produce(client: TestClient[Any, Any], partition: int, body: bytes) -> dict[str, Any]:
+async def produce(
+    client: TestClient[Any, Any], partition: int, body: bytes, acks: str = "all"
+) -> dict[str, Any]:
     response = await client.post(
         f"/v1/topics/orders/partitions/{partition}/records",
         data=body,
-        params={"acks": "all"},
+        params={"acks": acks},
         headers={"Content-Type": BATCH_TYPE},
     )
     text = await response.text()
@@ -420,5 +422,23 @@ def test_a_partition_added_while_a_poll_waits_is_fetched_at_once(tmp_path: Path)
             await produce(p.client, 1, batch(2))
             assert asyncio.get_running_loop().time() - begun < WAIT_MS / 1000 / 2
             assert len(p.follower._sessions) == 1 and p.count.most_in_flight <= 2
+
+    run(scenario)
+
+
+def test_an_unexpected_failure_in_a_session_surfaces(tmp_path: Path) -> None:
+    """A failed write while replicating is no operating error: the session's task
+    fails, and with it the broker's task group (which fail-stops the broker)."""
+
+    def broken(*_: Any) -> None:
+        raise OSError(5, "Input/output error")
+
+    async def scenario() -> None:
+        with pytest.raises(ExceptionGroup) as caught:
+            async with pair(tmp_path, 2) as p:
+                p.follower.replicas[("orders", 1)].append_replicated = broken  # type: ignore[method-assign]
+                await produce(p.client, 1, batch(1), acks="1")
+                await until("the task group failing", lambda: False)
+        assert caught.group_contains(OSError)
 
     run(scenario)
