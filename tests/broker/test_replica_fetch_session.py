@@ -25,8 +25,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from tidemq.broker.partition import partition_directory_name
-from tidemq.broker.server import BATCH_TYPE, Broker, BrokerConfig, create_app
+from tidemq.broker.server import BATCH_TYPE, Broker, BrokerConfig, create_app, make_endpoints
 from tidemq.core.replica import Acks
+from tidemq.service.app import build_app
 from tidemq.storage import FsyncPolicy, LogConfig
 from tidemq.storage.checkpoint import write_offset
 from tidemq.storage.log import LOG_START_FILE
@@ -141,10 +142,16 @@ async def pair(
     before: Callable[[Broker, Broker], None] | None = None,
     follower_answer: control.HeartbeatAnswer | None = None,
     leader_answer: control.HeartbeatAnswer | None = None,
+    sessions: bool = True,
 ) -> AsyncIterator[Pair]:
     leader = _broker(1, tmp_path)
     registry = CollectorRegistry()
-    server = TestServer(create_app(leader, registry))
+    if sessions:
+        app = create_app(leader, registry)
+    else:  # a leader of the version before sessions
+        endpoints = [e for e in make_endpoints(leader) if e.path != "/v1/replica/fetch"]
+        app = build_app("old broker", endpoints, registry, lambda: True, 1 << 20)
+    server = TestServer(app)
     client = TestClient(server)
     await client.start_server()
     URLS[1] = str(server.make_url("")).rstrip("/")
@@ -440,5 +447,22 @@ def test_an_unexpected_failure_in_a_session_surfaces(tmp_path: Path) -> None:
                 await produce(p.client, 1, batch(1), acks="1")
                 await until("the task group failing", lambda: False)
         assert caught.group_contains(OSError)
+
+    run(scenario)
+
+
+def test_a_leader_without_sessions_is_followed_per_partition(tmp_path: Path) -> None:
+    """Rolling upgrades: a follower of this version keeps replicating from a leader
+    that predates POST /v1/replica/fetch, through the per-partition endpoint."""
+
+    async def scenario() -> None:
+        async with pair(tmp_path, 3, sessions=False) as p:
+            for n in range(3):
+                begun = asyncio.get_running_loop().time()
+                result = await produce(p.client, n, batch(2))
+                assert result["high_watermark"] >= 2
+                assert asyncio.get_running_loop().time() - begun < WAIT_MS / 1000 / 2
+                assert values(p.follower, n) == values(p.leader, n)
+            assert p.count.per_partition >= 3 and p.count.answers == []
 
     run(scenario)

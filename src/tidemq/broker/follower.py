@@ -43,12 +43,12 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from tidemq.broker.partition import PartitionReplica
 from tidemq.core.replica import UNKNOWN, truncation_offset
-from tidemq.errors import ERRORS_BY_CODE, CorruptBatch, InternalError, TideError
+from tidemq.errors import ERRORS_BY_CODE, CorruptBatch, InternalError, InvalidRequest, TideError
 from tidemq.transport import HttpTransport
 from tidemq.wire import control
 from tidemq.wire.replica_fetch import (
@@ -67,6 +67,7 @@ SESSION_BYTES = 8 * 1024 * 1024  # per answer: what one session holds in memory
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 1.0
 WARN_INTERVAL_S = 1.0
+LEGACY_RETRY_S = 30.0  # per-partition fetching (an old leader) before trying a session again
 
 
 @dataclass(slots=True)
@@ -130,6 +131,9 @@ class FetchSession:
             try:
                 entries = await self._fetch(followed)
             except (TideError, ValueError) as error:
+                if _no_such_endpoint(error):
+                    await self._follow_one_by_one()  # a leader of an older version
+                    continue
                 self._warn(f"replica fetch session with broker {self.leader_id} failed: {error}")
                 await self._sleep_unless_changed(backoff_s)
                 backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
@@ -145,6 +149,58 @@ class FetchSession:
                     *(replica.wait_durable(end) for replica, end in appended),
                     return_exceptions=True,  # closed meanwhile: nothing to report
                 )
+
+    async def _follow_one_by_one(self) -> None:
+        """Compatibility with a leader that predates sessions: one loop per partition
+        on its per-partition endpoint, as followers did before, until the partition
+        set changes or ``LEGACY_RETRY_S`` passed (then the session is tried again: the
+        leader may have been upgraded meanwhile)."""
+        self._warn(f"broker {self.leader_id} has no replica fetch sessions: fetching per partition")
+        self._changed.clear()
+        loops = [asyncio.ensure_future(self._follow_one(key)) for key in list(self.partitions)]
+        changed = asyncio.ensure_future(self._changed.wait())
+        try:  # a loop ends only when its partition left or on an unexpected failure
+            await asyncio.wait(
+                [*loops, changed], timeout=LEGACY_RETRY_S, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for loop in [*loops, changed]:
+                loop.cancel()
+            results = await asyncio.gather(*loops, return_exceptions=True)
+        for result in results:  # an unexpected failure stops the broker, as in run()
+            if isinstance(result, Exception):
+                raise result
+
+    async def _follow_one(self, key: Key) -> None:
+        url = f"{self.leader_url.rstrip('/')}/v1/replica/{key[0]}/{key[1]}/records"
+        while (one := self.partitions.get(key)) is not None and not one.replica.closed:
+            if one.retry_at > time.monotonic():
+                await asyncio.sleep(one.retry_at - time.monotonic())
+                continue
+            wanted = _wanted(one)
+            params = {
+                "broker_id": str(self.broker_id),
+                "topic_id": wanted.topic_id,
+                "leader_epoch": str(wanted.leader_epoch),
+                "offset": str(wanted.offset),
+                "last_fetched_epoch": str(wanted.last_fetched_epoch),
+                "durable_offset": str(wanted.durable_offset),
+                "wait_ms": str(self._wait_ms),
+                "max_bytes": str(PARTITION_BYTES),
+            }
+            try:
+                body, headers = await self._transport().request(
+                    "GET", url, params=params, timeout_ms=self._timeout_ms
+                )
+                entry = _entry_from_headers(key, body, headers)
+            except (TideError, ValueError) as error:
+                self._back_off(key, one, error)
+                continue
+            appended = self._apply([entry], {key: one})
+            await asyncio.gather(
+                *(replica.wait_durable(end) for replica, end in appended),
+                return_exceptions=True,
+            )
 
     def _ready(self, now: float) -> dict[Key, Followed]:
         return {
@@ -318,6 +374,30 @@ def _restart_at(replica: PartitionReplica, offset: int) -> None:
         replica.log.log_end_offset,
     )
     replica.reset_to(offset, _now_ms())
+
+
+def _no_such_endpoint(error: Exception) -> bool:
+    """The leader's router has no POST /v1/replica/fetch (404 not_found, which the
+    transport reads as an InvalidRequest): a broker of an older version."""
+    return isinstance(error, InvalidRequest) and str(error).startswith("not_found")
+
+
+def _entry_from_headers(key: Key, body: bytes, headers: Mapping[str, str]) -> ReplicaFetchEntry:
+    """The per-partition endpoint's answer (headers, docs/PROTOCOL.md) as an entry."""
+    diverging_end = headers.get("Tide-Diverging-End-Offset")
+    diverging = None
+    if diverging_end is not None:
+        diverging = (int(headers.get("Tide-Diverging-Epoch", str(UNKNOWN))), int(diverging_end))
+    return ReplicaFetchEntry(
+        key[0],
+        key[1],
+        int(headers.get("Tide-High-Watermark", "-1")),
+        int(headers.get("Tide-Log-Start-Offset", "0")),
+        int(headers.get("Tide-Log-End-Offset", "-1")),
+        diverging,
+        None,
+        body,
+    )
 
 
 def _error(raw: dict[str, str]) -> TideError:
