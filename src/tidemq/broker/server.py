@@ -1353,16 +1353,20 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
             await read_body(request, broker.config.max_request_bytes), ReplicaFetchRequest
         )
         entries, held = await broker.replica_fetch_session(body)
+        # Written here, not by the server after the handler returns, so that the bytes
+        # count as in flight until the connection took them (write drains).
+        payload = encode_replica_fetch(entries)
+        response = web.StreamResponse(headers={"Content-Type": REPLICA_FETCH_TYPE})
+        response.content_length = len(payload)
         try:
-            payload = encode_replica_fetch(entries)
-            response = web.StreamResponse(headers={"Content-Type": REPLICA_FETCH_TYPE})
-            response.content_length = len(payload)
             await response.prepare(request)
             await response.write(payload)
             await response.write_eof()
-            return response
+        except ConnectionError:
+            pass  # the follower gave up (a new poll replaced this one): nothing to tell
         finally:
             broker.release_replica_bytes(held)
+        return response
 
     async def offsets(request: web.Request) -> web.Response:
         topic, partition = _path_partition(request)
