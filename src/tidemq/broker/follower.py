@@ -98,7 +98,6 @@ class FetchSession:
         self.leader_url = leader_url
         self.url = f"{leader_url.rstrip('/')}/v1/replica/fetch"
         self.partitions: dict[Key, Followed] = {}
-        self.requests = 0  # sent, for tests and metrics
         self._transport = transport
         self._mark_dirty = mark_dirty
         self._replicated = replicated
@@ -225,7 +224,6 @@ class FetchSession:
     async def _fetch(self, followed: dict[Key, Followed]) -> list[ReplicaFetchEntry] | None:
         """One request; None when the partition set changed before its answer came."""
         request = self._request(followed)
-        self.requests += 1
         answer = asyncio.ensure_future(
             self._transport().request(
                 "POST",
