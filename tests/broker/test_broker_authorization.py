@@ -1,7 +1,7 @@
 """The broker under mutual TLS: client certificates produce and fetch; broker and
 coordinator certificates cannot; only broker N fetches as follower N (the replica
-endpoint); every certificate of the cluster reaches monitoring and read-only
-partition state. A refused produce appends nothing."""
+endpoints, per partition and the session); every certificate of the cluster reaches
+monitoring and read-only partition state. A refused produce appends nothing."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from tidemq.transport import HttpTransport
 from tidemq.wire import control
 from tidemq.wire.batch import build_batch
 from tidemq.wire.produce import PRODUCE_TYPE
+from tidemq.wire.replica_fetch import decode_replica_fetch
 
 NAMES = ["client", "broker-2", "broker-3", "coordinator"]
 RECORDS = "/v1/topics/orders/partitions/0/records"
@@ -114,6 +115,29 @@ def test_only_client_certificates_produce_and_fetch(tmp_path: Path) -> None:
                 assert (status, answer["error"]["code"]) == (403, "forbidden"), (name, claimed)
             status, answer = await _call(session["broker-3"], "GET", base + REPLICA + "3", None, "")
             assert (status, answer["error"]["code"]) == (421, "not_leader")  # past the check
+
+            # The replica fetch session: the same rule, the broker named in the JSON body.
+            def session_body(broker_id: str) -> bytes:
+                wanted = {"topic": "orders", "partition": 0, "leader_epoch": 1, "offset": 0}
+                return json.dumps({"broker_id": int(broker_id), "partitions": [wanted]}).encode()
+
+            fetch = base + "/v1/replica/fetch"
+            for name, claimed in refused:
+                status, answer = await _call(
+                    session[name], "POST", fetch, session_body(claimed), "application/json"
+                )
+                assert (status, answer["error"]["code"]) == (403, "forbidden"), (name, claimed)
+            status, answer = await _call(
+                session["broker-2"], "POST", fetch, session_body("2"), "application/json"
+            )
+            assert status == 200 and decode_replica_fetch(answer) == []  # nothing new, no wait
+            status, answer = await _call(
+                session["broker-3"], "POST", fetch, session_body("3"), "application/json"
+            )
+            assert status == 200  # past the check: broker 3 is no follower of orders/0
+            assert [e.error and e.error["code"] for e in decode_replica_fetch(answer)] == [
+                "not_leader"
+            ]
 
             client = session["client"]
             status, answer = await _call(client, "POST", base + attempts[0][1], batch, BATCH_TYPE)

@@ -220,16 +220,20 @@ class PartitionReplica:
         except RequestTimedOut:
             return
 
-    def add_data_waiter(self, offset: int, follower: bool, future: asyncio.Future[None]) -> int:
-        """Registers ``future`` (which several partitions' waiters may share: one
-        multi-partition long-poll) to be completed when there is data at ``offset``,
-        or failed when this replica stops leading; its id, for ``remove_waiter``."""
+    def watch_data(
+        self, offset: int, future: asyncio.Future[None], follower: bool = True
+    ) -> int | None:
+        """Long-poll over many partitions: ``future`` (shared by all of them: one
+        multi-partition poll, a follower's or a consumer's) completes when there is
+        data at ``offset`` here, or fails when this replica stops leading. Returns the
+        waiter id for :meth:`unwatch`; None when answered at once. One future for the
+        whole poll instead of a task per partition."""
         waiter_id = next(_waiter_ids)
         self._waiters[waiter_id] = future
         self.handle(AwaitData(waiter_id, offset, follower))
-        return waiter_id
+        return waiter_id if waiter_id in self._waiters else None
 
-    def remove_waiter(self, waiter_id: int) -> None:
+    def unwatch(self, waiter_id: int) -> None:
         if self._waiters.pop(waiter_id, None) is not None:
             self.handle(Cancel(waiter_id))
 

@@ -6,11 +6,12 @@ state for this broker (each partition it replicates with its leader, epochs and 
 and every topic's id and partition count), and ``reconcile`` moves the local state
 towards it. A lost heartbeat answer therefore heals with the next one.
 
-Replication: for each partition it follows, the broker runs one fetch loop that
-long-polls the leader's ``/v1/replica/...`` endpoint, appends what it gets (same
-bytes), waits until that is durable and fetches again, which tells the leader its
-new durable end. Decisions (high watermark, ISR proposals, which request completes)
-are in each replica's pure core (:mod:`tidemq.core.replica`).
+Replication: per leader broker it follows partitions of, the broker runs one fetch
+session (broker/follower.py) that long-polls the leader's ``/v1/replica/fetch`` for
+all of them, appends what it gets (same bytes), waits until that is durable and
+fetches again, which tells the leader the new durable ends. Decisions (high
+watermark, ISR proposals, which request completes) are in each replica's pure core
+(:mod:`tidemq.core.replica`).
 
 Identity: the broker keeps the cluster id it first joined (``DATA_DIR/cluster-id``)
 and refuses a coordinator with another one; it deletes a replica's data only when the
@@ -39,23 +40,21 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tidemq.broker.follower import FetchSession
 from tidemq.broker.idempotence import append_in_sequence
 from tidemq.broker.partition import PartitionReplica, parse_partition_directory_name
 from tidemq.broker.syncer import GroupCommitSyncer
 from tidemq.core.replica import (
-    UNKNOWN,
     Acks,
     IsrAnswered,
     ProposeIsr,
     ReplicaAssignment,
     Tick,
     diverging_epoch,
-    truncation_offset,
 )
 from tidemq.errors import (
     BrokerBusy,
     ClusterIdMismatch,
-    CorruptBatch,
     FencedLeaderEpoch,
     InvalidRequest,
     NotLeader,
@@ -81,6 +80,7 @@ from tidemq.service.http import (
     path_parameter,
     query_int,
     query_parameter,
+    read_body,
     read_json_object,
 )
 from tidemq.storage import FsyncPolicy, LogConfig, PartitionLog
@@ -91,6 +91,13 @@ from tidemq.wire import control
 from tidemq.wire.batch import build_batch, check_batches, decode_records, iter_headers
 from tidemq.wire.fetch import FETCH_TYPE, FetchEntry, FetchPartition, FetchRequest, encode_fetch
 from tidemq.wire.produce import PRODUCE_TYPE, ProduceEntry, decode_produce
+from tidemq.wire.replica_fetch import (
+    REPLICA_FETCH_TYPE,
+    ReplicaFetchEntry,
+    ReplicaFetchPartition,
+    ReplicaFetchRequest,
+    encode_replica_fetch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +126,7 @@ class BrokerConfig:
     replica_lag_time_max_ms: int = 10_000
     replica_fetch_wait_ms: int = 1000
     max_inflight_produce_bytes: int = 64 * 1024 * 1024
+    max_inflight_replica_bytes: int = 64 * 1024 * 1024
     journal: bool = True  # under fsync=always: one broker-wide journal fsync per group
 
 
@@ -294,10 +302,13 @@ class Broker:
         self._deleted_ids_scanned: set[str] | None = None
         self.heartbeat_interval_ms = config.heartbeat_interval_ms
         self._tasks: asyncio.TaskGroup | None = None
-        self._followers: dict[Key, tuple[int, asyncio.Task[None]]] = {}
+        # Each followed partition: (leader epoch, the session of its leader).
+        self._followers: dict[Key, tuple[int, FetchSession]] = {}
+        self._sessions: dict[tuple[int, str], tuple[FetchSession, asyncio.Task[None]]] = {}
         self._inflight_produce_bytes = 0
+        self._inflight_replica_bytes = 0  # replica fetch answers read, not yet written
+        self._replica_bytes_released = asyncio.Event()
         self.reconciled = False  # no heartbeat answer yet: topics unknown, not absent
-        self._follower_warned: dict[Key, float] = {}
 
     @property
     def topic_partitions(self) -> dict[str, int]:
@@ -415,12 +426,14 @@ class Broker:
                 replica = self.replicas.get((wanted.topic, wanted.partition))
                 if replica is None or woken.done():
                     break  # gone meanwhile: the answer below says so
-                registered.append((replica, replica.add_data_waiter(wanted.offset, False, woken)))
+                waiter_id = replica.watch_data(wanted.offset, woken, follower=False)
+                if waiter_id is not None:
+                    registered.append((replica, waiter_id))
             else:
                 await asyncio.wait([woken], timeout=request.wait_ms / 1000)
         finally:
             for replica, waiter_id in registered:
-                replica.remove_waiter(waiter_id)
+                replica.unwatch(waiter_id)
             if woken.done() and not woken.cancelled():
                 woken.exception()  # a failed waiter (leadership lost): the answer says so
         return self._fetch_ready(request)
@@ -487,21 +500,22 @@ class Broker:
         finally:
             self._inflight_produce_bytes -= size
 
-    async def replica_fetch(
-        self, topic: str, partition: int, request: ReplicaFetch
-    ) -> tuple[bytes, dict[str, str]]:
-        """A follower's fetch: checked against the epoch history first (a diverged
-        follower is told where to cut), then counted by the core, then served from
-        the log up to its end (followers copy what is not committed yet)."""
+    def _check_follower(
+        self,
+        topic: str,
+        partition: int,
+        request: ReplicaFetch | ReplicaFetchPartition,
+        broker_id: int,
+    ) -> tuple[PartitionReplica, tuple[int, int] | None]:
+        """The checks every follower fetch passes first: the epoch gate, the topic id,
+        the caller among the followers; then the follower's log against the epoch
+        history: the (epoch, end offset) to tell a diverged follower, else None."""
         replica = self.leader_for(topic, partition, request.leader_epoch)
         if request.topic_id and request.topic_id != replica.topic_id:
             raise UnknownTopic(f"{topic} has topic id {replica.topic_id}, not {request.topic_id}")
-        if request.broker_id not in replica.core.replicas or (
-            request.broker_id == self.config.broker_id
-        ):
-            raise NotLeader(f"broker {request.broker_id} is not a follower of {topic}/{partition}")
+        if broker_id not in replica.core.replicas or broker_id == self.config.broker_id:
+            raise NotLeader(f"broker {broker_id} is not a follower of {topic}/{partition}")
         log_ = replica.log
-        headers = {"Tide-Log-Start-Offset": str(log_.log_start_offset)}
         diverging = diverging_epoch(
             request.offset,
             request.last_fetched_epoch,
@@ -510,6 +524,18 @@ class Broker:
         )
         if diverging is None and request.offset > log_.log_end_offset:
             diverging = (log_.latest_epoch(), log_.log_end_offset)
+        return replica, diverging
+
+    async def replica_fetch(
+        self, topic: str, partition: int, request: ReplicaFetch
+    ) -> tuple[bytes, dict[str, str]]:
+        """A follower's fetch of one partition (the per-partition endpoint, kept for
+        followers of older versions): checked against the epoch history first (a
+        diverged follower is told where to cut), then counted by the core, then served
+        from the log up to its end (followers copy what is not committed yet)."""
+        replica, diverging = self._check_follower(topic, partition, request, request.broker_id)
+        log_ = replica.log
+        headers = {"Tide-Log-Start-Offset": str(log_.log_start_offset)}
         if diverging is not None:
             headers["Tide-Diverging-Epoch"] = str(diverging[0])
             headers["Tide-Diverging-End-Offset"] = str(diverging[1])
@@ -525,6 +551,111 @@ class Broker:
         headers["Tide-High-Watermark"] = str(replica.high_watermark)
         headers["Tide-Log-End-Offset"] = str(log_.log_end_offset)
         return data, headers
+
+    async def replica_fetch_session(
+        self, request: ReplicaFetchRequest
+    ) -> tuple[list[ReplicaFetchEntry], int]:
+        """A follower's fetch of every partition it follows here (one session per
+        follower and leader): each partition is checked and its progress reported to
+        its core exactly as by :meth:`replica_fetch`; the answer comes at once when any
+        partition has data, a divergence, a log start reset or an error, else when the
+        first one gets data (the core's follower data waiters), else empty after
+        ``wait_ms``. Returns the entries and the bytes of batches they hold, which the
+        caller releases (:meth:`release_replica_bytes`) once the answer is written."""
+        entries: list[ReplicaFetchEntry] = []
+        followed: list[tuple[ReplicaFetchPartition, PartitionReplica]] = []
+        for wanted in request.partitions:
+            try:
+                replica, diverging = self._check_follower(
+                    wanted.topic, wanted.partition, wanted, request.broker_id
+                )
+            except TideError as error:
+                entries.append(_replica_error_entry(wanted, error))
+                continue
+            if diverging is not None or wanted.offset < replica.log.log_start_offset:
+                entries.append(_replica_entry(wanted, replica, diverging))
+                continue
+            replica.follower_fetched(request.broker_id, wanted.offset, wanted.durable_offset)
+            followed.append((wanted, replica))
+        deadline = asyncio.get_running_loop().time() + request.wait_ms / 1000
+        while True:
+            read, held = self._replica_reads(followed, request.max_bytes)
+            entries += read
+            remaining = deadline - asyncio.get_running_loop().time()
+            if entries or remaining <= 0 or not followed:
+                break
+            await self._replica_wait(followed, remaining)
+        if not entries:  # timed out: tell what moved meanwhile (lazily: no wake-up for it)
+            entries = [
+                _replica_entry(w, r, None)
+                for w, r in followed
+                if not r.closed and min(r.high_watermark, w.offset) > w.high_watermark
+            ]
+        return entries, held
+
+    def _replica_reads(
+        self, followed: list[tuple[ReplicaFetchPartition, PartitionReplica]], max_bytes: int
+    ) -> tuple[list[ReplicaFetchEntry], int]:
+        """Entries for the followed partitions that have data now (or lost their
+        leadership meanwhile), within the answer's budget and the broker-wide bound on
+        replica answer bytes in flight; the bytes read are held until released."""
+        entries: list[ReplicaFetchEntry] = []
+        free = self.config.max_inflight_replica_bytes - self._inflight_replica_bytes
+        budget = min(max_bytes, free)
+        held = 0
+        for wanted, replica in followed:
+            try:
+                if replica.closed or not replica.is_leader:
+                    raise NotLeader(f"{wanted.topic}/{wanted.partition}: leadership moved")
+                log_ = replica.log
+                if wanted.offset < log_.log_start_offset:  # retention moved it meanwhile
+                    entries.append(_replica_entry(wanted, replica, None))
+                    continue
+                if wanted.offset >= log_.log_end_offset or budget <= 0:
+                    continue
+                data = log_.read(wanted.offset, min(wanted.max_bytes, budget))
+            except TideError as error:
+                entries.append(_replica_error_entry(wanted, error))
+                continue
+            budget -= len(data)
+            held += len(data)
+            entries.append(_replica_entry(wanted, replica, None, data))
+        self._inflight_replica_bytes += held
+        return entries, held
+
+    async def _replica_wait(
+        self, followed: list[tuple[ReplicaFetchPartition, PartitionReplica]], timeout_s: float
+    ) -> None:
+        """Until the first followed partition has data past the follower's log end (or
+        bytes in flight were released, when the bound held data back), or timeout."""
+        if self._inflight_replica_bytes >= self.config.max_inflight_replica_bytes:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._replica_bytes_released.wait()
+            return
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        watching: list[tuple[PartitionReplica, int]] = []
+        try:
+            for wanted, replica in followed:
+                waiter_id = replica.watch_data(wanted.offset, woken)
+                if waiter_id is None:
+                    return
+                watching.append((replica, waiter_id))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await asyncio.shield(woken)
+        finally:
+            for replica, waiter_id in watching:
+                replica.unwatch(waiter_id)
+            if woken.done():
+                woken.exception()  # a demoted replica's NotLeader: seen by the next read
+            else:
+                woken.cancel()
+
+    def release_replica_bytes(self, count: int) -> None:
+        self._inflight_replica_bytes -= count
+        released, self._replica_bytes_released = self._replica_bytes_released, asyncio.Event()
+        released.set()
 
     # ---- coordinator link ---------------------------------------------------------
 
@@ -782,7 +913,8 @@ class Broker:
     def _steer_follower(
         self, replica: PartitionReplica, assignment: control.PartitionAssignment
     ) -> None:
-        """One fetch loop per followed partition, restarted when the leader epoch moves."""
+        """Each followed partition is in the fetch session of its leader (one per
+        leader broker, broker/follower.py), moved when the leader or its epoch moves."""
         key = (replica.topic, replica.partition)
         running = self._followers.get(key)
         follows = (
@@ -790,101 +922,50 @@ class Broker:
             and assignment.leader_id != self.config.broker_id
             and assignment.leader_url is not None
         )
-        if running is not None and (not follows or running[0] != assignment.leader_epoch):
+        if running is not None and (
+            not follows
+            or running[0] != assignment.leader_epoch
+            or running[1].leader_url != assignment.leader_url
+            or running[1].partitions.get(key) is None
+            or running[1].partitions[key].replica is not replica
+        ):
             self._stop_follower(key)
             running = None
-        if follows and running is None and self._tasks is not None:
-            url = str(assignment.leader_url)
-            task = self._tasks.create_task(self._follow(replica, url, assignment.leader_epoch))
-            self._followers[key] = (assignment.leader_epoch, task)
+        leader_id, leader_url = assignment.leader_id, assignment.leader_url
+        tasks = self._tasks
+        if follows and running is None and tasks is not None and leader_id is not None:
+            session = self._session_for(tasks, leader_id, str(leader_url))
+            session.add(key, replica, assignment.leader_epoch)
+            self._followers[key] = (assignment.leader_epoch, session)
+
+    def _session_for(
+        self, tasks: asyncio.TaskGroup, leader_id: int, leader_url: str
+    ) -> FetchSession:
+        running = self._sessions.get((leader_id, leader_url))
+        if running is not None:
+            return running[0]
+        session = FetchSession(
+            self.config.broker_id,
+            leader_id,
+            leader_url,
+            lambda: self.transport,
+            self.syncer.mark_dirty,
+            lambda topic, size: self.metrics.replicated_bytes.labels(topic).inc(size),
+            self.config.replica_fetch_wait_ms,
+            self.config.request_timeout_ms,
+        )
+        self._sessions[(leader_id, leader_url)] = (session, tasks.create_task(session.run()))
+        return session
 
     def _stop_follower(self, key: Key) -> None:
         running = self._followers.pop(key, None)
-        if running is not None:
-            running[1].cancel()
-
-    async def _follow(self, replica: PartitionReplica, leader_url: str, leader_epoch: int) -> None:
-        """Fetch, append, wait until durable, fetch again (which reports it)."""
-        backoff_s = 0.05
-        url = f"{leader_url.rstrip('/')}/v1/replica/{replica.topic}/{replica.partition}/records"
-        while not replica.closed:
-            try:
-                await self._fetch_once(replica, url, leader_epoch)
-                backoff_s = 0.05
-            except (TideError, ValueError) as error:
-                # Retried with a capped backoff; said once per second at most, not at DEBUG:
-                # a follower that cannot fetch is how a partition becomes under-replicated.
-                now = time.monotonic()
-                if now - self._follower_warned.get((replica.topic, replica.partition), 0.0) >= 1.0:
-                    self._follower_warned[(replica.topic, replica.partition)] = now
-                    log.warning(
-                        "%s/%s: replica fetch from %s failed: %s",
-                        replica.topic,
-                        replica.partition,
-                        leader_url,
-                        error,
-                    )
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 1.0)
-
-    async def _fetch_once(self, replica: PartitionReplica, url: str, leader_epoch: int) -> None:
-        log_ = replica.log
-        params = {
-            "broker_id": str(self.config.broker_id),
-            "topic_id": replica.topic_id,
-            "leader_epoch": str(leader_epoch),
-            "offset": str(log_.log_end_offset),
-            "last_fetched_epoch": str(log_.latest_epoch()),
-            "durable_offset": str(replica.core.durable_offset),
-            "wait_ms": str(self.config.replica_fetch_wait_ms),
-            "max_bytes": str(REPLICA_FETCH_BYTES),
-        }
-        timeout_ms = self.config.replica_fetch_wait_ms + self.config.request_timeout_ms
-        body, headers = await self.transport.request(
-            "GET", url, params=params, headers={"Accept": BATCH_TYPE}, timeout_ms=timeout_ms
-        )
-        if replica.closed:
+        if running is None:
             return
-        diverging_end = headers.get("Tide-Diverging-End-Offset")
-        if diverging_end is not None:
-            epoch = int(headers.get("Tide-Diverging-Epoch", str(UNKNOWN)))
-            own = log_.epoch_and_end_offset(epoch) if epoch != UNKNOWN else (UNKNOWN, UNKNOWN)
-            cut = truncation_offset(
-                (epoch, int(diverging_end)), own, log_.log_start_offset, log_.log_end_offset
-            )
-            if cut < log_.log_start_offset:
-                self._restart_at(replica, cut)
-            elif cut < log_.log_end_offset:
-                replica.truncate_to(cut)
-            else:  # nothing to cut: never ask again at once, that would spin
-                raise CorruptBatch(
-                    f"leader says our log diverges at epoch {epoch} end {diverging_end}, "
-                    f"but ours ends at {log_.log_end_offset} with nothing to cut"
-                )
-            return
-        leader_start = int(headers.get("Tide-Log-Start-Offset", "0"))
-        if log_.log_end_offset < leader_start:
-            self._restart_at(replica, leader_start)
-            return
-        if body:
-            replica.append_replicated(body, _now_ms())
-            self.syncer.mark_dirty(replica)
-            self.metrics.replicated_bytes.labels(replica.topic).inc(len(body))
-            await replica.wait_durable(log_.log_end_offset)
-        high_watermark = headers.get("Tide-High-Watermark")
-        if high_watermark is not None:
-            replica.leader_answered(int(high_watermark))
-
-    def _restart_at(self, replica: PartitionReplica, offset: int) -> None:
-        """The leader deleted (retention) what this follower needs next: start over."""
-        log.info(
-            "%s/%s: leader's log starts at %s, past ours (%s): starting over there",
-            replica.topic,
-            replica.partition,
-            offset,
-            replica.log.log_end_offset,
-        )
-        replica.reset_to(offset, _now_ms())
+        session = running[1]
+        session.remove(key)
+        if not session.partitions:
+            _, task = self._sessions.pop((session.leader_id, session.leader_url))
+            task.cancel()
 
     # ---- housekeeping -------------------------------------------------------------
 
@@ -1011,6 +1092,29 @@ class ReplicaFetch:
     durable_offset: int
     wait_ms: int
     max_bytes: int
+
+
+def _replica_entry(
+    wanted: ReplicaFetchPartition,
+    replica: PartitionReplica,
+    diverging: tuple[int, int] | None,
+    data: bytes = b"",
+) -> ReplicaFetchEntry:
+    log_ = replica.log
+    return ReplicaFetchEntry(
+        wanted.topic,
+        wanted.partition,
+        replica.high_watermark,
+        log_.log_start_offset,
+        log_.log_end_offset,
+        diverging,
+        None,
+        data,
+    )
+
+
+def _replica_error_entry(wanted: ReplicaFetchPartition, error: TideError) -> ReplicaFetchEntry:
+    return ReplicaFetchEntry(wanted.topic, wanted.partition, error=error.to_json()["error"])
 
 
 def _replica_assignment(assignment: control.PartitionAssignment) -> ReplicaAssignment:
@@ -1305,6 +1409,39 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
         data, headers = await broker.replica_fetch(topic, partition, fetch)
         return web.Response(body=data, content_type=BATCH_TYPE, headers=headers)
 
+    async def replica_fetch_session(request: web.Request) -> web.StreamResponse:
+        body = control.decode(
+            await read_body(request, broker.config.max_request_bytes), ReplicaFetchRequest
+        )
+        entries, held = await broker.replica_fetch_session(body)
+        # Written here, not by the server after the handler returns, so that the bytes
+        # count as in flight until the connection took them (write drains).
+        payload = encode_replica_fetch(entries)
+        response = web.StreamResponse(headers={"Content-Type": REPLICA_FETCH_TYPE})
+        response.content_length = len(payload)
+        try:
+            await response.prepare(request)
+            await response.write(payload)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the follower gave up (a new poll replaced this one): nothing to tell
+        finally:
+            broker.release_replica_bytes(held)
+        return response
+
+    async def replica_fetch_operation(_: Mapping[str, str], body: bytes) -> Reply:
+        if len(body) > broker.config.max_request_bytes:
+            raise RequestTooLarge(f"body exceeds {broker.config.max_request_bytes} bytes")
+        entries, held = await broker.replica_fetch_session(
+            control.decode(body, ReplicaFetchRequest)
+        )
+        # The bytes count as in flight until the channel has written the answer.
+        return Reply(
+            REPLICA_FETCH_TYPE,
+            encode_replica_fetch(entries),
+            done=lambda: broker.release_replica_bytes(held),
+        )
+
     async def offsets(request: web.Request) -> web.Response:
         topic, partition = _path_partition(request)
         replica = broker.leader_for(topic, partition, _optional_epoch(request))
@@ -1330,6 +1467,9 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
     operations = [
         Operation("POST", "/v1/produce", produce_many_operation, CLIENTS),
         Operation("POST", "/v1/fetch", fetch_many_operation, CLIENTS),
+        Operation(
+            "POST", "/v1/replica/fetch", replica_fetch_operation, broker_self(body="broker_id")
+        ),
     ]
     return [
         channel_endpoint(operations, broker.config.max_request_bytes),
@@ -1412,6 +1552,16 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
                 "421": "not leader, or the caller is not a follower",
             },
             callers=broker_self(query="broker_id"),
+        ),
+        Endpoint(
+            "POST",
+            "/v1/replica/fetch",
+            replica_fetch_session,
+            "Replica fetch session (brokers only): every partition a follower follows here, "
+            "one long-poll; binary entries (PROTOCOL.md)",
+            request_body={"application/json": {"schema": control.schema(ReplicaFetchRequest)}},
+            responses={"200": "entries with data, a divergence, a log start or an error"},
+            callers=broker_self(body="broker_id"),
         ),
         Endpoint(
             "GET", "/v1/partitions", partitions, "Partition replicas on this broker", callers=ANY

@@ -138,6 +138,7 @@ class Reply:
     content_type: str
     body: bytes
     headers: dict[str, str] | None = None
+    done: Callable[[], None] | None = None  # called once the answer is written (or dropped)
 
 
 # What an operation gets: the query and the body; what it returns: its 200 answer, or
@@ -233,9 +234,17 @@ async def _serve(
         if tls:
             _authorize(operation, identity, query, frame.body)
         reply = await operation.handler(query, frame.body)
-        answer = ChannelAnswer(
-            frame.request_id, 200, reply.content_type, reply.headers or {}, reply.body
-        )
+        try:
+            await _send(
+                socket,
+                ChannelAnswer(
+                    frame.request_id, 200, reply.content_type, reply.headers or {}, reply.body
+                ),
+            )
+        finally:
+            if reply.done is not None:
+                reply.done()
+        return
     except _NotServed as error:
         answer = ChannelAnswer(
             frame.request_id,

@@ -1,0 +1,468 @@
+"""Replica fetch sessions (broker/follower.py, POST /v1/replica/fetch): two brokers
+in-process, broker 1 leading and broker 2 following over real HTTP, with heartbeat
+answers written by hand (no coordinator).
+
+What must hold: one request in flight per (follower, leader) pair however many
+partitions it follows; an acks=all produce is answered after one follower round trip
+(not after a long-poll timer); divergence and log start resets work through the
+session; a fenced partition backs off alone while the others replicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
+
+from tidemq.broker.partition import partition_directory_name
+from tidemq.broker.server import BATCH_TYPE, Broker, BrokerConfig, create_app, make_endpoints
+from tidemq.core.replica import Acks
+from tidemq.service.app import build_app
+from tidemq.storage import FsyncPolicy, LogConfig
+from tidemq.storage.checkpoint import write_offset
+from tidemq.storage.log import LOG_START_FILE
+from tidemq.transport import HttpTransport
+from tidemq.wire import control
+from tidemq.wire.batch import build_batch, decode_records
+from tidemq.wire.replica_fetch import (
+    ReplicaFetchEntry,
+    ReplicaFetchPartition,
+    ReplicaFetchRequest,
+    decode_replica_fetch,
+    encode_replica_fetch,
+)
+
+TOPIC_ID = "0123456789abcdef0123456789abcdef"
+WAIT_MS = 5_000  # far above every bound below: an answer must never need the timer
+
+
+def answer(
+    partitions: int, epochs: dict[int, int] | None = None, leaders: dict[int, int] | None = None
+) -> control.HeartbeatAnswer:
+    """Broker 1 leads every partition (unless ``leaders`` says otherwise) in epoch 1
+    (or ``epochs[p]``); brokers 1 and 2 are the replicas and the ISR."""
+    epochs, leaders = epochs or {}, leaders or {}
+    assignments = []
+    for p in range(partitions):
+        leader = leaders.get(p, 1)
+        assignments.append(
+            {
+                "topic": "orders",
+                "partition": p,
+                "topic_id": TOPIC_ID,
+                "leader_id": leader,
+                "leader_url": URLS[leader],
+                "leader_epoch": epochs.get(p, 1),
+                "partition_epoch": epochs.get(p, 1),
+                "replicas": [1, 2],
+                "isr": [1, 2] if leader == 1 else [leader],
+            }
+        )
+    body = {
+        "cluster_id": "c1",
+        "topics": {"orders": {"topic_id": TOPIC_ID, "partitions": partitions}},
+        "deleted_topic_ids": [],
+        "heartbeat_interval_ms": 1000,
+        "assignments": assignments,
+    }
+    return control.decode(json.dumps(body).encode(), control.HeartbeatAnswer)
+
+
+URLS: dict[int, str] = {}
+
+
+@dataclass
+class Counter:
+    """Replica fetches the leader served: started, and the most at once."""
+
+    started: int = 0
+    in_flight: int = 0
+    most_in_flight: int = 0
+    per_partition: int = 0
+    answers: list[list[ReplicaFetchEntry]] = field(default_factory=list)
+
+
+@dataclass
+class Pair:
+    leader: Broker
+    follower: Broker
+    client: TestClient[Any, Any]  # to the leader
+    count: Counter
+
+
+def _broker(broker_id: int, data_dir: Path) -> Broker:
+    config = BrokerConfig(
+        broker_id=broker_id,
+        data_dir=data_dir / f"broker-{broker_id}",
+        coordinator_url="http://127.0.0.1:1",
+        advertised_url=URLS.get(broker_id, "http://127.0.0.1:1"),
+        log_config=LogConfig(fsync=FsyncPolicy.ALWAYS),
+        replica_fetch_wait_ms=WAIT_MS,
+    )
+    return Broker(config, lambda: HttpTransport(False, {}, 4, 1000), CollectorRegistry())
+
+
+def _count(leader: Broker, count: Counter) -> None:
+    served = leader.replica_fetch_session
+    per_partition = leader.replica_fetch
+
+    async def counted(request: ReplicaFetchRequest) -> tuple[list[ReplicaFetchEntry], int]:
+        count.started += 1
+        count.in_flight += 1
+        count.most_in_flight = max(count.most_in_flight, count.in_flight)
+        try:
+            entries, held = await served(request)
+        finally:
+            count.in_flight -= 1
+        count.answers.append(entries)
+        return entries, held
+
+    async def counted_per_partition(*args: Any) -> Any:
+        count.per_partition += 1
+        return await per_partition(*args)
+
+    leader.replica_fetch_session = counted  # type: ignore[method-assign]
+    leader.replica_fetch = counted_per_partition  # type: ignore[method-assign]
+
+
+@asynccontextmanager
+async def pair(
+    tmp_path: Path,
+    partitions: int,
+    before: Callable[[Broker, Broker], None] | None = None,
+    follower_answer: control.HeartbeatAnswer | None = None,
+    leader_answer: control.HeartbeatAnswer | None = None,
+    sessions: bool = True,
+) -> AsyncIterator[Pair]:
+    leader = _broker(1, tmp_path)
+    registry = CollectorRegistry()
+    if sessions:
+        app = create_app(leader, registry)
+    else:  # a leader of the version before sessions
+        endpoints = [e for e in make_endpoints(leader) if e.path != "/v1/replica/fetch"]
+        app = build_app("old broker", endpoints, registry, lambda: True, 1 << 20)
+    server = TestServer(app)
+    client = TestClient(server)
+    await client.start_server()
+    URLS[1] = str(server.make_url("")).rstrip("/")
+    count = Counter()
+    _count(leader, count)
+    follower = _broker(2, tmp_path)
+    if before is not None:
+        before(leader, follower)
+    leader.reconcile(_pointing_here(leader_answer or answer(partitions)))
+    leader.registered = True
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            follower._tasks = tasks
+            follower.reconcile(_pointing_here(follower_answer or answer(partitions)))
+            try:
+                yield Pair(leader, follower, client, count)
+            finally:
+                for key in list(follower._followers):
+                    follower._stop_follower(key)
+    finally:
+        await client.close()
+        await follower.close()
+        await leader.close()
+
+
+def _pointing_here(heartbeat: control.HeartbeatAnswer) -> control.HeartbeatAnswer:
+    """The answer with broker 1's URL as it is now (each test starts a new server)."""
+    assignments = [
+        msgspec.structs.replace(a, leader_url=URLS[1]) if a.leader_id == 1 else a
+        for a in heartbeat.assignments
+    ]
+    return msgspec.structs.replace(heartbeat, assignments=assignments)
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(test())
+
+
+def batch(count: int, start: int = 0) -> bytes:
+    return build_batch(
+        [(f"k{i}".encode(), f"v{i}".encode()) for i in range(start, start + count)], 1000
+    )
+
+
+async def produce(
+    client: TestClient[Any, Any], partition: int, body: bytes, acks: str = "all"
+) -> dict[str, Any]:
+    response = await client.post(
+        f"/v1/topics/orders/partitions/{partition}/records",
+        data=body,
+        params={"acks": acks},
+        headers={"Content-Type": BATCH_TYPE},
+    )
+    text = await response.text()
+    assert response.status == 200, text
+    result: dict[str, Any] = json.loads(text)
+    return result
+
+
+async def until(what: str, check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)  # the polling interval
+
+
+def values(broker: Broker, partition: int) -> list[bytes | None]:
+    log_ = broker.replicas[("orders", partition)].log
+    data = log_.read(log_.log_start_offset, 1 << 24)
+    return [r.value for r in decode_records(data)]
+
+
+def test_twelve_followed_partitions_share_one_fetch_in_flight(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with pair(tmp_path, 12) as p:
+            await until("the first session poll", lambda: p.count.in_flight == 1)
+            results = await asyncio.gather(*(produce(p.client, n, batch(3)) for n in range(12)))
+            assert [r["high_watermark"] >= 3 for r in results] == [True] * 12
+            for n in range(12):
+                await until(
+                    f"partition {n} replicated",
+                    lambda n=n: p.follower.replicas[("orders", n)].log.log_end_offset == 3,
+                )
+                assert values(p.follower, n) == values(p.leader, n)
+            assert p.count.most_in_flight == 1
+            assert p.count.per_partition == 0
+            assert len(p.follower._sessions) == 1
+
+    run(scenario)
+
+
+def test_acks_all_completes_after_one_follower_round_trip(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with pair(tmp_path, 12) as p:
+            await produce(p.client, 0, batch(1))  # warm: connection up, follower caught up
+            await until("a poll waiting", lambda: p.count.in_flight == 1)
+            took = []
+            for attempt in range(5):
+                started = p.count.started
+                begun = asyncio.get_running_loop().time()
+                result = await produce(p.client, attempt % 12, batch(2))
+                elapsed = asyncio.get_running_loop().time() - begun
+                # The waiting poll carried the batch; the one next request (sent when
+                # the follower's fsync completed) reported it durable: acknowledged.
+                assert p.count.started - started == 1, p.count.answers[-3:]
+                took.append(elapsed)
+                assert result["high_watermark"] >= result["last_offset"] + 1
+                await until("the next poll waiting", lambda: p.count.in_flight == 1)
+            # No timer in the loop: the next fetch leaves when the fsync completes
+            # (generous for a loaded machine; a fetch on a timer would show here).
+            assert sorted(took)[2] < 0.2, took
+
+    run(scenario)
+
+
+def test_a_diverged_follower_truncates_through_the_session(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        URLS.setdefault(1, "http://127.0.0.1:1")
+        URLS.setdefault(2, "http://127.0.0.1:1")
+        leader = _broker(1, tmp_path)
+        follower = _broker(2, tmp_path)
+        # Epoch 1: both hold the same 3 records. Epoch 2: broker 2 led and took 2
+        # records nobody copied. Epoch 3: broker 1 leads again and takes 2 others.
+        leader.reconcile(_alone(answer(1)))
+        leader.replicas[("orders", 0)].append(batch(3), Acks.LEADER, 0)
+        follower.reconcile(_alone(answer(1, leaders={0: 2})))
+        follower.replicas[("orders", 0)].append(batch(3), Acks.LEADER, 0)
+        follower.reconcile(_alone(answer(1, epochs={0: 2}, leaders={0: 2})))
+        follower.replicas[("orders", 0)].append(batch(2, start=100), Acks.LEADER, 0)
+        leader.reconcile(_alone(answer(1, epochs={0: 3})))
+        leader.replicas[("orders", 0)].append(batch(2, start=3), Acks.LEADER, 0)
+        await follower.close()
+        await leader.close()
+
+        epoch_3 = answer(1, epochs={0: 3})
+        async with pair(tmp_path, 1, follower_answer=epoch_3, leader_answer=epoch_3) as p:
+            await until(
+                "the follower caught up",
+                lambda: values(p.follower, 0) == [f"v{i}".encode() for i in range(5)],
+            )
+            assert values(p.leader, 0) == values(p.follower, 0)
+            diverged = [e for entries in p.count.answers for e in entries if e.diverging]
+            assert diverged and diverged[0].diverging == (1, 3)
+            assert p.count.per_partition == 0
+
+    run(scenario)
+
+
+def _alone(heartbeat: control.HeartbeatAnswer) -> control.HeartbeatAnswer:
+    """The same answer with the leader as the only replica (no follower to wait for)."""
+    alone = [
+        msgspec.structs.replace(a, replicas=[a.leader_id], isr=[a.leader_id])
+        for a in heartbeat.assignments
+    ]
+    return msgspec.structs.replace(heartbeat, assignments=alone)
+
+
+def test_a_follower_behind_the_leaders_log_start_starts_over_there(tmp_path: Path) -> None:
+    def leader_log_starts_at_100(leader: Broker, _: Broker) -> None:
+        directory = leader.config.data_dir / partition_directory_name("orders", 1, TOPIC_ID)
+        directory.mkdir(parents=True)
+        write_offset(directory / LOG_START_FILE, 100)
+
+    async def scenario() -> None:
+        async with pair(tmp_path, 2, before=leader_log_starts_at_100) as p:
+            replica = p.follower.replicas[("orders", 1)]
+            await until("the follower started over", lambda: replica.log.log_start_offset == 100)
+            result = await produce(p.client, 1, batch(4))
+            assert result["base_offset"] == 100
+            follower_log = p.follower.replicas[("orders", 1)].log
+            await until("replicated", lambda: follower_log.log_end_offset == 104)
+            assert values(p.follower, 1) == values(p.leader, 1)
+            await produce(p.client, 0, batch(1))  # the other partition is unaffected
+
+    run(scenario)
+
+
+def test_a_fenced_partition_does_not_stall_the_others(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        # The follower still believes in epoch 1 of partition 0, the leader is in 2.
+        stale, current = answer(3, epochs={0: 1}), answer(3, epochs={0: 2})
+        async with pair(tmp_path, 3, follower_answer=stale, leader_answer=current) as p:
+            for n in range(10):
+                begun = asyncio.get_running_loop().time()
+                await produce(p.client, 1 + n % 2, batch(1))
+                assert asyncio.get_running_loop().time() - begun < WAIT_MS / 1000 / 2
+            errors = [e.error for entries in p.count.answers for e in entries if e.error]
+            assert errors and errors[0]["code"] == "fenced_leader_epoch"
+            # The fenced one backs off (at most 1 s), not one failed request per answer.
+            assert len(errors) < p.count.started
+            # The coordinator's next answer (epoch 2) heals it through the same session.
+            p.follower.reconcile(_pointing_here(current))
+            await produce(p.client, 0, batch(2))
+            assert len(p.follower._sessions) == 1
+
+    run(scenario)
+
+
+def test_replica_answer_bytes_in_flight_are_bounded_broker_wide(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with pair(tmp_path, 1) as p:
+            await produce(p.client, 0, batch(2))
+            leader = p.leader
+            request = ReplicaFetchRequest(
+                broker_id=2,
+                partitions=[ReplicaFetchPartition("orders", 0, 1, 0, TOPIC_ID)],
+                wait_ms=2_000,
+            )
+            leader._inflight_replica_bytes = leader.config.max_inflight_replica_bytes
+            held = asyncio.ensure_future(leader.replica_fetch_session(request))
+            done, _ = await asyncio.wait({held}, timeout=0.3)
+            assert not done  # data is there, but no room to read it
+            leader.release_replica_bytes(leader.config.max_inflight_replica_bytes)
+            entries, size = await asyncio.wait_for(held, 5)
+            assert [len(list(decode_records(e.batches))) for e in entries] == [2]
+            assert leader._inflight_replica_bytes == size > 0
+            leader.release_replica_bytes(size)
+
+    run(scenario)
+
+
+def test_the_session_endpoint_refuses_bad_requests(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with pair(tmp_path, 1) as p:
+            for body in (
+                b"{}",
+                b'{"broker_id": 2, "partitions": []}',
+                b'{"broker_id": 2, "partitions": [{"topic": "orders", "partition": 0}]}',
+                b"not json",
+            ):
+                response = await p.client.post(
+                    "/v1/replica/fetch", data=body, headers={"Content-Type": "application/json"}
+                )
+                assert response.status == 400, await response.text()
+            # A broker that is no follower gets an error entry, not a stall.
+            request = ReplicaFetchRequest(
+                broker_id=7,
+                partitions=[ReplicaFetchPartition("orders", 0, 1, 0, TOPIC_ID)],
+                wait_ms=10_000,
+            )
+            response = await p.client.post(
+                "/v1/replica/fetch",
+                data=control.encode(request),
+                headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=5),
+            )
+            entries = decode_replica_fetch(await response.read())
+            assert [e.error and e.error["code"] for e in entries] == ["not_leader"]
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        ReplicaFetchEntry("orders", 3, 10, 0, 12, None, None, batch(2)),
+        ReplicaFetchEntry("ö", 9_999, 1, 2, 3, (-1, 0)),
+        ReplicaFetchEntry("t", 0, error={"code": "not_leader", "message": "moved"}),
+    ],
+)
+def test_the_answer_framing_round_trips(entry: ReplicaFetchEntry) -> None:
+    assert decode_replica_fetch(encode_replica_fetch([entry, entry])) == [entry, entry]
+
+
+def test_a_partition_added_while_a_poll_waits_is_fetched_at_once(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with pair(tmp_path, 1) as p:
+            await produce(p.client, 0, batch(1))
+            await until("a poll waiting", lambda: p.count.in_flight == 1)
+            # A heartbeat brings a second partition: the waiting poll (5 s) is replaced
+            # by one that includes it, or acks=all there would wait it out.
+            p.leader.reconcile(_pointing_here(answer(2)))
+            p.follower.reconcile(_pointing_here(answer(2)))
+            begun = asyncio.get_running_loop().time()
+            await produce(p.client, 1, batch(2))
+            assert asyncio.get_running_loop().time() - begun < WAIT_MS / 1000 / 2
+            assert len(p.follower._sessions) == 1 and p.count.most_in_flight <= 2
+
+    run(scenario)
+
+
+def test_an_unexpected_failure_in_a_session_surfaces(tmp_path: Path) -> None:
+    """A failed write while replicating is no operating error: the session's task
+    fails, and with it the broker's task group (which fail-stops the broker)."""
+
+    def broken(*_: Any) -> None:
+        raise OSError(5, "Input/output error")
+
+    async def scenario() -> None:
+        with pytest.raises(ExceptionGroup) as caught:
+            async with pair(tmp_path, 2) as p:
+                p.follower.replicas[("orders", 1)].append_replicated = broken  # type: ignore[method-assign]
+                await produce(p.client, 1, batch(1), acks="1")
+                await until("the task group failing", lambda: False)
+        assert caught.group_contains(OSError)
+
+    run(scenario)
+
+
+def test_a_leader_without_sessions_is_followed_per_partition(tmp_path: Path) -> None:
+    """Rolling upgrades: a follower of this version keeps replicating from a leader
+    that predates POST /v1/replica/fetch, through the per-partition endpoint."""
+
+    async def scenario() -> None:
+        async with pair(tmp_path, 3, sessions=False) as p:
+            for n in range(3):
+                begun = asyncio.get_running_loop().time()
+                result = await produce(p.client, n, batch(2))
+                assert result["high_watermark"] >= 2
+                assert asyncio.get_running_loop().time() - begun < WAIT_MS / 1000 / 2
+                assert values(p.follower, n) == values(p.leader, n)
+            assert p.count.per_partition >= 3 and p.count.answers == []
+
+    run(scenario)
