@@ -35,6 +35,7 @@ class Dummy:
         self.calls: list[tuple[str, str]] = []  # (how, what)
         self.release = asyncio.Event()
         self.drop_connections = False
+        self.server: TestServer | None = None
 
     async def produce(self, query: Mapping[str, str], body: bytes) -> Reply:
         self.calls.append(("channel", "produce"))
@@ -88,6 +89,7 @@ async def service(
         1 << 16,
     )
     server = TestServer(app)
+    dummy.server = server
     async with AsyncExitStack() as stack:
         await server.start_server(ssl=server_context(files["coordinator"], True))
         stack.push_async_callback(server.close)
@@ -201,5 +203,28 @@ def test_requests_past_the_bound_are_refused_and_a_lost_channel_fails_its_waiter
                     await asyncio.wait_for(poll, 5)
             # and the next request opens a new channel
             assert (await client.request_json("POST", base + "/v1/produce", data=b"z"))["n"] == 1
+
+    run(scenario)
+
+
+def test_a_server_shutting_down_closes_its_channels_and_their_waiters_hear_it(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with service(tmp_path) as (dummy, base, transports):
+            client = transports["client"]
+            await client.request("POST", base + "/v1/produce", data=b"x")  # channel open
+            poll = asyncio.ensure_future(client.request("POST", base + "/v1/fetch", data=b"x"))
+            deadline = asyncio.get_running_loop().time() + 5
+            while ("channel", "fetch") not in dummy.calls:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
+            began = asyncio.get_running_loop().time()
+            assert dummy.server is not None
+            # closing waits for handlers: the channel must not hold it up
+            await asyncio.wait_for(dummy.server.close(), 10)
+            assert asyncio.get_running_loop().time() - began < 5
+            with pytest.raises(ConnectionFailed):
+                await asyncio.wait_for(poll, 5)
 
     run(scenario)

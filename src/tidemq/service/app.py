@@ -89,6 +89,8 @@ def build_app(
     for endpoint in every:
         route = app.router.add_route(endpoint.method, endpoint.path, endpoint.handler)
         rules[route] = endpoint.callers
+        if endpoint.on_shutdown is not None:
+            app.on_shutdown.append(endpoint.on_shutdown)
     return app
 
 

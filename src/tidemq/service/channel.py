@@ -162,6 +162,7 @@ class Operation:
 
 def channel_endpoint(operations: Sequence[Operation], max_body_bytes: int) -> Endpoint:
     by_target = {operation.target: operation for operation in operations}
+    open_sockets: set[web.WebSocketResponse] = set()
     for operation in operations:
         if any(grant.location == "path" for grant in operation.callers.broker_self_grants()):
             raise ValueError(f"{operation.target}: a channel operation has no path values")
@@ -182,6 +183,7 @@ def channel_endpoint(operations: Sequence[Operation], max_body_bytes: int) -> En
         )
         await socket.prepare(request)
         serving: set[asyncio.Task[None]] = set()
+        open_sockets.add(socket)
         try:
             async for message in socket:
                 if message.type is not WSMsgType.BINARY:
@@ -201,10 +203,17 @@ def channel_endpoint(operations: Sequence[Operation], max_body_bytes: int) -> En
                 serving.add(task)
                 task.add_done_callback(serving.discard)
         finally:
+            open_sockets.discard(socket)
             for task in serving:
                 task.cancel()
             await asyncio.gather(*serving, return_exceptions=True)
         return socket
+
+    async def close_all(_: web.Application) -> None:
+        """Server shutdown: peers are told to go (1001) so that no handler holds it up;
+        their waiting requests fail with connection_failed, as on any lost connection."""
+        for socket in list(open_sockets):
+            await socket.close(code=1001, message=b"server shutting down")
 
     return Endpoint(
         "GET",
@@ -214,6 +223,7 @@ def channel_endpoint(operations: Sequence[Operation], max_body_bytes: int) -> En
         + ", ".join(sorted(by_target)),
         responses={"101": "switching to the request channel", "400": "not a WebSocket upgrade"},
         callers=ANY,
+        on_shutdown=close_all,
     )
 
 

@@ -47,6 +47,11 @@ class Endpoint:
     parameters: list[dict[str, Any]] = field(default_factory=list)
     responses: dict[str, str] = field(default_factory=lambda: {"200": "OK"})
     callers: Callers = field(kw_only=True)
+    # For endpoints that hold connections open (the request channel): closes them when
+    # the server shuts down, which otherwise waits for them.
+    on_shutdown: Callable[[web.Application], Awaitable[None]] | None = field(
+        default=None, kw_only=True
+    )
 
     def __post_init__(self) -> None:
         names = path_parameters(self.path)
