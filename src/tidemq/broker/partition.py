@@ -277,7 +277,7 @@ class PartitionReplica:
         """Follower: drop the whole log and start empty at ``offset`` (the leader's log
         start moved past our log end: what we lack no longer exists anywhere)."""
         if self._journal is not None:  # durable first: a replay restarts it too
-            self._journal.truncate(self.directory.name, offset)
+            self._journal.reset(self.directory.name, offset)
         self.log.close()
         self.log = PartitionLog.recreate_empty(self.directory, offset, self.config, now_ms)
         if self._journal is not None:
