@@ -135,13 +135,22 @@ def test_a_crash_in_a_follower_reset_after_a_checkpoint_still_restarts(
         run(restarted.close)
 
 
-def test_a_crash_while_deleting_a_replica_directory_still_restarts(tmp_path: Path) -> None:
+def test_a_crash_while_deleting_a_replica_directory_still_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """rmtree unlinks the segment files one by one, in directory order: the machine
     may stop with some of them gone and the directory still there, while the journal
     still holds appends of that partition."""
     live = tmp_path / "live"
     crashed = tmp_path / "crashed"
-    partition_dir = partition_directory_name("orders", 0, TOPIC_ID)
+
+    def stop_midway(path: Path, *_: object, **__: object) -> None:
+        # The segments from 3 on were unlinked (not yet the first one) when the
+        # machine stopped; the journal's tail of the partition starts at 6.
+        for name in ("00000000000000000003", "00000000000000000006"):
+            for suffix in (".log", ".index"):
+                (Path(path) / (name + suffix)).unlink(missing_ok=True)
+        raise _PowerLoss
 
     async def scenario() -> None:
         async with broker_client(live) as (broker, client):
@@ -153,13 +162,16 @@ def test_a_crash_while_deleting_a_replica_directory_still_restarts(tmp_path: Pat
             await broker.syncer.checkpoint()
             assert (await produce(client, batch(3, 6), acks="all")).status == 200
             assert replica.log.segment_base_offsets == [0, 3, 6]
+            monkeypatch.setattr(shutil, "rmtree", stop_midway)
+            with pytest.raises(_PowerLoss):
+                broker._drop(("orders", 0), delete=True)  # the topic was deleted
+            monkeypatch.undo()
             shutil.copytree(live, crashed)
 
     run(scenario)
-    # The deletion had unlinked the segments from 3 on (not yet the first one) when
-    # the machine stopped; the journal's tail of the partition starts at 6.
-    for name in ("00000000000000000003", "00000000000000000006"):
-        for suffix in (".log", ".index"):
-            (crashed / partition_dir / (name + suffix)).unlink(missing_ok=True)
     restarted = _start(crashed)  # raised CorruptBatch: "a checkpointed segment lost data"
-    run(restarted.close)
+    try:
+        leftovers = [p.name for p in crashed.iterdir() if p.name.startswith("orders-0-")]
+        assert leftovers == [partition_directory_name("orders", 0, TOPIC_ID)]
+    finally:
+        run(restarted.close)
