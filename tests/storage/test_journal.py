@@ -370,3 +370,31 @@ def _batch_ends(log: PartitionLog) -> list[int]:
             ends.append(header.next_offset)
         offset = ends[-1]
     return ends
+
+
+def test_a_failed_journal_write_leaves_the_segment_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC (or EIO) writing the journal record: the append fails and the log must
+    be as if it never happened, as a failed segment write leaves it (segment.append
+    cuts its partial bytes). Else the failed batch stays in the segment at the offsets
+    the next append is given: reads and followers see the failed batch under the
+    acknowledged one's offsets, and a replay later swaps them."""
+    node = Crashable(tmp_path)
+    real_writev = os.writev
+    calls = 0
+
+    def writev_failing_once(fd: int, buffers: list[bytes]) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError(28, "No space left on device")
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", writev_failing_once)
+    with pytest.raises(OSError):
+        node.log.append(batch_of([b"failed"]), 0, START_MS)
+    assert node.log.append(batch_of([b"acknowledged"]), 0, START_MS) == (0, 0)
+    node.journal_sync()
+    assert values(node.log) == [b"acknowledged"]
+    node.log.close()
