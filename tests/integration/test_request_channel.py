@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 import tidemq.service.channel as channel_module
-from tidemq.errors import ConnectionFailed, Forbidden, NotLeader, Unavailable
+from tidemq.errors import ConnectionFailed, Forbidden, NotLeader, RequestTooLarge, Unavailable
 from tidemq.service.app import build_app
 from tidemq.service.callers import BROKERS, CLIENTS, broker_self
 from tidemq.service.channel import Operation, Reply, channel_endpoint
@@ -201,5 +201,34 @@ def test_requests_past_the_bound_are_refused_and_a_lost_channel_fails_its_waiter
                     await asyncio.wait_for(poll, 5)
             # and the next request opens a new channel
             assert (await client.request_json("POST", base + "/v1/produce", data=b"z"))["n"] == 1
+
+    run(scenario)
+
+
+def test_an_oversized_body_gets_413_as_over_http_and_breaks_no_other_request(
+    tmp_path: Path,
+) -> None:
+    """The service takes bodies up to 64 KiB (its HTTP client_max_size and channel
+    limit). Over HTTP a larger body gets 413 and nothing else notices. Over the
+    channel a body a little larger was served; a much larger frame closed the whole
+    WebSocket: every request waiting on it failed with ConnectionFailed (outcome
+    unknown: a retry may duplicate), and a client retrying the big request kills it
+    again and again."""
+
+    async def scenario() -> None:
+        async with service(tmp_path) as (dummy, base, transports):
+            client = transports["client"]
+            poll = asyncio.ensure_future(client.request("POST", base + "/v1/fetch", data=b"x"))
+            deadline = asyncio.get_running_loop().time() + 5
+            while ("channel", "fetch") not in dummy.calls:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
+            for size in ((1 << 16) + 1, 4 << 16):
+                with pytest.raises(RequestTooLarge):
+                    await client.request("POST", base + "/v1/produce", data=b"x" * size)
+            assert not poll.done(), "a long-poll on the same channel was failed"
+            dummy.release.set()
+            body, _ = await asyncio.wait_for(poll, 5)
+            assert body == b"data:x"
 
     run(scenario)
