@@ -18,7 +18,7 @@ from tidemq.broker.server import Broker, BrokerConfig
 from tidemq.storage import LogConfig, PartitionLog
 from tidemq.storage.journal import JOURNAL_DIRECTORY, journal_files
 from tidemq.transport import HttpTransport
-from tidemq.wire.batch import decode_records
+from tidemq.wire.batch import decode_records, patch_batch
 
 TOPIC_ID = "0123456789abcdef0123456789abcdef"
 
@@ -175,3 +175,46 @@ def test_a_crash_while_deleting_a_replica_directory_still_restarts(
         assert leftovers == [partition_directory_name("orders", 0, TOPIC_ID)]
     finally:
         run(restarted.close)
+
+
+def test_a_crash_in_a_reset_below_the_log_start_still_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A diverged follower whose cut lies below its log start restarts there
+    (``_restart_at(replica, cut)`` with cut < log start <= log end); the machine stops
+    before the directory is recreated. The replay found the old log ending past the
+    reset point and cut it there, below its log start: OffsetOutOfRange."""
+    live = tmp_path / "live"
+    crashed = tmp_path / "crashed"
+
+    async def scenario() -> None:
+        async with broker_client(live) as (broker, _):
+            follower = broker.replicas[("orders", 1)]
+            follower.append_replicated(batch(2), 0)
+            follower.append_replicated(_at(batch(2, 2), 2), 0)
+            broker.syncer.mark_dirty(follower)
+            await broker.syncer.sync_dirty()
+            follower.log.delete_records_before(2)  # log [2, 4)
+
+            def stop(*_: object, **__: object) -> None:
+                raise _PowerLoss
+
+            monkeypatch.setattr(PartitionLog, "recreate_empty", stop)
+            with pytest.raises(_PowerLoss):
+                broker._restart_at(follower, 1)
+            shutil.copytree(live, crashed)
+            monkeypatch.undo()
+
+    run(scenario)
+    restarted = _start(crashed)
+    try:
+        log = restarted.replicas[("orders", 1)].log
+        assert (log.log_start_offset, log.log_end_offset) == (1, 1)
+    finally:
+        run(restarted.close)
+
+
+def _at(body: bytes, offset: int) -> bytes:
+    buffer = bytearray(body)
+    patch_batch(buffer, 0, offset, 0)
+    return bytes(buffer)
