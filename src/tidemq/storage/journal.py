@@ -363,6 +363,10 @@ class _Tail:
         journal's fsyncs (``PartitionLog.mark_durable``), so what the segment holds
         past the tail was never acknowledged and is cut."""
         assert self.base is not None
+        if self.restarted and start_over is not None and target.log_start_offset != self.base:
+            # Not yet the restarted log (it starts at the reset point, and only retention
+            # moves that start, with every record since the reset still journaled).
+            target = start_over(self.key, self.base)
         start = target.log_start_offset
         batches = [(offset, payload) for offset, payload in self.batches if offset >= start]
         base = batches[0][0] if batches else max(self.end, start)
