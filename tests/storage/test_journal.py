@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,11 @@ class Crashable:
         self.journal.sync()
         self.log.mark_durable(end, generation)
 
-    def crash(self, rng: random.Random | None = None) -> PartitionLog:
+    def crash(
+        self,
+        rng: random.Random | None = None,
+        recovery: Callable[[Path], PartitionLog] | None = None,
+    ) -> PartitionLog:
         synced_journal = {f.path: f.synced for f in self.journal._files}
         for path in (self.root / KEY).glob("*.log"):
             keep = self.segment_synced.get(path, 0)
@@ -78,7 +83,7 @@ class Crashable:
             size = path.stat().st_size
             keep = synced if rng is None or size <= synced else rng.randint(synced, size)
             os.truncate(path, keep)
-        return recover(self.root)
+        return (recovery or recover)(self.root)
 
 
 def recover(root: Path) -> PartitionLog:
@@ -398,3 +403,108 @@ def test_a_failed_journal_write_leaves_the_segment_as_before(
     node.journal_sync()
     assert values(node.log) == [b"acknowledged"]
     node.log.close()
+
+
+RESET_OPERATIONS = st.one_of(
+    OPERATION,
+    st.tuples(st.just("reset"), st.integers(1, 3)),  # a follower past its log end
+    st.tuples(st.just("reset_below_start"), st.integers(0, 0)),  # a divergence below it
+)
+
+
+def _recover_with_start_over(root: Path) -> PartitionLog:
+    logs: dict[str, PartitionLog] = {}
+
+    def open_key(key: str) -> PartitionLog | None:
+        if not (root / key).is_dir():
+            return None
+        logs[key] = open_log(root / key)
+        return logs[key]
+
+    def start_over(key: str, offset: int) -> PartitionLog:
+        logs.pop(key).close(mark_clean=False)
+        logs[key] = PartitionLog.recreate_empty(root / key, offset, logs_config(), START_MS)
+        return logs[key]
+
+    replay(root / "journal", open_key, START_MS, start_over)
+    for log_ in logs.values():
+        log_.close(mark_clean=False)
+    for path in journal_files(root / "journal"):
+        path.unlink()
+    return open_log(root / KEY)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    operations=st.lists(RESET_OPERATIONS, max_size=25),
+    cut_short=st.booleans(),
+    seed=st.integers(0, 2**32),
+)
+def test_a_power_loss_at_any_point_with_follower_resets_keeps_every_durable_record(
+    tmp_path_factory: pytest.TempPathFactory,
+    operations: list[tuple[str, int]],
+    cut_short: bool,
+    seed: int,
+) -> None:
+    """As above, with follower resets (``reset_to``: journaled, then the directory
+    recreated empty at the reset point), the last one possibly cut short by the crash
+    right after its journal record. Model: offset -> value from the log start."""
+    root = tmp_path_factory.mktemp("crash")
+    node = Crashable(root)
+    model: list[bytes | None] = []  # None below the log start
+    start = durable = epoch = counter = 0
+
+    def reset(offset: int, complete: bool) -> None:
+        nonlocal model, start, durable
+        node.journal.reset(KEY, offset)
+        node.log.close()
+        node.segment_synced = node._segment_sizes()  # close fsynced them
+        model, start, durable = [None] * offset, offset, offset
+        if complete:
+            node.log = PartitionLog.recreate_empty(root / KEY, offset, logs_config(), START_MS)
+            node.log.attach_journal(node.journal, KEY)
+            node.segment_synced = node._segment_sizes()
+
+    for name, argument in operations:
+        if name == "append":
+            batch = [f"v{counter + i}".encode() for i in range(argument)]
+            counter += argument
+            node.log.append(batch_of(batch), epoch, START_MS)
+            model.extend(batch)
+        elif name == "truncate" and len(model) > start:
+            starts = [start, *_batch_ends(node.log)]
+            cut = starts[argument % len(starts)]
+            if cut < len(model):
+                node.truncate(cut)
+                del model[cut:]
+                durable = min(durable, cut)
+                epoch += 1
+        elif name == "journal_sync":
+            node.journal_sync()
+            durable = max(durable, node.log.flushed_offset)
+        elif name == "segment_sync":
+            node.sync_segments()
+        elif name == "checkpoint":
+            older = node.journal.rotate()
+            node.sync_segments()
+            node.journal.discard(older)
+        elif name == "reset":
+            reset(len(model) + argument, complete=True)
+        elif name == "reset_below_start" and start > 0 and node.log.log_end_offset > start:
+            reset(start - 1, complete=True)
+    if cut_short:  # a last reset, cut short right after its journal record
+        target = len(model) + 1 if start == 0 or len(model) == start else start - 1
+        reset(target, complete=False)
+    if not cut_short:
+        assert node.log.flushed_offset <= len(model)
+    recovered = node.crash(random.Random(seed), _recover_with_start_over)
+    got = read_all(recovered)
+    got_start = recovered.log_start_offset
+    recovered.close()
+    assert got_start == start, "the log start moved"
+    assert [value for _, value in got[: durable - start]] == model[start:durable], (
+        "a durable record was lost or changed"
+    )
+    assert all(offset < len(model) and model[offset] == value for offset, value in got), (
+        "a truncated record came back"
+    )
