@@ -409,6 +409,7 @@ RESET_OPERATIONS = st.one_of(
     OPERATION,
     st.tuples(st.just("reset"), st.integers(1, 3)),  # a follower past its log end
     st.tuples(st.just("reset_below_start"), st.integers(0, 0)),  # a divergence below it
+    st.tuples(st.just("rotate"), st.integers(0, 0)),  # a checkpoint still syncing logs
 )
 
 
@@ -492,6 +493,8 @@ def test_a_power_loss_at_any_point_with_follower_resets_keeps_every_durable_reco
             reset(len(model) + argument, complete=True)
         elif name == "reset_below_start" and start > 0 and node.log.log_end_offset > start:
             reset(start - 1, complete=True)
+        elif name == "rotate":
+            node.journal.rotate()
     if cut_short:  # a last reset, cut short right after its journal record
         target = len(model) + 1 if start == 0 or len(model) == start else start - 1
         reset(target, complete=False)
