@@ -511,3 +511,25 @@ def test_a_power_loss_at_any_point_with_follower_resets_keeps_every_durable_reco
     assert all(offset < len(model) and model[offset] == value for offset, value in got), (
         "a truncated record came back"
     )
+
+
+def test_a_recreated_log_directory_is_durable_in_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """reset_to deletes the directory (parent fsynced) and makes it again: unless the
+    parent is fsynced again, a power loss may take the new directory's entry, and with
+    it the restarted log whose journal records a checkpoint already discarded."""
+    import tidemq.storage.log as log_module
+
+    directory = tmp_path / KEY
+    open_log(directory).close()
+    synced: list[tuple[Path, bool]] = []
+    real = log_module.fsync_directory
+
+    def recording(path: Path) -> None:
+        synced.append((Path(path), directory.exists()))
+        real(path)
+
+    monkeypatch.setattr(log_module, "fsync_directory", recording)
+    PartitionLog.recreate_empty(directory, 7, logs_config(), START_MS).close()
+    assert (tmp_path, True) in synced, "the new directory's entry was never fsynced"
