@@ -205,6 +205,7 @@ class PartitionLog:
         shutil.rmtree(directory)
         fsync_directory(directory.parent)
         directory.mkdir(parents=True)
+        fsync_directory(directory.parent)  # the new entry too: open() will not (it exists)
         write_offset(directory / LOG_START_FILE, start_offset)
         return cls.open(directory, config, now_ms)
 
