@@ -533,3 +533,23 @@ def test_a_recreated_log_directory_is_durable_in_its_parent(
     monkeypatch.setattr(log_module, "fsync_directory", recording)
     PartitionLog.recreate_empty(directory, 7, logs_config(), START_MS).close()
     assert (tmp_path, True) in synced, "the new directory's entry was never fsynced"
+
+
+def test_a_new_journal_directory_is_durable_in_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first start makes ``journal/``: unless the data directory is fsynced after,
+    a power loss may take the directory entry and every journaled record with it."""
+    import tidemq.storage.journal as journal_module
+
+    synced: list[tuple[Path, bool]] = []
+    real = journal_module.fsync_directory
+    directory = tmp_path / "journal"
+
+    def recording(path: Path) -> None:
+        synced.append((Path(path), directory.exists()))
+        real(path)
+
+    monkeypatch.setattr(journal_module, "fsync_directory", recording)
+    Journal.open(directory).close(remove_files=False)
+    assert (tmp_path, True) in synced, "the journal directory's entry was never fsynced"
