@@ -144,7 +144,9 @@ class Journal:
     @classmethod
     def open(cls, directory: Path, file_bytes_max: int = 64 * 1024 * 1024) -> Journal:
         """A journal continuing after the files already there (replay them first)."""
-        directory.mkdir(parents=True, exist_ok=True)
+        if not directory.exists():
+            directory.mkdir(parents=True)
+            fsync_directory(directory.parent)
         journal = cls(directory, file_bytes_max)
         existing = journal_files(directory)
         sequence = int(existing[-1].name.split(".")[0]) + 1 if existing else 0
