@@ -78,6 +78,7 @@ def remove_replica_directory(directory: Path) -> None:
     the removal leaves no half-deleted replica directory that a journal replay
     (storage/journal.py) would open and find short of its journaled tail."""
     doomed = directory.with_name(directory.name + DELETED_SUFFIX)
+    shutil.rmtree(doomed, ignore_errors=True)  # an earlier removal a crash cut short
     try:
         os.replace(directory, doomed)
     except FileNotFoundError:
