@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -553,3 +554,27 @@ def test_a_new_journal_directory_is_durable_in_its_parent(
     monkeypatch.setattr(journal_module, "fsync_directory", recording)
     Journal.open(directory).close(remove_files=False)
     assert (tmp_path, True) in synced, "the journal directory's entry was never fsynced"
+
+
+def test_a_reset_inside_an_earlier_incarnations_batch_replays(tmp_path: Path) -> None:
+    """The replica moved away (directory deleted, its records still journaled) and
+    back before a checkpoint: the new follower resets to the leader's log start, which
+    may fall inside a batch of the old history. As a truncation record it read as a cut
+    inside a batch (CorruptBatch at every start); a reset record restarts the tail."""
+    node = Crashable(tmp_path)
+    node.log.append(batch_of([b"old-0", b"old-1", b"old-2"]), 0, START_MS)
+    node.journal_sync()
+    node.log.close()
+    shutil.rmtree(tmp_path / KEY)  # moved away
+    node.log = open_log(tmp_path / KEY)  # and back: empty at 0
+    node.log.attach_journal(node.journal, KEY)
+    node.journal.reset(KEY, 2)  # reset_to(2)
+    node.log.close()
+    node.log = PartitionLog.recreate_empty(tmp_path / KEY, 2, logs_config(), START_MS)
+    node.log.attach_journal(node.journal, KEY)
+    node.log.append_replicated(_at_offset(batch_of([b"new-2"]), 2), START_MS)
+    node.journal_sync()
+    node.segment_synced = {}  # the new segment's bytes lost
+    recovered = node.crash(recovery=_recover_with_start_over)
+    assert read_all(recovered) == [(2, b"new-2")]
+    recovered.close()
