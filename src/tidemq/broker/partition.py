@@ -83,6 +83,9 @@ def remove_replica_directory(directory: Path) -> None:
         os.replace(directory, doomed)
     except FileNotFoundError:
         return
+    except OSError:  # cannot rename (permissions?): remove in place, as before
+        shutil.rmtree(directory, ignore_errors=True)
+        return
     fsync_directory(directory.parent)
     shutil.rmtree(doomed, ignore_errors=True)
 
