@@ -82,6 +82,11 @@ CHANNEL_PATH = "/v1/channel"  # service/channel.py (the transport does not impor
 CHANNEL_TARGETS = frozenset({"POST /v1/produce", "POST /v1/fetch", "POST /v1/replica/fetch"})
 CHANNEL_RETRY_S = 60.0
 CHANNEL_PENDING_MAX = 1024
+# Bodies up to this go over a channel: every peer's channel takes such a frame (its
+# frame limit is its body limit plus 64 KiB). A larger frame than the peer takes would
+# close the whole channel, failing every request waiting on it; larger bodies go over
+# HTTP, which answers 413 past the limit and costs little next to the bytes.
+CHANNEL_BODY_MAX = 60 * 1024
 _CHANNEL_FRAME_MAX = 64 * 1024 * 1024
 _REQUEST_HEAD = struct.Struct(">IH")
 _U16 = struct.Struct(">H")
@@ -287,7 +292,8 @@ class HttpTransport:
     ) -> tuple[bytes, Mapping[str, str]]:
         """One request; the body and headers of a 2xx answer, else a TideError."""
         what = f"{method} {url}"
-        routed = self._channel_target(method, url) if json_body is None else None
+        channel_body = json_body is None and len(data or b"") <= CHANNEL_BODY_MAX
+        routed = self._channel_target(method, url) if channel_body else None
         if routed is not None:
             try:
                 return await self._over_channel(*routed, params, data or b"", timeout_ms)

@@ -4,19 +4,22 @@ journal files; a clean shutdown leaves no journal behind."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 from tests.broker.test_broker_api import _answer, batch, broker_client, produce, run
 
+from tidemq.broker.follower import _restart_at
 from tidemq.broker.partition import partition_directory_name
 from tidemq.broker.server import Broker, BrokerConfig
-from tidemq.storage import LogConfig
+from tidemq.storage import LogConfig, PartitionLog
 from tidemq.storage.journal import JOURNAL_DIRECTORY, journal_files
 from tidemq.transport import HttpTransport
-from tidemq.wire.batch import decode_records
+from tidemq.wire.batch import decode_records, patch_batch
 
 TOPIC_ID = "0123456789abcdef0123456789abcdef"
 
@@ -92,3 +95,127 @@ def test_without_the_journal_each_log_is_fsynced(tmp_path: Path) -> None:
             assert journal_files(tmp_path / JOURNAL_DIRECTORY) == []
 
     run(scenario)
+
+
+class _PowerLoss(Exception):
+    """Stands for the machine stopping at this point."""
+
+
+def test_a_crash_in_a_follower_reset_after_a_checkpoint_still_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The follower's log was checkpointed (no journal record of it left), then
+    reset_to journals its restart and the machine stops before the directory is
+    recreated: the only record of the log in the journal is that restart."""
+    live = tmp_path / "live"
+    crashed = tmp_path / "crashed"
+
+    async def scenario() -> None:
+        async with broker_client(live) as (broker, _):
+            follower = broker.replicas[("orders", 1)]
+            follower.append_replicated(batch(3), 0)
+            broker.syncer.mark_dirty(follower)
+            await broker.syncer.sync_dirty()
+            await broker.syncer.checkpoint()  # the log fsynced, the journal file gone
+
+            def stop(*_: object, **__: object) -> None:
+                raise _PowerLoss
+
+            monkeypatch.setattr(PartitionLog, "recreate_empty", stop)
+            with pytest.raises(_PowerLoss):
+                follower.reset_to(50, 0)
+            shutil.copytree(live, crashed)
+            monkeypatch.undo()
+
+    run(scenario)
+    restarted = _start(crashed)  # raised CorruptBatch: "past the log end 3"
+    try:
+        log = restarted.replicas[("orders", 1)].log
+        assert (log.log_start_offset, log.log_end_offset) == (50, 50)
+    finally:
+        run(restarted.close)
+
+
+def test_a_crash_while_deleting_a_replica_directory_still_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rmtree unlinks the segment files one by one, in directory order: the machine
+    may stop with some of them gone and the directory still there, while the journal
+    still holds appends of that partition."""
+    live = tmp_path / "live"
+    crashed = tmp_path / "crashed"
+
+    def stop_midway(path: Path, *_: object, **__: object) -> None:
+        # The segments from 3 on were unlinked (not yet the first one) when the
+        # machine stopped; the journal's tail of the partition starts at 6.
+        for name in ("00000000000000000003", "00000000000000000006"):
+            for suffix in (".log", ".index"):
+                (Path(path) / (name + suffix)).unlink(missing_ok=True)
+        raise _PowerLoss
+
+    async def scenario() -> None:
+        async with broker_client(live) as (broker, client):
+            replica = broker.replicas[("orders", 0)]
+            for start in range(0, 6, 3):
+                assert (await produce(client, batch(3, start), acks="all")).status == 200
+                # every append rolls
+                replica.log.config = dataclasses.replace(replica.log.config, segment_bytes_max=1)
+            await broker.syncer.checkpoint()
+            assert (await produce(client, batch(3, 6), acks="all")).status == 200
+            assert replica.log.segment_base_offsets == [0, 3, 6]
+            monkeypatch.setattr(shutil, "rmtree", stop_midway)
+            with pytest.raises(_PowerLoss):
+                broker._drop(("orders", 0), delete=True)  # the topic was deleted
+            monkeypatch.undo()
+            shutil.copytree(live, crashed)
+
+    run(scenario)
+    restarted = _start(crashed)  # raised CorruptBatch: "a checkpointed segment lost data"
+    try:
+        leftovers = [p.name for p in crashed.iterdir() if p.name.startswith("orders-0-")]
+        assert leftovers == [partition_directory_name("orders", 0, TOPIC_ID)]
+    finally:
+        run(restarted.close)
+
+
+def test_a_crash_in_a_reset_below_the_log_start_still_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A diverged follower whose cut lies below its log start restarts there
+    (``_restart_at(replica, cut)`` with cut < log start <= log end); the machine stops
+    before the directory is recreated. The replay found the old log ending past the
+    reset point and cut it there, below its log start: OffsetOutOfRange."""
+    live = tmp_path / "live"
+    crashed = tmp_path / "crashed"
+
+    async def scenario() -> None:
+        async with broker_client(live) as (broker, _):
+            follower = broker.replicas[("orders", 1)]
+            follower.append_replicated(batch(2), 0)
+            follower.append_replicated(_at(batch(2, 2), 2), 0)
+            broker.syncer.mark_dirty(follower)
+            await broker.syncer.sync_dirty()
+            follower.log.delete_records_before(2)  # log [2, 4)
+
+            def stop(*_: object, **__: object) -> None:
+                raise _PowerLoss
+
+            monkeypatch.setattr(PartitionLog, "recreate_empty", stop)
+            with pytest.raises(_PowerLoss):
+                _restart_at(follower, 1)
+            shutil.copytree(live, crashed)
+            monkeypatch.undo()
+
+    run(scenario)
+    restarted = _start(crashed)
+    try:
+        log = restarted.replicas[("orders", 1)].log
+        assert (log.log_start_offset, log.log_end_offset) == (1, 1)
+    finally:
+        run(restarted.close)
+
+
+def _at(body: bytes, offset: int) -> bytes:
+    buffer = bytearray(body)
+    patch_batch(buffer, 0, offset, 0)
+    return bytes(buffer)

@@ -12,16 +12,23 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 import tidemq.service.channel as channel_module
-from tidemq.errors import ConnectionFailed, Forbidden, NotLeader, Unavailable
+from tidemq.errors import ConnectionFailed, Forbidden, NotLeader, RequestTooLarge, Unavailable
 from tidemq.service.app import build_app
 from tidemq.service.callers import BROKERS, CLIENTS, broker_self
-from tidemq.service.channel import Operation, Reply, channel_endpoint
+from tidemq.service.channel import (
+    Operation,
+    Reply,
+    channel_endpoint,
+    decode_answer,
+    encode_request,
+)
 from tidemq.service.http import Endpoint
 from tidemq.tls import client_context as tls_client_context
 from tidemq.tls import ensure_cluster_pki, server_context
@@ -203,6 +210,56 @@ def test_requests_past_the_bound_are_refused_and_a_lost_channel_fails_its_waiter
                     await asyncio.wait_for(poll, 5)
             # and the next request opens a new channel
             assert (await client.request_json("POST", base + "/v1/produce", data=b"z"))["n"] == 1
+
+    run(scenario)
+
+
+def test_an_oversized_body_gets_413_as_over_http_and_breaks_no_other_request(
+    tmp_path: Path,
+) -> None:
+    """The service takes bodies up to 64 KiB (its HTTP client_max_size and channel
+    limit). Over HTTP a larger body gets 413 and nothing else notices. Over the
+    channel a body a little larger was served; a much larger frame closed the whole
+    WebSocket: every request waiting on it failed with ConnectionFailed (outcome
+    unknown: a retry may duplicate), and a client retrying the big request kills it
+    again and again."""
+
+    async def scenario() -> None:
+        async with service(tmp_path) as (dummy, base, transports):
+            client = transports["client"]
+            poll = asyncio.ensure_future(client.request("POST", base + "/v1/fetch", data=b"x"))
+            deadline = asyncio.get_running_loop().time() + 5
+            while ("channel", "fetch") not in dummy.calls:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
+            for size in ((1 << 16) + 1, 4 << 16):
+                with pytest.raises(RequestTooLarge):
+                    await client.request("POST", base + "/v1/produce", data=b"x" * size)
+            assert not poll.done(), "a long-poll on the same channel was failed"
+            dummy.release.set()
+            body, _ = await asyncio.wait_for(poll, 5)
+            assert body == b"data:x"
+
+    run(scenario)
+
+
+def test_a_frame_with_a_body_past_the_limit_is_answered_413(tmp_path: Path) -> None:
+    """A peer that frames a body a little past the service's limit (the frame limit
+    leaves room for the head) gets 413, as over HTTP, not a served request."""
+
+    async def scenario() -> None:
+        async with service(tmp_path) as (dummy, base, _):
+            files = ensure_cluster_pki(tmp_path / "pki", NAMES)
+            async with aiohttp.ClientSession() as session:
+                socket = await session.ws_connect(
+                    base + "/v1/channel", ssl=tls_client_context(files["client"])
+                )
+                frame = encode_request(9, "POST /v1/produce", {}, b"x" * ((1 << 16) + 1))
+                await socket.send_bytes(frame)
+                answer = decode_answer((await socket.receive(timeout=5)).data)
+                await socket.close()
+            assert (answer.request_id, answer.status) == (9, 413)
+            assert dummy.calls == []
 
     run(scenario)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -64,7 +66,11 @@ class Crashable:
         self.journal.sync()
         self.log.mark_durable(end, generation)
 
-    def crash(self, rng: random.Random | None = None) -> PartitionLog:
+    def crash(
+        self,
+        rng: random.Random | None = None,
+        recovery: Callable[[Path], PartitionLog] | None = None,
+    ) -> PartitionLog:
         synced_journal = {f.path: f.synced for f in self.journal._files}
         for path in (self.root / KEY).glob("*.log"):
             keep = self.segment_synced.get(path, 0)
@@ -78,7 +84,7 @@ class Crashable:
             size = path.stat().st_size
             keep = synced if rng is None or size <= synced else rng.randint(synced, size)
             os.truncate(path, keep)
-        return recover(self.root)
+        return (recovery or recover)(self.root)
 
 
 def recover(root: Path) -> PartitionLog:
@@ -370,3 +376,205 @@ def _batch_ends(log: PartitionLog) -> list[int]:
             ends.append(header.next_offset)
         offset = ends[-1]
     return ends
+
+
+def test_a_failed_journal_write_leaves_the_segment_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC (or EIO) writing the journal record: the append fails and the log must
+    be as if it never happened, as a failed segment write leaves it (segment.append
+    cuts its partial bytes). Else the failed batch stays in the segment at the offsets
+    the next append is given: reads and followers see the failed batch under the
+    acknowledged one's offsets, and a replay later swaps them."""
+    node = Crashable(tmp_path)
+    real_writev = os.writev
+    calls = 0
+
+    def writev_failing_once(fd: int, buffers: list[bytes]) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError(28, "No space left on device")
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", writev_failing_once)
+    with pytest.raises(OSError):
+        node.log.append(batch_of([b"failed"]), 0, START_MS)
+    assert node.log.append(batch_of([b"acknowledged"]), 0, START_MS) == (0, 0)
+    node.journal_sync()
+    assert values(node.log) == [b"acknowledged"]
+    node.log.close()
+
+
+RESET_OPERATIONS = st.one_of(
+    OPERATION,
+    st.tuples(st.just("reset"), st.integers(1, 3)),  # a follower past its log end
+    st.tuples(st.just("reset_below_start"), st.integers(0, 0)),  # a divergence below it
+    st.tuples(st.just("rotate"), st.integers(0, 0)),  # a checkpoint still syncing logs
+)
+
+
+def _recover_with_start_over(root: Path) -> PartitionLog:
+    logs: dict[str, PartitionLog] = {}
+
+    def open_key(key: str) -> PartitionLog | None:
+        if not (root / key).is_dir():
+            return None
+        logs[key] = open_log(root / key)
+        return logs[key]
+
+    def start_over(key: str, offset: int) -> PartitionLog:
+        logs.pop(key).close(mark_clean=False)
+        logs[key] = PartitionLog.recreate_empty(root / key, offset, logs_config(), START_MS)
+        return logs[key]
+
+    replay(root / "journal", open_key, START_MS, start_over)
+    for log_ in logs.values():
+        log_.close(mark_clean=False)
+    for path in journal_files(root / "journal"):
+        path.unlink()
+    return open_log(root / KEY)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    operations=st.lists(RESET_OPERATIONS, max_size=25),
+    cut_short=st.booleans(),
+    seed=st.integers(0, 2**32),
+)
+def test_a_power_loss_at_any_point_with_follower_resets_keeps_every_durable_record(
+    tmp_path_factory: pytest.TempPathFactory,
+    operations: list[tuple[str, int]],
+    cut_short: bool,
+    seed: int,
+) -> None:
+    """As above, with follower resets (``reset_to``: journaled, then the directory
+    recreated empty at the reset point), the last one possibly cut short by the crash
+    right after its journal record. Model: offset -> value from the log start."""
+    root = tmp_path_factory.mktemp("crash")
+    node = Crashable(root)
+    model: list[bytes | None] = []  # None below the log start
+    start = durable = epoch = counter = 0
+
+    def reset(offset: int, complete: bool) -> None:
+        nonlocal model, start, durable
+        node.journal.reset(KEY, offset)
+        node.log.close()
+        node.segment_synced = node._segment_sizes()  # close fsynced them
+        model, start, durable = [None] * offset, offset, offset
+        if complete:
+            node.log = PartitionLog.recreate_empty(root / KEY, offset, logs_config(), START_MS)
+            node.log.attach_journal(node.journal, KEY)
+            node.segment_synced = node._segment_sizes()
+
+    for name, argument in operations:
+        if name == "append":
+            batch = [f"v{counter + i}".encode() for i in range(argument)]
+            counter += argument
+            node.log.append(batch_of(batch), epoch, START_MS)
+            model.extend(batch)
+        elif name == "truncate" and len(model) > start:
+            starts = [start, *_batch_ends(node.log)]
+            cut = starts[argument % len(starts)]
+            if cut < len(model):
+                node.truncate(cut)
+                del model[cut:]
+                durable = min(durable, cut)
+                epoch += 1
+        elif name == "journal_sync":
+            node.journal_sync()
+            durable = max(durable, node.log.flushed_offset)
+        elif name == "segment_sync":
+            node.sync_segments()
+        elif name == "checkpoint":
+            older = node.journal.rotate()
+            node.sync_segments()
+            node.journal.discard(older)
+        elif name == "reset":
+            reset(len(model) + argument, complete=True)
+        elif name == "reset_below_start" and start > 0 and node.log.log_end_offset > start:
+            reset(start - 1, complete=True)
+        elif name == "rotate":
+            node.journal.rotate()
+    if cut_short:  # a last reset, cut short right after its journal record
+        target = len(model) + 1 if start == 0 or len(model) == start else start - 1
+        reset(target, complete=False)
+    if not cut_short:
+        assert node.log.flushed_offset <= len(model)
+    recovered = node.crash(random.Random(seed), _recover_with_start_over)
+    got = read_all(recovered)
+    got_start = recovered.log_start_offset
+    recovered.close()
+    assert got_start == start, "the log start moved"
+    assert [value for _, value in got[: durable - start]] == model[start:durable], (
+        "a durable record was lost or changed"
+    )
+    assert all(offset < len(model) and model[offset] == value for offset, value in got), (
+        "a truncated record came back"
+    )
+
+
+def test_a_recreated_log_directory_is_durable_in_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """reset_to deletes the directory (parent fsynced) and makes it again: unless the
+    parent is fsynced again, a power loss may take the new directory's entry, and with
+    it the restarted log whose journal records a checkpoint already discarded."""
+    import tidemq.storage.log as log_module
+
+    directory = tmp_path / KEY
+    open_log(directory).close()
+    synced: list[tuple[Path, bool]] = []
+    real = log_module.fsync_directory
+
+    def recording(path: Path) -> None:
+        synced.append((Path(path), directory.exists()))
+        real(path)
+
+    monkeypatch.setattr(log_module, "fsync_directory", recording)
+    PartitionLog.recreate_empty(directory, 7, logs_config(), START_MS).close()
+    assert (tmp_path, True) in synced, "the new directory's entry was never fsynced"
+
+
+def test_a_new_journal_directory_is_durable_in_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first start makes ``journal/``: unless the data directory is fsynced after,
+    a power loss may take the directory entry and every journaled record with it."""
+    import tidemq.storage.journal as journal_module
+
+    synced: list[tuple[Path, bool]] = []
+    real = journal_module.fsync_directory
+    directory = tmp_path / "journal"
+
+    def recording(path: Path) -> None:
+        synced.append((Path(path), directory.exists()))
+        real(path)
+
+    monkeypatch.setattr(journal_module, "fsync_directory", recording)
+    Journal.open(directory).close(remove_files=False)
+    assert (tmp_path, True) in synced, "the journal directory's entry was never fsynced"
+
+
+def test_a_reset_inside_an_earlier_incarnations_batch_replays(tmp_path: Path) -> None:
+    """The replica moved away (directory deleted, its records still journaled) and
+    back before a checkpoint: the new follower resets to the leader's log start, which
+    may fall inside a batch of the old history. As a truncation record it read as a cut
+    inside a batch (CorruptBatch at every start); a reset record restarts the tail."""
+    node = Crashable(tmp_path)
+    node.log.append(batch_of([b"old-0", b"old-1", b"old-2"]), 0, START_MS)
+    node.journal_sync()
+    node.log.close()
+    shutil.rmtree(tmp_path / KEY)  # moved away
+    node.log = open_log(tmp_path / KEY)  # and back: empty at 0
+    node.log.attach_journal(node.journal, KEY)
+    node.journal.reset(KEY, 2)  # reset_to(2)
+    node.log.close()
+    node.log = PartitionLog.recreate_empty(tmp_path / KEY, 2, logs_config(), START_MS)
+    node.log.attach_journal(node.journal, KEY)
+    node.log.append_replicated(_at_offset(batch_of([b"new-2"]), 2), START_MS)
+    node.journal_sync()
+    node.segment_synced = {}  # the new segment's bytes lost
+    recovered = node.crash(recovery=_recover_with_start_over)
+    assert read_all(recovered) == [(2, b"new-2")]
+    recovered.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -53,7 +54,7 @@ from tidemq.core.replica import (
 )
 from tidemq.errors import NotLeader, RequestTimedOut
 from tidemq.storage import FsyncPolicy, LogConfig, PartitionLog
-from tidemq.storage.checkpoint import read_offset, write_offset
+from tidemq.storage.checkpoint import fsync_directory, read_offset, write_offset
 from tidemq.storage.journal import Journal
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,26 @@ ProposalSink = Callable[["PartitionReplica", ProposeIsr], None]
 
 def partition_directory_name(topic: str, partition: int, topic_id: str) -> str:
     return f"{topic}-{partition}-{topic_id}"
+
+
+DELETED_SUFFIX = ".deleted"
+
+
+def remove_replica_directory(directory: Path) -> None:
+    """Renames the directory away (durably) before removing it: a crash midway through
+    the removal leaves no half-deleted replica directory that a journal replay
+    (storage/journal.py) would open and find short of its journaled tail."""
+    doomed = directory.with_name(directory.name + DELETED_SUFFIX)
+    shutil.rmtree(doomed, ignore_errors=True)  # an earlier removal a crash cut short
+    try:
+        os.replace(directory, doomed)
+    except FileNotFoundError:
+        return
+    except OSError:  # cannot rename (permissions?): remove in place, as before
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    fsync_directory(directory.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def parse_partition_directory_name(name: str) -> tuple[str, int, str] | None:
@@ -281,7 +302,7 @@ class PartitionReplica:
         """Follower: drop the whole log and start empty at ``offset`` (the leader's log
         start moved past our log end: what we lack no longer exists anywhere)."""
         if self._journal is not None:  # durable first: a replay restarts it too
-            self._journal.truncate(self.directory.name, offset)
+            self._journal.reset(self.directory.name, offset)
         self.log.close()
         self.log = PartitionLog.recreate_empty(self.directory, offset, self.config, now_ms)
         if self._journal is not None:
@@ -365,4 +386,4 @@ class PartitionReplica:
 
     def delete(self) -> None:
         self.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        remove_replica_directory(self.directory)

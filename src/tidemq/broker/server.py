@@ -42,7 +42,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tidemq.broker.follower import FetchSession
 from tidemq.broker.idempotence import append_in_sequence
-from tidemq.broker.partition import PartitionReplica, parse_partition_directory_name
+from tidemq.broker.partition import (
+    DELETED_SUFFIX,
+    PartitionReplica,
+    parse_partition_directory_name,
+    remove_replica_directory,
+)
 from tidemq.broker.syncer import GroupCommitSyncer
 from tidemq.core.replica import (
     Acks,
@@ -837,12 +842,15 @@ class Broker:
             return
         open_ids = {(r.topic, r.partition, r.topic_id) for r in self.replicas.values()}
         for path in self.config.data_dir.iterdir():
+            if path.name.endswith(DELETED_SUFFIX) and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)  # a removal a crash cut short
+                continue
             parsed = parse_partition_directory_name(path.name)
             if parsed is None or not path.is_dir() or parsed in open_ids:
                 continue
             if parsed[2] in deleted_ids:
                 log.info("removing %s: topic id %s was deleted", path.name, parsed[2])
-                shutil.rmtree(path, ignore_errors=True)
+                remove_replica_directory(path)
 
     def _update_partition_gauges(self, wanted: dict[Key, control.PartitionAssignment]) -> None:
         leaders = sum(1 for r in self.replicas.values() if r.is_leader)

@@ -36,7 +36,14 @@ from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import WSMsgType, web
 
-from tidemq.errors import Forbidden, InvalidRequest, InvariantViolation, TideError, Unavailable
+from tidemq.errors import (
+    Forbidden,
+    InvalidRequest,
+    InvariantViolation,
+    RequestTooLarge,
+    TideError,
+    Unavailable,
+)
 from tidemq.service.callers import ANY, Callers, Identity, Location
 from tidemq.service.failstop import fail_stop
 from tidemq.service.http import Endpoint
@@ -199,7 +206,9 @@ def channel_endpoint(operations: Sequence[Operation], max_body_bytes: int) -> En
                     await _send(socket, _error_answer(frame.request_id, busy))
                     continue
                 operation = by_target.get(frame.target)
-                task = asyncio.ensure_future(_serve(socket, operation, frame, tls, identity))
+                task = asyncio.ensure_future(
+                    _serve(socket, operation, frame, tls, identity, max_body_bytes)
+                )
                 serving.add(task)
                 task.add_done_callback(serving.discard)
         finally:
@@ -233,10 +242,13 @@ async def _serve(
     frame: ChannelRequest,
     tls: bool,
     identity: Identity | None,
+    max_body_bytes: int,
 ) -> None:
     try:
         if operation is None:
             raise _NotServed(f"{frame.target} is not served over the channel")
+        if len(frame.body) > max_body_bytes:  # as HTTP's client_max_size: 413
+            raise RequestTooLarge(f"body of {len(frame.body)} bytes exceeds {max_body_bytes}")
         pairs = parse_qsl(frame.query, keep_blank_values=True)
         query = dict(pairs)
         if len(query) != len(pairs):

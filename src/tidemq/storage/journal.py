@@ -17,8 +17,9 @@ Files: ``<data-dir>/journal/<sequence 20 digits>.journal``, records back to back
 
 ``crc`` is CRC-32 of everything after it, ``length`` counts the bytes after it.
 ``kind`` 1 = append (payload: whole record batches, offsets and epochs assigned, as in
-the segment), 2 = truncate (the log was cut to ``offset``; no payload). ``key`` is the
-partition directory's name under the data directory.
+the segment), 2 = truncate (the log was cut to ``offset``; no payload), 3 = reset (the
+log was dropped and restarted empty at ``offset``: a follower's ``reset_to``; no
+payload). ``key`` is the partition directory's name under the data directory.
 
 Invariants:
 
@@ -58,6 +59,7 @@ _log = logging.getLogger(__name__)
 JOURNAL_DIRECTORY = "journal"
 APPEND = 1
 TRUNCATE = 2
+RESET = 3
 _HEAD = struct.Struct(">II")  # crc, length
 _BODY = struct.Struct(">BHq")  # kind, key length, offset
 _NAME = re.compile(r"^(\d{20})\.journal$")
@@ -103,7 +105,7 @@ def decode_records(data: bytes) -> Iterator[tuple[JournalRecord, int]]:
         if zlib.crc32(body) != crc:
             return
         kind, key_length, offset = _BODY.unpack_from(body)
-        if kind not in (APPEND, TRUNCATE) or _BODY.size + key_length > length:
+        if kind not in (APPEND, TRUNCATE, RESET) or _BODY.size + key_length > length:
             return
         key = body[_BODY.size : _BODY.size + key_length].decode(errors="replace")
         yield JournalRecord(kind, key, offset, body[_BODY.size + key_length :]), end
@@ -142,7 +144,9 @@ class Journal:
     @classmethod
     def open(cls, directory: Path, file_bytes_max: int = 64 * 1024 * 1024) -> Journal:
         """A journal continuing after the files already there (replay them first)."""
-        directory.mkdir(parents=True, exist_ok=True)
+        if not directory.exists():
+            directory.mkdir(parents=True)
+            fsync_directory(directory.parent)
         journal = cls(directory, file_bytes_max)
         existing = journal_files(directory)
         sequence = int(existing[-1].name.split(".")[0]) + 1 if existing else 0
@@ -176,6 +180,13 @@ class Journal:
     def truncate(self, key: str, offset: int) -> None:
         """Journals a truncation durably; call before cutting the segment."""
         self._write(_record_parts(TRUNCATE, key, offset, b""))
+        self.sync()
+
+    def reset(self, key: str, offset: int) -> None:
+        """Journals durably that the log restarts empty at ``offset``; call before
+        deleting it. Explicit: a truncation to past the journaled end cannot tell a
+        reset when nothing of the log is journaled any more (after a checkpoint)."""
+        self._write(_record_parts(RESET, key, offset, b""))
         self.sync()
 
     def sync(self) -> None:
@@ -314,6 +325,11 @@ class _Tail:
         self.restarted = False  # the base is a reset of the whole log, not a cut
 
     def add(self, record: JournalRecord) -> None:
+        if record.kind == RESET:
+            self.base = self.end = record.offset
+            self.batches = []
+            self.restarted = True
+            return
         if record.kind == TRUNCATE:
             self._cut(record.offset)
             return
@@ -349,6 +365,10 @@ class _Tail:
         journal's fsyncs (``PartitionLog.mark_durable``), so what the segment holds
         past the tail was never acknowledged and is cut."""
         assert self.base is not None
+        if self.restarted and start_over is not None and target.log_start_offset != self.base:
+            # Not yet the restarted log (it starts at the reset point, and only retention
+            # moves that start, with every record since the reset still journaled).
+            target = start_over(self.key, self.base)
         start = target.log_start_offset
         batches = [(offset, payload) for offset, payload in self.batches if offset >= start]
         base = batches[0][0] if batches else max(self.end, start)

@@ -205,6 +205,7 @@ class PartitionLog:
         shutil.rmtree(directory)
         fsync_directory(directory.parent)
         directory.mkdir(parents=True)
+        fsync_directory(directory.parent)  # the new entry too: open() will not (it exists)
         write_offset(directory / LOG_START_FILE, start_offset)
         return cls.open(directory, config, now_ms)
 
@@ -301,10 +302,15 @@ class PartitionLog:
     ) -> None:
         invariant(len(buffer) <= APPEND_BYTES_MAX, f"append of {len(buffer)} bytes")
         segment = self._active_segment(len(buffer), spans[-1].next_offset - 1, now_ms)
+        start = segment.size_bytes
         segment.append(buffer, spans, self.config.index_interval_bytes)
-        segment.note_timestamp(max_timestamp_ms)
         if self._journal is not None:
-            self._journal.append(self._journal_key, spans[0].base_offset, buffer)
+            try:
+                self._journal.append(self._journal_key, spans[0].base_offset, buffer)
+            except OSError:  # as a failed segment write: the append never happened
+                segment.truncate(start, spans[0].base_offset)
+                raise
+        segment.note_timestamp(max_timestamp_ms)
         with self._lock:
             self._log_end_offset = spans[-1].next_offset
             self._dirty.add(segment)
