@@ -47,6 +47,7 @@ class FakeCluster:
         self.other_requests: list[str] = []
         self.loop: asyncio.AbstractEventLoop | None = None
         self.waiters: set[asyncio.Event] = set()
+        self.deposed: dict[int, tuple[str, int]] = {}  # leaders that do not know it yet
 
     def append(self, partition: int, value: bytes) -> None:
         with self.lock:
@@ -59,8 +60,10 @@ class FakeCluster:
             for event in waiters:
                 loop.call_soon_threadsafe(event.set)
 
-    def move_leader(self, partition: int, url: str) -> None:
+    def move_leader(self, partition: int, url: str, quietly: bool = False) -> None:
         with self.lock:
+            if quietly:
+                self.deposed[partition] = (self.leaders[partition], self.epochs[partition])
             self.leaders[partition] = url
             self.epochs[partition] += 1
 
@@ -69,6 +72,8 @@ class FakeCluster:
         with self.lock:
             for wanted in request.partitions:
                 p = wanted.partition
+                if self.deposed.get(p) == (url, wanted.leader_epoch):
+                    continue  # serves nothing new, and says nothing
                 if self.leaders[p] != url or wanted.leader_epoch != self.epochs[p]:
                     code = "not_leader" if self.leaders[p] != url else "fenced_leader_epoch"
                     error = {"code": code, "message": f"{url} cannot serve {p}"}
@@ -236,6 +241,19 @@ def test_a_leader_move_of_one_partition_does_not_stall_the_others(
         ]
         assert asked[-1] == (BROKERS[1], 1)
         assert max(cluster.max_in_flight.values()) == 1
+
+
+def test_a_deposed_leader_that_says_nothing_is_left_when_metadata_ages(
+    cluster: FakeCluster,
+) -> None:
+    with make_consumer(fetch_wait_ms=200, metadata_max_age_ms=300) as consumer:
+        assert consumer.wait_until_ready(10)
+        cluster.move_leader(5, BROKERS[0], quietly=True)  # broker 2 keeps answering
+        cluster.append(5, b"on the new leader")
+        got = poll_until(consumer, lambda got: bool(got), 10)
+        assert [(m.partition, m.value) for m in got] == [(5, b"on the new leader")]
+        asked = [(b, p.leader_epoch) for b, r in cluster.requests for p in r.partitions]
+        assert (BROKERS[0], 1) in asked
 
 
 def test_a_new_partition_is_fetched_while_its_brokers_long_poll_waits(

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 import msgspec
@@ -170,6 +171,8 @@ class Fetchers:
         self.partitions: dict[TopicPartition, PartitionFetch] = {}
         self._placers: dict[TopicPartition, asyncio.Task[None]] = {}
         self.brokers: dict[str, BrokerFetcher] = {}
+        self._routes_seen: dict[str, float] = {}  # topic -> metadata fetched_at applied
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
         self._request_headers = {"Accept": FETCH_TYPE, "Content-Type": "application/json"}
 
     # -- what the consumer calls --------------------------------------------------------
@@ -210,6 +213,7 @@ class Fetchers:
         if tasks:
             await asyncio.wait(tasks, timeout=self._options.fetch_wait_ms / 1000 + 1)
         await self.stop(list(self.partitions))
+        tasks += self._refreshing.values()
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -290,6 +294,49 @@ class Fetchers:
         if fetcher.in_flight.get(state.tp) is not state:
             fetcher.changed.set()
 
+    def _follow_metadata(self) -> None:
+        """Moves placed partitions whose leader changed in newer metadata (looking only
+        at topics whose metadata changed since the last look), and refreshes metadata
+        older than ``metadata_max_age_ms`` in the background: a deposed leader that
+        does not know it yet answers no error, only no new data."""
+        max_age_s = self._connection.metadata_max_age_ms / 1000
+        for topic in {state.tp[0] for state in self.partitions.values()}:
+            info = self._metadata.cached(topic)
+            if info is None:
+                continue
+            if time.monotonic() - info.fetched_at > max_age_s:
+                self._refresh_soon(topic)
+            if self._routes_seen.get(topic) == info.fetched_at:
+                continue
+            self._routes_seen[topic] = info.fetched_at
+            for state in list(self.partitions.values()):
+                if state.tp[0] == topic and state.leader_url is not None:
+                    self._reroute(state, info.partitions)
+
+    def _reroute(self, state: PartitionFetch, partitions: tuple[PartitionInfo, ...]) -> None:
+        if state.tp[1] >= len(partitions):
+            return
+        entry = partitions[state.tp[1]]
+        if entry.leader_url is None or entry.leader_epoch < state.leader_epoch:
+            return  # no leader right now, or older news: an error will tell
+        state.leader_epoch = entry.leader_epoch
+        if entry.leader_url != state.leader_url:
+            state.leader_url = entry.leader_url
+            self._kick(state)
+
+    def _refresh_soon(self, topic: str) -> None:
+        if topic not in self._refreshing:
+            self._refreshing[topic] = self._group.create_task(self._refresh(topic))
+
+    async def _refresh(self, topic: str) -> None:
+        try:
+            await self._metadata.refresh([topic])
+        except TideError as error:
+            log.debug("metadata of %s: %s", topic, error)
+        finally:
+            del self._refreshing[topic]
+        self._follow_metadata()
+
     def _fetchable(self, url: str) -> list[PartitionFetch]:
         has_space = self._buffer.has_space
         return [
@@ -305,6 +352,7 @@ class Fetchers:
                 self._session_alive.clear()
                 await self._session_alive.wait()
             fetcher.changed.clear()
+            self._follow_metadata()
             wanted = self._fetchable(fetcher.url)
             if not wanted:
                 await fetcher.changed.wait()
