@@ -48,6 +48,7 @@ class FakeCluster:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.waiters: set[asyncio.Event] = set()
         self.deposed: dict[int, tuple[str, int]] = {}  # leaders that do not know it yet
+        self.on_request: Callable[[FetchRequest], None] = lambda request: None
 
     def append(self, partition: int, value: bytes) -> None:
         with self.lock:
@@ -130,6 +131,7 @@ class FakeTransport:
         request = msgspec.json.decode(data, type=FetchRequest)
         cluster.loop = asyncio.get_running_loop()
         cluster.requests.append((broker, request))
+        cluster.on_request(request)
         cluster.in_flight[broker] += 1
         cluster.max_in_flight[broker] = max(
             cluster.max_in_flight[broker], cluster.in_flight[broker]
@@ -299,3 +301,38 @@ def test_decode_fetch_reads_back_what_the_broker_encodes() -> None:
     assert decode_fetch(encode_fetch(entries)) == entries
     with pytest.raises(InvalidRequest):
         decode_fetch(encode_fetch(entries)[:-3])
+
+
+def test_a_full_partition_is_not_fetched_and_comes_back_soon_after_it_drains(
+    cluster: FakeCluster,
+) -> None:
+    cluster.assignment = {0, 2}  # both on broker 1; 2 stays idle: its long-poll parks
+    for i in range(10):
+        cluster.append(0, b"x" * 100 + str(i).encode())
+    bound = 300
+    with make_consumer(fetch_wait_ms=4000, max_partition_buffer_bytes=bound) as consumer:
+        fetched_while_full: list[int] = []
+
+        def check(request: FetchRequest) -> None:
+            buffered = consumer._buffer.buffered_bytes((TOPIC, 0))
+            if any(p.partition == 0 for p in request.partitions) and buffered >= bound:
+                fetched_while_full.append(buffered)
+
+        cluster.on_request = check
+        wait_for(lambda: consumer._buffer.buffered_bytes((TOPIC, 0)) >= bound, 5, "a full p0")
+        wait_for(
+            lambda: (
+                [p.partition for p in cluster.requests[-1][1].partitions] == [2]
+                and cluster.in_flight[BROKERS[0]] == 1
+            ),
+            5,
+            "a long-poll without the full partition",
+        )
+        got = consumer.poll(timeout=1, max_records=100)
+        assert [m.offset for m in got] == list(range(10))
+        cluster.append(0, b"after")
+        drained = time.monotonic()
+        got = poll_until(consumer, lambda got: bool(got), 5)
+        assert [(m.partition, m.value) for m in got] == [(0, b"after")]
+        assert time.monotonic() - drained < 2.0, "the drained partition waited out a long-poll"
+        assert fetched_while_full == []

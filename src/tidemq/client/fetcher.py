@@ -24,7 +24,9 @@ flight without it (assigned, placed after a leader move, sought, resumed after
 back-pressure) *kicks* the fetcher, which cancels the long-poll and sends a new one
 that includes it. Cancelling closes that HTTP connection (HTTP/1.1 cannot take a
 request back), which costs a new TLS handshake: cheap next to waiting out
-``fetch_wait_ms``, and these events are rare next to records. A partition that
+``fetch_wait_ms``, and these events are rare next to records. A partition resumed
+after back-pressure waits up to ``RESUME_GRACE_S`` for the request in flight first
+(see :meth:`Fetchers.resume`). A partition that
 stops being fetchable (revoked, sought, paused) does not cancel anything: the
 answer for it is dropped, because each answer entry is applied only if the
 partition's ``PartitionFetch`` is still the very one the request was made for and
@@ -68,6 +70,7 @@ log = logging.getLogger("tidemq.client")
 
 PARTITION_MAX_BYTES = 8 * 1024 * 1024  # FetchPartition.max_bytes limit (protocol)
 REQUEST_MAX_BYTES = 64 * 1024 * 1024  # FetchRequest.max_bytes limit (protocol)
+RESUME_GRACE_S = 0.05  # see Fetchers.resume
 
 StartPosition = Callable[[TopicPartition, int | None], Awaitable[int]]
 Chunk = tuple[TopicPartition, list[Message], int, TideError | None]
@@ -197,11 +200,27 @@ class Fetchers:
                 await task
 
     def resume(self, partitions: Iterable[TopicPartition]) -> None:
-        """Their buffers dropped below the bound: fetch them again now."""
+        """Their buffers dropped below the bound: fetch them again. At once if their
+        broker has no request in flight; else with its next request, or after
+        ``RESUME_GRACE_S`` if that request is still out (then it is a parked long-poll:
+        cancel it). Why the grace: a busy broker answers within it anyway, and
+        cancelling an answer that is on its way would throw it away and cost a new
+        connection each time back-pressure lets go (the partition still holds nearly
+        ``max_partition_buffer_bytes`` for the application meanwhile)."""
+        loop = asyncio.get_running_loop()
         for tp in partitions:
             state = self.partitions.get(tp)
-            if state is not None:
+            if state is None or state.leader_url is None:
+                continue
+            fetcher = self.brokers.get(state.leader_url)
+            if fetcher is None or not fetcher.in_flight:
                 self._kick(state)
+            else:
+                loop.call_later(RESUME_GRACE_S, self._kick_if_current, state)
+
+    def _kick_if_current(self, state: PartitionFetch) -> None:
+        if self.partitions.get(state.tp) is state:
+            self._kick(state)
 
     async def finish(self) -> None:
         """Closing: lets each broker's long-poll end (so its TLS connection closes
@@ -285,7 +304,7 @@ class Fetchers:
         """``state`` may be fetched now: wake its broker's loop, which cancels a
         long-poll in flight that does not include it."""
         url = state.leader_url
-        if url is None:
+        if url is None or self._closing.is_set():
             return
         fetcher = self.brokers.get(url)
         if fetcher is None:
@@ -351,8 +370,8 @@ class Fetchers:
             while self._buffer.session_expired() and not closing.is_set():
                 self._session_alive.clear()
                 await self._session_alive.wait()
+            self._follow_metadata()  # first: what it moves here joins this request
             fetcher.changed.clear()
-            self._follow_metadata()
             wanted = self._fetchable(fetcher.url)
             if not wanted:
                 await fetcher.changed.wait()
