@@ -93,12 +93,13 @@ class PartitionFetch:
 class BrokerFetcher:
     """One broker's fetch loop: its task, what it has in flight, its kick."""
 
-    __slots__ = ("changed", "in_flight", "rotation", "task", "url")
+    __slots__ = ("changed", "in_flight", "kicked", "rotation", "task", "url")
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.changed = asyncio.Event()
-        self.in_flight: dict[TopicPartition, PartitionFetch] = {}
+        self.changed = asyncio.Event()  # wakes the loop while it has nothing to fetch
+        self.in_flight: dict[TopicPartition, PartitionFetch] = {}  # non-empty: awaiting
+        self.kicked = False  # the loop task was cancelled to re-issue its request
         self.rotation = 0  # which partition leads the next request (fair byte budget)
         self.task: asyncio.Task[None] | None = None
 
@@ -310,8 +311,15 @@ class Fetchers:
         if fetcher is None:
             fetcher = self.brokers[url] = BrokerFetcher(url)
             fetcher.task = self._group.create_task(self._broker_loop(fetcher))
-        if fetcher.in_flight.get(state.tp) is not state:
+        if not fetcher.in_flight:
             fetcher.changed.set()
+        elif fetcher.in_flight.get(state.tp) is not state and not fetcher.kicked:
+            # The loop awaits the request itself (no extra task on the hot path), so
+            # a kick cancels the loop task; it tells this from a real cancel by
+            # ``kicked`` and carries on.
+            fetcher.kicked = True
+            if fetcher.task is not None:
+                fetcher.task.cancel()
 
     def _follow_metadata(self) -> None:
         """Moves placed partitions whose leader changed in newer metadata (looking only
@@ -382,37 +390,29 @@ class Fetchers:
             fetcher.in_flight = {state.tp: state for state in wanted}
             sent = {state.tp: state.offset for state in wanted}
             try:
-                body = await self._fetch_unless_kicked(fetcher, wanted)
-                entries = None if body is None else decode_answer(body)
+                body = await self._post_fetch(fetcher.url, wanted)
+                entries = decode_answer(body)
             except TideError as error:
                 for state in wanted:
                     if self._current(fetcher, state, sent):
                         self._retry_elsewhere(state, error)
                 continue
+            except asyncio.CancelledError:
+                if not self._kick_cancelled(fetcher):
+                    raise
+                continue  # kicked: send again with the new partition
             finally:
                 fetcher.in_flight = {}
-            if entries is not None:
-                self._take(fetcher, wanted, sent, entries)
+            self._take(fetcher, wanted, sent, entries)
 
-    async def _fetch_unless_kicked(
-        self, fetcher: BrokerFetcher, wanted: list[PartitionFetch]
-    ) -> bytes | None:
-        """The answer, or None if a kick cancelled the request first."""
-        request = asyncio.ensure_future(self._post_fetch(fetcher.url, wanted))
-        kicked = asyncio.ensure_future(fetcher.changed.wait())
-        try:
-            await asyncio.wait((request, kicked), return_when=asyncio.FIRST_COMPLETED)
-            if not request.done() and self._closing.is_set():
-                await asyncio.wait((request,))  # closing: let the long-poll end cleanly
-        finally:
-            for task in (kicked, request):
-                if not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-        if request.cancelled():
-            return None
-        return request.result()
+    @staticmethod
+    def _kick_cancelled(fetcher: BrokerFetcher) -> bool:
+        """Was this cancel a kick only (not also the task group's)?"""
+        if not fetcher.kicked:
+            return False
+        fetcher.kicked = False
+        task = asyncio.current_task()
+        return task is None or task.uncancel() == 0
 
     async def _post_fetch(self, url: str, wanted: list[PartitionFetch]) -> bytes:
         options = self._options
