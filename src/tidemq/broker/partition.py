@@ -214,20 +214,6 @@ class PartitionReplica:
         except RequestTimedOut:
             return
 
-    def add_data_waiter(self, offset: int, future: asyncio.Future[None]) -> int:
-        """A long-poll's waiter without a task of its own: ``future`` completes when
-        there is something to read at ``offset`` (fails when the partition closes).
-        Several partitions may share one future (a multi-partition fetch wakes in one
-        hop); the caller drops the waiter with ``drop_waiter`` when it is done."""
-        waiter_id = next(_waiter_ids)
-        self._waiters[waiter_id] = future
-        self.handle(AwaitData(waiter_id, offset, False))
-        return waiter_id
-
-    def drop_waiter(self, waiter_id: int) -> None:
-        if self._waiters.pop(waiter_id, None) is not None:
-            self.handle(Cancel(waiter_id))
-
     async def _wait(self, make: Callable[[int], Event], timeout_s: float, what: str = "") -> None:
         waiter_id = next(_waiter_ids)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -399,30 +399,26 @@ class Broker:
     async def fetch_many(self, request: FetchRequest) -> list[FetchEntry]:
         """A consumer's multi-partition long-poll: answers at once with every partition
         that has data or an error, else waits up to ``wait_ms`` for the first of them
-        to have data. Every partition's waiter completes one shared future, so the
-        request wakes in one event-loop step, as a single-partition fetch does (a task
-        per partition plus ``asyncio.wait`` took several steps: ~1 ms on a busy loop)."""
+        to have data (each waiter is a future the replica core answers or cancels)."""
         entries = self._fetch_ready(request)
         if entries or request.wait_ms == 0:
             return entries
-        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiters: list[tuple[PartitionReplica, int]] = []
+        waits = [
+            asyncio.ensure_future(
+                self.replicas[(p.topic, p.partition)].wait_for_data(
+                    p.offset, request.wait_ms / 1000, follower=False
+                )
+            )
+            for p in request.partitions
+        ]
         try:
-            for wanted in request.partitions:
-                replica = self.replicas.get((wanted.topic, wanted.partition))
-                if replica is None or ready.done():
-                    break
-                waiters.append((replica, replica.add_data_waiter(wanted.offset, ready)))
-            if not ready.done() and len(waiters) == len(request.partitions):
-                async with asyncio.timeout(request.wait_ms / 1000):
-                    await ready
-        except (TimeoutError, TideError):
-            pass  # nothing arrived, or a partition closed: _fetch_ready tells which
+            await asyncio.wait(
+                waits, timeout=request.wait_ms / 1000, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
-            for replica, waiter_id in waiters:
-                replica.drop_waiter(waiter_id)
-            if ready.done() and not ready.cancelled():
-                ready.exception()  # retrieved: a closed partition is reported below
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
         return self._fetch_ready(request)
 
     def _fetch_ready(self, request: FetchRequest) -> list[FetchEntry]:
