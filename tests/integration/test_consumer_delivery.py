@@ -28,7 +28,7 @@ from consumer_helpers import (
     wait_for,
 )
 
-import tidemq.client.consumer as consumer_module
+import tidemq.client.fetcher as fetcher_module
 from tidemq import Consumer, CorruptRecord, Message, Producer
 from tidemq.errors import InternalError
 from tidemq.wire.partitioner import partition_for_key
@@ -78,7 +78,7 @@ def test_a_background_failure_reaches_poll_and_subscribe(
     def broken(*args: object) -> object:
         raise RuntimeError("decoder exploded")
 
-    monkeypatch.setattr(consumer_module, "decode_fetch", broken)
+    monkeypatch.setattr(fetcher_module, "decode_records", broken)
     with Consumer(topic, group="doomed", **cluster.config) as consumer:
         deadline = time.monotonic() + 30
         with pytest.raises(InternalError, match="decoder exploded"):

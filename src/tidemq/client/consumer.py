@@ -4,22 +4,23 @@ Loop thread (one per consumer), inside one TaskGroup:
 
 * the *membership* task heartbeats ``POST /v1/groups/{group}/heartbeat`` every
   ``heartbeat_interval_ms`` (the coordinator may change it) with the partitions it
-  owns, and reconciles towards the returned assignment. Assign: start a fetcher per
+  owns, and reconciles towards the returned assignment. Assign: start fetching each
   new partition. Revoke in two steps, so that a record in the application's hands
-  is never handed to the next owner: *begin* (stop the fetcher, drop the partition's
+  is never handed to the next owner: *begin* (stop fetching it, drop the partition's
   buffered records, hand out nothing more of it) and, once the application has
   finished what it was given (it polled again, committed, or its handler returned;
   or ``max_poll_interval_ms`` passed), *release* (commit, leave the partition out of
   ``owned`` and heartbeat at once, so the coordinator can hand it on).
-* a *fetcher* per owned partition: find the start (committed offset, else
-  ``log_start_offset`` / ``high_watermark`` per ``auto_offset_reset``), then long-poll
-  ``GET {leader}/v1/topics/{t}/partitions/{p}/records?offset=N&max_bytes&wait_ms``
-  for binary batches, decode them (skipping offsets below N) and put the messages
-  into the :class:`~tidemq.client.fetch_buffer.FetchBuffer`; it pauses while the
-  partition holds ``max_partition_buffer_bytes`` or more there. not_leader / fenced /
-  connection errors refresh metadata and back off; offset_out_of_range resets. An
-  undecodable record becomes an error marker in the buffer (``poll`` raises
-  :class:`~tidemq.errors.CorruptRecord` when it reaches it) and parks the fetcher
+* *fetching* (:mod:`tidemq.client.fetcher`): one long-poll ``POST {leader}/v1/fetch``
+  per leader broker for all the partitions it leads, each with its next offset,
+  leader epoch and byte budget (start: committed offset, else ``log_start_offset`` /
+  ``high_watermark`` per ``auto_offset_reset``); each answer's records go into the
+  :class:`~tidemq.client.fetch_buffer.FetchBuffer` in one step. A partition is left
+  out while it holds ``max_partition_buffer_bytes`` or more there. not_leader /
+  fenced / connection errors move only that partition: refresh metadata, back off,
+  fetch it again under its (new) leader; offset_out_of_range resets. An undecodable
+  record becomes an error marker in the buffer (``poll`` raises
+  :class:`~tidemq.errors.CorruptRecord` when it reaches it) and parks the partition
   until the application seeks past it.
 
 The session promise. The coordinator expires a member ``session_timeout_ms`` after
@@ -40,7 +41,6 @@ returns), ``at_most_once`` (commits what ``poll`` returns before returning it) a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -51,9 +51,9 @@ from typing import Any
 
 from tidemq.client.config import ConsumerOptions, resolve
 from tidemq.client.fetch_buffer import FetchBuffer, Message, TopicPartition
+from tidemq.client.fetcher import Fetchers, corrupt_record_error
 from tidemq.client.metadata import MetadataCache
 from tidemq.client.transport import (
-    BATCH_TYPE,
     LoopThread,
     Transport,
     backoff_seconds,
@@ -61,16 +61,13 @@ from tidemq.client.transport import (
 )
 from tidemq.errors import (
     ClientClosed,
-    CorruptRecord,
     FencedMember,
-    Forbidden,
     InternalError,
     InvalidRequest,
-    OffsetOutOfRange,
     TideError,
     Unavailable,
 )
-from tidemq.wire.batch import FetchedRecords, decode_fetch
+from tidemq.wire.batch import decode_fetch
 
 log = logging.getLogger("tidemq.client")
 
@@ -86,21 +83,6 @@ def decode_messages(
     if fetched.undecodable is not None:
         raise corrupt_record_error(topic, partition, fetched)
     return fetched.messages, fetched.next_offset
-
-
-def corrupt_record_error(topic: str, partition: int, fetched: FetchedRecords) -> CorruptRecord:
-    bad = fetched.undecodable
-    if bad is None:  # pragma: no cover - callers check
-        raise ValueError("nothing undecodable")
-    return CorruptRecord(
-        f"{topic}/{partition} offset {bad.offset}: the record cannot be decoded "
-        f"({bad.reason}); skip it with consumer.seek({topic!r}, {partition}, "
-        f"{bad.offset + 1}), or its batch with seek to {bad.next_batch_offset}",
-        topic=topic,
-        partition=partition,
-        offset=bad.offset,
-        next_batch_offset=bad.next_batch_offset,
-    )
 
 
 class Consumer:
@@ -140,8 +122,6 @@ class Consumer:
         self._member_epoch = 0
         self._owned: set[TopicPartition] = set()
         self._revoking: dict[TopicPartition, float] = {}  # -> when the revocation began
-        self._fetchers: dict[TopicPartition, asyncio.Task[None]] = {}
-        self._space: dict[TopicPartition, asyncio.Event] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._fetched_once: set[TopicPartition] = set()
         self._joined = threading.Event()
@@ -422,10 +402,9 @@ class Consumer:
         self._thread.call_soon(self._signal_space, partitions)
 
     def _signal_space(self, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            event = self._space.get(tp)
-            if event is not None:
-                event.set()
+        fetchers = getattr(self, "_fetchers", None)
+        if fetchers is not None:
+            fetchers.resume(partitions)
 
     def _done_signal(self) -> None:
         """From the buffer: a revoking partition's records may all be done now."""
@@ -439,6 +418,18 @@ class Consumer:
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
+                self._fetchers = Fetchers(
+                    transport=self._transport,
+                    metadata=self._metadata,
+                    buffer=self._buffer,
+                    options=self._options,
+                    connection=self._connection,
+                    group=group,
+                    closing=self._closing_event or asyncio.Event(),
+                    session_alive=self._session_alive,
+                    start_position=self._start_position,
+                    fetched_once=self._fetched_once,
+                )
                 await self._membership()
             await self._commit_and_leave()
         except BaseException as exc:
@@ -542,15 +533,9 @@ class Consumer:
         await self._finish_fetchers()
 
     async def _finish_fetchers(self) -> None:
-        """Closing: lets each fetcher finish its long-poll (so its TLS connection goes
+        """Closing: lets each broker's long-poll finish (so its TLS connection goes
         back to the pool and closes cleanly with the session), then cancels the rest."""
-        for event in self._space.values():
-            event.set()
-        self._session_alive.set()
-        tasks = list(self._fetchers.values())
-        if tasks:
-            await asyncio.wait(tasks, timeout=self._options.fetch_wait_ms / 1000 + 1)
-        await self._stop_fetchers(set(self._fetchers))
+        await self._fetchers.finish()
 
     def _next_wake_s(self, next_heartbeat: float) -> float:
         """When the membership task must look again: heartbeat, session, revocations."""
@@ -658,7 +643,7 @@ class Consumer:
         self._member_epoch = 0
 
     async def _drop_all(self) -> None:
-        await self._stop_fetchers(set(self._fetchers))
+        await self._stop_fetchers(set(self._fetchers.partitions))
         for tp in self._owned:
             self._buffer.remove(tp)
         self._owned.clear()
@@ -674,14 +659,13 @@ class Consumer:
         for tp in sorted(partitions):
             self._owned.add(tp)
             self._buffer.assign(tp)
-            self._space[tp] = asyncio.Event()
             start = committed.get(tp) if committed is not None else None
-            self._fetchers[tp] = self._group.create_task(self._fetch_loop(tp, start))
+            self._fetchers.start(tp, start, None)
 
     async def _seek(
         self, positions: dict[TopicPartition, int], commit: bool = False, strict: bool = True
     ) -> None:
-        """Restarts the fetchers of owned, active partitions at ``positions``; others
+        """Restarts fetching of owned, active partitions at ``positions``; others
         are an error if ``strict`` (the application's seek), else left alone (a rewind:
         a partition revoked meanwhile is its next owner's to deliver)."""
         for tp in list(positions):
@@ -692,21 +676,12 @@ class Consumer:
         await self._stop_fetchers(set(positions))
         for tp, offset in positions.items():
             self._buffer.seek(tp, offset)
-            self._space[tp] = asyncio.Event()
-            self._fetchers[tp] = self._group.create_task(self._fetch_loop(tp, offset, offset))
+            self._fetchers.start(tp, None, offset)
         if commit:
             await self._commit(positions)
 
     async def _stop_fetchers(self, partitions: Iterable[TopicPartition]) -> None:
-        partitions = list(partitions)
-        tasks = [self._fetchers.pop(tp) for tp in partitions if tp in self._fetchers]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for tp in partitions:
-            self._space.pop(tp, None)
+        await self._fetchers.stop(partitions)
 
     # -- loop thread: offsets ---------------------------------------------------------
 
@@ -801,85 +776,3 @@ class Consumer:
             await self._commit(positions)
         except TideError as error:
             log.warning("auto-commit for group %s failed: %s", self.group, error)
-
-    # -- loop thread: fetching --------------------------------------------------------
-
-    async def _fetch_loop(
-        self, tp: TopicPartition, committed: int | None, position: int | None = None
-    ) -> None:
-        """Fetches ``tp`` from ``position`` (after a seek) or from its start."""
-        topic, partition = tp
-        if position is None:
-            offset = await self._start_position(tp, committed)
-            self._buffer.seek(tp, offset)
-        else:
-            offset = position
-        options = self._options
-        params = {
-            "max_bytes": str(options.fetch_max_bytes),
-            "wait_ms": str(options.fetch_wait_ms),
-        }
-        attempt = 0
-        closing = self._closing_event
-        while closing is None or not closing.is_set():
-            await self._wait_for_space(tp)
-            if closing is not None and closing.is_set():
-                return
-            while self._buffer.session_expired() and not (closing and closing.is_set()):
-                self._session_alive.clear()
-                await self._session_alive.wait()
-            try:
-                info = await self._metadata.leader(topic, partition)
-                params["offset"] = str(offset)
-                body, _ = await self._transport.request(
-                    "GET",
-                    f"{info.leader_url}/v1/topics/{topic}/partitions/{partition}/records",
-                    params=params,
-                    headers={"Accept": BATCH_TYPE},
-                    timeout_ms=self._connection.request_timeout_ms + options.fetch_wait_ms,
-                )
-            except OffsetOutOfRange as error:
-                log.info(
-                    "%s/%s offset %d out of range (%s): resetting", topic, partition, offset, error
-                )
-                offset = await self._start_position(tp, -1)
-                self._buffer.seek(tp, offset)
-                continue
-            except TideError as error:
-                if isinstance(error, Forbidden | InvalidRequest):
-                    raise  # retrying cannot help: poll() raises it (background failure)
-                attempt += 1
-                self._metadata.invalidate(topic)
-                log.debug("fetch %s/%s: %s; retry %d", topic, partition, error, attempt)
-                await asyncio.sleep(
-                    backoff_seconds(
-                        attempt,
-                        self._connection.retry_backoff_ms,
-                        self._connection.retry_backoff_max_ms,
-                    )
-                )
-                continue
-            attempt = 0
-            fetched = decode_fetch(body, offset, topic, partition)
-            offset = fetched.next_offset
-            self._fetched_once.add(tp)
-            if fetched.messages:
-                self._buffer.put(tp, fetched.messages, len(body))
-            if fetched.undecodable is not None:
-                corrupt = corrupt_record_error(topic, partition, fetched)
-                log.error("%s", corrupt)
-                self._buffer.put_error(tp, corrupt)
-                if closing is not None:  # parked until a seek, a revocation or closing
-                    await closing.wait()
-                return
-
-    async def _wait_for_space(self, tp: TopicPartition) -> None:
-        event = self._space.get(tp)
-        if event is None:
-            return
-        closing = self._closing_event
-        while True:
-            event.clear()
-            if self._buffer.has_space(tp) or (closing is not None and closing.is_set()):
-                return
-            await event.wait()

@@ -121,6 +121,24 @@ class FetchBuffer:
             self._condition.notify_all()
             return True
 
+    def put_many(
+        self, chunks: Iterable[tuple[TopicPartition, list[Message], int, TideError | None]]
+    ) -> None:
+        """One fetch answer at once, under one lock and one wake-up: ``(tp, messages,
+        size, error)`` per chunk, in order; an ``error`` chunk is an error marker.
+        Chunks of partitions not owned or being revoked are dropped."""
+        with self._condition:
+            added = False
+            for tp, messages, size, error in chunks:
+                state = self._partitions.get(tp)
+                if state is None or state.revoking or (error is None and not messages):
+                    continue
+                self._chunks.append(_Chunk(tp, messages, size, error))
+                state.buffered_bytes += size
+                added = True
+            if added:
+                self._condition.notify_all()
+
     def put_error(self, tp: TopicPartition, error: TideError) -> bool:
         """Queues an error marker after what is buffered for ``tp``."""
         with self._condition:
