@@ -131,7 +131,11 @@ class Producer:
         self._thread = LoopThread("tidemq-producer")
         self._wake_event: asyncio.Event | None = None
         self._accumulator = RecordAccumulator(
-            options.batch_size, options.buffer_memory, options.linger_ms, self._wake
+            options.batch_size,
+            options.buffer_memory,
+            options.linger_ms,
+            self._wake,
+            max_in_flight_bytes=options.max_in_flight_bytes_per_broker,
         )
         self._max_block_s = options.max_block_ms / 1000
         self._producer_id = -1
@@ -283,10 +287,10 @@ class Producer:
                         identity_since = time.monotonic()
                     continue
             now = time.monotonic()
-            ready = accumulator.ready(now)
+            ready = accumulator.ready(now, self._leader_of)
             drained: list[tuple[TopicPartition, RequestGroup]] = []
             for tp in ready.partitions:
-                batches = accumulator.drain(tp, max_bytes, now)
+                batches = accumulator.drain(tp, max_bytes, now, self._leader_of(tp))
                 if batches:
                     # Stamped here, in drain order, with no await since the drain:
                     # sequence order is record order.
@@ -304,6 +308,14 @@ class Producer:
                         await wake.wait()
                 except TimeoutError:
                     pass
+
+    def _leader_of(self, tp: TopicPartition) -> str | None:
+        """The leader broker the cache names for ``tp`` (None if unknown): the
+        accumulator's unit of "in flight" (Nagle per broker) and of bytes in flight."""
+        info = self._metadata.cached(tp[0])
+        if info is None or tp[1] >= len(info.partitions):
+            return None
+        return info.partitions[tp[1]].leader_url
 
     def _sequencer(self, tp: TopicPartition) -> PartitionSequencer:
         sequencer = self._sequencers.get(tp)
