@@ -67,6 +67,14 @@ log = logging.getLogger("tidemq.client")
 # A broker learns of a new topic or partition from its next coordinator heartbeat, so a
 # produce right after the topic was created may meet these: retry like not_leader.
 _BROKER_NOT_READY = (UnknownTopic, UnknownPartition)
+# The broker is behind the coordinator (it has not heard of the topic, partition, epoch
+# or its leadership yet). It heartbeats at once when a request shows it, so it catches
+# up within a coordinator round trip: the first backoff is short, not retry_backoff_ms.
+_BROKER_BEHIND = (UnknownTopic, UnknownPartition, UnknownLeaderEpoch, NotLeader)
+_BROKER_BEHIND_BACKOFF_MS = 5
+# Errors that say the request went to the wrong place: refresh the metadata, and retry
+# at once if it names another leader or epoch than the attempt that failed.
+_MISROUTED = (NotLeader, FencedLeaderEpoch, UnknownLeaderEpoch, UnknownTopic, UnknownPartition)
 # Refusals that come before the broker appends anything. Anything else (a timeout, a
 # lost connection, not_leader or not_enough_replicas after the append) leaves the
 # outcome of a batch unknown.
@@ -469,9 +477,11 @@ class Producer:
         deadline = request.batches[0].created + options.delivery_timeout_ms / 1000
         attempt = 0
         reset_done = False
+        route: tuple[str | None, int] | None = None  # where the last attempt went
         while True:
             try:
                 info = await self._metadata.leader(topic, partition)
+                route = (info.leader_url, info.leader_epoch)
                 answer = await self._transport.request_json(
                     "POST",
                     f"{info.leader_url}/v1/topics/{topic}/partitions/{partition}/records",
@@ -493,10 +503,8 @@ class Producer:
                 return
             except TideError as error:
                 attempt += 1
-                connection = self._connection
-                delay = backoff_seconds(
-                    attempt, connection.retry_backoff_ms, connection.retry_backoff_max_ms
-                )
+                self._metadata.invalidate(topic)
+                delay = await self._retry_delay(tp, error, route, attempt)
                 if (
                     not (error.retriable or isinstance(error, _BROKER_NOT_READY))
                     or attempt > options.retries
@@ -506,11 +514,35 @@ class Producer:
                     self._give_up(tp, request, error)
                     return
                 log.debug("produce to %s/%s: %s; retry %d", topic, partition, error, attempt)
-                self._metadata.invalidate(topic)
-                await asyncio.sleep(delay)
+                if delay:
+                    await asyncio.sleep(delay)
                 continue
             self._succeeded(tp, request, answer)
             return
+
+    async def _retry_delay(
+        self,
+        tp: TopicPartition,
+        error: TideError,
+        route: tuple[str | None, int] | None,
+        attempt: int,
+    ) -> float:
+        """No wait when fresh metadata names another leader or epoch than the failed
+        attempt used (the leader moved: the new one is worth trying now); else the
+        backoff, short while the broker is only behind the coordinator."""
+        if isinstance(error, _MISROUTED) and route is not None:
+            try:
+                info = await self._metadata.leader(*tp)  # refreshes: invalidated
+            except TideError:
+                pass
+            else:
+                if (info.leader_url, info.leader_epoch) != route:
+                    return 0.0
+        connection = self._connection
+        base_ms = connection.retry_backoff_ms
+        if isinstance(error, _BROKER_BEHIND):
+            base_ms = min(base_ms, _BROKER_BEHIND_BACKOFF_MS)
+        return backoff_seconds(attempt, base_ms, connection.retry_backoff_max_ms)
 
     async def _acquire_identity(self, attempt: int) -> bool:
         """A producer id for idempotence; without one (old coordinator) send plain.
