@@ -7,7 +7,9 @@ the first time a topic is seen (to learn its partition count, creating the topic
 and to wake the sender when a batch opens or seals, never per message.
 
 The sender task (one per producer) drains ready partitions and sends one
-multi-partition request per leader (``POST {leader}/v1/produce``). With idempotence
+multi-partition request per leader (``POST {leader}/v1/produce``): at once when nothing
+is in flight to that leader, else when a request completes, a batch fills or
+``linger_ms`` passes (client/accumulator.py, Nagle per broker). With idempotence
 (the default) each batch carries the producer id and per-partition sequence numbers,
 stamped at drain time (client/sequencing.py), and up to ``max_in_flight`` batches of a
 partition may be unacknowledged at once; the leader appends in sequence only and
@@ -16,7 +18,9 @@ per partition is in flight. Any failure pauses the partition; once its requests 
 flight end, ``_recover`` resends the unresolved groups oldest first, one at a time
 (``POST {leader}/v1/topics/{t}/partitions/{p}/records``). Retriable failures
 (not_leader, fenced or unknown leader epoch, connection failed, 503, 504) refresh the
-metadata, back off (exponential, capped, jittered) and resend the same bytes until
+metadata, back off (exponential, capped, jittered; none when the fresh metadata names
+another leader or epoch, a short one while the broker is behind the coordinator, see
+``_retry_delay``) and resend the same bytes until
 ``retries`` or ``delivery_timeout_ms`` runs out; a group given up on, or an
 ``unknown_producer_id`` for the oldest group, starts a new producer epoch for the
 partition and renumbers what it still holds from sequence 0.
@@ -128,7 +132,8 @@ class Producer:
     ``request_timeout_ms=30000``, ``max_request_bytes=1 MiB``,
     ``enable_idempotence=True``, ``max_in_flight=5`` (batches of a partition
     unacknowledged at once, at most 5: what the broker remembers; without a producer
-    id one request per partition is in flight), plus the connection
+    id one request per partition is in flight), ``max_in_flight_bytes_per_broker=4 MiB``
+    (batch bytes unacknowledged by one leader broker), plus the connection
     settings ``bootstrap``, ``ca_file``, ``cert_file``, ``key_file``, ``token``.
     """
 
