@@ -129,3 +129,23 @@ def test_behind_a_request_in_flight_an_open_batch_waits_up_to_linger_a_full_one_
     accumulator.begin_flush()  # flush: no lingering at all
     assert accumulator.ready(0.016, node_of).partitions == [("t", 0)]
     accumulator.end_flush()
+
+
+def test_the_window_counts_from_the_oldest_unsettled_batch_when_requests_settle_out_of_order() -> (
+    None
+):
+    # The broker remembers a producer's last 5 batches: if the oldest request were still
+    # out while younger ones settled and 5 more went, its resend would be unrecognisable.
+    accumulator = accumulator_with(1, window=5)
+    requests = []
+    for _ in range(5):
+        requests.append(accumulator.drain(("t", 0), 1 << 20, 1.0))
+        for _ in range(2):
+            accumulator.append("t", 0, 1, None, b"x", None, 1_000, 0.1)
+    assert [len(r) for r in requests] == [1, 1, 1, 1, 1]
+    for request in requests[1:]:  # the younger four settle, the oldest is still out
+        accumulator.complete(("t", 0), request)
+    assert accumulator.drain(("t", 0), 1 << 20, 1.0) == []
+    assert accumulator.ready(1.0).partitions == []
+    accumulator.complete(("t", 0), requests[0])
+    assert len(accumulator.drain(("t", 0), 1 << 20, 1.0)) == 1

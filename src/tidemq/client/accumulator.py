@@ -28,12 +28,16 @@ Invariants:
 
 * ordering: ``drain`` takes a partition's batches oldest first. Without idempotence
   (``in_flight_batches_max`` None) a partition has at most one request in flight, so
-  a retry never overtakes later records. With idempotence it has at most
-  ``in_flight_batches_max`` batches in flight, in one or several requests, and the
-  producer keeps order with sequence numbers. On a failure the producer pauses the
-  partition (no new drain), lets the requests in flight finish, resends in sequence
-  order, then resumes it (client/producer.py). Many partitions are in flight in
-  parallel.
+  a retry never overtakes later records. With idempotence its *window* (the batches
+  drained since its oldest unsettled one, settled or not) holds at most
+  ``in_flight_batches_max`` batches, in one or several requests, and the producer
+  keeps order with sequence numbers. The window is counted from the oldest unsettled
+  batch, not as the unsettled ones, because requests complete out of order: were the
+  oldest still out while 5 younger ones settled and more were sent, the broker (which
+  remembers a producer's last 5 batches) could no longer recognise its resend. On a
+  failure the producer pauses the partition (no new drain), lets the requests in
+  flight finish, resends in sequence order, then resumes it (client/producer.py).
+  Many partitions are in flight in parallel.
 * bytes in flight: the batches drained for one broker and not yet completed total at
   most ``max_in_flight_bytes`` (a single larger batch may go alone when nothing else
   is in flight to it); beyond that the sender waits for completions instead of piling
@@ -94,6 +98,7 @@ class ProducerBatch:
         "node",
         "partition",
         "payload",
+        "settled",
         "size",
         "topic",
     )
@@ -109,6 +114,7 @@ class ProducerBatch:
         self.base_offset = -1
         self.error: TideError | None = None
         self.node: str | None = None  # the broker it was drained for (bytes in flight)
+        self.settled = False  # its request is over (accumulator.complete)
         self._event = threading.Event()
         self._callbacks: list[tuple[RecordFuture, Callable[[RecordFuture], object]]] | None = None
 
@@ -213,13 +219,14 @@ class RecordFuture:
 
 
 class _PartitionQueue:
-    __slots__ = ("in_flight_batches", "in_flight_requests", "open", "paused", "sealed")
+    __slots__ = ("in_flight_requests", "open", "paused", "sealed", "window")
 
     def __init__(self) -> None:
         self.open: ProducerBatch | None = None
         self.sealed: deque[ProducerBatch] = deque()
         self.in_flight_requests = 0
-        self.in_flight_batches = 0
+        # Drained batches from the oldest unsettled one on (see "ordering" above).
+        self.window: deque[ProducerBatch] = deque()
         self.paused = False
 
     def idle(self) -> bool:
@@ -441,7 +448,7 @@ class RecordAccumulator:
         limit = self.in_flight_batches_max
         if limit is None:
             return 0 if queue.in_flight_requests else 1 << 30
-        return max(0, limit - queue.in_flight_batches)
+        return max(0, limit - len(queue.window))
 
     def drain(
         self, tp: TopicPartition, max_bytes: int, now: float, node: str | None = None
@@ -473,7 +480,7 @@ class RecordAccumulator:
                 total += batch.size
             if batches:
                 queue.in_flight_requests += 1
-                queue.in_flight_batches += len(batches)
+                queue.window.extend(batches)
                 if node is not None:
                     self._node_batches[node] = self._node_batches.get(node, 0) + len(batches)
                     self._node_bytes[node] = node_bytes + total
@@ -487,13 +494,16 @@ class RecordAccumulator:
             for batch in batches:
                 self.used -= batch.size - HEADER_SIZE
                 self._incomplete.discard(batch)
+                batch.settled = True
                 if batch.node is not None:
                     self._release_node(batch.node, batch.size)
                     batch.node = None
             queue = self._queues.get(tp)
             if queue is not None:
                 queue.in_flight_requests -= 1
-                queue.in_flight_batches -= len(batches)
+                window = queue.window
+                while window and window[0].settled:
+                    window.popleft()
                 if queue.idle():
                     del self._queues[tp]
             self._space.notify_all()
