@@ -301,3 +301,22 @@ def test_a_batch_larger_than_the_bound_goes_alone_when_nothing_is_in_flight() ->
     accumulator.complete(("t", 0), [batch])
     assert accumulator.in_flight_bytes("https://b1") == 0
     assert accumulator.ready(clock.now, on_two_brokers).partitions == [("t", 1)]
+
+
+def test_each_answer_from_a_broker_sends_what_gathered_meanwhile() -> None:
+    accumulator, clock, _ = make(linger_ms=5)
+    accumulator.in_flight_batches_max = 5
+    append(accumulator, 0, b"a")
+    [first] = accumulator.drain(("t", 0), 1 << 20, clock.now, "https://b1")
+    append(accumulator, 1, b"b")
+    clock.now += 0.005  # linger: a second request goes while the first is out
+    [second] = accumulator.drain(("t", 1), 1 << 20, clock.now, "https://b1")
+    append(accumulator, 1, b"gathered")
+    assert accumulator.ready(clock.now, on_two_brokers).partitions == []
+    first.complete(0, None)
+    accumulator.complete(("t", 0), [first])  # b1 still has `second` in flight
+    assert accumulator.ready(clock.now, on_two_brokers).partitions == [("t", 1)]
+    [third] = accumulator.drain(("t", 1), 1 << 20, clock.now, "https://b1")
+    append(accumulator, 1, b"next")
+    assert accumulator.ready(clock.now, on_two_brokers).partitions == []  # answer used up
+    assert third.count == 1 and not second.done

@@ -13,9 +13,10 @@ own) or when the sender drains it.
 When to send (Nagle's algorithm per leader broker, as Kafka's sender drains per
 node): the sender passes ``ready`` a ``node_of(tp)`` (the leader broker it believes
 in, None if unknown). A broker is *ready* when nothing drained for it is in flight
-(a lone record goes at once: no linger at low load), or one of its partitions has a
-full (size-sealed) batch, or an open batch older than ``linger_ms`` (so linger is an
-upper bound on the wait, never a fixed delay), or during ``flush``/``close`` or
+(a lone record goes at once: no linger at low load), or a request to it completed
+since its partitions were last drained, or one of its partitions has a full batch,
+or an open batch older than ``linger_ms`` (so linger is an upper bound on the wait,
+never a fixed delay), or during ``flush``/``close`` or
 while a ``send`` waits for buffer memory. While a broker has requests in flight its
 partitions accumulate, and when one completes (``complete`` wakes the sender) every
 partition of a ready broker is drained together, its open batch sealed, into one
@@ -280,6 +281,8 @@ class RecordAccumulator:
         self._node_batches: dict[str, int] = {}
         self._node_bytes: dict[str, int] = {}
         self._rotation = 0
+        # Brokers a request to which completed since their partitions were last drained.
+        self._node_answered: set[str] = set()
         self._sticky: dict[str, int] = {}
         self._partition_counts: dict[str, int] = {}
         self.used = 0
@@ -424,14 +427,21 @@ class RecordAccumulator:
                 candidates.setdefault(node, []).append(tp)
                 if node in ready_nodes:
                     continue
-                if batch is None or queue.sealed or hurry or node not in self._node_batches:
-                    ready_nodes.add(node)  # full batches, or nothing in flight to the node
+                if (
+                    batch is None
+                    or queue.sealed
+                    or hurry
+                    or node not in self._node_batches
+                    or node in self._node_answered
+                ):
+                    ready_nodes.add(node)  # full batches, nothing in flight, or an answer
                     continue
                 deadline = batch.created + self.linger_s
                 if now >= deadline:
                     ready_nodes.add(node)
                 elif deadline < deadlines.get(node, deadline + 1):
                     deadlines[node] = deadline
+            self._node_answered.difference_update(ready_nodes)
         partitions: list[TopicPartition] = []
         for node in ready_nodes:
             partitions.extend(candidates[node])
@@ -497,6 +507,7 @@ class RecordAccumulator:
                 batch.settled = True
                 if batch.node is not None:
                     self._release_node(batch.node, batch.size)
+                    self._node_answered.add(batch.node)
                     batch.node = None
             queue = self._queues.get(tp)
             if queue is not None:
