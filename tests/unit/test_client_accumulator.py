@@ -37,15 +37,25 @@ def append(accumulator: RecordAccumulator, partition: int, value: bytes, key: by
     return accumulator.append("t", partition, 4, key, value, None, 1_000, 0.05)
 
 
-def test_records_share_a_batch_until_linger_then_drain_in_one_request() -> None:
+def on_broker(tp: tuple[str, int]) -> str:
+    """Every partition led by one broker."""
+    return "https://b1"
+
+
+def test_records_share_a_batch_while_the_broker_is_busy_then_drain_in_one_request() -> None:
     accumulator, clock, wakes = make()
+    accumulator.in_flight_batches_max = 5  # idempotence: room for more behind the first
+    first = append(accumulator, 1, b"first")
+    [batch] = accumulator.drain(("t", 1), 1 << 20, clock.now, "https://b1")
     futures = [append(accumulator, 1, b"v%d" % i) for i in range(3)]
-    assert len(wakes) == 1  # only the first record of a new batch wakes the sender
-    ready = accumulator.ready(clock.now)
+    assert len(wakes) == 2  # only the first record of a new batch wakes the sender
+    ready = accumulator.ready(clock.now, on_broker)
     assert ready.partitions == [] and ready.next_check == pytest.approx(100.005)
-    clock.now += 0.005
-    assert accumulator.ready(clock.now).partitions == [("t", 1)]
-    batches = accumulator.drain(("t", 1), 1 << 20, clock.now)
+    batch.complete(39, None)
+    accumulator.complete(("t", 1), [batch])
+    assert first.result(0) == RecordMetadata("t", 1, 39)
+    assert accumulator.ready(clock.now, on_broker).partitions == [("t", 1)]
+    batches = accumulator.drain(("t", 1), 1 << 20, clock.now, "https://b1")
     assert [b.count for b in batches] == [3]
     payload = batches[0].seal(-1, -1, -1)
     check_batches(payload)
@@ -61,11 +71,12 @@ def test_batch_is_sealed_when_the_next_record_would_exceed_batch_size() -> None:
     accumulator, clock, wakes = make(batch_size=HEADER_SIZE + 3 * (18 + 10))
     for _ in range(7):
         append(accumulator, 0, b"x" * 10)
-    # 3 + 3 sealed, 1 open; sealed batches are ready without waiting for linger
+    # 3 + 3 sealed, 1 open; a drain takes the open batch along
     assert accumulator.ready(clock.now).partitions == [("t", 0)]
     batches = accumulator.drain(("t", 0), 1 << 20, clock.now)
-    assert [b.count for b in batches] == [3, 3]
+    assert [b.count for b in batches] == [3, 3, 1]
     assert len(wakes) == 3
+    append(accumulator, 0, b"x" * 10)
     # one request in flight per partition: nothing more until it completes
     assert accumulator.ready(clock.now + 1).partitions == []
     assert accumulator.drain(("t", 0), 1 << 20, clock.now + 1) == []
@@ -168,11 +179,14 @@ def test_buffer_memory_bounds_send_and_blocks_until_freed() -> None:
 
 def test_flush_makes_open_batches_ready_and_abort_fails_the_rest() -> None:
     accumulator, clock, _ = make(linger_ms=60_000)
+    accumulator.in_flight_batches_max = 5
+    append(accumulator, 0, b"in flight")
+    in_flight = accumulator.drain(("t", 0), 1 << 20, clock.now, "https://b1")
     future = append(accumulator, 0, b"a")
-    assert accumulator.ready(clock.now).partitions == []
+    assert accumulator.ready(clock.now, on_broker).partitions == []
     pending = accumulator.begin_flush()
-    assert len(pending) == 1
-    assert accumulator.ready(clock.now).partitions == [("t", 0)]
+    assert len(pending) == 2 and in_flight[0] in pending
+    assert accumulator.ready(clock.now, on_broker).partitions == [("t", 0)]
     accumulator.end_flush()
     accumulator.abort(ClientClosed("bye"))
     with pytest.raises(ClientClosed):
@@ -188,3 +202,121 @@ def test_partition_choice_is_the_documented_crc32() -> None:
         assert partition_for_key(key, 12) == (zlib.crc32(key) & 0xFFFFFFFF) % 12
     assert zlib.crc32(b"123456789") == 0xCBF43926  # the CRC-32/IEEE check value
     assert partition_for_key(b"123456789", 12) == 0xCBF43926 % 12
+
+
+def on_two_brokers(tp: tuple[str, int]) -> str:
+    """Partitions 0 and 1 led by broker b1, 2 and 3 by b2."""
+    return "https://b1" if tp[1] < 2 else "https://b2"
+
+
+def test_a_lone_record_is_ready_at_once_with_the_default_linger() -> None:
+    accumulator, clock, wakes = make(linger_ms=5)  # the default linger_ms
+    future = append(accumulator, 0, b"alone")
+    assert wakes == [1]
+    assert accumulator.ready(clock.now, on_two_brokers).partitions == [("t", 0)]
+    [batch] = accumulator.drain(("t", 0), 1 << 20, clock.now, "https://b1")
+    assert batch.count == 1 and not future.done()
+
+
+def test_under_a_request_in_flight_records_accumulate_into_one_request_per_broker() -> None:
+    accumulator, clock, _ = make(linger_ms=5)
+    accumulator.in_flight_batches_max = 5
+    append(accumulator, 0, b"first")
+    [first] = accumulator.drain(("t", 0), 1 << 20, clock.now, "https://b1")
+    for i in range(10):  # keyed records for both partitions of the busy broker b1
+        append(accumulator, i % 2, b"r%d" % i)
+    clock.now += 0.002
+    ready = accumulator.ready(clock.now, on_two_brokers)
+    assert ready.partitions == [] and ready.next_check == pytest.approx(100.005)
+    append(accumulator, 2, b"other broker")  # b2 has nothing in flight: not delayed
+    assert accumulator.ready(clock.now, on_two_brokers).partitions == [("t", 2)]
+    first.complete(0, None)
+    accumulator.complete(("t", 0), [first])  # b1 is idle again: both partitions go
+    ready = accumulator.ready(clock.now, on_two_brokers)
+    assert sorted(ready.partitions) == [("t", 0), ("t", 1), ("t", 2)]
+    drained = {
+        tp: accumulator.drain(tp, 1 << 20, clock.now, on_two_brokers(tp)) for tp in ready.partitions
+    }
+    assert {tp[1]: [b.count for b in batches] for tp, batches in drained.items()} == {
+        0: [5],
+        1: [5],
+        2: [1],
+    }
+
+
+def test_linger_bounds_the_wait_behind_a_request_in_flight() -> None:
+    accumulator, clock, _ = make(linger_ms=5)
+    accumulator.in_flight_batches_max = 5
+    append(accumulator, 1, b"first")
+    in_flight = accumulator.drain(("t", 1), 1 << 20, clock.now, "https://b1")
+    clock.now += 0.001
+    append(accumulator, 0, b"waits")
+    append(accumulator, 1, b"waits too")
+    assert accumulator.ready(clock.now + 0.0049, on_two_brokers).partitions == []
+    ready = accumulator.ready(clock.now + 0.005, on_two_brokers)  # the request is still out
+    assert sorted(ready.partitions) == [("t", 0), ("t", 1)]
+    second = accumulator.drain(("t", 1), 1 << 20, clock.now + 0.005, "https://b1")
+    assert [b.count for b in second] == [1] and not in_flight[0].done
+
+
+def test_bytes_in_flight_per_broker_are_bounded() -> None:
+    size = HEADER_SIZE + record_size(None, b"x" * 100, None)
+    accumulator, clock, _ = make(batch_size=size, linger_ms=5)
+    accumulator.max_in_flight_bytes = 3 * size
+    accumulator.in_flight_batches_max = 5
+    for partition in (0, 1):
+        for _ in range(4):
+            append(accumulator, partition, b"x" * 100)  # one record per full batch
+    drained = []
+    for tp in accumulator.ready(clock.now, on_two_brokers).partitions:
+        drained += accumulator.drain(tp, 1 << 20, clock.now, "https://b1")
+    assert len(drained) == 3 and accumulator.in_flight_bytes("https://b1") == 3 * size
+    # at the bound: b1 is not ready, whatever lingers or is full
+    assert accumulator.ready(clock.now + 1, on_two_brokers).partitions == []
+    assert accumulator.drain(("t", 1), 1 << 20, clock.now + 1, "https://b1") == []
+    append(accumulator, 2, b"x" * 100)  # another broker is not held back
+    assert accumulator.ready(clock.now, on_two_brokers).partitions == [("t", 2)]
+    batch = drained.pop(0)
+    batch.complete(0, None)
+    accumulator.complete((batch.topic, batch.partition), [batch])
+    assert accumulator.in_flight_bytes("https://b1") == 2 * size
+    more = []
+    for tp in accumulator.ready(clock.now, on_two_brokers).partitions:
+        more += accumulator.drain(tp, 1 << 20, clock.now, on_two_brokers(tp))
+    assert sorted(on_two_brokers((b.topic, b.partition)) for b in more) == [
+        "https://b1",
+        "https://b2",
+    ]
+    assert accumulator.in_flight_bytes("https://b1") == 3 * size
+
+
+def test_a_batch_larger_than_the_bound_goes_alone_when_nothing_is_in_flight() -> None:
+    accumulator, clock, _ = make(batch_size=10_000)
+    accumulator.max_in_flight_bytes = 500
+    append(accumulator, 0, b"x" * 2000)
+    [batch] = accumulator.drain(("t", 0), 1 << 20, clock.now, "https://b1")
+    append(accumulator, 1, b"y")
+    assert accumulator.ready(clock.now + 1, on_two_brokers).partitions == []
+    batch.complete(0, None)
+    accumulator.complete(("t", 0), [batch])
+    assert accumulator.in_flight_bytes("https://b1") == 0
+    assert accumulator.ready(clock.now, on_two_brokers).partitions == [("t", 1)]
+
+
+def test_each_answer_from_a_broker_sends_what_gathered_meanwhile() -> None:
+    accumulator, clock, _ = make(linger_ms=5)
+    accumulator.in_flight_batches_max = 5
+    append(accumulator, 0, b"a")
+    [first] = accumulator.drain(("t", 0), 1 << 20, clock.now, "https://b1")
+    append(accumulator, 1, b"b")
+    clock.now += 0.005  # linger: a second request goes while the first is out
+    [second] = accumulator.drain(("t", 1), 1 << 20, clock.now, "https://b1")
+    append(accumulator, 1, b"gathered")
+    assert accumulator.ready(clock.now, on_two_brokers).partitions == []
+    first.complete(0, None)
+    accumulator.complete(("t", 0), [first])  # b1 still has `second` in flight
+    assert accumulator.ready(clock.now, on_two_brokers).partitions == [("t", 1)]
+    [third] = accumulator.drain(("t", 1), 1 << 20, clock.now, "https://b1")
+    append(accumulator, 1, b"next")
+    assert accumulator.ready(clock.now, on_two_brokers).partitions == []  # answer used up
+    assert third.count == 1 and not second.done

@@ -93,17 +93,59 @@ def test_a_broker_table_accepts_the_renumbered_groups_and_fences_the_old_ones() 
         table.check(old_third)
 
 
-def test_a_lingering_batch_waits_for_the_request_in_flight_a_full_one_does_not() -> None:
-    accumulator = accumulator_with(1, window=5)
-    first = accumulator.drain(("t", 0), 1 << 20, 1.0)
-    assert len(first) == 1
-    accumulator.append("t", 0, 1, None, b"x", None, 1_000, 0.1)  # opens a new batch
-    assert accumulator.ready(5.0).partitions == []  # lingered long, but one is in flight
-    assert accumulator.drain(("t", 0), 1 << 20, 5.0) == []
-    accumulator.append("t", 0, 1, None, b"x", None, 1_000, 0.1)
-    accumulator.append("t", 0, 1, None, b"x", None, 1_000, 0.1)  # seals the full batch
-    assert accumulator.ready(5.0).partitions == [("t", 0)]
-    assert [b.count for b in accumulator.drain(("t", 0), 1 << 20, 5.0)] == [2]
-    accumulator.begin_flush()  # flush: the open batch goes too
-    assert [b.count for b in accumulator.drain(("t", 0), 1 << 20, 5.0)] == [1]
+def test_behind_a_request_in_flight_an_open_batch_waits_up_to_linger_a_full_one_not() -> None:
+    now = [0.0]
+    accumulator = RecordAccumulator(
+        batch_size=61 + 2 * 19,
+        buffer_memory=1 << 20,
+        linger_ms=10,
+        wake=lambda: None,
+        clock=lambda: now[0],
+    )
+    accumulator.in_flight_batches_max = 5
+
+    def node_of(tp: tuple[str, int]) -> str:
+        return "https://b1"
+
+    def append() -> None:
+        accumulator.append("t", 0, 1, None, b"x", None, 1_000, 0.1)
+
+    append()
+    assert accumulator.ready(0.0, node_of).partitions == [("t", 0)]  # nothing in flight
+    assert len(accumulator.drain(("t", 0), 1 << 20, 0.0, "https://b1")) == 1
+    append()  # opens a new batch behind the request in flight
+    ready = accumulator.ready(0.005, node_of)
+    assert ready.partitions == [] and ready.next_check == pytest.approx(0.010)
+    append()
+    append()  # seals the full batch: ready at once, and the open batch goes along
+    assert accumulator.ready(0.005, node_of).partitions == [("t", 0)]
+    assert [b.count for b in accumulator.drain(("t", 0), 1 << 20, 0.005, "https://b1")] == [2, 1]
+    now[0] = 0.006
+    append()
+    assert accumulator.ready(0.015, node_of).partitions == []
+    assert accumulator.ready(0.016, node_of).partitions == [("t", 0)]  # linger: the bound
+    assert [b.count for b in accumulator.drain(("t", 0), 1 << 20, 0.016, "https://b1")] == [1]
+    append()
+    accumulator.begin_flush()  # flush: no lingering at all
+    assert accumulator.ready(0.016, node_of).partitions == [("t", 0)]
     accumulator.end_flush()
+
+
+def test_the_window_counts_from_the_oldest_unsettled_batch_when_requests_settle_out_of_order() -> (
+    None
+):
+    # The broker remembers a producer's last 5 batches: if the oldest request were still
+    # out while younger ones settled and 5 more went, its resend would be unrecognisable.
+    accumulator = accumulator_with(1, window=5)
+    requests = []
+    for _ in range(5):
+        requests.append(accumulator.drain(("t", 0), 1 << 20, 1.0))
+        for _ in range(2):
+            accumulator.append("t", 0, 1, None, b"x", None, 1_000, 0.1)
+    assert [len(r) for r in requests] == [1, 1, 1, 1, 1]
+    for request in requests[1:]:  # the younger four settle, the oldest is still out
+        accumulator.complete(("t", 0), request)
+    assert accumulator.drain(("t", 0), 1 << 20, 1.0) == []
+    assert accumulator.ready(1.0).partitions == []
+    accumulator.complete(("t", 0), requests[0])
+    assert len(accumulator.drain(("t", 0), 1 << 20, 1.0)) == 1

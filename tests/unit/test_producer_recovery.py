@@ -156,6 +156,9 @@ class FakeMetadata:
     async def topic(self, name: str) -> TopicInfo:
         return self.info
 
+    def cached(self, name: str) -> TopicInfo:
+        return self.info
+
     async def leader(self, topic: str, partition: int) -> PartitionInfo:
         return self.info.partitions[partition]
 

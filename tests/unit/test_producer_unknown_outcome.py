@@ -78,6 +78,9 @@ class FakeMetadata:
     async def leader(self, topic, partition):
         return PartitionInfo(0, "https://leader", 0)
 
+    def cached(self, name):
+        return TopicInfo(name, (PartitionInfo(0, "https://leader", 0),), 0.0)
+
     def invalidate(self, topic) -> None:
         pass
 

@@ -114,6 +114,7 @@ CLUSTER_ID_FILE = "cluster-id"
 CLEAN_SHUTDOWN_FILE = "clean-shutdown"
 REPLICA_FETCH_BYTES = 4 * 1024 * 1024
 TICK_INTERVAL_S = 0.25
+EARLY_HEARTBEAT_GAP_S = 0.01  # bounds the heartbeats requests can cause to 100/s
 
 Key = tuple[str, int]
 
@@ -314,6 +315,10 @@ class Broker:
         self._inflight_replica_bytes = 0  # replica fetch answers read, not yet written
         self._replica_bytes_released = asyncio.Event()
         self.reconciled = False  # no heartbeat answer yet: topics unknown, not absent
+        # Set when a request names what this broker does not know yet (a new topic,
+        # partition or leader epoch): the coordinator knows more, so the next heartbeat
+        # goes now rather than at the end of the interval (client/admin.py relies on it).
+        self._heartbeat_due = asyncio.Event()
 
     @property
     def topic_partitions(self) -> dict[str, int]:
@@ -329,6 +334,7 @@ class Broker:
             # Before its first heartbeat answer a (re)started broker knows no topic: not
             # a reason for a client to give up on one (unknown_topic is final).
             raise NotLeader(f"broker {self.config.broker_id} is starting: no assignments yet")
+        self._heartbeat_due.set()
         summary = self.topics.get(topic)
         if summary is None:
             raise UnknownTopic(f"unknown topic {topic!r}")
@@ -339,6 +345,8 @@ class Broker:
     def leader_for(self, topic: str, partition: int, epoch: int | None) -> PartitionReplica:
         """The one epoch gate: every produce, fetch and replica fetch passes here first."""
         replica = self.replica_for(topic, partition)
+        if epoch is not None and epoch > replica.leader_epoch:
+            self._heartbeat_due.set()  # the caller knows a newer epoch than we do
         if not replica.is_leader:
             raise NotLeader(f"broker {self.config.broker_id} does not lead {topic}/{partition}")
         if epoch is not None and epoch >= 0:
@@ -755,9 +763,10 @@ class Broker:
             try:
                 if not self.registered:
                     await self.register()
+                self._heartbeat_due.clear()
                 await self.heartbeat()
                 backoff_s = 0.1
-                await asyncio.sleep(self.heartbeat_interval_ms / 1000)
+                await self._until_next_heartbeat()
             except UnknownBroker:
                 self.registered = False
             except ClusterIdMismatch as error:
@@ -768,6 +777,17 @@ class Broker:
                 log.warning("coordinator unreachable (%s); retrying in %.1fs", error, backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 2.0)
+
+    async def _until_next_heartbeat(self) -> None:
+        """The heartbeat interval, cut short (at most one early heartbeat per
+        EARLY_HEARTBEAT_GAP_S) when a request showed this broker is behind."""
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.heartbeat_interval_ms / 1000):
+                await self._heartbeat_due.wait()
+        except TimeoutError:
+            return
+        await asyncio.sleep(max(0.0, started + EARLY_HEARTBEAT_GAP_S - time.monotonic()))
 
     # ---- reconciling the desired state --------------------------------------------
 

@@ -8,23 +8,41 @@ One lock guards everything; ``append`` holds it for one dict lookup and one
 Per partition (a ``(topic, partition)`` pair) there is at most one *open* batch,
 taking appends, and a FIFO of *sealed* batches. A batch is sealed when the next
 record would take it past ``batch_size`` (a single larger record gets a batch of its
-own) or when the sender drains it after ``linger_ms`` (or at once during
-``flush``/``close``, or while a ``send`` waits for buffer memory).
+own) or when the sender drains it.
+
+When to send (Nagle's algorithm per leader broker, as Kafka's sender drains per
+node): the sender passes ``ready`` a ``node_of(tp)`` (the leader broker it believes
+in, None if unknown). A broker is *ready* when nothing drained for it is in flight
+(a lone record goes at once: no linger at low load), or a request to it completed
+since its partitions were last drained, or one of its partitions has a full batch,
+or an open batch older than ``linger_ms`` (so linger is an upper bound on the wait,
+never a fixed delay), or during ``flush``/``close`` or
+while a ``send`` waits for buffer memory. While a broker has requests in flight its
+partitions accumulate, and when one completes (``complete`` wakes the sender) every
+partition of a ready broker is drained together, its open batch sealed, into one
+multi-partition request: under load requests carry many records, and the number of
+requests follows the round trips instead of the records. Per broker rather than per
+partition because the producer sends one request per leader: 12 partitions led by
+one broker then cost one request per round trip, not up to 12.
 
 Invariants:
 
 * ordering: ``drain`` takes a partition's batches oldest first. Without idempotence
   (``in_flight_batches_max`` None) a partition has at most one request in flight, so
-  a retry never overtakes later records. With idempotence it has at most
-  ``in_flight_batches_max`` batches in flight, in one or several requests, and the
-  producer keeps order with sequence numbers. A further request of a partition goes
-  only with *full* (size-sealed) batches, or during flush/close: a batch sealed by
-  linger waits for the request in flight, so a light load sends as few requests as
-  with one in flight (each costs CPU on both sides) and a heavy one pipelines.
-  On a failure the producer pauses the
-  partition (no new drain), lets the requests in flight finish, resends in sequence
-  order, then resumes it (client/producer.py). Many partitions are in flight in
-  parallel.
+  a retry never overtakes later records. With idempotence its *window* (the batches
+  drained since its oldest unsettled one, settled or not) holds at most
+  ``in_flight_batches_max`` batches, in one or several requests, and the producer
+  keeps order with sequence numbers. The window is counted from the oldest unsettled
+  batch, not as the unsettled ones, because requests complete out of order: were the
+  oldest still out while 5 younger ones settled and more were sent, the broker (which
+  remembers a producer's last 5 batches) could no longer recognise its resend. On a
+  failure the producer pauses the partition (no new drain), lets the requests in
+  flight finish, resends in sequence order, then resumes it (client/producer.py).
+  Many partitions are in flight in parallel.
+* bytes in flight: the batches drained for one broker and not yet completed total at
+  most ``max_in_flight_bytes`` (a single larger batch may go alone when nothing else
+  is in flight to it); beyond that the sender waits for completions instead of piling
+  up requests behind a slow link (which would time out and be resent).
 * memory: ``used`` counts the record bytes (batch headers aside) of every batch not
   yet completed and
   never exceeds ``buffer_memory`` (``append`` waits up to ``max_block_ms``, then
@@ -78,8 +96,10 @@ class ProducerBatch:
         "count",
         "created",
         "error",
+        "node",
         "partition",
         "payload",
+        "settled",
         "size",
         "topic",
     )
@@ -94,6 +114,8 @@ class ProducerBatch:
         self.payload: bytes | None = None
         self.base_offset = -1
         self.error: TideError | None = None
+        self.node: str | None = None  # the broker it was drained for (bytes in flight)
+        self.settled = False  # its request is over (accumulator.complete)
         self._event = threading.Event()
         self._callbacks: list[tuple[RecordFuture, Callable[[RecordFuture], object]]] | None = None
 
@@ -198,13 +220,14 @@ class RecordFuture:
 
 
 class _PartitionQueue:
-    __slots__ = ("in_flight_batches", "in_flight_requests", "open", "paused", "sealed")
+    __slots__ = ("in_flight_requests", "open", "paused", "sealed", "window")
 
     def __init__(self) -> None:
         self.open: ProducerBatch | None = None
         self.sealed: deque[ProducerBatch] = deque()
         self.in_flight_requests = 0
-        self.in_flight_batches = 0
+        # Drained batches from the oldest unsettled one on (see "ordering" above).
+        self.window: deque[ProducerBatch] = deque()
         self.paused = False
 
     def idle(self) -> bool:
@@ -219,6 +242,10 @@ class _PartitionQueue:
 class Readiness(NamedTuple):
     partitions: list[TopicPartition]  # have something to send and room in flight
     next_check: float | None  # monotonic time when an open batch's linger ends
+
+
+def _unknown_node(tp: TopicPartition) -> str | None:
+    return None
 
 
 def record_size(key: bytes | None, value: bytes | None, headers: HeaderList | None) -> int:
@@ -238,16 +265,24 @@ class RecordAccumulator:
         linger_ms: int,
         wake: Callable[[], None],
         clock: Callable[[], float] = time.monotonic,
+        max_in_flight_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self.batch_size = batch_size
         self.buffer_memory = buffer_memory
         self.linger_s = linger_ms / 1000
+        self.max_in_flight_bytes = max_in_flight_bytes
         self._wake = wake
         self._clock = clock
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)
         self._queues: dict[TopicPartition, _PartitionQueue] = {}
         self._incomplete: set[ProducerBatch] = set()
+        # Per broker (node): batches drained for it and not completed, and their bytes.
+        self._node_batches: dict[str, int] = {}
+        self._node_bytes: dict[str, int] = {}
+        self._rotation = 0
+        # Brokers a request to which completed since their partitions were last drained.
+        self._node_answered: set[str] = set()
         self._sticky: dict[str, int] = {}
         self._partition_counts: dict[str, int] = {}
         self.used = 0
@@ -372,27 +407,49 @@ class RecordAccumulator:
 
     # -- the sender -------------------------------------------------------------------
 
-    def ready(self, now: float) -> Readiness:
-        """Partitions to drain now, and when to look again for lingering batches."""
-        partitions: list[TopicPartition] = []
-        next_check: float | None = None
+    def ready(
+        self, now: float, node_of: Callable[[TopicPartition], str | None] = _unknown_node
+    ) -> Readiness:
+        """Partitions to drain now (every partition with something to send and room in
+        flight whose broker is ready), and when to look again for lingering batches."""
+        candidates: dict[str | None, list[TopicPartition]] = {}
+        ready_nodes: set[str | None] = set()
+        deadlines: dict[str | None, float] = {}
         with self._lock:
             hurry = self._flushing > 0 or self._closed or self._memory_waiters > 0
             for tp, queue in self._queues.items():
-                if not self._room(queue):
-                    continue
-                if queue.sealed:
-                    partitions.append(tp)
-                    continue
                 batch = queue.open
-                if batch is None or (queue.in_flight_requests and not hurry):
-                    continue  # a lingering batch waits for the request in flight
+                if (batch is None and not queue.sealed) or not self._room(queue):
+                    continue
+                node = node_of(tp)
+                if node is not None and self._node_bytes.get(node, 0) >= self.max_in_flight_bytes:
+                    continue  # a completion frees bytes and wakes the sender
+                candidates.setdefault(node, []).append(tp)
+                if node in ready_nodes:
+                    continue
+                if (
+                    batch is None
+                    or queue.sealed
+                    or hurry
+                    or node not in self._node_batches
+                    or node in self._node_answered
+                ):
+                    ready_nodes.add(node)  # full batches, nothing in flight, or an answer
+                    continue
                 deadline = batch.created + self.linger_s
-                if hurry or now >= deadline:
-                    partitions.append(tp)
-                elif next_check is None or deadline < next_check:
-                    next_check = deadline
-        return Readiness(partitions, next_check)
+                if now >= deadline:
+                    ready_nodes.add(node)
+                elif deadline < deadlines.get(node, deadline + 1):
+                    deadlines[node] = deadline
+            self._node_answered.difference_update(ready_nodes)
+        partitions: list[TopicPartition] = []
+        for node in ready_nodes:
+            partitions.extend(candidates[node])
+        if len(partitions) > 1:  # rotate, so no partition starves at the bytes bound
+            self._rotation = start = (self._rotation + 1) % len(partitions)
+            partitions = partitions[start:] + partitions[:start]
+        waiting = [deadline for node, deadline in deadlines.items() if node not in ready_nodes]
+        return Readiness(partitions, min(waiting) if waiting else None)
 
     def _room(self, queue: _PartitionQueue) -> int:
         """How many more batches of this partition may go in flight now."""
@@ -401,33 +458,42 @@ class RecordAccumulator:
         limit = self.in_flight_batches_max
         if limit is None:
             return 0 if queue.in_flight_requests else 1 << 30
-        return max(0, limit - queue.in_flight_batches)
+        return max(0, limit - len(queue.window))
 
-    def drain(self, tp: TopicPartition, max_bytes: int, now: float) -> list[ProducerBatch]:
-        """Oldest batches of ``tp`` up to ``max_bytes`` (at least one) and the in-flight
-        limit; counts them in flight until ``complete``."""
+    def drain(
+        self, tp: TopicPartition, max_bytes: int, now: float, node: str | None = None
+    ) -> list[ProducerBatch]:
+        """Oldest batches of ``tp`` (its open batch sealed first) up to ``max_bytes`` (at
+        least one), the in-flight limit and ``node``'s bytes in flight; counts them in
+        flight until ``complete``. ``now`` is unused: the caller asked ``ready`` first."""
         with self._lock:
             queue = self._queues.get(tp)
             room = 0 if queue is None else self._room(queue)
             if queue is None or not room:
                 return []
-            hurry = self._flushing > 0 or self._closed or self._memory_waiters > 0
-            lingered = queue.open is not None and now >= queue.open.created + self.linger_s
-            if queue.open is not None and (hurry or (lingered and not queue.in_flight_requests)):
+            node_bytes = 0 if node is None else self._node_bytes.get(node, 0)
+            budget = max_bytes
+            if node is not None:
+                budget = min(max_bytes, self.max_in_flight_bytes - node_bytes)
+                if budget <= 0 and node_bytes:
+                    return []
+            if queue.open is not None:
                 self._seal_locked(tp, queue)
             batches: list[ProducerBatch] = []
             total = 0
-            while (
-                queue.sealed
-                and len(batches) < room
-                and (not batches or total + queue.sealed[0].size <= max_bytes)
-            ):
+            while queue.sealed and len(batches) < room:
+                if total + queue.sealed[0].size > budget and (batches or node_bytes):
+                    break  # the first batch goes alone when nothing else is in flight
                 batch = queue.sealed.popleft()
+                batch.node = node
                 batches.append(batch)
                 total += batch.size
             if batches:
                 queue.in_flight_requests += 1
-                queue.in_flight_batches += len(batches)
+                queue.window.extend(batches)
+                if node is not None:
+                    self._node_batches[node] = self._node_batches.get(node, 0) + len(batches)
+                    self._node_bytes[node] = node_bytes + total
             elif queue.idle():
                 del self._queues[tp]
             return batches
@@ -438,14 +504,35 @@ class RecordAccumulator:
             for batch in batches:
                 self.used -= batch.size - HEADER_SIZE
                 self._incomplete.discard(batch)
+                batch.settled = True
+                if batch.node is not None:
+                    self._release_node(batch.node, batch.size)
+                    self._node_answered.add(batch.node)
+                    batch.node = None
             queue = self._queues.get(tp)
             if queue is not None:
                 queue.in_flight_requests -= 1
-                queue.in_flight_batches -= len(batches)
+                window = queue.window
+                while window and window[0].settled:
+                    window.popleft()
                 if queue.idle():
                     del self._queues[tp]
             self._space.notify_all()
         self._wake()
+
+    def _release_node(self, node: str, size: int) -> None:
+        remaining = self._node_batches[node] - 1
+        if remaining:
+            self._node_batches[node] = remaining
+            self._node_bytes[node] -= size
+        else:
+            del self._node_batches[node]
+            del self._node_bytes[node]
+
+    def in_flight_bytes(self, node: str) -> int:
+        """Bytes of the batches drained for ``node`` and not completed yet."""
+        with self._lock:
+            return self._node_bytes.get(node, 0)
 
     def pause(self, tp: TopicPartition) -> None:
         """No new drains of ``tp`` until ``resume`` (the producer is resending)."""

@@ -74,6 +74,9 @@ class ProducerOptions:
     max_block_ms: int = 60_000
     max_request_bytes: int = 1024 * 1024
     enable_idempotence: bool = True
+    # Batches drained for one leader broker and not yet acknowledged, in bytes: beyond
+    # it the sender waits rather than piling requests behind a slow link.
+    max_in_flight_bytes_per_broker: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
         _non_negative(self, "linger_ms", "retries", "max_block_ms")
@@ -84,6 +87,7 @@ class ProducerOptions:
             "delivery_timeout_ms",
             "buffer_memory",
             "max_request_bytes",
+            "max_in_flight_bytes_per_broker",
         )
         if str(self.acks) not in ("all", "-1", "0", "1"):
             raise ConfigurationError(f"acks must be 'all', 1 or 0, not {self.acks!r}")

@@ -7,7 +7,9 @@ the first time a topic is seen (to learn its partition count, creating the topic
 and to wake the sender when a batch opens or seals, never per message.
 
 The sender task (one per producer) drains ready partitions and sends one
-multi-partition request per leader (``POST {leader}/v1/produce``). With idempotence
+multi-partition request per leader (``POST {leader}/v1/produce``): at once when nothing
+is in flight to that leader, else when a request completes, a batch fills or
+``linger_ms`` passes (client/accumulator.py, Nagle per broker). With idempotence
 (the default) each batch carries the producer id and per-partition sequence numbers,
 stamped at drain time (client/sequencing.py), and up to ``max_in_flight`` batches of a
 partition may be unacknowledged at once; the leader appends in sequence only and
@@ -16,7 +18,9 @@ per partition is in flight. Any failure pauses the partition; once its requests 
 flight end, ``_recover`` resends the unresolved groups oldest first, one at a time
 (``POST {leader}/v1/topics/{t}/partitions/{p}/records``). Retriable failures
 (not_leader, fenced or unknown leader epoch, connection failed, 503, 504) refresh the
-metadata, back off (exponential, capped, jittered) and resend the same bytes until
+metadata, back off (exponential, capped, jittered; none when the fresh metadata names
+another leader or epoch, a short one while the broker is behind the coordinator, see
+``_retry_delay``) and resend the same bytes until
 ``retries`` or ``delivery_timeout_ms`` runs out; a group given up on, or an
 ``unknown_producer_id`` for the oldest group, starts a new producer epoch for the
 partition and renumbers what it still holds from sequence 0.
@@ -67,6 +71,14 @@ log = logging.getLogger("tidemq.client")
 # A broker learns of a new topic or partition from its next coordinator heartbeat, so a
 # produce right after the topic was created may meet these: retry like not_leader.
 _BROKER_NOT_READY = (UnknownTopic, UnknownPartition)
+# The broker is behind the coordinator (it has not heard of the topic, partition, epoch
+# or its leadership yet). It heartbeats at once when a request shows it, so it catches
+# up within a coordinator round trip: the first backoff is short, not retry_backoff_ms.
+_BROKER_BEHIND = (UnknownTopic, UnknownPartition, UnknownLeaderEpoch, NotLeader)
+_BROKER_BEHIND_BACKOFF_MS = 5
+# Errors that say the request went to the wrong place: refresh the metadata, and retry
+# at once if it names another leader or epoch than the attempt that failed.
+_MISROUTED = (NotLeader, FencedLeaderEpoch, UnknownLeaderEpoch, UnknownTopic, UnknownPartition)
 # Refusals that come before the broker appends anything. Anything else (a timeout, a
 # lost connection, not_leader or not_enough_replicas after the append) leaves the
 # outcome of a batch unknown.
@@ -120,7 +132,8 @@ class Producer:
     ``request_timeout_ms=30000``, ``max_request_bytes=1 MiB``,
     ``enable_idempotence=True``, ``max_in_flight=5`` (batches of a partition
     unacknowledged at once, at most 5: what the broker remembers; without a producer
-    id one request per partition is in flight), plus the connection
+    id one request per partition is in flight), ``max_in_flight_bytes_per_broker=4 MiB``
+    (batch bytes unacknowledged by one leader broker), plus the connection
     settings ``bootstrap``, ``ca_file``, ``cert_file``, ``key_file``, ``token``.
     """
 
@@ -131,7 +144,11 @@ class Producer:
         self._thread = LoopThread("tidemq-producer")
         self._wake_event: asyncio.Event | None = None
         self._accumulator = RecordAccumulator(
-            options.batch_size, options.buffer_memory, options.linger_ms, self._wake
+            options.batch_size,
+            options.buffer_memory,
+            options.linger_ms,
+            self._wake,
+            max_in_flight_bytes=options.max_in_flight_bytes_per_broker,
         )
         self._max_block_s = options.max_block_ms / 1000
         self._producer_id = -1
@@ -283,10 +300,10 @@ class Producer:
                         identity_since = time.monotonic()
                     continue
             now = time.monotonic()
-            ready = accumulator.ready(now)
+            ready = accumulator.ready(now, self._leader_of)
             drained: list[tuple[TopicPartition, RequestGroup]] = []
             for tp in ready.partitions:
-                batches = accumulator.drain(tp, max_bytes, now)
+                batches = accumulator.drain(tp, max_bytes, now, self._leader_of(tp))
                 if batches:
                     # Stamped here, in drain order, with no await since the drain:
                     # sequence order is record order.
@@ -304,6 +321,14 @@ class Producer:
                         await wake.wait()
                 except TimeoutError:
                     pass
+
+    def _leader_of(self, tp: TopicPartition) -> str | None:
+        """The leader broker the cache names for ``tp`` (None if unknown): the
+        accumulator's unit of "in flight" (Nagle per broker) and of bytes in flight."""
+        info = self._metadata.cached(tp[0])
+        if info is None or tp[1] >= len(info.partitions):
+            return None
+        return info.partitions[tp[1]].leader_url
 
     def _sequencer(self, tp: TopicPartition) -> PartitionSequencer:
         sequencer = self._sequencers.get(tp)
@@ -457,9 +482,11 @@ class Producer:
         deadline = request.batches[0].created + options.delivery_timeout_ms / 1000
         attempt = 0
         reset_done = False
+        route: tuple[str | None, int] | None = None  # where the last attempt went
         while True:
             try:
                 info = await self._metadata.leader(topic, partition)
+                route = (info.leader_url, info.leader_epoch)
                 answer = await self._transport.request_json(
                     "POST",
                     f"{info.leader_url}/v1/topics/{topic}/partitions/{partition}/records",
@@ -481,10 +508,8 @@ class Producer:
                 return
             except TideError as error:
                 attempt += 1
-                connection = self._connection
-                delay = backoff_seconds(
-                    attempt, connection.retry_backoff_ms, connection.retry_backoff_max_ms
-                )
+                self._metadata.invalidate(topic)
+                delay = await self._retry_delay(tp, error, route, attempt)
                 if (
                     not (error.retriable or isinstance(error, _BROKER_NOT_READY))
                     or attempt > options.retries
@@ -494,11 +519,35 @@ class Producer:
                     self._give_up(tp, request, error)
                     return
                 log.debug("produce to %s/%s: %s; retry %d", topic, partition, error, attempt)
-                self._metadata.invalidate(topic)
-                await asyncio.sleep(delay)
+                if delay:
+                    await asyncio.sleep(delay)
                 continue
             self._succeeded(tp, request, answer)
             return
+
+    async def _retry_delay(
+        self,
+        tp: TopicPartition,
+        error: TideError,
+        route: tuple[str | None, int] | None,
+        attempt: int,
+    ) -> float:
+        """No wait when fresh metadata names another leader or epoch than the failed
+        attempt used (the leader moved: the new one is worth trying now); else the
+        backoff, short while the broker is only behind the coordinator."""
+        if isinstance(error, _MISROUTED) and route is not None:
+            try:
+                info = await self._metadata.leader(*tp)  # refreshes: invalidated
+            except TideError:
+                pass
+            else:
+                if (info.leader_url, info.leader_epoch) != route:
+                    return 0.0
+        connection = self._connection
+        base_ms = connection.retry_backoff_ms
+        if isinstance(error, _BROKER_BEHIND):
+            base_ms = min(base_ms, _BROKER_BEHIND_BACKOFF_MS)
+        return backoff_seconds(attempt, base_ms, connection.retry_backoff_max_ms)
 
     async def _acquire_identity(self, attempt: int) -> bool:
         """A producer id for idempotence; without one (old coordinator) send plain.
