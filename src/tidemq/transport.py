@@ -87,7 +87,9 @@ CHANNEL_PENDING_MAX = 1024
 # close the whole channel, failing every request waiting on it; larger bodies go over
 # HTTP, which answers 413 past the limit and costs little next to the bytes.
 CHANNEL_BODY_MAX = 60 * 1024
-_CHANNEL_FRAME_MAX = 64 * 1024 * 1024
+# Above the largest answer: a consumer fetch is capped at 64 MiB of batches in total,
+# plus per-partition framing and one batch past the budget.
+_CHANNEL_FRAME_MAX = 128 * 1024 * 1024
 _REQUEST_HEAD = struct.Struct(">IH")
 _U16 = struct.Struct(">H")
 _ANSWER_HEAD = struct.Struct(">IHH")

@@ -4,6 +4,7 @@ journal files; a clean shutdown leaves no journal behind."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import shutil
@@ -219,3 +220,33 @@ def _at(body: bytes, offset: int) -> bytes:
     buffer = bytearray(body)
     patch_batch(buffer, 0, offset, 0)
     return bytes(buffer)
+
+
+def test_a_failure_applying_a_journal_fsync_is_fail_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fsync's completion runs as a callback: an error there would be lost and
+    every later acknowledgement would stall. It stops the broker instead."""
+    import tidemq.broker.syncer as syncer_module
+
+    stopped: list[str] = []
+    monkeypatch.setattr(syncer_module, "fail_stop", stopped.append)
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, client):
+            replica = broker.replicas[("orders", 0)]
+
+            def broken() -> None:
+                raise RuntimeError("bookkeeping broke")
+
+            monkeypatch.setattr(replica, "flushed", broken)
+            produced = asyncio.ensure_future(produce(client, batch(1), acks="1"))
+            deadline = asyncio.get_running_loop().time() + 10
+            while not stopped:
+                assert asyncio.get_running_loop().time() < deadline, "no fail-stop"
+                await asyncio.sleep(0.01)
+            assert "applying a journal fsync failed" in stopped[0]
+            produced.cancel()
+            monkeypatch.undo()
+
+    run(scenario)

@@ -129,10 +129,14 @@ class GroupCommitSyncer:
             fail_stop(f"fsync of the journal failed: {error!r}")
             return  # (fail_stop does not return; a test's stand-in does)
         self._fsync_seconds.observe(time.perf_counter() - started)
-        for replica, log_, end, generation in covered:
-            if replica.log is log_ and not log_.closed:
-                log_.mark_durable(end, generation)
-                replica.flushed()
+        try:
+            for replica, log_, end, generation in covered:
+                if replica.log is log_ and not log_.closed:
+                    log_.mark_durable(end, generation)
+                    replica.flushed()
+        except Exception as exc:  # a callback: nothing above would see it, acks would stall
+            fail_stop(f"applying a journal fsync failed: {exc!r}")
+            return
         if self._dirty:
             self._start_journal_sync()
         journal = self.journal
