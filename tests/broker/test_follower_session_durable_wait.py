@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -25,6 +26,7 @@ from tidemq.broker.follower import FetchSession
 from tidemq.broker.partition import PartitionReplica
 from tidemq.core.replica import ReplicaAssignment
 from tidemq.storage import FsyncPolicy, LogConfig
+from tidemq.transport import HttpTransport
 from tidemq.wire.batch import build_batch, patch_batch
 from tidemq.wire.replica_fetch import ReplicaFetchEntry, encode_replica_fetch
 
@@ -81,7 +83,7 @@ def session_with(leader: FakeLeader, replicas: list[PartitionReplica]) -> FetchS
         2,
         1,
         "http://leader-1",
-        lambda: leader,  # type: ignore[arg-type, return-value]
+        cast("Callable[[], HttpTransport]", lambda: leader),
         lambda replica: None,  # the fsync is driven by the test
         lambda topic, size: None,
         5_000,
