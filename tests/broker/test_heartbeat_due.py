@@ -42,9 +42,7 @@ def heartbeat_answer() -> control.HeartbeatAnswer:
     return control.decode(json.dumps(body).encode(), control.HeartbeatAnswer)
 
 
-@pytest.mark.parametrize(
-    ("topic", "error"), [("deleted", UnknownTopic), ("orders", NotLeader)]
-)
+@pytest.mark.parametrize(("topic", "error"), [("deleted", UnknownTopic), ("orders", NotLeader)])
 def test_a_name_asked_about_again_and_again_causes_no_heartbeat_storm(
     tmp_path: Path, topic: str, error: type[Exception]
 ) -> None:

@@ -357,13 +357,9 @@ def test_a_failing_coordinator_is_not_asked_for_metadata_after_every_fetch(
         wait_for(lambda: len(cluster.requests) >= 4, 5, "fetching from both brokers")
         failing_since = cluster.metadata_requests
         cluster.metadata_error = Unavailable("coordinator overloaded")
-        wait_for(
-            lambda: cluster.metadata_requests > failing_since, 5, "a refresh of aged metadata"
-        )
+        wait_for(lambda: cluster.metadata_requests > failing_since, 5, "a refresh of aged metadata")
         asked_before, fetched_before = cluster.metadata_requests, len(cluster.requests)
-        wait_for(
-            lambda: len(cluster.requests) >= fetched_before + 200, 20, "200 more fetch rounds"
-        )
+        wait_for(lambda: len(cluster.requests) >= fetched_before + 200, 20, "200 more fetch rounds")
         asked = cluster.metadata_requests - asked_before
         # Backed off (retry_backoff_ms=10, doubling): a handful, not one per round.
         assert asked <= 20, f"{asked} metadata requests in 200 fetch rounds"
