@@ -23,7 +23,7 @@ import tidemq.client.consumer as consumer_module
 from tidemq.client.consumer import Consumer
 from tidemq.client.fetch_buffer import Message
 from tidemq.client.fetcher import PartitionFetch, fetch_request
-from tidemq.errors import InvalidRequest
+from tidemq.errors import InvalidRequest, TideError, Unavailable
 from tidemq.transport import error_from_response
 from tidemq.wire.batch import build_batch, patch_batch
 from tidemq.wire.fetch import FetchEntry, FetchRequest, decode_fetch, encode_fetch
@@ -49,6 +49,8 @@ class FakeCluster:
         self.waiters: set[asyncio.Event] = set()
         self.deposed: dict[int, tuple[str, int]] = {}  # leaders that do not know it yet
         self.on_request: Callable[[FetchRequest], None] = lambda request: None
+        self.metadata_requests = 0
+        self.metadata_error: TideError | None = None  # the coordinator's metadata fails
 
     def append(self, partition: int, value: bytes) -> None:
         with self.lock:
@@ -106,6 +108,9 @@ class FakeTransport:
                 "assignment": [{"topic": TOPIC, "partition": p} for p in assigned],
             }
         if path == "/v1/metadata":
+            cluster.metadata_requests += 1
+            if cluster.metadata_error is not None:
+                raise cluster.metadata_error
             with cluster.lock:
                 partitions = [
                     {"partition": p, "leader_url": url, "leader_epoch": cluster.epochs[p]}
@@ -336,3 +341,25 @@ def test_a_full_partition_is_not_fetched_and_comes_back_soon_after_it_drains(
         assert [(m.partition, m.value) for m in got] == [(0, b"after")]
         assert time.monotonic() - drained < 2.0, "the drained partition waited out a long-poll"
         assert fetched_while_full == []
+
+
+def test_a_failing_coordinator_is_not_asked_for_metadata_after_every_fetch(
+    cluster: FakeCluster,
+) -> None:
+    """Review finding: once a topic's metadata is older than metadata_max_age_ms, every
+    broker loop round asks the coordinator again, and a failed refresh is retried at
+    the next round at once: a busy consumer sent the coordinator one metadata request
+    per fetch answer (hundreds a second) while it failed (overloaded, or restarting
+    while the group's heartbeats still got through), with no back-off at all."""
+    cluster.assignment = {0, 1}  # one partition on each broker
+    with make_consumer(fetch_wait_ms=5, metadata_max_age_ms=200) as consumer:
+        assert consumer.wait_until_ready(10)
+        wait_for(lambda: len(cluster.requests) >= 4, 5, "fetching from both brokers")
+        failing_since = cluster.metadata_requests
+        cluster.metadata_error = Unavailable("coordinator overloaded")
+        wait_for(lambda: cluster.metadata_requests > failing_since, 5, "a refresh of aged metadata")
+        asked_before, fetched_before = cluster.metadata_requests, len(cluster.requests)
+        wait_for(lambda: len(cluster.requests) >= fetched_before + 200, 20, "200 more fetch rounds")
+        asked = cluster.metadata_requests - asked_before
+        # Backed off (retry_backoff_ms=10, doubling): a handful, not one per round.
+        assert asked <= 20, f"{asked} metadata requests in 200 fetch rounds"

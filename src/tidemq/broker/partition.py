@@ -297,6 +297,7 @@ class PartitionReplica:
         self.log.truncate_to(offset)
         self.producers = load_producer_state(self.log)  # forget truncated batches
         self.handle(Truncated(self.log.log_end_offset))
+        self._release_durable_waiters()
 
     def reset_to(self, offset: int, now_ms: int) -> None:
         """Follower: drop the whole log and start empty at ``offset`` (the leader's log
@@ -310,13 +311,16 @@ class PartitionReplica:
         self.producers = load_producer_state(self.log)
         self.handle(Truncated(self.log.log_end_offset))
         self.handle(Flushed(self._durable_end()))
+        self._release_durable_waiters()
 
     def leader_answered(self, high_watermark: int) -> None:
         self.handle(LeaderAnswered(high_watermark))
 
     async def wait_durable(self, offset: int) -> None:
         """Returns once everything below ``offset`` is durable here (follower fetch
-        loop: it reports its durable end with its next fetch)."""
+        loop: it reports its durable end with its next fetch), or once the log was cut
+        below ``offset`` (truncated or started over, by another fetch session after a
+        leader move): what it waited for is gone, and its fsync may never come."""
         if self.core.durable_offset >= offset or self.closed:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -330,10 +334,13 @@ class PartitionReplica:
         if self.closed:
             return
         self.handle(Flushed(self._durable_end()))
-        durable = self.core.durable_offset
+        self._release_durable_waiters()
+
+    def _release_durable_waiters(self) -> None:
+        durable, end = self.core.durable_offset, self.log.log_end_offset
         pending = []
         for offset, future in self._durable_waiters:
-            if offset <= durable:
+            if offset <= durable or offset > end:
                 if not future.done():
                     future.set_result(None)
             else:

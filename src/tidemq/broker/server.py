@@ -115,6 +115,7 @@ CLEAN_SHUTDOWN_FILE = "clean-shutdown"
 REPLICA_FETCH_BYTES = 4 * 1024 * 1024
 TICK_INTERVAL_S = 0.25
 EARLY_HEARTBEAT_GAP_S = 0.01  # bounds the heartbeats requests can cause to 100/s
+EARLY_HEARTBEAT_NAMES_MAX = 1024  # names remembered for "once per name per interval"
 
 Key = tuple[str, int]
 
@@ -319,6 +320,7 @@ class Broker:
         # partition or leader epoch): the coordinator knows more, so the next heartbeat
         # goes now rather than at the end of the interval (client/admin.py relies on it).
         self._heartbeat_due = asyncio.Event()
+        self._asked_early: dict[tuple[str, int, int], float] = {}  # name -> when (monotonic)
 
     @property
     def topic_partitions(self) -> dict[str, int]:
@@ -334,10 +336,11 @@ class Broker:
             # Before its first heartbeat answer a (re)started broker knows no topic: not
             # a reason for a client to give up on one (unknown_topic is final).
             raise NotLeader(f"broker {self.config.broker_id} is starting: no assignments yet")
-        self._heartbeat_due.set()
         summary = self.topics.get(topic)
         if summary is None:
+            self._behind((topic, -1, -1))
             raise UnknownTopic(f"unknown topic {topic!r}")
+        self._behind((topic, partition, -1))
         if not 0 <= partition < summary.partitions:
             raise UnknownPartition(f"topic {topic!r} has partitions 0..{summary.partitions - 1}")
         raise NotLeader(f"broker {self.config.broker_id} does not host {topic}/{partition}")
@@ -346,7 +349,7 @@ class Broker:
         """The one epoch gate: every produce, fetch and replica fetch passes here first."""
         replica = self.replica_for(topic, partition)
         if epoch is not None and epoch > replica.leader_epoch:
-            self._heartbeat_due.set()  # the caller knows a newer epoch than we do
+            self._behind((topic, partition, epoch))  # the caller knows a newer epoch
         if not replica.is_leader:
             raise NotLeader(f"broker {self.config.broker_id} does not lead {topic}/{partition}")
         if epoch is not None and epoch >= 0:
@@ -355,6 +358,26 @@ class Broker:
             if epoch > replica.leader_epoch:
                 raise UnknownLeaderEpoch(f"leader epoch {epoch} > {replica.leader_epoch}")
         return replica
+
+    def _behind(self, name: tuple[str, int, int]) -> None:
+        """A request named what this broker does not know (topic, partition, leader
+        epoch; -1 where it does not matter): heartbeat now, once per name per heartbeat
+        interval. One answer tells whether the coordinator knows it; a client that
+        keeps naming a deleted topic, a partition this broker no longer hosts or a
+        bogus epoch made the broker heartbeat every EARLY_HEARTBEAT_GAP_S."""
+        now = time.monotonic()
+        interval_s = self.heartbeat_interval_ms / 1000
+        asked = self._asked_early
+        last = asked.get(name)
+        if last is not None and now - last < interval_s:
+            return
+        if len(asked) >= EARLY_HEARTBEAT_NAMES_MAX:
+            for key in [key for key, when in asked.items() if now - when >= interval_s]:
+                del asked[key]
+            if len(asked) >= EARLY_HEARTBEAT_NAMES_MAX:
+                return  # many distinct unknown names at once: the regular heartbeat
+        asked[name] = now
+        self._heartbeat_due.set()
 
     # ---- produce ------------------------------------------------------------------
 

@@ -177,6 +177,8 @@ class Fetchers:
         self.brokers: dict[str, BrokerFetcher] = {}
         self._routes_seen: dict[str, float] = {}  # topic -> metadata fetched_at applied
         self._refreshing: dict[str, asyncio.Task[None]] = {}
+        # topic -> (failed refreshes in a row, monotonic time before which none is tried)
+        self._refresh_backoff: dict[str, tuple[int, float]] = {}
         self._request_headers = {"Accept": FETCH_TYPE, "Content-Type": "application/json"}
 
     # -- what the consumer calls --------------------------------------------------------
@@ -352,14 +354,23 @@ class Fetchers:
             self._kick(state)
 
     def _refresh_soon(self, topic: str) -> None:
-        if topic not in self._refreshing:
-            self._refreshing[topic] = self._group.create_task(self._refresh(topic))
+        """A background refresh, unless one runs or the last ones failed and their
+        back-off is not over (else every broker loop round, so every fetch answer,
+        asked a failing coordinator again at once)."""
+        backoff = self._refresh_backoff.get(topic)
+        if topic in self._refreshing or (backoff and time.monotonic() < backoff[1]):
+            return
+        self._refreshing[topic] = self._group.create_task(self._refresh(topic))
 
     async def _refresh(self, topic: str) -> None:
         try:
             await self._metadata.refresh([topic])
+            self._refresh_backoff.pop(topic, None)
         except TideError as error:
-            log.debug("metadata of %s: %s", topic, error)
+            failures = self._refresh_backoff.get(topic, (0, 0.0))[0] + 1
+            retry_at = time.monotonic() + self._backoff_s(failures)
+            self._refresh_backoff[topic] = (failures, retry_at)
+            log.debug("metadata of %s: %s; retry %d", topic, error, failures)
         finally:
             del self._refreshing[topic]
         self._follow_metadata()
