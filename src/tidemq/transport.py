@@ -24,11 +24,10 @@ import itertools
 import json
 import os
 import ssl
-import struct
 import time
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -41,6 +40,7 @@ from tidemq.errors import (
     TideError,
     Unavailable,
 )
+from tidemq.wire.channel import CHANNEL_PATH, ChannelAnswer, decode_answer, encode_request
 
 
 def error_from_response(status: int, body: bytes) -> TideError:
@@ -78,7 +78,6 @@ def translate_exception(exc: BaseException, what: str) -> TideError:
     return InternalError(f"{what}: {type(exc).__name__}: {exc}")
 
 
-CHANNEL_PATH = "/v1/channel"  # service/channel.py (the transport does not import services)
 CHANNEL_TARGETS = frozenset({"POST /v1/produce", "POST /v1/fetch", "POST /v1/replica/fetch"})
 CHANNEL_RETRY_S = 60.0
 CHANNEL_PENDING_MAX = 1024
@@ -90,9 +89,6 @@ CHANNEL_BODY_MAX = 60 * 1024
 # Above the largest answer: a consumer fetch is capped at 64 MiB of batches in total,
 # plus per-partition framing and one batch past the budget.
 _CHANNEL_FRAME_MAX = 128 * 1024 * 1024
-_REQUEST_HEAD = struct.Struct(">IH")
-_U16 = struct.Struct(">H")
-_ANSWER_HEAD = struct.Struct(">IHH")
 
 
 class _NotOnChannel(Exception):
@@ -106,7 +102,7 @@ class _Channel:
         self.socket = socket
         self.what = what
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[tuple[int, str, dict[str, str], bytes]]] = {}
+        self._pending: dict[int, asyncio.Future[ChannelAnswer]] = {}
         self._reader = asyncio.ensure_future(self._read())
 
     @property
@@ -115,27 +111,17 @@ class _Channel:
 
     async def call(
         self, target: str, params: Mapping[str, str] | None, body: bytes, timeout_s: float
-    ) -> tuple[int, str, dict[str, str], bytes]:
+    ) -> ChannelAnswer:
         if len(self._pending) >= CHANNEL_PENDING_MAX:
             raise Unavailable(f"{self.what}: {CHANNEL_PENDING_MAX} requests already waiting")
         request_id = next(self._ids) & 0xFFFFFFFF
-        target_bytes = target.encode()
-        query = urlencode(params or {}).encode()
-        frame = b"".join(
-            (
-                _REQUEST_HEAD.pack(request_id, len(target_bytes)),
-                target_bytes,
-                _U16.pack(len(query)),
-                query,
-                body,
-            )
-        )
+        frame = encode_request(request_id, target, params, body)
         answer = asyncio.get_running_loop().create_future()
         self._pending[request_id] = answer
         try:
             async with asyncio.timeout(timeout_s):
                 await self.socket.send_bytes(frame)
-                result: tuple[int, str, dict[str, str], bytes] = await answer
+                result: ChannelAnswer = await answer
                 return result
         finally:
             self._pending.pop(request_id, None)
@@ -146,10 +132,10 @@ class _Channel:
             async for message in self.socket:
                 if message.type is not aiohttp.WSMsgType.BINARY:
                     break
-                request_id, status, content_type, headers, body = _decode_answer(message.data)
-                waiter = self._pending.get(request_id)
+                answer = decode_answer(message.data)
+                waiter = self._pending.get(answer.request_id)
                 if waiter is not None and not waiter.done():
-                    waiter.set_result((status, content_type, headers, body))
+                    waiter.set_result(answer)
         except Exception as exc:
             failure = exc
         finally:
@@ -163,20 +149,6 @@ class _Channel:
     async def close(self) -> None:
         await self.socket.close()
         await asyncio.gather(self._reader, return_exceptions=True)
-
-
-def _decode_answer(frame: bytes) -> tuple[int, int, str, dict[str, str], bytes]:
-    request_id, status, type_length = _ANSWER_HEAD.unpack_from(frame)
-    position = _ANSWER_HEAD.size
-    content_type = frame[position : position + type_length].decode()
-    position += type_length
-    (headers_length,) = _U16.unpack_from(frame, position)
-    position += _U16.size
-    raw = frame[position : position + headers_length]
-    headers = json.loads(raw) if raw else {}
-    if not isinstance(headers, dict) or position + headers_length > len(frame):
-        raise ValueError("malformed channel answer")
-    return request_id, status, content_type, headers, bytes(frame[position + headers_length :])
 
 
 _NEEDS_CLEANUP_CLOSED = bool(getattr(aiohttp.connector, "NEEDS_CLEANUP_CLOSED", False))
@@ -273,7 +245,8 @@ class HttpTransport:
         if channel is None:
             raise _NotOnChannel()
         timeout_s = self._request_timeout_s if timeout_ms is None else timeout_ms / 1000
-        status, _, headers, body = await channel.call(target, params, data, timeout_s)
+        answer = await channel.call(target, params, data, timeout_s)
+        status, headers, body = answer.status, answer.headers, answer.body
         if status == 404 and b'"not_found"' in body:
             self._no_channel_until[(base, target)] = time.monotonic() + CHANNEL_RETRY_S
             raise _NotOnChannel()

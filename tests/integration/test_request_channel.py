@@ -22,17 +22,12 @@ import tidemq.service.channel as channel_module
 from tidemq.errors import ConnectionFailed, Forbidden, NotLeader, RequestTooLarge, Unavailable
 from tidemq.service.app import build_app
 from tidemq.service.callers import BROKERS, CLIENTS, broker_self
-from tidemq.service.channel import (
-    Operation,
-    Reply,
-    channel_endpoint,
-    decode_answer,
-    encode_request,
-)
+from tidemq.service.channel import Operation, Reply, channel_endpoint
 from tidemq.service.http import Endpoint
 from tidemq.tls import client_context as tls_client_context
 from tidemq.tls import ensure_cluster_pki, server_context
 from tidemq.transport import HttpTransport
+from tidemq.wire.channel import decode_answer, encode_request
 
 NAMES = ["coordinator", "broker-1", "broker-2", "client"]
 

@@ -1,0 +1,105 @@
+"""The request channel's frames (docs/PROTOCOL.md "Request channel"): pure encoding,
+shared by the server (service/channel.py) and the client (transport.py).
+
+Binary WebSocket messages, big-endian::
+
+    request:  id u32 | target_length u16 | target ("POST /v1/produce", UTF-8)
+              | query_length u16 | query (URL-encoded) | body
+    answer:   id u32 | status u16 | type_length u16 | content type
+              | headers_length u16 | headers (JSON object, or empty) | body
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from typing import NamedTuple
+from urllib.parse import urlencode
+
+CHANNEL_PATH = "/v1/channel"
+_REQUEST_HEAD = struct.Struct(">IH")
+_U16 = struct.Struct(">H")
+_ANSWER_HEAD = struct.Struct(">IHH")
+
+
+class ChannelRequest(NamedTuple):
+    request_id: int
+    target: str  # "METHOD /path"
+    query: str
+    body: bytes
+
+
+class ChannelAnswer(NamedTuple):
+    request_id: int
+    status: int
+    content_type: str
+    headers: dict[str, str]
+    body: bytes
+
+
+def encode_request(
+    request_id: int, target: str, query: Mapping[str, str] | None, body: bytes
+) -> bytes:
+    target_bytes = target.encode()
+    query_bytes = urlencode(query or {}).encode()
+    return b"".join(
+        (
+            _REQUEST_HEAD.pack(request_id, len(target_bytes)),
+            target_bytes,
+            _U16.pack(len(query_bytes)),
+            query_bytes,
+            body,
+        )
+    )
+
+
+def decode_request(frame: bytes) -> ChannelRequest:
+    """Raises ValueError on a malformed frame."""
+    try:
+        request_id, target_length = _REQUEST_HEAD.unpack_from(frame)
+        position = _REQUEST_HEAD.size
+        target = frame[position : position + target_length].decode()
+        position += target_length
+        (query_length,) = _U16.unpack_from(frame, position)
+        position += _U16.size
+        query = frame[position : position + query_length].decode()
+        position += query_length
+    except (struct.error, UnicodeDecodeError) as error:
+        raise ValueError(f"malformed channel request: {error}") from error
+    if position > len(frame):
+        raise ValueError("malformed channel request: truncated")
+    return ChannelRequest(request_id, target, query, bytes(frame[position:]))
+
+
+def encode_answer(answer: ChannelAnswer) -> bytes:
+    content_type = answer.content_type.encode()
+    headers = json.dumps(answer.headers).encode() if answer.headers else b""
+    return b"".join(
+        (
+            _ANSWER_HEAD.pack(answer.request_id, answer.status, len(content_type)),
+            content_type,
+            _U16.pack(len(headers)),
+            headers,
+            answer.body,
+        )
+    )
+
+
+def decode_answer(frame: bytes) -> ChannelAnswer:
+    """Raises ValueError on a malformed frame."""
+    try:
+        request_id, status, type_length = _ANSWER_HEAD.unpack_from(frame)
+        position = _ANSWER_HEAD.size
+        content_type = frame[position : position + type_length].decode()
+        position += type_length
+        (headers_length,) = _U16.unpack_from(frame, position)
+        position += _U16.size
+        raw_headers = frame[position : position + headers_length]
+        headers = json.loads(raw_headers) if raw_headers else {}
+        position += headers_length
+    except (struct.error, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"malformed channel answer: {error}") from error
+    if position > len(frame) or not isinstance(headers, dict):
+        raise ValueError("malformed channel answer")
+    return ChannelAnswer(request_id, status, content_type, headers, bytes(frame[position:]))
