@@ -17,6 +17,7 @@ from tests.broker.test_broker_api import _answer, batch, broker_client, produce,
 from tidemq.broker.follower import _restart_at
 from tidemq.broker.partition import partition_directory_name
 from tidemq.broker.server import Broker, BrokerConfig
+from tidemq.core.replica import Acks
 from tidemq.storage import LogConfig, PartitionLog
 from tidemq.storage.journal import JOURNAL_DIRECTORY, journal_files
 from tidemq.transport import HttpTransport
@@ -94,6 +95,45 @@ def test_without_the_journal_each_log_is_fsynced(tmp_path: Path) -> None:
             assert (await produce(client, batch(2), acks="all")).status == 200
             assert broker.replicas[("orders", 0)].log.flushed_offset == 2
             assert journal_files(tmp_path / JOURNAL_DIRECTORY) == []
+
+    run(scenario)
+
+
+def test_appends_made_before_the_group_commit_runs_share_one_fdatasync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal's fdatasync runs on the event loop after the callbacks that were
+    ready when the first append marked a log dirty: every append made before it is
+    covered by that one sync; an append after it waits for the next."""
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, _):
+            journal = broker.syncer.journal
+            assert journal is not None
+            syncs: list[tuple[int, int]] = []
+            leader = broker.replicas[("orders", 0)]
+            follower = broker.replicas[("orders", 1)]
+            real_sync = journal.sync
+
+            def counting_sync() -> None:
+                syncs.append((leader.log.log_end_offset, follower.log.log_end_offset))
+                real_sync()
+
+            monkeypatch.setattr(journal, "sync", counting_sync)
+            leader.append(batch(2), Acks.ALL, 0)
+            broker.syncer.mark_dirty(leader)
+            follower.append_replicated(batch(3), 0)
+            broker.syncer.mark_dirty(follower)
+            assert syncs == []  # deferred: nothing synced inside the appending callback
+            assert (leader.log.flushed_offset, follower.log.flushed_offset) == (0, 0)
+            await broker.syncer.sync_dirty()
+            assert syncs == [(2, 3)]  # one fdatasync for both logs
+            assert (leader.log.flushed_offset, follower.log.flushed_offset) == (2, 3)
+            leader.append(batch(1, 2), Acks.ALL, 0)
+            broker.syncer.mark_dirty(leader)
+            await broker.syncer.sync_dirty()
+            assert syncs == [(2, 3), (3, 3)]
+            assert leader.log.flushed_offset == 3
 
     run(scenario)
 

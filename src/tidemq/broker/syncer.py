@@ -12,16 +12,24 @@ overlap and the file system can fold them into one journal commit, where one
 sequential round over 12 partitions cost ~8 ms here.
 
 With the broker-wide journal (storage/journal.py, the default under ``always``) the
-unit of group commit is the journal instead: one fdatasync at a time covers every
-partition that appended since the previous one started (their log ends are noted on
-the event loop when it starts, so an append is covered iff it was written before).
-When it ends each covered log's durable end moves (``mark_durable``, void if the log
-was truncated meanwhile). A checkpoint, every ``CHECKPOINT_INTERVAL_S`` or when the
-journal file passes its size bound, rotates the journal, fsyncs the logs that
-appended to the older files and deletes those files.
+unit of group commit is the journal instead: one fdatasync covers every partition that
+appended since the previous one. It runs ON the event loop, scheduled with
+``call_soon`` when the first append marks a log dirty, so it runs after every callback
+that was ready then (the appends of all requests already read share it); each covered
+log's durable end then moves (``mark_durable``, void if the log was truncated
+meanwhile). Why on the loop: handing the fdatasync to a worker thread cost more than
+the fdatasync itself (~0.1-0.3 ms here): the thread hand-off, and the worker waiting
+for the GIL to report back while the loop thread is busy (up to the 5 ms switch
+interval); measured side by side, p99 end-to-end fell from 30 to 18 ms at 2,000 msg/s
+(docs/BENCHMARKS.md). The price: the loop does nothing else during the fdatasync, so a
+disk whose fsyncs take seconds delays heartbeats, and the coordinator fences the
+broker, as it should (it cannot make anything durable in time). A checkpoint, every
+``CHECKPOINT_INTERVAL_S`` or when the journal file passes its size bound, rotates the
+journal, fsyncs the logs that appended to the older files and deletes those files.
 
 Under ``fsync=interval`` every dirty log is synced every ``fsync_interval_ms``;
-under ``never`` only at shutdown. The event loop never blocks on an fsync. A
+under ``never`` only at shutdown. Segment fsyncs (``--no-journal``, checkpoints) run
+on a thread pool: the loop never blocks on those. A
 failed fsync is fatal (as in Kafka): ``run`` raises it and the broker stops,
 because the log's durable state is no longer known.
 """
@@ -106,6 +114,14 @@ class GroupCommitSyncer:
     # -- the journal --
 
     def _start_journal_sync(self) -> None:
+        """Schedules one journal fdatasync on the event loop, after the callbacks that
+        are ready now (so the appends of every request already read share it)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._journal_sync = future
+        loop.call_soon(self._sync_journal, future)
+
+    def _sync_journal(self, future: asyncio.Future[None]) -> None:
         journal = self.journal
         assert journal is not None
         covered: list[_Covered] = [
@@ -114,19 +130,13 @@ class GroupCommitSyncer:
             if not replica.closed
         ]
         self._dirty.clear()
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        future = loop.run_in_executor(self._executor, journal.sync)
-        self._journal_sync = future
-        future.add_done_callback(lambda done: self._journal_synced(covered, started, done))
-
-    def _journal_synced(
-        self, covered: list[_Covered], started: float, done: asyncio.Future[None]
-    ) -> None:
-        self._journal_sync = None
-        error = done.exception()
-        if error is not None:  # fail-stop, as for a segment fsync (see _finished)
-            fail_stop(f"fsync of the journal failed: {error!r}")
+        try:
+            journal.sync()
+        except OSError as exc:
+            # Fail-stop, as for a segment fsync (see _finished).
+            self._fail(future, exc)
+            fail_stop(f"fsync of the journal failed: {exc!r}")
             return  # (fail_stop does not return; a test's stand-in does)
         self._fsync_seconds.observe(time.perf_counter() - started)
         try:
@@ -134,14 +144,22 @@ class GroupCommitSyncer:
                 if replica.log is log_ and not log_.closed:
                     log_.mark_durable(end, generation)
                     replica.flushed()
-        except Exception as exc:  # a callback: nothing above would see it, acks would stall
+        except Exception as exc:  # nothing above would see it, and acks would stall
+            self._fail(future, exc)
             fail_stop(f"applying a journal fsync failed: {exc!r}")
             return
+        future.set_result(None)
+        self._journal_sync = None
         if self._dirty:
             self._start_journal_sync()
-        journal = self.journal
-        if journal is not None and journal.current_bytes > journal.file_bytes_max:
+        if journal.current_bytes > journal.file_bytes_max:
             self._checkpoint_wanted.set()
+
+    def _fail(self, future: asyncio.Future[None], error: BaseException) -> None:
+        """Fails whoever awaits this sync (``sync_dirty``); fail_stop ends the process."""
+        self._journal_sync = None
+        future.set_exception(error)
+        future.exception()  # retrieved: fail_stop reports it, not the future's finalizer
 
     async def _checkpoints(self, journal: Journal) -> None:
         last = time.monotonic()
