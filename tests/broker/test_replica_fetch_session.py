@@ -467,3 +467,40 @@ def test_a_leader_without_sessions_is_followed_per_partition(tmp_path: Path) -> 
             assert p.count.per_partition >= 3 and p.count.answers == []
 
     run(scenario)
+
+
+def test_a_waiting_follower_gets_the_records_before_the_leader_blocks_in_fdatasync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader's journal fdatasync runs on its event loop: it waits until the
+    follower fetch that the append woke has its answer, so the follower's copy and
+    fsync overlap the leader's instead of following it (with SYNC_AFTER_TURNS = 0
+    the fdatasync comes first: this test fails)."""
+
+    async def scenario() -> None:
+        async with pair(tmp_path, 1) as p:
+            await produce(p.client, 0, batch(1))  # warm: connection up, follower caught up
+            await until("a poll waiting", lambda: p.count.in_flight == 1)
+            journal = p.leader.syncer.journal
+            assert journal is not None
+            events: list[str] = []
+            real_sync = journal.sync
+
+            def noted_sync() -> None:
+                events.append("leader fdatasync")
+                real_sync()
+
+            class NotedAnswers(list[list[ReplicaFetchEntry]]):
+                def append(self, entries: list[ReplicaFetchEntry]) -> None:
+                    if any(entry.batches for entry in entries):
+                        events.append("records to the follower")
+                    super().append(entries)
+
+            monkeypatch.setattr(journal, "sync", noted_sync)
+            p.count.answers = NotedAnswers(p.count.answers)
+            await produce(p.client, 0, batch(2), acks="1")
+            await until("the leader synced", lambda: "leader fdatasync" in events)
+            await until("the follower answered", lambda: "records to the follower" in events)
+            assert events[:2] == ["records to the follower", "leader fdatasync"], events
+
+    run(scenario)
