@@ -3,7 +3,7 @@
 
 Usage: .venv/bin/python scripts/latency_floor.py [--rate 2000] [--seconds 10]
        [--warmup 1] [--plain] [--no-fsync] [--sync thread|inline] [--coalesce]
-       [--partitions 12] [--brokers 3] [--repeat 1]
+       [--partitions 12] [--brokers 3] [--switch-interval-ms 0] [--repeat 1]
 
 It does not import tidemq: it measures what the hops tidemq needs for acks=all with an
 fsync on every replica cost when each hop does almost nothing else. Five processes
@@ -33,7 +33,9 @@ The path of one message:
 into one write (one TLS record, one syscall); without it each frame is its own write.
 --no-fsync keeps the sync thread and its hand-off but skips the fdatasync call;
 --sync inline runs the group commit on the event loop instead of on a thread (with
---no-fsync that removes the hand-off too). --brokers 1 is replication factor 1.
+--no-fsync that removes the hand-off too). --switch-interval-ms sets the GIL switch
+interval (the sync thread waits up to that long for the GIL to report back while the
+loop thread runs). --brokers 1 is replication factor 1.
 
 Only messages sent after --warmup seconds, during --seconds, are measured. Printed per
 run, one JSON line: end-to-end latency p50/p90/p99/p99.9/max (ms), the producer's
@@ -106,6 +108,7 @@ class Config:
     fsync: bool
     sync: str
     coalesce: bool
+    switch_interval_ms: float
     ports: tuple[int, ...]
     cert_dir: str
     data_dir: str
@@ -484,6 +487,8 @@ async def run_consumer(cfg: Config, ctl: Connection) -> None:
 
 
 def child(role: str, index: int, cfg: Config, ctl: Connection) -> None:
+    if cfg.switch_interval_ms:
+        sys.setswitchinterval(cfg.switch_interval_ms / 1000)
     if role == "broker":
         uvloop.run(run_broker(cfg, index, ctl))
     elif role == "producer":
@@ -599,6 +604,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
             fsync=not args.no_fsync,
             sync=args.sync,
             coalesce=args.coalesce,
+            switch_interval_ms=args.switch_interval_ms,
             ports=free_ports(args.brokers),
             cert_dir=tmp,
             data_dir=tmp,
@@ -649,6 +655,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
         "fsync": cfg.fsync,
         "sync": cfg.sync,
         "brokers": cfg.brokers,
+        "switch_interval_ms": cfg.switch_interval_ms or sys.getswitchinterval() * 1000,
         "partitions": cfg.partitions,
         "seconds": cfg.seconds,
         "load_before": [round(x, 2) for x in load],
@@ -695,12 +702,20 @@ def main() -> int:
     parser.add_argument("--no-fsync", action="store_true", help="skip fdatasync (keep hand-off)")
     parser.add_argument("--sync", choices=("thread", "inline"), default="thread")
     parser.add_argument("--coalesce", action="store_true", help="one write per peer per loop turn")
+    parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=0.0,
+        help="the GIL switch interval in every process (0: Python's default, 5 ms)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs; the last line has medians")
     args = parser.parse_args()
     if args.rate <= 0 or args.seconds <= 0 or args.warmup < 0 or args.drain < 0:
         parser.error("--rate and --seconds must be positive, --warmup and --drain not negative")
     if not 1 <= args.brokers <= 255 or not args.brokers <= args.partitions <= 65535:
         parser.error("need 1 <= --brokers <= 255 and --brokers <= --partitions <= 65535")
+    if args.switch_interval_ms < 0:
+        parser.error("--switch-interval-ms must not be negative")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     runs = []
