@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 JSON_TYPE = "application/json"
+# nginx's status for "the client closed the connection first": the latency metric's
+# label for such requests (the answer itself goes nowhere).
+CLIENT_CLOSED_REQUEST = 499
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,14 @@ def make_error_middleware(
             return web.json_response(body, status=error.status, headers=kept)
         except InvariantViolation as error:
             fail_stop(f"invariant broken serving {request.method} {request.path}: {error}")
-        except Exception:
+        except Exception as error:
+            if isinstance(error, ConnectionResetError) and _caller_left(request):
+                # The caller hung up before its answer was written (a client that exits
+                # while its request channel upgrades): nothing failed here, and nobody
+                # reads an answer. Not an ERROR with a traceback for the operator.
+                status = CLIENT_CLOSED_REQUEST
+                log.debug("%s %s: the caller left first", request.method, request.path)
+                return web.Response(status=CLIENT_CLOSED_REQUEST)
             log.exception("unhandled error serving %s %s", request.method, request.path)
             return web.json_response(
                 {"error": {"code": "internal_error", "message": "internal error"}}, status=500
@@ -116,6 +126,11 @@ def make_error_middleware(
             )
 
     return middleware
+
+
+def _caller_left(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 # The body, when the authorization middleware read it first (RequestKey: aiohttp >= 3.14).
