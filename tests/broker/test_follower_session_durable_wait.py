@@ -15,6 +15,7 @@ replicas are real (fsync=always), their fsyncs driven by hand.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ import pytest
 from tidemq.broker.follower import FetchSession
 from tidemq.broker.partition import PartitionReplica
 from tidemq.core.replica import ReplicaAssignment
+from tidemq.errors import ConnectionFailed
 from tidemq.storage import FsyncPolicy, LogConfig
 from tidemq.transport import HttpTransport
 from tidemq.wire.batch import build_batch, patch_batch
@@ -123,7 +125,7 @@ def test_a_session_fetches_again_when_another_session_cut_what_it_waits_for(
                 moved.flushed()
             else:
                 # The journal's fsync that covered the old log marks nothing durable
-                # (syncer._journal_synced: the replica's log object changed).
+                # (syncer._sync_journal: the replica's log object changed).
                 moved.reset_to(50, 0)
             request, answer = await leader.next_request(
                 "partition 1 on the old leader is fetched again"
@@ -137,3 +139,33 @@ def test_a_session_fetches_again_when_another_session_cut_what_it_waits_for(
             other.close()
 
     asyncio.run(scenario())
+
+
+def test_a_session_cancelled_as_its_fetch_fails_leaves_no_unretrieved_error(
+    tmp_path: Path,
+) -> None:
+    """Seen at shutdown: the leader's channel closed (the fetch failed) in the same
+    turn as the session was cancelled, and asyncio logged "Task exception was never
+    retrieved" at ERROR for the fetch."""
+
+    async def scenario() -> list[dict[str, Any]]:
+        unretrieved: list[dict[str, Any]] = []
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+        replica = follower_replica(tmp_path, 0)
+        leader = FakeLeader()
+        session = session_with(leader, [replica])
+        task = asyncio.create_task(session.run())
+        try:
+            _, answer = await leader.next_request("the first poll")
+            answer.set_exception(ConnectionFailed("http://leader-1: channel closed (None)"))
+            task.cancel()  # the same turn: shutdown
+            await asyncio.gather(task, return_exceptions=True)
+        finally:
+            replica.close()
+        del task, answer, session
+        gc.collect()
+        await asyncio.sleep(0)
+        return unretrieved
+
+    assert asyncio.run(scenario()) == []

@@ -241,6 +241,11 @@ class FetchSession:
             if not answer.done():
                 answer.cancel()
                 await asyncio.gather(answer, return_exceptions=True)
+            elif not answer.cancelled():
+                # Read here too: a cancellation (shutdown) that arrives in the turn the
+                # fetch failed leaves before the result() below, and asyncio would log
+                # the fetch's error as never retrieved.
+                answer.exception()
         if answer.cancelled():
             return None
         body, _ = answer.result()
