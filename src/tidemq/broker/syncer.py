@@ -144,7 +144,7 @@ class GroupCommitSyncer:
         started = time.perf_counter()
         try:
             journal.sync()
-        except OSError as exc:
+        except Exception as exc:  # OSError, or a bug: a callback's error would be lost
             # Fail-stop, as for a segment fsync (see _finished).
             self._fail(future, exc)
             fail_stop(f"fsync of the journal failed: {exc!r}")
