@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -397,5 +398,47 @@ def test_no_log_is_durable_past_what_a_finished_journal_fdatasync_covered(
             broker._drop(("orders", 0), delete=False)
             await settle()
             assert violations == [] and stopped == []
+
+    run(scenario)
+
+
+def test_a_journal_fdatasync_error_seen_by_a_truncation_marks_nothing_durable_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsyncgate: Linux reports a writeback error to one fsync of the file only, and a
+    later fdatasync succeeds with the pages lost. A follower's truncation gets the
+    journal's EIO; in the broker that error reaches fail-stop through the fetch
+    session's task group some loop turns later. The group commit already scheduled for
+    a leader append runs before: its fdatasync "succeeds" and must not make that
+    append durable (it did, and acks=all would have been answered)."""
+    import tidemq.broker.syncer as syncer_module
+
+    stopped: list[str] = []
+    monkeypatch.setattr(syncer_module, "fail_stop", stopped.append)
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, _):
+            leader = broker.replicas[("orders", 0)]
+            follower = broker.replicas[("orders", 1)]
+            follower.append_replicated(batch(3), 0)
+            broker.syncer.mark_dirty(follower)
+            await broker.syncer.sync_dirty()
+            real_fdatasync = os.fdatasync
+            errors = [OSError(errno.EIO, "Input/output error")]
+
+            def fdatasync_failing_once(fd: int) -> None:
+                if errors:
+                    raise errors.pop()
+                real_fdatasync(fd)
+
+            monkeypatch.setattr(os, "fdatasync", fdatasync_failing_once)
+            leader.append(batch(2), Acks.ALL, 0)
+            broker.syncer.mark_dirty(leader)  # its group commit runs two turns on
+            with pytest.raises(OSError):
+                follower.truncate_to(1)  # diverged: the truncation's fdatasync fails
+            assert errors == []
+            await asyncio.wait_for(broker.syncer.sync_dirty(), 10)
+            assert (leader.log.flushed_offset, leader.core.durable_offset) == (0, 0)
+            assert stopped and "fsync of the journal failed" in stopped[0]
 
     run(scenario)
