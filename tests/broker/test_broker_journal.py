@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from tests.broker.test_broker_api import _answer, batch, broker_client, produce, run
 
 from tidemq.broker.follower import _restart_at
-from tidemq.broker.partition import partition_directory_name
+from tidemq.broker.partition import PartitionReplica, partition_directory_name
 from tidemq.broker.server import Broker, BrokerConfig
 from tidemq.core.replica import Acks
 from tidemq.storage import LogConfig, PartitionLog
@@ -288,5 +289,156 @@ def test_a_failure_applying_a_journal_fsync_is_fail_stop(
             assert "applying a journal fsync failed" in stopped[0]
             produced.cancel()
             monkeypatch.undo()
+
+    run(scenario)
+
+
+def test_no_log_is_durable_past_what_a_finished_journal_fdatasync_covered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An oracle over the races around a scheduled group commit (review of the move of
+    the fdatasync onto the event loop): appends after it was scheduled, a truncation
+    and a follower reset between its loop turns, a checkpoint rotating the journal
+    before it ran, its replica closed. A replica's durable end never passes what a
+    finished fdatasync covered (the log ends when it started, cut by truncations), and
+    every scheduled sync ends."""
+    import tidemq.broker.syncer as syncer_module
+
+    stopped: list[str] = []
+    monkeypatch.setattr(syncer_module, "fail_stop", stopped.append)
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, _):
+            syncer = broker.syncer
+            journal = syncer.journal
+            assert journal is not None
+            leader = broker.replicas[("orders", 0)]
+            follower = broker.replicas[("orders", 1)]
+            covered: dict[PartitionLog, int] = {}
+            syncs: list[int] = []
+            violations: list[str] = []
+            real_sync = journal.sync
+
+            def noting_sync() -> None:  # also the checkpoint's, on its worker thread
+                ends = {r.log: r.log.log_end_offset for r in (leader, follower) if not r.closed}
+                real_sync()
+                syncs.append(1)
+                for log_, end in ends.items():
+                    covered[log_] = max(covered.get(log_, 0), end)
+
+            def check(when: str) -> None:
+                for replica in (leader, follower):
+                    if replica.closed:
+                        continue
+                    bound = max(covered.get(replica.log, 0), replica.log.log_start_offset)
+                    durable = (replica.core.durable_offset, replica.log.flushed_offset)
+                    if max(durable) > bound:
+                        violations.append(f"{when}: {replica.partition} {durable} > {bound}")
+
+            def checked(replica: PartitionReplica) -> None:
+                real_flushed = replica.flushed
+
+                def flushed() -> None:
+                    real_flushed()
+                    check("flushed")
+
+                monkeypatch.setattr(replica, "flushed", flushed)
+
+            def truncated(replica: PartitionReplica) -> None:  # coverage above the cut is gone
+                covered[replica.log] = min(covered.get(replica.log, 0), replica.log.log_end_offset)
+
+            async def settle() -> None:
+                await asyncio.wait_for(syncer.sync_dirty(), 10)
+                assert syncer._journal_sync is None  # every scheduled sync ended
+                check("settled")
+
+            monkeypatch.setattr(journal, "sync", noting_sync)
+            checked(leader)
+            checked(follower)
+
+            # Appends after the sync was scheduled, a truncation between its turns.
+            leader.append(batch(2), Acks.ALL, 0)
+            syncer.mark_dirty(leader)
+            follower.append_replicated(batch(3), 0)
+            syncer.mark_dirty(follower)
+            await asyncio.sleep(0)  # one turn: scheduled, not run
+            assert syncs == [] and syncer._journal_sync is not None
+            leader.append(batch(1, 2), Acks.ALL, 0)
+            syncer.mark_dirty(leader)
+            follower.truncate_to(1)  # its own fdatasync, then the cut (to 0)
+            truncated(follower)
+            check("truncated")
+            follower.append_replicated(batch(2), 0)
+            syncer.mark_dirty(follower)
+            await settle()
+            assert (leader.log.flushed_offset, follower.log.flushed_offset) == (3, 2)
+
+            # A follower reset between its turns.
+            follower.append_replicated(_at(batch(2, 2), 2), 0)
+            syncer.mark_dirty(follower)
+            await asyncio.sleep(0)
+            follower.reset_to(50, 0)
+            check("reset")
+            await settle()
+            assert follower.core.durable_offset == follower.log.flushed_offset == 50
+
+            # A checkpoint rotating the journal before the scheduled sync ran.
+            leader.append(batch(2, 3), Acks.ALL, 0)
+            syncer.mark_dirty(leader)
+            synced_before = len(syncs)
+            await syncer.checkpoint()
+            await settle()
+            assert len(syncs) > synced_before and leader.log.flushed_offset == 5
+            assert len(journal_files(tmp_path / JOURNAL_DIRECTORY)) == 1
+
+            # The replica closed (leadership moved away) before its sync ran.
+            leader.append(batch(1, 5), Acks.ALL, 0)
+            syncer.mark_dirty(leader)
+            await asyncio.sleep(0)
+            broker._drop(("orders", 0), delete=False)
+            await settle()
+            assert violations == [] and stopped == []
+
+    run(scenario)
+
+
+def test_a_journal_fdatasync_error_seen_by_a_truncation_marks_nothing_durable_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsyncgate: Linux reports a writeback error to one fsync of the file only, and a
+    later fdatasync succeeds with the pages lost. A follower's truncation gets the
+    journal's EIO; in the broker that error reaches fail-stop through the fetch
+    session's task group some loop turns later. The group commit already scheduled for
+    a leader append runs before: its fdatasync "succeeds" and must not make that
+    append durable (it did, and acks=all would have been answered)."""
+    import tidemq.broker.syncer as syncer_module
+
+    stopped: list[str] = []
+    monkeypatch.setattr(syncer_module, "fail_stop", stopped.append)
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, _):
+            leader = broker.replicas[("orders", 0)]
+            follower = broker.replicas[("orders", 1)]
+            follower.append_replicated(batch(3), 0)
+            broker.syncer.mark_dirty(follower)
+            await broker.syncer.sync_dirty()
+            real_fdatasync = os.fdatasync
+            errors = [OSError(errno.EIO, "Input/output error")]
+
+            def fdatasync_failing_once(fd: int) -> None:
+                if errors:
+                    raise errors.pop()
+                real_fdatasync(fd)
+
+            monkeypatch.setattr(os, "fdatasync", fdatasync_failing_once)
+            leader.append(batch(2), Acks.ALL, 0)
+            broker.syncer.mark_dirty(leader)  # its group commit runs two turns on
+            with pytest.raises(OSError):
+                follower.truncate_to(1)  # diverged: the truncation's fdatasync fails
+            assert errors == []
+            await asyncio.wait_for(broker.syncer.sync_dirty(), 10)
+            assert (leader.log.flushed_offset, leader.core.durable_offset) == (0, 0)
+            assert stopped and "fsync of the journal failed" in stopped[0]
 
     run(scenario)

@@ -124,8 +124,8 @@ def test_a_session_fetches_again_when_another_session_cut_what_it_waits_for(
                 moved.log.sync()  # the fsync ends: durable up to the new log end only
                 moved.flushed()
             else:
-                # The journal's fsync that covered the old log marks nothing durable
-                # (syncer._sync_journal: the replica's log object changed).
+                # The journal's fsync notes the replica's log when it runs: the new
+                # one, empty at 50; nothing of the old log is marked durable.
                 moved.reset_to(50, 0)
             request, answer = await leader.next_request(
                 "partition 1 on the old leader is fetched again"

@@ -3,6 +3,7 @@ loss, truncations, checkpoints, and a randomized model of crashes at any point."
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -578,3 +579,36 @@ def test_a_reset_inside_an_earlier_incarnations_batch_replays(tmp_path: Path) ->
     recovered = node.crash(recovery=_recover_with_start_over)
     assert read_all(recovered) == [(2, b"new-2")]
     recovered.close()
+
+
+def test_after_a_failed_fdatasync_every_later_sync_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux reports a writeback error to one fsync of the file only; a later one
+    succeeds with the pages lost (fsyncgate). So the journal never says durable again:
+    a sync, a truncation, a reset and a checkpoint's discard all fail from then on."""
+    journal = Journal.open(tmp_path / "journal")
+    real_fdatasync = os.fdatasync
+    errors = [OSError(errno.EIO, "Input/output error")]
+
+    def fdatasync_failing_once(fd: int) -> None:
+        if errors:
+            raise errors.pop()
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync_failing_once)
+    try:
+        journal.append(KEY, 0, b"batch bytes")
+        with pytest.raises(OSError):
+            journal.sync()
+        assert errors == []  # reported once: the fake succeeds from now on
+        for step in (
+            journal.sync,
+            lambda: journal.truncate(KEY, 0),
+            lambda: journal.reset(KEY, 5),
+            lambda: journal.discard([]),
+        ):
+            with pytest.raises(OSError, match="earlier journal fdatasync failed"):
+                step()
+    finally:
+        journal.close(remove_files=False)

@@ -129,9 +129,9 @@ def journal_files(directory: Path) -> list[Path]:
 
 
 class Journal:
-    """Appends from the owning (event loop) thread; ``sync`` and ``checkpoint`` steps
-    from worker threads. ``_lock`` guards the file list and counters, never I/O waits
-    except the short ``os.write`` of an append."""
+    """Appends and the group commit's ``sync`` from the owning (event loop) thread;
+    ``discard`` (a checkpoint's step) from a worker thread. ``_lock`` guards the file
+    list and counters, never I/O waits except the short ``os.write`` of an append."""
 
     def __init__(self, directory: Path, file_bytes_max: int) -> None:
         self.directory = directory
@@ -140,6 +140,7 @@ class Journal:
         self._sync_lock = threading.Lock()
         self._files: list[_File] = []
         self._closed = False
+        self._failed: OSError | None = None  # a failed fdatasync: every later sync fails
 
     @classmethod
     def open(cls, directory: Path, file_bytes_max: int = 64 * 1024 * 1024) -> Journal:
@@ -191,14 +192,27 @@ class Journal:
 
     def sync(self) -> None:
         """Makes everything written so far durable: fdatasync of every file with
-        unsynced bytes, oldest first. Thread-safe; raises OSError (fail-stop)."""
+        unsynced bytes, oldest first. Thread-safe; raises OSError (fail-stop).
+
+        Once one fdatasync failed every later call fails too: Linux reports a writeback
+        error to one fsync of the open file only, and a later one succeeds although the
+        pages never reached the disk ("fsyncgate"). A failure reported to a truncation
+        (event loop) or a checkpoint (worker thread) reaches fail-stop only some loop
+        turns later; a group commit in between must not mark anything durable."""
         with self._sync_lock:
+            if self._failed is not None:
+                raise OSError(
+                    self._failed.errno, f"an earlier journal fdatasync failed: {self._failed}"
+                )
             with self._lock:
                 todo = [(f, f.written) for f in self._files if f.fd >= 0 and f.written > f.synced]
                 descriptors = [os.dup(f.fd) for f, _ in todo]
             try:
                 for descriptor in descriptors:
                     os.fdatasync(descriptor)
+            except OSError as error:
+                self._failed = error
+                raise
             finally:
                 for descriptor in descriptors:
                     os.close(descriptor)
