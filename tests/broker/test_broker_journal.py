@@ -9,18 +9,21 @@ import dataclasses
 import errno
 import os
 import shutil
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 from tests.broker.test_broker_api import _answer, batch, broker_client, produce, run
 
+import tidemq.broker.syncer as syncer_module
 from tidemq.broker.follower import _restart_at
 from tidemq.broker.partition import PartitionReplica, partition_directory_name
 from tidemq.broker.server import Broker, BrokerConfig
 from tidemq.core.replica import Acks
 from tidemq.storage import LogConfig, PartitionLog
-from tidemq.storage.journal import JOURNAL_DIRECTORY, journal_files
+from tidemq.storage.journal import JOURNAL_DIRECTORY, Journal, journal_files
 from tidemq.transport import HttpTransport
 from tidemq.wire.batch import decode_records, patch_batch
 
@@ -440,5 +443,88 @@ def test_a_journal_fdatasync_error_seen_by_a_truncation_marks_nothing_durable_la
             await asyncio.wait_for(broker.syncer.sync_dirty(), 10)
             assert (leader.log.flushed_offset, leader.core.durable_offset) == (0, 0)
             assert stopped and "fsync of the journal failed" in stopped[0]
+
+    run(scenario)
+
+
+def _noting_sync_threads(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> list[threading.Thread]:
+    threads: list[threading.Thread] = []
+    real_sync = journal.sync
+
+    def noted_sync() -> None:
+        threads.append(threading.current_thread())
+        real_sync()
+
+    monkeypatch.setattr(journal, "sync", noted_sync)
+    return threads
+
+
+def test_after_a_slow_fdatasync_on_the_loop_group_commits_move_to_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that stalls the loop once moves the fdatasyncs off it for a while: the
+    loop stalls once per cool-down, not once per group commit."""
+    monkeypatch.setattr(syncer_module, "SLOW_SYNC_S", 0.0)  # every fdatasync is "slow"
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, _):
+            journal = broker.syncer.journal
+            assert journal is not None
+            threads = _noting_sync_threads(journal, monkeypatch)
+            leader = broker.replicas[("orders", 0)]
+            for start in (0, 2, 4):
+                leader.append(batch(2, start), Acks.ALL, 0)
+                broker.syncer.mark_dirty(leader)
+                await broker.syncer.sync_dirty()
+                assert leader.log.flushed_offset == start + 2
+            loop_thread = threading.current_thread()
+            assert threads[0] is loop_thread
+            assert threads[1:] and all(t is not loop_thread for t in threads[1:]), threads
+
+    run(scenario)
+
+
+def test_during_a_checkpoint_group_commits_run_on_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint fsyncs segments on a worker thread; the journal's fdatasync may wait
+    behind that writeback, so meanwhile it must not wait on the event loop."""
+    release = threading.Event()
+    real_checkpoint_logs = syncer_module._checkpoint_logs
+
+    def held_checkpoint_logs(*args: Any) -> None:
+        if not release.wait(10.0):
+            raise AssertionError("the test never released the checkpoint")
+        real_checkpoint_logs(*args)
+
+    monkeypatch.setattr(syncer_module, "_checkpoint_logs", held_checkpoint_logs)
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, _):
+            journal = broker.syncer.journal
+            assert journal is not None
+            leader = broker.replicas[("orders", 0)]
+            leader.append(batch(2), Acks.ALL, 0)
+            broker.syncer.mark_dirty(leader)
+            await broker.syncer.sync_dirty()
+            threads = _noting_sync_threads(journal, monkeypatch)
+            checkpoint = asyncio.ensure_future(broker.syncer.checkpoint())
+            try:
+                await asyncio.sleep(0)  # the checkpoint rotated and waits on its thread
+                leader.append(batch(2, 2), Acks.ALL, 0)
+                broker.syncer.mark_dirty(leader)
+                await broker.syncer.sync_dirty()
+                assert leader.log.flushed_offset == 4
+                assert threads and threads[-1] is not threading.current_thread()
+            finally:
+                release.set()
+                await checkpoint
+            leader.append(batch(2, 4), Acks.ALL, 0)  # after it: on the loop again
+            broker.syncer.mark_dirty(leader)
+            await broker.syncer.sync_dirty()
+            assert threads[-1] is threading.current_thread()
+            assert leader.log.flushed_offset == 6
 
     run(scenario)

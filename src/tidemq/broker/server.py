@@ -181,7 +181,7 @@ class BrokerMetrics:
         )
         self.fsync_seconds = Histogram(
             "tide_fsync_duration_seconds",
-            "fsync latency of one partition log",
+            "fsync latency: one group commit of the journal (or of one partition log without it)",
             registry=registry,
             buckets=(
                 0.0001,
