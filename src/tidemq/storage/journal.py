@@ -129,9 +129,10 @@ def journal_files(directory: Path) -> list[Path]:
 
 
 class Journal:
-    """Appends and the group commit's ``sync`` from the owning (event loop) thread;
-    ``discard`` (a checkpoint's step) from a worker thread. ``_lock`` guards the file
-    list and counters, never I/O waits except the short ``os.write`` of an append."""
+    """Appends from the owning (event loop) thread; the group commit's ``sync`` from it
+    or, during a checkpoint or after a slow one, from a worker thread; ``discard`` (a
+    checkpoint's step) from a worker thread. ``_lock`` guards the file list and
+    counters, never I/O waits except the short ``os.write`` of an append."""
 
     def __init__(self, directory: Path, file_bytes_max: int) -> None:
         self.directory = directory
