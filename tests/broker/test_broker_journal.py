@@ -491,6 +491,9 @@ def test_during_a_checkpoint_group_commits_run_on_a_thread(
 ) -> None:
     """A checkpoint fsyncs segments on a worker thread; the journal's fdatasync may wait
     behind that writeback, so meanwhile it must not wait on the event loop."""
+    # No cool-down: one fdatasync over SLOW_SYNC_S on a loaded disk would keep the last
+    # group commit on a thread and fail this test for the wrong reason.
+    monkeypatch.setattr(syncer_module, "SLOW_SYNC_S", float("inf"))
     release = threading.Event()
     real_checkpoint_logs = syncer_module._checkpoint_logs
 
@@ -526,5 +529,102 @@ def test_during_a_checkpoint_group_commits_run_on_a_thread(
             await broker.syncer.sync_dirty()
             assert threads[-1] is threading.current_thread()
             assert leader.log.flushed_offset == 6
+
+    run(scenario)
+
+
+def test_a_group_commit_scheduled_just_before_a_checkpoint_runs_on_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An on-loop fdatasync waits SYNC_AFTER_TURNS turns after the append that asked for
+    it; a checkpoint starting in those turns must still move it off the loop (under load
+    a group commit is pending when nearly every checkpoint starts)."""
+    monkeypatch.setattr(syncer_module, "SLOW_SYNC_S", float("inf"))  # no cool-down here
+    release = threading.Event()
+    real_checkpoint_logs = syncer_module._checkpoint_logs
+
+    def held_checkpoint_logs(*args: Any) -> None:
+        if not release.wait(10.0):
+            raise AssertionError("the test never released the checkpoint")
+        real_checkpoint_logs(*args)
+
+    monkeypatch.setattr(syncer_module, "_checkpoint_logs", held_checkpoint_logs)
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, _):
+            journal = broker.syncer.journal
+            assert journal is not None
+            threads = _noting_sync_threads(journal, monkeypatch)
+            leader = broker.replicas[("orders", 0)]
+            leader.append(batch(2), Acks.ALL, 0)
+            broker.syncer.mark_dirty(leader)  # an on-loop sync, a few turns on
+            checkpoint = asyncio.ensure_future(broker.syncer.checkpoint())  # starts first
+            try:
+                await broker.syncer.sync_dirty()
+                assert leader.log.flushed_offset == 2
+                loop_thread = threading.current_thread()
+                assert threads and all(t is not loop_thread for t in threads), threads
+            finally:
+                release.set()
+                await checkpoint
+
+    run(scenario)
+
+
+def test_a_group_commit_on_a_thread_marks_durable_only_what_its_fdatasync_covered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the worker thread: nothing moves before the fdatasync returns; an append made
+    while it runs stays dirty for the next one; a failed one marks nothing durable,
+    reaches fail-stop and leaves no sync pending (sync_dirty returns)."""
+    monkeypatch.setattr(syncer_module, "SLOW_SYNC_S", 0.0)  # the first sync starts a cool-down
+    stopped: list[str] = []
+    monkeypatch.setattr(syncer_module, "fail_stop", stopped.append)
+
+    async def until(done: Any) -> None:
+        async with asyncio.timeout(10):
+            while not done():
+                await asyncio.sleep(0.001)
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, _):
+            syncer, journal = broker.syncer, broker.syncer.journal
+            assert journal is not None
+            leader = broker.replicas[("orders", 0)]
+            leader.append(batch(2), Acks.ALL, 0)
+            syncer.mark_dirty(leader)
+            await syncer.sync_dirty()  # on the loop, "slow": the next ones on a thread
+            assert leader.log.flushed_offset == 2
+            real_sync = journal.sync
+            entered: list[threading.Thread] = []
+            outcomes = [threading.Event(), threading.Event()]  # set: go on; error: fail
+
+            def held_sync() -> None:
+                call = len(entered)
+                entered.append(threading.current_thread())
+                if call < len(outcomes):
+                    if not outcomes[call].wait(10.0):
+                        raise AssertionError("the test never released this sync")
+                    if call == 1:
+                        raise OSError(errno.EIO, "Input/output error")
+                real_sync()
+
+            monkeypatch.setattr(journal, "sync", held_sync)
+            leader.append(batch(2, 2), Acks.ALL, 0)
+            syncer.mark_dirty(leader)
+            await until(lambda: len(entered) == 1)
+            assert entered[0] is not threading.current_thread()
+            leader.append(batch(2, 4), Acks.ALL, 0)  # after the sync took its ends
+            syncer.mark_dirty(leader)
+            await asyncio.sleep(0.05)
+            assert leader.log.flushed_offset == 2  # the fdatasync has not returned
+            outcomes[0].set()
+            await until(lambda: leader.log.flushed_offset != 2)
+            assert leader.log.flushed_offset == 4  # not 6: that append came later
+            await until(lambda: len(entered) == 2)  # the next one, for the later append
+            outcomes[1].set()  # it fails
+            await asyncio.wait_for(syncer.sync_dirty(), 10)
+            assert leader.log.flushed_offset == 4
+            assert stopped and "fsync of the journal failed" in stopped[0]
 
     run(scenario)

@@ -136,18 +136,21 @@ class GroupCommitSyncer:
         share it, and the follower answers they woke); on a worker thread while a
         checkpoint fsyncs segments or for ``SLOW_SYNC_COOLDOWN_S`` after a slow one."""
         loop = asyncio.get_running_loop()
+        pending: asyncio.Future[None] = loop.create_future()
+        self._journal_sync = pending
         if self._checkpointing or time.monotonic() < self._on_thread_until:
-            covered = self._take_covered()
-            started = time.perf_counter()
-            journal = self.journal
-            assert journal is not None
-            future = loop.run_in_executor(self._executor, journal.sync)
-            self._journal_sync = future
-            future.add_done_callback(lambda done: self._thread_synced(covered, started, done))
+            self._sync_on_thread(pending)
             return
-        on_loop: asyncio.Future[None] = loop.create_future()
-        self._journal_sync = on_loop
-        loop.call_soon(self._sync_journal, on_loop, SYNC_AFTER_TURNS)
+        loop.call_soon(self._sync_journal, pending, SYNC_AFTER_TURNS)
+
+    def _sync_on_thread(self, pending: asyncio.Future[None]) -> None:
+        """Runs the fdatasync on a worker thread; ``pending`` ends when it is applied."""
+        covered = self._take_covered()
+        started = time.perf_counter()
+        journal = self.journal
+        assert journal is not None
+        synced = asyncio.get_running_loop().run_in_executor(self._executor, journal.sync)
+        synced.add_done_callback(lambda done: self._thread_synced(pending, covered, started, done))
 
     def _take_covered(self) -> list[_Covered]:
         """The dirty logs and their ends now: what an fdatasync starting now covers."""
@@ -162,6 +165,9 @@ class GroupCommitSyncer:
     def _sync_journal(self, future: asyncio.Future[None], turns_left: int) -> None:
         if turns_left > 0:  # see SYNC_AFTER_TURNS
             asyncio.get_running_loop().call_soon(self._sync_journal, future, turns_left - 1)
+            return
+        if self._checkpointing:  # a checkpoint started during those turns
+            self._sync_on_thread(future)
             return
         journal = self.journal
         assert journal is not None
@@ -186,15 +192,18 @@ class GroupCommitSyncer:
         self._journal_synced(future, covered, took)
 
     def _thread_synced(
-        self, covered: list[_Covered], started: float, done: asyncio.Future[None]
+        self,
+        pending: asyncio.Future[None],
+        covered: list[_Covered],
+        started: float,
+        done: asyncio.Future[None],
     ) -> None:
         error = done.exception()
         if error is not None:  # fail-stop, as for a segment fsync (see _finished)
-            self._journal_sync = None
+            self._fail(pending, error)
             fail_stop(f"fsync of the journal failed: {error!r}")
             return  # (fail_stop does not return; a test's stand-in does)
-        on_loop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._journal_synced(on_loop, covered, time.perf_counter() - started)
+        self._journal_synced(pending, covered, time.perf_counter() - started)
 
     def _journal_synced(
         self, future: asyncio.Future[None], covered: list[_Covered], took: float
