@@ -486,14 +486,9 @@ def test_after_a_slow_fdatasync_on_the_loop_group_commits_move_to_a_thread(
     run(scenario)
 
 
-def test_during_a_checkpoint_group_commits_run_on_a_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A checkpoint fsyncs segments on a worker thread; the journal's fdatasync may wait
-    behind that writeback, so meanwhile it must not wait on the event loop."""
-    # No cool-down: one fdatasync over SLOW_SYNC_S on a loaded disk would keep the last
-    # group commit on a thread and fail this test for the wrong reason.
-    monkeypatch.setattr(syncer_module, "SLOW_SYNC_S", float("inf"))
+def _hold_checkpoints(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """A checkpoint's segment fsyncs (on its worker thread) wait until the test sets the
+    event it returns, so the test can act while a checkpoint runs."""
     release = threading.Event()
     real_checkpoint_logs = syncer_module._checkpoint_logs
 
@@ -503,6 +498,18 @@ def test_during_a_checkpoint_group_commits_run_on_a_thread(
         real_checkpoint_logs(*args)
 
     monkeypatch.setattr(syncer_module, "_checkpoint_logs", held_checkpoint_logs)
+    return release
+
+
+def test_during_a_checkpoint_group_commits_run_on_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint fsyncs segments on a worker thread; the journal's fdatasync may wait
+    behind that writeback, so meanwhile it must not wait on the event loop."""
+    # No cool-down: one fdatasync over SLOW_SYNC_S on a loaded disk would keep the last
+    # group commit on a thread and fail this test for the wrong reason.
+    monkeypatch.setattr(syncer_module, "SLOW_SYNC_S", float("inf"))
+    release = _hold_checkpoints(monkeypatch)
 
     async def scenario() -> None:
         async with broker_client(tmp_path) as (broker, _):
@@ -540,15 +547,7 @@ def test_a_group_commit_scheduled_just_before_a_checkpoint_runs_on_a_thread(
     it; a checkpoint starting in those turns must still move it off the loop (under load
     a group commit is pending when nearly every checkpoint starts)."""
     monkeypatch.setattr(syncer_module, "SLOW_SYNC_S", float("inf"))  # no cool-down here
-    release = threading.Event()
-    real_checkpoint_logs = syncer_module._checkpoint_logs
-
-    def held_checkpoint_logs(*args: Any) -> None:
-        if not release.wait(10.0):
-            raise AssertionError("the test never released the checkpoint")
-        real_checkpoint_logs(*args)
-
-    monkeypatch.setattr(syncer_module, "_checkpoint_logs", held_checkpoint_logs)
+    release = _hold_checkpoints(monkeypatch)
 
     async def scenario() -> None:
         async with broker_client(tmp_path) as (broker, _):
