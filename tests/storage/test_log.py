@@ -3,6 +3,8 @@ truncation and the leader-epoch cache."""
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from storage_helpers import START_MS, batch_of, numbered_values, open_log, read_
 
 from tidemq.errors import CorruptBatch, InvariantViolation, OffsetOutOfRange
 from tidemq.storage import FsyncPolicy, LogConfig
+from tidemq.storage.log import CLEAN_SHUTDOWN_FILE
 from tidemq.wire.batch import iter_headers, patch_batch
 
 DAY_MS = 24 * 3600 * 1000
@@ -266,3 +269,37 @@ def test_retention_never_deletes_at_or_above_the_high_watermark(tmp_path: Path) 
     assert log.apply_retention(START_MS + 10_000, max_offset=5) == 2  # the active one stays
     assert log.log_start_offset == 4
     log.close()
+
+
+def test_after_a_failed_fsync_every_later_sync_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux reports a writeback error to one fsync only, and the failed sync took its
+    segments off the dirty list: a later sync (a group commit after a truncation or a
+    checkpoint saw the error, before fail-stop) must not move flushed_offset over
+    pages that may be lost (fsyncgate; `--no-journal` logs)."""
+    log = open_log(tmp_path / "p0")
+    log.append(batch_of(numbered_values(0, 2)), 0, START_MS)
+    assert log.sync() == 2
+    real_fsync = os.fsync
+    errors = [OSError(errno.EIO, "Input/output error")]
+
+    def fsync_failing_once(fd: int) -> None:
+        if errors:
+            raise errors.pop()
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_failing_once)
+    log.append(batch_of(numbered_values(2, 2)), 0, START_MS)
+    with pytest.raises(OSError):
+        log.sync()
+    log.append(batch_of(numbered_values(4, 2)), 0, START_MS)
+    with pytest.raises(OSError, match="earlier fsync"):
+        log.sync()
+    assert log.flushed_offset == 2
+    monkeypatch.undo()
+    with pytest.raises(OSError, match="earlier fsync"):
+        log.close()  # nor is it closed as clean: the next start re-checks the tail
+    assert not (tmp_path / "p0" / CLEAN_SHUTDOWN_FILE).exists()
+    for segment in log._segments:  # the test's own cleanup
+        segment.close()

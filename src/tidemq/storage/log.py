@@ -93,6 +93,7 @@ class PartitionLog:
         self._recovery_checkpoint_offset = 0
         self._truncation_generation = 0
         self._closed = False
+        self._sync_failed: OSError | None = None  # a failed fsync: every later sync fails
         self._journal: Journal | None = None
         self._journal_key = ""
         self.recovered_truncated_bytes = 0  # for logs and metrics: what open() cut off
@@ -361,7 +362,17 @@ class PartitionLog:
         return self._sync(force_checkpoint=False)
 
     def _sync(self, force_checkpoint: bool) -> int:
+        # Once an fsync failed every later one fails too: the failed segments were taken
+        # off the dirty list, and Linux reports a writeback error to one fsync only, so a
+        # later sync would "succeed" and move flushed_offset over pages that may be lost
+        # (fsyncgate). The error that fail-stops may reach the broker some turns after a
+        # sync from another path (a truncation, a checkpoint) saw it.
         with self._sync_lock:
+            if self._sync_failed is not None:
+                raise OSError(
+                    self._sync_failed.errno,
+                    f"an earlier fsync of {self.directory} failed: {self._sync_failed}",
+                )
             with self._lock:
                 end_offset = self._log_end_offset
                 generation = self._truncation_generation
@@ -376,13 +387,16 @@ class PartitionLog:
             try:
                 for descriptor in descriptors:
                     os.fsync(descriptor)
+                if directory_dirty:
+                    fsync_directory(self.directory)
+                if epochs is not None:
+                    write_epochs(self.directory / EPOCH_FILE, epochs)
+            except OSError as error:
+                self._sync_failed = error
+                raise
             finally:
                 for descriptor in descriptors:
                     os.close(descriptor)
-            if directory_dirty:
-                fsync_directory(self.directory)
-            if epochs is not None:
-                write_epochs(self.directory / EPOCH_FILE, epochs)
             with self._lock:
                 # Under a journal only its fsyncs make appends count as durable
                 # (mark_durable): replay then owes nothing past the journal's end.
