@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 from tests.broker.test_broker_api import _answer, batch, broker_client, produce, run
+from tests.storage.storage_helpers import fail_once_with_eio
 
 import tidemq.broker.syncer as syncer_module
 from tidemq.broker.follower import _restart_at
@@ -426,15 +427,7 @@ def test_a_journal_fdatasync_error_seen_by_a_truncation_marks_nothing_durable_la
             follower.append_replicated(batch(3), 0)
             broker.syncer.mark_dirty(follower)
             await broker.syncer.sync_dirty()
-            real_fdatasync = os.fdatasync
-            errors = [OSError(errno.EIO, "Input/output error")]
-
-            def fdatasync_failing_once(fd: int) -> None:
-                if errors:
-                    raise errors.pop()
-                real_fdatasync(fd)
-
-            monkeypatch.setattr(os, "fdatasync", fdatasync_failing_once)
+            errors = fail_once_with_eio(monkeypatch, "fdatasync")
             leader.append(batch(2), Acks.ALL, 0)
             broker.syncer.mark_dirty(leader)  # its group commit runs two turns on
             with pytest.raises(OSError):

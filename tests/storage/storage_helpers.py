@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
+
+import pytest
 
 from tidemq.storage import LogConfig, PartitionLog
 from tidemq.wire.batch import build_batch, decode_records, iter_headers
@@ -35,3 +39,19 @@ def read_all(log: PartitionLog, start_offset: int | None = None) -> list[tuple[i
 
 def open_log(directory: Path, now_ms: int = START_MS, **config: int) -> PartitionLog:
     return PartitionLog.open(directory, LogConfig(**config), now_ms)  # type: ignore[arg-type]
+
+
+def fail_once_with_eio(monkeypatch: pytest.MonkeyPatch, call: str) -> list[OSError]:
+    """``os.<call>`` (fsync or fdatasync) fails once with EIO, as a disk's writeback
+    error is reported, then works again. Returns the errors still to raise (empty once
+    it failed)."""
+    real = getattr(os, call)
+    errors = [OSError(errno.EIO, "Input/output error")]
+
+    def failing_once(fd: int) -> None:
+        if errors:
+            raise errors.pop()
+        real(fd)
+
+    monkeypatch.setattr(os, call, failing_once)
+    return errors

@@ -3,7 +3,6 @@ loss, truncations, checkpoints, and a randomized model of crashes at any point."
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 import shutil
@@ -13,7 +12,14 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from storage_helpers import START_MS, batch_of, numbered_values, open_log, read_all
+from storage_helpers import (
+    START_MS,
+    batch_of,
+    fail_once_with_eio,
+    numbered_values,
+    open_log,
+    read_all,
+)
 
 from tidemq.errors import CorruptBatch
 from tidemq.storage import LogConfig, PartitionLog
@@ -588,15 +594,7 @@ def test_after_a_failed_fdatasync_every_later_sync_fails(
     succeeds with the pages lost (fsyncgate). So the journal never says durable again:
     a sync, a truncation, a reset and a checkpoint's discard all fail from then on."""
     journal = Journal.open(tmp_path / "journal")
-    real_fdatasync = os.fdatasync
-    errors = [OSError(errno.EIO, "Input/output error")]
-
-    def fdatasync_failing_once(fd: int) -> None:
-        if errors:
-            raise errors.pop()
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(os, "fdatasync", fdatasync_failing_once)
+    errors = fail_once_with_eio(monkeypatch, "fdatasync")
     try:
         journal.append(KEY, 0, b"batch bytes")
         with pytest.raises(OSError):

@@ -3,13 +3,18 @@ truncation and the leader-epoch cache."""
 
 from __future__ import annotations
 
-import errno
-import os
 import threading
 from pathlib import Path
 
 import pytest
-from storage_helpers import START_MS, batch_of, numbered_values, open_log, read_all
+from storage_helpers import (
+    START_MS,
+    batch_of,
+    fail_once_with_eio,
+    numbered_values,
+    open_log,
+    read_all,
+)
 
 from tidemq.errors import CorruptBatch, InvariantViolation, OffsetOutOfRange
 from tidemq.storage import FsyncPolicy, LogConfig
@@ -281,15 +286,7 @@ def test_after_a_failed_fsync_every_later_sync_fails(
     log = open_log(tmp_path / "p0")
     log.append(batch_of(numbered_values(0, 2)), 0, START_MS)
     assert log.sync() == 2
-    real_fsync = os.fsync
-    errors = [OSError(errno.EIO, "Input/output error")]
-
-    def fsync_failing_once(fd: int) -> None:
-        if errors:
-            raise errors.pop()
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync_failing_once)
+    fail_once_with_eio(monkeypatch, "fsync")
     log.append(batch_of(numbered_values(2, 2)), 0, START_MS)
     with pytest.raises(OSError):
         log.sync()

@@ -13,21 +13,21 @@ sequential round over 12 partitions cost ~8 ms here.
 
 With the broker-wide journal (storage/journal.py, the default under ``always``) the
 unit of group commit is the journal instead: one fdatasync covers every partition that
-appended since the previous one. It runs ON the event loop, ``SYNC_AFTER_TURNS``
-loop turns after the first append marked a log dirty, so after every callback that
-was ready then (the appends of all requests already read share it) and after the
-follower answers those appends woke (their copy overlaps this fsync); each covered
-log's durable end then moves (``mark_durable``, void if the log was truncated
-meanwhile). Why on the loop: handing the fdatasync to a worker thread cost more than
-the fdatasync itself (~0.1-0.3 ms here): the thread hand-off, and the worker waiting
-for the GIL to report back while the loop thread is busy (up to the 5 ms switch
-interval); measured side by side, p99 end-to-end fell from 27 to 18 ms at 2,000 msg/s
-(docs/BENCHMARKS.md). The price: the loop does nothing else during the fdatasync.
-That deviates from DESIGN.md ("File I/O never blocks the event loop for an fsync"),
-so it is bounded: while a checkpoint fsyncs segments (the journal's fdatasync can wait
-behind that writeback) and for ``SLOW_SYNC_COOLDOWN_S`` after an fdatasync slower than
-``SLOW_SYNC_S``, group commits go to a worker thread as before; a slow disk stalls the
-loop once per cool-down, not once per commit. A checkpoint, every
+appended since the previous one. It runs ON the event loop, ``SYNC_AFTER_TURNS`` loop
+turns after the first append marked a log dirty, so after every callback that was
+ready then (the appends of all requests already read share it) and after the follower
+answers those appends woke (their copy overlaps this fsync); each covered log's
+durable end then moves (``mark_durable``, void if the log was truncated meanwhile).
+Why on the loop: handing the fdatasync to a worker thread cost more than the fdatasync
+itself (~0.1-0.3 ms here): the thread hand-off, and the worker waiting for a core and
+the GIL to report back while the loop thread is busy (a shorter GIL switch interval
+did not help); measured side by side, p99 end-to-end fell from 27 to 18 ms at 2,000
+msg/s (docs/BENCHMARKS.md). The price: the loop does nothing else during the
+fdatasync. That deviates from DESIGN.md ("File I/O never blocks the event loop for an
+fsync"), so it is bounded: while a checkpoint fsyncs segments (the journal's fdatasync
+can wait behind that writeback) and for ``SLOW_SYNC_COOLDOWN_S`` after an fdatasync
+slower than ``SLOW_SYNC_S``, group commits go to a worker thread as before; a slow
+disk stalls the loop once per cool-down, not once per commit. A checkpoint, every
 ``CHECKPOINT_INTERVAL_S`` or when the journal file passes its size bound, rotates the
 journal, fsyncs the logs that appended to the older files and deletes those files.
 
