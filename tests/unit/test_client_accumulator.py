@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import zlib
 
 import pytest
@@ -320,3 +321,75 @@ def test_each_answer_from_a_broker_sends_what_gathered_meanwhile() -> None:
     append(accumulator, 1, b"next")
     assert accumulator.ready(clock.now, on_two_brokers).partitions == []  # answer used up
     assert third.count == 1 and not second.done
+
+
+def test_new_batches_behind_a_request_in_flight_wake_the_sender_only_if_it_would_not_look() -> None:
+    accumulator, clock, wakes = make(linger_ms=5)
+    accumulator.in_flight_batches_max = 5
+    append(accumulator, 0, b"a0")
+    append(accumulator, 1, b"a1")
+    assert sorted(accumulator.ready(clock.now, on_broker).partitions) == [("t", 0), ("t", 1)]
+    in_flight = [accumulator.drain(("t", p), 1 << 20, clock.now, "https://b1") for p in (0, 1)]
+    assert len(wakes) == 2
+    append(accumulator, 0, b"b0")  # the sender sleeps with no timer: this must wake it
+    assert len(wakes) == 3
+    assert accumulator.ready(clock.now, on_broker).next_check == pytest.approx(100.005)
+    clock.now += 0.001
+    append(accumulator, 1, b"b1")  # b1 busy, and the sender's timer ends before its linger
+    assert len(wakes) == 3
+    ready = accumulator.ready(100.005, on_broker)  # the timer: both go, linger is kept
+    assert sorted(ready.partitions) == [("t", 0), ("t", 1)]
+    for p in (0, 1):
+        accumulator.drain(("t", p), 1 << 20, clock.now, "https://b1")
+    append(accumulator, 1, b"c1")
+    assert len(wakes) == 4  # no timer after the last scan
+    assert accumulator.ready(clock.now, on_broker).next_check is not None  # armed again
+    for batch in in_flight[0]:
+        batch.complete(0, None)
+    accumulator.complete(("t", 0), in_flight[0])
+    assert len(wakes) == 5  # an answer always wakes
+    append(accumulator, 0, b"c0")  # b1 answered since the scan: the sender must look
+    assert len(wakes) == 6
+
+
+def test_a_new_batch_wakes_the_sender_when_a_seal_or_a_flush_makes_it_ready() -> None:
+    accumulator, clock, wakes = make(batch_size=HEADER_SIZE + 2 * (18 + 10), linger_ms=5)
+    accumulator.in_flight_batches_max = 5
+    append(accumulator, 0, b"first")
+    accumulator.ready(clock.now, on_broker)
+    accumulator.drain(("t", 0), 1 << 20, clock.now, "https://b1")
+    append(accumulator, 0, b"x" * 10)
+    assert accumulator.ready(clock.now, on_broker).next_check is not None  # timer armed
+    count = len(wakes)
+    append(accumulator, 0, b"y" * 10)  # fits: same batch, no wake
+    assert len(wakes) == count
+    append(accumulator, 0, b"z" * 10)  # seals the full batch: ready now, so a wake
+    assert len(wakes) == count + 1
+    assert accumulator.ready(clock.now, on_broker).partitions == [("t", 0)]
+    accumulator.drain(("t", 0), 1 << 20, clock.now, "https://b1")
+    append(accumulator, 1, b"p1")
+    accumulator.ready(clock.now, on_broker)
+    accumulator.drain(("t", 1), 1 << 20, clock.now, "https://b1")
+    append(accumulator, 1, b"armed")
+    accumulator.ready(clock.now, on_broker)
+    accumulator.begin_flush()
+    count = len(wakes)
+    append(accumulator, 0, b"flushing")  # a flush ignores linger: the sender must look
+    assert len(wakes) == count + 1
+
+
+def test_a_thread_waiting_on_a_record_wakes_when_its_batch_completes() -> None:
+    accumulator, clock, _ = make()
+    future = append(accumulator, 0, b"waited")
+    [batch] = accumulator.drain(("t", 0), 1 << 20, clock.now, "https://b1")
+    results: list[RecordMetadata] = []
+    waiter = threading.Thread(target=lambda: results.append(future.result(10)))
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while batch._event is None and time.monotonic() < deadline:  # the waiter is blocked
+        time.sleep(0.001)
+    assert batch._event is not None and not future.done()
+    batch.complete(7, None)
+    waiter.join(10)
+    assert results == [RecordMetadata("t", 0, 7)] and future.done()
+    assert append(accumulator, 1, b"unwaited")._batch._event is None

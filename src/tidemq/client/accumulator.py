@@ -59,6 +59,7 @@ per batch, as docs/PROTOCOL.md requires).
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -73,7 +74,7 @@ from tidemq.wire.batch import HEADER_SIZE, RECORD_HEADER_SIZE, BatchBuilder
 log = logging.getLogger("tidemq.client")
 
 TopicPartition = tuple[str, int]
-_CALLBACK_LOCK = threading.Lock()  # guards ProducerBatch callbacks: a rare path
+_CALLBACK_LOCK = threading.Lock()  # guards ProducerBatch outcome, waiter Event, callbacks
 HeaderList = Sequence[tuple[str, bytes]]
 
 
@@ -90,6 +91,7 @@ class ProducerBatch:
 
     __slots__ = (
         "_callbacks",
+        "_done",
         "_event",
         "base_offset",
         "builder",
@@ -116,15 +118,26 @@ class ProducerBatch:
         self.error: TideError | None = None
         self.node: str | None = None  # the broker it was drained for (bytes in flight)
         self.settled = False  # its request is over (accumulator.complete)
-        self._event = threading.Event()
+        self._done = False
+        # Made by the first wait: most batches are never waited for (callbacks, flush
+        # waits for the last one), and an Event is three locks' worth of objects.
+        self._event: threading.Event | None = None
         self._callbacks: list[tuple[RecordFuture, Callable[[RecordFuture], object]]] | None = None
 
     @property
     def done(self) -> bool:
-        return self._event.is_set()
+        return self._done
 
     def wait(self, timeout: float | None) -> bool:
-        return self._event.wait(timeout)
+        if self._done:
+            return True
+        with _CALLBACK_LOCK:
+            if self._done:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
     def seal(self, producer_id: int, producer_epoch: int, base_sequence: int) -> bytes:
         """Builds the wire bytes once (retries resend the same bytes) and drops the builder."""
@@ -138,15 +151,18 @@ class ProducerBatch:
 
     def complete(self, base_offset: int, error: TideError | None) -> None:
         """Records the outcome, wakes waiters, runs callbacks (the caller's thread)."""
-        if self._event.is_set():
-            return
-        self.base_offset = base_offset
-        self.error = error
-        self.builder = None
-        self.payload = None
         with _CALLBACK_LOCK:
-            self._event.set()
+            if self._done:
+                return
+            self.base_offset = base_offset
+            self.error = error
+            self.builder = None
+            self.payload = None
+            self._done = True
+            event = self._event
             callbacks, self._callbacks = self._callbacks, None
+        if event is not None:
+            event.set()
         for future, callback in callbacks or ():
             _run_callback(callback, future)
 
@@ -154,7 +170,7 @@ class ProducerBatch:
         self, future: RecordFuture, callback: Callable[[RecordFuture], object]
     ) -> None:
         with _CALLBACK_LOCK:
-            if not self._event.is_set():
+            if not self._done:
                 if self._callbacks is None:
                     self._callbacks = []
                 self._callbacks.append((future, callback))
@@ -220,9 +236,10 @@ class RecordFuture:
 
 
 class _PartitionQueue:
-    __slots__ = ("in_flight_requests", "open", "paused", "sealed", "window")
+    __slots__ = ("in_flight_requests", "node", "open", "paused", "sealed", "window")
 
     def __init__(self) -> None:
+        self.node: str | None = None  # the broker of its last drain
         self.open: ProducerBatch | None = None
         self.sealed: deque[ProducerBatch] = deque()
         self.in_flight_requests = 0
@@ -283,6 +300,8 @@ class RecordAccumulator:
         self._rotation = 0
         # Brokers a request to which completed since their partitions were last drained.
         self._node_answered: set[str] = set()
+        # When the sender runs ``ready`` again unwoken (its timer; inf: only when woken).
+        self._sender_timer = math.inf
         self._sticky: dict[str, int] = {}
         self._partition_counts: dict[str, int] = {}
         self.used = 0
@@ -323,8 +342,10 @@ class RecordAccumulator:
             if queue is None:
                 queue = self._queues[tp] = _PartitionQueue()
             batch = queue.open
+            sealed = False
             if batch is not None and batch.size + size > self.batch_size and batch.count:
                 self._seal_locked(tp, queue)
+                sealed = True
                 if keyless:  # the sticky partition moved on with the sealed batch
                     partition = self._sticky_partition(topic, partition_count)
                     tp = (topic, partition)
@@ -335,7 +356,7 @@ class RecordAccumulator:
             if batch is None:
                 batch = queue.open = ProducerBatch(topic, partition, timestamp_ms, self._clock())
                 self._incomplete.add(batch)
-                wake = True
+                wake = sealed or not self._sender_will_look(queue, batch.created)
             builder = batch.builder
             if builder is None:  # pragma: no cover - open batches always have a builder
                 raise ClientClosed("batch already sealed")
@@ -346,6 +367,22 @@ class RecordAccumulator:
         if wake:
             self._wake()
         return RecordFuture(batch, index)
+
+    def _sender_will_look(self, queue: _PartitionQueue, created: float) -> bool:
+        """Whether the sender runs ``ready`` in time for a new batch of ``queue`` without
+        a wake: its broker (as of the last drain) has a request in flight and no answer
+        since (an answer wakes the sender), and the sender's timer ends no later than
+        the batch's linger. Under load most new batches are such, and waking the
+        sender's thread for each would cost a cross-thread call and a ``ready`` pass per
+        record that change nothing."""
+        node = queue.node
+        return (
+            node is not None
+            and node in self._node_batches
+            and node not in self._node_answered
+            and self._sender_timer <= created + self.linger_s
+            and not (self._flushing or self._closed or self._memory_waiters)
+        )
 
     def _sticky_partition(self, topic: str, partition_count: int) -> int:
         partition = self._sticky.get(topic, -1)
@@ -442,14 +479,18 @@ class RecordAccumulator:
                 elif deadline < deadlines.get(node, deadline + 1):
                     deadlines[node] = deadline
             self._node_answered.difference_update(ready_nodes)
+            waiting = [deadline for node, deadline in deadlines.items() if node not in ready_nodes]
+            next_check = min(waiting) if waiting else None
+            # Set with the scan, under the lock: a batch appended after the scan sees
+            # the timer the sender is about to sleep with (see _sender_will_look).
+            self._sender_timer = math.inf if next_check is None else next_check
         partitions: list[TopicPartition] = []
         for node in ready_nodes:
             partitions.extend(candidates[node])
         if len(partitions) > 1:  # rotate, so no partition starves at the bytes bound
             self._rotation = start = (self._rotation + 1) % len(partitions)
             partitions = partitions[start:] + partitions[:start]
-        waiting = [deadline for node, deadline in deadlines.items() if node not in ready_nodes]
-        return Readiness(partitions, min(waiting) if waiting else None)
+        return Readiness(partitions, next_check)
 
     def _room(self, queue: _PartitionQueue) -> int:
         """How many more batches of this partition may go in flight now."""
@@ -489,6 +530,7 @@ class RecordAccumulator:
                 batches.append(batch)
                 total += batch.size
             if batches:
+                queue.node = node
                 queue.in_flight_requests += 1
                 queue.window.extend(batches)
                 if node is not None:

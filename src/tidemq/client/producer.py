@@ -172,7 +172,11 @@ class Producer:
 
     def _wake(self) -> None:
         event = self._wake_event
-        if event is not None:
+        if event is None:
+            return
+        if self._thread.in_loop_thread:  # a completion: no cross-thread call needed
+            event.set()
+        else:
             self._thread.call_soon(event.set)
 
     # -- public API -------------------------------------------------------------------
