@@ -393,3 +393,39 @@ def test_a_thread_waiting_on_a_record_wakes_when_its_batch_completes() -> None:
     waiter.join(10)
     assert results == [RecordMetadata("t", 0, 7)] and future.done()
     assert append(accumulator, 1, b"unwaited")._batch._event is None
+
+
+def test_a_record_for_a_new_leader_with_nothing_in_flight_wakes_the_sender() -> None:
+    accumulator, clock, wakes = make(linger_ms=5)
+    accumulator.in_flight_batches_max = 5
+    leaders = {0: "https://b1", 1: "https://b1"}
+
+    def node_of(tp: tuple[str, int]) -> str:
+        return leaders[tp[1]]
+
+    append(accumulator, 0, b"a0")
+    assert accumulator.ready(clock.now, node_of).partitions == [("t", 0)]
+    accumulator.drain(("t", 0), 1 << 20, clock.now, "https://b1")  # out to b1, slow
+    append(accumulator, 1, b"a1")
+    assert accumulator.ready(clock.now, node_of).next_check == pytest.approx(100.005)
+    leaders[0] = "https://b2"  # the metadata cache learned p0's new leader: idle
+    count = len(wakes)
+    append(accumulator, 0, b"lone")  # b1 is still busy, but p0 goes to b2 now
+    assert len(wakes) == count + 1
+    assert accumulator.ready(clock.now, node_of).partitions == [("t", 0)]
+
+
+def test_a_keyless_record_that_seals_its_batch_wakes_the_sender_wherever_it_lands(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    accumulator, clock, wakes = make(batch_size=HEADER_SIZE + 2 * (18 + 10))
+    monkeypatch.setattr("tidemq.client.accumulator.random.randrange", lambda n: 0)
+    for _ in range(2):
+        accumulator.append("t", -1, 4, None, b"x" * 10, None, 1_000, 0.05)  # p0 full
+    append(accumulator, 1, b"y" * 10)  # keyed: p1 has an open batch
+    monkeypatch.setattr("tidemq.client.accumulator.random.randrange", lambda n: 1)
+    count = len(wakes)
+    future = accumulator.append("t", -1, 4, None, b"z" * 10, None, 1_000, 0.05)
+    assert future._batch.partition == 1  # sealed p0's batch, joined p1's open one
+    assert len(wakes) == count + 1
+    assert ("t", 0) in accumulator.ready(clock.now).partitions

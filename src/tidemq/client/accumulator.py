@@ -236,10 +236,9 @@ class RecordFuture:
 
 
 class _PartitionQueue:
-    __slots__ = ("in_flight_requests", "node", "open", "paused", "sealed", "window")
+    __slots__ = ("in_flight_requests", "open", "paused", "sealed", "window")
 
     def __init__(self) -> None:
-        self.node: str | None = None  # the broker of its last drain
         self.open: ProducerBatch | None = None
         self.sealed: deque[ProducerBatch] = deque()
         self.in_flight_requests = 0
@@ -300,8 +299,10 @@ class RecordAccumulator:
         self._rotation = 0
         # Brokers a request to which completed since their partitions were last drained.
         self._node_answered: set[str] = set()
-        # When the sender runs ``ready`` again unwoken (its timer; inf: only when woken).
+        # When the sender runs ``ready`` again unwoken (its timer; inf: only when woken),
+        # and the leader lookup it passed (read by append: a dict lookup, any thread).
         self._sender_timer = math.inf
+        self._node_of: Callable[[TopicPartition], str | None] = _unknown_node
         self._sticky: dict[str, int] = {}
         self._partition_counts: dict[str, int] = {}
         self.used = 0
@@ -342,10 +343,9 @@ class RecordAccumulator:
             if queue is None:
                 queue = self._queues[tp] = _PartitionQueue()
             batch = queue.open
-            sealed = False
             if batch is not None and batch.size + size > self.batch_size and batch.count:
                 self._seal_locked(tp, queue)
-                sealed = True
+                wake = True  # a full batch is ready now (even if the record goes elsewhere)
                 if keyless:  # the sticky partition moved on with the sealed batch
                     partition = self._sticky_partition(topic, partition_count)
                     tp = (topic, partition)
@@ -356,7 +356,7 @@ class RecordAccumulator:
             if batch is None:
                 batch = queue.open = ProducerBatch(topic, partition, timestamp_ms, self._clock())
                 self._incomplete.add(batch)
-                wake = sealed or not self._sender_will_look(queue, batch.created)
+                wake = wake or not self._sender_will_look(tp, batch.created)
             builder = batch.builder
             if builder is None:  # pragma: no cover - open batches always have a builder
                 raise ClientClosed("batch already sealed")
@@ -368,14 +368,14 @@ class RecordAccumulator:
             self._wake()
         return RecordFuture(batch, index)
 
-    def _sender_will_look(self, queue: _PartitionQueue, created: float) -> bool:
-        """Whether the sender runs ``ready`` in time for a new batch of ``queue`` without
-        a wake: its broker (as of the last drain) has a request in flight and no answer
-        since (an answer wakes the sender), and the sender's timer ends no later than
-        the batch's linger. Under load most new batches are such, and waking the
+    def _sender_will_look(self, tp: TopicPartition, created: float) -> bool:
+        """Whether the sender runs ``ready`` in time for a new batch of ``tp`` without
+        a wake: its broker (the leader ``ready`` will use) has a request in flight and no
+        answer since (an answer wakes the sender), and the sender's timer ends no later
+        than the batch's linger. Under load most new batches are such, and waking the
         sender's thread for each would cost a cross-thread call and a ``ready`` pass per
         record that change nothing."""
-        node = queue.node
+        node = self._node_of(tp)
         return (
             node is not None
             and node in self._node_batches
@@ -484,6 +484,7 @@ class RecordAccumulator:
             # Set with the scan, under the lock: a batch appended after the scan sees
             # the timer the sender is about to sleep with (see _sender_will_look).
             self._sender_timer = math.inf if next_check is None else next_check
+            self._node_of = node_of
         partitions: list[TopicPartition] = []
         for node in ready_nodes:
             partitions.extend(candidates[node])
@@ -530,7 +531,6 @@ class RecordAccumulator:
                 batches.append(batch)
                 total += batch.size
             if batches:
-                queue.node = node
                 queue.in_flight_requests += 1
                 queue.window.extend(batches)
                 if node is not None:
