@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -108,3 +109,32 @@ def test_the_harness_by_file_path_writes_its_report(cluster: LocalCluster, tmp_p
     assert report["rates"] == [300]
     check_steps(report, [300], 0.5)
     assert processes_naming(topic) == []
+
+
+def test_a_bench_deletes_the_topic_it_created_for_itself(
+    cluster: LocalCluster, tide_cli: Tide
+) -> None:
+    """Topics left behind keep every broker busier (followers fetch them), so the next
+    run would measure another cluster; a topic given with --topic stays (tests above)."""
+    from tidemq.cli.control import ControlPlane, resolve_target
+
+    control = ControlPlane(resolve_target(str(cluster.data_dir)))
+    generated = re.compile(r"^bench-(latency-)?[0-9a-f]{8}$")
+    before = {t["name"] for t in control.topics() if generated.match(t["name"])}
+    tide_cli(
+        "bench", "--data-dir", str(cluster.data_dir), "--phase", "throughput",
+        "--messages", "500", "--partitions", "1", "--replication-factor", "1",
+        timeout_s=90,
+    )  # fmt: skip
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TIDE_")}
+    completed = subprocess.run(
+        [
+            sys.executable, bench_latency.__file__, "sweep", "--data-dir", str(cluster.data_dir),
+            "--partitions", "1", "--rates", "200", "--seconds", "0.3", "--warmup-seconds", "0",
+        ],
+        capture_output=True, text=True, timeout=90, env=environment, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    assert "could not delete" not in completed.stderr
+    after = {t["name"] for t in control.topics() if generated.match(t["name"])}
+    assert after == before

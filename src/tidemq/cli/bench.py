@@ -381,55 +381,62 @@ def bench(
         _draw_curve(list(from_reports), [], curve)
         return
     target = target_for(data_dir)
+    generated = topic is None
     topic = topic or f"bench-{uuid.uuid4().hex[:8]}"
-    topic_info = _ensure_topic(target, topic, partitions, replication_factor)
-    if phase in ("join", "scale"):
-        _group_phase(
-            target,
-            topic,
-            partitions,
-            phase,
-            members,
-            repeat,
-            as_json,
-            join_rate,
-            scale_messages,
-            handler_ms,
-        )
-        return
-    producer_options: dict[str, Any] = {"acks": acks if acks == "all" else int(acks)}
-    if linger_ms is not None:
-        producer_options["linger_ms"] = linger_ms
-    key_list = _keys(keys)
-    report: dict[str, Any] = {
-        "topic": topic,
-        "messages": messages,
-        "value_bytes": value_bytes,
-        "keys": keys,
-        "partitions": partitions,
-        "replication_factor": bench_latency.topic_replication_factor(topic_info),
-        "acks": acks,
-    }
     try:
-        if phase in ("all", "throughput"):
-            report["produce"] = _produce_throughput(
-                target, topic, messages, value_bytes, key_list, producer_options
+        topic_info = _ensure_topic(target, topic, partitions, replication_factor)
+        if phase in ("join", "scale"):
+            _group_phase(
+                target,
+                topic,
+                partitions,
+                phase,
+                members,
+                repeat,
+                as_json,
+                join_rate,
+                scale_messages,
+                handler_ms,
             )
-            report["consume"] = _consume_throughput(target, topic, messages)
-        if phase in ("all", "latency"):
-            settings = bench_latency.SweepSettings(
-                rates or (rate_per_s,), latency_seconds, warmup_seconds,
-                value_bytes=value_bytes, keys=keys, acks=acks, linger_ms=linger_ms,
-                p99_bound_ms=p99_bound_ms, label=label,
-            )  # fmt: skip
-            name, value = _latency(target, topic, topic_info, settings, single=rates is None)
-            report[name] = value
-    except TideError as error:
-        raise click.ClickException(f"{type(error).__name__}: {error}") from error
-    click.echo(json.dumps(report, indent=2) if as_json else _format_report(report))
-    if curve is not None:
-        _draw_curve([], [report], curve)
-    incomplete = report.get("consume", {}).get("messages", messages) < messages
-    if incomplete:
-        click.echo(f"error: consumed only {report['consume']['messages']} of {messages}", err=True)
-        sys.exit(1)
+            return
+        producer_options: dict[str, Any] = {"acks": acks if acks == "all" else int(acks)}
+        if linger_ms is not None:
+            producer_options["linger_ms"] = linger_ms
+        key_list = _keys(keys)
+        report: dict[str, Any] = {
+            "topic": topic,
+            "messages": messages,
+            "value_bytes": value_bytes,
+            "keys": keys,
+            "partitions": partitions,
+            "replication_factor": bench_latency.topic_replication_factor(topic_info),
+            "acks": acks,
+        }
+        try:
+            if phase in ("all", "throughput"):
+                report["produce"] = _produce_throughput(
+                    target, topic, messages, value_bytes, key_list, producer_options
+                )
+                report["consume"] = _consume_throughput(target, topic, messages)
+            if phase in ("all", "latency"):
+                settings = bench_latency.SweepSettings(
+                    rates or (rate_per_s,), latency_seconds, warmup_seconds,
+                    value_bytes=value_bytes, keys=keys, acks=acks, linger_ms=linger_ms,
+                    p99_bound_ms=p99_bound_ms, label=label,
+                )  # fmt: skip
+                name, value = _latency(target, topic, topic_info, settings, single=rates is None)
+                report[name] = value
+        except TideError as error:
+            raise click.ClickException(f"{type(error).__name__}: {error}") from error
+        click.echo(json.dumps(report, indent=2) if as_json else _format_report(report))
+        if curve is not None:
+            _draw_curve([], [report], curve)
+        incomplete = report.get("consume", {}).get("messages", messages) < messages
+        if incomplete:
+            click.echo(
+                f"error: consumed only {report['consume']['messages']} of {messages}", err=True
+            )
+            sys.exit(1)
+    finally:  # the run's own topic goes with it (bench_latency.delete_bench_topic)
+        if generated:
+            bench_latency.delete_bench_topic(ControlPlane(target), topic)

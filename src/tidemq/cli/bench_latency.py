@@ -604,10 +604,15 @@ def sweep_command(
     try:
         target = resolve_target(data_dir)
         control = ControlPlane(target)
+        generated = topic is None
         topic = topic or f"bench-latency-{uuid.uuid4().hex[:8]}"
         control.create_topic(topic, partitions, replication_factor)
-        topic_info = control.wait_topic_ready(topic)
-        report = sweep_report(target.client_kwargs(), topic, topic_info, settings)
+        try:
+            topic_info = control.wait_topic_ready(topic)
+            report = sweep_report(target.client_kwargs(), topic, topic_info, settings)
+        finally:
+            if generated:  # a sweep's own topic goes with it (see delete_bench_topic)
+                delete_bench_topic(control, topic)
     except Exception as error:  # one clear line for the operator, whatever failed
         raise click.ClickException(f"{type(error).__name__}: {error}") from error
     text = json.dumps(report, indent=2)
@@ -615,6 +620,17 @@ def sweep_command(
         with open(json_out, "w", encoding="utf-8") as out:
             out.write(text + "\n")
     click.echo(text)
+
+
+def delete_bench_topic(control: Any, topic: str) -> None:
+    """Deletes a topic a bench created for itself. Why: every broker keeps serving the
+    partitions of a topic until it is deleted (its followers fetch them, its checkpoints
+    list them), so topics left by earlier runs make the next runs measure a busier
+    cluster. A failure is reported, not raised: the measurement stands."""
+    try:
+        control.delete_topic(topic)
+    except Exception as error:  # best effort, said on stderr
+        click.echo(f"warning: could not delete the bench topic {topic}: {error}", err=True)
 
 
 def sweep_report(
