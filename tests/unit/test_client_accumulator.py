@@ -211,7 +211,7 @@ def on_two_brokers(tp: tuple[str, int]) -> str:
 
 
 def test_a_lone_record_is_ready_at_once_with_the_default_linger() -> None:
-    accumulator, clock, wakes = make(linger_ms=5)  # the default linger_ms
+    accumulator, clock, wakes = make(linger_ms=20)  # the default linger_ms
     future = append(accumulator, 0, b"alone")
     assert wakes == [1]
     assert accumulator.ready(clock.now, on_two_brokers).partitions == [("t", 0)]

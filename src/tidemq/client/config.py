@@ -64,7 +64,7 @@ class ConnectionConfig:
 
 @dataclass(frozen=True)
 class ProducerOptions:
-    linger_ms: int = 5
+    linger_ms: int = 20
     batch_size: int = 65_536
     max_in_flight: int = 5
     acks: Literal["all", 0, 1] | str | int = "all"

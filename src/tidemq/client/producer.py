@@ -126,7 +126,7 @@ def normalize_headers(
 class Producer:
     """Sends records to tidemq topics. Thread-safe; one background thread per producer.
 
-    Options (keyword arguments; see docs/ARCHITECTURE.md): ``linger_ms=5``,
+    Options (keyword arguments; see docs/ARCHITECTURE.md): ``linger_ms=20``,
     ``batch_size=65536``, ``acks="all"`` (or 1, 0), ``retries``,
     ``delivery_timeout_ms=120000``, ``buffer_memory=32 MiB``, ``max_block_ms=60000``,
     ``request_timeout_ms=30000``, ``max_request_bytes=1 MiB``,
