@@ -300,3 +300,43 @@ def test_after_a_failed_fsync_every_later_sync_fails(
     assert not (tmp_path / "p0" / CLEAN_SHUTDOWN_FILE).exists()
     for segment in log._segments:  # the test's own cleanup
         segment.close()
+
+
+def test_reads_of_recent_batches_skip_the_index_walk_and_stay_right_after_a_truncation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tidemq.storage import segment as segment_module
+
+    log = open_log(tmp_path)
+    for index in range(80):  # more batches than RECENT_BATCHES
+        log.append(batch_of(numbered_values(index * 2, 2, 30)), 0, START_MS)
+    whole = log.read(0, 1 << 20)
+    [segment] = log._segments
+    assert len(segment.recent) == segment_module.RECENT_BATCHES
+    walks: list[int] = []
+    real_walk = segment_module.LogSegment._walk_to
+
+    def counting_walk(self, offset, position, expected):  # type: ignore[no-untyped-def]
+        walks.append(offset)
+        return real_walk(self, offset, position, expected)
+
+    monkeypatch.setattr(segment_module.LogSegment, "_walk_to", counting_walk)
+    headers = list(iter_headers(whole))
+    for header in headers[-10:]:  # a follower or consumer reading from where it stopped
+        position = sum(h.size for h in headers if h.base_offset < header.base_offset)
+        assert log.read(header.base_offset, 1) == whole[position : position + header.size]
+    assert len(walks) == 10  # one header each: found where the append put it
+    assert log.read(2, 1) == whole[headers[0].size : headers[0].size + headers[1].size]
+    assert log.read(5, 1 << 20) == whole[sum(h.size for h in headers[:2]) :]  # mid-batch
+
+    log.truncate_to(150)  # a new leader's log diverged: later batches differ in size
+    for index in range(5):
+        log.append(batch_of(numbered_values(1000 + index, 1, 200 + index)), 1, START_MS)
+    tail = log.read(150, 1 << 20)
+    tail_headers = list(iter_headers(tail))
+    assert [h.base_offset for h in tail_headers] == [150, 151, 152, 153, 154]
+    position = 0
+    for header in tail_headers:
+        assert log.read(header.base_offset, 1) == tail[position : position + header.size]
+        position += header.size
+    log.close()

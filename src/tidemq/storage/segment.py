@@ -45,6 +45,11 @@ LOG_SUFFIX = ".log"
 INDEX_SUFFIX = ".index"
 SCAN_CHUNK_BYTES = 1 << 20  # recovery reads this much at a time
 WALK_CHUNK_BYTES = 64 * 1024  # header walks from an index entry read this much
+# Positions of the last batches appended, by base offset: followers and consumers read
+# from where they stopped, which is almost always the start of a batch appended just
+# now, so a read finds it in one header instead of a walk from the sparse index entry
+# (~12 headers at 4 KiB per entry; ~5% of a busy broker's loop before this).
+RECENT_BATCHES = 64
 
 
 def segment_name(base_offset: int) -> str:
@@ -119,6 +124,7 @@ class LogSegment:
         "index",
         "max_timestamp_ms",
         "next_offset",
+        "recent",
         "size_bytes",
     )
 
@@ -134,6 +140,7 @@ class LogSegment:
         self.index: SparseIndex | None = None
         self.bytes_since_index = 0
         self.max_timestamp_ms: int | None = None
+        self.recent: dict[int, int] = {}  # base offset -> position, RECENT_BATCHES newest
 
     @property
     def log_path(self) -> Path:
@@ -177,11 +184,15 @@ class LogSegment:
             os.ftruncate(self.fd, start)
             raise
         index = self.index
+        recent = self.recent
         for span in spans:
             if index is not None and self.bytes_since_index >= interval:
                 index.append(span.base_offset - self.base_offset, start + span.position)
                 self.bytes_since_index = 0
             self.bytes_since_index += span.size
+            recent[span.base_offset] = start + span.position
+        while len(recent) > RECENT_BATCHES:
+            del recent[next(iter(recent))]  # the oldest (dicts keep insertion order)
         self.size_bytes = start + len(view)
         self.next_offset = spans[-1].next_offset
 
@@ -214,6 +225,7 @@ class LogSegment:
             os.ftruncate(self.fd, position)
             result.truncated_bytes = file_size - position
         self.size_bytes, self.next_offset, self.index = position, expected, index
+        self.recent.clear()
         self.bytes_since_index, self.max_timestamp_ms = since_index, max_timestamp
         return result
 
@@ -261,6 +273,15 @@ class LogSegment:
 
     def find_batch(self, offset: int, interval: int) -> tuple[int, BatchHeader] | None:
         """(position, header) of the batch holding offset; None if past the end."""
+        position = self.recent.get(offset)
+        if position is not None:
+            try:  # checked as any walk: a sane header with exactly this base offset
+                found = self._walk_to(offset, position, offset)
+            except CorruptBatch:
+                found = None
+                self.recent.clear()
+            if found is not None:
+                return found
         relative_offset, position = self.ensure_index(interval).lookup(offset - self.base_offset)
         try:
             return self._walk_to(offset, position, self.base_offset + relative_offset)
@@ -311,6 +332,7 @@ class LogSegment:
         os.fsync(self.fd)
         self.size_bytes = position
         self.next_offset = next_offset
+        self.recent.clear()  # positions past the cut would name other batches later
         if self.index is not None:
             self.index.truncate_to_position(position)
         self.bytes_since_index = 0
