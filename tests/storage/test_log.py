@@ -340,3 +340,16 @@ def test_reads_of_recent_batches_skip_the_index_walk_and_stay_right_after_a_trun
         assert log.read(header.base_offset, 1) == tail[position : position + header.size]
         position += header.size
     log.close()
+
+
+def test_only_the_active_segment_keeps_recent_batch_positions(tmp_path: Path) -> None:
+    log = open_log(tmp_path, segment_bytes_max=400)
+    for index in range(12):
+        log.append(batch_of(numbered_values(index * 2, 2, 40)), 0, START_MS)
+    assert log.segment_count > 2
+    *rolled, active = log._segments
+    assert [len(segment.recent) for segment in rolled] == [0] * len(rolled)
+    assert active.recent  # the bound on memory: one segment's hints per partition
+    for offset in (0, 4, 6):  # rolled segments are read by their index
+        assert [h.base_offset for h in iter_headers(log.read(offset, 1))] == [offset]
+    log.close()

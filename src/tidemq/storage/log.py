@@ -329,6 +329,7 @@ class PartitionLog:
         if not (full or old or offsets_overflow):
             return active
         active.write_index()
+        active.recent.clear()  # its readers are catching up now: the index serves them
         segment = LogSegment.create(self.directory, self._log_end_offset, now_ms)
         with self._lock:
             self._segments.append(segment)
