@@ -383,7 +383,7 @@ def bench(
     target = target_for(data_dir)
     generated = topic is None
     topic = topic or f"bench-{uuid.uuid4().hex[:8]}"
-    try:
+    with bench_latency.deleted_after(ControlPlane(target), topic, generated):
         topic_info = _ensure_topic(target, topic, partitions, replication_factor)
         if phase in ("join", "scale"):
             _group_phase(
@@ -437,6 +437,3 @@ def bench(
                 f"error: consumed only {report['consume']['messages']} of {messages}", err=True
             )
             sys.exit(1)
-    finally:  # the run's own topic goes with it (bench_latency.delete_bench_topic)
-        if generated:
-            bench_latency.delete_bench_topic(ControlPlane(target), topic)

@@ -34,6 +34,7 @@ checkout unchanged: ``PYTHONPATH=OLD/src python src/tidemq/cli/bench_latency.py 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -46,7 +47,7 @@ import threading
 import time
 import uuid
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
@@ -607,12 +608,9 @@ def sweep_command(
         generated = topic is None
         topic = topic or f"bench-latency-{uuid.uuid4().hex[:8]}"
         control.create_topic(topic, partitions, replication_factor)
-        try:
+        with deleted_after(control, topic, generated):
             topic_info = control.wait_topic_ready(topic)
             report = sweep_report(target.client_kwargs(), topic, topic_info, settings)
-        finally:
-            if generated:  # a sweep's own topic goes with it (see delete_bench_topic)
-                delete_bench_topic(control, topic)
     except Exception as error:  # one clear line for the operator, whatever failed
         raise click.ClickException(f"{type(error).__name__}: {error}") from error
     text = json.dumps(report, indent=2)
@@ -622,15 +620,21 @@ def sweep_command(
     click.echo(text)
 
 
-def delete_bench_topic(control: Any, topic: str) -> None:
-    """Deletes a topic a bench created for itself. Why: every broker keeps serving the
-    partitions of a topic until it is deleted (its followers fetch them, its checkpoints
-    list them), so topics left by earlier runs make the next runs measure a busier
-    cluster. A failure is reported, not raised: the measurement stands."""
+@contextlib.contextmanager
+def deleted_after(control: Any, topic: str, generated: bool) -> Iterator[None]:
+    """Deletes ``topic`` when the block ends, however it ends, if the bench created it
+    for itself (``generated``). Why: every broker keeps serving the partitions of a
+    topic until it is deleted (its followers fetch them, its checkpoints list them), so
+    topics left by earlier runs make the next runs measure a busier cluster. A failed
+    delete is reported, not raised: the measurement stands."""
     try:
-        control.delete_topic(topic)
-    except Exception as error:  # best effort, said on stderr
-        click.echo(f"warning: could not delete the bench topic {topic}: {error}", err=True)
+        yield
+    finally:
+        if generated:
+            try:
+                control.delete_topic(topic)
+            except Exception as error:  # best effort, said on stderr
+                click.echo(f"warning: could not delete the bench topic {topic}: {error}", err=True)
 
 
 def sweep_report(
