@@ -169,10 +169,12 @@ async def _serve(
             raise _NotServed(f"{frame.target} is not served over the channel")
         if len(frame.body) > max_body_bytes:  # as HTTP's client_max_size: 413
             raise RequestTooLarge(f"body of {len(frame.body)} bytes exceeds {max_body_bytes}")
-        pairs = parse_qsl(frame.query, keep_blank_values=True)
-        query = dict(pairs)
-        if len(query) != len(pairs):
-            raise InvalidRequest("a query parameter is given twice")
+        query: dict[str, str] = {}
+        if frame.query:  # most channel requests have none
+            pairs = parse_qsl(frame.query, keep_blank_values=True)
+            query = dict(pairs)
+            if len(query) != len(pairs):
+                raise InvalidRequest("a query parameter is given twice")
         if tls:
             _authorize(operation, identity, query, frame.body)
         reply = await operation.handler(query, frame.body)
