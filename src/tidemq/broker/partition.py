@@ -98,6 +98,24 @@ def parse_partition_directory_name(name: str) -> tuple[str, int, str] | None:
     return match["topic"], int(match["partition"]), match["topic_id"]
 
 
+async def until_done(future: asyncio.Future[None], timeout_s: float) -> None:
+    """Waits until ``future`` is done (raising its exception) or ``timeout_s`` passed
+    (then it is done with None). A long-poll's shared waiter: one timer instead of
+    ``asyncio.wait`` or ``timeout`` + ``shield`` (their futures and callbacks are a
+    measurable share of a replication round's CPU). Cancelling the caller cancels
+    ``future``."""
+    timer = asyncio.get_running_loop().call_later(timeout_s, _done_if_pending, future)
+    try:
+        await future
+    finally:
+        timer.cancel()
+
+
+def _done_if_pending(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class PartitionReplica:
     def __init__(
         self,

@@ -48,6 +48,7 @@ from tidemq.broker.partition import (
     PartitionReplica,
     parse_partition_directory_name,
     remove_replica_directory,
+    until_done,
 )
 from tidemq.broker.syncer import GroupCommitSyncer
 from tidemq.core.replica import (
@@ -498,7 +499,8 @@ class Broker:
                 if waiter_id is not None:
                     registered.append((replica, waiter_id))
             else:
-                await asyncio.wait([woken], timeout=request.wait_ms / 1000)
+                with contextlib.suppress(TideError):  # leadership lost: the answer says so
+                    await until_done(woken, request.wait_ms / 1000)
         finally:
             for replica, waiter_id in registered:
                 replica.unwatch(waiter_id)
@@ -708,16 +710,14 @@ class Broker:
                 if waiter_id is None:
                     return
                 watching.append((replica, waiter_id))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout_s):
-                    await asyncio.shield(woken)
+            await until_done(woken, timeout_s)
         finally:
             for replica, waiter_id in watching:
                 replica.unwatch(waiter_id)
-            if woken.done():
-                woken.exception()  # a demoted replica's NotLeader: seen by the next read
-            else:
+            if not woken.done():
                 woken.cancel()
+            elif not woken.cancelled():
+                woken.exception()  # a demoted replica's NotLeader: seen by the next read
 
     def release_replica_bytes(self, count: int) -> None:
         self._inflight_replica_bytes -= count
