@@ -116,6 +116,15 @@ def _done_if_pending(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+class _TimedOut(Exception):
+    """A waiter's time ran out (``PartitionReplica._wait``'s timer)."""
+
+
+def _time_out(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(_TimedOut())
+
+
 class PartitionReplica:
     def __init__(
         self,
@@ -284,12 +293,15 @@ class PartitionReplica:
         if future.done():
             self._waiters.pop(waiter_id, None)
             return future.result()
+        # One timer on the waiter's future, not asyncio.timeout (a produce's share of
+        # a replication round's CPU); it fails the future with _TimedOut.
+        timer = asyncio.get_running_loop().call_later(timeout_s, _time_out, future)
         try:
-            async with asyncio.timeout(timeout_s):
-                await future
-        except TimeoutError:
+            await future
+        except _TimedOut:
             raise RequestTimedOut(f"{self.topic}/{self.partition}: {what or 'timed out'}") from None
         finally:
+            timer.cancel()
             if self._waiters.pop(waiter_id, None) is not None:
                 self.handle(Cancel(waiter_id))
 
