@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from tidemq.broker.partition import PartitionReplica, until_done
+from tidemq.broker.server import Broker
 from tidemq.core.replica import Acks, ReplicaAssignment
 from tidemq.errors import NotLeader, RequestTimedOut
 from tidemq.storage import FsyncPolicy, LogConfig
@@ -102,5 +104,30 @@ def test_until_done_ends_on_the_result_the_failure_the_timeout_or_a_cancel() -> 
         with pytest.raises(asyncio.CancelledError):
             await task
         assert left.cancelled()
+
+    asyncio.run(scenario())
+
+
+def test_a_partition_demoted_while_a_session_poll_waits_fails_only_itself(
+    tmp_path: Path,
+) -> None:
+    """The shared waiter fails with NotLeader when one followed partition stops
+    leading; the poll must end normally (the next read reports that partition's
+    error), not fail the session's other partitions."""
+
+    async def scenario() -> None:
+        moved = leader(tmp_path / "0")
+        stays = leader(tmp_path / "1")
+        broker = SimpleNamespace(
+            _inflight_replica_bytes=0, config=SimpleNamespace(max_inflight_replica_bytes=1 << 20)
+        )
+        followed = [(SimpleNamespace(offset=1), moved), (SimpleNamespace(offset=1), stays)]
+        waiting = asyncio.ensure_future(Broker._replica_wait(broker, followed, 5.0))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        moved.close()  # leadership moved (or the topic was deleted) meanwhile
+        await asyncio.wait_for(waiting, 1.0)  # ends at once, without raising
+        assert not stays._waiters and stays.core.waiting() == 0
+        stays.close()
 
     asyncio.run(scenario())

@@ -194,6 +194,23 @@ def test_a_role_grant_is_checked_once_per_channel_and_a_refusal_every_time(
     run(scenario)
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"broker_id": 2, "hint": NaN}',
+        b'\xef\xbb\xbf{"broker_id": 2}',
+        b'{"broker_id": 2, "n": "\\ud800"}',
+    ],
+)
+def test_the_channel_reads_a_broker_id_in_the_body_as_http_does(body: bytes) -> None:
+    """The same bytes get the same verdict over the channel as over HTTP (whose
+    middleware reads them with json.loads): here broker-2 naming itself."""
+    assert json.loads(body)["broker_id"] == 2
+    replica = Operation("POST", "/v1/replica/fetch", Dummy().replica, broker_self(body="broker_id"))
+    broker_2 = channel_module.Identity.from_common_name("broker-2")
+    assert channel_module._authorize(replica, broker_2, {}, body) is False  # allowed, per frame
+
+
 def test_a_peer_without_a_channel_or_without_that_target_gets_plain_http(
     tmp_path: Path,
 ) -> None:

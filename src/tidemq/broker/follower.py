@@ -255,14 +255,18 @@ class FetchSession:
                 timeout_ms=self._timeout_ms,
             )
         except asyncio.CancelledError:
-            if self._kicked and task is not None and task.uncancel() == 0:
-                return None  # kicked by add(): poll again, with the new partition
-            raise
+            if self._kicked and task is not None:
+                self._kicked = False
+                if task.uncancel() == 0:
+                    # Kicked by add(): poll again, with the new partition. An answer that
+                    # came in the same loop turn is dropped and asked for again.
+                    return None
+            raise  # the session itself is cancelled (shutdown), kicked or not
         finally:
             self._polling = None
             if self._kicked and task is not None and task.cancelling():
-                # The answer came in the turn add() kicked: the cancel is still pending
-                # on this task; take it back, the answer is as good as a new poll.
+                # The kick's cancel never surfaced here (something below absorbed it):
+                # withdraw it, so that later timeouts in this task still work.
                 task.uncancel()
             self._kicked = False
         return decode_replica_fetch(body)

@@ -710,7 +710,8 @@ class Broker:
                 if waiter_id is None:
                     return
                 watching.append((replica, waiter_id))
-            await until_done(woken, timeout_s)
+            with contextlib.suppress(TideError):  # a demoted partition: the next read says so
+                await until_done(woken, timeout_s)
         finally:
             for replica, waiter_id in watching:
                 replica.unwatch(waiter_id)

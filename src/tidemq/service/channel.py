@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-import msgspec
 from aiohttp import WSMsgType, web
 
 from tidemq.errors import (
@@ -255,7 +254,7 @@ def _authorize(
             else:
                 if parsed is None:
                     try:
-                        parsed = msgspec.json.decode(body)
+                        parsed = json.loads(body)  # exactly as the HTTP middleware reads it
                     except (UnicodeDecodeError, ValueError):
                         parsed = {}
                 if isinstance(parsed, dict):
