@@ -207,6 +207,14 @@ def test_errors_change_nothing(tmp_path: Path) -> None:
                 {"offsets": [{"topic": "nope", "partition": 0, "offset": 1}]},
             )
             assert (status, body["error"]["code"]) == (404, "unknown_topic")
+            # A member id that is not text (a lone surrogate) would be echoed back in
+            # answers no strict JSON reader accepts: refused, and no group is made.
+            status, body = await api.call(
+                "POST",
+                "/v1/groups/g/heartbeat",
+                {"member_id": "\ud800evil", "member_epoch": 0, "topics": ["t"]},
+            )
+            assert (status, body["error"]["code"]) == (400, "invalid_request"), body
             status, body = await api.call("GET", "/v1/groups")
             assert body == {"groups": []}
 

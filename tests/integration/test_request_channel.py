@@ -155,6 +155,62 @@ def test_the_endpoints_callers_apply_to_each_request(tmp_path: Path) -> None:
     run(scenario)
 
 
+def test_a_role_grant_is_checked_once_per_channel_and_a_refusal_every_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A channel's certificate is fixed: a verdict that depends only on it (a role
+    grant) is remembered for the target; a refusal, or a broker-self grant (it reads
+    the request), is decided again for every request."""
+    checked: list[str] = []
+    authorize = channel_module._authorize
+
+    def counting(operation: Operation, *args: object) -> bool:
+        checked.append(operation.target)
+        return authorize(operation, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(channel_module, "_authorize", counting)
+
+    async def scenario() -> None:
+        async with service(tmp_path) as (dummy, base, transports):
+            for _ in range(3):
+                await transports["client"].request("POST", base + "/v1/produce", data=b"x")
+            assert checked == ["POST /v1/produce"]
+            for _ in range(2):
+                with pytest.raises(Forbidden):
+                    await transports["broker-1"].request("POST", base + "/v1/produce", data=b"x")
+            replica = base + "/v1/replica/fetch"
+            for claimed in (2, 2, 1):
+                call = transports["broker-2"].request(
+                    "POST", replica, data=json.dumps({"broker_id": claimed}).encode()
+                )
+                if claimed == 2:
+                    await call
+                else:
+                    with pytest.raises(Forbidden):
+                        await call
+            assert checked == ["POST /v1/produce"] * 3 + ["POST /v1/replica/fetch"] * 3
+            assert dummy.calls == [("channel", "produce")] * 3 + [("channel", "replica")] * 2
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"broker_id": 2, "hint": NaN}',
+        b'\xef\xbb\xbf{"broker_id": 2}',
+        b'{"broker_id": 2, "n": "\\ud800"}',
+    ],
+)
+def test_the_channel_reads_a_broker_id_in_the_body_as_http_does(body: bytes) -> None:
+    """The same bytes get the same verdict over the channel as over HTTP (whose
+    middleware reads them with json.loads): here broker-2 naming itself."""
+    assert json.loads(body)["broker_id"] == 2
+    replica = Operation("POST", "/v1/replica/fetch", Dummy().replica, broker_self(body="broker_id"))
+    broker_2 = channel_module.Identity.from_common_name("broker-2")
+    assert channel_module._authorize(replica, broker_2, {}, body) is False  # allowed, per frame
+
+
 def test_a_peer_without_a_channel_or_without_that_target_gets_plain_http(
     tmp_path: Path,
 ) -> None:

@@ -45,6 +45,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from tidemq.broker.partition import PartitionReplica
 from tidemq.core.replica import UNKNOWN, truncation_offset
@@ -79,6 +80,20 @@ class Followed:
     warned_at: float = 0.0
 
 
+_POLL_HEADERS = {"Content-Type": "application/json", "Accept": REPLICA_FETCH_TYPE}
+
+
+async def _all_durable(appended: list[tuple[PartitionReplica, int]]) -> None:
+    """Until every (replica, log end) appended is durable here. One after the other
+    in this task (no task per partition): each waits for the same group commits, so
+    the total wait is the slowest one's."""
+    for replica, end in appended:
+        try:
+            await replica.wait_durable(end)
+        except TideError:  # closed meanwhile (NotLeader): nothing to report
+            continue
+
+
 class FetchSession:
     """Every partition this broker follows on one leader; one request in flight."""
 
@@ -104,6 +119,10 @@ class FetchSession:
         self._wait_ms = wait_ms
         self._timeout_ms = wait_ms + request_timeout_ms
         self._changed = asyncio.Event()
+        # The session's task while it waits for a poll's answer (None otherwise), and
+        # whether add() cancelled that wait to send the poll again with the new set.
+        self._polling: asyncio.Task[Any] | None = None
+        self._kicked = False
         self._rotation = 0
         self._warned_at = 0.0
 
@@ -112,6 +131,9 @@ class FetchSession:
     def add(self, key: Key, replica: PartitionReplica, leader_epoch: int) -> None:
         self.partitions[key] = Followed(replica, leader_epoch)
         self._changed.set()
+        if self._polling is not None and not self._kicked:
+            self._kicked = True  # the poll in flight does not ask for it: send again
+            self._polling.cancel()
 
     def remove(self, key: Key) -> None:
         """The poll in flight goes on: an answer for ``key`` is ignored."""
@@ -144,10 +166,7 @@ class FetchSession:
             if appended:
                 # Durable waiters are futures the syncer's fsync completes: the next
                 # request leaves the moment the last of these fsyncs is done.
-                await asyncio.gather(
-                    *(replica.wait_durable(end) for replica, end in appended),
-                    return_exceptions=True,  # closed meanwhile: nothing to report
-                )
+                await _all_durable(appended)
 
     async def _follow_one_by_one(self) -> None:
         """Compatibility with a leader that predates sessions: one loop per partition
@@ -196,10 +215,7 @@ class FetchSession:
                 self._back_off(key, one, error)
                 continue
             appended = self._apply([entry], {key: one})
-            await asyncio.gather(
-                *(replica.wait_durable(end) for replica, end in appended),
-                return_exceptions=True,
-            )
+            await _all_durable(appended)
 
     def _ready(self, now: float) -> dict[Key, Followed]:
         return {
@@ -222,33 +238,37 @@ class FetchSession:
             pass
 
     async def _fetch(self, followed: dict[Key, Followed]) -> list[ReplicaFetchEntry] | None:
-        """One request; None when the partition set changed before its answer came."""
+        """One request; None when the partition set changed before its answer came.
+
+        The request runs in this task (no task per poll, no race against the change
+        event): ``add`` cancels the wait instead, and ``_kicked`` tells that cancel
+        from the session's own (shutdown), which still propagates."""
         request = self._request(followed)
-        answer = asyncio.ensure_future(
-            self._transport().request(
+        task = asyncio.current_task()
+        self._polling, self._kicked = task, False
+        try:
+            body, _ = await self._transport().request(
                 "POST",
                 self.url,
                 data=control.encode(request),
-                headers={"Content-Type": "application/json", "Accept": REPLICA_FETCH_TYPE},
+                headers=_POLL_HEADERS,
                 timeout_ms=self._timeout_ms,
             )
-        )
-        changed = asyncio.ensure_future(self._changed.wait())
-        try:
-            await asyncio.wait((answer, changed), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            if self._kicked and task is not None:
+                self._kicked = False
+                if task.uncancel() == 0:
+                    # Kicked by add(): poll again, with the new partition. An answer that
+                    # came in the same loop turn is dropped and asked for again.
+                    return None
+            raise  # the session itself is cancelled (shutdown), kicked or not
         finally:
-            changed.cancel()
-            if not answer.done():
-                answer.cancel()
-                await asyncio.gather(answer, return_exceptions=True)
-            elif not answer.cancelled():
-                # Read here too: a cancellation (shutdown) that arrives in the turn the
-                # fetch failed leaves before the result() below, and asyncio would log
-                # the fetch's error as never retrieved.
-                answer.exception()
-        if answer.cancelled():
-            return None
-        body, _ = answer.result()
+            self._polling = None
+            if self._kicked and task is not None and task.cancelling():
+                # The kick's cancel never surfaced here (something below absorbed it):
+                # withdraw it, so that later timeouts in this task still work.
+                task.uncancel()
+            self._kicked = False
         return decode_replica_fetch(body)
 
     def _poll_wait_ms(self, followed: dict[Key, Followed]) -> int:

@@ -98,6 +98,33 @@ def parse_partition_directory_name(name: str) -> tuple[str, int, str] | None:
     return match["topic"], int(match["partition"]), match["topic_id"]
 
 
+async def until_done(future: asyncio.Future[None], timeout_s: float) -> None:
+    """Waits until ``future`` is done (raising its exception) or ``timeout_s`` passed
+    (then it is done with None). A long-poll's shared waiter: one timer instead of
+    ``asyncio.wait`` or ``timeout`` + ``shield`` (their futures and callbacks are a
+    measurable share of a replication round's CPU). Cancelling the caller cancels
+    ``future``."""
+    timer = asyncio.get_running_loop().call_later(timeout_s, _done_if_pending, future)
+    try:
+        await future
+    finally:
+        timer.cancel()
+
+
+def _done_if_pending(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _TimedOut(Exception):
+    """A waiter's time ran out (``PartitionReplica._wait``'s timer)."""
+
+
+def _time_out(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(_TimedOut())
+
+
 class PartitionReplica:
     def __init__(
         self,
@@ -266,12 +293,15 @@ class PartitionReplica:
         if future.done():
             self._waiters.pop(waiter_id, None)
             return future.result()
+        # One timer on the waiter's future, not asyncio.timeout (a produce's share of
+        # a replication round's CPU); it fails the future with _TimedOut.
+        timer = asyncio.get_running_loop().call_later(timeout_s, _time_out, future)
         try:
-            async with asyncio.timeout(timeout_s):
-                await future
-        except TimeoutError:
+            await future
+        except _TimedOut:
             raise RequestTimedOut(f"{self.topic}/{self.partition}: {what or 'timed out'}") from None
         finally:
+            timer.cancel()
             if self._waiters.pop(waiter_id, None) is not None:
                 self.handle(Cancel(waiter_id))
 

@@ -357,6 +357,10 @@ class Producer:
                 self._failed(tp, request, NotLeader(f"{tp[0]}/{tp[1]} has no leader"))
             else:
                 by_leader.setdefault(info.leader_url, []).append((tp, request, info.leader_epoch))
+        if len(by_leader) == 1:  # the usual case: no task for one request
+            ((url, items),) = by_leader.items()
+            await self._deliver_to_leader(url, items)
+            return
         await asyncio.gather(
             *(self._deliver_to_leader(url, items) for url, items in by_leader.items())
         )

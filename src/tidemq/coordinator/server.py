@@ -633,6 +633,10 @@ def _member_id(raw: Any) -> str | None:
         return None
     if not isinstance(raw, str) or not 1 <= len(raw) <= 200:
         raise InvalidRequest("member_id must be null or a string of 1 to 200 characters")
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): not text any client reads back
+        raise InvalidRequest("member_id must be valid Unicode text") from None
     return raw
 
 

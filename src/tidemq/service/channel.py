@@ -110,6 +110,9 @@ def channel_endpoint(operations: Sequence[Operation], max_body_bytes: int) -> En
         )
         await socket.prepare(request)
         serving: set[asyncio.Task[None]] = set()
+        # Targets this socket's identity may call whatever the request says (a role
+        # grant): authorized once per channel, not per request.
+        allowed: set[str] = set()
         open_sockets.add(socket)
         try:
             async for message in socket:
@@ -127,7 +130,7 @@ def channel_endpoint(operations: Sequence[Operation], max_body_bytes: int) -> En
                     continue
                 operation = by_target.get(frame.target)
                 task = asyncio.ensure_future(
-                    _serve(socket, operation, frame, tls, identity, max_body_bytes)
+                    _serve(socket, operation, frame, tls, identity, allowed, max_body_bytes)
                 )
                 serving.add(task)
                 task.add_done_callback(serving.discard)
@@ -162,6 +165,7 @@ async def _serve(
     frame: ChannelRequest,
     tls: bool,
     identity: Identity | None,
+    allowed: set[str],
     max_body_bytes: int,
 ) -> None:
     try:
@@ -169,12 +173,15 @@ async def _serve(
             raise _NotServed(f"{frame.target} is not served over the channel")
         if len(frame.body) > max_body_bytes:  # as HTTP's client_max_size: 413
             raise RequestTooLarge(f"body of {len(frame.body)} bytes exceeds {max_body_bytes}")
-        pairs = parse_qsl(frame.query, keep_blank_values=True)
-        query = dict(pairs)
-        if len(query) != len(pairs):
-            raise InvalidRequest("a query parameter is given twice")
-        if tls:
-            _authorize(operation, identity, query, frame.body)
+        query: dict[str, str] = {}
+        if frame.query:  # most channel requests have none
+            pairs = parse_qsl(frame.query, keep_blank_values=True)
+            query = dict(pairs)
+            if len(query) != len(pairs):
+                raise InvalidRequest("a query parameter is given twice")
+        authorize = tls and frame.target not in allowed
+        if authorize and _authorize(operation, identity, query, frame.body):
+            allowed.add(frame.target)
         reply = await operation.handler(query, frame.body)
         try:
             await _send(
@@ -231,12 +238,15 @@ async def _send(socket: web.WebSocketResponse, answer: ChannelAnswer) -> None:
 
 def _authorize(
     operation: Operation, identity: Identity | None, query: Mapping[str, str], body: bytes
-) -> None:
-    """The endpoint's rule, as the authorization middleware applies it over HTTP."""
+) -> bool:
+    """The endpoint's rule, as the authorization middleware applies it over HTTP.
+    Raises Forbidden; returns whether the grant held whatever the request says (a
+    role grant), so that the channel need not ask again for this identity."""
     if identity is None:
         raise Forbidden("the client certificate does not have exactly one common name")
     values: dict[tuple[Location, str], Any] = {}
-    if operation.callers.needs_values(identity):
+    needs_values = operation.callers.needs_values(identity)
+    if needs_values:
         parsed: Any = None
         for grant in operation.callers.broker_self_grants():
             if grant.location == "query":
@@ -244,7 +254,7 @@ def _authorize(
             else:
                 if parsed is None:
                     try:
-                        parsed = json.loads(body)
+                        parsed = json.loads(body)  # exactly as the HTTP middleware reads it
                     except (UnicodeDecodeError, ValueError):
                         parsed = {}
                 if isinstance(parsed, dict):
@@ -252,3 +262,4 @@ def _authorize(
     refusal = operation.callers.refusal(identity, values)
     if refusal is not None:
         raise Forbidden(refusal)
+    return not needs_values
