@@ -176,6 +176,14 @@ def test_errors_change_nothing(tmp_path: Path) -> None:
             await register(api, 1)
             status, body = await api.call("POST", "/v1/topics", data=b"{not json")
             assert (status, body["error"]["code"]) == (400, "malformed_json")
+            # What json.loads refuses with a plain ValueError (an integer past 4,300
+            # digits) or RecursionError (deep nesting) is malformed JSON too, not a 500.
+            for unreadable in (
+                b'{"name": "t", "partitions": ' + b"1" * 5000 + b"}",
+                b"[" * 100_000,
+            ):
+                status, body = await api.call("POST", "/v1/topics", data=unreadable)
+                assert (status, body["error"]["code"]) == (400, "malformed_json")
             for bad in (
                 {"name": "t", "partitions": 0},
                 {"name": "t", "partitions": "x"},

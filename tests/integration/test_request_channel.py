@@ -11,6 +11,7 @@ import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -19,6 +20,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 import tidemq.service.channel as channel_module
+import tidemq.service.http as http_module
 from tidemq.errors import ConnectionFailed, Forbidden, NotLeader, RequestTooLarge, Unavailable
 from tidemq.service.app import build_app
 from tidemq.service.callers import BROKERS, CLIENTS, broker_self
@@ -209,6 +211,25 @@ def test_the_channel_reads_a_broker_id_in_the_body_as_http_does(body: bytes) -> 
     replica = Operation("POST", "/v1/replica/fetch", Dummy().replica, broker_self(body="broker_id"))
     broker_2 = channel_module.Identity.from_common_name("broker-2")
     assert channel_module._authorize(replica, broker_2, {}, body) is False  # allowed, per frame
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"broker_id": 2, "n": ' + b"1" * 5000 + b"}", b'{"broker_id": 2, "n": ' + b"[" * 100_000],
+)
+def test_a_body_json_cannot_read_is_refused_alike_over_the_channel_and_http(body: bytes) -> None:
+    """json.loads raises a plain ValueError (an integer past 4,300 digits) or
+    RecursionError (deep nesting): neither path reads a broker id, so both refuse."""
+
+    class Request(dict[str, Any]):
+        async def read(self) -> bytes:
+            return body
+
+    assert asyncio.run(http_module._body_json(Request())) is None  # type: ignore[arg-type]
+    replica = Operation("POST", "/v1/replica/fetch", Dummy().replica, broker_self(body="broker_id"))
+    broker_2 = channel_module.Identity.from_common_name("broker-2")
+    with pytest.raises(Forbidden):
+        channel_module._authorize(replica, broker_2, {}, body)
 
 
 def test_a_peer_without_a_channel_or_without_that_target_gets_plain_http(

@@ -45,7 +45,7 @@ from tidemq.errors import (
 )
 from tidemq.service.callers import ANY, Callers, Identity, Location
 from tidemq.service.failstop import fail_stop
-from tidemq.service.http import Endpoint
+from tidemq.service.http import JSON_ERRORS, Endpoint
 from tidemq.wire.channel import (
     CHANNEL_PATH,
     ChannelAnswer,
@@ -255,7 +255,7 @@ def _authorize(
                 if parsed is None:
                     try:
                         parsed = json.loads(body)  # exactly as the HTTP middleware reads it
-                    except (UnicodeDecodeError, ValueError):
+                    except JSON_ERRORS:  # as the HTTP middleware: no JSON, no values
                         parsed = {}
                 if isinstance(parsed, dict):
                     values[(grant.location, grant.name)] = parsed.get(grant.name)

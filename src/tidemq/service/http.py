@@ -191,12 +191,18 @@ async def _named_values(request: web.Request, callers: Callers) -> dict[tuple[Lo
     return values
 
 
+# What json.loads raises for bytes that are no JSON it reads: JSONDecodeError, bad
+# UTF-8, and a plain ValueError (an integer past 4,300 digits) or RecursionError (deep
+# nesting), which would otherwise escape as a 500.
+JSON_ERRORS = (ValueError, RecursionError)
+
+
 async def _body_json(request: web.Request) -> Any:
     if _BODY_KEY not in request:
         request[_BODY_KEY] = await request.read()
     try:
         return json.loads(request[_BODY_KEY])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except JSON_ERRORS:
         return None
 
 
@@ -227,8 +233,8 @@ async def read_json(request: web.Request, max_bytes: int = 1 << 20) -> Any:
         raise MalformedJson("expected a JSON body")
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MalformedJson(f"malformed JSON: {error}") from error
+    except JSON_ERRORS as error:
+        raise MalformedJson(f"malformed JSON: {str(error)[:200]}") from error
 
 
 async def read_json_object(request: web.Request, max_bytes: int = 1 << 20) -> dict[str, Any]:

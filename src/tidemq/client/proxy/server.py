@@ -66,6 +66,7 @@ from tidemq.errors import (
 from tidemq.service.app import build_app
 from tidemq.service.callers import ANONYMOUS, CLIENTS
 from tidemq.service.http import (
+    JSON_ERRORS,
     Endpoint,
     check_int,
     check_name,
@@ -874,8 +875,8 @@ async def _optional_json_object(request: web.Request) -> dict[str, Any]:
         return {}
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MalformedJson(f"malformed JSON: {error}") from error
+    except JSON_ERRORS as error:
+        raise MalformedJson(f"malformed JSON: {str(error)[:200]}") from error
     if not isinstance(body, dict):
         raise InvalidRequest("expected a JSON object")
     return body
