@@ -43,6 +43,13 @@ def _kill(bench: subprocess.Popen[str]) -> None:
         bench.communicate()
 
 
+def _kill_reading(bench: subprocess.Popen[str]) -> str:
+    """Kills the benchmark's process group; returns what it wrote to stderr."""
+    if bench.poll() is None:
+        os.killpg(bench.pid, signal.SIGKILL)
+    return bench.communicate()[1]
+
+
 def _names() -> tuple[list[str], list[str]]:
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
@@ -101,7 +108,15 @@ def test_a_run_stopped_halfway_leaves_nothing_behind() -> None:
             while time.monotonic() < deadline and not _ours(bench.pid):
                 assert bench.poll() is None, bench.communicate()[1][-3000:]
                 time.sleep(0.1)
-            assert _ours(bench.pid), "the benchmark built no namespace within 150 s"
+            if not _ours(bench.pid):  # say where it was: its log, the ip commands running
+                processes = subprocess.run(["ps", "-eo", "pid,etimes,args"], capture_output=True)
+                lines = processes.stdout.decode(errors="replace").splitlines()
+                running = "\n".join(line for line in lines if " ip " in f" {line} ")
+                stderr = _kill_reading(bench)
+                pytest.fail(
+                    f"the benchmark built no namespace within 150 s; its stderr:\n"
+                    f"{stderr[-3000:]}\nip commands running then:\n{running}"
+                )
             bench.send_signal(signal.SIGTERM)
             bench.communicate(timeout=60)
         finally:
