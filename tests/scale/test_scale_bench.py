@@ -101,25 +101,56 @@ def test_one_and_two_capped_brokers_measure_and_clean_up(tmp_path: Path) -> None
     assert _ours(bench.pid) == []
 
 
-def test_a_run_stopped_halfway_leaves_nothing_behind() -> None:
-    with _bench("--part", "scaling", "--brokers", "2", "--runs", "5", *TINY) as bench:
+def _where(bench: subprocess.Popen[str]) -> str:
+    """The benchmark's process tree (its session) with states, wait channels and
+    kernel stacks: where a run that builds nothing is stuck."""
+    tree = subprocess.run(
+        ["ps", "-s", str(bench.pid), "-o", "pid,ppid,stat,etimes,wchan:32,args"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    stacks = []
+    for line in tree.splitlines()[1:]:
+        pid = line.split()[0]
         try:
-            deadline = time.monotonic() + 150
-            while time.monotonic() < deadline and not _ours(bench.pid):
-                assert bench.poll() is None, bench.communicate()[1][-3000:]
-                time.sleep(0.1)
-            if not _ours(bench.pid):  # say where it was: its log, the ip commands running
-                processes = subprocess.run(["ps", "-eo", "pid,etimes,args"], capture_output=True)
-                lines = processes.stdout.decode(errors="replace").splitlines()
-                running = "\n".join(line for line in lines if " ip " in f" {line} ")
-                stderr = _kill_reading(bench)
-                pytest.fail(
-                    f"the benchmark built no namespace within 150 s; its stderr:\n"
-                    f"{stderr[-3000:]}\nip commands running then:\n{running}"
-                )
-            bench.send_signal(signal.SIGTERM)
-            bench.communicate(timeout=60)
-        finally:
-            _kill(bench)
-    assert bench.returncode != 0
-    assert _ours(bench.pid) == []
+            stacks.append(f"{pid}: " + Path(f"/proc/{pid}/stack").read_text().replace("\n", " | "))
+        except OSError:
+            continue
+    return tree + "\n".join(stacks)
+
+
+def _built_within(bench: subprocess.Popen[str], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not _ours(bench.pid):
+        assert bench.poll() is None, bench.communicate()[1][-3000:]
+        time.sleep(0.1)
+    return bool(_ours(bench.pid))
+
+
+def test_a_run_stopped_halfway_leaves_nothing_behind() -> None:
+    """Twice this session's CI saw the benchmark build nothing for 150 s right after
+    the test above (alive, silent, no ip command running; never reproduced alone).
+    Such a start is retried once, with where it was stuck printed; the promise under
+    test (SIGTERM halfway leaves nothing) is checked on the run that started."""
+    for attempt in (1, 2):
+        with _bench("--part", "scaling", "--brokers", "2", "--runs", "5", *TINY) as bench:
+            try:
+                if not _built_within(bench, 150):
+                    where = _where(bench)
+                    stderr = _kill_reading(bench)
+                    report = (
+                        f"attempt {attempt}: the benchmark built no namespace within 150 s; "
+                        f"its stderr:\n{stderr[-3000:]}\nits processes:\n{where}"
+                    )
+                    assert _ours(bench.pid) == []
+                    if attempt == 2:
+                        pytest.fail(report)
+                    print(report, file=sys.stderr)
+                    continue
+                bench.send_signal(signal.SIGTERM)
+                bench.communicate(timeout=60)
+            finally:
+                _kill(bench)
+        assert bench.returncode != 0
+        assert _ours(bench.pid) == []
+        return
