@@ -35,19 +35,13 @@ def _bench(*args: str) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
-def _kill(bench: subprocess.Popen[str]) -> None:
-    """Kills the benchmark's process group if it still runs; the caller's ``with``
-    closes the pipes."""
+def _kill(bench: subprocess.Popen[str]) -> str:
+    """Kills the benchmark's process group if it still runs and returns what it wrote
+    to stderr ("" if it had ended); the caller's ``with`` closes the pipes."""
     if bench.poll() is None:
         os.killpg(bench.pid, signal.SIGKILL)
-        bench.communicate()
-
-
-def _kill_reading(bench: subprocess.Popen[str]) -> str:
-    """Kills the benchmark's process group; returns what it wrote to stderr."""
-    if bench.poll() is None:
-        os.killpg(bench.pid, signal.SIGKILL)
-    return bench.communicate()[1]
+        return bench.communicate()[1]
+    return ""
 
 
 def _names() -> tuple[list[str], list[str]]:
@@ -137,7 +131,7 @@ def test_a_run_stopped_halfway_leaves_nothing_behind() -> None:
             try:
                 if not _built_within(bench, 150):
                     where = _where(bench)
-                    stderr = _kill_reading(bench)
+                    stderr = _kill(bench)  # alive: _built_within saw it running
                     report = (
                         f"attempt {attempt}: the benchmark built no namespace within 150 s; "
                         f"its stderr:\n{stderr[-3000:]}\nits processes:\n{where}"

@@ -45,7 +45,7 @@ from tidemq.errors import (
 )
 from tidemq.service.callers import ANY, Callers, Identity, Location
 from tidemq.service.failstop import fail_stop
-from tidemq.service.http import JSON_ERRORS, Endpoint
+from tidemq.service.http import Endpoint, json_or_none
 from tidemq.wire.channel import (
     CHANNEL_PATH,
     ChannelAnswer,
@@ -252,11 +252,8 @@ def _authorize(
             if grant.location == "query":
                 values[(grant.location, grant.name)] = query.get(grant.name)
             else:
-                if parsed is None:
-                    try:
-                        parsed = json.loads(body)  # exactly as the HTTP middleware reads it
-                    except JSON_ERRORS:  # as the HTTP middleware: no JSON, no values
-                        parsed = {}
+                if parsed is None:  # as the HTTP middleware reads it; no JSON, no values
+                    parsed = json_or_none(body) or {}
                 if isinstance(parsed, dict):
                     values[(grant.location, grant.name)] = parsed.get(grant.name)
     refusal = operation.callers.refusal(identity, values)

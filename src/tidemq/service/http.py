@@ -197,13 +197,20 @@ async def _named_values(request: web.Request, callers: Callers) -> dict[tuple[Lo
 JSON_ERRORS = (ValueError, RecursionError)
 
 
+def json_or_none(raw: bytes) -> Any:
+    """``raw`` parsed as the authorization rules read a body (None if it is no JSON
+    json.loads reads): one rule for the HTTP middleware and the request channel, so the
+    same bytes get the same verdict over both."""
+    try:
+        return json.loads(raw)
+    except JSON_ERRORS:
+        return None
+
+
 async def _body_json(request: web.Request) -> Any:
     if _BODY_KEY not in request:
         request[_BODY_KEY] = await request.read()
-    try:
-        return json.loads(request[_BODY_KEY])
-    except JSON_ERRORS:
-        return None
+    return json_or_none(request[_BODY_KEY])
 
 
 async def read_body(request: web.Request, max_bytes: int) -> bytes:
