@@ -136,11 +136,17 @@ class Workers:
     def start(self, role: str, spec: dict[str, Any]) -> subprocess.Popen[str]:
         process = subprocess.Popen(
             [sys.executable, "-m", "tests.scale.worker", role, json.dumps(spec)],
-            cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True,
+            cwd=REPOSITORY, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, start_new_session=True,
         )  # fmt: skip
         self.processes.append(process)
         return process
+
+    @staticmethod
+    def tell(process: subprocess.Popen[str], line: str) -> None:
+        assert process.stdin is not None
+        process.stdin.write(line)
+        process.stdin.flush()
 
     @staticmethod
     def result(process: subprocess.Popen[str], timeout_s: float) -> dict[str, Any]:
@@ -190,7 +196,6 @@ def throughput_run(
 ) -> dict[str, Any]:
     topic = f"scale-{uuid.uuid4().hex[:8]}"
     rows = cluster.create_topic(topic, settings.partitions, replication_factor)
-    start_at = time.time() + 2.0  # every producer process is up by then
     spec = {
         "client": cluster.client_config,
         "topic": topic,
@@ -199,11 +204,15 @@ def throughput_run(
         "batch_size": settings.batch_size,
         "buffer_memory": settings.buffer_bytes,
         "max_request_bytes": settings.request_bytes,
-        "start_at": start_at,
         "warmup_s": settings.warmup_s,
         "measure_s": settings.measure_s,
     }
     producers = [workers.start("produce", spec) for _ in range(settings.producers)]
+    for producer in producers:  # each connected: a slow start cannot eat the warm-up
+        Workers.wait_line(producer, 120.0)
+    start_at = time.time() + 0.5
+    for producer in producers:
+        Workers.tell(producer, f"{start_at}\n")
     brokers = [broker_name(i) for i in cluster.broker_ids]
     window_start = start_at + settings.warmup_s
     time.sleep(max(0.0, window_start - time.time()))

@@ -62,10 +62,10 @@ def namespaces_available() -> tuple[bool, str]:
         if shutil.which(tool) is None:
             return False, f"{tool} not installed (Debian package iproute2)"
     probe = f"{PREFIX}{os.getpid()}-probe"
-    created = _run(["ip", "netns", "add", probe], check=False)
-    if created.returncode != 0:
-        return False, f"ip netns add failed: {created.stderr.strip()}"
-    try:
+    try:  # the add too: a SIGTERM during it still deletes what it made
+        created = _run(["ip", "netns", "add", probe], check=False)
+        if created.returncode != 0:
+            return False, f"ip netns add failed: {created.stderr.strip()}"
         inside = ["ip", "netns", "exec", probe]
         _run([*inside, "ip", "link", "set", "lo", "up"], check=False)
         tbf = _run([*inside, *tbf_argv("lo", 10)], check=False)

@@ -114,37 +114,40 @@ def _where(bench: subprocess.Popen[str]) -> str:
 
 
 def _built_within(bench: subprocess.Popen[str], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not _ours(bench.pid):
+    """Polls until the benchmark has built a namespace, for ``seconds`` of time this
+    process ran: a step counts at most 0.5 s, so a pause of the whole machine (CI saw
+    a 150 s wait end with the namespaces appearing a moment later) does not use it up."""
+    ran, last = 0.0, time.monotonic()
+    while ran < seconds and not _ours(bench.pid):
         assert bench.poll() is None, bench.communicate()[1][-3000:]
         time.sleep(0.1)
+        now = time.monotonic()
+        ran, last = ran + min(now - last, 0.5), now
     return bool(_ours(bench.pid))
 
 
 def test_a_run_stopped_halfway_leaves_nothing_behind() -> None:
-    """Twice this session's CI saw the benchmark build nothing for 150 s right after
-    the test above (alive, silent, no ip command running; never reproduced alone).
-    Such a start is retried once, with where it was stuck printed; the promise under
-    test (SIGTERM halfway leaves nothing) is checked on the run that started."""
+    """SIGTERM while the cluster runs: the benchmark exits non-zero and leaves no
+    namespace, bridge, veth or process. A start that builds nothing is stopped the same
+    way (the promise holds there too), reported with where it was stuck, and retried
+    once."""
     for attempt in (1, 2):
         with _bench("--part", "scaling", "--brokers", "2", "--runs", "5", *TINY) as bench:
             try:
-                if not _built_within(bench, 150):
-                    where = _where(bench)
-                    stderr = _kill(bench)  # alive: _built_within saw it running
-                    report = (
-                        f"attempt {attempt}: the benchmark built no namespace within 150 s; "
-                        f"its stderr:\n{stderr[-3000:]}\nits processes:\n{where}"
-                    )
-                    assert _ours(bench.pid) == []
-                    if attempt == 2:
-                        pytest.fail(report)
-                    print(report, file=sys.stderr)
-                    continue
+                built = _built_within(bench, 150)
+                where = "" if built else _where(bench)
                 bench.send_signal(signal.SIGTERM)
-                bench.communicate(timeout=60)
+                stderr = bench.communicate(timeout=120)[1]
             finally:
                 _kill(bench)
-        assert bench.returncode != 0
-        assert _ours(bench.pid) == []
-        return
+        assert bench.returncode != 0, stderr[-3000:]
+        assert _ours(bench.pid) == [], stderr[-3000:]
+        if built:
+            return
+        report = (
+            f"attempt {attempt}: the benchmark built no namespace within 150 s; "
+            f"its stderr:\n{stderr[-3000:]}\nits processes then:\n{where}"
+        )
+        if attempt == 2:
+            pytest.fail(report)
+        print(report, file=sys.stderr)

@@ -2,12 +2,15 @@
 
 Each role reads one JSON spec from argv and prints one JSON line on stdout:
 
-* ``produce``: sends ``value_bytes`` values (keyless: spread over the partitions batch
-  by batch) as fast as the producer accepts them from ``start_at`` (wall clock, so
-  several producer processes start together) for ``warmup_s + measure_s``, then
-  flushes. A done-callback counts acknowledged records; a timer thread samples the
-  count at the end of the warm-up and of the window, so the reported rate is steady
-  state: neither the ramp-up nor the final flush is in it.
+* ``produce``: connects, prints ``{"ready": true}``, reads a start time (wall clock) as
+  one line on stdin (so several producer processes start together, however long each
+  took to start), then sends ``value_bytes`` values (keyless: spread over the
+  partitions batch by batch) as fast as the producer accepts them, and flushes. A
+  done-callback counts acknowledged records; a timer thread samples the count after
+  ``warmup_s`` and again ``measure_s`` of running time later, and sending goes on until
+  that second sample, so the reported rate is steady state: neither the ramp-up nor
+  the final flush is in it. The window is counted in time this process ran
+  (:func:`run_for`): a stall of the machine cannot shrink it to nothing.
 * ``latency-consume``: joins a new group (``latest``), prints ``{"ready": true}`` once
   it owns and has fetched every partition, then records ``now - send time`` for each
   value until it has ``expected`` of them or ``deadline_s`` passes.
@@ -34,6 +37,7 @@ from typing import Any
 
 _TIMESTAMP = struct.Struct(">q")
 SEND_CHECK_EVERY = 64
+MAX_STEP_S = 0.5
 
 
 def _producer_options(spec: dict[str, Any]) -> dict[str, Any]:
@@ -46,6 +50,18 @@ def _producer_options(spec: dict[str, Any]) -> dict[str, Any]:
         "buffer_memory": spec.get("buffer_memory", 2 * 1024 * 1024),
         "max_request_bytes": spec.get("max_request_bytes", 1024 * 1024),
     }
+
+
+def run_for(seconds: float, step_s: float = 0.05) -> None:
+    """Sleeps until ``seconds`` of running time have passed: each step counts at most
+    ``MAX_STEP_S``, so a pause of the whole machine (a stopped VM, a starved process)
+    lengthens the wait instead of ending it at once."""
+    ran, last = 0.0, time.monotonic()
+    while ran < seconds:
+        time.sleep(min(step_s, seconds - ran))
+        now = time.monotonic()
+        ran += min(now - last, MAX_STEP_S)
+        last = now
 
 
 def produce(spec: dict[str, Any]) -> dict[str, Any]:
@@ -62,22 +78,22 @@ def produce(spec: dict[str, Any]) -> dict[str, Any]:
             counts["failed"] += 1
 
     with Producer(**_producer_options(spec)) as producer:
-        delay = spec["start_at"] - time.time()
-        if delay > 0:
-            time.sleep(delay)
-        started = time.monotonic()
-        warm_end = started + spec["warmup_s"]
-        window_end = warm_end + spec["measure_s"]
+        producer.partitions_for(spec["topic"])  # metadata in hand before the start
+        print(json.dumps({"ready": True}), flush=True)
+        start_at = float(sys.stdin.readline())
+        time.sleep(max(0.0, start_at - time.time()))
+        window_over = threading.Event()
 
         def sample() -> None:
-            for name, at in (("warm", warm_end), ("end", window_end)):
-                time.sleep(max(0.0, at - time.monotonic()))
+            for name, seconds in (("warm", spec["warmup_s"]), ("end", spec["measure_s"])):
+                run_for(seconds)
                 samples[name] = (counts["acked"], time.monotonic())
+            window_over.set()
 
         sampler = threading.Thread(target=sample, name="sampler", daemon=True)
         sampler.start()
         topic, send, sent = spec["topic"], producer.send, 0
-        while time.monotonic() < window_end:
+        while not window_over.is_set():
             for _ in range(SEND_CHECK_EVERY):
                 send(topic, value).add_done_callback(done)
             sent += SEND_CHECK_EVERY
