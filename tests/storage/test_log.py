@@ -19,7 +19,7 @@ from storage_helpers import (
 from tidemq.errors import CorruptBatch, InvariantViolation, OffsetOutOfRange
 from tidemq.storage import FsyncPolicy, LogConfig
 from tidemq.storage.log import CLEAN_SHUTDOWN_FILE
-from tidemq.wire.batch import iter_headers, patch_batch
+from tidemq.wire.batch import decode_fetch, iter_headers, patch_batch
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -353,3 +353,35 @@ def test_only_the_active_segment_keeps_recent_batch_positions(tmp_path: Path) ->
     for offset in (0, 4, 6):  # rolled segments are read by their index
         assert [h.base_offset for h in iter_headers(log.read(offset, 1))] == [offset]
     log.close()
+
+
+def test_a_truncation_whose_fsync_fails_leaves_memory_like_the_file_and_fails_later_syncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a journal the cut is fsynced by the segment. If that fsync fails, the
+    segment's size, index and recent positions must already match the cut file (later
+    appends land right after the cut and read back), and no later sync may report
+    anything durable (the failed fsync may have lost the cut)."""
+    log = open_log(tmp_path / "p0")
+    for start in (0, 2, 4):
+        log.append(batch_of(numbered_values(start, 2)), 0, START_MS)
+    assert log.sync() == 6
+    fail_once_with_eio(monkeypatch, "fsync")
+    with pytest.raises(OSError):
+        log.truncate_to(2)
+    monkeypatch.undo()
+    assert log.log_end_offset == 2
+
+    def on_disk() -> int:
+        return sum(f.stat().st_size for f in (tmp_path / "p0").glob("*.log"))
+
+    assert log.size_bytes == on_disk()
+    log.append(batch_of(numbered_values(20, 2)), 0, START_MS)
+    assert log.size_bytes == on_disk()
+    fetched = decode_fetch(log.read(0, 1 << 20))
+    assert fetched.undecodable is None
+    assert [(m.offset, m.value) for m in fetched.messages] == list(
+        enumerate(numbered_values(0, 2) + numbered_values(20, 2))
+    )
+    with pytest.raises(OSError, match="earlier fsync"):
+        log.sync()

@@ -452,7 +452,11 @@ class PartitionLog:
                 reason="truncate_to",
                 log_end_offset=header.base_offset,
             )
-            segment.truncate(position, header.base_offset)
+            try:
+                segment.truncate(position, header.base_offset)
+            except OSError as error:  # the cut may not be durable: no later sync is
+                self._sync_failed = error
+                raise
             segment.write_index()
             write_epochs(self.directory / EPOCH_FILE, epochs)
             self._recovery_checkpoint_offset = min(

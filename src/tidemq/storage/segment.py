@@ -327,9 +327,9 @@ class LogSegment:
         return data if end == len(data) else data[:end]
 
     def truncate(self, position: int, next_offset: int) -> None:
-        """Cuts the file at a batch boundary and fsyncs the cut."""
+        """Cuts the file at a batch boundary and fsyncs the cut. What is in memory
+        follows the file before the fsync, so a failed fsync leaves the two alike."""
         os.ftruncate(self.fd, position)
-        os.fsync(self.fd)
         self.size_bytes = position
         self.next_offset = next_offset
         self.recent.clear()  # positions past the cut would name other batches later
@@ -337,6 +337,7 @@ class LogSegment:
             self.index.truncate_to_position(position)
         self.bytes_since_index = 0
         self.max_timestamp_ms = None if position else -1
+        os.fsync(self.fd)
 
     def write_index(self) -> None:
         """Rewrites the index file (no fsync: it is a cache, validated when loaded)."""
