@@ -42,7 +42,13 @@ from pathlib import Path
 from typing import Any
 
 from tests.scale.cluster import BenchCluster
-from tests.scale.network import CappedNetwork, NetworkError, create_network
+from tests.scale.network import (
+    CappedNetwork,
+    NetworkError,
+    create_network,
+    signals_held,
+    stop_on_signal,
+)
 from tidemq.cli.launch import COORDINATOR, broker_name
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -134,19 +140,23 @@ class Workers:
         self.processes: list[subprocess.Popen[str]] = []
 
     def start(self, role: str, spec: dict[str, Any]) -> subprocess.Popen[str]:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.scale.worker", role, json.dumps(spec)],
-            cwd=REPOSITORY, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, start_new_session=True,
-        )  # fmt: skip
-        self.processes.append(process)
+        with signals_held():
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tests.scale.worker", role, json.dumps(spec)],
+                cwd=REPOSITORY, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True, start_new_session=True,
+            )  # fmt: skip
+            self.processes.append(process)
         return process
 
     @staticmethod
     def tell(process: subprocess.Popen[str], line: str) -> None:
         assert process.stdin is not None
-        process.stdin.write(line)
-        process.stdin.flush()
+        try:
+            process.stdin.write(line)
+            process.stdin.flush()
+        except OSError as error:  # it died after saying ready
+            raise RuntimeError(f"worker exited {process.poll()}: {error}") from error
 
     @staticmethod
     def result(process: subprocess.Popen[str], timeout_s: float) -> dict[str, Any]:
@@ -175,13 +185,22 @@ class Workers:
                 if line.startswith("{"):
                     answer: dict[str, Any] = json.loads(line)
                     return answer
-        raise RuntimeError(f"worker gave no line within {timeout_s} s (exit {process.poll()})")
+        process.kill()
+        stderr = process.communicate(timeout=10)[1] if process.stderr else ""
+        raise RuntimeError(
+            f"worker gave no line within {timeout_s} s (exit {process.returncode}): "
+            f"{stderr[-2000:]}"
+        )
 
     def close(self) -> None:
         for process in self.processes:
             if process.poll() is None:
                 process.kill()
-            process.wait(10)
+        for process in self.processes:
+            try:
+                process.communicate(timeout=10)  # reaps it and closes its pipes
+            except subprocess.TimeoutExpired:
+                log(f"worker {process.pid} did not exit within 10 s of SIGKILL")
 
 
 # -- one measurement -----------------------------------------------------------------
@@ -210,17 +229,17 @@ def throughput_run(
     producers = [workers.start("produce", spec) for _ in range(settings.producers)]
     for producer in producers:  # each connected: a slow start cannot eat the warm-up
         Workers.wait_line(producer, 120.0)
-    start_at = time.time() + 0.5
+    start_at = time.monotonic() + 0.5  # CLOCK_MONOTONIC: one clock for the machine
     for producer in producers:
         Workers.tell(producer, f"{start_at}\n")
     brokers = [broker_name(i) for i in cluster.broker_ids]
     window_start = start_at + settings.warmup_s
-    time.sleep(max(0.0, window_start - time.time()))
+    time.sleep(max(0.0, window_start - time.monotonic()))
     pids = [p.pid for p in cluster.processes.values()] + [p.pid for p in producers]
     links_before = {b: link_bytes(cluster.network, b) for b in brokers}
     cpu_before, started = cpu_times(), time.monotonic()
     own_before = process_cpu_s(pids)
-    time.sleep(max(0.0, window_start + settings.measure_s - time.time()))
+    time.sleep(max(0.0, window_start + settings.measure_s - time.monotonic()))
     links_after = {b: link_bytes(cluster.network, b) for b in brokers}
     cpu_after, seconds = cpu_times(), time.monotonic() - started
     own_cpu = process_cpu_s(pids) - own_before
@@ -298,18 +317,22 @@ def latency_run(
 def capped_cluster(root: Path, brokers: int, settings: Settings) -> Iterator[BenchCluster]:
     """A network and a cluster of ``brokers`` capped brokers; both gone on exit."""
     hosts = BenchCluster.host_names(brokers)
-    network = create_network(hosts, capped=hosts[1:], rate_mbit=settings.rate_mbit)
-    cluster = BenchCluster(root / f"cluster-{brokers}-{uuid.uuid4().hex[:6]}", network, brokers)
+    network: CappedNetwork | None = None
+    cluster: BenchCluster | None = None
     failed = True
-    try:
+    try:  # the network too: a stop between building it and this try would leak it
+        network = create_network(hosts, capped=hosts[1:], rate_mbit=settings.rate_mbit)
+        cluster = BenchCluster(root / f"cluster-{brokers}-{uuid.uuid4().hex[:6]}", network, brokers)
         yield cluster.start()
         failed = False
     finally:
-        cluster.close()
-        network.destroy()
-        if failed:
+        if cluster is not None:
+            cluster.close()
+        if network is not None:
+            network.destroy()
+        if cluster is not None and failed:
             log(f"kept the cluster's logs in {cluster.layout.logs_dir}")
-        else:
+        elif cluster is not None:
             shutil.rmtree(cluster.root, ignore_errors=True)
 
 
@@ -456,10 +479,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     settings = Settings(
@@ -476,7 +495,8 @@ def main(argv: list[str]) -> int:
         request_bytes=args.request_bytes,
     )
     # SIGTERM unwinds like Ctrl-C, so every finally (processes, namespaces) runs.
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGINT, stop_on_signal)
     root = args.dir or Path(tempfile.mkdtemp(prefix="tidemq-scale-"))
     root.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"settings": asdict(settings), "cpus": os.cpu_count()}

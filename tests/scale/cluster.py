@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.scale.network import CappedNetwork
+from tests.scale.network import CappedNetwork, signals_held
 from tidemq.cli.launch import (
     CLIENT,
     COORDINATOR,
@@ -87,7 +87,7 @@ class BenchCluster:
     def _launch(self, name: str, url: str, argv: list[str]) -> None:
         log_file = self.layout.log_file(name)
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_file, "ab") as log:
+        with open(log_file, "ab") as log, signals_held():
             self.processes[name] = subprocess.Popen(
                 [*self.network.exec_prefix(name), *argv],
                 stdin=subprocess.DEVNULL,

@@ -29,7 +29,9 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
 
 PREFIX = "tsc"
 _COMMAND_TIMEOUT_S = 20.0
@@ -43,10 +45,41 @@ class NetworkError(Exception):
     """A setup command failed; the message holds its output."""
 
 
+class _Stop:
+    held = 0  # signals_held() depth
+    pending: int | None = None  # a stop signal that came while held
+
+
+def stop_on_signal(signum: int, frame: FrameType | None) -> None:
+    """The benchmark's SIGTERM/SIGINT handler: unwinds like Ctrl-C (every ``finally``
+    runs), except while :func:`signals_held`, which raises it on leaving."""
+    if _Stop.held:
+        _Stop.pending = signum
+        return
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Around a child's start and its bookkeeping (an ``ip`` command, a ``Popen`` and
+    the list that remembers it): a KeyboardInterrupt raised inside ``Popen`` would lose
+    a child that already runs (nothing would kill it or delete what it made). The stop
+    is raised when the outermost hold ends."""
+    _Stop.held += 1
+    try:
+        yield
+    finally:
+        _Stop.held -= 1
+        if not _Stop.held and _Stop.pending is not None:
+            signum, _Stop.pending = _Stop.pending, None
+            raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _run(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    completed = subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=_COMMAND_TIMEOUT_S, check=False
-    )
+    with signals_held():
+        completed = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=_COMMAND_TIMEOUT_S, check=False
+        )
     if check and completed.returncode != 0:
         raise NetworkError(
             f"{' '.join(argv)} exited {completed.returncode}: {completed.stderr.strip()}"

@@ -2,7 +2,7 @@
 
 Each role reads one JSON spec from argv and prints one JSON line on stdout:
 
-* ``produce``: connects, prints ``{"ready": true}``, reads a start time (wall clock) as
+* ``produce``: connects, prints ``{"ready": true}``, reads a start time (monotonic) as
   one line on stdin (so several producer processes start together, however long each
   took to start), then sends ``value_bytes`` values (keyless: spread over the
   partitions batch by batch) as fast as the producer accepts them, and flushes. A
@@ -80,8 +80,8 @@ def produce(spec: dict[str, Any]) -> dict[str, Any]:
     with Producer(**_producer_options(spec)) as producer:
         producer.partitions_for(spec["topic"])  # metadata in hand before the start
         print(json.dumps({"ready": True}), flush=True)
-        start_at = float(sys.stdin.readline())
-        time.sleep(max(0.0, start_at - time.time()))
+        start_at = float(sys.stdin.readline())  # time.monotonic(): one clock per machine
+        time.sleep(max(0.0, start_at - time.monotonic()))
         window_over = threading.Event()
 
         def sample() -> None:
