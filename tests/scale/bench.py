@@ -186,7 +186,10 @@ class Workers:
                     answer: dict[str, Any] = json.loads(line)
                     return answer
         process.kill()
-        stderr = process.communicate(timeout=10)[1] if process.stderr else ""
+        try:
+            stderr = process.communicate(timeout=10)[1]
+        except subprocess.TimeoutExpired:
+            stderr = "(its stderr could not be read within 10 s of SIGKILL)"
         raise RuntimeError(
             f"worker gave no line within {timeout_s} s (exit {process.returncode}): "
             f"{stderr[-2000:]}"
@@ -226,24 +229,31 @@ def throughput_run(
         "warmup_s": settings.warmup_s,
         "measure_s": settings.measure_s,
     }
-    producers = [workers.start("produce", spec) for _ in range(settings.producers)]
-    for producer in producers:  # each connected: a slow start cannot eat the warm-up
-        Workers.wait_line(producer, 120.0)
-    start_at = time.monotonic() + 0.5  # CLOCK_MONOTONIC: one clock for the machine
-    for producer in producers:
-        Workers.tell(producer, f"{start_at}\n")
-    brokers = [broker_name(i) for i in cluster.broker_ids]
-    window_start = start_at + settings.warmup_s
-    time.sleep(max(0.0, window_start - time.monotonic()))
-    pids = [p.pid for p in cluster.processes.values()] + [p.pid for p in producers]
-    links_before = {b: link_bytes(cluster.network, b) for b in brokers}
-    cpu_before, started = cpu_times(), time.monotonic()
-    own_before = process_cpu_s(pids)
-    time.sleep(max(0.0, window_start + settings.measure_s - time.monotonic()))
-    links_after = {b: link_bytes(cluster.network, b) for b in brokers}
-    cpu_after, seconds = cpu_times(), time.monotonic() - started
-    own_cpu = process_cpu_s(pids) - own_before
-    results = [workers.result(p, 200.0) for p in producers]
+    producers: list[subprocess.Popen[str]] = []
+    try:
+        for _ in range(settings.producers):
+            producers.append(workers.start("produce", spec))
+        for producer in producers:  # each connected: a slow start cannot eat the warm-up
+            Workers.wait_line(producer, 120.0)
+        start_at = time.monotonic() + 0.5  # CLOCK_MONOTONIC: one clock for the machine
+        for producer in producers:
+            Workers.tell(producer, f"{start_at}\n")
+        brokers = [broker_name(i) for i in cluster.broker_ids]
+        window_start = start_at + settings.warmup_s
+        time.sleep(max(0.0, window_start - time.monotonic()))
+        pids = [p.pid for p in cluster.processes.values()] + [p.pid for p in producers]
+        links_before = {b: link_bytes(cluster.network, b) for b in brokers}
+        cpu_before, started = cpu_times(), time.monotonic()
+        own_before = process_cpu_s(pids)
+        time.sleep(max(0.0, window_start + settings.measure_s - time.monotonic()))
+        links_after = {b: link_bytes(cluster.network, b) for b in brokers}
+        cpu_after, seconds = cpu_times(), time.monotonic() - started
+        own_cpu = process_cpu_s(pids) - own_before
+        results = [workers.result(p, 200.0) for p in producers]
+    except BaseException:
+        for producer in producers:  # none may go on sending into the next measurement
+            producer.kill()
+        raise
     cluster.delete_topic(topic)  # its followers stop copying a backlog: next run starts idle
     idle_after_s = wait_links_idle(cluster.network, brokers, settings.rate_mbit)
     messages_per_s = sum(r["window_acked"] / r["window_s"] for r in results)

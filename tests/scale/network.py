@@ -48,14 +48,20 @@ class NetworkError(Exception):
 class _Stop:
     held = 0  # signals_held() depth
     pending: int | None = None  # a stop signal that came while held
+    raised = False  # the stop was raised: the run is unwinding through its cleanup
 
 
 def stop_on_signal(signum: int, frame: FrameType | None) -> None:
     """The benchmark's SIGTERM/SIGINT handler: unwinds like Ctrl-C (every ``finally``
-    runs), except while :func:`signals_held`, which raises it on leaving."""
+    runs), except while :func:`signals_held`, which raises it on leaving. Only the
+    first stop is raised: a second one (an impatient caller) must not cut the cleanup
+    of the first short, which would leave namespaces and processes behind."""
+    if _Stop.raised:
+        return
     if _Stop.held:
         _Stop.pending = signum
         return
+    _Stop.raised = True
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -70,8 +76,9 @@ def signals_held() -> Iterator[None]:
         yield
     finally:
         _Stop.held -= 1
-        if not _Stop.held and _Stop.pending is not None:
+        if not _Stop.held and _Stop.pending is not None and not _Stop.raised:
             signum, _Stop.pending = _Stop.pending, None
+            _Stop.raised = True
             raise KeyboardInterrupt(f"signal {signum}")
 
 

@@ -39,26 +39,29 @@ def _bench(*args: str) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
-def _kill(bench: subprocess.Popen[str]) -> str:
+def _kill(bench: subprocess.Popen[str], started: dict[int, int] | None = None) -> str:
     """Stops the benchmark if it still runs and returns what it wrote to stderr ("" if
     it had ended); the caller's ``with`` closes the pipes. SIGTERM first (it cleans up
-    after itself); if that takes over 60 s, SIGKILL it and what it started (brokers and
-    workers run in sessions of their own, so the process group does not reach them),
-    and delete its names."""
-    if bench.poll() is not None:
-        return ""
-    started = _started_by(bench.pid)
-    bench.terminate()
-    try:
-        return bench.communicate(timeout=60)[1]
-    except subprocess.TimeoutExpired:
-        pass
-    os.killpg(bench.pid, signal.SIGKILL)
-    for pid in started:
+    after itself); if that takes over 60 s, SIGKILL. Then, whatever happened, SIGKILL
+    what it started that still runs (brokers and workers run in sessions of their own:
+    the process group does not reach them; pidfds, so a reused PID is never hit) and
+    delete the names of its dead PID."""
+    stderr = ""
+    more: dict[int, int] = {}
+    if bench.poll() is None:
+        more = _started_by(bench.pid)
+        bench.terminate()
+        try:
+            stderr = bench.communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired:
+            os.killpg(bench.pid, signal.SIGKILL)
+            stderr = bench.communicate(timeout=30)[1]
+    for pidfd in [*(started or {}).values(), *more.values()]:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    stderr = bench.communicate()[1]
-    sweep_stale()  # its PID is dead now: its namespaces, bridge and veths go
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    for pidfd in more.values():
+        os.close(pidfd)
+    sweep_stale()
     return stderr
 
 
@@ -76,9 +79,10 @@ def _ours(tag: int) -> list[str]:
     return [n for n in namespaces + links if mine.match(n)]
 
 
-def _started_by(tag: int) -> list[int]:
-    """PIDs of the processes the benchmark started: its children (workers, and the
-    ``ip netns exec`` that became each broker) and whatever runs in its namespaces."""
+def _started_by(tag: int) -> dict[int, int]:
+    """The processes the benchmark started, PID -> pidfd (the caller closes them): its
+    children (workers, and the ``ip netns exec`` that became each broker) and whatever
+    runs in its namespaces."""
     children = subprocess.run(
         ["ps", "--ppid", str(tag), "-o", "pid="], capture_output=True, text=True
     ).stdout.split()
@@ -88,7 +92,16 @@ def _started_by(tag: int) -> list[int]:
             inside += subprocess.run(
                 ["ip", "netns", "pids", namespace], capture_output=True, text=True
             ).stdout.split()
-    return sorted({int(pid) for pid in children + inside})
+    found: dict[int, int] = {}
+    for pid in {int(pid) for pid in children + inside}:
+        with contextlib.suppress(ProcessLookupError):
+            found[pid] = os.pidfd_open(pid)
+    return found
+
+
+def _exited(pidfd: int) -> bool:
+    """A pidfd is readable once its process has ended (whoever reaps it)."""
+    return bool(select.select([pidfd], [], [], 0)[0])
 
 
 def _alive(pid: int) -> bool:
@@ -148,36 +161,42 @@ def _where(bench: subprocess.Popen[str]) -> str:
     return tree + "\n".join(stacks)
 
 
-def _running_for(seconds: float) -> Iterator[None]:
-    """Yields every 0.1 s until ``seconds`` of time this process ran have passed: a
-    step counts at most 0.5 s, so a pause of the whole machine (CI once saw a 150 s wait
-    end with the awaited namespaces appearing a moment later) does not use it up."""
-    ran, last = 0.0, time.monotonic()
-    while ran < seconds:
+def _running_for(seconds: float, wall_s: float) -> Iterator[None]:
+    """Yields every 0.1 s until ``seconds`` of time this process ran have passed (a
+    step counts at most 0.5 s, so a pause of the whole machine, like the 150 s wait CI
+    once saw end with the awaited namespaces appearing a moment later, does not use it
+    up), or ``wall_s`` of wall time: the pytest timeout counts wall time."""
+    ran, last, give_up = 0.0, time.monotonic(), time.monotonic() + wall_s
+    while ran < seconds and last < give_up:
         yield
         time.sleep(0.1)
         now = time.monotonic()
         ran, last = ran + min(now - last, 0.5), now
 
 
-def _halfway(bench: subprocess.Popen[str], seconds: float) -> tuple[str, list[int]]:
+def _halfway(bench: subprocess.Popen[str]) -> tuple[str, dict[int, int]]:
     """Waits until the benchmark has measured its first run and started the producer of
-    the next (so a cluster and a worker are running), within ``seconds`` of running
-    time. Returns its stderr so far and the PIDs it started ([] if it got nowhere)."""
+    the next (so a cluster and a worker are running): 240 s of running time, 300 s of
+    wall time at most. Returns its stderr so far and what it started ({} if it got
+    nowhere)."""
     assert bench.stderr is not None
     stderr = b""
-    for _ in _running_for(seconds):
-        assert bench.poll() is None, (stderr + bench.communicate()[1].encode()).decode()[-3000:]
+    for _ in _running_for(240, wall_s=300):
+        if bench.poll() is not None:
+            return (stderr + bench.communicate()[1].encode()).decode(errors="replace"), {}
         while select.select([bench.stderr], [], [], 0)[0]:
             chunk = os.read(bench.stderr.fileno(), 65536)  # raw: communicate() reads the rest
             if not chunk:
                 break
             stderr += chunk
-        if b"run 1:" in stderr and any(
-            "tests.scale.worker" in _args(pid) for pid in _started_by(bench.pid)
-        ):
-            return stderr.decode(), _started_by(bench.pid)
-    return stderr.decode(), []
+        if b"run 1:" not in stderr:
+            continue
+        started = _started_by(bench.pid)
+        if any("tests.scale.worker" in _args(pid) for pid in started):
+            return stderr.decode(errors="replace"), started
+        for pidfd in started.values():
+            os.close(pidfd)
+    return stderr.decode(errors="replace"), {}
 
 
 def _args(pid: int) -> str:
@@ -189,17 +208,25 @@ def _args(pid: int) -> str:
 
 def test_a_run_stopped_halfway_leaves_nothing_behind() -> None:
     """SIGTERM while the second run's producer works: the benchmark exits non-zero and
-    leaves no namespace, bridge, veth or process (brokers and workers included)."""
-    with _bench("--part", "scaling", "--brokers", "2", "--runs", "5", *TINY) as bench:
-        try:
-            before, started = _halfway(bench, 240)
-            where = "" if started else _where(bench)
-            bench.send_signal(signal.SIGTERM)
-            stderr = before + bench.communicate(timeout=120)[1]
-        finally:
-            _kill(bench)
-    assert started, f"no run measured within 240 s; stderr:\n{before[-3000:]}\n{where}"
-    assert len(started) >= 3, started  # two brokers, a coordinator, a worker at least
-    assert bench.returncode != 0, stderr[-3000:]
-    assert _ours(bench.pid) == [], stderr[-3000:]
-    assert [pid for pid in started if _alive(pid)] == [], stderr[-3000:]
+    leaves no namespace, bridge, veth or process (brokers and workers included).
+    Worst case in wall time: 300 s waiting, 120 s for its exit, _kill's 90 s."""
+    started: dict[int, int] = {}
+    try:
+        with _bench("--part", "scaling", "--brokers", "2", "--runs", "5", *TINY) as bench:
+            try:
+                before, started = _halfway(bench)
+                where = "" if started else _where(bench)
+                alive = {pid: not _exited(fd) for pid, fd in started.items()}
+                bench.send_signal(signal.SIGTERM)
+                stderr = before + bench.communicate(timeout=120)[1]
+            finally:
+                left = {pid for pid, fd in started.items() if not _exited(fd)}
+                _kill(bench, started)
+        assert started, f"no run measured in time; stderr:\n{before[-3000:]}\n{where}"
+        assert sum(alive.values()) >= 4, alive  # coordinator, two brokers, a worker
+        assert bench.returncode != 0, stderr[-3000:]
+        assert _ours(bench.pid) == [], stderr[-3000:]
+        assert left == set(), stderr[-3000:]
+    finally:
+        for pidfd in started.values():
+            os.close(pidfd)
