@@ -238,6 +238,11 @@ async def read_json(request: web.Request, max_bytes: int = 1 << 20) -> Any:
     raw = await read_body(request, max_bytes)
     if not raw:
         raise MalformedJson("expected a JSON body")
+    return parse_json(raw)
+
+
+def parse_json(raw: bytes) -> Any:
+    """``raw`` as JSON, or MalformedJson (400) whatever json.loads refused it with."""
     try:
         return json.loads(raw)
     except JSON_ERRORS as error:

@@ -33,7 +33,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import json
 import logging
 import secrets
 import threading
@@ -56,7 +55,6 @@ from tidemq.errors import (
     BatchMismatch,
     ClientClosed,
     InvalidRequest,
-    MalformedJson,
     SessionBusy,
     TideError,
     TooManyRequests,
@@ -66,10 +64,10 @@ from tidemq.errors import (
 from tidemq.service.app import build_app
 from tidemq.service.callers import ANONYMOUS, CLIENTS
 from tidemq.service.http import (
-    JSON_ERRORS,
     Endpoint,
     check_int,
     check_name,
+    parse_json,
     query_int,
     read_body,
     read_json_object,
@@ -873,10 +871,7 @@ async def _optional_json_object(request: web.Request) -> dict[str, Any]:
     raw = await read_body(request, SMALL_BODY_BYTES)
     if not raw.strip():
         return {}
-    try:
-        body = json.loads(raw)
-    except JSON_ERRORS as error:
-        raise MalformedJson(f"malformed JSON: {str(error)[:200]}") from error
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise InvalidRequest("expected a JSON object")
     return body
