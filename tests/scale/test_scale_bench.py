@@ -13,14 +13,13 @@ import select
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.scale.network import PREFIX, namespaces_available, sweep_stale
+from tests.scale.worker import running
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 AVAILABLE, WHY = namespaces_available()
@@ -39,30 +38,27 @@ def _bench(*args: str) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
-def _kill(bench: subprocess.Popen[str], started: dict[int, int] | None = None) -> str:
-    """Stops the benchmark if it still runs and returns what it wrote to stderr ("" if
-    it had ended); the caller's ``with`` closes the pipes. SIGTERM first (it cleans up
-    after itself); if that takes over 60 s, SIGKILL. Then, whatever happened, SIGKILL
-    what it started that still runs (brokers and workers run in sessions of their own:
-    the process group does not reach them; pidfds, so a reused PID is never hit) and
-    delete the names of its dead PID."""
-    stderr = ""
+def _kill(bench: subprocess.Popen[str], started: dict[int, int] | None = None) -> None:
+    """Stops the benchmark if it still runs; the caller's ``with`` closes the pipes.
+    SIGTERM first (it cleans up after itself); if that takes over 60 s, SIGKILL. Then,
+    whatever happened, SIGKILL what it started that still runs (brokers and workers run
+    in sessions of their own: the process group does not reach them; pidfds, so a
+    reused PID is never hit) and delete the names of its dead PID."""
     more: dict[int, int] = {}
     if bench.poll() is None:
         more = _started_by(bench.pid)
         bench.terminate()
         try:
-            stderr = bench.communicate(timeout=60)[1]
+            bench.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(bench.pid, signal.SIGKILL)
-            stderr = bench.communicate(timeout=30)[1]
+            bench.communicate(timeout=30)
     for pidfd in [*(started or {}).values(), *more.values()]:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     for pidfd in more.values():
         os.close(pidfd)
     sweep_stale()
-    return stderr
 
 
 def _names() -> tuple[list[str], list[str]]:
@@ -161,19 +157,6 @@ def _where(bench: subprocess.Popen[str]) -> str:
     return tree + "\n".join(stacks)
 
 
-def _running_for(seconds: float, wall_s: float) -> Iterator[None]:
-    """Yields every 0.1 s until ``seconds`` of time this process ran have passed (a
-    step counts at most 0.5 s, so a pause of the whole machine, like the 150 s wait CI
-    once saw end with the awaited namespaces appearing a moment later, does not use it
-    up), or ``wall_s`` of wall time: the pytest timeout counts wall time."""
-    ran, last, give_up = 0.0, time.monotonic(), time.monotonic() + wall_s
-    while ran < seconds and last < give_up:
-        yield
-        time.sleep(0.1)
-        now = time.monotonic()
-        ran, last = ran + min(now - last, 0.5), now
-
-
 def _halfway(bench: subprocess.Popen[str]) -> tuple[str, dict[int, int]]:
     """Waits until the benchmark has measured its first run and started the producer of
     the next (so a cluster and a worker are running): 240 s of running time, 300 s of
@@ -181,7 +164,9 @@ def _halfway(bench: subprocess.Popen[str]) -> tuple[str, dict[int, int]]:
     nowhere)."""
     assert bench.stderr is not None
     stderr = b""
-    for _ in _running_for(240, wall_s=300):
+    # Running time: CI once saw a 150 s wait end with the namespaces appearing a
+    # moment later (a stalled machine). Wall time: the pytest timeout counts it.
+    for _ in running(240, step_s=0.1, wall_s=300):
         if bench.poll() is not None:
             return (stderr + bench.communicate()[1].encode()).decode(errors="replace"), {}
         while select.select([bench.stderr], [], [], 0)[0]:

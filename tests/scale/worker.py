@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 _TIMESTAMP = struct.Struct(">q")
@@ -52,16 +53,24 @@ def _producer_options(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_for(seconds: float, step_s: float = 0.05) -> None:
-    """Sleeps until ``seconds`` of running time have passed: each step counts at most
-    ``MAX_STEP_S``, so a pause of the whole machine (a stopped VM, a starved process)
-    lengthens the wait instead of ending it at once."""
+def running(seconds: float, step_s: float = 0.05, wall_s: float = math.inf) -> Iterator[None]:
+    """Yields, then sleeps ``step_s``, until ``seconds`` of running time have passed:
+    each step counts at most ``MAX_STEP_S``, so a pause of the whole machine (a stopped
+    VM, a starved process) lengthens the wait instead of ending it at once. ``wall_s``
+    bounds it in wall time, for callers under a wall-clock timeout."""
     ran, last = 0.0, time.monotonic()
-    while ran < seconds:
+    give_up = last + wall_s
+    while ran < seconds and last < give_up:
+        yield
         time.sleep(min(step_s, seconds - ran))
         now = time.monotonic()
-        ran += min(now - last, MAX_STEP_S)
-        last = now
+        ran, last = ran + min(now - last, MAX_STEP_S), now
+
+
+def run_for(seconds: float) -> None:
+    """Sleeps for ``seconds`` of running time (see :func:`running`)."""
+    for _ in running(seconds):
+        pass
 
 
 def produce(spec: dict[str, Any]) -> dict[str, Any]:
