@@ -20,4 +20,5 @@ done
 sleep 1
 python3 -c "import json,sys;[print('bench', s['rate_per_s'], 'p50', s['p50_ms'], 'p99', s['p99_ms']) for s in json.load(open(sys.argv[1]))['steps']]" "$site/run.json"
 python3 "$here/trace_analyze.py"
-.venv/bin/tide down --data-dir "$data" >/dev/null
+.venv/bin/tide down --data-dir "$data" >/dev/null 2>&1
+rm -rf "$site" "$(dirname "$data")"

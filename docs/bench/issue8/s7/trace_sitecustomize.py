@@ -109,6 +109,7 @@ def _install():
         fol._all_durable = _all_durable
 
         import tidemq.broker.partition as part
+
         pend = {}
         orig_app = part.PartitionReplica.append
 
