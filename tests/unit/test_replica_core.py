@@ -166,30 +166,6 @@ def test_long_polls_wake_on_high_watermark_for_consumers_on_log_end_for_follower
     assert completed(core.handle(FollowerFetched(2, 3, 3), 2)) == {1}
 
 
-def test_a_high_watermark_advance_answers_consumers_before_producers() -> None:
-    """Effect order is wake-up order: the consumers' answers leave first (latency)."""
-    core = leader()
-    core.handle(Appended(3), 1)
-    core.handle(Flushed(3), 1)
-    core.handle(AwaitAck(1, 3, Acks.ALL), 1)
-    core.handle(AwaitData(2, 0), 1)
-    core.handle(AwaitAck(3, 2, Acks.ALL), 1)
-    effects = core.handle(FollowerFetched(2, 3, 3), 2)
-    order = [e.waiter_id for e in effects if isinstance(e, Complete)]
-    assert order == [2, 3, 1]
-    # The ISR fell below min_insync_replicas: the records are committed (consumers see
-    # them, first) and the acks fail after the append, as before.
-    core = leader(replicas=(1, 2), min_isr=2)
-    core.handle(Appended(5), 0)
-    core.handle(Flushed(5), 0)
-    core.handle(AwaitAck(4, 5, Acks.ALL), 0)
-    core.handle(AwaitData(5, 0), 0)
-    core.handle(Tick(), core.lag_time_max_ms + 1)
-    effects = core.handle(IsrAnswered(True, 1, 1, 2, (1,)), core.lag_time_max_ms + 2)
-    outcomes = [e.waiter_id for e in effects if isinstance(e, Complete | Fail)]
-    assert outcomes == [5, 4] and isinstance(failed(effects)[4], NotEnoughReplicas)
-
-
 def test_a_stale_assignment_is_ignored_and_a_follower_high_watermark_is_bounded() -> None:
     core = ReplicaCore(broker_id=2, log_end_offset=4, durable_offset=4, high_watermark=0)
     core.handle(Assigned(ReplicaAssignment(1, 3, 5, (1, 2), (1, 2))), 0)

@@ -392,13 +392,6 @@ class ReplicaCore:
             return
         self.high_watermark = candidate
         effects.append(HighWatermarkAdvanced(candidate))
-        # Consumers' long-polls first, then the producers' acks. The broker wakes the
-        # waiting tasks in effect order, so the consumers' tasks run (and write their
-        # answers) first; whichever answer goes second leaves ~0.2-0.3 ms later here.
-        # A record's end-to-end latency waits for the consumer's answer; the
-        # producer's ack only clocks its next request. Side by side at 2,000 msg/s
-        # (docs/BENCHMARKS.md): end-to-end p99 9.99 -> 8.67 ms.
-        self._release_data_waiters(effects)
         enough = len(self.isr) >= self.min_insync_replicas
         while self._hw_waiters and self._hw_waiters[0][1] <= candidate:
             waiter_id = self._hw_waiters.popleft()[0]
@@ -408,6 +401,7 @@ class ReplicaCore:
                 effects.append(Fail(waiter_id, self._too_few_after_append()))
             else:
                 self._cancelled.discard(waiter_id)
+        self._release_data_waiters(effects)
 
     def _too_few_after_append(self) -> NotEnoughReplicas:
         return NotEnoughReplicas(
