@@ -126,7 +126,12 @@ class Consumer:
         self._fetched_once: set[TopicPartition] = set()
         self._joined = threading.Event()
         self._last_auto_commit = time.monotonic()
-        self._auto_commit_future: Any = None
+        # One auto-commit runs at a time; a poll that finds one running asks it to
+        # commit once more (the done positions then), so records done meanwhile are
+        # committed without waiting for yet another poll.
+        self._auto_commit_lock = threading.Lock()
+        self._auto_commit_running = False
+        self._auto_commit_again = False
         self._subscriber: threading.Thread | None = None
         self._subscriber_idle = threading.Event()
         self._subscriber_idle.set()
@@ -390,13 +395,38 @@ class Consumer:
         now = time.monotonic()
         if now - self._last_auto_commit < self._options.auto_commit_interval_ms / 1000:
             return
-        previous = self._auto_commit_future
-        if previous is not None and not previous.done():
-            return
         self._last_auto_commit = now
-        self._auto_commit_future = self._thread.submit(
-            self._commit_logged(self._buffer.positions())
-        )
+        with self._auto_commit_lock:
+            if self._auto_commit_running:
+                self._auto_commit_again = True
+                return
+            self._auto_commit_running = True
+        try:
+            self._thread.submit(self._auto_commit())
+        except BaseException:
+            with self._auto_commit_lock:
+                self._auto_commit_running = False
+            raise
+
+    async def _auto_commit(self) -> None:
+        """Commits the done positions (taken now, on the loop thread), and again while a
+        poll asked for it during the commit. Before, that poll's request was dropped:
+        records it marked done stayed uncommitted until the application polled again,
+        however long it processed (a flaky test found it)."""
+        finished = False
+        try:
+            while True:
+                await self._commit_logged(self._buffer.positions())
+                with self._auto_commit_lock:
+                    if not self._auto_commit_again:
+                        self._auto_commit_running = False
+                        finished = True
+                        return
+                    self._auto_commit_again = False
+        finally:
+            if not finished:  # cancelled (closing) or failed: a later poll may start one
+                with self._auto_commit_lock:
+                    self._auto_commit_running = False
 
     def _space_freed(self, partitions: list[TopicPartition]) -> None:
         self._thread.call_soon(self._signal_space, partitions)
