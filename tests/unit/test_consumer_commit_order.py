@@ -85,7 +85,6 @@ def test_a_poll_during_an_auto_commit_is_committed_without_another_poll() -> Non
     consumer._committed = {}
     consumer._options = SimpleNamespace(auto_commit_interval_ms=0)
     consumer._last_auto_commit = 0.0
-    consumer._auto_commit_future = None  # the state of the version before the fix
     consumer._auto_commit_lock = threading.Lock()
     consumer._auto_commit_running = consumer._auto_commit_again = False
     fake = consumer._transport = SlowCoordinator(delay_s=0.2)
