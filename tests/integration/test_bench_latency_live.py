@@ -31,6 +31,8 @@ STEP_KEYS = {
     "p99_ms",
     "p999_ms",
     "max_ms",
+    "cpu_s",
+    "cpu_us_per_message",
     "saturated",
 }
 
@@ -61,6 +63,13 @@ def check_steps(sweep: dict[str, Any], rates: list[int], seconds: float) -> None
             assert step["received"] == step["sent"]
             assert 0 < step["p50_ms"] <= step["p90_ms"] <= step["p99_ms"]
             assert step["p99_ms"] <= step["p999_ms"] <= step["max_ms"]
+        # Every party's CPU is measured on this machine (Linux, brokers exporting
+        # process_cpu_seconds_total); the brokers and the producer work for every step.
+        assert set(step["cpu_s"]) == {"brokers", "producer", "consumer"}
+        assert step["cpu_s"]["brokers"] > 0 and step["cpu_s"]["producer"] > 0
+        assert step["cpu_s"]["consumer"] is not None and step["cpu_s"]["consumer"] >= 0
+        per_message = step["cpu_us_per_message"]
+        assert per_message["brokers"] == round(step["cpu_s"]["brokers"] / step["sent"] * 1e6, 1)
     if len(steps) < len(rates):  # stopped early: only for a saturated step
         assert steps[-1]["saturated"]
         assert sweep["saturated_at_per_s"] == steps[-1]["rate_per_s"]

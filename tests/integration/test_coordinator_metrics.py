@@ -46,6 +46,7 @@ def test_isr_changes_elections_brokers_and_commands(tmp_path: Path) -> None:
             follower = 3 - leader
             found = await samples(api)
             assert value(found, "tide_partitions_under_replicated") == 0
+            assert value(found, "process_cpu_seconds_total") > 0  # the process collector
             assert (
                 value(found, "tide_coordinator_commands_applied_total", command="CreateTopic") == 1
             )

@@ -67,6 +67,9 @@ METRICS = [
     "tide_consumer_group_rebalances_total",
     "tide_consumer_lag_messages",
     "tide_consumer_lag_seconds",
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "process_open_fds",
 ]
 
 

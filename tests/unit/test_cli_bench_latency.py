@@ -17,12 +17,17 @@ from tidemq.cli import bench_curve
 from tidemq.cli.bench import bench
 from tidemq.cli.bench_latency import (
     WARMUP_TIMESTAMP,
+    BrokersCpu,
     ConsumerProcess,
+    CpuMeter,
     HarnessError,
     Recorder,
+    describe_step,
     encode_value,
+    metric_sum,
     next_rates,
     parse_rates,
+    process_cpu_s,
     saturation_reason,
     step_report,
 )
@@ -235,3 +240,57 @@ def test_a_consumer_process_that_ignores_stop_is_killed() -> None:
     assert time.monotonic() - started < 10.0
     with pytest.raises(ProcessLookupError):
         os.kill(consumer.process.pid, 0)
+
+
+METRICS = """# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.
+# TYPE process_cpu_seconds_total counter
+process_cpu_seconds_total 12.5
+process_cpu_seconds_total_extra 99.0
+tide_requests_total{route="/v1/fetch",code="200"} 3.0
+tide_requests_total{route="/v1/produce",code="200"} 4.0 1700000000000
+"""
+
+
+def test_metric_sum_reads_one_metric_with_or_without_labels() -> None:
+    assert metric_sum(METRICS, "process_cpu_seconds_total") == 12.5  # not the _extra one
+    assert metric_sum(METRICS, "tide_requests_total") == 7.0  # a timestamp is not the value
+    assert metric_sum(METRICS, "process_resident_memory_bytes") is None
+    bad = "process_cpu_seconds_total not-a-number\n"
+    assert metric_sum(bad, "process_cpu_seconds_total") is None
+
+
+def test_a_step_reports_cpu_per_message_and_none_for_what_was_not_measured() -> None:
+    cpu = {"brokers": 3.0, "producer": 0.5, "consumer": None}
+    step = step_report(1000, 5000, 5.0, window(5000), 1000, cpu)
+    assert step["cpu_s"] == cpu
+    assert step["cpu_us_per_message"] == {"brokers": 600.0, "producer": 100.0, "consumer": None}
+    assert "CPU us/msg: brokers 600  producer 100  consumer -" in describe_step(step)
+    unmeasured = step_report(1000, 5000, 5.0, window(5000), 1000)
+    assert set(unmeasured["cpu_us_per_message"].values()) == {None}
+    assert "CPU" not in describe_step(unmeasured)
+
+
+def test_the_cpu_meter_counts_what_each_party_used_since_a_reading() -> None:
+    readings = iter([10.0, 12.5])
+    meter = CpuMeter(os.getpid(), brokers=lambda: next(readings))
+    before = meter.read()
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:  # burn some CPU in this process
+        pass
+    used = meter.since(before)
+    assert used["brokers"] == 2.5
+    assert used["producer"] is not None and used["producer"] >= 0.05
+    assert used["consumer"] is not None and used["consumer"] >= 0.0  # /proc ticks: 10 ms
+    gone = CpuMeter(None, brokers=lambda: None)
+    assert gone.since(gone.read())["brokers"] is None
+    assert gone.since(gone.read())["consumer"] is None
+
+
+def test_process_cpu_of_a_missing_process_is_none() -> None:
+    assert process_cpu_s(os.getpid()) is not None
+    assert process_cpu_s(2**22 + 12345) is None  # above any pid_max
+
+
+def test_brokers_cpu_is_none_when_a_broker_cannot_be_read() -> None:
+    assert BrokersCpu([], None)() is None
+    assert BrokersCpu(["http://127.0.0.1:9"], None, timeout_s=1.0)() is None  # nothing listens

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import click
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from tidemq import eventloop
 from tidemq.broker.server import Broker, BrokerConfig, create_app
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 async def run_broker(config: BrokerConfig, host: str, port: int, tls: TlsFiles | None) -> None:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     registry = CollectorRegistry()
+    ProcessCollector(registry=registry)  # process_cpu_seconds_total, memory, fds
     ssl_client = client_context(tls) if tls else False
 
     def transport_factory() -> HttpTransport:

@@ -19,6 +19,16 @@ time) and how many messages it sent in it; the consumer waits for them (up to
 ``--drain-seconds``) and answers with the count and the percentiles of that window.
 The sweep stops at the first saturated step (:func:`saturation_reason`).
 
+CPU per message. Each step also reports the CPU seconds its messages cost (from the
+start of the measured window until the consumer has them all) and the same per
+message, in microseconds, for three parties: this process (the producer: every thread,
+``time.process_time``), the consumer process (``/proc/PID/stat``; None off Linux) and
+the brokers together (the sum of their ``process_cpu_seconds_total`` on ``/metrics``;
+None when a broker does not export it or cannot be read, e.g. an older tree). On two
+cores shared by every process the latency follows the CPU each message costs
+(docs/BENCHMARKS.md), so an optimisation is read in these numbers first. The brokers'
+figure counts whatever else they serve meanwhile: measure on an otherwise idle cluster.
+
 Control protocol (JSON lines): consumer -> harness on stdout ``{"op": "ready"}`` and
 ``{"op": "window", "received": n, "p50_ms": ...}``; harness -> consumer on stdin
 ``{"op": "window", "from_ns", "to_ns", "sent", "timeout_s"}`` and ``{"op": "stop"}``.
@@ -39,12 +49,14 @@ import itertools
 import json
 import os
 import queue
+import ssl
 import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
@@ -143,10 +155,30 @@ def saturation_reason(step: dict[str, Any], p99_bound_ms: float) -> str | None:
     return None
 
 
+CPU_PARTIES = ("brokers", "producer", "consumer")
+
+
+def cpu_per_message_us(cpu_s: dict[str, float | None], messages: int) -> dict[str, float | None]:
+    """Each party's CPU seconds as microseconds per message (None stays None)."""
+    return {
+        party: None if seconds is None or messages <= 0 else round(seconds / messages * 1e6, 1)
+        for party, seconds in cpu_s.items()
+    }
+
+
 def step_report(
-    rate_per_s: int, sent: int, seconds: float, window: dict[str, Any], p99_bound_ms: float
+    rate_per_s: int,
+    sent: int,
+    seconds: float,
+    window: dict[str, Any],
+    p99_bound_ms: float,
+    cpu_s: dict[str, float | None] | None = None,
 ) -> dict[str, Any]:
     """One step's line of the report, ``saturated`` holding the reason or None."""
+    cpu_s = {
+        party: None if seconds is None else round(seconds, 3)
+        for party, seconds in (cpu_s or dict.fromkeys(CPU_PARTIES)).items()
+    }
     step: dict[str, Any] = {
         "rate_per_s": rate_per_s,
         "seconds": round(seconds, 3),
@@ -154,9 +186,109 @@ def step_report(
         "received": int(window.get("received", 0)),
         "achieved_per_s": achieved_rate(sent, seconds),
         **{key: window.get(key) for key in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms")},
+        "cpu_s": cpu_s,
+        "cpu_us_per_message": cpu_per_message_us(cpu_s, sent),
     }
     step["saturated"] = saturation_reason(step, p99_bound_ms)
     return step
+
+
+def metric_sum(text: str, name: str) -> float | None:
+    """The sum of every sample of metric ``name`` in Prometheus text format (labels
+    or not); None when there is none."""
+    total: float | None = None
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        rest = line[len(name) :]
+        if rest[:1] not in ("{", " "):
+            continue  # another metric whose name starts with this one
+        if rest.startswith("{"):
+            rest = rest[rest.rfind("}") + 1 :]
+        try:
+            value = float(rest.split()[0])  # a timestamp may follow the value
+        except (ValueError, IndexError):
+            continue
+        total = value if total is None else total + value
+    return total
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` from /proc; None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class BrokersCpu:
+    """CPU seconds of every broker of the cluster, summed: ``process_cpu_seconds_total``
+    from each one's ``/metrics`` (mutual TLS with the client's certificate)."""
+
+    def __init__(self, urls: Sequence[str], tls: Any, timeout_s: float = 5.0) -> None:
+        self.urls = list(urls)
+        self.timeout_s = timeout_s
+        self._context: ssl.SSLContext | None = None
+        if tls is not None and any(url.startswith("https:") for url in self.urls):
+            self._context = ssl.create_default_context(cafile=tls.ca_file)
+            if tls.cert_file and tls.key_file:
+                self._context.load_cert_chain(tls.cert_file, tls.key_file)
+
+    def __call__(self) -> float | None:
+        """The sum now, or None when any broker cannot say (unreachable, no metric)."""
+        if not self.urls:
+            return None
+        total = 0.0
+        for url in self.urls:
+            try:
+                with urllib.request.urlopen(
+                    url.rstrip("/") + "/metrics", timeout=self.timeout_s, context=self._context
+                ) as answer:
+                    text = answer.read(8 * 1024 * 1024).decode(errors="replace")
+            except (OSError, ValueError):
+                return None
+            seconds = metric_sum(text, "process_cpu_seconds_total")
+            if seconds is None:
+                return None
+            total += seconds
+        return total
+
+
+def brokers_cpu_probe(control: Any, tls: Any) -> BrokersCpu | None:
+    """A :class:`BrokersCpu` over the brokers the coordinator lists now; None (the
+    brokers' CPU left out, said on stderr) when it cannot list them."""
+    try:
+        urls = [str(broker["url"]) for broker in control.brokers() if broker.get("url")]
+    except Exception as error:  # the measurement goes on without the brokers' CPU
+        click.echo(f"warning: brokers' CPU not measured: {error}", err=True)
+        return None
+    return BrokersCpu(urls, tls) if urls else None
+
+
+class CpuMeter:
+    """Reads the three parties' CPU counters; ``since`` gives the seconds used from a
+    reading taken earlier (None for a party that could not be read either time)."""
+
+    def __init__(self, consumer_pid: int | None, brokers: Any = None) -> None:
+        self.consumer_pid = consumer_pid
+        self.brokers = brokers
+
+    def read(self) -> dict[str, float | None]:
+        return {
+            "brokers": self.brokers() if self.brokers is not None else None,
+            "producer": time.process_time(),
+            "consumer": None if self.consumer_pid is None else process_cpu_s(self.consumer_pid),
+        }
+
+    def since(self, before: dict[str, float | None]) -> dict[str, float | None]:
+        now = self.read()
+        used: dict[str, float | None] = {}
+        for party in CPU_PARTIES:
+            start, end = before.get(party), now.get(party)
+            used[party] = None if start is None or end is None else max(0.0, end - start)
+        return used
 
 
 def next_rates(rates: Sequence[int], steps: Sequence[dict[str, Any]]) -> list[int]:
@@ -421,8 +553,10 @@ def _measure_step(
     rate_per_s: int,
     settings: SweepSettings,
     keys: list[bytes],
+    meter: CpuMeter | None = None,
 ) -> dict[str, Any]:
     _send_at_rate(producer, topic, rate_per_s, settings.warmup_seconds, settings.value_bytes, keys)
+    cpu_before = meter.read() if meter is not None else None
     from_ns = time.monotonic_ns()
     sent, bursts = _send_at_rate(
         producer, topic, rate_per_s, settings.step_seconds, settings.value_bytes, keys
@@ -443,8 +577,9 @@ def _measure_step(
     window = consumer.answer("window", settings.drain_seconds + 30.0)
     if window is None:
         raise HarnessError("the consumer did not answer for the step's window")
+    cpu_s = meter.since(cpu_before) if meter is not None and cpu_before is not None else None
     seconds = (to_ns - from_ns) / 1e9
-    return step_report(rate_per_s, sent, seconds, window, settings.p99_bound_ms)
+    return step_report(rate_per_s, sent, seconds, window, settings.p99_bound_ms, cpu_s)
 
 
 def describe_step(step: dict[str, Any]) -> str:
@@ -457,6 +592,13 @@ def describe_step(step: dict[str, Any]) -> str:
         f"p90 {ms(step['p90_ms'])}  p99 {ms(step['p99_ms'])}  p99.9 {ms(step['p999_ms'])}  "
         f"max {ms(step['max_ms'])} ms"
     )
+    per_message = step.get("cpu_us_per_message") or {}
+    if any(value is not None for value in per_message.values()):
+        shown = "  ".join(
+            f"{party} {'-' if value is None else f'{value:.0f}'}"
+            for party, value in per_message.items()
+        )
+        text += f"  CPU us/msg: {shown}"
     return text + (f"  SATURATED: {step['saturated']}" if step["saturated"] else "")
 
 
@@ -465,8 +607,11 @@ def run_sweep(
     topic: str,
     settings: SweepSettings,
     progress: bool = True,
+    brokers_cpu: Any = None,
 ) -> dict[str, Any]:
-    """Runs the sweep against an existing topic; returns the steps (with saturation)."""
+    """Runs the sweep against an existing topic; returns the steps (with saturation).
+    ``brokers_cpu``: a callable giving the brokers' CPU seconds (:class:`BrokersCpu`),
+    or None to leave the brokers' CPU out."""
     from tidemq import Producer
 
     keys = [f"key-{index}".encode() for index in range(settings.keys)]
@@ -488,10 +633,11 @@ def run_sweep(
                 json.dumps(client_config),
             ]
         )
+        meter = CpuMeter(consumer.process.pid, brokers_cpu)
         try:
             _warm_up(producer, consumer, topic, settings.value_bytes)
             while rates := next_rates(settings.rates, steps):
-                step = _measure_step(producer, consumer, topic, rates[0], settings, keys)
+                step = _measure_step(producer, consumer, topic, rates[0], settings, keys, meter)
                 steps.append(step)
                 if progress:
                     click.echo(describe_step(step), err=True)
@@ -610,7 +756,10 @@ def sweep_command(
         control.create_topic(topic, partitions, replication_factor)
         with deleted_after(control, topic, generated):
             topic_info = control.wait_topic_ready(topic)
-            report = sweep_report(target.client_kwargs(), topic, topic_info, settings)
+            brokers_cpu = brokers_cpu_probe(control, target.tls)
+            report = sweep_report(
+                target.client_kwargs(), topic, topic_info, settings, brokers_cpu=brokers_cpu
+            )
     except Exception as error:  # one clear line for the operator, whatever failed
         raise click.ClickException(f"{type(error).__name__}: {error}") from error
     text = json.dumps(report, indent=2)
@@ -643,13 +792,14 @@ def sweep_report(
     topic_info: dict[str, Any],
     settings: SweepSettings,
     progress: bool = True,
+    brokers_cpu: Any = None,
 ) -> dict[str, Any]:
     """The JSON report of one sweep: settings, topic, steps (docs/BENCHMARKS.md)."""
     import tidemq
 
     factor = topic_replication_factor(topic_info)
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    result = run_sweep(client_config, topic, settings, progress)
+    result = run_sweep(client_config, topic, settings, progress, brokers_cpu)
     return {
         "kind": "tidemq-latency-sweep",
         "label": default_label(result["partitions"], factor, settings.label),

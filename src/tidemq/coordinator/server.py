@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from tidemq.coordinator.events import log_committed
 from tidemq.coordinator.metrics import ClusterCollector, CoordinatorMetrics
@@ -170,6 +170,7 @@ class Coordinator:
         self.ready = False
         self._write_lock = asyncio.Lock()
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory, fds
         self.metrics = CoordinatorMetrics(self.registry)
         self.collector = ClusterCollector(self, clock_ms)
         self.registry.register(self.collector)
