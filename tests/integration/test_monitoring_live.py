@@ -67,7 +67,9 @@ METRICS = [
     "tide_consumer_group_rebalances_total",
     "tide_consumer_lag_messages",
     "tide_consumer_lag_seconds",
-    "process_cpu_seconds_total",
+    # The process collector, on each service (a selector: either alone would do else).
+    'process_cpu_seconds_total{job="tide-broker"}',
+    'process_cpu_seconds_total{job="tide-coordinator"}',
     "process_resident_memory_bytes",
     "process_open_fds",
 ]

@@ -255,7 +255,7 @@ def test_metric_sum_reads_one_metric_with_or_without_labels() -> None:
     assert metric_sum(METRICS, "process_cpu_seconds_total") == 12.5  # not the _extra one
     assert metric_sum(METRICS, "tide_requests_total") == 7.0  # a timestamp is not the value
     assert metric_sum(METRICS, "process_resident_memory_bytes") is None
-    bad = "process_cpu_seconds_total not-a-number\n"
+    bad = "process_cpu_seconds_total not-a-number\nprocess_cpu_seconds_total NaN\n"
     assert metric_sum(bad, "process_cpu_seconds_total") is None
 
 
@@ -270,9 +270,26 @@ def test_a_step_reports_cpu_per_message_and_none_for_what_was_not_measured() -> 
     assert "CPU" not in describe_step(unmeasured)
 
 
+class FakeBrokers:
+    """BrokersCpu's interface over a script of readings."""
+
+    def __init__(self, readings: list[dict[str, Any]]) -> None:
+        self.readings = iter(readings)
+
+    def read(self) -> dict[str, Any]:
+        return next(self.readings)
+
+    used = staticmethod(BrokersCpu.used)
+
+
 def test_the_cpu_meter_counts_what_each_party_used_since_a_reading() -> None:
-    readings = iter([10.0, 12.5])
-    meter = CpuMeter(os.getpid(), brokers=lambda: next(readings))
+    brokers = FakeBrokers(
+        [
+            {"b1": ("metrics", 100.0, 10.0), "b2": ("proc", 7.0, 4.0)},
+            {"b1": ("metrics", 100.0, 12.0), "b2": ("proc", 7.0, 4.5)},
+        ]
+    )
+    meter = CpuMeter(os.getpid(), brokers)  # type: ignore[arg-type]
     before = meter.read()
     deadline = time.process_time() + 0.05
     while time.process_time() < deadline:  # burn some CPU in this process
@@ -280,17 +297,80 @@ def test_the_cpu_meter_counts_what_each_party_used_since_a_reading() -> None:
     used = meter.since(before)
     assert used["brokers"] == 2.5
     assert used["producer"] is not None and used["producer"] >= 0.05
-    assert used["consumer"] is not None and used["consumer"] >= 0.0  # /proc ticks: 10 ms
-    gone = CpuMeter(None, brokers=lambda: None)
-    assert gone.since(gone.read())["brokers"] is None
-    assert gone.since(gone.read())["consumer"] is None
+    # The consumer here is this process too, read from /proc in 10 ms ticks.
+    assert used["consumer"] is not None and used["consumer"] >= 0.04
+    alone = CpuMeter(None)
+    assert alone.since(alone.read()) == {
+        "brokers": None,
+        "producer": pytest.approx(0.0, abs=0.05),
+        "consumer": None,
+    }
 
 
-def test_process_cpu_of_a_missing_process_is_none() -> None:
-    assert process_cpu_s(os.getpid()) is not None
+def test_a_broker_restarted_or_unread_voids_the_brokers_figure() -> None:
+    used = BrokersCpu.used
+    first = {"b1": ("metrics", 100.0, 10.0), "b2": ("metrics", 50.0, 3.0)}
+    assert used(first, {"b1": ("metrics", 100.0, 11.0), "b2": ("metrics", 50.0, 3.5)}) == (
+        1.5,
+        None,
+    )
+    restarted = {"b1": ("metrics", 100.0, 11.0), "b2": ("metrics", 90.0, 0.2)}
+    assert used(first, restarted) == (None, "b2 restarted during the step")
+    backwards = {"b1": ("metrics", 100.0, 9.0), "b2": ("metrics", 50.0, 3.5)}
+    assert used(first, backwards) == (None, "b1's CPU counter went backwards")
+    gone = {"b1": ("metrics", 100.0, 11.0), "b2": "b2/metrics: connection refused"}
+    assert used(first, gone) == (None, "b2/metrics: connection refused")
+    assert used(first, {"b1": ("metrics", 100.0, 11.0)}) == (None, "b2 not read again")
+    assert used({}, {}) == (None, "no broker listed")
+
+
+def test_process_cpu_is_what_the_kernel_counts() -> None:
+    deadline = time.process_time() + 0.1
+    while time.process_time() < deadline:
+        pass
+    times = os.times()
+    measured = process_cpu_s(os.getpid())
+    assert measured is not None
+    assert abs(measured - (times.user + times.system)) < 0.05  # utime + stime, in seconds
     assert process_cpu_s(2**22 + 12345) is None  # above any pid_max
 
 
-def test_brokers_cpu_is_none_when_a_broker_cannot_be_read() -> None:
-    assert BrokersCpu([], None)() is None
-    assert BrokersCpu(["http://127.0.0.1:9"], None, timeout_s=1.0)() is None  # nothing listens
+def test_brokers_cpu_without_an_answer_says_why() -> None:
+    reading = BrokersCpu([("http://127.0.0.1:9", None)], None, timeout_s=1.0).read()
+    assert isinstance(reading["http://127.0.0.1:9"], str)  # nothing listens on port 9
+    assert BrokersCpu.used(reading, reading)[0] is None
+
+
+def test_brokers_cpu_reads_each_brokers_metrics_with_its_start_time() -> None:
+    import http.server
+    import threading
+
+    bodies = {
+        "/metrics": b"process_cpu_seconds_total 3.25\nprocess_start_time_seconds 1.7e9\n",
+    }
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = bodies.get(self.path, b"")
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        brokers = BrokersCpu([(url, None), (url, None)], None)  # one entry per URL
+        assert brokers.read() == {url: ("metrics", 1.7e9, 3.25)}
+        bodies["/metrics"] = b"tide_topics 1\n"  # an older broker: no process metrics
+        reason = brokers.read()[url]
+        assert isinstance(reason, str) and "process_cpu_seconds_total" in reason
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

@@ -215,7 +215,7 @@ def _latency(
     """Runs the latency sweep (one rate when ``single``); returns the report key and
     value: ``latency`` (the one step) or ``latency_sweep`` (bench_latency's report)."""
     try:
-        brokers_cpu = bench_latency.brokers_cpu_probe(ControlPlane(target), target.tls)
+        brokers_cpu = bench_latency.brokers_cpu_probe(ControlPlane(target), target)
         sweep = bench_latency.sweep_report(
             target.client_kwargs(), topic, topic_info, settings, True, brokers_cpu
         )

@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import queue
 import ssl
@@ -209,86 +210,163 @@ def metric_sum(text: str, name: str) -> float | None:
             value = float(rest.split()[0])  # a timestamp may follow the value
         except (ValueError, IndexError):
             continue
+        if not math.isfinite(value):
+            continue
         total = value if total is None else total + value
     return total
 
 
 def process_cpu_s(pid: int) -> float | None:
     """User + system CPU seconds of process ``pid`` from /proc; None if unreadable."""
+    stat = _proc_stat(pid)
+    return None if stat is None else stat[1]
+
+
+def _proc_stat(pid: int) -> tuple[float, float] | None:
+    """(start time in clock ticks since boot, user + system CPU seconds) of ``pid``
+    from /proc/PID/stat; None if unreadable (no such process, not Linux)."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        with open(f"/proc/{pid}/stat", "rb") as stat:  # the name may be any bytes
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return float(fields[19]), (int(fields[11]) + int(fields[12])) / ticks
     except (OSError, ValueError, IndexError):
         return None
 
 
-class BrokersCpu:
-    """CPU seconds of every broker of the cluster, summed: ``process_cpu_seconds_total``
-    from each one's ``/metrics`` (mutual TLS with the client's certificate)."""
+METRICS_BYTES_MAX = 8 * 1024 * 1024
+BrokerReading = tuple[str, float, float]  # (source and start time, start, CPU seconds)
 
-    def __init__(self, urls: Sequence[str], tls: Any, timeout_s: float = 5.0) -> None:
-        self.urls = list(urls)
+
+class BrokersCpu:
+    """CPU seconds of the cluster's brokers, summed: ``process_cpu_seconds_total`` from
+    each one's ``/metrics`` (mutual TLS with the client's certificate), else, for a
+    broker that does not export it (an older tree) but runs on this machine, its
+    process's /proc counters. Each broker is read on its own, with its process start
+    time, so that a broker restarted between two readings (its counter started over)
+    voids the step's figure instead of shrinking it."""
+
+    def __init__(
+        self, brokers: Sequence[tuple[str, int | None]], tls: Any, timeout_s: float = 2.0
+    ) -> None:
+        self.brokers = list(dict(brokers).items())  # one entry per URL
         self.timeout_s = timeout_s
         self._context: ssl.SSLContext | None = None
-        if tls is not None and any(url.startswith("https:") for url in self.urls):
+        if tls is not None and any(url.startswith("https:") for url, _ in self.brokers):
             self._context = ssl.create_default_context(cafile=tls.ca_file)
             if tls.cert_file and tls.key_file:
                 self._context.load_cert_chain(tls.cert_file, tls.key_file)
 
-    def __call__(self) -> float | None:
-        """The sum now, or None when any broker cannot say (unreachable, no metric)."""
-        if not self.urls:
-            return None
+    def read(self) -> dict[str, BrokerReading | str]:
+        """Per broker URL its reading, or why there is none."""
+        return {url: self._read_one(url, pid) for url, pid in self.brokers}
+
+    def _read_one(self, url: str, pid: int | None) -> BrokerReading | str:
+        try:
+            with urllib.request.urlopen(
+                url.rstrip("/") + "/metrics", timeout=self.timeout_s, context=self._context
+            ) as answer:
+                body = answer.read(METRICS_BYTES_MAX + 1)
+                if len(body) > METRICS_BYTES_MAX or answer.length:  # too long, or cut short
+                    return f"{url}/metrics answer cut short or over {METRICS_BYTES_MAX} bytes"
+            text = body.decode(errors="replace")
+        except Exception as error:  # any failure voids this broker's figure, not the sweep
+            return f"{url}/metrics: {error}"
+        seconds = metric_sum(text, "process_cpu_seconds_total")
+        started = metric_sum(text, "process_start_time_seconds")
+        if seconds is not None and started is not None:
+            return ("metrics", started, seconds)
+        stat = _proc_stat(pid) if pid is not None and _is_broker(pid) else None
+        if stat is not None:
+            return ("proc", stat[0], stat[1])
+        return f"{url} exports no process_cpu_seconds_total and is no broker process here"
+
+    @staticmethod
+    def used(
+        before: dict[str, BrokerReading | str], after: dict[str, BrokerReading | str]
+    ) -> tuple[float | None, str | None]:
+        """The CPU seconds every broker used between two readings, or None and why."""
         total = 0.0
-        for url in self.urls:
-            try:
-                with urllib.request.urlopen(
-                    url.rstrip("/") + "/metrics", timeout=self.timeout_s, context=self._context
-                ) as answer:
-                    text = answer.read(8 * 1024 * 1024).decode(errors="replace")
-            except (OSError, ValueError):
-                return None
-            seconds = metric_sum(text, "process_cpu_seconds_total")
-            if seconds is None:
-                return None
-            total += seconds
-        return total
+        for url, first in before.items():
+            last = after.get(url, f"{url} not read again")
+            if isinstance(first, str):
+                return None, first
+            if isinstance(last, str):
+                return None, last
+            if first[:2] != last[:2]:
+                return None, f"{url} restarted during the step"
+            if last[2] < first[2]:
+                return None, f"{url}'s CPU counter went backwards"
+            total += last[2] - first[2]
+        return (total, None) if before else (None, "no broker listed")
 
 
-def brokers_cpu_probe(control: Any, tls: Any) -> BrokersCpu | None:
-    """A :class:`BrokersCpu` over the brokers the coordinator lists now; None (the
-    brokers' CPU left out, said on stderr) when it cannot list them."""
+def _is_broker(pid: int) -> bool:
+    """Is ``pid`` a tidemq broker process (not a PID reused by something else)?"""
     try:
-        urls = [str(broker["url"]) for broker in control.brokers() if broker.get("url")]
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            arguments = cmdline.read().split(b"\0")
+    except OSError:
+        return False
+    return b"tidemq" in arguments and b"broker" in arguments
+
+
+def brokers_cpu_probe(control: Any, target: Any) -> BrokersCpu | None:
+    """A :class:`BrokersCpu` over the live brokers the coordinator lists now (with their
+    PIDs from cluster.json when the cluster runs here); None (the brokers' CPU left
+    out, said on stderr) when it cannot list them."""
+    try:
+        info = getattr(target, "info", None)
+        pids = {str(b.url): int(b.pid) for b in getattr(info, "brokers", ()) if b.pid}
+        urls = [
+            str(broker["url"])
+            for broker in control.brokers()
+            if broker.get("url") and broker.get("alive", True)
+        ]
+        return BrokersCpu([(url, pids.get(url)) for url in urls], target.tls) if urls else None
     except Exception as error:  # the measurement goes on without the brokers' CPU
         click.echo(f"warning: brokers' CPU not measured: {error}", err=True)
         return None
-    return BrokersCpu(urls, tls) if urls else None
+
+
+CpuReading = dict[str, Any]
 
 
 class CpuMeter:
     """Reads the three parties' CPU counters; ``since`` gives the seconds used from a
-    reading taken earlier (None for a party that could not be read either time)."""
+    reading taken earlier (None for a party that could not be read either time; the
+    brokers' reason is said once on stderr)."""
 
-    def __init__(self, consumer_pid: int | None, brokers: Any = None) -> None:
+    def __init__(self, consumer_pid: int | None, brokers: BrokersCpu | None = None) -> None:
         self.consumer_pid = consumer_pid
         self.brokers = brokers
+        self._said: set[str] = set()
 
-    def read(self) -> dict[str, float | None]:
-        return {
-            "brokers": self.brokers() if self.brokers is not None else None,
-            "producer": time.process_time(),
-            "consumer": None if self.consumer_pid is None else process_cpu_s(self.consumer_pid),
-        }
+    def read(self) -> CpuReading:
+        # This process and the consumer first: the brokers' scrapes cost this process
+        # CPU (TLS handshakes), which is not the producer's.
+        producer = time.process_time()
+        consumer = None if self.consumer_pid is None else process_cpu_s(self.consumer_pid)
+        brokers = self.brokers.read() if self.brokers is not None else None
+        return {"brokers": brokers, "producer": producer, "consumer": consumer}
 
-    def since(self, before: dict[str, float | None]) -> dict[str, float | None]:
+    def since(self, before: CpuReading) -> dict[str, float | None]:
         now = self.read()
         used: dict[str, float | None] = {}
-        for party in CPU_PARTIES:
+        for party in ("producer", "consumer"):
             start, end = before.get(party), now.get(party)
-            used[party] = None if start is None or end is None else max(0.0, end - start)
-        return used
+            if start is None or end is None or end < start:
+                used[party] = None
+            else:
+                used[party] = end - start
+        used["brokers"] = None
+        if self.brokers is not None and before["brokers"] is not None:
+            seconds, why = self.brokers.used(before["brokers"], now["brokers"])
+            used["brokers"] = seconds
+            if why is not None and why not in self._said:
+                self._said.add(why)
+                click.echo(f"warning: brokers' CPU not measured for a step: {why}", err=True)
+        return {party: used[party] for party in CPU_PARTIES}
 
 
 def next_rates(rates: Sequence[int], steps: Sequence[dict[str, Any]]) -> list[int]:
@@ -607,7 +685,7 @@ def run_sweep(
     topic: str,
     settings: SweepSettings,
     progress: bool = True,
-    brokers_cpu: Any = None,
+    brokers_cpu: BrokersCpu | None = None,
 ) -> dict[str, Any]:
     """Runs the sweep against an existing topic; returns the steps (with saturation).
     ``brokers_cpu``: a callable giving the brokers' CPU seconds (:class:`BrokersCpu`),
@@ -756,7 +834,7 @@ def sweep_command(
         control.create_topic(topic, partitions, replication_factor)
         with deleted_after(control, topic, generated):
             topic_info = control.wait_topic_ready(topic)
-            brokers_cpu = brokers_cpu_probe(control, target.tls)
+            brokers_cpu = brokers_cpu_probe(control, target)
             report = sweep_report(
                 target.client_kwargs(), topic, topic_info, settings, brokers_cpu=brokers_cpu
             )
@@ -792,7 +870,7 @@ def sweep_report(
     topic_info: dict[str, Any],
     settings: SweepSettings,
     progress: bool = True,
-    brokers_cpu: Any = None,
+    brokers_cpu: BrokersCpu | None = None,
 ) -> dict[str, Any]:
     """The JSON report of one sweep: settings, topic, steps (docs/BENCHMARKS.md)."""
     import tidemq
