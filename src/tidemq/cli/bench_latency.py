@@ -23,11 +23,12 @@ CPU per message. Each step also reports the CPU seconds its messages cost (from 
 start of the measured window until the consumer has them all) and the same per
 message, in microseconds, for three parties: this process (the producer: every thread,
 ``time.process_time``), the consumer process (``/proc/PID/stat``; None off Linux) and
-the brokers together (the sum of their ``process_cpu_seconds_total`` on ``/metrics``;
-None when a broker does not export it or cannot be read, e.g. an older tree). On two
-cores shared by every process the latency follows the CPU each message costs
-(docs/BENCHMARKS.md), so an optimisation is read in these numbers first. The brokers'
-figure counts whatever else they serve meanwhile: measure on an otherwise idle cluster.
+the brokers together (:class:`BrokersCpu`: their ``process_cpu_seconds_total`` on
+``/metrics``, or /proc for an older broker running here; None, said on stderr, when a
+live broker cannot be read or restarted during the step). The brokers' figure counts
+whatever else they serve meanwhile: measure on an otherwise idle cluster. On this
+machine the rounds are self-clocked, so at a low rate the CPU is used up whatever a
+round costs: an optimisation shows in latency first (docs/BENCHMARKS.md).
 
 Control protocol (JSON lines): consumer -> harness on stdout ``{"op": "ready"}`` and
 ``{"op": "window", "received": n, "p50_ms": ...}``; harness -> consumer on stdin
@@ -235,7 +236,7 @@ def _proc_stat(pid: int) -> tuple[float, float] | None:
 
 
 METRICS_BYTES_MAX = 8 * 1024 * 1024
-BrokerReading = tuple[str, float, float]  # (source and start time, start, CPU seconds)
+BrokerReading = tuple[str, float, float]  # (source, process start time, CPU seconds)
 
 
 class BrokersCpu:
@@ -688,8 +689,7 @@ def run_sweep(
     brokers_cpu: BrokersCpu | None = None,
 ) -> dict[str, Any]:
     """Runs the sweep against an existing topic; returns the steps (with saturation).
-    ``brokers_cpu``: a callable giving the brokers' CPU seconds (:class:`BrokersCpu`),
-    or None to leave the brokers' CPU out."""
+    ``brokers_cpu`` reads the brokers' CPU for each step; None leaves it out."""
     from tidemq import Producer
 
     keys = [f"key-{index}".encode() for index in range(settings.keys)]
