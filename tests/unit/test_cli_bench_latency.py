@@ -291,14 +291,15 @@ def test_the_cpu_meter_counts_what_each_party_used_since_a_reading() -> None:
     )
     meter = CpuMeter(os.getpid(), brokers)  # type: ignore[arg-type]
     before = meter.read()
-    deadline = time.process_time() + 0.05
+    deadline = time.process_time() + 0.2
     while time.process_time() < deadline:  # burn some CPU in this process
         pass
     used = meter.since(before)
     assert used["brokers"] == 2.5
-    assert used["producer"] is not None and used["producer"] >= 0.05
-    # The consumer here is this process too, read from /proc in 10 ms ticks.
-    assert used["consumer"] is not None and used["consumer"] >= 0.04
+    assert used["producer"] is not None and used["producer"] >= 0.2
+    # The consumer here is this process too, read from /proc in ticks (10 ms, and
+    # sampled by the scheduler tick): allow a few of them.
+    assert used["consumer"] is not None and used["consumer"] >= 0.1
     alone = CpuMeter(None)
     assert alone.since(alone.read()) == {
         "brokers": None,
