@@ -114,24 +114,6 @@ def test_resolve_target_order(data_dir: Path, tmp_path: Path) -> None:
         resolve_target(None, {}, cwd=empty)
 
 
-def test_variables_naming_the_local_cluster_still_show_its_processes(tmp_path: Path) -> None:
-    """`eval "$(tide env --data-dir data)"; tide status` (the README's tour): the
-    variables say where to connect, ./data/cluster.json which PIDs are its processes."""
-    (tmp_path / "data").mkdir()
-    write_cluster_file(tmp_path / "data", parse_cluster_info(sample()))
-    same = {"TIDE_BOOTSTRAP": "https://127.0.0.1:4000", "TIDE_CA_FILE": "/elsewhere/ca"}
-    target = resolve_target(None, same, cwd=tmp_path)
-    assert target.client_kwargs() == {
-        "bootstrap": "https://127.0.0.1:4000",
-        "ca_file": "/elsewhere/ca",
-    }
-    assert target.info is not None and target.info.coordinator.pid == sample()["coordinator"]["pid"]
-    other = {"TIDE_BOOTSTRAP": "https://10.0.0.9:4000"}
-    assert resolve_target(None, other, cwd=tmp_path).info is None  # another cluster
-    (tmp_path / "data" / "cluster.json").write_text("{not json")
-    assert resolve_target(None, same, cwd=tmp_path).info is None  # unreadable: ignored
-
-
 def test_resolve_target_defaults_to_dot_data(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     write_cluster_file(tmp_path / "data", parse_cluster_info(sample()))

@@ -59,29 +59,15 @@ def resolve_target(
     if data_dir is not None:
         return _from_dir(Path(data_dir))
     from_env = config_from_env(environ)
-    default = (cwd or Path.cwd()) / DEFAULT_DATA_DIR
     if from_env is not None:
-        return Target(from_env, _local_info(default, from_env))
+        return Target(from_env)
+    default = (cwd or Path.cwd()) / DEFAULT_DATA_DIR
     if (default / "cluster.json").exists():
         return _from_dir(default)
     raise ConfigError(
         "no cluster configured: pass --data-dir DIR, set TIDE_BOOTSTRAP "
         '(eval "$(tide env --data-dir DIR)"), or run scripts/up to create ./data'
     )
-
-
-def _local_info(data_dir: Path, config: dict[str, str | None]) -> ClusterInfo | None:
-    """cluster.json of ``data_dir`` when it describes the cluster the TIDE_* variables
-    name (its coordinator among the bootstrap URLs), so that ``tide status`` can show
-    the local PIDs; None otherwise (the variables alone still say where to connect)."""
-    if not (data_dir / "cluster.json").exists():
-        return None
-    try:
-        info = read_cluster_file(data_dir)
-    except ClusterFileError:
-        return None
-    bootstrap = {url.strip() for url in (config.get("bootstrap") or "").split(",")}
-    return info if info.coordinator.url in bootstrap else None
 
 
 def _from_dir(data_dir: Path) -> Target:
