@@ -49,6 +49,7 @@ from tests.scale.network import (
     signals_held,
     stop_on_signal,
 )
+from tidemq.cli import bench_latency
 from tidemq.cli.launch import COORDINATOR, broker_name
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -83,15 +84,7 @@ def cpu_times() -> tuple[int, int]:
 
 def process_cpu_s(pids: list[int]) -> float:
     """User + system CPU seconds used so far by these processes (0 for a gone one)."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return total / os.sysconf("SC_CLK_TCK")
+    return sum(bench_latency.process_cpu_s(pid) or 0.0 for pid in pids)
 
 
 def link_bytes(network: CappedNetwork, host: str) -> dict[str, int]:

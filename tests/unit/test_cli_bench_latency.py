@@ -3,10 +3,13 @@ window bookkeeping, and drawing the curve from saved reports."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,6 +25,7 @@ from tidemq.cli.bench_latency import (
     CpuMeter,
     HarnessError,
     Recorder,
+    _proc_stat,
     describe_step,
     encode_value,
     metric_sum,
@@ -342,13 +346,11 @@ def test_brokers_cpu_without_an_answer_says_why() -> None:
     assert BrokersCpu.used(reading, reading)[0] is None
 
 
-def test_brokers_cpu_reads_each_brokers_metrics_with_its_start_time() -> None:
+@contextlib.contextmanager
+def metrics_server(bodies: dict[str, bytes]) -> Iterator[str]:
+    """An HTTP server answering GET with ``bodies[path]`` (read at each request)."""
     import http.server
     import threading
-
-    bodies = {
-        "/metrics": b"process_cpu_seconds_total 3.25\nprocess_start_time_seconds 1.7e9\n",
-    }
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -365,13 +367,47 @@ def test_brokers_cpu_reads_each_brokers_metrics_with_its_start_time() -> None:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_brokers_cpu_reads_each_brokers_metrics_with_its_start_time() -> None:
+    bodies = {
+        "/metrics": b"process_cpu_seconds_total 3.25\nprocess_start_time_seconds 1.7e9\n",
+    }
+    with metrics_server(bodies) as url:
         brokers = BrokersCpu([(url, None), (url, None)], None)  # one entry per URL
         assert brokers.read() == {url: ("metrics", 1.7e9, 3.25)}
         bodies["/metrics"] = b"tide_topics 1\n"  # an older broker: no process metrics
         reason = brokers.read()[url]
         assert isinstance(reason, str) and "process_cpu_seconds_total" in reason
+
+
+def test_an_older_broker_is_read_from_proc_only_if_cluster_json_started_it(
+    tmp_path: Path,
+) -> None:
+    # A stand-in broker: its command line names tidemq, the broker role and a data dir.
+    argv = [sys.executable, "-c", "import time; time.sleep(60)", "tidemq", "broker"]
+    argv += ["--data-dir", str(tmp_path / "broker-1")]
+    process = subprocess.Popen(argv)
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{process.pid}/cmdline").read_bytes().count(b"\0") < len(argv):
+            assert time.monotonic() < deadline, "the stand-in never exec'd"
+            time.sleep(0.01)
+        with metrics_server({"/metrics": b"tide_topics 1\n"}) as url:  # no process metrics
+            reading = BrokersCpu([(url, (process.pid, argv))], None).read()[url]
+            assert isinstance(reading, tuple) and reading[0] == "proc"
+            stat = _proc_stat(process.pid)
+            assert stat is not None and reading[1] == stat[0]  # its start time
+            assert 0 <= reading[2] <= stat[1]  # its CPU seconds (read again just now)
+            # The same PID with another data directory is not that broker (a PID reused).
+            other = [*argv[:-1], str(tmp_path / "broker-2")]
+            reason = BrokersCpu([(url, (process.pid, other))], None).read()[url]
+            assert isinstance(reason, str) and "no broker process here" in reason
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+        process.kill()
+        process.wait(timeout=10)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from tidemq.cli.control import ConfigError, ControlPlane, resolve_target
+from tidemq.cli.control import ConfigError, ControlPlane, resolve_target, with_local_processes
 from tidemq.cli.main import cli
 from tidemq.cli.model import parse_cluster_info, write_cluster_file
 
@@ -112,6 +113,55 @@ def test_resolve_target_order(data_dir: Path, tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(ConfigError, match="no cluster configured"):
         resolve_target(None, {}, cwd=empty)
+
+
+def test_status_with_variables_naming_the_local_cluster_shows_its_processes(
+    tmp_path: Path,
+) -> None:
+    """`eval "$(tide env --data-dir data)"; tide status` (the README's tour): the
+    variables say where to connect, ./data/cluster.json which PIDs are its processes."""
+    (tmp_path / "data").mkdir()
+    write_cluster_file(tmp_path / "data", parse_cluster_info(sample()))
+    same = {"TIDE_BOOTSTRAP": "https://127.0.0.1:4000", "TIDE_CA_FILE": "/elsewhere/ca"}
+    bare = resolve_target(None, same, cwd=tmp_path)
+    assert bare.info is None  # every other command: the variables alone, ./data unread
+    target = with_local_processes(bare, cwd=tmp_path)
+    assert target.client_kwargs() == {
+        "bootstrap": "https://127.0.0.1:4000",
+        "ca_file": "/elsewhere/ca",
+    }
+    assert target.info is not None and target.info.coordinator.pid == sample()["coordinator"]["pid"]
+    spelled = {"TIDE_BOOTSTRAP": "HTTPS://127.0.0.1:4000/"}  # the same URL, spelled otherwise
+    assert with_local_processes(resolve_target(None, spelled, cwd=tmp_path), tmp_path).info
+    for other in ("https://10.0.0.9:4000", "https://127.0.0.1:4001", "http://127.0.0.1:4000"):
+        elsewhere = resolve_target(None, {"TIDE_BOOTSTRAP": other}, cwd=tmp_path)
+        assert with_local_processes(elsewhere, cwd=tmp_path).info is None  # another cluster
+
+
+@pytest.mark.parametrize("damage", ["not json", "not utf-8", "deep", "fifo", "denied"])
+def test_status_ignores_a_damaged_local_cluster_file(
+    tmp_path: Path, damage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "cluster.json"
+    if damage == "not json":
+        path.write_text("{not json")
+    elif damage == "not utf-8":
+        path.write_bytes(b'{"coordinator": "\xff"}')
+    elif damage == "deep":
+        path.write_text("[" * 100_000)
+    elif damage == "fifo":
+        os.mkfifo(path)  # reading it would block until a writer came
+    else:  # a directory the user may not search (root passes chmod, so raise it here)
+        write_cluster_file(data, parse_cluster_info(sample()))
+
+        def denied(self: Path) -> bool:
+            raise PermissionError(13, "Permission denied", str(self))
+
+        monkeypatch.setattr(Path, "is_file", denied)
+    same = resolve_target(None, {"TIDE_BOOTSTRAP": "https://127.0.0.1:4000"}, cwd=tmp_path)
+    assert with_local_processes(same, cwd=tmp_path).info is None
 
 
 def test_resolve_target_defaults_to_dot_data(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,18 @@ def test_read_reports_missing_and_corrupt_files(tmp_path: Path) -> None:
         read_cluster_file(tmp_path)
     (tmp_path / "cluster.json").write_text("{not json")
     with pytest.raises(ClusterFileError, match="not JSON"):
+        read_cluster_file(tmp_path)
+    (tmp_path / "cluster.json").write_text("[" * 100_000)  # past the parser's nesting
+    with pytest.raises(ClusterFileError, match="not JSON"):
+        read_cluster_file(tmp_path)
+    (tmp_path / "cluster.json").write_bytes(b'{"coordinator": "\xff"}')
+    with pytest.raises(ClusterFileError, match="not UTF-8"):
+        read_cluster_file(tmp_path)
+
+
+def test_read_refuses_a_cluster_file_that_is_no_regular_file(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "cluster.json")  # reading it would block until a writer came
+    with pytest.raises(ClusterFileError, match="not a regular file"):
         read_cluster_file(tmp_path)
 
 

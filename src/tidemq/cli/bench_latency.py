@@ -237,6 +237,7 @@ def _proc_stat(pid: int) -> tuple[float, float] | None:
 
 METRICS_BYTES_MAX = 8 * 1024 * 1024
 BrokerReading = tuple[str, float, float]  # (source, process start time, CPU seconds)
+LocalProcess = tuple[int, Sequence[str]]  # (PID, argv) of a broker cluster.json lists
 
 
 class BrokersCpu:
@@ -248,7 +249,7 @@ class BrokersCpu:
     voids the step's figure instead of shrinking it."""
 
     def __init__(
-        self, brokers: Sequence[tuple[str, int | None]], tls: Any, timeout_s: float = 2.0
+        self, brokers: Sequence[tuple[str, LocalProcess | None]], tls: Any, timeout_s: float = 2.0
     ) -> None:
         self.brokers = list(dict(brokers).items())  # one entry per URL
         self.timeout_s = timeout_s
@@ -260,9 +261,9 @@ class BrokersCpu:
 
     def read(self) -> dict[str, BrokerReading | str]:
         """Per broker URL its reading, or why there is none."""
-        return {url: self._read_one(url, pid) for url, pid in self.brokers}
+        return {url: self._read_one(url, process) for url, process in self.brokers}
 
-    def _read_one(self, url: str, pid: int | None) -> BrokerReading | str:
+    def _read_one(self, url: str, process: LocalProcess | None) -> BrokerReading | str:
         try:
             with urllib.request.urlopen(
                 url.rstrip("/") + "/metrics", timeout=self.timeout_s, context=self._context
@@ -277,7 +278,7 @@ class BrokersCpu:
         started = metric_sum(text, "process_start_time_seconds")
         if seconds is not None and started is not None:
             return ("metrics", started, seconds)
-        stat = _proc_stat(pid) if pid is not None and _is_broker(pid) else None
+        stat = _proc_stat(process[0]) if process is not None and _is_running(*process) else None
         if stat is not None:
             return ("proc", stat[0], stat[1])
         return f"{url} exports no process_cpu_seconds_total and is no broker process here"
@@ -302,14 +303,12 @@ class BrokersCpu:
         return (total, None) if before else (None, "no broker listed")
 
 
-def _is_broker(pid: int) -> bool:
-    """Is ``pid`` a tidemq broker process (not a PID reused by something else)?"""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            arguments = cmdline.read().split(b"\0")
-    except OSError:
-        return False
-    return b"tidemq" in arguments and b"broker" in arguments
+def _is_running(pid: int, argv: Sequence[str]) -> bool:
+    """Is ``pid`` still the process cluster.json started with ``argv`` (not a PID
+    reused by something else)?"""
+    from tidemq.cli.processes import is_running
+
+    return is_running(pid, argv)
 
 
 def brokers_cpu_probe(control: Any, target: Any) -> BrokersCpu | None:
@@ -318,13 +317,16 @@ def brokers_cpu_probe(control: Any, target: Any) -> BrokersCpu | None:
     out, said on stderr) when it cannot list them."""
     try:
         info = getattr(target, "info", None)
-        pids = {str(b.url): int(b.pid) for b in getattr(info, "brokers", ()) if b.pid}
+        processes: dict[str, LocalProcess] = {
+            str(b.url): (int(b.pid), tuple(b.argv)) for b in getattr(info, "brokers", ()) if b.pid
+        }
         urls = [
             str(broker["url"])
             for broker in control.brokers()
             if broker.get("url") and broker.get("alive", True)
         ]
-        return BrokersCpu([(url, pids.get(url)) for url in urls], target.tls) if urls else None
+        brokers = [(url, processes.get(url)) for url in urls]
+        return BrokersCpu(brokers, target.tls) if urls else None
     except Exception as error:  # the measurement goes on without the brokers' CPU
         click.echo(f"warning: brokers' CPU not measured: {error}", err=True)
         return None

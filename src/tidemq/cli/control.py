@@ -70,6 +70,39 @@ def resolve_target(
     )
 
 
+def with_local_processes(target: Target, cwd: Path | None = None) -> Target:
+    """``target`` with ./data/cluster.json attached when the TIDE_* variables named the
+    cluster and that file describes it (its coordinator's URL among the bootstrap URLs),
+    so that ``tide status`` can show the local PIDs. Anything wrong with the file
+    (unreadable, not a regular file, not cluster.json's shape) leaves ``target`` as it
+    is: the variables alone still say where to connect."""
+    if target.info is not None:
+        return target
+    default = (cwd or Path.cwd()) / DEFAULT_DATA_DIR
+    try:
+        if not (default / "cluster.json").is_file():
+            return target
+        info = read_cluster_file(default)
+    except (ClusterFileError, OSError, ValueError, RecursionError):
+        return target
+    coordinator = _endpoint(info.coordinator.url)
+    if coordinator is None or coordinator not in map(_endpoint, target.bootstrap_urls):
+        return target
+    return Target(target.config, info)
+
+
+def _endpoint(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of ``url`` for comparing URLs; None if it is not one."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        port = parts.port or {"https": 443, "http": 80}.get(parts.scheme.lower())
+    except ValueError:
+        return None
+    if not parts.hostname or port is None:
+        return None
+    return parts.scheme.lower(), parts.hostname.lower(), port
+
+
 def _from_dir(data_dir: Path) -> Target:
     try:
         info = read_cluster_file(data_dir)

@@ -24,6 +24,7 @@ from tidemq.cli.control import (
     ControlPlane,
     Target,
     resolve_target,
+    with_local_processes,
 )
 from tidemq.cli.launch import ServiceOptions
 from tidemq.cli.model import ClusterFileError, ClusterInfo, env_lines, read_cluster_file
@@ -203,7 +204,7 @@ def env(data_dir: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(data_dir: str | None, as_json: bool) -> None:
     """Brokers, topics and partitions (leaders, ISR) of a cluster."""
-    target = _target(data_dir)
+    target = with_local_processes(_target(data_dir))  # the PIDs, if the cluster runs here
     report = _status_report(target)
     if as_json:
         click.echo(json.dumps(report, indent=2))

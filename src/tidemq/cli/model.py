@@ -179,15 +179,19 @@ def cluster_file(data_dir: Path) -> Path:
 def read_cluster_file(data_dir: Path) -> ClusterInfo:
     path = cluster_file(data_dir)
     try:
+        if path.exists() and not path.is_file():  # a FIFO would block the read
+            raise ClusterFileError(f"{path} is not a regular file")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as error:
         raise ClusterFileError(f"{path} not found: is a cluster set up there (tide up)?") from error
     except OSError as error:
         raise ClusterFileError(f"cannot read {path}: {error}") from error
+    except UnicodeDecodeError as error:
+        raise ClusterFileError(f"{path} is not UTF-8 text: {error}") from error
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ClusterFileError(f"{path} is not JSON: {error}") from error
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, or nesting too deep
+        raise ClusterFileError(f"{path} is not JSON: {str(error)[:200]}") from error
     try:
         return parse_cluster_info(data)
     except ClusterFileError as error:
