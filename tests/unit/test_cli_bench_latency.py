@@ -390,8 +390,8 @@ def test_an_older_broker_is_read_from_proc_only_if_cluster_json_started_it(
     tmp_path: Path,
 ) -> None:
     # A stand-in broker: its command line names tidemq, the broker role and a data dir.
-    argv = [sys.executable, "-c", "import time; time.sleep(60)", "tidemq", "broker"]
-    argv += ["--data-dir", str(tmp_path / "broker-1")]
+    argv = [sys.executable, "-c", "import time; time.sleep(60)  # tidemq", "broker"]
+    argv += ["--data-dir", str(tmp_path / "broker-1")]  # the role at [3], as broker_argv
     process = subprocess.Popen(argv)
     try:
         deadline = time.monotonic() + 10
@@ -405,9 +405,15 @@ def test_an_older_broker_is_read_from_proc_only_if_cluster_json_started_it(
             assert stat is not None and reading[1] == stat[0]  # its start time
             assert 0 <= reading[2] <= stat[1]  # its CPU seconds (read again just now)
             # The same PID with another data directory is not that broker (a PID reused).
-            other = [*argv[:-1], str(tmp_path / "broker-2")]
-            reason = BrokersCpu([(url, (process.pid, other))], None).read()[url]
-            assert isinstance(reason, str) and "no broker process here" in reason
+            other_dir = [*argv[:-1], str(tmp_path / "broker-2")]
+            other_role = [*argv[:3], "coordinator", *argv[4:]]
+            for process_here in [(process.pid, other_dir), (process.pid, other_role)]:
+                reason = BrokersCpu([(url, process_here)], None).read()[url]
+                assert isinstance(reason, str) and "no broker process here" in reason
+            # A PID no process can have (a damaged cluster.json): no reading, no crash.
+            for pid in (2**31, 2**63):
+                reason = BrokersCpu([(url, (pid, argv))], None).read()[url]
+                assert isinstance(reason, str) and "no broker process here" in reason
     finally:
         process.kill()
         process.wait(timeout=10)

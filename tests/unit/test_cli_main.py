@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 from click.testing import CliRunner
@@ -13,6 +18,7 @@ from click.testing import CliRunner
 from tidemq.cli.control import ConfigError, ControlPlane, resolve_target, with_local_processes
 from tidemq.cli.main import cli
 from tidemq.cli.model import parse_cluster_info, write_cluster_file
+from tidemq.cli.processes import ProbeError
 
 
 def sample() -> dict[str, Any]:
@@ -115,13 +121,33 @@ def test_resolve_target_order(data_dir: Path, tmp_path: Path) -> None:
         resolve_target(None, {}, cwd=empty)
 
 
+@pytest.fixture
+def running_here(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """./data/cluster.json of a "cluster" whose coordinator is a live stand-in process
+    started from the argv the file records (its broker is not running)."""
+    argv = [sys.executable, "-c", "import time; time.sleep(60)  # tidemq", "coordinator"]
+    argv += ["--data-dir", str(tmp_path / "data" / "coordinator")]
+    process = subprocess.Popen(argv)
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{process.pid}/cmdline").read_bytes().count(b"\0") < len(argv):
+            assert time.monotonic() < deadline, "the stand-in never exec'd"
+            time.sleep(0.01)
+        cluster = sample()
+        cluster["coordinator"].update(pid=process.pid, argv=argv)
+        (tmp_path / "data").mkdir()
+        write_cluster_file(tmp_path / "data", parse_cluster_info(cluster))
+        yield cluster
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
 def test_status_with_variables_naming_the_local_cluster_shows_its_processes(
-    tmp_path: Path,
+    tmp_path: Path, running_here: dict[str, Any]
 ) -> None:
     """`eval "$(tide env --data-dir data)"; tide status` (the README's tour): the
     variables say where to connect, ./data/cluster.json which PIDs are its processes."""
-    (tmp_path / "data").mkdir()
-    write_cluster_file(tmp_path / "data", parse_cluster_info(sample()))
     same = {"TIDE_BOOTSTRAP": "https://127.0.0.1:4000", "TIDE_CA_FILE": "/elsewhere/ca"}
     bare = resolve_target(None, same, cwd=tmp_path)
     assert bare.info is None  # every other command: the variables alone, ./data unread
@@ -130,15 +156,43 @@ def test_status_with_variables_naming_the_local_cluster_shows_its_processes(
         "bootstrap": "https://127.0.0.1:4000",
         "ca_file": "/elsewhere/ca",
     }
-    assert target.info is not None and target.info.coordinator.pid == sample()["coordinator"]["pid"]
-    spelled = {"TIDE_BOOTSTRAP": "HTTPS://127.0.0.1:4000/"}  # the same URL, spelled otherwise
-    assert with_local_processes(resolve_target(None, spelled, cwd=tmp_path), tmp_path).info
+    assert target.info is not None
+    assert target.info.coordinator.pid == running_here["coordinator"]["pid"]
+    for spelled in ("HTTPS://127.0.0.1:4000/", "https://[::1]:1,https://127.0.0.1:04000"):
+        found = resolve_target(None, {"TIDE_BOOTSTRAP": spelled}, cwd=tmp_path)
+        assert with_local_processes(found, tmp_path).info, spelled  # the same URL
     for other in ("https://10.0.0.9:4000", "https://127.0.0.1:4001", "http://127.0.0.1:4000"):
         elsewhere = resolve_target(None, {"TIDE_BOOTSTRAP": other}, cwd=tmp_path)
         assert with_local_processes(elsewhere, cwd=tmp_path).info is None  # another cluster
 
 
-@pytest.mark.parametrize("damage", ["not json", "not utf-8", "deep", "fifo", "denied"])
+def test_the_status_command_shows_the_local_pids_under_the_variables(
+    tmp_path: Path, running_here: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("TIDE_CA_FILE", "TIDE_CERT_FILE", "TIDE_KEY_FILE", "TIDE_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TIDE_BOOTSTRAP", "https://127.0.0.1:4000")  # nothing listens
+    with patch("tidemq.cli.main.ControlPlane.brokers", side_effect=ProbeError("refused")):
+        result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == 1, result.output  # the coordinator did not answer
+    pid = running_here["coordinator"]["pid"]
+    assert f"pid {pid} running" in result.output
+    assert "101" in result.output  # the broker's PID, from the file
+
+
+def test_status_ignores_a_file_whose_coordinator_is_not_running(tmp_path: Path) -> None:
+    """A stale ./data (or another cluster's on the same host and port): its PIDs are
+    not this cluster's, so none are shown."""
+    (tmp_path / "data").mkdir()
+    write_cluster_file(tmp_path / "data", parse_cluster_info(sample()))  # PID 100 is not it
+    same = resolve_target(None, {"TIDE_BOOTSTRAP": "https://127.0.0.1:4000"}, cwd=tmp_path)
+    assert with_local_processes(same, cwd=tmp_path).info is None
+
+
+@pytest.mark.parametrize(
+    "damage", ["not json", "not utf-8", "deep", "fifo", "huge pid", "too large", "denied"]
+)
 def test_status_ignores_a_damaged_local_cluster_file(
     tmp_path: Path, damage: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -153,13 +207,19 @@ def test_status_ignores_a_damaged_local_cluster_file(
         path.write_text("[" * 100_000)
     elif damage == "fifo":
         os.mkfifo(path)  # reading it would block until a writer came
+    elif damage == "huge pid":
+        cluster = sample()
+        cluster["coordinator"]["pid"] = 2**31  # os.kill would raise OverflowError
+        path.write_text(json.dumps(cluster))
+    elif damage == "too large":
+        path.write_text(json.dumps(sample()) + " " * (1 << 20))
     else:  # a directory the user may not search (root passes chmod, so raise it here)
         write_cluster_file(data, parse_cluster_info(sample()))
 
-        def denied(self: Path) -> bool:
-            raise PermissionError(13, "Permission denied", str(self))
+        def denied(*_: Any, **__: Any) -> int:
+            raise PermissionError(13, "Permission denied", str(path))
 
-        monkeypatch.setattr(Path, "is_file", denied)
+        monkeypatch.setattr(os, "open", denied)
     same = resolve_target(None, {"TIDE_BOOTSTRAP": "https://127.0.0.1:4000"}, cwd=tmp_path)
     assert with_local_processes(same, cwd=tmp_path).info is None
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tidemq.cli.model import (
+    CLUSTER_FILE_BYTES_MAX,
     BrokerEntry,
     ClusterFileError,
     ClusterInfo,
@@ -68,7 +69,8 @@ def test_cert_fields_may_be_null() -> None:
         (lambda d: d.update(extra=1), "unexpected fields"),
         (lambda d: d["coordinator"].update(pid="1"), "coordinator.pid"),
         (lambda d: d["coordinator"].update(pid=True), "coordinator.pid"),
-        (lambda d: d["coordinator"].update(pid=0), "positive"),
+        (lambda d: d["coordinator"].update(pid=0), "a PID from 1 to"),
+        (lambda d: d["coordinator"].update(pid=2**31), "a PID from 1 to 4194304, got 2147483648"),
         (lambda d: d["coordinator"].update(argv=[]), "argv"),
         (lambda d: d["brokers"][0].update(argv=["a", 1]), "argv"),
         (lambda d: d["brokers"][1].update(id=1), "duplicate"),
@@ -120,6 +122,19 @@ def test_read_reports_missing_and_corrupt_files(tmp_path: Path) -> None:
 def test_read_refuses_a_cluster_file_that_is_no_regular_file(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "cluster.json")  # reading it would block until a writer came
     with pytest.raises(ClusterFileError, match="not a regular file"):
+        read_cluster_file(tmp_path)
+    (tmp_path / "cluster.json").unlink()
+    (tmp_path / "cluster.json").symlink_to("/dev/zero")  # passes no size check by itself
+    with pytest.raises(ClusterFileError, match="not a regular file"):
+        read_cluster_file(tmp_path)
+
+
+def test_read_refuses_a_cluster_file_past_its_bound(tmp_path: Path) -> None:
+    body = json.dumps(sample())
+    (tmp_path / "cluster.json").write_text(body + " " * (CLUSTER_FILE_BYTES_MAX - len(body)))
+    assert read_cluster_file(tmp_path) == parse_cluster_info(sample())  # at the bound
+    (tmp_path / "cluster.json").write_text(body + " " * (CLUSTER_FILE_BYTES_MAX + 1))
+    with pytest.raises(ClusterFileError, match="larger than"):
         read_cluster_file(tmp_path)
 
 

@@ -38,7 +38,8 @@ kills it by PID whatever happens.
 
 Self-contained on purpose: this file imports only the standard library, click and
 tidemq's public API (``Producer``, ``Consumer``, ``cli.control``'s ``ControlPlane``
-and ``resolve_target``), all of which older trees have too, so it measures an older
+and ``resolve_target``, ``cli.processes.is_running``), all of which older trees have
+too (``is_running(pid, argv)`` since 335b6bc), so it measures an older
 checkout unchanged: ``PYTHONPATH=OLD/src python src/tidemq/cli/bench_latency.py ...``
 (docs/BENCHMARKS.md, "Latency versus throughput").
 """
@@ -278,7 +279,10 @@ class BrokersCpu:
         started = metric_sum(text, "process_start_time_seconds")
         if seconds is not None and started is not None:
             return ("metrics", started, seconds)
-        stat = _proc_stat(process[0]) if process is not None and _is_running(*process) else None
+        try:
+            stat = _proc_stat(process[0]) if process and _is_running(*process) else None
+        except Exception:  # a PID that is none (too large, not an int): no broker here
+            stat = None
         if stat is not None:
             return ("proc", stat[0], stat[1])
         return f"{url} exports no process_cpu_seconds_total and is no broker process here"

@@ -12,6 +12,8 @@ flows (produce, consume, bench) go through the tidemq client library.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import time
 import urllib.parse
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tidemq.cli.model import ClusterFileError, ClusterInfo, config_from_env, read_cluster_file
-from tidemq.cli.processes import ProbeError, http_json
+from tidemq.cli.processes import ProbeError, http_json, is_running
 from tidemq.tls import TlsFiles
 
 DEFAULT_DATA_DIR = "data"
@@ -72,35 +74,40 @@ def resolve_target(
 
 def with_local_processes(target: Target, cwd: Path | None = None) -> Target:
     """``target`` with ./data/cluster.json attached when the TIDE_* variables named the
-    cluster and that file describes it (its coordinator's URL among the bootstrap URLs),
-    so that ``tide status`` can show the local PIDs. Anything wrong with the file
-    (unreadable, not a regular file, not cluster.json's shape) leaves ``target`` as it
-    is: the variables alone still say where to connect."""
+    cluster and that file describes it running here: its coordinator's URL among the
+    bootstrap URLs (same scheme, host and port) and its coordinator process alive, so
+    that ``tide status`` can show the local PIDs. A stale file, another cluster's, or
+    anything wrong with it (unreadable, not a regular file, not cluster.json's shape)
+    leaves ``target`` as it is: the variables alone still say where to connect."""
     if target.info is not None:
         return target
-    default = (cwd or Path.cwd()) / DEFAULT_DATA_DIR
     try:
-        if not (default / "cluster.json").is_file():
-            return target
-        info = read_cluster_file(default)
-    except (ClusterFileError, OSError, ValueError, RecursionError):
+        info = read_cluster_file((cwd or Path.cwd()) / DEFAULT_DATA_DIR)
+    except ClusterFileError:
         return target
     coordinator = _endpoint(info.coordinator.url)
     if coordinator is None or coordinator not in map(_endpoint, target.bootstrap_urls):
+        return target
+    if not is_running(info.coordinator.pid, info.coordinator.argv):
         return target
     return Target(target.config, info)
 
 
 def _endpoint(url: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) of ``url`` for comparing URLs; None if it is not one."""
+    """(scheme, host, port) of ``url`` for comparing URLs (an IP address in its
+    canonical form); None if it is not one."""
     try:
         parts = urllib.parse.urlsplit(url.strip())
-        port = parts.port or {"https": 443, "http": 80}.get(parts.scheme.lower())
+        scheme = parts.scheme.lower()
+        port = {"https": 443, "http": 80}.get(scheme) if parts.port is None else parts.port
     except ValueError:
         return None
     if not parts.hostname or port is None:
         return None
-    return parts.scheme.lower(), parts.hostname.lower(), port
+    host = parts.hostname.lower()
+    with contextlib.suppress(ValueError):
+        host = str(ipaddress.ip_address(host))
+    return scheme, host, port
 
 
 def _from_dir(data_dir: Path) -> Target:

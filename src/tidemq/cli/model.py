@@ -20,11 +20,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 CLUSTER_FILE = "cluster.json"
+CLUSTER_FILE_BYTES_MAX = 1 << 20  # a cluster of hundreds of brokers takes ~100 KiB
+PID_MAX = 1 << 22  # Linux's PID_MAX_LIMIT: no process has a larger PID
 
 
 class ClusterFileError(Exception):
@@ -120,8 +123,8 @@ def _argv(data: dict[str, Any], where: str) -> tuple[str, ...]:
 
 def _pid(data: dict[str, Any], where: str) -> int:
     pid: int = _field(data, "pid", int, where)
-    if pid <= 0:
-        raise ClusterFileError(f"{where}.pid: expected a positive integer, got {pid}")
+    if not 0 < pid <= PID_MAX:
+        raise ClusterFileError(f"{where}.pid: expected a PID from 1 to {PID_MAX}, got {pid}")
     return pid
 
 
@@ -179,9 +182,7 @@ def cluster_file(data_dir: Path) -> Path:
 def read_cluster_file(data_dir: Path) -> ClusterInfo:
     path = cluster_file(data_dir)
     try:
-        if path.exists() and not path.is_file():  # a FIFO would block the read
-            raise ClusterFileError(f"{path} is not a regular file")
-        text = path.read_text(encoding="utf-8")
+        text = _read_regular_file(path, CLUSTER_FILE_BYTES_MAX).decode("utf-8")
     except FileNotFoundError as error:
         raise ClusterFileError(f"{path} not found: is a cluster set up there (tide up)?") from error
     except OSError as error:
@@ -196,6 +197,26 @@ def read_cluster_file(data_dir: Path) -> ClusterInfo:
         return parse_cluster_info(data)
     except ClusterFileError as error:
         raise ClusterFileError(f"{path}: {error}") from error
+
+
+def _read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of ``path`` if, once open, it is a regular file of at most
+    ``max_bytes``: a FIFO (opened without blocking), a device or a /proc file swapped
+    in raises ClusterFileError instead of blocking or reading without end."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ClusterFileError(f"{path} is not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(descriptor, max_bytes + 1 - size):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
+                raise ClusterFileError(f"{path} is larger than {max_bytes} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(descriptor)
 
 
 def write_cluster_file(data_dir: Path, info: ClusterInfo) -> None:

@@ -108,6 +108,8 @@ def is_running(pid: int, argv: Sequence[str]) -> bool:
         return False
     except PermissionError:
         return False  # someone else's process: not ours
+    except (OverflowError, ValueError):
+        return False  # a number no PID can be (past the C int range)
     if _is_zombie(pid):
         return False
     cmdline = read_cmdline(pid)
