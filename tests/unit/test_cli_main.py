@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -178,16 +179,30 @@ def test_the_status_command_shows_the_local_pids_under_the_variables(
     assert result.exit_code == 1, result.output  # the coordinator did not answer
     pid = running_here["coordinator"]["pid"]
     assert f"pid {pid} running" in result.output
-    assert "101" in result.output  # the broker's PID, from the file
+    broker_row = re.compile(r"^1\s+https://127\.0\.0\.1:4001\s.*\s101\s+stopped$", re.M)
+    assert broker_row.search(result.output), result.output  # the broker's PID, from the file
 
 
-def test_status_ignores_a_file_whose_coordinator_is_not_running(tmp_path: Path) -> None:
+def test_status_ignores_a_file_none_of_whose_processes_runs(tmp_path: Path) -> None:
     """A stale ./data (or another cluster's on the same host and port): its PIDs are
     not this cluster's, so none are shown."""
     (tmp_path / "data").mkdir()
-    write_cluster_file(tmp_path / "data", parse_cluster_info(sample()))  # PID 100 is not it
+    write_cluster_file(tmp_path / "data", parse_cluster_info(sample()))  # PIDs 100, 101
     same = resolve_target(None, {"TIDE_BOOTSTRAP": "https://127.0.0.1:4000"}, cwd=tmp_path)
     assert with_local_processes(same, cwd=tmp_path).info is None
+
+
+def test_status_shows_the_brokers_pids_while_the_coordinator_is_down(
+    tmp_path: Path, running_here: dict[str, Any]
+) -> None:
+    """The coordinator crashed and its brokers run on: when the PIDs matter most."""
+    cluster = sample()
+    cluster["brokers"][0].update(running_here["coordinator"])  # the live stand-in...
+    cluster["brokers"][0]["url"] = "https://127.0.0.1:4001"
+    write_cluster_file(tmp_path / "data", parse_cluster_info(cluster))  # ...as a broker
+    same = resolve_target(None, {"TIDE_BOOTSTRAP": "https://127.0.0.1:4000"}, cwd=tmp_path)
+    target = with_local_processes(same, cwd=tmp_path)
+    assert target.info is not None and target.info.coordinator.pid == 100  # not running
 
 
 @pytest.mark.parametrize(

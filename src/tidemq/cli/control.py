@@ -75,7 +75,7 @@ def resolve_target(
 def with_local_processes(target: Target, cwd: Path | None = None) -> Target:
     """``target`` with ./data/cluster.json attached when the TIDE_* variables named the
     cluster and that file describes it running here: its coordinator's URL among the
-    bootstrap URLs (same scheme, host and port) and its coordinator process alive, so
+    bootstrap URLs (same scheme, host and port) and one of its processes alive, so
     that ``tide status`` can show the local PIDs. A stale file, another cluster's, or
     anything wrong with it (unreadable, not a regular file, not cluster.json's shape)
     leaves ``target`` as it is: the variables alone still say where to connect."""
@@ -88,8 +88,9 @@ def with_local_processes(target: Target, cwd: Path | None = None) -> Target:
     coordinator = _endpoint(info.coordinator.url)
     if coordinator is None or coordinator not in map(_endpoint, target.bootstrap_urls):
         return target
-    if not is_running(info.coordinator.pid, info.coordinator.argv):
-        return target
+    processes = [info.coordinator, *info.brokers]
+    if not any(is_running(entry.pid, entry.argv) for entry in processes):
+        return target  # stale: none of its processes runs (a crashed coordinator may)
     return Target(target.config, info)
 
 
