@@ -88,8 +88,9 @@ def with_local_processes(target: Target, cwd: Path | None = None) -> Target:
     coordinator = _endpoint(info.coordinator.url)
     if coordinator is None or coordinator not in map(_endpoint, target.bootstrap_urls):
         return target
-    processes = [info.coordinator, *info.brokers]
-    if not any(is_running(entry.pid, entry.argv) for entry in processes):
+    processes = [(info.coordinator.pid, info.coordinator.argv)]
+    processes += [(broker.pid, broker.argv) for broker in info.brokers]
+    if not any(is_running(pid, argv) for pid, argv in processes):
         return target  # stale: none of its processes runs (a crashed coordinator may)
     return Target(target.config, info)
 
