@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from typing import Any, NamedTuple
 
 import pytest
 from click.testing import CliRunner
+from tests.standins import stand_in, stand_in_argv
 
 from tidemq.cli import bench_curve
 from tidemq.cli.bench import bench
@@ -389,31 +389,20 @@ def test_brokers_cpu_reads_each_brokers_metrics_with_its_start_time() -> None:
 def test_an_older_broker_is_read_from_proc_only_if_cluster_json_started_it(
     tmp_path: Path,
 ) -> None:
-    # A stand-in broker: its command line names tidemq, the broker role and a data dir.
-    argv = [sys.executable, "-c", "import time; time.sleep(60)  # tidemq", "broker"]
-    argv += ["--data-dir", str(tmp_path / "broker-1")]  # the role at [3], as broker_argv
-    process = subprocess.Popen(argv)
-    try:
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{process.pid}/cmdline").read_bytes().count(b"\0") < len(argv):
-            assert time.monotonic() < deadline, "the stand-in never exec'd"
-            time.sleep(0.01)
-        with metrics_server({"/metrics": b"tide_topics 1\n"}) as url:  # no process metrics
-            reading = BrokersCpu([(url, (process.pid, argv))], None).read()[url]
-            assert isinstance(reading, tuple) and reading[0] == "proc"
-            stat = _proc_stat(process.pid)
-            assert stat is not None and reading[1] == stat[0]  # its start time
-            assert 0 <= reading[2] <= stat[1]  # its CPU seconds (read again just now)
-            # The same PID with another data directory is not that broker (a PID reused).
-            other_dir = [*argv[:-1], str(tmp_path / "broker-2")]
-            other_role = [*argv[:3], "coordinator", *argv[4:]]
-            for process_here in [(process.pid, other_dir), (process.pid, other_role)]:
-                reason = BrokersCpu([(url, process_here)], None).read()[url]
-                assert isinstance(reason, str) and "no broker process here" in reason
-            # A PID no process can have (a damaged cluster.json): no reading, no crash.
-            for pid in (2**31, 2**63):
-                reason = BrokersCpu([(url, (pid, argv))], None).read()[url]
-                assert isinstance(reason, str) and "no broker process here" in reason
-    finally:
-        process.kill()
-        process.wait(timeout=10)
+    argv = stand_in_argv("broker", tmp_path / "broker-1")  # a stand-in broker
+    with stand_in(argv) as process, metrics_server({"/metrics": b"tide_topics 1\n"}) as url:
+        reading = BrokersCpu([(url, (process.pid, argv))], None).read()[url]  # no metrics
+        assert isinstance(reading, tuple) and reading[0] == "proc"
+        stat = _proc_stat(process.pid)
+        assert stat is not None and reading[1] == stat[0]  # its start time
+        assert 0 <= reading[2] <= stat[1]  # its CPU seconds (read again just now)
+        # The same PID with another data directory or role is not that broker (reused).
+        other_dir = [*argv[:-1], str(tmp_path / "broker-2")]
+        other_role = [*argv[:3], "coordinator", *argv[4:]]
+        for process_here in [(process.pid, other_dir), (process.pid, other_role)]:
+            reason = BrokersCpu([(url, process_here)], None).read()[url]
+            assert isinstance(reason, str) and "no broker process here" in reason
+        # A PID no process can have (a damaged cluster.json): no reading, no crash.
+        for pid in (2**31, 2**63):
+            reason = BrokersCpu([(url, (pid, argv))], None).read()[url]
+            assert isinstance(reason, str) and "no broker process here" in reason

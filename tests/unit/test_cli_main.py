@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +12,7 @@ from unittest.mock import patch
 
 import pytest
 from click.testing import CliRunner
+from tests.standins import stand_in, stand_in_argv
 
 from tidemq.cli.control import ConfigError, ControlPlane, resolve_target, with_local_processes
 from tidemq.cli.main import cli
@@ -126,22 +124,13 @@ def test_resolve_target_order(data_dir: Path, tmp_path: Path) -> None:
 def running_here(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """./data/cluster.json of a "cluster" whose coordinator is a live stand-in process
     started from the argv the file records (its broker is not running)."""
-    argv = [sys.executable, "-c", "import time; time.sleep(60)  # tidemq", "coordinator"]
-    argv += ["--data-dir", str(tmp_path / "data" / "coordinator")]
-    process = subprocess.Popen(argv)
-    try:
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{process.pid}/cmdline").read_bytes().count(b"\0") < len(argv):
-            assert time.monotonic() < deadline, "the stand-in never exec'd"
-            time.sleep(0.01)
+    argv = stand_in_argv("coordinator", tmp_path / "data" / "coordinator")
+    with stand_in(argv) as process:
         cluster = sample()
         cluster["coordinator"].update(pid=process.pid, argv=argv)
         (tmp_path / "data").mkdir()
         write_cluster_file(tmp_path / "data", parse_cluster_info(cluster))
         yield cluster
-    finally:
-        process.kill()
-        process.wait(timeout=10)
 
 
 def test_status_with_variables_naming_the_local_cluster_shows_its_processes(
