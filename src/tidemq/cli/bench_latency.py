@@ -281,7 +281,7 @@ class BrokersCpu:
             return ("metrics", started, seconds)
         try:
             stat = _proc_stat(process[0]) if process and _is_running(*process) else None
-        except Exception:  # a PID that is none (too large, not an int): no broker here
+        except Exception:  # an older tree's is_running raises on a PID past the C int
             stat = None
         if stat is not None:
             return ("proc", stat[0], stat[1])
