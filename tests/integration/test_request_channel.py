@@ -199,15 +199,16 @@ def test_a_role_grant_is_checked_once_per_channel_and_a_refusal_every_time(
 @pytest.mark.parametrize(
     "body",
     [
-        b'{"broker_id": 2, "hint": NaN}',
-        b'\xef\xbb\xbf{"broker_id": 2}',
-        b'{"broker_id": 2, "n": "\\ud800"}',
+        b'{"broker_id": 2, "partitions": [{"topic": "t", "offset": 1}], "wait_ms": 0}',
+        b'{"partitions": [], "broker_id": 1, "broker_id": 2}',  # the last one counts
+        b'{"broker_id": 2, "n": ' + b"1" * 5000 + b"}",  # past json.loads' 4,300 digits
     ],
 )
 def test_the_channel_reads_a_broker_id_in_the_body_as_http_does(body: bytes) -> None:
-    """The same bytes get the same verdict over the channel as over HTTP (whose
-    middleware reads them with json.loads): here broker-2 naming itself."""
-    assert json.loads(body)["broker_id"] == 2
+    """The same bytes get the same verdict over the channel as over HTTP: both read
+    the named fields with http.body_values (msgspec, as the handlers decode bodies),
+    here broker-2 naming itself."""
+    assert http_module.body_values(body, ("broker_id",)) == {"broker_id": 2}
     replica = Operation("POST", "/v1/replica/fetch", Dummy().replica, broker_self(body="broker_id"))
     broker_2 = channel_module.Identity.from_common_name("broker-2")
     assert channel_module._authorize(replica, broker_2, {}, body) is False  # allowed, per frame
@@ -215,18 +216,32 @@ def test_the_channel_reads_a_broker_id_in_the_body_as_http_does(body: bytes) -> 
 
 @pytest.mark.parametrize(
     "body",
-    [b'{"broker_id": 2, "n": ' + b"1" * 5000 + b"}", b'{"broker_id": 2, "n": ' + b"[" * 100_000],
+    [
+        b'{"broker_id": 2, "n": ' + b"[" * 100_000,  # deep nesting, cut short
+        b'{"broker_id": 2, "n": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # deep nesting
+        b'{"broker_id": 2, "hint": NaN}',  # no JSON (json.loads took it)
+        b'\xef\xbb\xbf{"broker_id": 2}',  # a byte order mark (json.loads took it)
+        b'{"broker_id": 2, "n": "\\ud800"}',  # a lone surrogate (json.loads took it)
+        b'\xff{"broker_id": 2}',
+        b"[2]",
+    ],
 )
 def test_a_body_json_cannot_read_is_refused_alike_over_the_channel_and_http(body: bytes) -> None:
-    """json.loads raises a plain ValueError (an integer past 4,300 digits) or
-    RecursionError (deep nesting): neither path reads a broker id, so both refuse."""
+    """Bytes that are no JSON object a handler would decode name no broker, over
+    either path: both refuse (403), and nothing raises past the check."""
 
     class Request(dict[str, Any]):
+        match_info: dict[str, str] = {}
+        query: dict[str, str] = {}
+
         async def read(self) -> bytes:
             return body
 
-    assert asyncio.run(http_module._body_json(Request())) is None  # type: ignore[arg-type]
-    replica = Operation("POST", "/v1/replica/fetch", Dummy().replica, broker_self(body="broker_id"))
+    assert http_module.body_values(body, ("broker_id",)) == {}
+    callers = broker_self(body="broker_id")
+    named = asyncio.run(http_module._named_values(Request(), callers))  # type: ignore[arg-type]
+    assert named == {}
+    replica = Operation("POST", "/v1/replica/fetch", Dummy().replica, callers)
     broker_2 = channel_module.Identity.from_common_name("broker-2")
     with pytest.raises(Forbidden):
         channel_module._authorize(replica, broker_2, {}, body)

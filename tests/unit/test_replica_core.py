@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -337,3 +338,87 @@ def test_invariants_hold_for_any_event_sequence(steps: list[tuple[object, int]])
                     assert core.high_watermark <= max(progress.durable_offset, before)
         else:
             assert core.waiting() == 0, "a non-leader keeps leader-side waiters"
+
+
+# --- the shortcuts for idle partitions (repeated_fetch, watch_data, unwatch_data) ---
+
+
+def _idle_pair() -> ReplicaCore:
+    """A leader with follower 2 caught up, durable and in the ISR; nothing uncommitted."""
+    core = leader()
+    core.handle(Appended(3), now_ms=0)
+    core.handle(Flushed(3), now_ms=0)
+    core.handle(FollowerFetched(2, 3, 3), now_ms=10)
+    assert core.high_watermark == 3
+    return core
+
+
+def test_a_repeated_idle_fetch_keeps_the_follower_caught_up_without_an_event() -> None:
+    core = _idle_pair()
+    assert core.repeated_fetch(2, 3, 3, now_ms=9_000)
+    assert core.followers[2].last_caught_up_ms == 9_000
+    core.handle(Tick(), now_ms=15_000)  # 6 s later: within lag_time_max_ms of the last fetch
+    assert core.isr == (1, 2) and core._proposal is None
+    # Anything that moved takes the event: new data, a new offset, a lagging durable end.
+    core.handle(Appended(4), now_ms=15_000)
+    assert not core.repeated_fetch(2, 3, 3, now_ms=15_001)
+    assert not core.repeated_fetch(2, 4, 3, now_ms=15_001)
+    assert not core.repeated_fetch(3, 3, 3, now_ms=15_001)  # no such follower
+
+
+def test_a_follower_outside_the_isr_never_takes_the_shortcut() -> None:
+    core = leader(isr=(1,))
+    core.handle(FollowerFetched(2, 0, 0), now_ms=0)  # proposes 2 back
+    assert core._proposal is not None and not core.repeated_fetch(2, 0, 0, now_ms=1)
+
+
+def test_watching_an_idle_partition_without_an_event() -> None:
+    core = _idle_pair()
+    assert core.watch_data(7, 3, follower=True)  # nothing at 3 yet: it waits
+    assert not core.watch_data(8, 2, follower=True)  # data at 2: answered by the event
+    effects = core.handle(Appended(4), now_ms=1)
+    assert completed(effects) == {7}
+    assert core.watch_data(9, 4, follower=True)
+    core.unwatch_data(9)
+    assert core.waiting() == 0
+    core.handle(Closed(), now_ms=2)
+    assert not core.watch_data(10, 4, follower=True)  # no longer leads: the event fails it
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(events, st.integers(0, 5_000)), max_size=60))
+def test_each_shortcut_does_what_its_event_does(steps: list[tuple[object, int]]) -> None:
+    """After any event sequence: a repeated fetch that takes the shortcut, then the
+    Tick it defers ISR changes to, leaves the core as the FollowerFetched event does,
+    with the same effects; watch_data registers exactly when AwaitData would wait;
+    unwatch_data is Cancel. Tried against every follower's last fetch at every step."""
+    core = leader(replicas=(1, 2, 3))
+    now_ms = 0
+    for waiter_id, (raw, delta_ms) in enumerate(steps, start=1):
+        now_ms += delta_ms
+        core.handle(_absolute(core, raw, waiter_id, now_ms), now_ms)
+        later = now_ms + delta_ms
+        for broker, progress in list(core.followers.items()):
+            short, full = copy.deepcopy(core), copy.deepcopy(core)
+            fetch, durable = progress.fetch_offset, progress.durable_offset
+            if fetch == UNKNOWN or durable == UNKNOWN:
+                continue
+            expected = full.handle(FollowerFetched(broker, fetch, durable), later)
+            if short.repeated_fetch(broker, fetch, durable, later):
+                assert short.handle(Tick(), later) == expected
+                assert short == full
+            else:
+                assert short == core, "a refused shortcut changed something"
+        for offset in (core.log_end_offset, max(0, core.log_end_offset - 1)):
+            for follower in (True, False):
+                short, full = copy.deepcopy(core), copy.deepcopy(core)
+                waiter = 10_000 + waiter_id
+                expected = full.handle(AwaitData(waiter, offset, follower), now_ms)
+                if short.watch_data(waiter, offset, follower):
+                    assert expected == [] and short == full
+                    cancelled = copy.deepcopy(short)
+                    short.unwatch_data(waiter)
+                    assert cancelled.handle(Cancel(waiter), now_ms) == []
+                    assert short == cancelled and short == core
+                else:
+                    assert expected != [] and short == core

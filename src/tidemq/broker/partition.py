@@ -278,12 +278,14 @@ class PartitionReplica:
         whole poll instead of a task per partition."""
         waiter_id = next(_waiter_ids)
         self._waiters[waiter_id] = future
+        if self.core.watch_data(waiter_id, offset, follower):  # the common case: it waits
+            return waiter_id
         self.handle(AwaitData(waiter_id, offset, follower))
         return waiter_id if waiter_id in self._waiters else None
 
     def unwatch(self, waiter_id: int) -> None:
         if self._waiters.pop(waiter_id, None) is not None:
-            self.handle(Cancel(waiter_id))
+            self.core.unwatch_data(waiter_id)
 
     async def _wait(self, make: Callable[[int], Event], timeout_s: float, what: str = "") -> None:
         waiter_id = next(_waiter_ids)
@@ -306,7 +308,8 @@ class PartitionReplica:
                 self.handle(Cancel(waiter_id))
 
     def follower_fetched(self, broker_id: int, fetch_offset: int, durable_offset: int) -> None:
-        self.handle(FollowerFetched(broker_id, fetch_offset, durable_offset))
+        if not self.core.repeated_fetch(broker_id, fetch_offset, durable_offset, self._clock_ms()):
+            self.handle(FollowerFetched(broker_id, fetch_offset, durable_offset))
 
     # -- follower --
 

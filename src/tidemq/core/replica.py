@@ -331,6 +331,52 @@ class ReplicaCore:
                 self._fail_all(NotLeader("partition closed on this broker"), effects)
         return effects
 
+    # -- shortcuts for a replication round's idle partitions --
+    #
+    # A follower's fetch session names every partition it follows on this leader, so
+    # each round touches every one of them, most often with nothing new: the follower
+    # fetched the same offset as last time, and the session watches the partition for
+    # data and stops watching it. These three do what the equivalent event does, with
+    # no event, no dispatch and no effects list; tests/unit/test_replica_core.py checks
+    # each against its event.
+
+    def repeated_fetch(
+        self, broker_id: int, fetch_offset: int, durable_offset: int, now_ms: int
+    ) -> bool:
+        """A caught-up ISR member's fetch that repeats its previous one while the log
+        stood still and everything is committed: applied as :class:`FollowerFetched`
+        would (it stays caught up, as of now) and True; False (nothing done) when the
+        event is needed. The one difference: an ISR change that is due for *another*
+        reason (another follower lags, a refused proposal's retry) waits for the next
+        :class:`Tick` instead of riding on this fetch."""
+        progress = self.followers.get(broker_id)
+        if (
+            progress is None
+            or self.role is not Role.LEADER
+            or fetch_offset != self.log_end_offset
+            or self.high_watermark != self.log_end_offset
+            or progress.fetch_offset != fetch_offset
+            or progress.durable_offset != durable_offset
+            or progress.last_fetch_leader_end != self.log_end_offset
+            or broker_id not in self.isr
+        ):
+            return False
+        progress.last_caught_up_ms = now_ms
+        progress.last_fetch_ms = now_ms
+        return True
+
+    def watch_data(self, waiter_id: int, offset: int, follower: bool) -> bool:
+        """:class:`AwaitData` when it would wait: True and the waiter registered; False
+        (nothing done) when it would be answered or failed at once (use the event)."""
+        if self.role is not Role.LEADER or self._has_data(offset, follower):
+            return False
+        self._data_waiters[waiter_id] = (offset, follower)
+        return True
+
+    def unwatch_data(self, waiter_id: int) -> None:
+        """:class:`Cancel` of a waiter :meth:`watch_data` registered."""
+        self._cancel(waiter_id)
+
     # -- local log progress --
 
     def _on_appended(self, log_end_offset: int, effects: list[Effect]) -> None:

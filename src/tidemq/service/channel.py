@@ -45,7 +45,7 @@ from tidemq.errors import (
 )
 from tidemq.service.callers import ANY, Callers, Identity, Location
 from tidemq.service.failstop import fail_stop
-from tidemq.service.http import Endpoint, json_or_none
+from tidemq.service.http import Endpoint, body_values
 from tidemq.wire.channel import (
     CHANNEL_PATH,
     ChannelAnswer,
@@ -247,15 +247,15 @@ def _authorize(
     values: dict[tuple[Location, str], Any] = {}
     needs_values = operation.callers.needs_values(identity)
     if needs_values:
-        parsed: Any = None
+        in_body: list[str] = []
         for grant in operation.callers.broker_self_grants():
             if grant.location == "query":
                 values[(grant.location, grant.name)] = query.get(grant.name)
             else:
-                if parsed is None:  # as the HTTP middleware reads it; no JSON, no values
-                    parsed = json_or_none(body) or {}
-                if isinstance(parsed, dict):
-                    values[(grant.location, grant.name)] = parsed.get(grant.name)
+                in_body.append(grant.name)
+        if in_body:  # as the HTTP middleware reads them
+            for name, value in body_values(body, tuple(in_body)).items():
+                values[("body", name)] = value
     refusal = operation.callers.refusal(identity, values)
     if refusal is not None:
         raise Forbidden(refusal)

@@ -6,6 +6,7 @@ endpoint's declared callers (service/callers.py) against the caller's certificat
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -13,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram
 
@@ -178,6 +180,7 @@ async def _named_values(request: web.Request, callers: Callers) -> dict[tuple[Lo
     """The raw values the broker-self grants name; the body is read (bounded by the
     app's client_max_size) and kept for the handler's :func:`read_json`."""
     values: dict[tuple[Location, str], Any] = {}
+    in_body: list[str] = []
     for grant in callers.broker_self_grants():
         key = (grant.location, grant.name)
         if grant.location == "path":
@@ -185,9 +188,12 @@ async def _named_values(request: web.Request, callers: Callers) -> dict[tuple[Lo
         elif grant.location == "query":
             values[key] = request.query.get(grant.name)
         else:
-            body = await _body_json(request)
-            if isinstance(body, dict):
-                values[key] = body.get(grant.name)
+            in_body.append(grant.name)
+    if in_body:
+        if _BODY_KEY not in request:
+            request[_BODY_KEY] = await request.read()
+        for name, value in body_values(request[_BODY_KEY], tuple(in_body)).items():
+            values[("body", name)] = value
     return values
 
 
@@ -197,20 +203,29 @@ async def _named_values(request: web.Request, callers: Callers) -> dict[tuple[Lo
 JSON_ERRORS = (ValueError, RecursionError)
 
 
-def json_or_none(raw: bytes) -> Any:
-    """``raw`` parsed as the authorization rules read a body (None if it is no JSON
-    json.loads reads): one rule for the HTTP middleware and the request channel, so the
-    same bytes get the same verdict over both."""
+def body_values(raw: bytes, names: tuple[str, ...]) -> dict[str, Any]:
+    """The top-level fields ``names`` of a JSON object body, as the authorization
+    rules read them: those present, raw; none if the body is no JSON object msgspec
+    reads. One rule for the HTTP middleware and the request channel, so the same
+    bytes get the same verdict over both. Only the named fields are built: the rest
+    is skipped, not parsed into objects (a follower's replica fetch names every
+    partition it follows, and its ``broker_id`` is all the check needs)."""
     try:
-        return json.loads(raw)
-    except JSON_ERRORS:
-        return None
+        found = msgspec.json.decode(raw, type=_fields_of(names))
+    except (msgspec.MsgspecError, RecursionError):
+        return {}
+    return {name: getattr(found, name) for name in names if getattr(found, name) is not _ABSENT}
 
 
-async def _body_json(request: web.Request) -> Any:
-    if _BODY_KEY not in request:
-        request[_BODY_KEY] = await request.read()
-    return json_or_none(request[_BODY_KEY])
+_ABSENT: Any = object()
+
+
+@functools.cache
+def _fields_of(names: tuple[str, ...]) -> type[msgspec.Struct]:
+    """A struct with just ``names`` (any JSON value each, absent by default)."""
+    return msgspec.defstruct(
+        "Named", [(name, Any, msgspec.field(default=_ABSENT)) for name in names]
+    )
 
 
 async def read_body(request: web.Request, max_bytes: int) -> bytes:
