@@ -617,6 +617,7 @@ def test_maintenance_skips_replicas_dropped_while_it_awaits(tmp_path: Path) -> N
                     second_pass.set()
 
             first.checkpoint_high_watermark = checkpoint_blocks  # type: ignore[method-assign]
+            first._checkpointed_high_watermark = -1  # as if its high watermark had moved
             broker.metrics.update_producers = count_pass  # type: ignore[method-assign]
             task = asyncio.ensure_future(broker.maintenance_loop())
             await asyncio.wait_for(entered.wait(), 10)
@@ -631,6 +632,42 @@ def test_maintenance_skips_replicas_dropped_while_it_awaits(tmp_path: Path) -> N
             task.cancel()
             waiter.cancel()
             assert waiter in done, task.exception() if task.done() else "no second pass"
+
+    run(scenario)
+
+
+def test_maintenance_checkpoints_only_high_watermarks_that_moved(tmp_path: Path) -> None:
+    """A checkpoint is two fsyncs on a worker thread; the pass hands over only the
+    replicas whose high watermark moved since their last checkpoint (a broker with
+    hundreds of idle partitions made hundreds of thread hops a second)."""
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, _):
+            replica = broker.replicas[("orders", 0)]
+            on_threads: list[str] = []
+            passes: list[asyncio.Event] = [asyncio.Event() for _ in range(4)]
+            real_checkpoint = replica.checkpoint_high_watermark
+
+            def checkpoint() -> None:
+                on_threads.append(threading.current_thread().name)
+                real_checkpoint()
+
+            def count_pass(now_ms: int) -> None:
+                next(p for p in passes if not p.is_set()).set()
+
+            replica.checkpoint_high_watermark = checkpoint  # type: ignore[method-assign]
+            broker.metrics.update_producers = count_pass  # type: ignore[method-assign]
+            task = asyncio.ensure_future(broker.maintenance_loop())
+            try:
+                await asyncio.wait_for(passes[1].wait(), 10)  # a whole pass after the first
+                assert not replica.checkpoint_due and on_threads == []
+                replica._checkpointed_high_watermark = -1  # its high watermark "moved"
+                assert replica.checkpoint_due
+                await asyncio.wait_for(passes[3].wait(), 10)
+                assert len(on_threads) == 1 and on_threads[0] != "MainThread"
+                assert not replica.checkpoint_due
+            finally:
+                task.cancel()
 
     run(scenario)
 

@@ -382,6 +382,11 @@ class PartitionReplica:
 
     # -- housekeeping --
 
+    @property
+    def checkpoint_due(self) -> bool:
+        """Has the high watermark moved since it was last checkpointed?"""
+        return not self.closed and self.core.high_watermark != self._checkpointed_high_watermark
+
     def checkpoint_high_watermark(self) -> None:
         """Writes the high watermark checkpoint (two fsyncs; the maintenance loop calls
         it on a worker thread, racing a close or delete of this replica)."""

@@ -1087,8 +1087,10 @@ class Broker:
                     continue  # dropped (topic deleted, replica moved) while this pass awaited
                 # Never past the high watermark: a follower may still need the records.
                 replica.log.apply_retention(now_ms, replica.high_watermark)
-                # Two fsyncs: off the event loop, so heartbeats are never late for it.
-                await asyncio.to_thread(replica.checkpoint_high_watermark)
+                # Two fsyncs: off the event loop, so heartbeats are never late for it;
+                # no thread hop for the many whose high watermark stood still.
+                if replica.checkpoint_due:
+                    await asyncio.to_thread(replica.checkpoint_high_watermark)
                 if self.replicas.get((topic, number)) is not replica:
                     continue
                 self.metrics.log_size.labels(topic, str(number)).set(replica.log.size_bytes)
