@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tidemq.cli import processes
 
@@ -56,3 +61,54 @@ def test_log_tail(tmp_path: Path) -> None:
     log.write_text("".join(f"line {i}\n" for i in range(100)))
     assert processes.log_tail(log, 3) == "line 97\nline 98\nline 99"
     assert "cannot read" in processes.log_tail(tmp_path / "missing.log")
+
+
+class _Answers(http.server.BaseHTTPRequestHandler):
+    """Answers GET /<status>/<kind> with a body of that kind."""
+
+    bodies = {
+        "ok": b'{"brokers": []}',
+        "deep": b"[" * 100_000 + b"]" * 100_000,
+        "utf": b'{"x": "\xff"}',
+        "digits": b"1" * 5_000,
+        "huge": b" " * 64,  # with ANSWER_BYTES_MAX lowered below
+        "error": b'{"error": {"code": "not_found", "message": "no such topic"}}',
+        "deep-error": b"[" * 100_000,
+    }
+
+    def do_GET(self) -> None:  # http.server calls it by this name
+        _, status, kind = self.path.split("/")
+        body = self.bodies[kind]
+        self.send_response(int(status))
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_http_json_turns_any_bad_answer_into_a_probe_error(monkeypatch: Any) -> None:
+    """A wrong or hostile server gives a ProbeError (a clear CLI error), never a
+    traceback or an unbounded read: deep nesting, bad UTF-8, a 5,000-digit integer,
+    an answer past the bound, and error bodies of each kind."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert processes.http_json("GET", f"{base}/200/ok", None) == {"brokers": []}
+        for kind in ("deep", "utf", "digits"):
+            with pytest.raises(processes.ProbeError, match="answer is not JSON"):
+                processes.http_json("GET", f"{base}/200/{kind}", None)
+        monkeypatch.setattr(processes, "ANSWER_BYTES_MAX", 63)
+        with pytest.raises(processes.ProbeError, match="answer exceeds 63 bytes"):
+            processes.http_json("GET", f"{base}/200/huge", None)
+        with pytest.raises(processes.ProbeError, match="not_found: no such topic") as found:
+            processes.http_json("GET", f"{base}/404/error", None)
+        assert found.value.status == 404
+        with pytest.raises(processes.ProbeError, match=r"HTTP 500: \[\[\[") as found:
+            processes.http_json("GET", f"{base}/500/deep-error", None)
+    finally:
+        server.shutdown()
+        server.server_close()

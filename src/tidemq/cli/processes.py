@@ -28,6 +28,11 @@ from tidemq.tls import TlsFiles, client_context
 _children: dict[int, subprocess.Popen[bytes]] = {}
 
 PROBE_TIMEOUT_S = 2.0
+# A service's JSON answer to a CLI command (cluster metadata, a group's members...):
+# far above what a large cluster writes, and a bound on what a wrong server can make
+# the CLI hold. An error body is only quoted, so less of it is read.
+ANSWER_BYTES_MAX = 64 * 1024 * 1024
+ERROR_BYTES_MAX = 64 * 1024
 
 
 @atexit.register
@@ -204,25 +209,32 @@ def http_json(
     context = client_context(tls) if url.startswith("https:") and tls is not None else None
     try:
         with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
-            raw = response.read()
+            raw = response.read(ANSWER_BYTES_MAX + 1)
     except urllib.error.HTTPError as error:
-        raw = error.read()
+        raw = error.read(ERROR_BYTES_MAX)
         error.close()
         raise ProbeError(_error_message(error.code, raw), error.code) from error
     except (urllib.error.URLError, OSError, TimeoutError) as error:
         reason = getattr(error, "reason", error)
         raise ProbeError(f"{url}: {reason}") from error
+    if len(raw) > ANSWER_BYTES_MAX:
+        raise ProbeError(f"{url}: answer exceeds {ANSWER_BYTES_MAX} bytes")
     try:
         return json.loads(raw) if raw else None
-    except json.JSONDecodeError as error:
+    except _JSON_ERRORS as error:  # not JSON, not UTF-8, too deep, a too-long integer
         raise ProbeError(f"{url}: answer is not JSON") from error
+
+
+# What json.loads raises for bytes it does not read (JSONDecodeError and
+# UnicodeDecodeError are ValueErrors; deep nesting is a RecursionError).
+_JSON_ERRORS = (ValueError, RecursionError)
 
 
 def _error_message(status: int, raw: bytes) -> str:
     try:
         error = json.loads(raw)["error"]
         return f"{error['code']}: {error['message']} (HTTP {status})"
-    except (ValueError, KeyError, TypeError):
+    except (*_JSON_ERRORS, KeyError, TypeError):
         return f"HTTP {status}: {raw[:200].decode(errors='replace')}"
 
 
