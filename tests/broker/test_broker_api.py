@@ -10,6 +10,7 @@ import asyncio
 import json
 import struct
 import threading
+import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -22,9 +23,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
+from tidemq.broker.partition import HIGH_WATERMARK_FILE
 from tidemq.broker.server import BATCH_TYPE, Broker, BrokerConfig, create_app
 from tidemq.errors import NotLeader, UnknownTopic
 from tidemq.storage import FsyncPolicy, LogConfig
+from tidemq.storage.checkpoint import read_offset
 from tidemq.transport import HttpTransport
 from tidemq.wire import control
 from tidemq.wire.batch import build_batch, decode_records
@@ -642,7 +645,7 @@ def test_maintenance_checkpoints_only_high_watermarks_that_moved(tmp_path: Path)
     hundreds of idle partitions made hundreds of thread hops a second)."""
 
     async def scenario() -> None:
-        async with broker_client(tmp_path) as (broker, _):
+        async with broker_client(tmp_path) as (broker, client):
             replica = broker.replicas[("orders", 0)]
             on_threads: list[str] = []
             passes: list[asyncio.Event] = [asyncio.Event() for _ in range(4)]
@@ -658,16 +661,61 @@ def test_maintenance_checkpoints_only_high_watermarks_that_moved(tmp_path: Path)
             replica.checkpoint_high_watermark = checkpoint  # type: ignore[method-assign]
             broker.metrics.update_producers = count_pass  # type: ignore[method-assign]
             task = asyncio.ensure_future(broker.maintenance_loop())
+            checkpoint = replica.directory / HIGH_WATERMARK_FILE
             try:
                 await asyncio.wait_for(passes[1].wait(), 10)  # a whole pass after the first
                 assert not replica.checkpoint_due and on_threads == []
-                replica._checkpointed_high_watermark = -1  # its high watermark "moved"
+                answer = await produce(client, batch(2))  # the high watermark: 0 -> 2
+                assert answer.status == 200 and replica.high_watermark == 2
                 assert replica.checkpoint_due
                 await asyncio.wait_for(passes[3].wait(), 10)
                 assert len(on_threads) == 1 and on_threads[0] != "MainThread"
-                assert not replica.checkpoint_due
+                assert read_offset(checkpoint) == 2 and not replica.checkpoint_due
+                # A high watermark below the checkpointed one (a follower's truncation)
+                # is due as well.
+                replica._checkpointed_high_watermark = 7
+                assert replica.checkpoint_due
             finally:
                 task.cancel()
+
+    run(scenario)
+
+
+def test_a_close_and_the_maintenance_pass_write_the_checkpoint_one_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: both wrote high-watermark-checkpoint.tmp at once, and the
+    first rename took the file from under the second (FileNotFoundError out of
+    close(), which the broker treats as fatal)."""
+    import tidemq.broker.partition as partition_module
+
+    writing, most = [0], [0]
+    real_write = partition_module.write_offset
+
+    def slow_write(path: Path, offset: int) -> None:
+        writing[0] += 1
+        most[0] = max(most[0], writing[0])
+        try:
+            threading.Event().wait(0.2)  # long enough for the other writer to come in
+            real_write(path, offset)
+        finally:
+            writing[0] -= 1
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, client):
+            replica = broker.replicas[("orders", 0)]
+            assert (await produce(client, batch(2))).status == 200
+            monkeypatch.setattr(partition_module, "write_offset", slow_write)
+            pass_ = threading.Thread(target=replica.checkpoint_high_watermark)
+            pass_.start()
+            deadline = time.monotonic() + 10
+            while writing[0] == 0:  # until the pass is inside its write
+                assert time.monotonic() < deadline, "the pass never wrote"
+                threading.Event().wait(0.001)
+            replica.close()  # writes the same checkpoint (before this fix: at once)
+            pass_.join(10)
+            assert most[0] == 1
+            assert read_offset(replica.directory / HIGH_WATERMARK_FILE) == 2
 
     run(scenario)
 

@@ -20,10 +20,15 @@ from tests.storage.storage_helpers import fail_once_with_eio
 
 import tidemq.broker.syncer as syncer_module
 from tidemq.broker.follower import _restart_at
-from tidemq.broker.partition import PartitionReplica, partition_directory_name
+from tidemq.broker.partition import (
+    HIGH_WATERMARK_FILE,
+    PartitionReplica,
+    partition_directory_name,
+)
 from tidemq.broker.server import Broker, BrokerConfig
 from tidemq.core.replica import Acks
 from tidemq.storage import LogConfig, PartitionLog
+from tidemq.storage.checkpoint import read_offset
 from tidemq.storage.journal import JOURNAL_DIRECTORY, Journal, journal_files
 from tidemq.transport import HttpTransport
 from tidemq.wire.batch import decode_records, patch_batch
@@ -145,6 +150,30 @@ def test_appends_made_before_the_group_commit_runs_share_one_fdatasync(
 
 class _PowerLoss(Exception):
     """Stands for the machine stopping at this point."""
+
+
+def test_a_follower_reset_checkpoints_its_high_watermark_again(tmp_path: Path) -> None:
+    """reset_to recreates the partition directory, and with it goes the high watermark
+    checkpoint: the next maintenance pass must write it again even if the high
+    watermark did not move (found by review: it counted as written)."""
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, _):
+            follower = broker.replicas[("orders", 1)]
+            follower.append_replicated(batch(3), 0)
+            broker.syncer.mark_dirty(follower)
+            await broker.syncer.sync_dirty()
+            follower.leader_answered(3)
+            follower.checkpoint_high_watermark()
+            checkpoint = follower.directory / HIGH_WATERMARK_FILE
+            assert read_offset(checkpoint) == 3 and not follower.checkpoint_due
+            follower.reset_to(50, 0)
+            assert not checkpoint.exists() and follower.checkpoint_due
+            follower.checkpoint_high_watermark()
+            assert read_offset(checkpoint) == follower.high_watermark
+            assert not follower.checkpoint_due
+
+    run(scenario)
 
 
 def test_a_crash_in_a_follower_reset_after_a_checkpoint_still_restarts(

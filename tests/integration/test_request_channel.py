@@ -17,11 +17,20 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 import tidemq.service.channel as channel_module
 import tidemq.service.http as http_module
-from tidemq.errors import ConnectionFailed, Forbidden, NotLeader, RequestTooLarge, Unavailable
+from tidemq.errors import (
+    ConnectionFailed,
+    Forbidden,
+    InvalidRequest,
+    NotLeader,
+    RequestTooLarge,
+    Unavailable,
+)
 from tidemq.service.app import build_app
 from tidemq.service.callers import BROKERS, CLIENTS, broker_self
 from tidemq.service.channel import Operation, Reply, channel_endpoint
@@ -29,7 +38,9 @@ from tidemq.service.http import Endpoint
 from tidemq.tls import client_context as tls_client_context
 from tidemq.tls import ensure_cluster_pki, server_context
 from tidemq.transport import HttpTransport
+from tidemq.wire import control
 from tidemq.wire.channel import decode_answer, encode_request
+from tidemq.wire.replica_fetch import ReplicaFetchRequest
 
 NAMES = ["coordinator", "broker-1", "broker-2", "client"]
 
@@ -245,6 +256,55 @@ def test_a_body_json_cannot_read_is_refused_alike_over_the_channel_and_http(body
     broker_2 = channel_module.Identity.from_common_name("broker-2")
     with pytest.raises(Forbidden):
         channel_module._authorize(replica, broker_2, {}, body)
+
+
+_CLAIMS = [
+    *("2", "1", "2.0", "2e0", "-0", "02", "2.5", '"2"', '"\\u0032"', "true", "null", "[2]"),
+    *('{"broker_id": 2}', str(2**64 + 2), "4294967298", "1e400", "1.9999999999999999"),
+]
+_KEYS = ['"broker_id"', '"broker\\u005fid"', '"Broker_id"', '"broker_id "', '"broker-id"']
+_REST = {
+    ReplicaFetchRequest: '"partitions": [{"topic": "t", "partition": 0, "leader_epoch": 1, '
+    '"offset": 0}]',
+    control.BrokerRegistration: '"url": "https://127.0.0.1:9000"',
+}
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(_KEYS), st.sampled_from(_CLAIMS)), min_size=1, max_size=3),
+    st.sampled_from(sorted(_REST, key=lambda kind: kind.__name__)),
+    st.integers(0, 3),
+)
+def test_a_broker_the_check_lets_in_is_the_broker_the_handler_reads(
+    claims: list[tuple[str, str]], kind: type[Any], rest_at: int
+) -> None:
+    """The promise of a body grant (the two endpoints that have one): if broker-2's
+    certificate passes the check, the handler decodes broker_id 2 or refuses the
+    body, whatever the keys' spelling, duplicates, order and the value's JSON type."""
+    fields = [f"{key}: {value}" for key, value in claims]
+    fields.insert(min(rest_at, len(fields)), _REST[kind])
+    body = ("{" + ", ".join(fields) + "}").encode()
+    broker_2 = channel_module.Identity.from_common_name("broker-2")
+    named = http_module.body_values(body, ("broker_id",))
+    allowed = broker_self(body="broker_id").allows(
+        broker_2, {("body", k): v for k, v in named.items()}
+    )
+    try:
+        decoded = control.decode(body, kind)
+    except InvalidRequest:
+        return
+    assert not allowed or decoded.broker_id == 2, body
+    if decoded.broker_id == 2:
+        assert allowed, body  # and the rule does not refuse the broker the handler reads
+
+
+def test_the_body_check_reads_keys_that_are_no_python_names() -> None:
+    assert http_module.body_values(b'{"a-b": 2, "": [1], "x y": null}', ("a-b", "", "x y")) == {
+        "a-b": 2,
+        "": [1],
+        "x y": None,
+    }
 
 
 def test_a_peer_without_a_channel_or_without_that_target_gets_plain_http(

@@ -32,3 +32,21 @@ def test_integers_may_be_integral_floats_but_not_strings_or_fractions() -> None:
     assert control.decode(body, FetchRequest).partitions[0].partition == 2
     with pytest.raises(InvalidRequest):
         control.decode(body.replace(b"2.0", b"2.5"), FetchRequest)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # The typed decode stops at the string id; the bytes after it are no JSON.
+        b'{"broker_id": "2", "url": "https://127.0.0.1:1", "x": 02}',
+        b'{"broker_id": 2.0, "url": "https://127.0.0.1:1", "x": [1,}',
+        b'{"broker_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # msgspec: RecursionError
+        b"[" * 100_000,
+    ],
+)
+def test_a_malformed_body_is_invalid_request_whichever_decode_sees_it(body: bytes) -> None:
+    """Both of decode's passes turn malformed or too deep JSON into InvalidRequest
+    (400), not an exception that escapes as a 500 (found by the body-check property
+    test in tests/integration/test_request_channel.py)."""
+    with pytest.raises(InvalidRequest, match="malformed JSON"):
+        control.decode(body, control.BrokerRegistration)

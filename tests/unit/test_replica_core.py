@@ -298,7 +298,7 @@ def _absolute(core: ReplicaCore, raw: object, waiter_id: int, now_ms: int) -> Ev
                 isr,
             )
         )
-    assert isinstance(raw, Cancel | Tick)
+    assert isinstance(raw, Cancel | Tick | Closed)
     return raw
 
 
@@ -366,6 +366,23 @@ def test_a_repeated_idle_fetch_keeps_the_follower_caught_up_without_an_event() -
     assert not core.repeated_fetch(3, 3, 3, now_ms=15_001)  # no such follower
 
 
+def test_a_lagging_follower_repeating_its_fetch_is_not_caught_up() -> None:
+    """Found by review: the high watermark can equal the log end while an ISR member
+    lags (the coordinator put it back while it was behind). Its repeated fetch below
+    the log end must take the event, which leaves it lagging, so that the ISR shrinks;
+    a shortcut would mark it caught up at every fetch and acks=all would stall."""
+    core = leader(replicas=(1, 2, 3), isr=(1, 2))
+    core.handle(Appended(5), now_ms=0)
+    core.handle(Flushed(5), now_ms=0)
+    core.handle(FollowerFetched(2, 5, 5), now_ms=0)
+    core.handle(FollowerFetched(3, 2, 2), now_ms=0)
+    core.handle(Assigned(ReplicaAssignment(1, 1, 2, (1, 2, 3), (1, 2, 3))), now_ms=0)
+    assert core.high_watermark == 5 and core.followers[3].fetch_offset == 2
+    assert not core.repeated_fetch(3, 2, 2, now_ms=20_000)
+    effects = core.handle(FollowerFetched(3, 2, 2), now_ms=20_000)
+    assert [e.isr for e in effects if isinstance(e, ProposeIsr)] == [(1,)]
+
+
 def test_a_follower_outside_the_isr_never_takes_the_shortcut() -> None:
     core = leader(isr=(1,))
     core.handle(FollowerFetched(2, 0, 0), now_ms=0)  # proposes 2 back
@@ -385,8 +402,23 @@ def test_watching_an_idle_partition_without_an_event() -> None:
     assert not core.watch_data(10, 4, follower=True)  # no longer leads: the event fails it
 
 
+def _fetches_to_try(core: ReplicaCore) -> list[tuple[int, int, int]]:
+    """Each follower's last fetch repeated, and fetches next to it and to the log end
+    (as the shell passes them: offsets within the log, durable end up to the fetch)."""
+    tried = []
+    for broker in (2, 3, 4):
+        progress = core.followers.get(broker)
+        known = [] if progress is None else [progress.fetch_offset, progress.durable_offset]
+        offsets = {core.log_end_offset, core.durable_offset, *known}
+        candidates = {o + d for o in offsets for d in (-1, 0, 1)}
+        for fetch in sorted(c for c in candidates if 0 <= c <= core.log_end_offset):
+            for durable in sorted(c for c in candidates if 0 <= c <= fetch):
+                tried.append((broker, fetch, durable))
+    return tried
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(events, st.integers(0, 5_000)), max_size=60))
+@given(st.lists(st.tuples(events | st.just(Closed()), st.integers(0, 5_000)), max_size=60))
 def test_each_shortcut_does_what_its_event_does(steps: list[tuple[object, int]]) -> None:
     """After any event sequence: a repeated fetch that takes the shortcut, then the
     Tick it defers ISR changes to, leaves the core as the FollowerFetched event does,
@@ -398,11 +430,8 @@ def test_each_shortcut_does_what_its_event_does(steps: list[tuple[object, int]])
         now_ms += delta_ms
         core.handle(_absolute(core, raw, waiter_id, now_ms), now_ms)
         later = now_ms + delta_ms
-        for broker, progress in list(core.followers.items()):
+        for broker, fetch, durable in _fetches_to_try(core):
             short, full = copy.deepcopy(core), copy.deepcopy(core)
-            fetch, durable = progress.fetch_offset, progress.durable_offset
-            if fetch == UNKNOWN or durable == UNKNOWN:
-                continue
             expected = full.handle(FollowerFetched(broker, fetch, durable), later)
             if short.repeated_fetch(broker, fetch, durable, later):
                 assert short.handle(Tick(), later) == expected

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -161,6 +162,7 @@ class PartitionReplica:
             lag_time_max_ms=lag_time_max_ms,
         )
         self._checkpointed_high_watermark = checkpoint
+        self._checkpoint_lock = threading.Lock()
         self._waiters: dict[int, asyncio.Future[None]] = {}
         self._durable_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.closed = False
@@ -342,6 +344,7 @@ class PartitionReplica:
         if self._journal is not None:
             self.log.attach_journal(self._journal, self.directory.name)
         self.producers = load_producer_state(self.log)
+        self._checkpointed_high_watermark = -1  # its file went with the old directory
         self.handle(Truncated(self.log.log_end_offset))
         self.handle(Flushed(self._durable_end()))
         self._release_durable_waiters()
@@ -390,16 +393,20 @@ class PartitionReplica:
     def checkpoint_high_watermark(self) -> None:
         """Writes the high watermark checkpoint (two fsyncs; the maintenance loop calls
         it on a worker thread, racing a close or delete of this replica)."""
-        high_watermark = self.core.high_watermark
-        if self.closed or high_watermark == self._checkpointed_high_watermark:
-            return
-        try:
-            write_offset(self.directory / HIGH_WATERMARK_FILE, high_watermark)
-        except FileNotFoundError:
-            if self.closed:
-                return  # deleted meanwhile
-            raise
-        self._checkpointed_high_watermark = high_watermark
+        # One writer at a time: close() (the loop) and the maintenance pass (a thread)
+        # share the file's temporary name, and one's rename would pull the file from
+        # under the other (FileNotFoundError out of close(): fail-stop).
+        with self._checkpoint_lock:
+            high_watermark = self.core.high_watermark
+            if self.closed or high_watermark == self._checkpointed_high_watermark:
+                return
+            try:
+                write_offset(self.directory / HIGH_WATERMARK_FILE, high_watermark)
+            except FileNotFoundError:
+                if self.closed:
+                    return  # deleted meanwhile
+                raise
+            self._checkpointed_high_watermark = high_watermark
 
     def stats(self) -> dict[str, object]:
         return {

@@ -349,6 +349,10 @@ class ReplicaCore:
         event is needed. The one difference: an ISR change that is due for *another*
         reason (another follower lags, a refused proposal's retry) waits for the next
         :class:`Tick` instead of riding on this fetch."""
+        # Some of these follow from others in every reachable state (an ISR member's
+        # durable end bounds the high watermark); each is kept so that the shortcut's
+        # equivalence never rests on that reasoning. The tests pin the ones that matter
+        # on their own (role, ISR, fetch at the log end).
         progress = self.followers.get(broker_id)
         if (
             progress is None

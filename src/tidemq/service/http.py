@@ -214,7 +214,8 @@ def body_values(raw: bytes, names: tuple[str, ...]) -> dict[str, Any]:
         found = msgspec.json.decode(raw, type=_fields_of(names))
     except (msgspec.MsgspecError, RecursionError):
         return {}
-    return {name: getattr(found, name) for name in names if getattr(found, name) is not _ABSENT}
+    values = (getattr(found, f"f{index}") for index in range(len(names)))
+    return {name: value for name, value in zip(names, values, strict=True) if value is not _ABSENT}
 
 
 _ABSENT: Any = object()
@@ -222,9 +223,13 @@ _ABSENT: Any = object()
 
 @functools.cache
 def _fields_of(names: tuple[str, ...]) -> type[msgspec.Struct]:
-    """A struct with just ``names`` (any JSON value each, absent by default)."""
+    """A struct with just ``names`` (any JSON value each, absent by default). Its
+    attributes are ``f0``, ``f1``...: a JSON key need not be a Python identifier.
+    Cached per grant's names: a handful, fixed by the endpoint tables."""
     return msgspec.defstruct(
-        "Named", [(name, Any, msgspec.field(default=_ABSENT)) for name in names]
+        "Named",
+        [(f"f{index}", Any, msgspec.field(default=_ABSENT)) for index in range(len(names))],
+        rename={f"f{index}": name for index, name in enumerate(names)},
     )
 
 

@@ -185,11 +185,15 @@ def decode(body: bytes, kind: type[M]) -> M:
     except msgspec.ValidationError as error:
         # JSON Schema (and so /openapi.json) counts 3.0 as an integer; msgspec does
         # not. No message has a float field, so an integral float means an integer.
+        # (The typed decode stops at the first wrong field: the bytes after it may
+        # still be malformed, which this second decode then finds.)
         try:
             return msgspec.convert(_integral_floats_as_ints(msgspec.json.decode(body)), kind)
         except msgspec.ValidationError:
             raise InvalidRequest(f"{kind.__name__}: {error}") from error
-    except msgspec.DecodeError as error:
+        except (msgspec.DecodeError, RecursionError) as malformed:
+            raise InvalidRequest(f"{kind.__name__}: malformed JSON ({malformed})") from error
+    except (msgspec.DecodeError, RecursionError) as error:
         raise InvalidRequest(f"{kind.__name__}: malformed JSON ({error})") from error
 
 
