@@ -12,8 +12,8 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -706,16 +706,73 @@ def test_a_close_and_the_maintenance_pass_write_the_checkpoint_one_at_a_time(
             replica = broker.replicas[("orders", 0)]
             assert (await produce(client, batch(2))).status == 200
             monkeypatch.setattr(partition_module, "write_offset", slow_write)
-            pass_ = threading.Thread(target=replica.checkpoint_high_watermark)
-            pass_.start()
-            deadline = time.monotonic() + 10
-            while writing[0] == 0:  # until the pass is inside its write
-                assert time.monotonic() < deadline, "the pass never wrote"
-                threading.Event().wait(0.001)
-            replica.close()  # writes the same checkpoint (before this fix: at once)
-            pass_.join(10)
+            with _checkpoint_on_a_thread(replica, writing):
+                replica.close()  # writes the same checkpoint (before this fix: at once)
             assert most[0] == 1
             assert read_offset(replica.directory / HIGH_WATERMARK_FILE) == 2
+
+    run(scenario)
+
+
+@contextmanager
+def _checkpoint_on_a_thread(replica: Any, writing: list[int]) -> Iterator[None]:
+    """Runs the maintenance pass's checkpoint write on a thread; the body runs while
+    that write is under way; any exception on the thread fails the test."""
+    errors: list[BaseException] = []
+
+    def checkpoint() -> None:
+        try:
+            replica.checkpoint_high_watermark()
+        except BaseException as error:
+            errors.append(error)
+
+    pass_ = threading.Thread(target=checkpoint)
+    pass_.start()
+    deadline = time.monotonic() + 10
+    while writing[0] == 0:  # until the pass is inside its write
+        assert time.monotonic() < deadline, "the pass never wrote"
+        threading.Event().wait(0.001)
+    yield
+    pass_.join(10)
+    assert not pass_.is_alive() and errors == []
+
+
+def test_a_follower_reset_waits_for_a_checkpoint_write_in_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by re-review: reset_to recreated the directory while the maintenance
+    pass was writing the checkpoint there; the pass's rename failed
+    (FileNotFoundError: the broker stops) or the pass recorded the checkpoint as
+    written after reset_to had voided it."""
+    import tidemq.broker.partition as partition_module
+
+    writing = [0]
+    real_write = partition_module.write_offset
+
+    def slow_write(path: Path, offset: int) -> None:
+        writing[0] += 1
+        try:
+            threading.Event().wait(0.2)
+            real_write(path, offset)
+        finally:
+            writing[0] -= 1
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, _):
+            follower = broker.replicas[("orders", 1)]
+            follower.append_replicated(batch(3), 0)
+            broker.syncer.mark_dirty(follower)
+            await broker.syncer.sync_dirty()
+            follower.leader_answered(3)
+            monkeypatch.setattr(partition_module, "write_offset", slow_write)
+            with _checkpoint_on_a_thread(follower, writing):
+                follower.reset_to(50, 0)
+            monkeypatch.undo()
+            assert follower.log.log_start_offset == 50
+            assert follower.checkpoint_due  # the old directory's file is gone
+            follower.checkpoint_high_watermark()
+            checkpoint = follower.directory / HIGH_WATERMARK_FILE
+            assert read_offset(checkpoint) == follower.high_watermark
 
     run(scenario)
 

@@ -234,6 +234,7 @@ def test_the_channel_reads_a_broker_id_in_the_body_as_http_does(body: bytes) -> 
         b'\xef\xbb\xbf{"broker_id": 2}',  # a byte order mark (json.loads took it)
         b'{"broker_id": 2, "n": "\\ud800"}',  # a lone surrogate (json.loads took it)
         b'\xff{"broker_id": 2}',
+        b'{"broker_id": "\xc3"}',  # bad UTF-8 in the value read: UnicodeDecodeError
         b"[2]",
     ],
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import socket
 import sys
 import threading
 import time
@@ -112,3 +113,32 @@ def test_http_json_turns_any_bad_answer_into_a_probe_error(monkeypatch: Any) -> 
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"garbage\r\n\r\n",  # no status line: BadStatusLine
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # bad chunk
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{}",  # cut short
+    ],
+)
+def test_http_json_turns_an_answer_that_is_no_http_into_a_probe_error(answer: bytes) -> None:
+    """http.client raises HTTPException subclasses (not OSError) for these: found by
+    re-review, they were tracebacks out of every CLI command."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve_once() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(answer)
+
+    server = threading.Thread(target=serve_once, daemon=True)
+    server.start()
+    try:
+        with pytest.raises(processes.ProbeError):
+            processes.http_json("GET", f"http://127.0.0.1:{listener.getsockname()[1]}/x", None)
+    finally:
+        server.join(10)
+        listener.close()

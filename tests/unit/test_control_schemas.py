@@ -42,6 +42,11 @@ def test_integers_may_be_integral_floats_but_not_strings_or_fractions() -> None:
         b'{"broker_id": 2.0, "url": "https://127.0.0.1:1", "x": [1,}',
         b'{"broker_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # msgspec: RecursionError
         b"[" * 100_000,
+        # A valid typed prefix, then nesting deep enough for the first pass to recurse.
+        b'{"broker_id": 1, "url": "https://a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"\xc3cluster_id": ""}',  # bad UTF-8 in a key (UnicodeDecodeError)
+        b'{"url": "\xc3ftp://x", "broker_id": 1}',  # and in a string
+        b'{"broker_id": "2", "url": "\xc3"}',  # in the second pass
     ],
 )
 def test_a_malformed_body_is_invalid_request_whichever_decode_sees_it(body: bytes) -> None:

@@ -383,6 +383,28 @@ def test_a_lagging_follower_repeating_its_fetch_is_not_caught_up() -> None:
     assert [e.isr for e in effects if isinstance(e, ProposeIsr)] == [(1,)]
 
 
+def test_a_repeated_fetch_with_a_lower_durable_end_takes_the_event() -> None:
+    """Found by re-review: at log end 5, everything committed, a follower reporting a
+    durable end below what it reported before (its disk lost a write) must have it
+    recorded, as the event does; the shortcut would keep the old one."""
+    core = leader(replicas=(1, 2, 3))
+    core.handle(Appended(5), now_ms=0)
+    core.handle(Flushed(5), now_ms=0)
+    core.handle(FollowerFetched(2, 5, 5), now_ms=0)
+    core.handle(FollowerFetched(3, 5, 5), now_ms=0)
+    assert core.high_watermark == 5
+    assert core.repeated_fetch(2, 5, 5, now_ms=1)  # the real repeat: taken
+    for broker, fetch, durable in ((2, 5, 4), (2, 4, 4), (3, 5, 0)):
+        assert not core.repeated_fetch(broker, fetch, durable, now_ms=2)
+    core.handle(FollowerFetched(2, 5, 4), now_ms=2)
+    assert core.followers[2].durable_offset == 4
+    # The log end moved since follower 2's last fetch: its next one takes the event.
+    core.handle(Appended(6), now_ms=3)
+    core.handle(Flushed(6), now_ms=3)
+    core.handle(FollowerFetched(3, 6, 6), now_ms=3)
+    assert not core.repeated_fetch(2, 5, 4, now_ms=4)
+
+
 def test_a_follower_outside_the_isr_never_takes_the_shortcut() -> None:
     core = leader(isr=(1,))
     core.handle(FollowerFetched(2, 0, 0), now_ms=0)  # proposes 2 back

@@ -339,12 +339,15 @@ class PartitionReplica:
         start moved past our log end: what we lack no longer exists anywhere)."""
         if self._journal is not None:  # durable first: a replay restarts it too
             self._journal.reset(self.directory.name, offset)
-        self.log.close()
-        self.log = PartitionLog.recreate_empty(self.directory, offset, self.config, now_ms)
-        if self._journal is not None:
-            self.log.attach_journal(self._journal, self.directory.name)
+        # Not while the maintenance pass writes the high watermark checkpoint in this
+        # directory (a worker thread): its rename would find the directory gone.
+        with self._checkpoint_lock:
+            self.log.close()
+            self.log = PartitionLog.recreate_empty(self.directory, offset, self.config, now_ms)
+            if self._journal is not None:
+                self.log.attach_journal(self._journal, self.directory.name)
+            self._checkpointed_high_watermark = -1  # its file went with the old directory
         self.producers = load_producer_state(self.log)
-        self._checkpointed_high_watermark = -1  # its file went with the old directory
         self.handle(Truncated(self.log.log_end_offset))
         self.handle(Flushed(self._durable_end()))
         self._release_durable_waiters()

@@ -9,6 +9,7 @@ check degrades to "the PID exists".
 from __future__ import annotations
 
 import atexit
+import http.client
 import json
 import os
 import signal
@@ -210,15 +211,20 @@ def http_json(
     try:
         with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
             raw = response.read(ANSWER_BYTES_MAX + 1)
+            # A bounded read stops at EOF without complaint: compare with the length.
+            missing = response.length if len(raw) <= ANSWER_BYTES_MAX else None
     except urllib.error.HTTPError as error:
         raw = error.read(ERROR_BYTES_MAX)
         error.close()
         raise ProbeError(_error_message(error.code, raw), error.code) from error
-    except (urllib.error.URLError, OSError, TimeoutError) as error:
+    except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as error:
+        # HTTPException: the answer is no HTTP (a bad status line, a broken chunk)
         reason = getattr(error, "reason", error)
-        raise ProbeError(f"{url}: {reason}") from error
+        raise ProbeError(f"{url}: {str(reason) or type(reason).__name__}") from error
     if len(raw) > ANSWER_BYTES_MAX:
         raise ProbeError(f"{url}: answer exceeds {ANSWER_BYTES_MAX} bytes")
+    if missing:
+        raise ProbeError(f"{url}: answer cut short ({missing} bytes missing)")
     try:
         return json.loads(raw) if raw else None
     except _JSON_ERRORS as error:  # not JSON, not UTF-8, too deep, a too-long integer

@@ -212,7 +212,7 @@ def body_values(raw: bytes, names: tuple[str, ...]) -> dict[str, Any]:
     partition it follows, and its ``broker_id`` is all the check needs)."""
     try:
         found = msgspec.json.decode(raw, type=_fields_of(names))
-    except (msgspec.MsgspecError, RecursionError):
+    except (msgspec.MsgspecError, RecursionError, UnicodeDecodeError):
         return {}
     values = (getattr(found, f"f{index}") for index in range(len(names)))
     return {name: value for name, value in zip(names, values, strict=True) if value is not _ABSENT}

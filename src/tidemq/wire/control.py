@@ -191,10 +191,16 @@ def decode(body: bytes, kind: type[M]) -> M:
             return msgspec.convert(_integral_floats_as_ints(msgspec.json.decode(body)), kind)
         except msgspec.ValidationError:
             raise InvalidRequest(f"{kind.__name__}: {error}") from error
-        except (msgspec.DecodeError, RecursionError) as malformed:
+        except _MALFORMED as malformed:
             raise InvalidRequest(f"{kind.__name__}: malformed JSON ({malformed})") from error
-    except (msgspec.DecodeError, RecursionError) as error:
+    except _MALFORMED as error:
         raise InvalidRequest(f"{kind.__name__}: malformed JSON ({error})") from error
+
+
+# What msgspec raises for bytes that are no JSON it reads: DecodeError, and outside
+# its own hierarchy RecursionError (deep nesting) and UnicodeDecodeError (bad UTF-8
+# in a string or key).
+_MALFORMED = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
 
 
 def check(body: Any, kind: type[M]) -> M:
