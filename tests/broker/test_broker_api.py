@@ -687,9 +687,27 @@ def test_a_close_and_the_maintenance_pass_write_the_checkpoint_one_at_a_time(
     """Found by review: both wrote high-watermark-checkpoint.tmp at once, and the
     first rename took the file from under the second (FileNotFoundError out of
     close(), which the broker treats as fatal)."""
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, client):
+            replica = broker.replicas[("orders", 0)]
+            assert (await produce(client, batch(2))).status == 200
+            with checkpoint_on_a_thread(replica, monkeypatch) as most_at_once:
+                replica.close()  # writes the same checkpoint (before this fix: at once)
+            assert most_at_once[0] == 1
+            assert read_offset(replica.directory / HIGH_WATERMARK_FILE) == 2
+
+    run(scenario)
+
+
+@contextmanager
+def checkpoint_on_a_thread(replica: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Runs the maintenance pass's checkpoint write on a thread, each write made slow
+    (0.2 s); the body runs while that write is under way. Yields the most writes
+    that were under way at once; any exception on the thread fails the test."""
     import tidemq.broker.partition as partition_module
 
-    writing, most = [0], [0]
+    writing, most, errors = [0], [0], []
     real_write = partition_module.write_offset
 
     def slow_write(path: Path, offset: int) -> None:
@@ -701,40 +719,33 @@ def test_a_close_and_the_maintenance_pass_write_the_checkpoint_one_at_a_time(
         finally:
             writing[0] -= 1
 
-    async def scenario() -> None:
-        async with broker_client(tmp_path) as (broker, client):
-            replica = broker.replicas[("orders", 0)]
-            assert (await produce(client, batch(2))).status == 200
-            monkeypatch.setattr(partition_module, "write_offset", slow_write)
-            with _checkpoint_on_a_thread(replica, writing):
-                replica.close()  # writes the same checkpoint (before this fix: at once)
-            assert most[0] == 1
-            assert read_offset(replica.directory / HIGH_WATERMARK_FILE) == 2
-
-    run(scenario)
-
-
-@contextmanager
-def _checkpoint_on_a_thread(replica: Any, writing: list[int]) -> Iterator[None]:
-    """Runs the maintenance pass's checkpoint write on a thread; the body runs while
-    that write is under way; any exception on the thread fails the test."""
-    errors: list[BaseException] = []
-
     def checkpoint() -> None:
         try:
             replica.checkpoint_high_watermark()
         except BaseException as error:
             errors.append(error)
 
+    monkeypatch.setattr(partition_module, "write_offset", slow_write)
     pass_ = threading.Thread(target=checkpoint)
     pass_.start()
     deadline = time.monotonic() + 10
     while writing[0] == 0:  # until the pass is inside its write
         assert time.monotonic() < deadline, "the pass never wrote"
         threading.Event().wait(0.001)
-    yield
+    yield most
     pass_.join(10)
+    monkeypatch.setattr(partition_module, "write_offset", real_write)
     assert not pass_.is_alive() and errors == []
+
+
+async def follower_with_records(broker: Broker) -> Any:
+    """Partition 1's follower replica, holding 3 durable records, high watermark 3."""
+    follower = broker.replicas[("orders", 1)]
+    follower.append_replicated(batch(3), 0)
+    broker.syncer.mark_dirty(follower)
+    await broker.syncer.sync_dirty()
+    follower.leader_answered(3)
+    return follower
 
 
 def test_a_follower_reset_waits_for_a_checkpoint_write_in_its_directory(
@@ -744,30 +755,12 @@ def test_a_follower_reset_waits_for_a_checkpoint_write_in_its_directory(
     pass was writing the checkpoint there; the pass's rename failed
     (FileNotFoundError: the broker stops) or the pass recorded the checkpoint as
     written after reset_to had voided it."""
-    import tidemq.broker.partition as partition_module
-
-    writing = [0]
-    real_write = partition_module.write_offset
-
-    def slow_write(path: Path, offset: int) -> None:
-        writing[0] += 1
-        try:
-            threading.Event().wait(0.2)
-            real_write(path, offset)
-        finally:
-            writing[0] -= 1
 
     async def scenario() -> None:
         async with broker_client(tmp_path) as (broker, _):
-            follower = broker.replicas[("orders", 1)]
-            follower.append_replicated(batch(3), 0)
-            broker.syncer.mark_dirty(follower)
-            await broker.syncer.sync_dirty()
-            follower.leader_answered(3)
-            monkeypatch.setattr(partition_module, "write_offset", slow_write)
-            with _checkpoint_on_a_thread(follower, writing):
+            follower = await follower_with_records(broker)
+            with checkpoint_on_a_thread(follower, monkeypatch):
                 follower.reset_to(50, 0)
-            monkeypatch.undo()
             assert follower.log.log_start_offset == 50
             assert follower.checkpoint_due  # the old directory's file is gone
             follower.checkpoint_high_watermark()

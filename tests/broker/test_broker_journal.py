@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
-from tests.broker.test_broker_api import _answer, batch, broker_client, produce, run
+from tests.broker.test_broker_api import (
+    _answer,
+    batch,
+    broker_client,
+    follower_with_records,
+    produce,
+    run,
+)
 from tests.storage.storage_helpers import fail_once_with_eio
 
 import tidemq.broker.syncer as syncer_module
@@ -159,11 +166,7 @@ def test_a_follower_reset_checkpoints_its_high_watermark_again(tmp_path: Path) -
 
     async def scenario() -> None:
         async with broker_client(tmp_path) as (broker, _):
-            follower = broker.replicas[("orders", 1)]
-            follower.append_replicated(batch(3), 0)
-            broker.syncer.mark_dirty(follower)
-            await broker.syncer.sync_dirty()
-            follower.leader_answered(3)
+            follower = await follower_with_records(broker)
             follower.checkpoint_high_watermark()
             checkpoint = follower.directory / HIGH_WATERMARK_FILE
             assert read_offset(checkpoint) == 3 and not follower.checkpoint_due
