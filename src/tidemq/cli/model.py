@@ -28,6 +28,10 @@ from typing import Any
 CLUSTER_FILE = "cluster.json"
 CLUSTER_FILE_BYTES_MAX = 1 << 20  # a cluster of hundreds of brokers takes ~100 KiB
 PID_MAX = 1 << 22  # Linux's PID_MAX_LIMIT: no process has a larger PID
+# What json.loads raises for bytes it does not read: JSONDecodeError and
+# UnicodeDecodeError are ValueErrors (so is a too-long integer); deep nesting is a
+# RecursionError. For every JSON the CLI reads (cluster.json, a service's answer).
+JSON_ERRORS = (ValueError, RecursionError)
 
 
 class ClusterFileError(Exception):
@@ -191,7 +195,7 @@ def read_cluster_file(data_dir: Path) -> ClusterInfo:
         raise ClusterFileError(f"{path} is not UTF-8 text: {error}") from error
     try:
         data = json.loads(text)
-    except (ValueError, RecursionError) as error:  # JSONDecodeError, or nesting too deep
+    except JSON_ERRORS as error:
         raise ClusterFileError(f"{path} is not JSON: {str(error)[:200]}") from error
     try:
         return parse_cluster_info(data)

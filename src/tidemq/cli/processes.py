@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tidemq.cli.launch import cmdline_matches
+from tidemq.cli.model import JSON_ERRORS
 from tidemq.tls import TlsFiles, client_context
 
 # Children started by this process. Kept so they can be reaped (no zombies while a
@@ -227,20 +228,15 @@ def http_json(
         raise ProbeError(f"{url}: answer cut short ({missing} bytes missing)")
     try:
         return json.loads(raw) if raw else None
-    except _JSON_ERRORS as error:  # not JSON, not UTF-8, too deep, a too-long integer
+    except JSON_ERRORS as error:  # not JSON, not UTF-8, too deep, a too-long integer
         raise ProbeError(f"{url}: answer is not JSON") from error
-
-
-# What json.loads raises for bytes it does not read (JSONDecodeError and
-# UnicodeDecodeError are ValueErrors; deep nesting is a RecursionError).
-_JSON_ERRORS = (ValueError, RecursionError)
 
 
 def _error_message(status: int, raw: bytes) -> str:
     try:
         error = json.loads(raw)["error"]
         return f"{error['code']}: {error['message']} (HTTP {status})"
-    except (*_JSON_ERRORS, KeyError, TypeError):
+    except (*JSON_ERRORS, KeyError, TypeError):
         return f"HTTP {status}: {raw[:200].decode(errors='replace')}"
 
 

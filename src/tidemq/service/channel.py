@@ -45,7 +45,7 @@ from tidemq.errors import (
 )
 from tidemq.service.callers import ANY, Callers, Identity, Location
 from tidemq.service.failstop import fail_stop
-from tidemq.service.http import Endpoint, body_values
+from tidemq.service.http import Endpoint, grant_values
 from tidemq.wire.channel import (
     CHANNEL_PATH,
     ChannelAnswer,
@@ -246,16 +246,8 @@ def _authorize(
         raise Forbidden("the client certificate does not have exactly one common name")
     values: dict[tuple[Location, str], Any] = {}
     needs_values = operation.callers.needs_values(identity)
-    if needs_values:
-        in_body: list[str] = []
-        for grant in operation.callers.broker_self_grants():
-            if grant.location == "query":
-                values[(grant.location, grant.name)] = query.get(grant.name)
-            else:
-                in_body.append(grant.name)
-        if in_body:  # as the HTTP middleware reads them
-            for name, value in body_values(body, tuple(in_body)).items():
-                values[("body", name)] = value
+    if needs_values:  # as the HTTP middleware reads them (no path: see channel_endpoint)
+        values = grant_values(operation.callers, {}, query, body)
     refusal = operation.callers.refusal(identity, values)
     if refusal is not None:
         raise Forbidden(refusal)

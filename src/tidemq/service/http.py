@@ -10,7 +10,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,21 +178,33 @@ def make_authorization_middleware(
 
 async def _named_values(request: web.Request, callers: Callers) -> dict[tuple[Location, str], Any]:
     """The raw values the broker-self grants name; the body is read (bounded by the
-    app's client_max_size) and kept for the handler's :func:`read_json`."""
+    app's client_max_size) only if one is in it, and kept for the handler's
+    :func:`read_json`."""
+    body = None
+    if any(grant.location == "body" for grant in callers.broker_self_grants()):
+        if _BODY_KEY not in request:
+            request[_BODY_KEY] = await request.read()
+        body = request[_BODY_KEY]
+    return grant_values(callers, request.match_info, request.query, body)
+
+
+def grant_values(
+    callers: Callers, path: Mapping[str, str], query: Mapping[str, str], body: bytes | None
+) -> dict[tuple[Location, str], Any]:
+    """The raw values ``callers``' broker-self grants name, each read from its place
+    (``body`` through :func:`body_values`; None: not read, no values from it). One
+    reading for the HTTP middleware and the request channel, so the same request
+    gets the same verdict over both."""
     values: dict[tuple[Location, str], Any] = {}
     in_body: list[str] = []
     for grant in callers.broker_self_grants():
-        key = (grant.location, grant.name)
-        if grant.location == "path":
-            values[key] = request.match_info.get(grant.name)
-        elif grant.location == "query":
-            values[key] = request.query.get(grant.name)
-        else:
+        if grant.location == "body":
             in_body.append(grant.name)
-    if in_body:
-        if _BODY_KEY not in request:
-            request[_BODY_KEY] = await request.read()
-        for name, value in body_values(request[_BODY_KEY], tuple(in_body)).items():
+        else:
+            place = path if grant.location == "path" else query
+            values[(grant.location, grant.name)] = place.get(grant.name)
+    if in_body and body is not None:
+        for name, value in body_values(body, tuple(in_body)).items():
             values[("body", name)] = value
     return values
 
