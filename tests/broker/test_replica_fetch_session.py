@@ -14,7 +14,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,16 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from tidemq.broker.partition import partition_directory_name
-from tidemq.broker.server import BATCH_TYPE, Broker, BrokerConfig, create_app, make_endpoints
+from tidemq.broker.server import (
+    BATCH_TYPE,
+    Broker,
+    BrokerConfig,
+    ReplicaAnswer,
+    create_app,
+    make_endpoints,
+)
 from tidemq.core.replica import Acks
+from tidemq.errors import InvalidRequest
 from tidemq.service.app import build_app
 from tidemq.storage import FsyncPolicy, LogConfig
 from tidemq.storage.checkpoint import write_offset
@@ -90,6 +98,7 @@ class Counter:
     most_in_flight: int = 0
     per_partition: int = 0
     answers: list[list[ReplicaFetchEntry]] = field(default_factory=list)
+    requests: list[ReplicaFetchRequest] = field(default_factory=list)
 
 
 @dataclass
@@ -116,16 +125,17 @@ def _count(leader: Broker, count: Counter) -> None:
     served = leader.replica_fetch_session
     per_partition = leader.replica_fetch
 
-    async def counted(request: ReplicaFetchRequest) -> tuple[list[ReplicaFetchEntry], int]:
+    async def counted(request: ReplicaFetchRequest) -> ReplicaAnswer:
         count.started += 1
+        count.requests.append(request)
         count.in_flight += 1
         count.most_in_flight = max(count.most_in_flight, count.in_flight)
         try:
-            entries, held = await served(request)
+            answer = await served(request)
         finally:
             count.in_flight -= 1
-        count.answers.append(entries)
-        return entries, held
+        count.answers.append(answer.entries)
+        return answer
 
     async def counted_per_partition(*args: Any) -> Any:
         count.per_partition += 1
@@ -366,7 +376,7 @@ def test_replica_answer_bytes_in_flight_are_bounded_broker_wide(tmp_path: Path) 
             done, _ = await asyncio.wait({held}, timeout=0.3)
             assert not done  # data is there, but no room to read it
             leader.release_replica_bytes(leader.config.max_inflight_replica_bytes)
-            entries, size = await asyncio.wait_for(held, 5)
+            entries, size, _ = await asyncio.wait_for(held, 5)
             assert [len(list(decode_records(e.batches))) for e in entries] == [2]
             assert leader._inflight_replica_bytes == size > 0
             leader.release_replica_bytes(size)
@@ -502,5 +512,205 @@ def test_a_waiting_follower_gets_the_records_before_the_leader_blocks_in_fdatasy
             await until("the leader synced", lambda: "leader fdatasync" in events)
             await until("the follower answered", lambda: "records to the follower" in events)
             assert events[:2] == ["records to the follower", "leader fdatasync"], events
+
+    run(scenario)
+
+
+# -- incremental sessions (broker/fetch_sessions.py) ------------------------------------
+
+
+def _named(request: ReplicaFetchRequest) -> set[int]:
+    return {w.partition for w in request.partitions}
+
+
+def test_within_a_session_a_request_names_only_what_changed(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with pair(tmp_path, 12) as p:
+            await until("the first session poll", lambda: p.count.in_flight == 1)
+            for n in range(4):
+                await produce(p.client, 0, batch(2, start=2 * n))
+            requests = p.count.requests
+            assert requests[0].session_epoch == 0 and _named(requests[0]) == set(range(12))
+            later = [r for r in requests if r.session_id == requests[0].session_id]
+            assert [r.session_epoch for r in later] == list(range(len(later)))
+            assert len(later) >= 5  # opened, then one or more rounds per produce
+            # Partitions 1-11 are idle: never named again; partition 0 as it moved.
+            assert all(_named(r) <= {0} for r in later[1:]), [_named(r) for r in later]
+            assert any(_named(r) == {0} for r in later[1:])
+            session = p.leader._fetch_sessions._sessions[2]
+            assert len(session.partitions) == 12
+            assert values(p.follower, 0) == values(p.leader, 0)
+
+    run(scenario)
+
+
+def test_records_for_a_partition_the_poll_did_not_name_wake_it(tmp_path: Path) -> None:
+    """The standing watch: without it, acks=all on an idle partition would wait out
+    the follower's 5 s poll, which names only what changed."""
+
+    async def scenario() -> None:
+        async with pair(tmp_path, 12) as p:
+            await produce(p.client, 0, batch(1))
+            await until(
+                "an incremental poll waiting",
+                lambda: p.count.in_flight == 1 and p.count.requests[-1].session_epoch > 0,
+            )
+            for partition in (5, 11, 5):
+                assert partition not in _named(p.count.requests[-1])
+                begun = asyncio.get_running_loop().time()
+                result = await produce(p.client, partition, batch(2))
+                assert result["high_watermark"] >= 2
+                assert asyncio.get_running_loop().time() - begun < WAIT_MS / 1000 / 2
+                assert values(p.follower, partition) == values(p.leader, partition)
+                await until("the poll waiting again", lambda: p.count.in_flight == 1)
+
+    run(scenario)
+
+
+def test_an_idle_follower_stays_caught_up_without_naming_its_partitions(
+    tmp_path: Path,
+) -> None:
+    """The leader refreshes the fetch times of partitions a request did not name (at
+    least every refresh_s): else an idle follower would drop out of the ISR."""
+    lag_ms = 600
+
+    def quick(leader: Broker, follower: Broker) -> None:
+        leader.config = replace(leader.config, replica_lag_time_max_ms=lag_ms)
+        leader._session_refresh_s = min(0.25, lag_ms / 8000)
+        follower.config = replace(follower.config, replica_fetch_wait_ms=100)
+
+    async def scenario() -> None:
+        async with pair(tmp_path, 4, before=quick) as p:
+            await produce(p.client, 0, batch(1))
+            replicas = [p.leader.replicas[("orders", n)] for n in range(4)]
+            end = asyncio.get_running_loop().time() + 4 * lag_ms / 1000
+            while asyncio.get_running_loop().time() < end:
+                for replica in replicas:
+                    progress = replica.core.followers[2]
+                    behind = replica._clock_ms() - progress.last_caught_up_ms
+                    assert behind < lag_ms, (replica.partition, behind)
+                await asyncio.sleep(0.02)
+            incremental = [r for r in p.count.requests if r.session_epoch > 0]
+            assert len(incremental) >= 10
+            assert all(_named(r) <= {0} for r in incremental)
+
+    run(scenario)
+
+
+async def _stopped(p: Pair) -> None:
+    """The follower's own session stopped (the test speaks for broker 2)."""
+    for key in list(p.follower._followers):
+        p.follower._stop_follower(key)
+    await until("no poll waiting", lambda: p.count.in_flight == 0)
+
+
+def _request(
+    session_id: int, epoch: int, offsets: dict[int, int], wait_ms: int = 0
+) -> ReplicaFetchRequest:
+    return ReplicaFetchRequest(
+        broker_id=2,
+        partitions=[
+            ReplicaFetchPartition("orders", n, 1, o, TOPIC_ID, durable_offset=o)
+            for n, o in offsets.items()
+        ],
+        wait_ms=wait_ms,
+        session_id=session_id,
+        session_epoch=epoch,
+    )
+
+
+def test_a_request_that_continues_no_held_session_is_refused_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with pair(tmp_path, 2) as p:
+            await _stopped(p)
+            fetch = p.leader.replica_fetch_session
+            assert (await fetch(_request(7, 0, {0: 0, 1: 0}))).session_id == 7
+            session = p.leader._fetch_sessions._sessions[2]
+            for bad in (
+                _request(7, 5, {}),  # another epoch
+                _request(8, 1, {}),  # another id
+                _request(7, 0, {}),  # opening with nothing in it
+                _request(0, 0, {}),  # no session, nothing in it
+                _request(0, 1, {0: 0}),  # an epoch without a session
+            ):
+                with pytest.raises(InvalidRequest):
+                    await fetch(bad)
+                assert p.leader._fetch_sessions._sessions[2] is session
+                assert session.epoch == 1 and not session.closed
+                assert set(session.partitions) == {("orders", 0), ("orders", 1)}
+            response = await p.client.post(
+                "/v1/replica/fetch",
+                data=control.encode(_request(7, 9, {})),
+                headers={"Content-Type": "application/json"},
+            )
+            assert response.status == 400
+            assert (await fetch(_request(7, 1, {}))).session_id == 7
+            assert session.epoch == 2
+
+    run(scenario)
+
+
+def test_a_new_session_ends_the_old_ones_poll_and_releases_its_watches(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with pair(tmp_path, 2) as p:
+            await _stopped(p)
+            fetch = p.leader.replica_fetch_session
+            replica = p.leader.replicas[("orders", 0)]
+            old = asyncio.ensure_future(fetch(_request(7, 0, {0: 0, 1: 0}, wait_ms=WAIT_MS)))
+            await until("the old poll watching", lambda: len(replica._waiters) == 1)
+            new = await fetch(_request(8, 0, {0: 0, 1: 0}))
+            answer_ = await asyncio.wait_for(old, WAIT_MS / 1000 / 2)
+            assert answer_.session_id == 0 and new.session_id == 8
+            assert len(replica._waiters) == 1  # the new session's watch only
+            p.leader._fetch_sessions.expire(idle_s=0)
+            assert replica._waiters == {} and len(p.leader._fetch_sessions) == 0
+            with pytest.raises(InvalidRequest):
+                await fetch(_request(8, 1, {}))
+
+    run(scenario)
+
+
+def test_a_lost_leadership_ends_the_session_with_an_error(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with pair(tmp_path, 2) as p:
+            await _stopped(p)
+            fetch = p.leader.replica_fetch_session
+            URLS.setdefault(2, "http://127.0.0.1:1")
+            await fetch(_request(7, 0, {0: 0, 1: 0}))
+            poll = asyncio.ensure_future(fetch(_request(7, 1, {}, wait_ms=WAIT_MS)))
+            await asyncio.sleep(0.05)
+            assert not poll.done()
+            p.leader.reconcile(_pointing_here(answer(2, epochs={1: 2}, leaders={1: 2})))
+            answer_ = await asyncio.wait_for(poll, WAIT_MS / 1000 / 2)
+            assert answer_.session_id == 0
+            assert [e.error and e.error["code"] for e in answer_.entries] == ["not_leader"]
+            assert len(p.leader._fetch_sessions) == 0
+
+    run(scenario)
+
+
+def test_a_leader_that_holds_no_session_gets_whole_requests(tmp_path: Path) -> None:
+    """A leader that names no session in its answers (or one that predates them and
+    ignores the fields) is sent every partition in every request."""
+
+    def sessionless(leader: Broker, _: Broker) -> None:
+        served = leader.replica_fetch_session
+
+        async def forgetful(request: ReplicaFetchRequest) -> ReplicaAnswer:
+            return (await served(request))._replace(session_id=0)
+
+        leader.replica_fetch_session = forgetful  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        async with pair(tmp_path, 3, before=sessionless) as p:
+            for n in range(3):
+                await produce(p.client, n, batch(2))
+                assert values(p.follower, n) == values(p.leader, n)
+            assert all(r.session_epoch == 0 for r in p.count.requests)
+            assert all(_named(r) == {0, 1, 2} for r in p.count.requests)
 
     run(scenario)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -54,7 +55,10 @@ from tidemq.transport import HttpTransport
 from tidemq.wire import control
 from tidemq.wire.replica_fetch import (
     REPLICA_FETCH_TYPE,
+    SESSION_HEADER,
+    SESSION_ID_MAX,
     ReplicaFetchEntry,
+    ReplicaFetchForgotten,
     ReplicaFetchPartition,
     ReplicaFetchRequest,
     decode_replica_fetch,
@@ -125,6 +129,13 @@ class FetchSession:
         self._kicked = False
         self._rotation = 0
         self._warned_at = 0.0
+        # The incremental session (broker/fetch_sessions.py): its id (0: none open),
+        # the requests the leader applied to it, what the leader holds of each
+        # partition, and what it will hold once it applies the request in flight.
+        self._session_id = 0
+        self._session_epoch = 0
+        self._held: dict[Key, ReplicaFetchPartition] = {}
+        self._pending: dict[Key, ReplicaFetchPartition] = {}
 
     # -- membership (called by the broker's reconcile) --
 
@@ -247,7 +258,7 @@ class FetchSession:
         task = asyncio.current_task()
         self._polling, self._kicked = task, False
         try:
-            body, _ = await self._transport().request(
+            body, headers = await self._transport().request(
                 "POST",
                 self.url,
                 data=control.encode(request),
@@ -255,6 +266,7 @@ class FetchSession:
                 timeout_ms=self._timeout_ms,
             )
         except asyncio.CancelledError:
+            self._end_session()  # whether the leader applied the request is unknown
             if self._kicked and task is not None:
                 self._kicked = False
                 if task.uncancel() == 0:
@@ -262,6 +274,9 @@ class FetchSession:
                     # came in the same loop turn is dropped and asked for again.
                     return None
             raise  # the session itself is cancelled (shutdown), kicked or not
+        except BaseException:
+            self._end_session()
+            raise
         finally:
             self._polling = None
             if self._kicked and task is not None and task.cancelling():
@@ -269,7 +284,20 @@ class FetchSession:
                 # withdraw it, so that later timeouts in this task still work.
                 task.uncancel()
             self._kicked = False
-        return decode_replica_fetch(body)
+        if headers.get(SESSION_HEADER) == str(self._session_id):
+            self._held, self._session_epoch = self._pending, self._session_epoch + 1
+        else:  # the leader holds no session (or an older leader has none at all)
+            self._end_session()
+        try:
+            return decode_replica_fetch(body)
+        except BaseException:
+            self._end_session()
+            raise
+
+    def _end_session(self) -> None:
+        """The next request opens a new session with every partition in it."""
+        self._session_id, self._session_epoch = 0, 0
+        self._held, self._pending = {}, {}
 
     def _poll_wait_ms(self, followed: dict[Key, Followed]) -> int:
         """The poll's wait: ``wait_ms``, or less so that it ends when the first partition
@@ -285,14 +313,31 @@ class FetchSession:
         return max(0, min(self._wait_ms, until_ms))
 
     def _request(self, followed: dict[Key, Followed]) -> ReplicaFetchRequest:
-        partitions = [_wanted(f) for f in followed.values()]
-        self._rotation = (self._rotation + 1) % len(partitions)
-        partitions = partitions[self._rotation :] + partitions[: self._rotation]
+        """A whole request that opens a session, or, within one, only what changed
+        against what the leader holds (the partitions whose state moved, and the ones
+        no longer fetched): idle partitions cost neither side anything per round."""
+        wanted = {key: _wanted(f) for key, f in followed.items()}
+        self._pending = wanted
+        forgotten: list[ReplicaFetchForgotten] = []
+        if self._session_id:
+            held = self._held
+            partitions = [w for key, w in wanted.items() if held.get(key) != w]
+            forgotten = [ReplicaFetchForgotten(*key) for key in held if key not in wanted]
+        else:
+            self._session_id = random.randint(1, SESSION_ID_MAX)
+            self._session_epoch = 0
+            partitions = list(wanted.values())
+        if partitions:  # the order rotates so that the byte budget favours none
+            self._rotation = (self._rotation + 1) % len(partitions)
+            partitions = partitions[self._rotation :] + partitions[: self._rotation]
         return ReplicaFetchRequest(
             broker_id=self.broker_id,
             partitions=partitions,
             wait_ms=self._poll_wait_ms(followed),
             max_bytes=SESSION_BYTES,
+            session_id=self._session_id,
+            session_epoch=self._session_epoch,
+            forgotten=forgotten,
         )
 
     # -- applying an answer --

@@ -30,6 +30,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from tidemq.broker.idempotence import load_producer_state, record_replicated
 from tidemq.core.replica import (
@@ -117,6 +118,17 @@ def _done_if_pending(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+class Waiter(Protocol):
+    """What a replica completes or fails for a waiter: an asyncio future, or anything
+    that takes its result the same way (a fetch session's standing watch)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: None, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
 class _TimedOut(Exception):
     """A waiter's time ran out (``PartitionReplica._wait``'s timer)."""
 
@@ -163,7 +175,7 @@ class PartitionReplica:
         )
         self._checkpointed_high_watermark = checkpoint
         self._checkpoint_lock = threading.Lock()
-        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._waiters: dict[int, Waiter] = {}
         self._durable_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.closed = False
         # Idempotent producers (broker/idempotence.py): rebuilt from the log on open.
@@ -270,9 +282,7 @@ class PartitionReplica:
         except RequestTimedOut:
             return
 
-    def watch_data(
-        self, offset: int, future: asyncio.Future[None], follower: bool = True
-    ) -> int | None:
+    def watch_data(self, offset: int, future: Waiter, follower: bool = True) -> int | None:
         """Long-poll over many partitions: ``future`` (shared by all of them: one
         multi-partition poll, a follower's or a consumer's) completes when there is
         data at ``offset`` here, or fails when this replica stops leading. Returns the

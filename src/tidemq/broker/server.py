@@ -32,15 +32,16 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tidemq.broker.fetch_sessions import FetchSessions, FollowerSession
 from tidemq.broker.follower import FetchSession
 from tidemq.broker.idempotence import append_in_sequence
 from tidemq.broker.partition import (
@@ -100,6 +101,7 @@ from tidemq.wire.fetch import FETCH_TYPE, FetchEntry, FetchPartition, FetchReque
 from tidemq.wire.produce import PRODUCE_TYPE, ProduceEntry, decode_produce
 from tidemq.wire.replica_fetch import (
     REPLICA_FETCH_TYPE,
+    SESSION_HEADER,
     ReplicaFetchEntry,
     ReplicaFetchPartition,
     ReplicaFetchRequest,
@@ -349,6 +351,10 @@ class Broker:
         self._sessions: dict[tuple[int, str], tuple[FetchSession, asyncio.Task[None]]] = {}
         self._inflight_produce_bytes = 0
         self._inflight_replica_bytes = 0  # replica fetch answers read, not yet written
+        self._fetch_sessions = FetchSessions()
+        # Every held partition of a fetch session is looked at this often (its
+        # follower's fetch times refreshed), far below the ISR's lag bound.
+        self._session_refresh_s = min(0.25, config.replica_lag_time_max_ms / 8000)
         self._replica_bytes_released = asyncio.Event()
         self.reconciled = False  # no heartbeat answer yet: topics unknown, not absent
         # Set when a request names what this broker does not know yet (a new topic,
@@ -621,31 +627,24 @@ class Broker:
         headers["Tide-Log-End-Offset"] = str(log_.log_end_offset)
         return data, headers
 
-    async def replica_fetch_session(
-        self, request: ReplicaFetchRequest
-    ) -> tuple[list[ReplicaFetchEntry], int]:
+    async def replica_fetch_session(self, request: ReplicaFetchRequest) -> ReplicaAnswer:
         """A follower's fetch of every partition it follows here (one session per
         follower and leader): each partition is checked and its progress reported to
         its core exactly as by :meth:`replica_fetch`; the answer comes at once when any
         partition has data, a divergence, a log start reset or an error, else when the
         first one gets data (the core's follower data waiters), else empty after
-        ``wait_ms``. Returns the entries and the bytes of batches they hold, which the
-        caller releases (:meth:`release_replica_bytes`) once the answer is written."""
+        ``wait_ms``. Returns the entries, the bytes of batches they hold (which the
+        caller releases with :meth:`release_replica_bytes` once the answer is
+        written), and the incremental session the leader holds afterwards, if any
+        (broker/fetch_sessions.py)."""
+        if request.session_id:
+            return await self._session_fetch(request)
+        if request.incremental or request.forgotten or not request.partitions:
+            raise InvalidRequest("a replica fetch without a session names every partition")
         entries: list[ReplicaFetchEntry] = []
         followed: list[tuple[ReplicaFetchPartition, PartitionReplica]] = []
         for wanted in request.partitions:
-            try:
-                replica, diverging = self._check_follower(
-                    wanted.topic, wanted.partition, wanted, request.broker_id
-                )
-            except TideError as error:
-                entries.append(_replica_error_entry(wanted, error))
-                continue
-            if diverging is not None or wanted.offset < replica.log.log_start_offset:
-                entries.append(_replica_entry(wanted, replica, diverging))
-                continue
-            replica.follower_fetched(request.broker_id, wanted.offset, wanted.durable_offset)
-            followed.append((wanted, replica))
+            self._look(wanted, request.broker_id, entries, followed)
         deadline = asyncio.get_running_loop().time() + request.wait_ms / 1000
         while True:
             read, held = self._replica_reads(followed, request.max_bytes)
@@ -655,12 +654,79 @@ class Broker:
                 break
             await self._replica_wait(followed, remaining)
         if not entries:  # timed out: tell what moved meanwhile (lazily: no wake-up for it)
-            entries = [
-                _replica_entry(w, r, None)
-                for w, r in followed
-                if not r.closed and min(r.high_watermark, w.offset) > w.high_watermark
-            ]
-        return entries, held
+            entries = _moved_high_watermarks(followed)
+        return ReplicaAnswer(entries, held)
+
+    def _look(
+        self,
+        wanted: ReplicaFetchPartition,
+        broker_id: int,
+        entries: list[ReplicaFetchEntry],
+        followed: list[tuple[ReplicaFetchPartition, PartitionReplica]],
+    ) -> PartitionReplica | None:
+        """One partition's step of a fetch: the checks, then either an entry to answer
+        at once (an error, a divergence, a log start past the follower's log end) or
+        the follower's progress counted and the partition added to ``followed``."""
+        try:
+            replica, diverging = self._check_follower(
+                wanted.topic, wanted.partition, wanted, broker_id
+            )
+        except TideError as error:
+            entries.append(_replica_error_entry(wanted, error))
+            return None
+        if diverging is not None or wanted.offset < replica.log.log_start_offset:
+            entries.append(_replica_entry(wanted, replica, diverging))
+            return None
+        replica.follower_fetched(broker_id, wanted.offset, wanted.durable_offset)
+        followed.append((wanted, replica))
+        return replica
+
+    async def _session_fetch(self, request: ReplicaFetchRequest) -> ReplicaAnswer:
+        """The same answer as a whole request's, looking only at the partitions that
+        may have something to say (see broker/fetch_sessions.py for why that is all)."""
+        session = self._fetch_sessions.session_for(request)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + request.wait_ms / 1000
+        refresh_s = self._session_refresh_s
+        entries: list[ReplicaFetchEntry] = []
+        looked: list[Key] = []
+        held = 0
+        while True:
+            keys = session.take(refresh_s)
+            followed: list[tuple[ReplicaFetchPartition, PartitionReplica]] = []
+            for key in keys:
+                one = session.partitions[key]
+                one.replica = self._look(one.wanted, request.broker_id, entries, followed)
+            looked += keys
+            read, held_now = self._replica_reads(followed, request.max_bytes)
+            entries += read
+            held += held_now
+            remaining = deadline - loop.time()
+            if entries or remaining <= 0 or session.closed:
+                break
+            if self._inflight_replica_bytes >= self.config.max_inflight_replica_bytes:
+                session.mark(keys)  # held back by the bound: looked at again once freed
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await self._replica_bytes_released.wait()
+                continue
+            session.watch(keys)
+            await session.wait(remaining)
+        if not entries:  # timed out: tell what moved meanwhile (lazily: no wake-up for it)
+            entries = _moved_high_watermarks(
+                (one.wanted, one.replica)
+                for one in session.partitions.values()
+                if one.replica is not None
+            )
+        if session.closed or not all(_tells_data(entry, session) for entry in entries):
+            # Anything but data and high watermarks: the follower acts on it and opens a
+            # new session, so that neither side guesses what the other did with it.
+            self._fetch_sessions.close(session)
+            return ReplicaAnswer(entries, held)
+        answered = [(entry.topic, entry.partition) for entry in entries]
+        session.mark(answered)  # looked at again next time, unless the follower moved on
+        session.watch(looked)
+        return ReplicaAnswer(entries, held, session.id)
 
     def _replica_reads(
         self, followed: list[tuple[ReplicaFetchPartition, PartitionReplica]], max_bytes: int
@@ -1082,6 +1148,7 @@ class Broker:
             now_ms = _now_ms()
             self.metrics.update_producers(now_ms)
             self.metrics.update_disk(self.config.data_dir)
+            self._fetch_sessions.expire()
             for (topic, number), replica in list(self.replicas.items()):
                 if self.replicas.get((topic, number)) is not replica:
                     continue  # dropped (topic deleted, replica moved) while this pass awaited
@@ -1104,6 +1171,7 @@ class Broker:
         """A clean shutdown: every log synced and closed, then the broker-wide marker."""
         for key in list(self._followers):
             self._stop_follower(key)
+        self._fetch_sessions.close_all()
         await self.syncer.close()
         for replica in self.replicas.values():
             replica.close()
@@ -1200,6 +1268,36 @@ def _replica_entry(
 
 def _replica_error_entry(wanted: ReplicaFetchPartition, error: TideError) -> ReplicaFetchEntry:
     return ReplicaFetchEntry(wanted.topic, wanted.partition, error=error.to_json()["error"])
+
+
+def _moved_high_watermarks(
+    followed: Iterable[tuple[ReplicaFetchPartition, PartitionReplica]],
+) -> list[ReplicaFetchEntry]:
+    """Entries for the partitions whose high watermark moved past what the follower
+    knows (an answer that waited in vain says so, without a wake-up for it)."""
+    return [
+        _replica_entry(w, r, None)
+        for w, r in followed
+        if not r.closed and min(r.high_watermark, w.offset) > w.high_watermark
+    ]
+
+
+def _tells_data(entry: ReplicaFetchEntry, session: FollowerSession) -> bool:
+    """Whether ``entry`` says no more than "here are records and the high watermark"."""
+    if entry.error is not None or entry.diverging is not None:
+        return False
+    held = session.partitions.get((entry.topic, entry.partition))
+    return held is not None and entry.log_start_offset <= held.wanted.offset
+
+
+def _session_header(answer: ReplicaAnswer) -> dict[str, str]:
+    return {SESSION_HEADER: str(answer.session_id)} if answer.session_id else {}
+
+
+class ReplicaAnswer(NamedTuple):
+    entries: list[ReplicaFetchEntry]
+    held_bytes: int  # batch bytes counted in flight until the answer is written
+    session_id: int = 0  # the incremental session the leader holds now (0: none)
 
 
 def _replica_assignment(assignment: control.PartitionAssignment) -> ReplicaAssignment:
@@ -1503,11 +1601,13 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
         body = control.decode(
             await read_body(request, broker.config.max_request_bytes), ReplicaFetchRequest
         )
-        entries, held = await broker.replica_fetch_session(body)
+        answer = await broker.replica_fetch_session(body)
         # Written here, not by the server after the handler returns, so that the bytes
         # count as in flight until the connection took them (write drains).
-        payload = encode_replica_fetch(entries)
-        response = web.StreamResponse(headers={"Content-Type": REPLICA_FETCH_TYPE})
+        payload = encode_replica_fetch(answer.entries)
+        response = web.StreamResponse(
+            headers={"Content-Type": REPLICA_FETCH_TYPE, **_session_header(answer)}
+        )
         response.content_length = len(payload)
         try:
             await response.prepare(request)
@@ -1516,20 +1616,19 @@ def make_endpoints(broker: Broker) -> list[Endpoint]:
         except ConnectionError:
             pass  # the follower gave up (a new poll replaced this one): nothing to tell
         finally:
-            broker.release_replica_bytes(held)
+            broker.release_replica_bytes(answer.held_bytes)
         return response
 
     async def replica_fetch_operation(_: Mapping[str, str], body: bytes) -> Reply:
         if len(body) > broker.config.max_request_bytes:
             raise RequestTooLarge(f"body exceeds {broker.config.max_request_bytes} bytes")
-        entries, held = await broker.replica_fetch_session(
-            control.decode(body, ReplicaFetchRequest)
-        )
+        answer = await broker.replica_fetch_session(control.decode(body, ReplicaFetchRequest))
         # The bytes count as in flight until the channel has written the answer.
         return Reply(
             REPLICA_FETCH_TYPE,
-            encode_replica_fetch(entries),
-            done=lambda: broker.release_replica_bytes(held),
+            encode_replica_fetch(answer.entries),
+            _session_header(answer) or None,
+            done=lambda: broker.release_replica_bytes(answer.held_bytes),
         )
 
     async def offsets(request: web.Request) -> web.Response:

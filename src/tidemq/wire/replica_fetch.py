@@ -45,6 +45,10 @@ PARTITION_BYTES_MAX = 8 * 1024 * 1024
 ANSWER_BYTES_MAX = 64 * 1024 * 1024
 WAIT_MS_MAX = 30_000
 DIVERGING = 0x01
+SESSION_ID_MAX = (1 << 63) - 1
+# The answer's header naming the session the leader holds after this request (absent:
+# it holds none, and the follower's next request is a whole one).
+SESSION_HEADER = "Tide-Fetch-Session"
 _TOPIC_LENGTH = struct.Struct(">H")
 _HEAD = struct.Struct(">IBqqqqqH")
 _BATCHES_LENGTH = struct.Struct(">I")
@@ -62,13 +66,28 @@ class ReplicaFetchPartition(msgspec.Struct, frozen=True):
     max_bytes: Annotated[int, msgspec.Meta(ge=1, le=PARTITION_BYTES_MAX)] = 1 << 20
 
 
+class ReplicaFetchForgotten(msgspec.Struct, frozen=True):
+    topic: Annotated[str, msgspec.Meta(min_length=1, max_length=249)]
+    partition: Annotated[int, msgspec.Meta(ge=0, le=9_999)]
+
+
 class ReplicaFetchRequest(msgspec.Struct, frozen=True):
     broker_id: Annotated[int, msgspec.Meta(ge=0)]
-    partitions: Annotated[
-        list[ReplicaFetchPartition], msgspec.Meta(min_length=1, max_length=PARTITIONS_MAX)
-    ]
+    partitions: Annotated[list[ReplicaFetchPartition], msgspec.Meta(max_length=PARTITIONS_MAX)]
     wait_ms: Annotated[int, msgspec.Meta(ge=0, le=WAIT_MS_MAX)] = 0
     max_bytes: Annotated[int, msgspec.Meta(ge=1, le=ANSWER_BYTES_MAX)] = 16 * 1024 * 1024
+    # Incremental fetch sessions (KIP-227): 0 = no session (a whole request, kept
+    # nowhere); else the follower's id for the session, and the number of requests
+    # the leader applied to it before this one (0 = open it with this whole request).
+    session_id: Annotated[int, msgspec.Meta(ge=0, le=SESSION_ID_MAX)] = 0
+    session_epoch: Annotated[int, msgspec.Meta(ge=0)] = 0
+    forgotten: Annotated[list[ReplicaFetchForgotten], msgspec.Meta(max_length=PARTITIONS_MAX)] = (
+        msgspec.field(default_factory=list)
+    )
+
+    @property
+    def incremental(self) -> bool:
+        return self.session_epoch > 0
 
 
 class ReplicaFetchEntry(NamedTuple):
