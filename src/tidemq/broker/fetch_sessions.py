@@ -25,10 +25,17 @@ Invariants (``FollowerSession``):
   closes; either marks the partition dirty and wakes a waiting request. A partition
   that is neither dirty nor watched is one whose whole-request round would have
   done nothing but refresh the follower's fetch times.
-* **Liveness.** Those fetch times (which keep the follower in the ISR) are refreshed
-  by looking at *every* held partition at least once per ``refresh_s``, far below
-  ``replica_lag_time_max_ms``; a look is exactly the per-partition step of a whole
-  request (checks, then the core's FollowerFetched with the held offsets).
+* **Looks and reads.** A partition the request names is *looked at*: exactly the
+  per-partition step of a whole request (the checks, then the core's
+  FollowerFetched with its offsets), then read. A dirty partition looked at since
+  it was last named (its watch fired, or it was answered and the follower did not
+  name it again, so its state is the one looked at) is only read, as a waiting
+  whole request reads after its wake-up; the read tells a lost leadership or a log
+  start past the follower's log end.
+* **Liveness.** The fetch times of partitions not named (which keep the follower
+  in the ISR) are refreshed by looking at *every* held partition at least once per
+  ``refresh_s`` of requests, far below ``replica_lag_time_max_ms``; those looks
+  also catch a leader epoch that moved while the leader kept leading.
 * **Whole or nothing.** An answer that tells the follower something other than data
   or a high watermark (an error, a divergence, a log start past its log end) closes
   the session: the follower then acts on it and opens a new one, so neither side
@@ -112,17 +119,17 @@ class FollowerSession:
         self.epoch += 1
         self.used_at = time.monotonic()
 
-    def take(self, refresh_s: float) -> list[Key]:
-        """The partitions to look at now: the dirty ones, or every held one when the
-        last look at all of them is ``refresh_s`` old."""
+    def take(self, refresh_s: float) -> tuple[list[Key], bool]:
+        """The partitions to look at now: the dirty ones, or (and True) every held one
+        when the last look at all of them is ``refresh_s`` old."""
         now = time.monotonic()
         if now - self.refreshed_at >= refresh_s:
             self.refreshed_at = now
             self.dirty.clear()
-            return list(self.partitions)
+            return list(self.partitions), True
         keys = list(self.dirty)
         self.dirty.clear()
-        return keys
+        return keys, False
 
     def mark(self, keys: Iterable[Key]) -> None:
         for key in keys:

@@ -692,10 +692,16 @@ class Broker:
         looked: list[Key] = []
         held = 0
         while True:
-            keys = session.take(refresh_s)
+            keys, refresh = session.take(refresh_s)
             followed: list[tuple[ReplicaFetchPartition, PartitionReplica]] = []
             for key in keys:
                 one = session.partitions[key]
+                if one.replica is not None and not refresh:
+                    # Looked at since the follower named it last (its state is the same):
+                    # a fired watch or an earlier answer only asks to read, as a waiting
+                    # whole request would; the reads tell a lost leadership.
+                    followed.append((one.wanted, one.replica))
+                    continue
                 one.replica = self._look(one.wanted, request.broker_id, entries, followed)
             looked += keys
             read, held_now = self._replica_reads(followed, request.max_bytes)
