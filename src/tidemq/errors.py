@@ -122,6 +122,15 @@ class NotLeader(TideError):
     retriable = True
 
 
+class FetchSessionNotHeld(TideError):
+    """An incremental replica fetch names a session the leader does not hold (it
+    restarted, expired the session, or a newer one replaced it): open a new one."""
+
+    code = "fetch_session_not_held"
+    http_status = 409
+    retriable = True
+
+
 class FencedLeaderEpoch(TideError):
     """The request carries an older leader epoch than the broker's."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
+import tidemq.broker.follower as follower_module
+from tidemq.broker.fetch_sessions import FetchSessions
 from tidemq.broker.partition import partition_directory_name
 from tidemq.broker.server import (
     BATCH_TYPE,
@@ -33,8 +36,8 @@ from tidemq.broker.server import (
     create_app,
     make_endpoints,
 )
-from tidemq.core.replica import Acks
-from tidemq.errors import InvalidRequest
+from tidemq.core.replica import UNKNOWN, Acks
+from tidemq.errors import FetchSessionNotHeld, InvalidRequest
 from tidemq.service.app import build_app
 from tidemq.storage import FsyncPolicy, LogConfig
 from tidemq.storage.checkpoint import write_offset
@@ -43,7 +46,9 @@ from tidemq.transport import HttpTransport
 from tidemq.wire import control
 from tidemq.wire.batch import build_batch, decode_records
 from tidemq.wire.replica_fetch import (
+    PARTITIONS_MAX,
     ReplicaFetchEntry,
+    ReplicaFetchForgotten,
     ReplicaFetchPartition,
     ReplicaFetchRequest,
     decode_replica_fetch,
@@ -602,6 +607,7 @@ async def _stopped(p: Pair) -> None:
     for key in list(p.follower._followers):
         p.follower._stop_follower(key)
     await until("no poll waiting", lambda: p.count.in_flight == 0)
+    p.leader._fetch_sessions.close_all()  # and its watches released
 
 
 def _request(
@@ -628,14 +634,14 @@ def test_a_request_that_continues_no_held_session_is_refused_and_changes_nothing
             fetch = p.leader.replica_fetch_session
             assert (await fetch(_request(7, 0, {0: 0, 1: 0}))).session_id == 7
             session = p.leader._fetch_sessions._sessions[2]
-            for bad in (
-                _request(7, 5, {}),  # another epoch
-                _request(8, 1, {}),  # another id
-                _request(7, 0, {}),  # opening with nothing in it
-                _request(0, 0, {}),  # no session, nothing in it
-                _request(0, 1, {0: 0}),  # an epoch without a session
+            for bad, error in (
+                (_request(7, 5, {}), FetchSessionNotHeld),  # another epoch
+                (_request(8, 1, {}), FetchSessionNotHeld),  # another id
+                (_request(7, 0, {}), InvalidRequest),  # opening with nothing in it
+                (_request(0, 0, {}), InvalidRequest),  # no session, nothing in it
+                (_request(0, 1, {0: 0}), InvalidRequest),  # an epoch without a session
             ):
-                with pytest.raises(InvalidRequest):
+                with pytest.raises(error):
                     await fetch(bad)
                 assert p.leader._fetch_sessions._sessions[2] is session
                 assert session.epoch == 1 and not session.closed
@@ -645,7 +651,8 @@ def test_a_request_that_continues_no_held_session_is_refused_and_changes_nothing
                 data=control.encode(_request(7, 9, {})),
                 headers={"Content-Type": "application/json"},
             )
-            assert response.status == 400
+            assert response.status == 409
+            assert (await response.json())["error"]["code"] == "fetch_session_not_held"
             assert (await fetch(_request(7, 1, {}))).session_id == 7
             assert session.epoch == 2
 
@@ -668,7 +675,7 @@ def test_a_new_session_ends_the_old_ones_poll_and_releases_its_watches(
             assert len(replica._waiters) == 1  # the new session's watch only
             p.leader._fetch_sessions.expire(idle_s=0)
             assert replica._waiters == {} and len(p.leader._fetch_sessions) == 0
-            with pytest.raises(InvalidRequest):
+            with pytest.raises(FetchSessionNotHeld):
                 await fetch(_request(8, 1, {}))
 
     run(scenario)
@@ -714,3 +721,142 @@ def test_a_leader_that_holds_no_session_gets_whole_requests(tmp_path: Path) -> N
             assert all(_named(r) == {0, 1, 2} for r in p.count.requests)
 
     run(scenario)
+
+
+def _partition_0(
+    replicas: list[int], isr: list[int], partition_epoch: int
+) -> control.HeartbeatAnswer:
+    """Broker 1 leads both partitions in leader epoch 1; partition 0 with these
+    replicas, ISR and partition epoch (a reassignment keeps the leader epoch)."""
+    base = answer(2)
+    assignments = [
+        msgspec.structs.replace(a, replicas=replicas, isr=isr, partition_epoch=partition_epoch)
+        if a.partition == 0
+        else a
+        for a in base.assignments
+    ]
+    return _pointing_here(msgspec.structs.replace(base, assignments=assignments))
+
+
+def _refresh_due(p: Pair) -> None:
+    p.leader._fetch_sessions._sessions[2].refreshed_at = float("-inf")
+
+
+@pytest.mark.parametrize("change", ["follower leaves the replicas", "leader epoch bump"])
+def test_a_watch_is_released_when_a_look_at_its_partition_fails(
+    tmp_path: Path, change: str
+) -> None:
+    """Neither change fails the core's data waiters; the refresh's look fails and
+    closes the session, which must still release the watch (found by review)."""
+
+    async def scenario() -> None:
+        async with pair(tmp_path, 2) as p:
+            await _stopped(p)
+            URLS.setdefault(2, "http://127.0.0.1:1")
+            fetch = p.leader.replica_fetch_session
+            replica = p.leader.replicas[("orders", 0)]
+            assert (await fetch(_request(7, 0, {0: 0, 1: 0}))).session_id == 7
+            assert len(replica._waiters) == 1  # the standing watch
+            if change == "leader epoch bump":
+                p.leader.reconcile(_pointing_here(answer(2, epochs={0: 2})))
+                assert replica.is_leader and replica.leader_epoch == 2
+                code = "fenced_leader_epoch"
+            else:
+                p.leader.reconcile(_partition_0([1], [1], 2))
+                code = "not_leader"
+            _refresh_due(p)
+            answer_ = await fetch(_request(7, 1, {}))
+            assert answer_.session_id == 0 and len(p.leader._fetch_sessions) == 0
+            assert [e.error and e.error["code"] for e in answer_.entries] == [code]
+            assert replica._waiters == {} and replica.core._data_waiters == {}
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_poll_woken_midway_reports_no_state_its_request_did_not_vouch_for(
+    tmp_path: Path, whole: bool
+) -> None:
+    """Broker 2 leaves partition 0 and is added back (same leader epoch) while a poll
+    waits; data elsewhere wakes the poll. Nothing broker 2 sent since vouches for
+    its old state of partition 0, so the leader must not count it (were it counted,
+    the leader would propose an empty follower into the ISR; found by review)."""
+
+    async def scenario() -> None:
+        async with pair(tmp_path, 2) as p:
+            await produce(p.client, 0, batch(5))  # broker 2 holds 5 durably
+            await _stopped(p)
+            URLS.setdefault(2, "http://127.0.0.1:1")
+            fetch = p.leader.replica_fetch_session
+            replica = p.leader.replicas[("orders", 0)]
+            if whole:
+                poll = asyncio.ensure_future(fetch(_request(0, 0, {0: 5, 1: 0}, WAIT_MS)))
+            else:
+                assert (await fetch(_request(7, 0, {0: 5, 1: 0}))).session_id == 7
+                poll = asyncio.ensure_future(fetch(_request(7, 1, {}, WAIT_MS)))
+            other = p.leader.replicas[("orders", 1)]
+            sessions = p.leader._fetch_sessions._sessions
+            await until(
+                "the poll waiting",
+                lambda: len(other._waiters) == 1 if whole else sessions[2]._woken is not None,
+            )
+            p.leader.reconcile(_partition_0([1], [1], 2))
+            assert 2 not in replica.core.followers
+            p.leader.reconcile(_partition_0([1, 2], [1], 3))
+            assert replica.core.followers[2].fetch_offset == UNKNOWN
+            if not whole:
+                _refresh_due(p)
+            await produce(p.client, 1, batch(1), acks="1")  # wakes the poll
+            await asyncio.wait_for(poll, WAIT_MS / 1000 / 2)
+            assert replica.core.followers[2].fetch_offset == UNKNOWN
+            assert replica.core._proposal is None
+
+    run(scenario)
+
+
+def test_a_session_the_leader_lost_is_reopened_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The leader restarted (or expired the session) while the follower waited for
+    its fsync: the refusal is no failure, so no warning and no backoff (found by
+    review). The backoff is made 5 s here, so a backoff would show."""
+    monkeypatch.setattr(follower_module, "BACKOFF_MIN_S", 5.0)
+
+    async def scenario() -> None:
+        async with pair(tmp_path, 2) as p:
+            await produce(p.client, 0, batch(1))
+            await until(
+                "an incremental poll waiting",
+                lambda: p.count.in_flight == 1 and p.count.requests[-1].session_epoch > 0,
+            )
+            lost = p.count.requests[-1].session_id
+            p.leader._fetch_sessions._sessions.clear()  # as a restart would
+            with caplog.at_level(logging.WARNING):
+                begun = asyncio.get_running_loop().time()
+                await produce(p.client, 0, batch(1, start=1))  # acks=all: one round trip
+                assert asyncio.get_running_loop().time() - begun < 2.5
+            assert values(p.follower, 0) == values(p.leader, 0)
+            reopened = [r for r in p.count.requests if r.session_id not in (0, lost)]
+            assert reopened and reopened[0].session_epoch == 0
+            assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    run(scenario)
+
+
+def test_a_session_holds_at_most_partitions_max() -> None:
+    sessions = FetchSessions()
+
+    def wanted(topic: str, partition: int) -> ReplicaFetchPartition:
+        return ReplicaFetchPartition(topic, partition, 1, 0)
+
+    full = [wanted("t", n) for n in range(PARTITIONS_MAX)]
+    session = sessions.session_for(ReplicaFetchRequest(broker_id=2, partitions=full, session_id=7))
+    more = ReplicaFetchRequest(
+        broker_id=2, partitions=[wanted("u", 0)], session_id=7, session_epoch=1
+    )
+    with pytest.raises(InvalidRequest):
+        sessions.session_for(more)
+    assert len(session.partitions) == PARTITIONS_MAX and session.epoch == 1
+    instead = msgspec.structs.replace(more, forgotten=[ReplicaFetchForgotten("t", 0)])
+    assert sessions.session_for(instead) is session
+    assert len(session.partitions) == PARTITIONS_MAX and ("u", 0) in session.partitions

@@ -32,10 +32,16 @@ Invariants (``FollowerSession``):
   name it again, so its state is the one looked at) is only read, as a waiting
   whole request reads after its wake-up; the read tells a lost leadership or a log
   start past the follower's log end.
+* **Only a request vouches.** Held state is reported to a core (a look) only when
+  a request arrives: the request names what changed and so vouches for the rest.
+  Never after a wake-up in the middle of a poll, when the follower may already
+  have dropped or reset a partition it has not told of yet.
 * **Liveness.** The fetch times of partitions not named (which keep the follower
-  in the ISR) are refreshed by looking at *every* held partition at least once per
-  ``refresh_s`` of requests, far below ``replica_lag_time_max_ms``; those looks
-  also catch a leader epoch that moved while the leader kept leading.
+  in the ISR) are refreshed by looking at *every* held partition when a request
+  arrives and the last such look is ``refresh_s`` old: at most ``wait_ms +
+  refresh_s`` apart, far below ``replica_lag_time_max_ms``. Those looks also catch
+  a leader epoch that moved, or a replica set that changed, while the leader kept
+  leading (neither fails a watch).
 * **Whole or nothing.** An answer that tells the follower something other than data
   or a high watermark (an error, a divergence, a log start past its log end) closes
   the session: the follower then acts on it and opens a new one, so neither side
@@ -53,8 +59,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tidemq.broker.partition import PartitionReplica
-from tidemq.errors import InvalidRequest
-from tidemq.wire.replica_fetch import ReplicaFetchPartition, ReplicaFetchRequest
+from tidemq.errors import FetchSessionNotHeld, InvalidRequest
+from tidemq.wire.replica_fetch import PARTITIONS_MAX, ReplicaFetchPartition, ReplicaFetchRequest
 
 Key = tuple[str, int]
 IDLE_S = 120.0  # a session unused this long is closed (the follower re-opens it)
@@ -90,8 +96,10 @@ class _Watch:
 @dataclass(slots=True)
 class Held:
     wanted: ReplicaFetchPartition
-    replica: PartitionReplica | None = None  # set by the first look that passed the checks
-    watch: tuple[int, _Watch] | None = None
+    replica: PartitionReplica | None = None  # set by the last look that passed the checks
+    # The standing watch: on the replica it was set on (a later look may fail and
+    # forget the replica; the watch is still released there), its waiter id.
+    watch: tuple[PartitionReplica, int, _Watch] | None = None
 
 
 class FollowerSession:
@@ -108,7 +116,15 @@ class FollowerSession:
 
     def apply(self, request: ReplicaFetchRequest) -> None:
         """Takes the request's changes (the caller checked that it continues this
-        session): forgotten partitions leave, named ones replace what was held."""
+        session): forgotten partitions leave, named ones replace what was held.
+        InvalidRequest (nothing changed) if the session would hold too many."""
+        if len(self.partitions) + len(request.partitions) > PARTITIONS_MAX:
+            keys = set(self.partitions).difference(
+                (f.topic, f.partition) for f in request.forgotten
+            )
+            keys.update((w.topic, w.partition) for w in request.partitions)
+            if len(keys) > PARTITIONS_MAX:
+                raise InvalidRequest(f"a fetch session holds at most {PARTITIONS_MAX} partitions")
         for gone in request.forgotten:
             self._drop((gone.topic, gone.partition))
         for wanted in request.partitions:
@@ -119,11 +135,14 @@ class FollowerSession:
         self.epoch += 1
         self.used_at = time.monotonic()
 
-    def take(self, refresh_s: float) -> tuple[list[Key], bool]:
+    def take(self, refresh_s: float, arrived: bool) -> tuple[list[Key], bool]:
         """The partitions to look at now: the dirty ones, or (and True) every held one
-        when the last look at all of them is ``refresh_s`` old."""
+        when the request just ``arrived`` and the last look at all of them is
+        ``refresh_s`` old. Never in the middle of a poll: only a request that
+        arrives vouches for the state it does not name (its follower may have
+        dropped or reset a partition since)."""
         now = time.monotonic()
-        if now - self.refreshed_at >= refresh_s:
+        if arrived and now - self.refreshed_at >= refresh_s:
             self.refreshed_at = now
             self.dirty.clear()
             return list(self.partitions), True
@@ -150,7 +169,7 @@ class FollowerSession:
             if waiter_id is None or watch.done():
                 self.dirty[key] = None  # data (or an error) at once
             else:
-                held.watch = (waiter_id, watch)
+                held.watch = (held.replica, waiter_id, watch)
 
     async def wait(self, timeout_s: float) -> None:
         """Until a watch fires (or the session closes), or ``timeout_s``."""
@@ -172,7 +191,7 @@ class FollowerSession:
 
     def _fired(self, key: Key, watch: _Watch) -> None:
         held = self.partitions.get(key)
-        if held is None or held.watch is None or held.watch[1] is not watch:
+        if held is None or held.watch is None or held.watch[2] is not watch:
             return
         held.watch = None
         self.dirty[key] = None
@@ -185,10 +204,10 @@ class FollowerSession:
     def _drop(self, key: Key) -> None:
         held = self.partitions.pop(key, None)
         self.dirty.pop(key, None)
-        if held is not None and held.watch is not None and held.replica is not None:
-            waiter_id, _ = held.watch
+        if held is not None and held.watch is not None:
+            replica, waiter_id, _ = held.watch
             held.watch = None
-            held.replica.unwatch(waiter_id)
+            replica.unwatch(waiter_id)
 
 
 def _wake(future: asyncio.Future[None]) -> None:
@@ -222,7 +241,7 @@ class FetchSessions:
                 or session.id != request.session_id
                 or session.epoch != request.session_epoch
             ):
-                raise InvalidRequest(
+                raise FetchSessionNotHeld(
                     f"fetch session {request.session_id} epoch {request.session_epoch} "
                     "is not held here (the follower opens a new one)"
                 )

@@ -50,7 +50,14 @@ from typing import Any
 
 from tidemq.broker.partition import PartitionReplica
 from tidemq.core.replica import UNKNOWN, truncation_offset
-from tidemq.errors import ERRORS_BY_CODE, CorruptBatch, InternalError, InvalidRequest, TideError
+from tidemq.errors import (
+    ERRORS_BY_CODE,
+    CorruptBatch,
+    FetchSessionNotHeld,
+    InternalError,
+    InvalidRequest,
+    TideError,
+)
 from tidemq.transport import HttpTransport
 from tidemq.wire import control
 from tidemq.wire.replica_fetch import (
@@ -162,6 +169,8 @@ class FetchSession:
                 continue
             try:
                 entries = await self._fetch(followed)
+            except FetchSessionNotHeld:
+                continue  # the leader restarted or expired it: open a new one at once
             except (TideError, ValueError) as error:
                 if _no_such_endpoint(error):
                     await self._follow_one_by_one()  # a leader of an older version

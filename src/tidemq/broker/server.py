@@ -691,8 +691,10 @@ class Broker:
         entries: list[ReplicaFetchEntry] = []
         looked: list[Key] = []
         held = 0
+        arrived = True
         while True:
-            keys, refresh = session.take(refresh_s)
+            keys, refresh = session.take(refresh_s, arrived)
+            arrived = False
             followed: list[tuple[ReplicaFetchPartition, PartitionReplica]] = []
             for key in keys:
                 one = session.partitions[key]
