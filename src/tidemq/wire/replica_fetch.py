@@ -26,6 +26,11 @@ Without it both are -1. The offsets are -1 in an error entry. An answer that wai
 follower knows (no data), or nothing. Why: a follower of 12 partitions on one leader
 kept 12 long-polls open and woke 12 times; one session wakes once, and each request
 reports the follower's new log end and durable end for every partition at once.
+
+Incremental sessions (KIP-227; broker/fetch_sessions.py): with ``session_id`` set, a
+request with ``session_epoch`` 0 opens a session on the leader, and later ones name
+only the partitions whose fields changed plus the ``forgotten`` ones; the answer's
+``Tide-Fetch-Session`` header names the session the leader holds afterwards.
 """
 
 from __future__ import annotations
