@@ -860,3 +860,85 @@ def test_a_session_holds_at_most_partitions_max() -> None:
     instead = msgspec.structs.replace(more, forgotten=[ReplicaFetchForgotten("t", 0)])
     assert sessions.session_for(instead) is session
     assert len(session.partitions) == PARTITIONS_MAX and ("u", 0) in session.partitions
+
+
+def _lose_cut_and_regain(p: Pair) -> None:
+    """Broker 1 loses partition 0 (epoch 2), is cut back to 3 as a follower, then
+    leads again in epoch 3 and takes records [3, 8) of its own: the same replica
+    object, a rewritten log."""
+    replica = p.leader.replicas[("orders", 0)]
+    p.leader.reconcile(_pointing_here(answer(2, epochs={0: 2}, leaders={0: 2})))
+    assert not replica.is_leader
+    replica.truncate_to(3)
+    p.leader.reconcile(_pointing_here(answer(2, epochs={0: 3})))
+    assert replica.is_leader and replica.leader_epoch == 3
+    replica.append(batch(2, start=103), Acks.LEADER, 0)
+    replica.append(batch(3, start=105), Acks.LEADER, 0)
+    assert p.leader.replicas[("orders", 0)] is replica
+
+
+@pytest.mark.parametrize(
+    "mode", ["session", "session waiting for bytes", "whole waiting for bytes"]
+)
+def test_a_read_after_leadership_was_lost_and_regained_serves_nothing(
+    tmp_path: Path, mode: str
+) -> None:
+    """A read without a look (a fired watch in a session, or a poll held back by the
+    bound on replica bytes in flight) must not serve a log rewritten since the look
+    checked the follower against the epoch history: the follower would append
+    records past a divergence nobody told it of (found by review)."""
+
+    async def scenario() -> None:
+        async with pair(tmp_path, 2) as p:
+            await produce(p.client, 0, batch(5))  # broker 2 holds [0, 5) of epoch 1
+            await _stopped(p)
+            URLS.setdefault(2, "http://127.0.0.1:1")
+            fetch = p.leader.replica_fetch_session
+            wanted = {0: 5, 1: 0}
+            if mode == "session":
+                assert (await fetch(_request(7, 0, wanted))).session_id == 7
+                _lose_cut_and_regain(p)
+                got = await fetch(_request(7, 1, {}))  # no refresh due: read only
+            else:
+                leader = p.leader
+                leader._inflight_replica_bytes = leader.config.max_inflight_replica_bytes
+                poll = asyncio.ensure_future(
+                    fetch(_request(7 if mode.startswith("session") else 0, 0, wanted, WAIT_MS))
+                )
+                released = leader._replica_bytes_released
+                await until("the poll waiting for bytes", lambda: bool(released._waiters))
+                _lose_cut_and_regain(p)
+                leader.release_replica_bytes(leader.config.max_inflight_replica_bytes)
+                got = await asyncio.wait_for(poll, WAIT_MS / 1000 / 2)
+            [entry] = [e for e in got.entries if e.partition == 0]
+            assert entry.batches == b"" and entry.error is not None
+            assert entry.error["code"] == "fenced_leader_epoch"
+            assert got.session_id == 0
+
+    run(scenario)
+
+
+def test_an_idle_follower_stays_caught_up_when_its_poll_wait_exceeds_the_lag_bound(
+    tmp_path: Path,
+) -> None:
+    """A fetch waits at most half of replica_lag_time_max_ms on the leader: fetch
+    times are refreshed only when a request arrives (found by review; whole requests
+    had it too)."""
+    lag_ms = 800
+
+    def slow_polls(leader: Broker, follower: Broker) -> None:
+        leader.config = replace(leader.config, replica_lag_time_max_ms=lag_ms)
+        leader._session_refresh_s = min(0.25, lag_ms / 8000)
+        follower.config = replace(follower.config, replica_fetch_wait_ms=2_000)
+
+    async def scenario() -> None:
+        async with pair(tmp_path, 2, before=slow_polls) as p:
+            await produce(p.client, 0, batch(1))
+            replica = p.leader.replicas[("orders", 1)]
+            end = asyncio.get_running_loop().time() + 3 * lag_ms / 1000
+            while asyncio.get_running_loop().time() < end:
+                behind = replica._clock_ms() - replica.core.followers[2].last_caught_up_ms
+                assert behind < lag_ms, behind
+                await asyncio.sleep(0.02)
+
+    run(scenario)

@@ -38,10 +38,16 @@ Invariants (``FollowerSession``):
   have dropped or reset a partition it has not told of yet.
 * **Liveness.** The fetch times of partitions not named (which keep the follower
   in the ISR) are refreshed by looking at *every* held partition when a request
-  arrives and the last such look is ``refresh_s`` old: at most ``wait_ms +
-  refresh_s`` apart, far below ``replica_lag_time_max_ms``. Those looks also catch
-  a leader epoch that moved, or a replica set that changed, while the leader kept
-  leading (neither fails a watch).
+  arrives and the last such look is ``refresh_s`` old. A fetch waits at most half
+  of ``replica_lag_time_max_ms`` on the leader (whole requests too), so looks are
+  at most that plus ``refresh_s`` apart. Those looks also catch a leader epoch
+  that moved, or a replica set that changed, while the leader kept leading
+  (neither fails a watch).
+* **A read checks the epoch.** A read without a look (a fired watch, a poll held
+  back by the bound on replica bytes in flight) serves nothing if the replica's
+  leader epoch is no longer the one the look checked: it may have lost and
+  regained leadership, its log cut and rewritten meanwhile (fenced_leader_epoch,
+  which closes the session).
 * **Whole or nothing.** An answer that tells the follower something other than data
   or a high watermark (an error, a divergence, a log start past its log end) closes
   the session: the follower then acts on it and opens a new one, so neither side

@@ -619,7 +619,7 @@ class Broker:
             return b"", headers  # the follower starts over at the log start
         replica.follower_fetched(request.broker_id, request.offset, request.durable_offset)
         if request.offset >= log_.log_end_offset:
-            await replica.wait_for_data(request.offset, request.wait_ms / 1000, follower=True)
+            await replica.wait_for_data(request.offset, self._poll_wait_s(request), follower=True)
         if replica.closed or not replica.is_leader:
             raise NotLeader(f"{topic}/{partition}: leadership moved while the fetch waited")
         data = log_.read(request.offset, request.max_bytes)
@@ -645,7 +645,7 @@ class Broker:
         followed: list[tuple[ReplicaFetchPartition, PartitionReplica]] = []
         for wanted in request.partitions:
             self._look(wanted, request.broker_id, entries, followed)
-        deadline = asyncio.get_running_loop().time() + request.wait_ms / 1000
+        deadline = asyncio.get_running_loop().time() + self._poll_wait_s(request)
         while True:
             read, held = self._replica_reads(followed, request.max_bytes)
             entries += read
@@ -656,6 +656,13 @@ class Broker:
         if not entries:  # timed out: tell what moved meanwhile (lazily: no wake-up for it)
             entries = _moved_high_watermarks(followed)
         return ReplicaAnswer(entries, held)
+
+    def _poll_wait_s(self, request: ReplicaFetch | ReplicaFetchRequest) -> float:
+        """How long a replica fetch may wait here: ``wait_ms``, but at most half the
+        ISR's lag bound. A follower's fetch times are refreshed only when its
+        request arrives, so a caught-up follower parked longer than the bound would
+        drop out of the ISR (and rejoin with its next request)."""
+        return min(request.wait_ms, self.config.replica_lag_time_max_ms / 2) / 1000
 
     def _look(
         self,
@@ -686,7 +693,7 @@ class Broker:
         may have something to say (see broker/fetch_sessions.py for why that is all)."""
         session = self._fetch_sessions.session_for(request)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + request.wait_ms / 1000
+        deadline = loop.time() + self._poll_wait_s(request)
         refresh_s = self._session_refresh_s
         entries: list[ReplicaFetchEntry] = []
         looked: list[Key] = []
@@ -713,7 +720,7 @@ class Broker:
             if entries or remaining <= 0 or session.closed:
                 break
             if self._inflight_replica_bytes >= self.config.max_inflight_replica_bytes:
-                session.mark(keys)  # held back by the bound: looked at again once freed
+                session.mark(keys)  # held back by the bound: read again once freed
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(remaining):
                         await self._replica_bytes_released.wait()
@@ -750,6 +757,14 @@ class Broker:
             try:
                 if replica.closed or not replica.is_leader:
                     raise NotLeader(f"{wanted.topic}/{wanted.partition}: leadership moved")
+                if replica.leader_epoch != wanted.leader_epoch:
+                    # Led again since its look (the same replica object; the log may
+                    # have been cut and rewritten meanwhile): what the look checked
+                    # against the epoch history no longer holds.
+                    raise FencedLeaderEpoch(
+                        f"{wanted.topic}/{wanted.partition}: leader epoch is now "
+                        f"{replica.leader_epoch}, not {wanted.leader_epoch}"
+                    )
                 log_ = replica.log
                 if wanted.offset < log_.log_start_offset:  # retention moved it meanwhile
                     entries.append(_replica_entry(wanted, replica, None))
@@ -1286,7 +1301,10 @@ def _moved_high_watermarks(
     return [
         _replica_entry(w, r, None)
         for w, r in followed
-        if not r.closed and min(r.high_watermark, w.offset) > w.high_watermark
+        if not r.closed
+        and r.is_leader
+        and r.leader_epoch == w.leader_epoch
+        and min(r.high_watermark, w.offset) > w.high_watermark
     ]
 
 
