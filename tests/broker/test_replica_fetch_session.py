@@ -23,13 +23,16 @@ import aiohttp
 import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
 import tidemq.broker.follower as follower_module
+import tidemq.broker.main as broker_main
 from tidemq.broker.fetch_sessions import FetchSessions
 from tidemq.broker.partition import partition_directory_name
 from tidemq.broker.server import (
     BATCH_TYPE,
+    LAG_TIME_MAX_MS_MIN,
     Broker,
     BrokerConfig,
     ReplicaAnswer,
@@ -942,3 +945,15 @@ def test_an_idle_follower_stays_caught_up_when_its_poll_wait_exceeds_the_lag_bou
                 await asyncio.sleep(0.02)
 
     run(scenario)
+
+
+def test_a_lag_bound_too_small_for_a_fetch_wait_is_refused(tmp_path: Path) -> None:
+    """A replica fetch waits at most half the bound: a bound of ~0 would make
+    followers send requests in a loop (found by review)."""
+    with pytest.raises(ValueError, match="replica_lag_time_max_ms"):
+        replace(_broker(1, tmp_path).config, replica_lag_time_max_ms=LAG_TIME_MAX_MS_MIN - 1)
+    result = CliRunner().invoke(
+        broker_main.command,
+        ["--id", "1", "--data-dir", str(tmp_path), "--replica-lag-time-max-ms", "1"],
+    )
+    assert result.exit_code == 2 and "--replica-lag-time-max-ms" in result.output

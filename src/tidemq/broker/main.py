@@ -9,7 +9,7 @@ import click
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from tidemq import eventloop
-from tidemq.broker.server import Broker, BrokerConfig, create_app
+from tidemq.broker.server import LAG_TIME_MAX_MS_MIN, Broker, BrokerConfig, create_app
 from tidemq.logs import LOG_FORMATS
 from tidemq.logs import configure as configure_logging
 from tidemq.service.app import serve
@@ -77,10 +77,11 @@ async def run_broker(config: BrokerConfig, host: str, port: int, tls: TlsFiles |
 @click.option("--max-request-bytes", type=int, default=8 * 1024 * 1024, show_default=True)
 @click.option(
     "--replica-lag-time-max-ms",
-    type=int,
+    type=click.IntRange(min=LAG_TIME_MAX_MS_MIN),
     default=10_000,
     show_default=True,
-    help="A follower that has not caught up for this long leaves the ISR.",
+    help="A follower that has not caught up for this long leaves the ISR (a replica "
+    "fetch waits at most half of it).",
 )
 @click.option("--log-level", default="info", show_default=True)
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True)

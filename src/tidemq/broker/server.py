@@ -112,6 +112,7 @@ log = logging.getLogger(__name__)
 
 BATCH_TYPE = "application/vnd.tidemq.batches"
 MAX_WAIT_MS = 30_000
+LAG_TIME_MAX_MS_MIN = 100
 MAX_FETCH_BYTES = 8 * 1024 * 1024
 PRODUCE_TIMEOUT_S = 30.0
 CLUSTER_ID_FILE = "cluster-id"
@@ -139,6 +140,15 @@ class BrokerConfig:
     max_inflight_produce_bytes: int = 64 * 1024 * 1024
     max_inflight_replica_bytes: int = 64 * 1024 * 1024
     journal: bool = True  # under fsync=always: one broker-wide journal fsync per group
+
+    def __post_init__(self) -> None:
+        if self.replica_lag_time_max_ms < LAG_TIME_MAX_MS_MIN:
+            # A replica fetch waits at most half of it: below this, followers would
+            # send requests in a loop (and could never stay in the ISR anyway).
+            raise ValueError(
+                f"replica_lag_time_max_ms must be at least {LAG_TIME_MAX_MS_MIN}, "
+                f"not {self.replica_lag_time_max_ms}"
+            )
 
 
 def _now_ms() -> int:
