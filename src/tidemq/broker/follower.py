@@ -7,7 +7,9 @@ partition. Its loop:
 
 1. send, for every followed partition that is not backing off, its log end, last
    epoch, durable end and known high watermark; the order rotates per request so
-   that the answer's byte budget favours no partition;
+   that the answer's byte budget favours no partition. Within an incremental
+   session (broker/fetch_sessions.py) only the partitions whose fields changed
+   since the last request the leader applied, and the ones no longer fetched;
 2. apply each entry of the answer on its own (truncate on a divergence, start over
    at the leader's log start, append batches, note the high watermark); a partition
    whose entry is an error, or whose bytes fail their checks, backs off alone
@@ -324,7 +326,8 @@ class FetchSession:
     def _request(self, followed: dict[Key, Followed]) -> ReplicaFetchRequest:
         """A whole request that opens a session, or, within one, only what changed
         against what the leader holds (the partitions whose state moved, and the ones
-        no longer fetched): idle partitions cost neither side anything per round."""
+        no longer fetched): an idle partition costs the leader nothing per round, and
+        this side one comparison."""
         wanted = {key: _wanted(f) for key, f in followed.items()}
         self._pending = wanted
         forgotten: list[ReplicaFetchForgotten] = []
