@@ -19,8 +19,8 @@ Invariants (``FollowerSession``):
   request. A request that does not continue the held session (another id, another
   epoch) is refused and changes nothing.
 * **Nothing is missed.** Between two requests every held partition is either
-  *dirty* (the next request looks at it: it changed, was answered, or its watch
-  fired) or *watched*: a standing data watch at the follower's log end, which the
+  *dirty* (the next request looks at it or reads it: it changed, was answered, or
+  its watch fired) or *watched*: a standing data watch at the follower's log end, which the
   replica completes when data arrives past it and fails when it stops leading or
   closes; either marks the partition dirty and wakes a waiting request. A partition
   that is neither dirty nor watched is one whose whole-request round would have
