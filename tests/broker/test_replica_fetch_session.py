@@ -670,14 +670,19 @@ def test_a_new_session_ends_the_old_ones_poll_and_releases_its_watches(
             await _stopped(p)
             fetch = p.leader.replica_fetch_session
             replica = p.leader.replicas[("orders", 0)]
+            metrics = p.leader.metrics
+            opened_before = _value(metrics.fetch_sessions_opened)
             old = asyncio.ensure_future(fetch(_request(7, 0, {0: 0, 1: 0}, wait_ms=WAIT_MS)))
             await until("the old poll watching", lambda: len(replica._waiters) == 1)
             new = await fetch(_request(8, 0, {0: 0, 1: 0}))
             answer_ = await asyncio.wait_for(old, WAIT_MS / 1000 / 2)
             assert answer_.session_id == 0 and new.session_id == 8
             assert len(replica._waiters) == 1  # the new session's watch only
+            assert _value(metrics.fetch_sessions_opened) - opened_before == 2
+            assert _value(metrics.fetch_sessions) == 1
             p.leader._fetch_sessions.expire(idle_s=0)
             assert replica._waiters == {} and len(p.leader._fetch_sessions) == 0
+            assert _value(metrics.fetch_sessions) == 0
             with pytest.raises(FetchSessionNotHeld):
                 await fetch(_request(8, 1, {}))
 
@@ -739,6 +744,12 @@ def _partition_0(
         for a in base.assignments
     ]
     return _pointing_here(msgspec.structs.replace(base, assignments=assignments))
+
+
+def _value(metric: Any) -> float:
+    """A metric without labels: its value (a counter's _total sample)."""
+    [family] = metric.collect()
+    return float(next(s.value for s in family.samples if not s.name.endswith("_created")))
 
 
 def _refresh_due(p: Pair) -> None:

@@ -50,6 +50,8 @@ METRICS = [
     "tide_disk_free_bytes",
     "tide_disk_size_bytes",
     "tide_producers_active",
+    "tide_replica_fetch_sessions",
+    "tide_replica_fetch_sessions_opened_total",
     "tide_brokers_alive",
     "tide_brokers_registered",
     "tide_broker_up",

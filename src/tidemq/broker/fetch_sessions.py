@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from tidemq.broker.partition import PartitionReplica
@@ -224,8 +224,9 @@ def _wake(future: asyncio.Future[None]) -> None:
 class FetchSessions:
     """The leader's sessions, one per follower broker."""
 
-    def __init__(self) -> None:
+    def __init__(self, opened: Callable[[], object] = lambda: None) -> None:
         self._sessions: dict[int, FollowerSession] = {}
+        self._opened = opened  # called for each session opened (a metric)
 
     def session_for(self, request: ReplicaFetchRequest) -> FollowerSession:
         """The session ``request`` opens or continues, with the request applied;
@@ -239,6 +240,7 @@ class FetchSessions:
             session = self._sessions[request.broker_id] = FollowerSession(
                 request.broker_id, request.session_id
             )
+            self._opened()
         else:
             session = self._sessions.get(request.broker_id)  # type: ignore[assignment]
             if (

@@ -262,6 +262,16 @@ class BrokerMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.fetch_sessions = Gauge(
+            "tide_replica_fetch_sessions",
+            "Incremental replica fetch sessions held here as leader (one per follower broker)",
+            registry=registry,
+        )
+        self.fetch_sessions_opened = Counter(
+            "tide_replica_fetch_sessions_opened_total",
+            "Incremental replica fetch sessions opened here as leader (a steady rate: churn)",
+            registry=registry,
+        )
         self._producers_seen_ms: dict[int, int] = {}
         # Per-topic children of the traffic counters (topics' counters are never removed).
         self._in: dict[str, tuple[Any, Any]] = {}
@@ -361,7 +371,8 @@ class Broker:
         self._sessions: dict[tuple[int, str], tuple[FetchSession, asyncio.Task[None]]] = {}
         self._inflight_produce_bytes = 0
         self._inflight_replica_bytes = 0  # replica fetch answers read, not yet written
-        self._fetch_sessions = FetchSessions()
+        self._fetch_sessions = FetchSessions(self.metrics.fetch_sessions_opened.inc)
+        self.metrics.fetch_sessions.set_function(lambda: len(self._fetch_sessions))
         # Every held partition of a fetch session is looked at this often (its
         # follower's fetch times refreshed), far below the ISR's lag bound.
         self._session_refresh_s = min(0.25, config.replica_lag_time_max_ms / 8000)
