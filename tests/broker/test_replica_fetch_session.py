@@ -575,23 +575,20 @@ def test_records_for_a_partition_the_poll_did_not_name_wake_it(tmp_path: Path) -
     run(scenario)
 
 
-def test_an_idle_follower_stays_caught_up_without_naming_its_partitions(
-    tmp_path: Path,
-) -> None:
-    """The leader refreshes the fetch times of partitions a request did not name (at
-    least every refresh_s): else an idle follower would drop out of the ISR."""
-    lag_ms = 600
+def _stays_caught_up(tmp_path: Path, lag_ms: int, poll_wait_ms: int, partitions: int) -> None:
+    """An idle follower (data on partition 0 once, then nothing) stays caught up on
+    every partition for three lag bounds."""
 
-    def quick(leader: Broker, follower: Broker) -> None:
+    def configured(leader: Broker, follower: Broker) -> None:
         leader.config = replace(leader.config, replica_lag_time_max_ms=lag_ms)
         leader._session_refresh_s = min(0.25, lag_ms / 8000)
-        follower.config = replace(follower.config, replica_fetch_wait_ms=100)
+        follower.config = replace(follower.config, replica_fetch_wait_ms=poll_wait_ms)
 
     async def scenario() -> None:
-        async with pair(tmp_path, 4, before=quick) as p:
+        async with pair(tmp_path, partitions, before=configured) as p:
             await produce(p.client, 0, batch(1))
-            replicas = [p.leader.replicas[("orders", n)] for n in range(4)]
-            end = asyncio.get_running_loop().time() + 4 * lag_ms / 1000
+            replicas = [p.leader.replicas[("orders", n)] for n in range(partitions)]
+            end = asyncio.get_running_loop().time() + 3 * lag_ms / 1000
             while asyncio.get_running_loop().time() < end:
                 for replica in replicas:
                     progress = replica.core.followers[2]
@@ -599,10 +596,17 @@ def test_an_idle_follower_stays_caught_up_without_naming_its_partitions(
                     assert behind < lag_ms, (replica.partition, behind)
                 await asyncio.sleep(0.02)
             incremental = [r for r in p.count.requests if r.session_epoch > 0]
-            assert len(incremental) >= 10
-            assert all(_named(r) <= {0} for r in incremental)
+            assert incremental and all(_named(r) <= {0} for r in incremental)
 
     run(scenario)
+
+
+def test_an_idle_follower_stays_caught_up_without_naming_its_partitions(
+    tmp_path: Path,
+) -> None:
+    """The leader refreshes the fetch times of partitions a request did not name (at
+    least every refresh_s): else an idle follower would drop out of the ISR."""
+    _stays_caught_up(tmp_path, lag_ms=600, poll_wait_ms=100, partitions=4)
 
 
 async def _stopped(p: Pair) -> None:
@@ -938,24 +942,7 @@ def test_an_idle_follower_stays_caught_up_when_its_poll_wait_exceeds_the_lag_bou
     """A fetch waits at most half of replica_lag_time_max_ms on the leader: fetch
     times are refreshed only when a request arrives (found by review; whole requests
     had it too)."""
-    lag_ms = 800
-
-    def slow_polls(leader: Broker, follower: Broker) -> None:
-        leader.config = replace(leader.config, replica_lag_time_max_ms=lag_ms)
-        leader._session_refresh_s = min(0.25, lag_ms / 8000)
-        follower.config = replace(follower.config, replica_fetch_wait_ms=2_000)
-
-    async def scenario() -> None:
-        async with pair(tmp_path, 2, before=slow_polls) as p:
-            await produce(p.client, 0, batch(1))
-            replica = p.leader.replicas[("orders", 1)]
-            end = asyncio.get_running_loop().time() + 3 * lag_ms / 1000
-            while asyncio.get_running_loop().time() < end:
-                behind = replica._clock_ms() - replica.core.followers[2].last_caught_up_ms
-                assert behind < lag_ms, behind
-                await asyncio.sleep(0.02)
-
-    run(scenario)
+    _stays_caught_up(tmp_path, lag_ms=800, poll_wait_ms=2_000, partitions=2)
 
 
 def test_a_lag_bound_too_small_for_a_fetch_wait_is_refused(tmp_path: Path) -> None:
