@@ -581,7 +581,6 @@ def _stays_caught_up(tmp_path: Path, lag_ms: int, poll_wait_ms: int, partitions:
 
     def configured(leader: Broker, follower: Broker) -> None:
         leader.config = replace(leader.config, replica_lag_time_max_ms=lag_ms)
-        leader._session_refresh_s = min(0.25, lag_ms / 8000)
         follower.config = replace(follower.config, replica_fetch_wait_ms=poll_wait_ms)
 
     async def scenario() -> None:

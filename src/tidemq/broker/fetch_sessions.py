@@ -70,6 +70,9 @@ from tidemq.wire.replica_fetch import PARTITIONS_MAX, ReplicaFetchPartition, Rep
 
 Key = tuple[str, int]
 IDLE_S = 120.0  # a session unused this long is closed (the follower re-opens it)
+# A request looks at every held partition once the last such look is this old (or an
+# eighth of replica_lag_time_max_ms, if less): the ``refresh_s`` of ``take``.
+REFRESH_S_MAX = 0.25
 
 
 class _Watch:

@@ -41,7 +41,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from tidemq.broker.fetch_sessions import FetchSessions, FollowerSession
+from tidemq.broker.fetch_sessions import REFRESH_S_MAX, FetchSessions, FollowerSession
 from tidemq.broker.follower import FetchSession
 from tidemq.broker.idempotence import append_in_sequence
 from tidemq.broker.partition import (
@@ -373,9 +373,6 @@ class Broker:
         self._inflight_replica_bytes = 0  # replica fetch answers read, not yet written
         self._fetch_sessions = FetchSessions(self.metrics.fetch_sessions_opened.inc)
         self.metrics.fetch_sessions.set_function(lambda: len(self._fetch_sessions))
-        # Every held partition of a fetch session is looked at this often (its
-        # follower's fetch times refreshed), far below the ISR's lag bound.
-        self._session_refresh_s = min(0.25, config.replica_lag_time_max_ms / 8000)
         self._replica_bytes_released = asyncio.Event()
         self.reconciled = False  # no heartbeat answer yet: topics unknown, not absent
         # Set when a request names what this broker does not know yet (a new topic,
@@ -715,7 +712,9 @@ class Broker:
         session = self._fetch_sessions.session_for(request)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._poll_wait_s(request)
-        refresh_s = self._session_refresh_s
+        # Every held partition is looked at this often (its follower's fetch times
+        # refreshed), far below the ISR's lag bound.
+        refresh_s = min(REFRESH_S_MAX, self.config.replica_lag_time_max_ms / 8000)
         entries: list[ReplicaFetchEntry] = []
         looked: list[Key] = []
         held = 0
