@@ -739,11 +739,9 @@ class Broker:
             remaining = deadline - loop.time()
             if entries or remaining <= 0 or session.closed:
                 break
-            if self._inflight_replica_bytes >= self.config.max_inflight_replica_bytes:
+            if self._replica_bytes_full():
                 session.mark(keys)  # held back by the bound: read again once freed
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(remaining):
-                        await self._replica_bytes_released.wait()
+                await self._replica_bytes_freed(remaining)
                 continue
             session.watch(keys)
             await session.wait(remaining)
@@ -806,10 +804,8 @@ class Broker:
     ) -> None:
         """Until the first followed partition has data past the follower's log end (or
         bytes in flight were released, when the bound held data back), or timeout."""
-        if self._inflight_replica_bytes >= self.config.max_inflight_replica_bytes:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout_s):
-                    await self._replica_bytes_released.wait()
+        if self._replica_bytes_full():
+            await self._replica_bytes_freed(timeout_s)
             return
         woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         watching: list[tuple[PartitionReplica, int]] = []
@@ -828,6 +824,15 @@ class Broker:
                 woken.cancel()
             elif not woken.cancelled():
                 woken.exception()  # a demoted replica's NotLeader: seen by the next read
+
+    def _replica_bytes_full(self) -> bool:
+        return self._inflight_replica_bytes >= self.config.max_inflight_replica_bytes
+
+    async def _replica_bytes_freed(self, timeout_s: float) -> None:
+        """Until replica answer bytes in flight were released, or timeout."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._replica_bytes_released.wait()
 
     def release_replica_bytes(self, count: int) -> None:
         self._inflight_replica_bytes -= count
