@@ -232,11 +232,10 @@ class FetchSessions:
         self._opened = opened  # called for each session opened (a metric)
 
     def session_for(self, request: ReplicaFetchRequest) -> FollowerSession:
-        """The session ``request`` opens or continues, with the request applied;
-        InvalidRequest (nothing changed) when it continues no held session."""
+        """The session ``request`` (whole, or incremental: the caller checked its
+        shape) opens or continues, with the request applied; FetchSessionNotHeld
+        (nothing changed) when it continues no held session."""
         if not request.incremental:
-            if not request.partitions or request.forgotten:
-                raise InvalidRequest("a request that opens a fetch session names every partition")
             old = self._sessions.pop(request.broker_id, None)
             if old is not None:
                 old.close()

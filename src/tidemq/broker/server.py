@@ -655,10 +655,12 @@ class Broker:
         caller releases with :meth:`release_replica_bytes` once the answer is
         written), and the incremental session the leader holds afterwards, if any
         (broker/fetch_sessions.py)."""
+        if not request.incremental and (request.forgotten or not request.partitions):
+            raise InvalidRequest("a whole replica fetch names every partition, forgets none")
         if request.session_id:
             return await self._session_fetch(request)
-        if request.incremental or request.forgotten or not request.partitions:
-            raise InvalidRequest("a replica fetch without a session names every partition")
+        if request.incremental:
+            raise InvalidRequest("an incremental replica fetch names its session_id")
         entries: list[ReplicaFetchEntry] = []
         followed: list[tuple[ReplicaFetchPartition, PartitionReplica]] = []
         for wanted in request.partitions:
