@@ -261,15 +261,35 @@ class FetchSession:
 
     async def _fetch(self, followed: dict[Key, Followed]) -> list[ReplicaFetchEntry] | None:
         """One request; None when the partition set changed before its answer came.
+        The leader's view of the session is taken as ours only from an answer that
+        was read whole and names the session; after anything else (a failure, a
+        cancelled poll, no header) the next request opens a new one."""
+        request = self._request(followed)
+        held = False
+        try:
+            answer = await self._poll(request)
+            if answer is None:
+                return None
+            body, headers = answer
+            entries = decode_replica_fetch(body)
+            held = headers.get(SESSION_HEADER) == str(self._session_id)
+            return entries
+        finally:
+            if held:
+                self._held, self._session_epoch = self._pending, self._session_epoch + 1
+            else:  # or the leader holds no session (an older leader has none at all)
+                self._end_session()
+
+    async def _poll(self, request: ReplicaFetchRequest) -> tuple[bytes, Mapping[str, str]] | None:
+        """The request's answer; None when ``add`` kicked it.
 
         The request runs in this task (no task per poll, no race against the change
         event): ``add`` cancels the wait instead, and ``_kicked`` tells that cancel
         from the session's own (shutdown), which still propagates."""
-        request = self._request(followed)
         task = asyncio.current_task()
         self._polling, self._kicked = task, False
         try:
-            body, headers = await self._transport().request(
+            return await self._transport().request(
                 "POST",
                 self.url,
                 data=control.encode(request),
@@ -277,7 +297,6 @@ class FetchSession:
                 timeout_ms=self._timeout_ms,
             )
         except asyncio.CancelledError:
-            self._end_session()  # whether the leader applied the request is unknown
             if self._kicked and task is not None:
                 self._kicked = False
                 if task.uncancel() == 0:
@@ -285,9 +304,6 @@ class FetchSession:
                     # came in the same loop turn is dropped and asked for again.
                     return None
             raise  # the session itself is cancelled (shutdown), kicked or not
-        except BaseException:
-            self._end_session()
-            raise
         finally:
             self._polling = None
             if self._kicked and task is not None and task.cancelling():
@@ -295,15 +311,6 @@ class FetchSession:
                 # withdraw it, so that later timeouts in this task still work.
                 task.uncancel()
             self._kicked = False
-        if headers.get(SESSION_HEADER) == str(self._session_id):
-            self._held, self._session_epoch = self._pending, self._session_epoch + 1
-        else:  # the leader holds no session (or an older leader has none at all)
-            self._end_session()
-        try:
-            return decode_replica_fetch(body)
-        except BaseException:
-            self._end_session()
-            raise
 
     def _end_session(self) -> None:
         """The next request opens a new session with every partition in it."""
