@@ -531,6 +531,13 @@ def _named(request: ReplicaFetchRequest) -> set[int]:
     return {w.partition for w in request.partitions}
 
 
+async def _incremental_poll_waiting(p: Pair) -> None:
+    await until(
+        "an incremental poll waiting",
+        lambda: p.count.in_flight == 1 and p.count.requests[-1].session_epoch > 0,
+    )
+
+
 def test_within_a_session_a_request_names_only_what_changed(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with pair(tmp_path, 12) as p:
@@ -559,10 +566,7 @@ def test_records_for_a_partition_the_poll_did_not_name_wake_it(tmp_path: Path) -
     async def scenario() -> None:
         async with pair(tmp_path, 12) as p:
             await produce(p.client, 0, batch(1))
-            await until(
-                "an incremental poll waiting",
-                lambda: p.count.in_flight == 1 and p.count.requests[-1].session_epoch > 0,
-            )
+            await _incremental_poll_waiting(p)
             for partition in (5, 11, 5):
                 assert partition not in _named(p.count.requests[-1])
                 begun = asyncio.get_running_loop().time()
@@ -608,12 +612,15 @@ def test_an_idle_follower_stays_caught_up_without_naming_its_partitions(
     _stays_caught_up(tmp_path, lag_ms=600, poll_wait_ms=100, partitions=4)
 
 
-async def _stopped(p: Pair) -> None:
-    """The follower's own session stopped (the test speaks for broker 2)."""
+async def _stopped(p: Pair) -> Callable[[ReplicaFetchRequest], Awaitable[ReplicaAnswer]]:
+    """The follower's own session stopped: the test speaks for broker 2 through the
+    leader's fetch it returns (and broker 2 has a URL should a partition move to it)."""
     for key in list(p.follower._followers):
         p.follower._stop_follower(key)
     await until("no poll waiting", lambda: p.count.in_flight == 0)
     p.leader._fetch_sessions.close_all()  # and its watches released
+    URLS.setdefault(2, "http://127.0.0.1:1")
+    return p.leader.replica_fetch_session
 
 
 def _request(
@@ -636,8 +643,7 @@ def test_a_request_that_continues_no_held_session_is_refused_and_changes_nothing
 ) -> None:
     async def scenario() -> None:
         async with pair(tmp_path, 2) as p:
-            await _stopped(p)
-            fetch = p.leader.replica_fetch_session
+            fetch = await _stopped(p)
             assert (await fetch(_request(7, 0, {0: 0, 1: 0}))).session_id == 7
             session = p.leader._fetch_sessions._sessions[2]
             for bad, error in (
@@ -670,8 +676,7 @@ def test_a_new_session_ends_the_old_ones_poll_and_releases_its_watches(
 ) -> None:
     async def scenario() -> None:
         async with pair(tmp_path, 2) as p:
-            await _stopped(p)
-            fetch = p.leader.replica_fetch_session
+            fetch = await _stopped(p)
             replica = p.leader.replicas[("orders", 0)]
             metrics = p.leader.metrics
             opened_before = _value(metrics.fetch_sessions_opened)
@@ -695,12 +700,11 @@ def test_a_new_session_ends_the_old_ones_poll_and_releases_its_watches(
 def test_a_lost_leadership_ends_the_session_with_an_error(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with pair(tmp_path, 2) as p:
-            await _stopped(p)
-            fetch = p.leader.replica_fetch_session
-            URLS.setdefault(2, "http://127.0.0.1:1")
+            fetch = await _stopped(p)
             await fetch(_request(7, 0, {0: 0, 1: 0}))
             poll = asyncio.ensure_future(fetch(_request(7, 1, {}, wait_ms=WAIT_MS)))
-            await asyncio.sleep(0.05)
+            session = p.leader._fetch_sessions._sessions[2]
+            await until("the poll waiting", lambda: session._woken is not None)
             assert not poll.done()
             p.leader.reconcile(_pointing_here(answer(2, epochs={1: 2}, leaders={1: 2})))
             answer_ = await asyncio.wait_for(poll, WAIT_MS / 1000 / 2)
@@ -768,9 +772,7 @@ def test_a_watch_is_released_when_a_look_at_its_partition_fails(
 
     async def scenario() -> None:
         async with pair(tmp_path, 2) as p:
-            await _stopped(p)
-            URLS.setdefault(2, "http://127.0.0.1:1")
-            fetch = p.leader.replica_fetch_session
+            fetch = await _stopped(p)
             replica = p.leader.replicas[("orders", 0)]
             assert (await fetch(_request(7, 0, {0: 0, 1: 0}))).session_id == 7
             assert len(replica._waiters) == 1  # the standing watch
@@ -802,9 +804,7 @@ def test_a_poll_woken_midway_reports_no_state_its_request_did_not_vouch_for(
     async def scenario() -> None:
         async with pair(tmp_path, 2) as p:
             await produce(p.client, 0, batch(5))  # broker 2 holds 5 durably
-            await _stopped(p)
-            URLS.setdefault(2, "http://127.0.0.1:1")
-            fetch = p.leader.replica_fetch_session
+            fetch = await _stopped(p)
             replica = p.leader.replicas[("orders", 0)]
             if whole:
                 poll = asyncio.ensure_future(fetch(_request(0, 0, {0: 5, 1: 0}, WAIT_MS)))
@@ -842,10 +842,7 @@ def test_a_session_the_leader_lost_is_reopened_at_once(
     async def scenario() -> None:
         async with pair(tmp_path, 2) as p:
             await produce(p.client, 0, batch(1))
-            await until(
-                "an incremental poll waiting",
-                lambda: p.count.in_flight == 1 and p.count.requests[-1].session_epoch > 0,
-            )
+            await _incremental_poll_waiting(p)
             lost = p.count.requests[-1].session_id
             p.leader._fetch_sessions._sessions.clear()  # as a restart would
             with caplog.at_level(logging.WARNING):
@@ -908,9 +905,7 @@ def test_a_read_after_leadership_was_lost_and_regained_serves_nothing(
     async def scenario() -> None:
         async with pair(tmp_path, 2) as p:
             await produce(p.client, 0, batch(5))  # broker 2 holds [0, 5) of epoch 1
-            await _stopped(p)
-            URLS.setdefault(2, "http://127.0.0.1:1")
-            fetch = p.leader.replica_fetch_session
+            fetch = await _stopped(p)
             wanted = {0: 5, 1: 0}
             if mode == "session":
                 assert (await fetch(_request(7, 0, wanted))).session_id == 7
