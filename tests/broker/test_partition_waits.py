@@ -5,6 +5,7 @@ and none leaves a waiter behind in the core (broker/partition.py ``_wait`` and
 from __future__ import annotations
 
 import asyncio
+import functools
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -121,6 +122,7 @@ def test_a_partition_demoted_while_a_session_poll_waits_fails_only_itself(
         broker = SimpleNamespace(
             _inflight_replica_bytes=0, config=SimpleNamespace(max_inflight_replica_bytes=1 << 20)
         )
+        broker._replica_bytes_full = functools.partial(Broker._replica_bytes_full, broker)
         followed = [(SimpleNamespace(offset=1), moved), (SimpleNamespace(offset=1), stays)]
         waiting = asyncio.ensure_future(Broker._replica_wait(broker, followed, 5.0))  # type: ignore[arg-type]
         await asyncio.sleep(0.01)
