@@ -5,6 +5,7 @@ query returns data from a live cluster is tests/ops/test_live_prometheus.py."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,12 @@ def test_the_required_dashboards_exist() -> None:
     lag = [q for board, _, q in panel_queries() if board == "consumer-groups"]
     assert any("tide_consumer_lag_seconds" in q for q in lag)
     assert any("tide_consumer_lag_messages" in q for q in lag)
+
+
+def test_the_brokers_dashboard_shows_the_replica_fetch_sessions() -> None:
+    queries = [q for board, _, q in panel_queries() if board == "brokers"]
+    assert any("tide_replica_fetch_sessions_opened_total" in q for q in queries)
+    assert any(re.search(r"\btide_replica_fetch_sessions\b(?!_)", q) for q in queries)
 
 
 def test_every_panel_query_is_valid_promql(tmp_path: Path) -> None:
