@@ -12,7 +12,7 @@ from test_broker_api import BASE, BATCH_TYPE, broker_client, expect_error, produ
 from tidemq.broker import idempotence
 from tidemq.broker.idempotence import load_producer_state
 from tidemq.broker.partition import PartitionReplica
-from tidemq.core.producers import APPEND, Duplicate
+from tidemq.core.producers import APPEND, Duplicate, rebuild
 from tidemq.storage import LogConfig, PartitionLog
 from tidemq.wire.batch import BatchBuilder, decode_records, patch_batch, read_header
 from tidemq.wire.produce import PRODUCE_TYPE, encode_produce
@@ -134,6 +134,33 @@ def test_producer_state_survives_a_broker_restart(tmp_path: Path) -> None:
 
     run(before)
     run(after)
+
+
+def test_a_retry_of_a_window_head_the_rebuilt_table_lost_is_a_duplicate(tmp_path: Path) -> None:
+    """A table rebuilt from the last two segments may hold only the end of a producer's
+    window. A retry of its head is answered as a duplicate at offset -1 (appended
+    before, offsets no longer known), after the high watermark passed the remembered
+    batches' start: neither appended again nor refused (which the client would take
+    for "not appended", and renumber the rest: a review found them written twice)."""
+
+    async def scenario() -> None:
+        async with broker_client(tmp_path) as (broker, client):
+            window = [stamped(1, 7, 0, i) for i in range(3)]
+            for body in window:
+                await offsets_of(await produce(client, body))
+            replica = broker.replicas[("orders", 0)]
+            stored = [read_header(replica.log.read(offset, 1 << 16)) for offset in (1, 2)]
+            replica.producers = rebuild(stored)  # what a rebuild of the tail saw
+            for acks in ("1", "all"):
+                answer = await offsets_of(await produce(client, window[0], acks=acks))
+                assert answer == (-1, -1, [-1])
+            assert await offsets_of(await produce(client, window[2])) == (2, 2, [2])
+            both = await offsets_of(await produce(client, window[0] + window[1], acks="all"))
+            assert both == (-1, 1, [-1, 1])
+            assert replica.log.log_end_offset == 3
+            assert await stored_values(client) == [b"v0", b"v1", b"v2"]
+
+    run(scenario)
 
 
 def test_rebuild_reads_the_last_two_segments(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tidemq.client.accumulator import RecordAccumulator
-from tidemq.client.sequencing import PartitionSequencer
+from tidemq.client.sequencing import EPOCH_MAX, PartitionSequencer
 from tidemq.core.producers import APPEND, ProducerStateTable
 from tidemq.errors import InvariantViolation, OutOfOrderSequence, ProducerFenced
 from tidemq.wire.batch import check_batch
@@ -52,17 +52,17 @@ def test_without_idempotence_one_request_per_partition_takes_everything_ready() 
 
 def test_groups_are_stamped_in_drain_order_and_renumbered_by_a_new_epoch() -> None:
     accumulator = accumulator_with(6, window=5)
-    sequencer = PartitionSequencer(epoch=0)
-    one = sequencer.start(accumulator.drain(("t", 0), 400, 1.0), producer_id=9)
-    two = sequencer.start(accumulator.drain(("t", 0), 1 << 20, 1.0), producer_id=9)
+    sequencer = PartitionSequencer(epoch=0, producer_id=9)
+    one = sequencer.start(accumulator.drain(("t", 0), 400, 1.0))
+    two = sequencer.start(accumulator.drain(("t", 0), 1 << 20, 1.0))
     stamps = [check_batch(b.payload or b"")[9:12] for b in one.batches + two.batches]
     assert stamps == [(9, 0, 2 * i) for i in range(len(stamps))]
     assert sequencer.next_sequence == 2 * len(stamps)
     with pytest.raises(InvariantViolation):
-        sequencer.reset(9)  # both still in flight
+        sequencer.reset()  # both still in flight
     one.in_flight = two.in_flight = False
     sequencer.settle(one)
-    sequencer.reset(9)
+    sequencer.reset()
     assert sequencer.epoch == 1
     restamped = [check_batch(b.payload or b"")[9:12] for b in two.batches]
     assert restamped == [(9, 1, 2 * i) for i in range(len(two.batches))]
@@ -72,8 +72,8 @@ def test_groups_are_stamped_in_drain_order_and_renumbered_by_a_new_epoch() -> No
 def test_a_broker_table_accepts_the_renumbered_groups_and_fences_the_old_ones() -> None:
     """What a reset is for: after a group failed for good, the held ones still land."""
     accumulator = accumulator_with(3, window=5)
-    sequencer = PartitionSequencer(epoch=0)
-    groups = [sequencer.start(accumulator.drain(("t", 0), 1, 1.0), 4) for _ in range(3)]
+    sequencer = PartitionSequencer(epoch=0, producer_id=4)
+    groups = [sequencer.start(accumulator.drain(("t", 0), 1, 1.0)) for _ in range(3)]
     table = ProducerStateTable()
     first = check_batch(groups[0].payload())
     assert table.check(first) == APPEND
@@ -85,12 +85,30 @@ def test_a_broker_table_accepts_the_renumbered_groups_and_fences_the_old_ones() 
         group.in_flight = False
     sequencer.settle(groups[0])
     sequencer.settle(groups[1])  # given up
-    sequencer.reset(4)
+    sequencer.reset()
     new_third = check_batch(groups[2].payload())
     assert table.check(new_third) == APPEND
     table.record(new_third, 2)
     with pytest.raises(ProducerFenced):
         table.check(old_third)
+
+
+def test_a_partition_that_used_up_its_epochs_continues_under_a_new_producer_id() -> None:
+    """The epoch is an i16: a reset past 32,767 overflowed in the sender and stopped the
+    producer. It is refused; the producer resets with a new id from the coordinator."""
+    accumulator = accumulator_with(2, window=5)
+    sequencer = PartitionSequencer(epoch=EPOCH_MAX - 1, producer_id=4)
+    first = sequencer.start(accumulator.drain(("t", 0), 1, 1.0))
+    first.in_flight = False
+    sequencer.reset()
+    assert (sequencer.epoch, sequencer.epochs_exhausted) == (EPOCH_MAX, True)
+    with pytest.raises(InvariantViolation):
+        sequencer.reset()
+    sequencer.reset(producer_id=5, epoch=0)
+    assert [check_batch(first.payload())[9:12]] == [(5, 0, 0)]
+    second = sequencer.start(accumulator.drain(("t", 0), 1, 1.0))
+    assert check_batch(second.payload())[9:12] == (5, 0, first.record_count)
+    assert not sequencer.epochs_exhausted
 
 
 def test_behind_a_request_in_flight_an_open_batch_waits_up_to_linger_a_full_one_not() -> None:

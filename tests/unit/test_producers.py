@@ -14,6 +14,7 @@ from tidemq.core.producers import (
     SEQUENCE_MODULUS,
     WINDOW_BATCHES,
     Append,
+    Behind,
     Decision,
     Duplicate,
     ProducerStateTable,
@@ -251,7 +252,7 @@ def test_a_producer_id_with_a_negative_epoch_or_sequence_is_rejected() -> None:
         table.check(header(7, 0, -1, 1))
 
 
-def test_a_retry_of_each_of_the_last_five_batches_gets_its_offsets_the_sixth_does_not() -> None:
+def test_a_retry_of_each_of_the_last_five_batches_gets_its_offsets_an_older_one_is_behind() -> None:
     log = Log(ProducerStateTable())
     sent = []
     for i in range(7):
@@ -260,8 +261,35 @@ def test_a_retry_of_each_of_the_last_five_batches_gets_its_offsets_the_sixth_doe
         sent.append((batch, log.end - 2))
     for batch, offset in sent[-WINDOW_BATCHES:]:
         assert log.offer(batch) == Duplicate(offset, offset + 1)
-    assert isinstance(log.offer(sent[-WINDOW_BATCHES - 1][0]), OutOfOrderSequence)
+    first_remembered = sent[-WINDOW_BATCHES][1]
+    for batch, _ in sent[:-WINDOW_BATCHES]:  # appended, offsets forgotten: never again
+        assert log.offer(batch) == Behind(first_remembered)
     assert len(log.batches) == 7
+
+
+def test_a_batch_that_overlaps_the_remembered_ones_without_matching_is_out_of_order() -> None:
+    log = Log(ProducerStateTable())
+    for i in range(3):
+        assert log.offer(header(1, 0, i * 2, 2)) == APPEND  # sequences 0-5
+    error = log.offer(header(1, 0, 1, 2))  # 1-2: inside the window, no batch's bounds
+    assert isinstance(error, OutOfOrderSequence) and not error.earlier_missing
+    error = log.offer(header(1, 0, 9, 1))  # a gap: 6-8 missing
+    assert isinstance(error, OutOfOrderSequence) and error.earlier_missing
+
+
+def test_a_table_rebuilt_from_the_end_of_a_window_answers_its_head_as_behind() -> None:
+    """A rebuild reads the last two segments: a producer's window that straddles them
+    is remembered from the middle. A retry of its head was appended (sequences of one
+    epoch are appended in order): a duplicate, never a refusal that the client would
+    take for "not appended" and renumber the rest (a review found them written twice)."""
+    log = Log(ProducerStateTable())
+    for i in range(3):
+        assert log.offer(header(7, 0, i, 1)) == APPEND
+    tail = log.batches[1:]  # what the last two segments hold
+    rebuilt = rebuild(tail)
+    assert rebuilt.check(header(7, 0, 0, 1)) == Behind(tail[0].base_offset)
+    assert rebuilt.check(header(7, 0, 1, 1)) == Duplicate(1, 1)
+    assert rebuilt.check(header(7, 0, 3, 1)) == APPEND
 
 
 def test_sequences_wrap_at_two_to_the_31() -> None:

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tidemq.core.producers import Append, ProducerStateTable
+from tidemq.core.producers import Append, Behind, ProducerStateTable
 from tidemq.core.replica import Acks
 from tidemq.errors import NotLeader, OutOfOrderSequence, UnknownProducerId
 from tidemq.storage import PartitionLog
@@ -94,12 +94,16 @@ def append_idempotent(
             offsets.append(cursor)
             cursor += header.record_count
             appended_records += header.record_count
+        elif isinstance(decision, Behind):  # appended before, offsets forgotten
+            offsets.append(-1)
+            commit_offset = max(commit_offset, decision.commit_offset)
+            continue
         else:
             offsets.append(decision.base_offset)
         commit_offset = max(commit_offset, offsets[-1] + header.record_count)
     return ProduceOutcome(
         offsets,
-        offsets[-1] + headers[-1].record_count - 1,
+        offsets[-1] + headers[-1].record_count - 1 if offsets[-1] >= 0 else -1,
         commit_offset,
         appended_records,
         len(appended_body),

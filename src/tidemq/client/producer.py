@@ -311,7 +311,7 @@ class Producer:
                 if batches:
                     # Stamped here, in drain order, with no await since the drain:
                     # sequence order is record order.
-                    drained.append((tp, self._sequencer(tp).start(batches, self._producer_id)))
+                    drained.append((tp, self._sequencer(tp).start(batches)))
             if drained:
                 group.create_task(self._deliver_grouped(drained))
             if self._closing and accumulator.is_empty():
@@ -337,7 +337,8 @@ class Producer:
     def _sequencer(self, tp: TopicPartition) -> PartitionSequencer:
         sequencer = self._sequencers.get(tp)
         if sequencer is None:
-            sequencer = self._sequencers[tp] = PartitionSequencer(self._producer_epoch)
+            sequencer = PartitionSequencer(self._producer_epoch, self._producer_id)
+            self._sequencers[tp] = sequencer
         return sequencer
 
     async def _deliver_grouped(self, drained: list[tuple[TopicPartition, RequestGroup]]) -> None:
@@ -396,13 +397,17 @@ class Producer:
             return
         for (tp, request, _), result in zip(items, results, strict=True):
             outcome = _entry_outcome(result)
+            if not isinstance(outcome, TideError):
+                try:
+                    offsets = _batch_offsets(outcome, request)
+                except InternalError as error:  # appended or not: resend to learn it
+                    outcome = error
             if isinstance(outcome, TideError):
                 self._failed(tp, request, outcome)
             else:
-                self._succeeded(tp, request, outcome)
+                self._succeeded(tp, request, offsets)
 
-    def _succeeded(self, tp: TopicPartition, request: RequestGroup, answer: Any) -> None:
-        offsets = _batch_offsets(answer, request)
+    def _succeeded(self, tp: TopicPartition, request: RequestGroup, offsets: list[int]) -> None:
         for batch, base_offset in zip(request.batches, offsets, strict=True):
             batch.complete(base_offset, None)
         self._settle(tp, request)
@@ -417,15 +422,21 @@ class Producer:
         have landed, and so may the later groups already sent: renumbering them would
         write them twice. Then they fail with the same error, and new groups continue the
         sequence; should the given-up group not have landed after all, the broker answers
-        the next one with a gap, a definite refusal, and only then the epoch moves on."""
+        the next one with a gap, a definite refusal, and only then the epoch moves on.
+
+        "Definitely not appended" needs every attempt of the group refused before the
+        append: a group whose first attempt lost its answer and whose last resend was
+        refused (broker busy, an epoch not known yet during a failover) may be in the
+        log, and so may the groups sent after it."""
         sequencer = self._sequencer(tp)
+        not_appended = isinstance(error, _NOT_APPENDED) and not request.maybe_appended
         held = [request]
-        if not isinstance(error, _NOT_APPENDED):
+        if not not_appended:
             held += [g for g in sequencer.groups if g is not request and not g.in_flight]
         for group in held:
             for batch in group.batches:
                 batch.complete(-1, error)
-        if isinstance(error, _NOT_APPENDED):
+        if not_appended:
             sequencer.reset_needed = True
         for group in held:
             self._settle(tp, group)
@@ -440,6 +451,8 @@ class Producer:
     def _failed(self, tp: TopicPartition, request: RequestGroup, error: TideError) -> None:
         """A first attempt failed: pause the partition; resend once nothing is in flight."""
         log.debug("produce to %s/%s: %s; resending in order", tp[0], tp[1], error)
+        if not isinstance(error, _NOT_APPENDED):
+            request.maybe_appended = True
         if not isinstance(error, OutOfOrderSequence | UnknownProducerId):
             self._metadata.invalidate(tp[0])
         request.in_flight = False
@@ -460,7 +473,7 @@ class Producer:
         try:
             while True:
                 if sequencer.reset_needed:
-                    sequencer.reset(self._producer_id)
+                    await self._reset(sequencer)
                 if not sequencer.groups:
                     return
                 request = sequencer.groups[0]
@@ -470,16 +483,38 @@ class Producer:
                 finally:
                     request.in_flight = False
         except asyncio.CancelledError:
-            for request in list(sequencer.groups):
-                self._give_up(tp, request, ClientClosed("the producer closed before delivery"))
+            self._give_up_all(tp, sequencer, ClientClosed("the producer closed before delivery"))
             raise
         except Exception as exc:  # a bug: fail the records rather than the producer
             log.exception("resending to %s/%s failed unexpectedly", *tp)
-            for request in list(sequencer.groups):
-                self._give_up(tp, request, InternalError(f"client error: {exc!r}"))
+            self._give_up_all(tp, sequencer, InternalError(f"client error: {exc!r}"))
         finally:
             sequencer.recovering = False
             self._accumulator.resume(tp)
+
+    async def _reset(self, sequencer: PartitionSequencer) -> None:
+        """A new producer epoch for the partition; once its epochs (an i16) are used
+        up, a new producer id from the coordinator (a TideError if it gives none)."""
+        if not sequencer.epochs_exhausted:
+            sequencer.reset()
+            return
+        answer = await self._transport.coordinator("POST", "/v1/producers", json_body={})
+        try:
+            producer_id = int(answer["producer_id"])
+            epoch = int(answer.get("producer_epoch", 0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InternalError(f"malformed producer id answer: {exc!r}") from exc
+        log.info("producer epochs used up on a partition: continuing as producer %d", producer_id)
+        sequencer.reset(producer_id, epoch)
+
+    def _give_up_all(
+        self, tp: TopicPartition, sequencer: PartitionSequencer, error: TideError
+    ) -> None:
+        """Every held group fails with ``error``. One give-up with an unknown outcome
+        settles the later held groups too: skip those already gone."""
+        for request in list(sequencer.groups):
+            if request in sequencer.groups:
+                self._give_up(tp, request, error)
 
     async def _resend(
         self, tp: TopicPartition, request: RequestGroup, sequencer: PartitionSequencer
@@ -502,19 +537,22 @@ class Producer:
                     data=request.payload(),
                     headers={"Content-Type": BATCH_TYPE},
                 )
+                offsets = _batch_offsets(answer, request)  # InternalError if malformed
             except UnknownProducerId as error:
                 # The broker forgot this producer and nothing earlier is outstanding:
                 # a new epoch from sequence 0 (once; a second time is a real failure).
                 if not reset_done:
                     log.info("%s/%s: %s; starting a new producer epoch", topic, partition, error)
                     request.in_flight = False
-                    sequencer.reset(self._producer_id)
+                    await self._reset(sequencer)
                     request.in_flight = True
                     reset_done = True
                     continue
                 self._give_up(tp, request, error)
                 return
             except TideError as error:
+                if not isinstance(error, _NOT_APPENDED):
+                    request.maybe_appended = True
                 attempt += 1
                 self._metadata.invalidate(topic)
                 delay = await self._retry_delay(tp, error, route, attempt)
@@ -530,7 +568,7 @@ class Producer:
                 if delay:
                     await asyncio.sleep(delay)
                 continue
-            self._succeeded(tp, request, answer)
+            self._succeeded(tp, request, offsets)
             return
 
     async def _retry_delay(
@@ -598,11 +636,15 @@ def _entry_outcome(result: object) -> dict[str, Any] | TideError:
 def _batch_offsets(answer: object, request: RequestGroup) -> list[int]:
     """Each batch's base offset: ``batch_base_offsets`` when the broker gives them
     (idempotent brokers: a retried batch keeps its original offsets), else
-    consecutive from ``base_offset``; -1 when unknown (acks=0 to an old broker)."""
+    consecutive from ``base_offset``; -1 when unknown (acks=0 to an old broker, or a
+    batch appended before that the broker no longer places). InternalError for an
+    answer whose offsets are not integers >= -1: the outcome is then unknown."""
     if isinstance(answer, dict):
         listed = answer.get("batch_base_offsets")
         if isinstance(listed, list) and len(listed) == len(request.batches):
-            return [int(offset) for offset in listed]
+            if not all(type(offset) is int and offset >= -1 for offset in listed):
+                raise InternalError(f"malformed produce answer: batch_base_offsets {listed!r}")
+            return listed
         base = answer.get("base_offset")
         if isinstance(base, int) and base >= 0:
             offsets = []

@@ -33,16 +33,21 @@ from tidemq.errors import InvariantViolation
 from tidemq.wire.batch import restamp
 
 SEQUENCE_MODULUS = 1 << 31
+EPOCH_MAX = (1 << 15) - 1  # the batch header's producer_epoch is an i16
 
 
 class RequestGroup:
-    """The batches of one partition sent in one request, and whether it is in flight."""
+    """The batches of one partition sent in one request, whether it is in flight, and
+    whether an attempt may have been appended (its outcome was unknown: a lost answer,
+    a timeout, an error after the append). Once true it stays true: a later refusal
+    says nothing about what an earlier attempt did."""
 
-    __slots__ = ("batches", "in_flight", "record_count")
+    __slots__ = ("batches", "in_flight", "maybe_appended", "record_count")
 
     def __init__(self, batches: list[ProducerBatch]) -> None:
         self.batches = batches
         self.in_flight = True
+        self.maybe_appended = False
         self.record_count = sum(batch.count for batch in batches)
 
     def payload(self) -> bytes:
@@ -55,17 +60,23 @@ class RequestGroup:
 
 
 class PartitionSequencer:
-    __slots__ = ("epoch", "groups", "next_sequence", "recovering", "reset_needed")
+    """One partition's producer id, epoch and next sequence, and its held groups. The
+    producer id is the producer's until this partition used up its epochs; a reset
+    then continues under a new producer id (``reset(producer_id, epoch)``)."""
 
-    def __init__(self, epoch: int) -> None:
+    __slots__ = ("epoch", "groups", "next_sequence", "producer_id", "recovering", "reset_needed")
+
+    def __init__(self, epoch: int, producer_id: int) -> None:
+        self.producer_id = producer_id
         self.epoch = epoch
         self.next_sequence = 0
         self.groups: deque[RequestGroup] = deque()
         self.recovering = False  # paused: resending in order (one task at a time)
         self.reset_needed = False
 
-    def start(self, batches: list[ProducerBatch], producer_id: int) -> RequestGroup:
+    def start(self, batches: list[ProducerBatch]) -> RequestGroup:
         """Stamps and registers a newly drained group; it is in flight."""
+        producer_id = self.producer_id
         sequence = self.next_sequence
         for batch in batches:
             if producer_id < 0:
@@ -86,14 +97,27 @@ class PartitionSequencer:
         """The group succeeded or failed for good: forget it."""
         self.groups.remove(group)
 
-    def reset(self, producer_id: int) -> None:
-        """New epoch; the held groups are renumbered from 0. Only with nothing in flight."""
+    @property
+    def epochs_exhausted(self) -> bool:
+        """A reset needs a new producer id: this one's epochs are used up here."""
+        return self.producer_id >= 0 and self.epoch >= EPOCH_MAX
+
+    def reset(self, producer_id: int | None = None, epoch: int = 0) -> None:
+        """New epoch (or the new ``producer_id`` at ``epoch``, once the epochs are used
+        up); the held groups are renumbered from 0. Only with nothing in flight."""
         if self.in_flight:
             raise InvariantViolation("producer epoch reset with requests in flight")
-        self.reset_needed = False
-        if producer_id < 0:
+        if self.producer_id < 0:
+            self.reset_needed = False
             return
-        self.epoch += 1
+        if producer_id is not None:
+            self.producer_id, self.epoch = producer_id, epoch
+        elif self.epochs_exhausted:
+            raise InvariantViolation("producer epochs used up: reset with a new producer id")
+        else:
+            self.epoch += 1
+        self.reset_needed = False
+        producer_id = self.producer_id
         sequence = 0
         for group in self.groups:
             for batch in group.batches:

@@ -24,10 +24,18 @@ the table keeps its epoch and its last ``WINDOW_BATCHES`` = 5 batches as
   reset its sequences: after giving up on a batch, or when the broker had forgotten
   it); or the producer id is unknown and its base sequence is 0;
 * **fenced** (:class:`ProducerFenced`) if its epoch is older than the current one;
+* **behind** (:class:`Behind`) if its epoch is the current one and it lies wholly
+  before the first remembered batch: it was appended before that one (a producer's
+  batches of one epoch are appended in sequence order, and a truncation cuts a log's
+  suffix, never its middle), its offsets are no longer known. It is answered as a
+  duplicate with offset -1, and acknowledged once the first remembered batch's base
+  offset is committed. A table rebuilt from the last two segments holds only the end
+  of a window that straddles them; a retry of the window's head must not be taken for
+  anything but a duplicate (Kafka's DUPLICATE_SEQUENCE_NUMBER);
 * **out of order** (:class:`OutOfOrderSequence`) otherwise: a gap, or an old batch
-  no longer remembered. ``earlier_missing`` tells a gap (a batch before this one may
-  still arrive: requests of one producer travel on several connections) from a batch
-  that is behind;
+  that overlaps the remembered ones without matching one. ``earlier_missing`` tells a
+  gap (a batch before this one may still arrive: requests of one producer travel on
+  several connections) from a batch that is behind;
 * from an **unknown producer** (:class:`UnknownProducerId`) if the producer id is not
   in the table and the sequence is not 0: the broker lost its state (evicted, older
   than what a restart re-read, or a new producer whose first batch is still on its
@@ -92,8 +100,17 @@ class Duplicate:
     last_offset: int
 
 
+@dataclass(frozen=True, slots=True)
+class Behind:
+    """The batch was appended before the first remembered batch of its producer, at
+    offsets no longer known: answer -1, append nothing, and acknowledge once the high
+    watermark reaches ``commit_offset`` (that first remembered batch's base offset)."""
+
+    commit_offset: int
+
+
 APPEND: Final = Append()
-Decision = Append | Duplicate
+Decision = Append | Duplicate | Behind
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +178,13 @@ def judge(entry: ProducerEntry | None, header: BatchHeader) -> Decision:
     if base == expected:
         return APPEND
     ahead = (base - expected) % SEQUENCE_MODULUS < SEQUENCE_MODULUS // 2
+    first = entry.batches[0] if entry.batches else None
+    if not ahead and first is not None and first.base_offset >= 0:
+        # Wholly before the first remembered batch: how far the first one is past
+        # this batch's last sequence, 1 for the batch right before it.
+        gap = (first.base_sequence - last_sequence(base, header.record_count)) % SEQUENCE_MODULUS
+        if 0 < gap <= SEQUENCE_MODULUS // 2:
+            return Behind(first.base_offset)
     raise OutOfOrderSequence(
         f"producer {producer_id} epoch {epoch}: batch starts at sequence {base}, "
         f"expected {expected}",

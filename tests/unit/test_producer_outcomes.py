@@ -1,0 +1,312 @@
+"""The real Producer against a scripted leader that judges batches with the broker's
+own ProducerStateTable and stores them in a real PartitionLog: what the producer
+concludes from each answer (appended, not appended, unknown) must never write a
+record twice, and no answer may stop the producer. Each test is a sequence an
+adversarial review of the idempotent producer found broken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tidemq.client.producer as producer_module
+from tidemq.broker.idempotence import load_producer_state
+from tidemq.client.metadata import PartitionInfo, TopicInfo
+from tidemq.client.sequencing import EPOCH_MAX
+from tidemq.core.producers import Append, Behind
+from tidemq.errors import (
+    BrokerBusy,
+    ConnectionFailed,
+    InternalError,
+    RequestTooLarge,
+    TideError,
+    UnknownLeaderEpoch,
+)
+from tidemq.storage import LogConfig, PartitionLog
+from tidemq.wire.batch import check_batches, decode_records
+from tidemq.wire.produce import decode_produce
+
+LEADER_URL = "https://leader"
+ANSWER_DELAY_S = 0.05  # a lost answer is noticed a little after the append
+
+
+class Leader:
+    """One partition leader per partition number; ``first`` and ``resend`` script the
+    answers to first attempts (POST /v1/produce) and to resends (…/records)."""
+
+    def __init__(self, directory: Path, segment_bytes_max: int = 1 << 20) -> None:
+        self.log = PartitionLog.open(directory, LogConfig(segment_bytes_max=segment_bytes_max), 0)
+        self.table = load_producer_state(self.log)
+        self.requests = 0
+        self.first: Callable[[bytes], Any] = self.answer
+        self.resend: Callable[[bytes], Any] = self.answer
+
+    def append(self, body: bytes) -> list[int]:
+        headers = check_batches(body)
+        decisions = self.table.check_all(headers)
+        offsets, position = [], 0
+        for header, decision in zip(headers, decisions, strict=True):
+            raw = body[position : position + header.size]
+            position += header.size
+            if isinstance(decision, Append):
+                base, _ = self.log.append(raw, 0, 0)
+                self.table.record(header, base)
+                offsets.append(base)
+            elif isinstance(decision, Behind):
+                offsets.append(-1)
+            else:
+                offsets.append(decision.base_offset)
+        return offsets
+
+    def answer(self, body: bytes) -> dict[str, Any]:
+        offsets = self.append(body)
+        return {"base_offset": offsets[0], "batch_base_offsets": offsets}
+
+    def lose_answer(self, body: bytes) -> dict[str, Any]:
+        self.append(body)
+        raise ConnectionFailed("connection reset after the append")
+
+    def values(self) -> list[bytes | None]:
+        values: list[bytes | None] = []
+        offset = self.log.log_start_offset
+        while offset < self.log.log_end_offset:  # a read stops at a segment's end
+            data = self.log.read(offset, 1 << 20)
+            values += [m.value for m in decode_records(data)]
+            offset = check_batches(data)[-1].next_offset
+        return values
+
+
+LEADERS: dict[int, Leader] = {}
+IDENTITIES: list[dict[str, int]] = []  # the coordinator's answers, in turn
+
+
+class FakeTransport:
+    def __init__(self, connection: object) -> None:
+        pass
+
+    async def coordinator(self, method: str, path: str, **_: Any) -> dict[str, int]:
+        return IDENTITIES.pop(0) if IDENTITIES else {"producer_id": 7, "producer_epoch": 0}
+
+    async def request_json(self, method: str, url: str, data: bytes = b"", **_: Any) -> Any:
+        if url.endswith("/v1/produce"):
+            results = []
+            for entry in decode_produce(data):
+                leader = LEADERS[entry.partition]
+                leader.requests += 1
+                await asyncio.sleep(ANSWER_DELAY_S)
+                results.append(leader.first(bytes(entry.batches)))
+            return {"results": results}
+        partition = int(url.split("/partitions/")[1].split("/")[0])
+        leader = LEADERS[partition]
+        leader.requests += 1
+        await asyncio.sleep(ANSWER_DELAY_S)
+        return leader.resend(data)
+
+    async def close(self) -> None:
+        pass
+
+
+class FakeMetadata:
+    def __init__(self, transport: object, max_age_ms: int) -> None:
+        self.partition_counts = {"t": 2}
+
+    def _info(self, name: str) -> TopicInfo:
+        return TopicInfo(name, tuple(PartitionInfo(p, LEADER_URL, 0) for p in (0, 1)), 0.0)
+
+    async def topic(self, name: str) -> TopicInfo:
+        return self._info(name)
+
+    async def leader(self, topic: str, partition: int) -> PartitionInfo:
+        return PartitionInfo(partition, LEADER_URL, 0)
+
+    def cached(self, name: str) -> TopicInfo:
+        return self._info(name)
+
+    def invalidate(self, topic: str) -> None:
+        pass
+
+
+@pytest.fixture
+def leaders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setattr(producer_module, "Transport", FakeTransport)
+    monkeypatch.setattr(producer_module, "MetadataCache", FakeMetadata)
+
+    def make(partition: int, **kwargs: Any) -> Leader:
+        LEADERS[partition] = Leader(tmp_path / f"t-{partition}", **kwargs)
+        return LEADERS[partition]
+
+    yield make
+    for leader in LEADERS.values():
+        leader.log.close()
+    LEADERS.clear()
+    IDENTITIES.clear()
+
+
+def producer(**options: Any) -> Any:
+    return producer_module.Producer(
+        bootstrap="https://coordinator",
+        linger_ms=0,
+        batch_size=80,  # one record per batch
+        retry_backoff_ms=20,
+        retry_backoff_max_ms=50,
+        **options,
+    )
+
+
+def send_in_separate_groups(client: Any, leader: Leader, values: list[bytes]) -> list[Any]:
+    """Each value in its own request: the next is sent once the leader saw the last."""
+    futures = []
+    for value in values:
+        seen = leader.requests
+        futures.append(client.send("t", value, partition=0))
+        deadline = time.monotonic() + 5
+        while leader.requests == seen:
+            assert time.monotonic() < deadline, "the producer sent nothing"
+            time.sleep(0.005)
+    return futures
+
+
+def settle(futures: list[Any], timeout_s: float = 15) -> list[Any]:
+    """Each future's outcome: its RecordMetadata or its error."""
+    deadline = time.monotonic() + timeout_s
+    outcomes = []
+    for future in futures:
+        error = future.exception(timeout=max(0.0, deadline - time.monotonic()))
+        outcomes.append(error if error is not None else future.result())
+    return outcomes
+
+
+def written_twice(leader: Leader) -> list[bytes | None]:
+    return [value for value, n in Counter(leader.values()).items() if n > 1]
+
+
+@pytest.mark.parametrize(
+    ("refusal", "options"),
+    [
+        (BrokerBusy, {"retries": 0}),  # the one resend is refused
+        (UnknownLeaderEpoch, {"delivery_timeout_ms": 1000}),  # refused until the deadline
+    ],
+)
+def test_a_group_refused_after_an_unknown_attempt_leaves_the_later_ones_in_sequence(
+    leaders: Any, refusal: type[TideError], options: dict[str, Any]
+) -> None:
+    """v0 and v1 are appended and their answers lost; every resend of v0 is refused
+    before the append. v0 may be in the log (it is): giving it up as "not appended"
+    renumbered v1 in a new epoch and wrote it twice. With an unknown outcome v1 fails
+    with v0's error (it may be in the log too), and the next send continues the
+    sequence."""
+    leader = leaders(0)
+    leader.first = leader.lose_answer
+
+    def refuse_v0(body: bytes) -> Any:
+        if [m.value for m in decode_records(body)] == [b"v0"]:
+            raise refusal("refused before the append")
+        return leader.answer(body)
+
+    leader.resend = refuse_v0
+    client = producer(**options)
+    try:
+        futures = send_in_separate_groups(client, leader, [b"v0", b"v1"])
+        v0, v1 = settle(futures)
+        [v2] = settle([client.send("t", b"v2", partition=0)])
+    finally:
+        client.close(timeout=5)
+    assert isinstance(v0, refusal) and isinstance(v1, refusal)
+    assert not isinstance(v2, TideError) and v2.offset == 2
+    assert leader.values() == [b"v0", b"v1", b"v2"]
+
+
+def test_a_resend_after_the_leader_rebuilt_its_producer_table_writes_nothing_twice(
+    leaders: Any,
+) -> None:
+    """Three records, each its own batch and segment, appended with their answers lost;
+    the leader restarts and rebuilds its table from the last two segments, so it knows
+    v1 and v2 but not v0. The resend of v0 was refused as out of order, taken for "not
+    appended", and v1 and v2 were renumbered and written again."""
+    leader = leaders(0, segment_bytes_max=100)
+    leader.first = leader.lose_answer
+    rebuilt = False
+
+    def after_a_restart(body: bytes) -> Any:
+        nonlocal rebuilt
+        if not rebuilt:
+            leader.table = load_producer_state(leader.log)
+            rebuilt = True
+        return leader.answer(body)
+
+    leader.resend = after_a_restart
+    client = producer()
+    try:
+        futures = send_in_separate_groups(client, leader, [b"v0", b"v1", b"v2"])
+        outcomes = settle(futures)
+    finally:
+        client.close(timeout=5)
+    assert leader.log.segment_count >= 3 and rebuilt
+    assert not any(isinstance(outcome, TideError) for outcome in outcomes), outcomes
+    assert [outcome.offset for outcome in outcomes] == [-1, 1, 2]  # v0: appended, offset lost
+    assert leader.values() == [b"v0", b"v1", b"v2"]
+    assert not written_twice(leader)
+
+
+@pytest.mark.parametrize("attempt", ["first", "resend"])
+def test_a_malformed_answer_fails_its_records_not_the_producer(leaders: Any, attempt: str) -> None:
+    """A well-formed JSON answer with a null offset stopped the producer's sender: on a
+    first attempt outside its error handling, on a resend by giving up twice."""
+    leader, other = leaders(0), leaders(1)
+    malformed = {"base_offset": 0, "batch_base_offsets": [None]}
+
+    def answer_malformed(body: bytes) -> Any:
+        leader.append(body)
+        return malformed
+
+    if attempt == "resend":
+        leader.first = leader.lose_answer  # both groups go to recovery
+    else:
+        leader.first = answer_malformed
+    leader.resend = answer_malformed
+    client = producer(delivery_timeout_ms=1000)
+    try:
+        futures = send_in_separate_groups(client, leader, [b"v0", b"v1"])
+        outcomes = settle(futures)
+        assert all(isinstance(outcome, InternalError) for outcome in outcomes), outcomes
+        assert not client._main.done(), "the sender stopped"
+        [unrelated] = settle([client.send("t", b"x", partition=1)])
+    finally:
+        client.close(timeout=5)
+    assert not isinstance(unrelated, TideError) and unrelated.offset == 0
+    assert other.values() == [b"x"]
+    assert leader.values() == [b"v0", b"v1"]
+
+
+def test_a_partition_that_used_up_its_producer_epochs_goes_on_under_a_new_producer_id(
+    leaders: Any,
+) -> None:
+    """The epoch is an i16: the reset after a refused batch at epoch 32,767 overflowed
+    in the sender, which stopped, and every later send hung."""
+    IDENTITIES[:] = [{"producer_id": 7, "producer_epoch": EPOCH_MAX}]
+    IDENTITIES.append({"producer_id": 8, "producer_epoch": 0})
+    leader = leaders(0)
+
+    def refuse_v0(body: bytes) -> Any:
+        if [m.value for m in decode_records(body)] == [b"v0"]:
+            raise RequestTooLarge("over this broker's limit")
+        return leader.answer(body)
+
+    leader.first = leader.resend = refuse_v0
+    client = producer()
+    try:
+        [v0] = settle([client.send("t", b"v0", partition=0)])
+        [v1] = settle([client.send("t", b"v1", partition=0)])
+    finally:
+        client.close(timeout=5)
+    assert isinstance(v0, RequestTooLarge)
+    assert not isinstance(v1, TideError) and v1.offset == 0
+    assert leader.values() == [b"v1"]
+    assert [(pid, entry.epoch) for pid, entry in leader.table.items()] == [(8, 0)]
