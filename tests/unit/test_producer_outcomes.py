@@ -25,6 +25,7 @@ from tidemq.errors import (
     BrokerBusy,
     ConnectionFailed,
     InternalError,
+    RequestTimedOut,
     RequestTooLarge,
     TideError,
     UnknownLeaderEpoch,
@@ -310,3 +311,30 @@ def test_a_partition_that_used_up_its_producer_epochs_goes_on_under_a_new_produc
     assert not isinstance(v1, TideError) and v1.offset == 0
     assert leader.values() == [b"v1"]
     assert [(pid, entry.epoch) for pid, entry in leader.table.items()] == [(8, 0)]
+
+
+def test_the_send_after_one_given_up_unknown_is_written_although_it_meets_a_gap(
+    leaders: Any,
+) -> None:
+    """Every request for v0 is lost before the broker; v0 fails with a timeout (an
+    unknown outcome), so the sequence goes on. v1, sent alone afterwards, met the gap
+    v0 left (out_of_order_sequence) and failed for good, though it never reached the
+    log: it is resent in a new epoch instead."""
+    leader = leaders(0)
+
+    def lose_v0_before_the_broker(body: bytes) -> Any:
+        if [m.value for m in decode_records(body)] == [b"v0"]:
+            raise RequestTimedOut("no answer")
+        return leader.answer(body)
+
+    leader.first = leader.resend = lose_v0_before_the_broker
+    client = producer(delivery_timeout_ms=500)
+    try:
+        outcomes = [settle([client.send("t", value, partition=0)])[0] for value in (b"a", b"v0")]
+        outcomes += [settle([client.send("t", value, partition=0)])[0] for value in (b"v1", b"v2")]
+    finally:
+        client.close(timeout=5)
+    a, v0, v1, v2 = outcomes
+    assert isinstance(v0, RequestTimedOut)
+    assert [getattr(outcome, "offset", outcome) for outcome in (a, v1, v2)] == [0, 1, 2]
+    assert leader.values() == [b"a", b"v1", b"v2"]

@@ -550,6 +550,20 @@ class Producer:
                     continue
                 self._give_up(tp, request, error)
                 return
+            except OutOfOrderSequence as error:
+                # The oldest held group, nothing before it outstanding: a gap left by
+                # groups given up with an unknown outcome that did not land. If no
+                # attempt of this one can land later either, a new epoch from sequence
+                # 0 (once); else the outcome is unknown, and it fails.
+                if not (reset_done or request.maybe_appended):
+                    log.info("%s/%s: %s; starting a new producer epoch", topic, partition, error)
+                    request.in_flight = False
+                    await self._reset(sequencer)
+                    request.in_flight = True
+                    reset_done = True
+                    continue
+                self._give_up(tp, request, error)
+                return
             except TideError as error:
                 if not isinstance(error, _NOT_APPENDED):
                     request.maybe_appended = True
