@@ -302,3 +302,28 @@ def test_snapshots_are_built_off_the_event_loop(
     run(scenario)
     assert threads, "no snapshot was written"
     assert threading.main_thread().name not in threads
+
+
+def test_a_commit_naming_a_partition_twice_or_an_offset_past_int64_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Both were stored (the last of two entries won; 2**64 was kept as is): bad input
+    gets a clear error and changes nothing."""
+
+    async def scenario() -> None:
+        async with coordinator(tmp_path, Clock()) as (_, _store, api):
+            await api.setup(partitions=2)
+            entry = {"topic": "orders", "partition": 0, "offset": 100}
+            for body in (
+                {"offsets": [entry, {**entry, "offset": 5}]},
+                {"offsets": [{**entry, "offset": 2**64}]},
+                {"offsets": [entry], "member_epoch": 2**63},
+            ):
+                status, answer = await api.call("POST", f"{GROUP}/offsets", body)
+                assert status == 400 and answer["error"]["code"] == "invalid_request", answer
+            _, stored = await api.call("GET", f"{GROUP}/offsets")
+            assert stored["offsets"] == []
+            status, _ = await api.call("POST", f"{GROUP}/offsets", {"offsets": [entry]})
+            assert status == 200
+
+    run(scenario)

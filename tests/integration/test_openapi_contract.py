@@ -112,12 +112,14 @@ def contract_failures(
 
 
 # The rules of a schema-valid request that OpenAPI cannot state: a topic's
-# min_insync_replicas is at most its replication factor (it compares two fields); the
+# min_insync_replicas is at most its replication factor (it compares two fields); an
+# offset commit names each partition once (uniqueness by two fields of an item); the
 # request channel is a WebSocket handshake (RFC 6455: a protocol switch, which OpenAPI
 # does not describe; docs/PROTOCOL.md does). Their 400s are documented; any other 400
 # of the same operation still fails the test.
 CROSS_FIELD_REFUSALS = [
     ("POST /v1/topics", b"min_insync_replicas must be 1 to the replication factor"),
+    ("POST /v1/groups/{group}/offsets", b"twice"),
     ("GET /v1/channel", b"expects a WebSocket upgrade"),
 ]
 

@@ -262,3 +262,121 @@ def test_a_ghost_adopted_after_a_restart_cannot_commit_over_the_real_owner() -> 
             group.validate_commit("a", 5, partition, now_ms)
         with pytest.raises(FencedMember):
             group.validate_commit("b", b_epoch, partition, now_ms)
+
+
+def test_a_late_copy_of_a_join_does_not_free_a_partition_still_being_revoked() -> None:
+    """The consumer joins with an id it chose and epoch 0; a copy of that join that
+    arrives late (a transport retry, a slow network) emptied what the member held, and
+    a partition whose records its application still had went to a second member."""
+    group = ConsumerGroup("g")
+    join = ("a", 0, [])
+    _, a_epoch, assigned = beat(group, *join)
+    assert len(assigned) == 12
+    beat(group, "a", a_epoch, assigned)
+    _, b_epoch, b_assigned = beat(group, "b", 0, [])
+    assert b_assigned == []  # a holds everything
+    _, a_epoch, kept = beat(group, "a", a_epoch, assigned)  # revokes half; a still has them
+    revoked = set(assigned) - set(kept)
+    assert len(revoked) == 6
+    _, late_epoch, _ = beat(group, *join)  # the late copy
+    assert late_epoch == a_epoch
+    _, _, b_assigned = beat(group, "b", b_epoch, [])
+    assert not set(b_assigned) & revoked, "granted while a still processes them"
+    _, a_epoch, _ = beat(group, "a", a_epoch, kept)  # a released them
+    _, _, b_assigned = beat(group, "b", b_epoch, [])
+    assert set(b_assigned) == revoked
+
+
+def test_a_commit_that_races_a_grant_is_accepted_for_partitions_held_since_its_epoch() -> None:
+    """A grant bumped a healthy member's epoch while its commit was on the way: the
+    commit was refused with fenced_member (not retriable), which at_most_once raises
+    to the application. It is accepted for partitions held since the commit's epoch;
+    a partition granted after it, or lost and regained since, is still fenced."""
+    group = ConsumerGroup("g")
+    _, a_epoch, a_all = beat(group, "a", 0, [])
+    beat(group, "a", a_epoch, a_all)
+    _, b_epoch, _ = beat(group, "b", 0, [])
+    _, a_epoch, a_half = beat(group, "a", a_epoch, a_all)  # revokes six
+    _, a_epoch, _ = beat(group, "a", a_epoch, a_half)  # releases them
+    _, b_epoch, b_half = beat(group, "b", b_epoch, [])  # granted the six
+    beat(group, "b", b_epoch, b_half)
+    group.leave("b")
+    stale = a_epoch  # a builds a commit body with this epoch ...
+    _, a_epoch, a_again = beat(group, "a", a_epoch, a_half)  # ... a grant bumps it
+    assert a_epoch > stale and set(a_again) > set(a_half)
+    group.validate_commit("a", stale, a_half, 0)
+    regranted = sorted(set(a_again) - set(a_half))
+    with pytest.raises(FencedMember):  # granted after the commit's epoch
+        group.validate_commit("a", stale, regranted, 0)
+    group.validate_commit("a", 2, a_half, 0)  # held since its join's answer (epoch 2)
+    with pytest.raises(FencedMember):  # an epoch from before it held them at all
+        group.validate_commit("a", 1, a_half, 0)
+
+
+def _reference_target(
+    subscriptions: dict[str, tuple[str, ...]],
+    partition_counts: dict[str, int],
+    previous: dict[str, frozenset[tuple[str, int]]],
+    held: dict[str, frozenset[tuple[str, int]]],
+) -> dict[str, frozenset[tuple[str, int]]]:
+    """compute_target as it was before its indexes (a scan of every member's
+    subscriptions and wishes per topic): the reference the indexed one must match."""
+    result: dict[str, set[tuple[str, int]]] = {member: set() for member in subscriptions}
+    for topic, count in sorted(partition_counts.items()):
+        members = sorted(m for m, topics in subscriptions.items() if topic in set(topics))
+        if not members:
+            continue
+        rounds = [
+            {
+                m: sorted(p for t, p in wish.get(m, frozenset()) if t == topic and p < count)
+                for m in members
+            }
+            for wish in (held, previous)
+        ]
+        kept = {m: len({p for wishes in rounds for p in wishes[m]}) for m in members}
+        base, extra = divmod(count, len(members))
+        order = sorted(members, key=lambda m: (-kept[m], len(result[m]), m))
+        quota = {m: base + (1 if i < extra else 0) for i, m in enumerate(order)}
+        taken: set[int] = set()
+        given = dict.fromkeys(members, 0)
+        for wishes in rounds:
+            for member in members:
+                for partition in wishes[member]:
+                    if given[member] < quota[member] and partition not in taken:
+                        taken.add(partition)
+                        given[member] += 1
+                        result[member].add((topic, partition))
+        free = iter(p for p in range(count) if p not in taken)
+        for member in order:
+            for _ in range(quota[member] - given[member]):
+                result[member].add((topic, next(free)))
+    return {member: frozenset(parts) for member, parts in result.items()}
+
+
+_topics = st.sampled_from(["a", "b", "c", "d"])
+_wishes = st.dictionaries(
+    st.sampled_from(["m1", "m2", "m3", "m4"]),
+    st.frozensets(st.tuples(_topics, st.integers(0, 7)), max_size=8),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from(["m1", "m2", "m3", "m4"]), st.lists(_topics, max_size=4)),
+    st.dictionaries(_topics, st.integers(1, 6)),
+    _wishes,
+    _wishes,
+)
+def test_the_indexed_target_is_the_scanned_one(
+    subscribed: dict[str, list[str]],
+    counts: dict[str, int],
+    previous: dict[str, frozenset[tuple[str, int]]],
+    held: dict[str, frozenset[tuple[str, int]]],
+) -> None:
+    """compute_target indexes subscribers and wishes by topic once (a review measured
+    4.7 s for one join of a group on 5,000 topics under the coordinator's write lock;
+    90 ms now): the same targets as the scan it replaced."""
+    subscriptions = {member: tuple(topics) for member, topics in subscribed.items()}
+    assert compute_target(subscriptions, counts, previous, held) == _reference_target(
+        subscriptions, counts, previous, held
+    )

@@ -1095,13 +1095,22 @@ class _Handlers:
         control.check(body, control.CommitOffsetsRequest)
         member_id = _member_id(body.get("member_id"))
         raw_epoch = body.get("member_epoch")
-        member_epoch = None if raw_epoch is None else check_int(raw_epoch, "member_epoch", 0)
+        member_epoch = (
+            None
+            if raw_epoch is None
+            else check_int(raw_epoch, "member_epoch", 0, control.INT64_MAX)
+        )
         offsets = []
+        named: set[tuple[str, int]] = set()
         for entry in _list(_field(body, "offsets"), "offsets", 1_000_000):
             entry = _object(entry, "offsets")
             topic = check_name(_field(entry, "topic"), "topic")
-            partition = check_int(_field(entry, "partition"), "partition", 0)
-            offsets.append((topic, partition, check_int(_field(entry, "offset"), "offset", 0)))
+            partition = check_int(_field(entry, "partition"), "partition", 0, control.INT64_MAX)
+            if (topic, partition) in named:  # which one would count? refuse, change nothing
+                raise InvalidRequest(f"offsets name {topic}/{partition} twice")
+            named.add((topic, partition))
+            offset = check_int(_field(entry, "offset"), "offset", 0, control.INT64_MAX)
+            offsets.append((topic, partition, offset))
         committed = await self.c.commit_offsets(name, member_id, member_epoch, tuple(offsets))
         return _json({"committed": committed})
 

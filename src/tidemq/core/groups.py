@@ -27,7 +27,9 @@ state) is fenced and changes nothing; a fenced member is *not* removed, so a del
 duplicate cannot evict a healthy member.
 
 Commits. A member's commit is accepted only if it carries the member's current epoch
-and the member is the only holder of every partition in it (assignment or last
+(or an older one of its own, for partitions it has held without a break since that
+epoch: a grant that bumped its epoch while the commit was on its way) and the member
+is the only holder of every partition in it (assignment or last
 reported ``owned``: the commit on revocation is sent after the assignment dropped the
 partition but before the member reported it gone). A commit without a member id (a
 standalone consumer) is accepted only for partitions no member holds. The shell runs this check
@@ -93,6 +95,9 @@ class Member:
     session_timeout_ms: int
     assignment: frozenset[TopicPartition] = frozenset()
     target: frozenset[TopicPartition] = frozenset()
+    # Per partition it holds: the first member epoch at which it held it, without a
+    # break since (the epoch that told it of a grant; its epoch then for a report).
+    held_since: dict[TopicPartition, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,12 @@ class ConsumerGroup:
             member = self._adopt(
                 member_id or new_member_id, member_epoch, reported, now_ms, session_timeout_ms
             )
+        elif member_epoch == 0:
+            # A join says nothing about what the member stopped holding: a late copy of
+            # it (delayed, or a transport retry) must not free a partition whose
+            # records the member's application still has. Only a heartbeat at the
+            # current epoch shrinks what it holds.
+            reported |= member.owned
         self._subscribe(member, tuple(sorted(set(topics))))
         self._refresh_counts(partition_counts)
         self._hold(member, member.assignment, reported)
@@ -201,7 +212,14 @@ class ConsumerGroup:
         member = self.members.get(member_id)
         if member is None:
             raise FencedMember(f"unknown member {member_id!r}: rejoin the group")
-        if member_epoch != member.member_epoch:
+        held_since = member.held_since
+        if member_epoch != member.member_epoch and not (
+            # An older epoch of its own, for partitions it has held since then: its
+            # heartbeat got a grant while the commit was on its way.
+            member_epoch is not None
+            and member_epoch < member.member_epoch
+            and all(held_since.get(tp, member_epoch + 1) <= member_epoch for tp in wanted)
+        ):
             raise FencedMember(
                 f"member {member_id} committed with epoch {member_epoch}, "
                 f"current is {member.member_epoch}"
@@ -304,8 +322,10 @@ class ConsumerGroup:
         member: Member,
         assignment: frozenset[TopicPartition],
         owned: frozenset[TopicPartition],
+        since: int | None = None,
     ) -> None:
-        """Sets a member's assignment and owned, keeping the holders index exact."""
+        """Sets a member's assignment and owned, keeping the holders index exact;
+        what it starts to hold is held since ``since`` (default: its epoch now)."""
         before = member.assignment | member.owned
         member.assignment = assignment
         member.owned = owned
@@ -315,8 +335,11 @@ class ConsumerGroup:
             holders.discard(member.member_id)
             if not holders:
                 del self.holders[tp]
+            del member.held_since[tp]
+        epoch = member.member_epoch if since is None else since
         for tp in after - before:
             self.holders.setdefault(tp, set()).add(member.member_id)
+            member.held_since[tp] = epoch
 
     def _refresh_target(self) -> None:
         if self.target_epoch == self.group_epoch:
@@ -346,7 +369,7 @@ class ConsumerGroup:
         )
         assignment = keep | grant
         if assignment != member.assignment:
-            self._hold(member, assignment, member.owned)
+            self._hold(member, assignment, member.owned, since=member.member_epoch + 1)
             member.member_epoch += 1
 
 
@@ -365,27 +388,43 @@ def compute_target(
     partitions; members keep what they ``held`` (their assignment), then their
     ``previous`` target, up to their quota. Deterministic."""
     result: dict[str, set[TopicPartition]] = {member: set() for member in subscriptions}
+    # Indexed once: per topic, its subscribers and each member's wishes. Looking them up
+    # per topic by scanning every member cost topics x members x holdings, under the
+    # coordinator's write lock (seconds at a few thousand topics).
+    subscribers: dict[str, list[str]] = {}
+    for member in sorted(subscriptions):
+        for topic in set(subscriptions[member]):
+            subscribers.setdefault(topic, []).append(member)
+    preferences = (_by_topic(held or {}), _by_topic(previous))
     for topic, count in sorted(partition_counts.items()):
-        members = sorted(m for m, topics in subscriptions.items() if topic in set(topics))
+        members = subscribers.get(topic)
         if members:
-            _assign_topic(topic, count, members, (held or {}, previous), result)
+            _assign_topic(topic, count, members, preferences, result)
     return {member: frozenset(parts) for member, parts in result.items()}
+
+
+def _by_topic(
+    wishes: Mapping[str, frozenset[TopicPartition]],
+) -> dict[str, dict[str, list[int]]]:
+    """topic -> member -> its partitions of the topic (in no order)."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for member, partitions in wishes.items():
+        for topic, partition in partitions:
+            out.setdefault(topic, {}).setdefault(member, []).append(partition)
+    return out
 
 
 def _assign_topic(
     topic: str,
     count: int,
     members: list[str],
-    preferences: tuple[Mapping[str, frozenset[TopicPartition]], ...],
+    preferences: tuple[dict[str, dict[str, list[int]]], ...],
     result: dict[str, set[TopicPartition]],
 ) -> None:
-    rounds = [
-        {
-            m: sorted(p for t, p in wish.get(m, frozenset()) if t == topic and p < count)
-            for m in members
-        }
-        for wish in preferences
-    ]
+    rounds = []
+    for by_topic in preferences:
+        wishes = by_topic.get(topic, {})
+        rounds.append({m: sorted(p for p in wishes.get(m, ()) if p < count) for m in members})
     kept_count = {m: len({p for wishes in rounds for p in wishes[m]}) for m in members}
     base, extra = divmod(count, len(members))
     # Ceil quotas go to members that already hold the most (stickiness), then to the

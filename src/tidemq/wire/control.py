@@ -123,6 +123,8 @@ class AlterIsrAnswer(msgspec.Struct, frozen=True):
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._-]+$")]
 MemberId = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+INT64_MAX = (1 << 63) - 1
+Int64 = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]  # offsets and epochs on disk
 Factor = Annotated[int, msgspec.Meta(ge=1, le=100)]
 # The coordinator's bounds (coordinator/server.py; tests/unit/test_control_schemas.py).
 GROUP_SESSION_TIMEOUT_MS_MIN = 100
@@ -165,14 +167,14 @@ class GroupLeaveRequest(msgspec.Struct, frozen=True):
 
 class CommittedOffset(msgspec.Struct, frozen=True):
     topic: Name
-    partition: NonNegative
-    offset: NonNegative
+    partition: Int64
+    offset: Int64
 
 
 class CommitOffsetsRequest(msgspec.Struct, frozen=True):
     offsets: Annotated[list[CommittedOffset], msgspec.Meta(max_length=1_000_000)]
     member_id: MemberId | None = None
-    member_epoch: NonNegative | None = None
+    member_epoch: Int64 | None = None
 
 
 M = TypeVar("M", bound=msgspec.Struct)
