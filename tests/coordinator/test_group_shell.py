@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+import tidemq.coordinator.server as coordinator_server
 from tidemq.coordinator.server import Coordinator, CoordinatorConfig
 from tidemq.coordinator.store import CommandStore
 from tidemq.core.metadata import ClusterState, Command
@@ -91,6 +92,9 @@ class Api:
         )
         assert status == 200, body
         return dict(body)
+
+    async def beat_raw(self, body: dict[str, Any]) -> tuple[int, Any]:
+        return await self.call("POST", f"{GROUP}/heartbeat", body)
 
     async def commit(
         self, member: str | None, epoch: int | None, partition: int, offset: int, group: str = "g"
@@ -325,5 +329,36 @@ def test_a_commit_naming_a_partition_twice_or_an_offset_past_int64_is_refused(
             assert stored["offsets"] == []
             status, _ = await api.call("POST", f"{GROUP}/offsets", {"offsets": [entry]})
             assert status == 200
+
+    run(scenario)
+
+
+def test_group_heartbeats_waiting_for_the_write_lock_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They queued without a limit (1,500 waited on one slow fsync, each answered
+    later): past the bound a heartbeat or leave is a retriable 503 at once."""
+    monkeypatch.setattr(coordinator_server, "GROUP_REQUESTS_WAITING_MAX", 3)
+
+    async def scenario() -> None:
+        async with coordinator(tmp_path, Clock()) as (c, store, api):
+            await api.setup(partitions=2)
+            store.gate.clear()  # the first heartbeat persists the group's session bound
+            body = {"member_id": None, "member_epoch": 0, "topics": ["orders"], "owned": []}
+            waiting = [
+                asyncio.create_task(
+                    api.call("POST", f"{GROUP}/heartbeat", {**body, "session_timeout_ms": 5000})
+                )
+                for _ in range(3)
+            ]
+            await until(lambda: c._group_requests_waiting == 3, "three heartbeats waiting")
+            status, answer = await api.beat_raw(body | {"session_timeout_ms": 5000})
+            assert status == 503 and answer["error"]["code"] == "unavailable", answer
+            status, answer = await api.call("POST", f"{GROUP}/leave", {"member_id": "x"})
+            assert status == 503, answer
+            store.gate.set()
+            assert [status for status, _ in await asyncio.gather(*waiting)] == [200] * 3
+            assert c._group_requests_waiting == 0
+            assert (await api.beat_raw(body | {"session_timeout_ms": 5000}))[0] == 200
 
     run(scenario)

@@ -22,11 +22,12 @@ Must always hold:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,10 @@ GROUP_SESSION_TIMEOUT_MS_MIN = 100
 GROUP_SESSION_TIMEOUT_MS_MAX = 300_000
 # Offset commits waiting for the next group commit; more are refused (503, retriable).
 OFFSET_COMMITS_PENDING_MAX = 10_000
+# Group heartbeats and leaves waiting for (or holding) the write lock: past this, a
+# retriable 503 (a client that retries after a timeout adds a waiter each time, and
+# aiohttp does not cancel the abandoned one).
+GROUP_REQUESTS_WAITING_MAX = 10_000
 JSON_BODY = {"application/json": {"schema": {"type": "object"}}}
 
 
@@ -167,6 +172,7 @@ class Coordinator:
         self.started_ms = now_ms
         self.recovery_bounds_ms = dict(state.group_session_ms)
         self._pending_commits: list[_PendingCommit] = []
+        self._group_requests_waiting = 0
         self.ready = False
         self._write_lock = asyncio.Lock()
         self.registry = CollectorRegistry()
@@ -382,7 +388,7 @@ class Coordinator:
         owned: list[TopicPartition],
         session_timeout_ms: int,
     ) -> HeartbeatResult:
-        async with self._write_lock:
+        async with self._group_lock():
             if session_timeout_ms > self.state.group_session_ms.get(name, 0):
                 # persisted before any member may rely on it (see core.groups)
                 await self._commit_locked([RecordGroupSession(name, session_timeout_ms)])
@@ -403,7 +409,7 @@ class Coordinator:
             return result
 
     async def group_leave(self, name: str, member_id: str) -> None:
-        async with self._write_lock:
+        async with self._group_lock():
             group = self.groups.get(name)
             if group is not None:
                 epoch_before = group.group_epoch
@@ -411,6 +417,21 @@ class Coordinator:
                 self.metrics.group_changed(name, epoch_before, group.group_epoch)
                 if not group.members:
                     del self.groups[name]
+
+    @contextlib.asynccontextmanager
+    async def _group_lock(self) -> AsyncIterator[None]:
+        """The write lock for a heartbeat or leave, at most
+        ``GROUP_REQUESTS_WAITING_MAX`` of them waiting or holding it at once."""
+        if self._group_requests_waiting >= GROUP_REQUESTS_WAITING_MAX:
+            raise Unavailable(
+                f"{GROUP_REQUESTS_WAITING_MAX} group heartbeats and leaves are waiting: retry"
+            )
+        self._group_requests_waiting += 1
+        try:
+            async with self._write_lock:
+                yield
+        finally:
+            self._group_requests_waiting -= 1
 
     async def commit_offsets(
         self,
@@ -819,7 +840,11 @@ class _Handlers:
                 "Consumer group member heartbeat",
                 _schema_body(control.GroupHeartbeatRequest),
                 parameters=[_GROUP_PARAMETER],
-                responses={"200": "OK", "409": "fenced_member"},
+                responses={
+                    "200": "OK",
+                    "409": "fenced_member",
+                    "503": "unavailable: too many group requests waiting (retry)",
+                },
                 callers=CLIENTS,
             ),
             Endpoint(
@@ -829,6 +854,10 @@ class _Handlers:
                 "Leave a consumer group",
                 _schema_body(control.GroupLeaveRequest),
                 parameters=[_GROUP_PARAMETER],
+                responses={
+                    "200": "OK",
+                    "503": "unavailable: too many group requests waiting (retry)",
+                },
                 callers=CLIENTS,
             ),
             Endpoint(
@@ -838,7 +867,12 @@ class _Handlers:
                 "Commit offsets",
                 _schema_body(control.CommitOffsetsRequest),
                 parameters=[_GROUP_PARAMETER],
-                responses={"200": "OK", "404": "unknown_topic", "409": "fenced_member"},
+                responses={
+                    "200": "OK",
+                    "404": "unknown_topic",
+                    "409": "fenced_member",
+                    "503": "unavailable: the group is recovering, or too many commits pending",
+                },
                 callers=CLIENTS,
             ),
             Endpoint(
