@@ -538,24 +538,15 @@ class Producer:
                     headers={"Content-Type": BATCH_TYPE},
                 )
                 offsets = _batch_offsets(answer, request)  # InternalError if malformed
-            except UnknownProducerId as error:
-                # The broker forgot this producer and nothing earlier is outstanding:
-                # a new epoch from sequence 0 (once; a second time is a real failure).
-                if not reset_done:
-                    log.info("%s/%s: %s; starting a new producer epoch", topic, partition, error)
-                    request.in_flight = False
-                    await self._reset(sequencer)
-                    request.in_flight = True
-                    reset_done = True
-                    continue
-                self._give_up(tp, request, error)
-                return
-            except OutOfOrderSequence as error:
-                # The oldest held group, nothing before it outstanding: a gap left by
-                # groups given up with an unknown outcome that did not land. If no
-                # attempt of this one can land later either, a new epoch from sequence
-                # 0 (once); else the outcome is unknown, and it fails.
-                if not (reset_done or request.maybe_appended):
+            except (UnknownProducerId, OutOfOrderSequence) as error:
+                # Nothing earlier is outstanding. unknown_producer_id: the broker forgot
+                # this producer. out_of_order_sequence: a gap left by groups given up
+                # with an unknown outcome that did not land; only if no attempt of this
+                # group can land later either. Then a new epoch from sequence 0 (once;
+                # a second time is a real failure); else it fails.
+                if not reset_done and (
+                    isinstance(error, UnknownProducerId) or not request.maybe_appended
+                ):
                     log.info("%s/%s: %s; starting a new producer epoch", topic, partition, error)
                     request.in_flight = False
                     await self._reset(sequencer)
