@@ -70,6 +70,17 @@ class Leader:
         offsets = self.append(body)
         return {"base_offset": offsets[0], "batch_base_offsets": offsets}
 
+    def refusing(self, value: bytes, error: TideError) -> Callable[[bytes], Any]:
+        """Answers like ``answer``, but raises ``error`` for a body of just ``value``
+        (refused before the append, or lost before the broker), appending nothing."""
+
+        def script(body: bytes) -> Any:
+            if [m.value for m in decode_records(body)] == [value]:
+                raise error
+            return self.answer(body)
+
+        return script
+
     def lose_answer(self, body: bytes) -> dict[str, Any]:
         self.append(body)
         raise ConnectionFailed("connection reset after the append")
@@ -206,12 +217,7 @@ def test_a_group_refused_after_an_unknown_attempt_leaves_the_later_ones_in_seque
     leader = leaders(0)
     leader.first = leader.lose_answer
 
-    def refuse_v0(body: bytes) -> Any:
-        if [m.value for m in decode_records(body)] == [b"v0"]:
-            raise refusal("refused before the append")
-        return leader.answer(body)
-
-    leader.resend = refuse_v0
+    leader.resend = leader.refusing(b"v0", refusal("refused before the append"))
     client = producer(**options)
     try:
         futures = send_in_separate_groups(client, leader, [b"v0", b"v1"])
@@ -295,12 +301,7 @@ def test_a_partition_that_used_up_its_producer_epochs_goes_on_under_a_new_produc
     IDENTITIES.append({"producer_id": 8, "producer_epoch": 0})
     leader = leaders(0)
 
-    def refuse_v0(body: bytes) -> Any:
-        if [m.value for m in decode_records(body)] == [b"v0"]:
-            raise RequestTooLarge("over this broker's limit")
-        return leader.answer(body)
-
-    leader.first = leader.resend = refuse_v0
+    leader.first = leader.resend = leader.refusing(b"v0", RequestTooLarge("too large"))
     client = producer()
     try:
         [v0] = settle([client.send("t", b"v0", partition=0)])
@@ -322,12 +323,7 @@ def test_the_send_after_one_given_up_unknown_is_written_although_it_meets_a_gap(
     log: it is resent in a new epoch instead."""
     leader = leaders(0)
 
-    def lose_v0_before_the_broker(body: bytes) -> Any:
-        if [m.value for m in decode_records(body)] == [b"v0"]:
-            raise RequestTimedOut("no answer")
-        return leader.answer(body)
-
-    leader.first = leader.resend = lose_v0_before_the_broker
+    leader.first = leader.resend = leader.refusing(b"v0", RequestTimedOut("no answer"))
     client = producer(delivery_timeout_ms=500)
     try:
         outcomes = [settle([client.send("t", value, partition=0)])[0] for value in (b"a", b"v0")]
