@@ -413,6 +413,33 @@ def test_a_failed_journal_write_leaves_the_segment_as_before(
     node.log.close()
 
 
+def test_a_failed_fsync_undoing_a_failed_journal_write_fails_every_later_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal write fails (ENOSPC) and the segment's cut of the failed append
+    fsyncs; if that fsync fails too, the log must fail every later sync, as after any
+    failed fsync. Else the next checkpoint's fsync of the log "succeeds" over pages the
+    disk may have dropped (fsyncgate) and deletes the journal file holding the log's
+    acknowledged append."""
+    node = Crashable(tmp_path)
+    node.log.append(batch_of([b"acknowledged"]), 0, START_MS)
+    node.journal_sync()
+    real_writev = os.writev
+
+    def writev_enospc(fd: int, buffers: list[bytes]) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "writev", writev_enospc)
+    fail_once_with_eio(monkeypatch, "fsync")
+    with pytest.raises(OSError):
+        node.log.append(batch_of([b"failed"]), 0, START_MS)
+    monkeypatch.setattr(os, "writev", real_writev)
+    node.journal.rotate()  # a checkpoint: the log's fsync must fail before any discard
+    with pytest.raises(OSError, match="earlier fsync"):
+        node.log.sync()
+    node.journal.close(remove_files=False)
+
+
 RESET_OPERATIONS = st.one_of(
     OPERATION,
     st.tuples(st.just("reset"), st.integers(1, 3)),  # a follower past its log end

@@ -26,6 +26,8 @@ Invariants:
   when there is no recovery point), cuts the log at the first bad or torn batch,
   deletes later segments, rebuilds their indexes and the epochs above that point,
   then fsyncs the survivors so that flushed_offset == log_end_offset.
+* Fail-stop: once any fsync of the log failed (a sync's, a truncation's, or the one
+  cutting off an append whose journal write failed) every later ``sync`` raises.
 
 The recovery-point checkpoint costs two extra fsyncs, so ``sync`` rewrites it only
 when the flushed offset has moved into a newer segment (recovery starts at a
@@ -309,7 +311,7 @@ class PartitionLog:
             try:
                 self._journal.append(self._journal_key, spans[0].base_offset, buffer)
             except OSError:  # as a failed segment write: the append never happened
-                segment.truncate(start, spans[0].base_offset)
+                self._undo_segment_append(segment, start, spans[0].base_offset)
                 raise
         segment.note_timestamp(max_timestamp_ms)
         with self._lock:
@@ -317,6 +319,18 @@ class PartitionLog:
             self._dirty.add(segment)
             for epoch, start_offset in new_epochs:
                 self._epochs_dirty |= self._epochs.assign(epoch, start_offset)
+
+    def _undo_segment_append(self, segment: LogSegment, position: int, next_offset: int) -> None:
+        """Cuts off an append whose journal write failed. If the cut's fsync fails the
+        log is failed for good, as after any failed fsync: the disk that refused the
+        journal write (ENOSPC, EIO) may have lost the segment's pages too, and a later
+        fsync would report success over them (fsyncgate) and let a checkpoint delete the
+        journal file that still holds this log's acknowledged appends."""
+        try:
+            segment.truncate(position, next_offset)
+        except OSError as error:
+            self._sync_failed = error
+            raise
 
     def _active_segment(self, append_bytes: int, last_offset: int, now_ms: int) -> LogSegment:
         """The segment to append to, rolling first by size, age or offset range."""
