@@ -43,8 +43,10 @@ from tidemq.wire.batch import decode_records, patch_batch
 TOPIC_ID = "0123456789abcdef0123456789abcdef"
 
 
-def _start(data_dir: Path) -> Broker:
-    config = BrokerConfig(1, data_dir, "http://127.0.0.1:1", "http://127.0.0.1:2", LogConfig())
+def _start(data_dir: Path, journal: bool = True) -> Broker:
+    config = BrokerConfig(
+        1, data_dir, "http://127.0.0.1:1", "http://127.0.0.1:2", LogConfig(), journal=journal
+    )
     broker = Broker(config, lambda: HttpTransport(False, {}, 4, 1000), CollectorRegistry())
     broker.reconcile(_answer())
     return broker
@@ -83,6 +85,49 @@ def test_acknowledged_records_survive_losing_the_segments_unsynced_bytes(
     finally:
         run(restarted.close)
     assert journal_files(crashed / JOURNAL_DIRECTORY) == []  # clean shutdown: none left
+
+
+def test_replayed_journal_files_stay_deleted_across_a_power_loss_with_the_journal_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start replays the journal and deletes its files. With the journal on, opening
+    the new journal file fsyncs the directory; with it off (--no-journal, or a weaker
+    fsync policy) nothing did, so a power loss could bring the deleted files back, and
+    the next start would replay that stale journal over the history written since
+    (undoing a later truncation, cutting the appends after it)."""
+    live, crashed = tmp_path / "live", tmp_path / "crashed"
+
+    async def scenario() -> None:
+        async with broker_client(live) as (_, client):
+            assert (await produce(client, batch(2), acks="all")).status == 200
+            shutil.copytree(live, crashed)  # kill -9: the journal holds offsets 0-1
+
+    run(scenario)
+    journal_dir = crashed / JOURNAL_DIRECTORY
+    assert journal_files(journal_dir)
+    journal_inode = journal_dir.stat().st_ino
+    not_durable: set[str] = set()  # unlinks a power loss would undo
+    real_unlink, real_fsync = os.unlink, os.fsync
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        real_unlink(path, *args, **kwargs)
+        if Path(path).parent == journal_dir:
+            not_durable.add(Path(path).name)
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        if os.fstat(fd).st_ino == journal_inode:
+            not_durable.clear()
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(os, "fsync", fsync)
+    restarted = _start(crashed, journal=False)
+    monkeypatch.undo()
+    try:
+        assert journal_files(journal_dir) == []
+        assert not_durable == set()
+    finally:
+        run(restarted.close)
 
 
 def test_a_checkpoint_fsyncs_the_logs_then_deletes_the_older_journal_files(

@@ -92,7 +92,7 @@ from tidemq.service.http import (
     read_json_object,
 )
 from tidemq.storage import FsyncPolicy, LogConfig, PartitionLog
-from tidemq.storage.checkpoint import write_atomically
+from tidemq.storage.checkpoint import fsync_directory, write_atomically
 from tidemq.storage.journal import JOURNAL_DIRECTORY, Journal, journal_files, replay
 from tidemq.transport import HttpTransport
 from tidemq.wire import control
@@ -1234,7 +1234,7 @@ class Broker:
 
     def _open_journal(self) -> Journal | None:
         """Replays what a crash left in the journal (storage/journal.py) into the
-        partition logs, fsyncs them, deletes the old files; then a new journal when
+        partition logs, fsyncs them, deletes the old files durably; then a new journal when
         ``fsync=always`` and the journal is on. Before any replica opens."""
         directory = self.config.data_dir / JOURNAL_DIRECTORY
         opened: dict[str, PartitionLog] = {}
@@ -1269,8 +1269,11 @@ class Broker:
                 records=sum(applied.values()),
                 logs=len(applied),
             )
-        for path in journal_files(directory):
+        replayed = journal_files(directory)
+        for path in replayed:
             path.unlink()
+        if replayed:  # durable now: a stale journal replayed later would undo history
+            fsync_directory(directory)
         if not (self.config.journal and self.config.log_config.fsync is FsyncPolicy.ALWAYS):
             return None
         return Journal.open(directory)
