@@ -338,10 +338,40 @@ def test_a_crash_in_a_reset_below_the_log_start_still_restarts(
         run(restarted.close)
 
 
-def _at(body: bytes, offset: int) -> bytes:
+def _at(body: bytes, offset: int, epoch: int = 0) -> bytes:
     buffer = bytearray(body)
-    patch_batch(buffer, 0, offset, 0)
+    patch_batch(buffer, 0, offset, epoch)
     return bytes(buffer)
+
+
+def test_a_follower_cut_between_the_batches_of_one_fetched_answer_restarts(
+    tmp_path: Path,
+) -> None:
+    """One fetch answer (one journal record) holds batches of epochs 0 and 1; a new
+    leader makes the follower cut at the epoch boundary; kill -9 before a checkpoint.
+    The replay keeps the record's first batch and the broker starts."""
+    live, crashed = tmp_path / "live", tmp_path / "crashed"
+
+    async def scenario() -> None:
+        async with broker_client(live) as (broker, _):
+            follower = broker.replicas[("orders", 1)]
+            follower.append_replicated(_at(batch(2), 0) + _at(batch(2, 2), 2, 1), 0)
+            broker.syncer.mark_dirty(follower)
+            await broker.syncer.sync_dirty()
+            follower.truncate_to(2)
+            follower.append_replicated(_at(batch(1, 100), 2, 2), 0)
+            broker.syncer.mark_dirty(follower)
+            await broker.syncer.sync_dirty()
+            shutil.copytree(live, crashed)  # kill -9 (page cache intact)
+
+    run(scenario)
+    restarted = _start(crashed)
+    try:
+        log = restarted.replicas[("orders", 1)].log
+        assert [r.value for r in decode_records(log.read(0, 1 << 20))] == [b"v0", b"v1", b"v100"]
+        assert log.epoch_entries() == [(0, 0), (2, 2)]
+    finally:
+        run(restarted.close)
 
 
 def test_a_failure_applying_a_journal_fsync_is_fail_stop(

@@ -246,6 +246,45 @@ def _at_offset(batch: bytes, offset: int) -> bytes:
     return bytes(buffer)
 
 
+def _fetched(first_offset: int, epochs_and_values: list[tuple[int, list[bytes]]]) -> bytes:
+    """One replica fetch answer: a batch per (leader epoch, values), offsets assigned."""
+    answer = bytearray()
+    offset = first_offset
+    for epoch, batch_values in epochs_and_values:
+        one = bytearray(batch_of(batch_values))
+        patch_batch(one, 0, offset, epoch)
+        answer += one
+        offset += len(batch_values)
+    return bytes(answer)
+
+
+def test_a_cut_between_two_batches_of_one_journal_record_replays(tmp_path: Path) -> None:
+    """One append, so one journal record, may hold several batches (a replica fetch
+    answer spanning two leader epochs). A newer leader makes the follower cut at the
+    boundary between them: the replay must keep the record's batches below the cut,
+    not refuse the cut as one inside a batch (CorruptBatch at every start)."""
+    node = Crashable(tmp_path)
+    node.log.append_replicated(_fetched(0, [(1, [b"a", b"b"]), (2, [b"c", b"d"])]), START_MS)
+    node.journal_sync()
+    node.truncate(2)  # the new leader's log diverges where epoch 1 ended
+    node.log.append_replicated(_fetched(2, [(3, [b"C"])]), START_MS)
+    node.journal_sync()
+    recovered = node.crash()  # the segment's unsynced bytes are gone: all from the journal
+    assert read_all(recovered) == [(0, b"a"), (1, b"b"), (2, b"C")]
+    assert recovered.epoch_entries() == [(1, 0), (3, 2)]
+    recovered.close()
+
+
+def test_a_cut_inside_a_batch_of_a_journal_record_is_refused(tmp_path: Path) -> None:
+    node = Crashable(tmp_path)
+    node.log.append_replicated(_fetched(0, [(1, [b"a", b"b"]), (2, [b"c", b"d"])]), START_MS)
+    node.journal_sync()
+    node.journal.truncate(KEY, 3)  # the log never cuts there: truncate_to rounds down
+    with pytest.raises(CorruptBatch, match="a cut at 3 inside a batch"):
+        replay(tmp_path / "journal", lambda key: None, START_MS)
+    node.log.close()
+
+
 def test_nothing_after_a_torn_record_is_replayed(tmp_path: Path) -> None:
     node = Crashable(tmp_path)
     node.log.append(batch_of([b"a"]), 0, START_MS)

@@ -16,10 +16,11 @@ Files: ``<data-dir>/journal/<sequence 20 digits>.journal``, records back to back
     crc u32 | length u32 | kind u8 | key_length u16 | offset i64 | key | payload
 
 ``crc`` is CRC-32 of everything after it, ``length`` counts the bytes after it.
-``kind`` 1 = append (payload: whole record batches, offsets and epochs assigned, as in
-the segment), 2 = truncate (the log was cut to ``offset``; no payload), 3 = reset (the
-log was dropped and restarted empty at ``offset``: a follower's ``reset_to``; no
-payload). ``key`` is the partition directory's name under the data directory.
+``kind`` 1 = append (payload: the whole record batches of one append, possibly
+several, offsets and epochs assigned, as in the segment), 2 = truncate (the log was
+cut to ``offset``; no payload), 3 = reset (the log was dropped and restarted empty at
+``offset``: a follower's ``reset_to``; no payload). ``key`` is the partition
+directory's name under the data directory.
 
 Invariants:
 
@@ -33,7 +34,10 @@ Invariants:
   append;
 * replay is idempotent: an append whose bytes the segment already holds is skipped, one
   that differs cuts the log there and is re-appended; a torn or corrupt record ends the
-  replay (nothing after it was ever durable, by the prefix rule).
+  replay (nothing after it was ever durable, by the prefix rule);
+* a truncation falls on a batch boundary (``truncate_to`` rounds down), possibly
+  between two batches of one append record: replay keeps that record's batches below
+  the cut. A cut inside a batch is corruption (CorruptBatch).
 """
 
 from __future__ import annotations
@@ -370,8 +374,14 @@ class _Tail:
             return
         while self.batches and self.batches[-1][0] >= offset:
             self.batches.pop()
-        if self.batches and _next_offset(self.batches[-1][1], self.batches[-1][0]) != offset:
-            raise CorruptBatch(f"journal of {self.key}: a cut at {offset} inside a batch")
+        if self.batches:
+            record_offset, payload = self.batches[-1]
+            if _next_offset(payload, record_offset) != offset:
+                # One record holds all batches of one append: keep those below the cut.
+                kept = _batches_ending_at(payload, offset)
+                if kept is None:
+                    raise CorruptBatch(f"journal of {self.key}: a cut at {offset} inside a batch")
+                self.batches[-1] = (record_offset, kept)
         self.end = offset
 
     def apply(self, target: ReplayTarget, now_ms: int, start_over: StartOver | None) -> int:
@@ -411,6 +421,19 @@ class _Tail:
             target.append_replicated(payload, now_ms)
             changed += 1
         return changed
+
+
+def _batches_ending_at(payload: bytes, offset: int) -> bytes | None:
+    """The leading batches of ``payload`` up to the one whose records end just below
+    ``offset``; None when no batch ends there (a cut inside a batch)."""
+    size = 0
+    for header in iter_headers(payload):
+        if header.next_offset > offset:
+            return None
+        size += header.size
+        if header.next_offset == offset:
+            return payload[:size]
+    return None
 
 
 def _next_offset(payload: bytes, offset: int) -> int:
