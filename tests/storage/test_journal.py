@@ -21,6 +21,7 @@ from storage_helpers import (
     read_all,
 )
 
+import tidemq.storage.log as log_module
 from tidemq.errors import CorruptBatch
 from tidemq.storage import LogConfig, PartitionLog
 from tidemq.storage.journal import (
@@ -35,6 +36,10 @@ from tidemq.storage.journal import (
 from tidemq.wire.batch import patch_batch
 
 KEY = "topic-0-abc"
+
+
+class PowerLoss(Exception):
+    """The machine stops here: only what was fsynced before stays."""
 
 
 class Crashable:
@@ -175,6 +180,43 @@ def test_a_truncation_is_journaled_before_the_cut_so_replay_never_undoes_it(
     # segment hold the old bytes again, as if the truncation never reached the disk.
     recovered = node.crash()
     assert values(recovered) == numbered_values(0, 2)
+    recovered.close()
+
+
+def test_segments_a_power_loss_brings_back_after_a_truncation_are_dropped_on_replay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """truncate_to unlinks the segments past the cut, then cuts and fsyncs the cut
+    segment; only a later directory fsync makes the unlinks durable. A power loss
+    before it brings the later segments back behind the cut one. With the recovery
+    point still in the last segment, recovery trusted them: a gap at the cut, and
+    replay's truncate_to could not find the cut offset (CorruptBatch at every start).
+    The recovery point is lowered to the cut first, so recovery drops them."""
+    journal = Journal.open(tmp_path / "journal")
+    log = open_log(tmp_path / KEY, segment_bytes_max=300)
+    log.attach_journal(journal, KEY)
+    for start in range(0, 12, 2):
+        log.append(batch_of(numbered_values(start, 2, size_bytes=40)), 0, START_MS)
+    older = journal.rotate()  # a checkpoint: the recovery point moves to the last segment
+    log.sync()
+    journal.discard(older)
+    assert log.segment_count >= 3
+    durable = {p.name: p.read_bytes() for p in (tmp_path / KEY).glob("*.log")}
+
+    def power_loss(*args: object) -> None:
+        raise PowerLoss()
+
+    monkeypatch.setattr(log_module, "write_epochs", power_loss)  # its directory fsync
+    with pytest.raises(PowerLoss):
+        log.truncate_to(2)  # journaled, later segments unlinked, the cut one cut + fsynced
+    monkeypatch.undo()
+    log._segments[0].close()
+    journal.close(remove_files=False)
+    for name, data in durable.items():  # the unlinks were never made durable
+        if not (tmp_path / KEY / name).exists():
+            (tmp_path / KEY / name).write_bytes(data)
+    recovered = recover(tmp_path)
+    assert values(recovered) == numbered_values(0, 2, size_bytes=40)
     recovered.close()
 
 

@@ -11,6 +11,7 @@ from storage_helpers import START_MS, batch_of, numbered_values, open_log, read_
 
 from tidemq.errors import CorruptBatch
 from tidemq.storage import PartitionLog
+from tidemq.storage.segment import LogSegment
 from tidemq.wire.batch import HEADER_SIZE, iter_headers, patch_batch
 
 BATCH_RECORDS = 4
@@ -215,3 +216,44 @@ def test_truncation_inside_a_batch_puts_the_recovery_point_at_the_batch_start(
     assert again.epoch_entries() == [(0, 0), (1, 4)]
     assert [value for _, value in read_all(again)] == [b"a", b"b", b"c", b"d", b"x", b"y"]
     again.close()
+
+
+class Killed(Exception):
+    """The process dies here."""
+
+
+def test_a_kill_between_two_unlinks_of_a_truncation_reopens_a_dense_prefix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """truncate_to unlinks the segments past the cut one by one. Killed after the first
+    unlink, with the recovery point still in the last segment, the reopened log
+    trusted every segment below it unchecked: a gap where the unlinked segment was,
+    and the truncated records past it served again. The recovery point is lowered to
+    the cut first, so recovery checks from the cut segment on and keeps a prefix of
+    the log as it was before the truncation (which never returned: it is redone)."""
+    log = open_log(tmp_path, segment_bytes_max=300)
+    expected = fill(log, 6)
+    log.sync()  # the recovery point moves into the last segment
+    assert log.segment_count >= 4
+    real_delete = LogSegment.delete
+    deleted: list[int] = []
+
+    def delete_then_die(segment: LogSegment) -> None:
+        if deleted:
+            raise Killed()
+        real_delete(segment)
+        deleted.append(segment.base_offset)
+
+    segments = list(log._segments)
+    monkeypatch.setattr(LogSegment, "delete", delete_then_die)
+    with pytest.raises(Killed):
+        log.truncate_to(BATCH_RECORDS)  # the second segment on goes
+    monkeypatch.undo()
+    for segment in segments:  # the process is gone: its files close, nothing else
+        if segment.base_offset not in deleted:
+            segment.close()
+    again = open_log(tmp_path, segment_bytes_max=300)
+    got = read_all(again)
+    again.close()
+    assert got == expected[: len(got)], "a gap: records past the unlinked segment are back"
+    assert got and got[-1][0] < deleted[0]

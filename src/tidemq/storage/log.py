@@ -20,7 +20,10 @@ Invariants:
   touches the active segment, and older segments were fsynced when rolled past).
 * Checkpoints only ever under-state: the recovery point is written after the fsync
   it describes; the epoch checkpoint is written before the recovery point that
-  relies on it; log start is persisted before segment files are unlinked.
+  relies on it; log start is persisted before segment files are unlinked; a
+  truncation lowers the recovery point to its cut (durably) before it unlinks or cuts
+  any segment, so recovery re-checks from the cut segment on whatever part of the
+  truncation a crash undid.
 * Recovery (``open``) re-validates with ``check_batch`` and offset continuity every
   batch from the start of the segment holding the recovery point (every segment
   when there is no recovery point), cuts the log at the first bad or torn batch,
@@ -443,6 +446,7 @@ class PartitionLog:
             position, header = found
             if self._journal is not None:  # durable before the cut: replay never undoes it
                 self._journal.truncate(self._journal_key, header.base_offset)
+            self._lower_recovery_point(header.base_offset)
             with self._lock:
                 removed = self._segments[slot + 1 :]
                 del self._segments[slot + 1 :]
@@ -473,10 +477,23 @@ class PartitionLog:
                 raise
             segment.write_index()
             write_epochs(self.directory / EPOCH_FILE, epochs)
-            self._recovery_checkpoint_offset = min(
-                self._recovery_checkpoint_offset, header.base_offset
-            )
-            write_offset(self.directory / RECOVERY_POINT_FILE, self._recovery_checkpoint_offset)
+
+    def _lower_recovery_point(self, cut: int) -> None:
+        """Durably moves the recovery point down to a truncation's cut, before any
+        segment is unlinked or cut. Recovery trusts every segment below the one holding
+        the recovery point unchecked, so with it still above the cut a crash part way
+        (killed between two unlinks; a power loss undoing unlinks that no directory
+        fsync covered yet) reopens a log with a gap, or with the truncated records back
+        past the cut segment. Recovery from the cut segment on finds either. Fail-stop
+        on an error: the journal may already hold the cut that memory does not."""
+        if self._recovery_checkpoint_offset <= cut:
+            return
+        try:
+            write_offset(self.directory / RECOVERY_POINT_FILE, cut)
+        except OSError as error:
+            self._sync_failed = error
+            raise
+        self._recovery_checkpoint_offset = cut
 
     # ------------------------------------------------------------ retention
 
