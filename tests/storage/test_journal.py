@@ -363,6 +363,29 @@ def test_records_of_a_deleted_partition_are_skipped(tmp_path: Path) -> None:
     assert journal_files(tmp_path / "journal") == []
 
 
+def test_no_record_of_a_newer_journal_file_outlives_an_unsynced_one_of_an_older_file(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint rotates while a group commit is still pending; the next append goes
+    to the new file. A power loss may then keep the new file's page but lose the older
+    file's unsynced record at a record boundary: a gap in the log's records that replay
+    cannot close (CorruptBatch at every start). Rotation syncs the older files first,
+    so nothing of them can be lost once the new file holds a byte."""
+    node = Crashable(tmp_path)
+    node.log.append(batch_of([b"acknowledged"]), 0, START_MS)
+    node.journal_sync()
+    node.log.append(batch_of([b"in-the-older-file"]), 0, START_MS)  # group commit pending
+    older = node.journal._files[-1]
+    node.journal.rotate()
+    assert older.synced == older.written
+    node.log.append(batch_of([b"in-the-newer-file"]), 0, START_MS)
+    newer = node.journal._files[-1]
+    newer.synced = newer.written  # its page reached the disk by writeback, unsynced
+    recovered = node.crash()  # the older file keeps what was fdatasynced
+    assert values(recovered) == [b"acknowledged", b"in-the-older-file", b"in-the-newer-file"]
+    recovered.close()
+
+
 def test_a_checkpoint_deletes_old_files_only_with_their_logs_synced(tmp_path: Path) -> None:
     node = Crashable(tmp_path)
     node.log.append(batch_of(numbered_values(0, 3)), 0, START_MS)

@@ -253,8 +253,9 @@ class GroupCommitSyncer:
             await self.checkpoint()
 
     async def checkpoint(self) -> None:
-        """Rotates the journal, fsyncs every log that appended to the older files, then
-        deletes them. On the loop thread up to the rotation, so no append interleaves."""
+        """Rotates the journal (it fdatasyncs the current file first), fsyncs every log
+        that appended to the older files, then deletes them. On the loop thread up to
+        the rotation, so no append interleaves."""
         journal = self.journal
         if journal is None:
             return

@@ -26,7 +26,10 @@ Invariants:
 
 * a record is written to the journal after its batches were written to the segment
   and before anything is acknowledged; ``sync`` fdatasyncs journal files oldest first,
-  so what is durable in the journal is a prefix of what was written (across files too);
+  and ``rotate`` syncs before the new file gets any byte, so what is durable in the
+  journal is a prefix of what was written, across files too: a record of a newer file
+  survives a power loss only if every older file survived whole (a gap in a log's
+  records across files is corruption, not a lost tail);
 * a truncation is journaled and made durable *before* the segment is cut, so a replay
   never brings back records the log had dropped;
 * a journal file is deleted only after every log that appended to it was fsynced
@@ -227,7 +230,16 @@ class Journal:
 
     def rotate(self) -> list[Path]:
         """Starts a new file; the older ones, to ``discard`` once every log that
-        appended to them was fsynced. Owning thread (no append runs meanwhile)."""
+        appended to them was fsynced. Owning thread (no append runs meanwhile).
+
+        Syncs first, so the older files are durable before the new one gets a byte.
+        Else a power loss could keep a record of the new file (its page written back)
+        but not an unsynced one of an older file, a gap in some log's records that
+        replay cannot close (CorruptBatch at every start); sync's oldest-first order
+        only covers what a finished sync made durable. Costs one fdatasync on the
+        owning thread per rotation (usually nothing is left to sync: group commits
+        run every few loop turns)."""
+        self.sync()
         with self._lock:
             sequence = self._files[-1].sequence + 1
             self._files.append(self._create(sequence))
