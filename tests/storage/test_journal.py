@@ -342,6 +342,46 @@ def test_nothing_after_a_torn_record_is_replayed(tmp_path: Path) -> None:
     recovered.close()
 
 
+def test_a_corrupt_record_an_intact_one_follows_is_not_taken_for_a_torn_tail(
+    tmp_path: Path,
+) -> None:
+    """A flipped byte in a synced record with intact records after it: replay took it
+    for a torn tail and dropped it and everything after it (acknowledged records),
+    logging them as never acknowledged. It refuses instead; only an operator may
+    accept the loss."""
+    node = Crashable(tmp_path)
+    ends = []
+    for value in (b"a", b"b", b"c"):
+        node.log.append(batch_of([value]), 0, START_MS)
+        node.journal_sync()  # each acknowledged
+        ends.append(node.journal._files[-1].written)
+    path = journal_files(tmp_path / "journal")[-1]
+    data = bytearray(path.read_bytes())
+    data[ends[0] + 30] ^= 0xFF  # in b's payload: its header still says where c starts
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptBatch, match=f"record at byte {ends[0]} is corrupt"):
+        replay(tmp_path / "journal", lambda key: None, START_MS)
+    node.log.close()
+
+
+def test_a_corrupt_last_record_of_an_older_journal_file_is_not_a_torn_tail(
+    tmp_path: Path,
+) -> None:
+    """Rotation synced the older file whole before the newer one got a byte, so a bad
+    record at its end is damage, not a torn tail, when the newer file holds a record."""
+    node = Crashable(tmp_path)
+    node.log.append(batch_of([b"a"]), 0, START_MS)
+    older = node.journal.rotate()[-1]
+    node.log.append(batch_of([b"b"]), 0, START_MS)
+    node.journal_sync()
+    data = bytearray(older.read_bytes())
+    data[-1] ^= 0xFF
+    older.write_bytes(bytes(data))
+    with pytest.raises(CorruptBatch, match="record at byte 0 is corrupt"):
+        replay(tmp_path / "journal", lambda key: None, START_MS)
+    node.log.close()
+
+
 def test_a_gap_between_segment_and_journal_is_an_error(tmp_path: Path) -> None:
     directory = tmp_path / KEY
     journal = Journal.open(tmp_path / "journal")

@@ -36,8 +36,14 @@ Invariants:
   (checkpoint), so the segments plus the remaining journal files hold every durable
   append;
 * replay is idempotent: an append whose bytes the segment already holds is skipped, one
-  that differs cuts the log there and is re-appended; a torn or corrupt record ends the
-  replay (nothing after it was ever durable, by the prefix rule);
+  that differs cuts the log there and is re-appended; a torn record ends the replay
+  (nothing after it was ever durable, by the prefix rule). A bad record that an intact
+  one follows (where the bad one's header says the next starts, or in a later file)
+  is not a torn tail but damage to what may have been synced: replay refuses
+  (CorruptBatch) rather than drop acknowledged records. (A power loss that kept an
+  unsynced page of a file but not an earlier one looks the same: rare, and it errs
+  toward refusing.) A bad header hides where the next record starts: such damage
+  still reads as a torn tail;
 * a truncation falls on a batch boundary (``truncate_to`` rounds down), possibly
   between two batches of one append record: replay keeps that record's batches below
   the cut. A cut inside a batch is corruption (CorruptBatch).
@@ -102,21 +108,44 @@ def decode_records(data: bytes) -> Iterator[tuple[JournalRecord, int]]:
     """Records of one file with the position after each, up to the first torn or
     corrupt one (excluded)."""
     position = 0
-    while position + _HEAD.size <= len(data):
-        crc, length = _HEAD.unpack_from(data, position)
-        start = position + _HEAD.size
-        end = start + length
-        if length < _BODY.size or end > len(data):
-            return
-        body = data[start:end]
-        if zlib.crc32(body) != crc:
-            return
-        kind, key_length, offset = _BODY.unpack_from(body)
-        if kind not in (APPEND, TRUNCATE, RESET) or _BODY.size + key_length > length:
-            return
-        key = body[_BODY.size : _BODY.size + key_length].decode(errors="replace")
-        yield JournalRecord(kind, key, offset, body[_BODY.size + key_length :]), end
-        position = end
+    while (decoded := _decode_at(data, position)) is not None:
+        yield decoded
+        position = decoded[1]
+
+
+def _decode_at(data: bytes, position: int) -> tuple[JournalRecord, int] | None:
+    """The whole, intact record at ``position`` and the position after it, else None."""
+    if position + _HEAD.size > len(data):
+        return None
+    crc, length = _HEAD.unpack_from(data, position)
+    start = position + _HEAD.size
+    end = start + length
+    if length < _BODY.size or end > len(data):
+        return None
+    body = data[start:end]
+    if zlib.crc32(body) != crc:
+        return None
+    kind, key_length, offset = _BODY.unpack_from(body)
+    if kind not in (APPEND, TRUNCATE, RESET) or _BODY.size + key_length > length:
+        return None
+    key = body[_BODY.size : _BODY.size + key_length].decode(errors="replace")
+    return JournalRecord(kind, key, offset, body[_BODY.size + key_length :]), end
+
+
+def _intact_record_after(data: bytes, position: int, later: list[Path]) -> str | None:
+    """Where an intact record follows the bad one at ``position``: at the end its own
+    header gives (a flipped byte in its body leaves that header right), or first in
+    a later file (rotation synced this file whole before that one got a byte). None
+    for a torn tail: nothing whole after it."""
+    if position + _HEAD.size <= len(data):
+        _, length = _HEAD.unpack_from(data, position)
+        after = position + _HEAD.size + length
+        if length >= _BODY.size and _decode_at(data, after) is not None:
+            return f"byte {after}"
+    for path in later:
+        if _decode_at(path.read_bytes(), 0) is not None:
+            return path.name
+    return None
 
 
 @dataclass
@@ -317,13 +346,22 @@ def replay(
     segment holds beyond an identical tail stays (it was fsynced by a checkpoint).
     """
     tails: dict[str, _Tail] = {}
-    for path in journal_files(directory):
+    paths = journal_files(directory)
+    for index, path in enumerate(paths):
         data = path.read_bytes()
         consumed = 0
         for record, end in decode_records(data):
             consumed = end
             tails.setdefault(record.key, _Tail(record.key)).add(record)
         if consumed < len(data):
+            follower = _intact_record_after(data, consumed, paths[index + 1 :])
+            if follower is not None:
+                raise CorruptBatch(
+                    f"journal {path}: the record at byte {consumed} is corrupt but an "
+                    f"intact one follows ({follower}): not a torn tail, so records after "
+                    "it may have been acknowledged. Refusing to replay; to start anyway, "
+                    "accepting their loss, move this file and the later ones away"
+                )
             event(
                 _log,
                 "journal_tail_dropped",
