@@ -282,6 +282,33 @@ def logs_config() -> LogConfig:
     return LogConfig()
 
 
+def test_retention_after_a_finished_reset_is_not_undone_by_the_replay(tmp_path: Path) -> None:
+    """A follower reset (journaled at 100, the directory recreated), replicated records,
+    then retention moved the log start past 100; killed before a checkpoint. Replay
+    took the start != 100 for a reset cut short and recreated the log at 100 from the
+    journal: the deleted records came back and the log start moved backwards. The
+    batch at the log start is the journaled one, so the reset had finished."""
+    config = LogConfig(segment_bytes_max=200, retention_bytes=1)
+    journal = Journal.open(tmp_path / "journal")
+    open_log(tmp_path / KEY).close()  # the follower's log before the reset
+    journal.reset(KEY, 100)
+    log = PartitionLog.recreate_empty(tmp_path / KEY, 100, config, START_MS)
+    log.attach_journal(journal, KEY)
+    for index in range(6):
+        log.append_replicated(_at_offset(batch_of([bytes([65 + index]) * 80]), 100 + index), 0)
+    journal.sync()
+    assert log.apply_retention(START_MS, max_offset=106) > 0
+    start = log.log_start_offset
+    expected = read_all(log)
+    assert start > 100
+    for segment in log._segments:  # kill -9
+        segment.close()
+    journal.close(remove_files=False)
+    recovered = _recover_with_start_over(tmp_path)
+    assert (recovered.log_start_offset, read_all(recovered)) == (start, expected)
+    recovered.close()
+
+
 def _at_offset(batch: bytes, offset: int) -> bytes:
     buffer = bytearray(batch)
     patch_batch(buffer, 0, offset, 0)

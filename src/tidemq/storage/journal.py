@@ -434,15 +434,29 @@ class _Tail:
                 self.batches[-1] = (record_offset, kept)
         self.end = offset
 
+    def _holds_the_restart(self, target: ReplayTarget) -> bool:
+        """Whether the log already is the one a reset restarted at ``base``: it starts
+        there, or retention (or a records deletion) has moved its start up since and the
+        batch holding that start is the journaled one. A log the reset did not replace
+        yet starts below ``base`` (it ended before the leader's log start) or holds
+        another history there (it diverged below its own start)."""
+        start = target.log_start_offset
+        if start == self.base:
+            return True
+        if self.base is None or start < self.base or start >= target.log_end_offset:
+            return False
+        journaled = _batch_holding(self.batches, start)
+        if journaled is None:
+            return False
+        return target.read(start, len(journaled))[: len(journaled)] == journaled
+
     def apply(self, target: ReplayTarget, now_ms: int, start_over: StartOver | None) -> int:
         """Makes the log end with this tail; how many batches were (re)written, or 1
         for a cut alone. Under the journal a log's durable end moves only with the
         journal's fsyncs (``PartitionLog.mark_durable``), so what the segment holds
         past the tail was never acknowledged and is cut."""
         assert self.base is not None
-        if self.restarted and start_over is not None and target.log_start_offset != self.base:
-            # Not yet the restarted log (it starts at the reset point, and only retention
-            # moves that start, with every record since the reset still journaled).
+        if self.restarted and start_over is not None and not self._holds_the_restart(target):
             target = start_over(self.key, self.base)
         start = target.log_start_offset
         batches = [(offset, payload) for offset, payload in self.batches if offset >= start]
@@ -471,6 +485,17 @@ class _Tail:
             target.append_replicated(payload, now_ms)
             changed += 1
         return changed
+
+
+def _batch_holding(batches: list[tuple[int, bytes]], offset: int) -> bytes | None:
+    """The one journaled batch whose records include ``offset``, else None."""
+    for _, payload in batches:
+        position = 0
+        for header in iter_headers(payload):
+            if header.base_offset <= offset < header.next_offset:
+                return payload[position : position + header.size]
+            position += header.size
+    return None
 
 
 def _batches_ending_at(payload: bytes, offset: int) -> bytes | None:
