@@ -232,6 +232,17 @@ class FencedMember(TideError):
     retriable = False
 
 
+class StaleMemberEpoch(TideError):
+    """An offset commit carried an older epoch of a member that is still the only
+    holder of every partition it names: a grant moved the member's epoch on while the
+    commit was on its way. Resend it with the epoch the member's heartbeat brought; the
+    request as sent never succeeds (a late copy must not move an offset backwards)."""
+
+    code = "stale_member_epoch"
+    http_status = 409
+    retriable = False
+
+
 class OutOfOrderSequence(TideError):
     """Idempotent produce: the batch's sequence does not follow the producer's last one
     on this partition (a gap, or a batch older than the ones the broker remembers).

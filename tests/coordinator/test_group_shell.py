@@ -253,7 +253,9 @@ def test_after_a_restart_partitions_move_only_after_the_session_timeout(tmp_path
             assert partitions_of(a_again) == partitions_of(a)  # adopted, keeps consuming
             status, body = await api.commit(a["member_id"], a_again["member_epoch"], 0, 1)
             assert (status, body["error"]["code"]) == (503, "unavailable")
-            clock.now_ms += SESSION_MS - 1
+            # A member heard at the very restart may fetch through restart + session
+            # (expiry needs the session strictly passed): still nothing moves then.
+            clock.now_ms += SESSION_MS
             c = await api.beat(c["member_id"], c["member_epoch"], [])
             assert c["assignment"] == []
             clock.now_ms += 1  # b's session has certainly run out by now
@@ -360,5 +362,36 @@ def test_group_heartbeats_waiting_for_the_write_lock_are_bounded(
             assert [status for status, _ in await asyncio.gather(*waiting)] == [200] * 3
             assert c._group_requests_waiting == 0
             assert (await api.beat_raw(body | {"session_timeout_ms": 5000}))[0] == 200
+
+    run(scenario)
+
+
+def test_a_stale_commit_is_409_stale_member_epoch_and_a_huge_heartbeat_epoch_is_400(
+    tmp_path: Path,
+) -> None:
+    """An older epoch of the partitions' only holder is stale_member_epoch (the client
+    resends under its current epoch) and stores nothing; heartbeat epochs were not
+    bounded while commit epochs were (an adopted epoch near 2**63 made every commit 400)."""
+
+    async def scenario() -> None:
+        async with coordinator(tmp_path, Clock()) as (_, _store, api):
+            await api.setup(partitions=2)
+            a = await api.beat(None, 0, [])
+            a = await api.beat(a["member_id"], a["member_epoch"], a["assignment"])
+            b = await api.beat(None, 0, [])
+            stale = a["member_epoch"]
+            a = await api.beat(a["member_id"], stale, a["assignment"])  # revokes one
+            [kept] = partitions_of(a)
+            status, body = await api.commit(a["member_id"], stale, kept, 7)
+            assert (status, body["error"]["code"]) == (409, "stale_member_epoch"), body
+            _, stored = await api.call("GET", f"{GROUP}/offsets")
+            assert stored["offsets"] == []
+            status, body = await api.commit(a["member_id"], a["member_epoch"], kept, 7)
+            assert status == 200, body
+            for epoch in (2**62, 2**63):
+                status, body = await api.beat_raw(
+                    {"member_id": b["member_id"], "member_epoch": epoch, "topics": ["orders"]}
+                )
+                assert (status, body["error"]["code"]) == (400, "invalid_request"), body
 
     run(scenario)

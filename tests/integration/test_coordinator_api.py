@@ -266,6 +266,9 @@ def test_consumer_group_over_http(tmp_path: Path) -> None:
                 "offsets": [{"topic": "orders", "partition": b_partition, "offset": 1}],
             }
             status, body = await api.call("POST", "/v1/groups/g/offsets", stale)
+            assert (status, body["error"]["code"]) == (409, "stale_member_epoch")
+            ahead = {**stale, "member_epoch": b["member_epoch"] + 1}
+            status, body = await api.call("POST", "/v1/groups/g/offsets", ahead)
             assert (status, body["error"]["code"]) == (409, "fenced_member")
             not_owner = {**stale, "member_id": a["member_id"], "member_epoch": a["member_epoch"]}
             status, body = await api.call("POST", "/v1/groups/g/offsets", not_owner)

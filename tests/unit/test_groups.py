@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tidemq.core.groups import ConsumerGroup, compute_target
-from tidemq.errors import FencedMember, Unavailable
+from tidemq.errors import FencedMember, StaleMemberEpoch, Unavailable
 
 COUNTS = {"orders": 12}
 SESSION_MS = 1000
@@ -65,8 +65,10 @@ def test_commits_are_validated_against_the_member_epoch() -> None:
     _, epoch, owned = beat(group, None, 0, [], new_id="a")
     group.validate_commit(None, None, [], 0)  # standalone consumer, nothing held
     group.validate_commit("a", epoch, owned, 0)
-    with pytest.raises(FencedMember):
+    with pytest.raises(StaleMemberEpoch):  # older, for partitions it alone holds
         group.validate_commit("a", epoch - 1, owned, 0)
+    with pytest.raises(FencedMember):
+        group.validate_commit("a", epoch + 1, owned, 0)
     with pytest.raises(FencedMember):
         group.validate_commit("b", 1, owned, 0)
 
@@ -287,11 +289,23 @@ def test_a_late_copy_of_a_join_does_not_free_a_partition_still_being_revoked() -
     assert set(b_assigned) == revoked
 
 
-def test_a_commit_that_races_a_grant_is_accepted_for_partitions_held_since_its_epoch() -> None:
+class Offsets:
+    """The coordinator's committed offsets: validate, then store (as the shell does)."""
+
+    def __init__(self, group: ConsumerGroup) -> None:
+        self.group = group
+        self.committed: dict[tuple[str, int], int] = {}
+
+    def commit(self, member_id: str, epoch: int, offsets: dict[tuple[str, int], int]) -> None:
+        self.group.validate_commit(member_id, epoch, list(offsets), 0)
+        self.committed.update(offsets)
+
+
+def test_a_commit_that_races_a_grant_is_stale_and_resent_not_fenced() -> None:
     """A grant bumped a healthy member's epoch while its commit was on the way: the
     commit was refused with fenced_member (not retriable), which at_most_once raises
-    to the application. It is accepted for partitions held since the commit's epoch;
-    a partition granted after it, or lost and regained since, is still fenced."""
+    to the application. It is refused as stale (the client resends it under its new
+    epoch) when the member alone holds every partition named; fenced otherwise."""
     group = ConsumerGroup("g")
     _, a_epoch, a_all = beat(group, "a", 0, [])
     beat(group, "a", a_epoch, a_all)
@@ -304,13 +318,80 @@ def test_a_commit_that_races_a_grant_is_accepted_for_partitions_held_since_its_e
     stale = a_epoch  # a builds a commit body with this epoch ...
     _, a_epoch, a_again = beat(group, "a", a_epoch, a_half)  # ... a grant bumps it
     assert a_epoch > stale and set(a_again) > set(a_half)
-    group.validate_commit("a", stale, a_half, 0)
-    regranted = sorted(set(a_again) - set(a_half))
-    with pytest.raises(FencedMember):  # granted after the commit's epoch
-        group.validate_commit("a", stale, regranted, 0)
-    group.validate_commit("a", 2, a_half, 0)  # held since its join's answer (epoch 2)
-    with pytest.raises(FencedMember):  # an epoch from before it held them at all
-        group.validate_commit("a", 1, a_half, 0)
+    with pytest.raises(StaleMemberEpoch):
+        group.validate_commit("a", stale, a_half, 0)
+    group.validate_commit("a", a_epoch, a_half, 0)  # the resend
+    with pytest.raises(StaleMemberEpoch):  # it holds them now, whatever it held then
+        group.validate_commit("a", stale, sorted(a_again), 0)
+    beat(group, "c", 0, [])
+    _, a_epoch, a_kept = beat(group, "a", a_epoch, a_again)  # c's share revoked ...
+    _, c_epoch, c_got = beat(group, "c", 0, [])
+    given = sorted(set(a_again) - set(a_kept))
+    assert given and not c_got  # ... but a still holds it (owned): stale, not fenced
+    _, a_epoch, _ = beat(group, "a", a_epoch, a_kept)  # a let go
+    _, _, c_got = beat(group, "c", c_epoch, [])
+    assert sorted(c_got) == given
+    with pytest.raises(FencedMember):  # no longer the holder: fenced for good
+        group.validate_commit("a", stale, given, 0)
+
+
+def test_a_late_copy_of_a_members_own_commit_cannot_move_its_offset_back() -> None:
+    """(Regression of the rule that accepted an older epoch for partitions held since
+    then.) Commit C1 at epoch 2 (offset 100) is delayed; a rebalance bumps the member
+    to epoch 3 and it commits 200; then C1 lands. It must be refused: 200 stays."""
+    group = ConsumerGroup("g")
+    store = Offsets(group)
+    tp = ("orders", 0)
+    _, a_epoch, a_all = beat(group, "a", 0, [])
+    beat(group, "a", a_epoch, a_all)
+    late = ("a", a_epoch, {tp: 100})  # sent, delayed
+    beat(group, "b", 0, [])  # b joins: a's next heartbeat revokes half
+    _, a_epoch, a_kept = beat(group, "a", a_epoch, a_all)
+    assert a_epoch == late[1] + 1 and tp in a_kept
+    store.commit("a", a_epoch, {tp: 200})
+    with pytest.raises(StaleMemberEpoch):
+        store.commit(*late)
+    assert store.committed[tp] == 200
+
+
+def test_a_commit_from_an_earlier_life_of_a_reused_member_id_is_refused() -> None:
+    """Epochs restart when a member id is created again (a client that chooses its own
+    id, after a leave or an expiry): the old life's delayed commit at epoch 2 must not
+    land on the new life, after another member committed in between."""
+    group = ConsumerGroup("g")
+    store = Offsets(group)
+    tp = ("orders", 0)
+    _, a_epoch, _ = beat(group, "a", 0, [])
+    old_life = ("a", a_epoch, {tp: 100})  # delayed
+    group.leave("a")
+    _, b_epoch, b_all = beat(group, "b", 0, [])
+    beat(group, "b", b_epoch, b_all)
+    store.commit("b", b_epoch, {tp: 500})
+    group.leave("b")
+    _, a_epoch, a_all = beat(group, "a", 0, [])  # the new life, same id
+    beat(group, "c", 0, [])
+    _, a_epoch, a_kept = beat(group, "a", a_epoch, a_all)
+    assert a_epoch > old_life[1] and tp in a_kept
+    with pytest.raises((StaleMemberEpoch, FencedMember)):
+        store.commit(*old_life)
+    assert store.committed[tp] == 500
+
+
+def test_a_late_join_copy_before_the_first_report_does_not_free_a_fetched_partition() -> None:
+    """A member fetches what its join's answer (a retried join) assigned before it ever
+    reports it owned; the late first copy of the join, after b joined, revokes half of
+    it. Those stay held until the member confirms them gone at its current epoch."""
+    group = ConsumerGroup("g")
+    _, a_epoch, a_all = beat(group, "a", 0, [])  # the retried join's answer: a fetches all
+    assert (a_epoch, len(a_all)) == (2, 12)
+    _, b_epoch, b_got = beat(group, "b", 0, [])
+    assert b_got == []
+    _, late_epoch, a_kept = beat(group, "a", 0, [])  # the first copy of the join, late
+    _, b_epoch, b_got = beat(group, "b", b_epoch, [])
+    assert not set(a_all) & set(b_got), "granted while a still fetches them"
+    _, a_epoch, _ = beat(group, "a", late_epoch, a_kept)  # a confirms at its epoch
+    _, _, b_got = beat(group, "b", b_epoch, [])
+    assert set(b_got) == set(a_all) - set(a_kept) and len(b_got) == 6
 
 
 def _reference_target(

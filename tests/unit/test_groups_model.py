@@ -26,8 +26,8 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from tidemq.core.groups import ConsumerGroup, HeartbeatResult
-from tidemq.errors import FencedMember, InvalidRequest, Unavailable
+from tidemq.core.groups import ConsumerGroup, HeartbeatResult, recover_until_ms
+from tidemq.errors import FencedMember, InvalidRequest, StaleMemberEpoch, Unavailable
 
 COUNTS = {"t": 4, "u": 2}
 SUBSCRIPTIONS = [("t",), ("t", "u"), ("u",)]
@@ -210,7 +210,9 @@ class GroupUnderFire(RuleBasedStateMachine):
 
     @rule()
     def restart_coordinator(self) -> None:
-        self.group = ConsumerGroup("g", recover_until_ms=self.now_ms + self.session_bound_ms)
+        self.group = ConsumerGroup(
+            "g", recover_until_ms=recover_until_ms(self.now_ms, self.session_bound_ms)
+        )
         if any(c.owned for c in self.clients):
             event("restart with owners")
 
@@ -264,7 +266,7 @@ class GroupUnderFire(RuleBasedStateMachine):
             self.group.validate_commit(
                 commit.member_id, commit.epoch, commit.partitions, self.now_ms
             )
-        except (FencedMember, Unavailable):
+        except (FencedMember, StaleMemberEpoch, Unavailable):
             return
         for client in self.clients:
             if client.number != commit.client:

@@ -41,6 +41,7 @@ returns), ``at_most_once`` (commits what ``poll`` returns before returning it) a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -64,6 +65,7 @@ from tidemq.errors import (
     FencedMember,
     InternalError,
     InvalidRequest,
+    StaleMemberEpoch,
     TideError,
     Unavailable,
 )
@@ -71,6 +73,9 @@ from tidemq.wire.batch import decode_fetch
 
 log = logging.getLogger("tidemq.client")
 
+# A commit refused as stale (a grant moved our epoch on meanwhile) is resent at most
+# this often under the epoch the next heartbeat brings.
+STALE_COMMIT_RESENDS = 3
 SESSION_MARGIN_FRACTION = 5  # stop handing out 1/5 of the session before it can expire
 
 
@@ -595,6 +600,9 @@ class Consumer:
         )
         self._member_id = str(answer["member_id"])
         self._member_epoch = int(answer.get("member_epoch", 0))
+        changed = self.__dict__.get("_epoch_changed")
+        if changed is not None:
+            changed.set()
         return answer
 
     async def _reconcile(self, answer: Any) -> None:
@@ -793,13 +801,41 @@ class Consumer:
                 for (t, p), offset in sorted(changed.items())
             ]
         }
-        if self._member_id is not None and self._member_epoch > 0:  # joined
-            body["member_id"] = self._member_id
-            body["member_epoch"] = self._member_epoch
-        await self._transport.coordinator(
-            "POST", f"/v1/groups/{self.group}/offsets", json_body=body
-        )
+        member_id = self._member_id
+        for resend in range(STALE_COMMIT_RESENDS + 1):
+            epoch = self._member_epoch
+            if member_id is not None and epoch > 0:  # joined
+                body["member_id"] = member_id
+                body["member_epoch"] = epoch
+            try:
+                await self._transport.coordinator(
+                    "POST", f"/v1/groups/{self.group}/offsets", json_body=body
+                )
+                break
+            except StaleMemberEpoch:
+                # A grant moved our epoch on while the commit was on its way; the
+                # heartbeat answer that carries the new one arrives about now. Resend
+                # under it (we still hold the commit lock: nothing newer of ours can
+                # be overtaken); a late copy of the old request stays refused.
+                if resend == STALE_COMMIT_RESENDS or not await self._epoch_moved(member_id, epoch):
+                    raise
         self._committed.update(changed)
+
+    async def _epoch_moved(self, member_id: str | None, epoch: int) -> bool:
+        """Waits (up to a request timeout) for a heartbeat to bring a newer epoch of
+        the same member; False if none came (fenced, rejoined, or no answer)."""
+        changed = self.__dict__.get("_epoch_changed")
+        if changed is None:
+            changed = self.__dict__["_epoch_changed"] = asyncio.Event()
+        deadline = time.monotonic() + self._connection.request_timeout_ms / 1000
+        while self._member_id == member_id and self._member_epoch == epoch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), left)
+        return self._member_id == member_id and self._member_epoch > epoch
 
     async def _commit_logged(self, positions: dict[TopicPartition, int]) -> None:
         try:

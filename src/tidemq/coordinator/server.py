@@ -38,7 +38,12 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from tidemq.coordinator.events import log_committed
 from tidemq.coordinator.metrics import ClusterCollector, CoordinatorMetrics
 from tidemq.coordinator.store import CommandStore
-from tidemq.core.groups import ConsumerGroup, HeartbeatResult, TopicPartition
+from tidemq.core.groups import (
+    ConsumerGroup,
+    HeartbeatResult,
+    TopicPartition,
+    recover_until_ms,
+)
 from tidemq.core.metadata import (
     AllocateProducerId,
     AlterIsr,
@@ -376,7 +381,8 @@ class Coordinator:
         group = self.groups.get(name)
         if group is None:
             bound_ms = self.recovery_bounds_ms.get(name, 0)
-            group = ConsumerGroup(name, recover_until_ms=self.started_ms + bound_ms)
+            until_ms = recover_until_ms(self.started_ms, bound_ms)
+            group = ConsumerGroup(name, recover_until_ms=until_ms)
         return group
 
     async def group_heartbeat(
@@ -870,7 +876,7 @@ class _Handlers:
                 responses={
                     "200": "OK",
                     "404": "unknown_topic",
-                    "409": "fenced_member",
+                    "409": "fenced_member, or stale_member_epoch (resend with the current epoch)",
                     "503": "unavailable: the group is recovering, or too many commits pending",
                 },
                 callers=CLIENTS,
@@ -1092,7 +1098,9 @@ class _Handlers:
         body = await read_json_object(request, REQUEST_BYTES_MAX)
         control.check(body, control.GroupHeartbeatRequest)
         member_id = _member_id(body.get("member_id"))
-        member_epoch = check_int(body.get("member_epoch", 0), "member_epoch", 0)
+        member_epoch = check_int(
+            body.get("member_epoch", 0), "member_epoch", 0, control.MEMBER_EPOCH_MAX
+        )
         topics = [check_name(t, "topic") for t in _list(body.get("topics", []), "topics", 10_000)]
         owned = _topic_partitions(body.get("owned", []), "owned")
         session_timeout_ms = check_int(

@@ -27,11 +27,15 @@ state) is fenced and changes nothing; a fenced member is *not* removed, so a del
 duplicate cannot evict a healthy member.
 
 Commits. A member's commit is accepted only if it carries the member's current epoch
-(or an older one of its own, for partitions it has held without a break since that
-epoch: a grant that bumped its epoch while the commit was on its way) and the member
-is the only holder of every partition in it (assignment or last
+and the member is the only holder of every partition in it (assignment or last
 reported ``owned``: the commit on revocation is sent after the assignment dropped the
-partition but before the member reported it gone). A commit without a member id (a
+partition but before the member reported it gone). An older epoch is refused even for
+partitions the member still holds: a late copy of its own earlier commit (or one from
+an earlier life of a reused member id) would move the offset backwards. It is refused
+as *stale* (``StaleMemberEpoch``) rather than fenced when the member is the only holder
+of every partition named, so a client whose epoch a grant moved on while the commit was
+on its way resends it with the epoch its heartbeat brings (after Kafka's
+STALE_MEMBER_EPOCH); the late copy itself stays refused. A commit without a member id (a
 standalone consumer) is accepted only for partitions no member holds. The shell runs this check
 under the same lock that persists and applies the commit, and membership changes take
 that lock too, so a check can never be overtaken by a grant.
@@ -39,7 +43,7 @@ that lock too, so a check can never be overtaken by a grant.
 Coordinator restart. Membership is soft, so a restarted coordinator does not know who
 holds what. For each group it knows ``session_bound_ms``, the largest session timeout
 its members ever used (persisted before any member may use it). Until
-``recover_until_ms`` = restart time + that bound, the group is *recovering*:
+``recover_until_ms`` = restart time + that bound (inclusive), the group is *recovering*:
 
 * nothing is granted (a member we have not heard from since the restart may hold any
   partition, but by ``recover_until_ms`` its session has run out and it has stopped);
@@ -65,6 +69,10 @@ answered successfully. Then:
     at every moment, no partition is owned by two members that could both still be
     fetching it.
 
+A partition leaves a member's assignment (revoked) but stays in what it holds until
+the member confirms it gone, in a heartbeat at its current epoch: a member that was
+told of a partition may be fetching it before it ever reports it owned.
+
 It rests on three facts this module maintains: holdings of two members never
 overlap in assignments, and a partition joins an assignment only when nobody else
 holds it; a member is forgotten (leave, expiry) only once it has stopped (expiry
@@ -78,9 +86,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from tidemq.errors import FencedMember, InvalidRequest, Unavailable, invariant
+from tidemq.errors import FencedMember, InvalidRequest, StaleMemberEpoch, Unavailable, invariant
 
 MAX_MEMBERS_PER_GROUP = 1000
+
+
+def recover_until_ms(started_ms: int, session_bound_ms: int) -> int:
+    """The first millisecond a group is no longer recovering after a coordinator that
+    started at ``started_ms`` (0: a group with no bound never recovers). A member heard
+    just before the restart may fetch through its last heartbeat + session (expiry needs
+    the session strictly passed), so recovery includes that millisecond."""
+    return started_ms + session_bound_ms + 1 if session_bound_ms else 0
+
 
 TopicPartition = tuple[str, int]
 
@@ -95,9 +112,6 @@ class Member:
     session_timeout_ms: int
     assignment: frozenset[TopicPartition] = frozenset()
     target: frozenset[TopicPartition] = frozenset()
-    # Per partition it holds: the first member epoch at which it held it, without a
-    # break since (the epoch that told it of a grant; its epoch then for a report).
-    held_since: dict[TopicPartition, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -119,7 +133,9 @@ class ConsumerGroup:
     """
 
     name: str
-    recover_until_ms: int = 0  # after a coordinator restart: see the module docstring
+    # After a coordinator restart, the first millisecond the group no longer recovers
+    # (see the module docstring).
+    recover_until_ms: int = 0
     members: dict[str, Member] = field(default_factory=dict)
     partition_counts: dict[str, int] = field(default_factory=dict)
     group_epoch: int = 0  # grows when the target must be recomputed
@@ -212,19 +228,14 @@ class ConsumerGroup:
         member = self.members.get(member_id)
         if member is None:
             raise FencedMember(f"unknown member {member_id!r}: rejoin the group")
-        held_since = member.held_since
-        if member_epoch != member.member_epoch and not (
-            # An older epoch of its own, for partitions it has held since then: its
-            # heartbeat got a grant while the commit was on its way.
-            member_epoch is not None
-            and member_epoch < member.member_epoch
-            and all(held_since.get(tp, member_epoch + 1) <= member_epoch for tp in wanted)
-        ):
-            raise FencedMember(
-                f"member {member_id} committed with epoch {member_epoch}, "
-                f"current is {member.member_epoch}"
-            )
         foreign = [tp for tp in wanted if self.holders.get(tp) != {member_id}]
+        if member_epoch != member.member_epoch:
+            refused = f"member {member_id} committed with epoch {member_epoch}, current is "
+            if member_epoch is not None and member_epoch < member.member_epoch and not foreign:
+                raise StaleMemberEpoch(
+                    f"{refused}{member.member_epoch}: resend with the epoch of your last heartbeat"
+                )
+            raise FencedMember(f"{refused}{member.member_epoch}")
         if foreign:
             raise FencedMember(f"member {member_id} does not own {_names(foreign)}")
 
@@ -322,10 +333,8 @@ class ConsumerGroup:
         member: Member,
         assignment: frozenset[TopicPartition],
         owned: frozenset[TopicPartition],
-        since: int | None = None,
     ) -> None:
-        """Sets a member's assignment and owned, keeping the holders index exact;
-        what it starts to hold is held since ``since`` (default: its epoch now)."""
+        """Sets a member's assignment and owned, keeping the holders index exact."""
         before = member.assignment | member.owned
         member.assignment = assignment
         member.owned = owned
@@ -335,11 +344,8 @@ class ConsumerGroup:
             holders.discard(member.member_id)
             if not holders:
                 del self.holders[tp]
-            del member.held_since[tp]
-        epoch = member.member_epoch if since is None else since
         for tp in after - before:
             self.holders.setdefault(tp, set()).add(member.member_id)
-            member.held_since[tp] = epoch
 
     def _refresh_target(self) -> None:
         if self.target_epoch == self.group_epoch:
@@ -369,7 +375,11 @@ class ConsumerGroup:
         )
         assignment = keep | grant
         if assignment != member.assignment:
-            self._hold(member, assignment, member.owned, since=member.member_epoch + 1)
+            # What leaves the assignment stays held until the member confirms it gone
+            # (a heartbeat at its current epoch): it may be fetching a partition it was
+            # told of but has not reported yet (a late copy of its join revokes).
+            revoked = member.assignment - assignment
+            self._hold(member, assignment, member.owned | revoked)
             member.member_epoch += 1
 
 

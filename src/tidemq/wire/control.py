@@ -125,6 +125,10 @@ MemberId = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 INT64_MAX = (1 << 63) - 1
 Int64 = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]  # offsets and epochs on disk
+# A consumer group member epoch a client reports: half of Int64, so that the bumps the
+# coordinator adds (adoption after a restart, then one per assignment change) stay in it.
+MEMBER_EPOCH_MAX = INT64_MAX // 2
+MemberEpoch = Annotated[int, msgspec.Meta(ge=0, le=MEMBER_EPOCH_MAX)]
 Factor = Annotated[int, msgspec.Meta(ge=1, le=100)]
 # The coordinator's bounds (coordinator/server.py; tests/unit/test_control_schemas.py).
 GROUP_SESSION_TIMEOUT_MS_MIN = 100
@@ -149,7 +153,7 @@ class GroupPartition(msgspec.Struct, frozen=True):
 
 class GroupHeartbeatRequest(msgspec.Struct, frozen=True):
     member_id: MemberId | None = None
-    member_epoch: NonNegative | msgspec.UnsetType = msgspec.UNSET
+    member_epoch: MemberEpoch | msgspec.UnsetType = msgspec.UNSET
     topics: Annotated[list[Name], msgspec.Meta(max_length=10_000)] | msgspec.UnsetType = (
         msgspec.UNSET
     )
