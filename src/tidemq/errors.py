@@ -212,6 +212,16 @@ class ConnectionFailed(TideError):
     retriable = True
 
 
+class OutcomeUnknown(TideError):
+    """Client side, never on the wire: the producer gave up on records that may have
+    been appended (an earlier attempt's answer was lost, then a resend was refused or
+    the producer closed). The last error is ``__cause__``. Sending them again may
+    write them twice; an error of any other type means they were not written."""
+
+    code = "outcome_unknown"
+    http_status = 504
+
+
 class ClientClosed(TideError):
     code = "client_closed"
     http_status = 400

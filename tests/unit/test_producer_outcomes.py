@@ -25,6 +25,7 @@ from tidemq.errors import (
     BrokerBusy,
     ConnectionFailed,
     InternalError,
+    OutcomeUnknown,
     RequestTimedOut,
     RequestTooLarge,
     TideError,
@@ -213,7 +214,8 @@ def test_a_group_refused_after_an_unknown_attempt_leaves_the_later_ones_in_seque
     before the append. v0 may be in the log (it is): giving it up as "not appended"
     renumbered v1 in a new epoch and wrote it twice. With an unknown outcome v1 fails
     with v0's error (it may be in the log too), and the next send continues the
-    sequence."""
+    sequence. Both fail with outcome_unknown (the refusal is its cause): the refusal
+    alone says "not written", and an application would send them again."""
     leader = leaders(0)
     leader.first = leader.lose_answer
 
@@ -225,7 +227,9 @@ def test_a_group_refused_after_an_unknown_attempt_leaves_the_later_ones_in_seque
         [v2] = settle([client.send("t", b"v2", partition=0)])
     finally:
         client.close(timeout=5)
-    assert isinstance(v0, refusal) and isinstance(v1, refusal)
+    for outcome in (v0, v1):
+        assert isinstance(outcome, OutcomeUnknown), outcome
+        assert isinstance(outcome.__cause__, refusal), outcome.__cause__
     assert not isinstance(v2, TideError) and v2.offset == 2
     assert leader.values() == [b"v0", b"v1", b"v2"]
 
@@ -334,3 +338,102 @@ def test_the_send_after_one_given_up_unknown_is_written_although_it_meets_a_gap(
     assert isinstance(v0, RequestTimedOut)
     assert [getattr(outcome, "offset", outcome) for outcome in (a, v1, v2)] == [0, 1, 2]
     assert leader.values() == [b"a", b"v1", b"v2"]
+
+
+@pytest.mark.parametrize(
+    ("attempt", "answer"),
+    [
+        ("resend", {}),  # a 2xx with an empty body: request_json returns {}
+        ("resend", {"base_offset": None}),
+        ("first", {"base_offset": -7}),
+    ],
+    ids=["resend-empty-body", "resend-null-offset", "first-negative-offset"],
+)
+def test_an_answer_that_places_no_batch_is_not_taken_for_a_write(
+    leaders: Any, attempt: str, answer: dict[str, Any]
+) -> None:
+    """A 2xx answer with no usable offset was taken for success at offset -1 although
+    nothing said the batch was written (here it was not): for an idempotent producer
+    the outcome is unknown and the batch is resent (a duplicate would get its offsets)."""
+    leader = leaders(0)
+    malformed_once = [True]
+
+    def malformed(body: bytes) -> Any:
+        if malformed_once[0]:
+            malformed_once[0] = False
+            return answer  # nothing appended
+        return leader.answer(body)
+
+    def lost_before_the_broker(body: bytes) -> Any:
+        raise ConnectionFailed("connection refused")
+
+    if attempt == "first":
+        leader.first = malformed
+    else:
+        leader.first = lost_before_the_broker
+        leader.resend = malformed
+    client = producer(delivery_timeout_ms=2000)
+    try:
+        [v0] = settle([client.send("t", b"v0", partition=0)])
+    finally:
+        client.close(timeout=5)
+    assert not isinstance(v0, TideError), v0
+    assert (v0.offset, leader.values()) == (0, [b"v0"])
+
+
+@pytest.mark.parametrize("where", ["first-identity", "after-epochs-used-up"])
+def test_an_out_of_range_producer_epoch_from_the_coordinator_does_not_stop_the_producer(
+    leaders: Any, where: str
+) -> None:
+    """The coordinator's producer_epoch was taken as is: one past the batch header's
+    i16 (40,000) made sealing a batch raise in the sender loop, which stopped, and
+    every later send hung. Now it is a malformed answer: at the first identity the
+    producer sends without idempotence; for a new producer id the held records fail."""
+    leader = leaders(0)
+    if where == "first-identity":
+        IDENTITIES[:] = [{"producer_id": 7, "producer_epoch": 40_000}]
+    else:
+        IDENTITIES[:] = [
+            {"producer_id": 7, "producer_epoch": EPOCH_MAX},
+            {"producer_id": 8, "producer_epoch": 40_000},
+        ]
+        leader.first = leader.resend = leader.refusing(b"v0", RequestTooLarge("too large"))
+    client = producer(delivery_timeout_ms=2000)
+    try:
+        if where != "first-identity":
+            [v0] = settle([client.send("t", b"v0", partition=0)])
+            assert isinstance(v0, RequestTooLarge), v0
+        [v1] = settle([client.send("t", b"v1", partition=0)], timeout_s=5)
+        assert not client._main.done(), "the sender stopped"
+    finally:
+        client.close(timeout=2)
+    assert not isinstance(v1, TideError), v1
+    assert leader.values()[-1] == b"v1"
+
+
+def test_a_late_request_of_a_record_given_up_unknown_is_fenced_by_the_new_epoch(
+    leaders: Any,
+) -> None:
+    """a is written; every request for v0 is held up in the network (the client times
+    out; the bytes reach the leader later). v0 fails unknown, v1 meets the gap and is
+    resent in a new epoch. The late v0 is then fenced: it can never land after v1."""
+    leader = leaders(0)
+    delayed: list[bytes] = []
+
+    def hold_up_v0(body: bytes) -> Any:
+        if [m.value for m in decode_records(body)] == [b"v0"]:
+            delayed.append(body)
+            raise RequestTimedOut("no answer (the request is still on its way)")
+        return leader.answer(body)
+
+    leader.first = leader.resend = hold_up_v0
+    client = producer(delivery_timeout_ms=500)
+    try:
+        a, v0, v1 = [settle([client.send("t", v, partition=0)])[0] for v in (b"a", b"v0", b"v1")]
+    finally:
+        client.close(timeout=5)
+    assert isinstance(v0, RequestTimedOut) and not isinstance(v1, TideError), (v0, v1)
+    assert not isinstance(a, TideError) and delayed
+    with pytest.raises(TideError):  # producer_fenced
+        leader.answer(delayed[0])
+    assert leader.values() == [b"a", b"v1"]

@@ -43,7 +43,7 @@ from tidemq.client.accumulator import (
 )
 from tidemq.client.config import ProducerOptions, ResultTimeout, resolve
 from tidemq.client.metadata import MetadataCache
-from tidemq.client.sequencing import PartitionSequencer, RequestGroup
+from tidemq.client.sequencing import EPOCH_MAX, PartitionSequencer, RequestGroup
 from tidemq.client.transport import BATCH_TYPE, LoopThread, Transport, backoff_seconds
 from tidemq.errors import (
     BrokerBusy,
@@ -53,6 +53,7 @@ from tidemq.errors import (
     InternalError,
     InvalidRequest,
     NotLeader,
+    OutcomeUnknown,
     OutOfOrderSequence,
     ProducerFenced,
     RequestTimedOut,
@@ -399,7 +400,7 @@ class Producer:
             outcome = _entry_outcome(result)
             if not isinstance(outcome, TideError):
                 try:
-                    offsets = _batch_offsets(outcome, request)
+                    offsets = _batch_offsets(outcome, request, self._producer_id >= 0)
                 except InternalError as error:  # appended or not: resend to learn it
                     outcome = error
             if isinstance(outcome, TideError):
@@ -430,6 +431,15 @@ class Producer:
         log, and so may the groups sent after it."""
         sequencer = self._sequencer(tp)
         not_appended = isinstance(error, _NOT_APPENDED) and not request.maybe_appended
+        if request.maybe_appended and isinstance(error, (*_NOT_APPENDED, ClientClosed)):
+            # Those say "not written": not true of a group an attempt may have appended
+            # (the application would send it again and write it twice).
+            cause = error
+            error = OutcomeUnknown(
+                f"{len(request.batches)} batch(es) may have been appended (an earlier "
+                f"attempt's outcome is unknown); then {cause.code}: {cause.message}"
+            )
+            error.__cause__ = cause
         held = [request]
         if not not_appended:
             held += [g for g in sequencer.groups if g is not request and not g.in_flight]
@@ -500,10 +510,9 @@ class Producer:
             return
         answer = await self._transport.coordinator("POST", "/v1/producers", json_body={})
         try:
-            producer_id = int(answer["producer_id"])
-            epoch = int(answer.get("producer_epoch", 0))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InternalError(f"malformed producer id answer: {exc!r}") from exc
+            producer_id, epoch = _producer_identity(answer)
+        except ValueError as exc:
+            raise InternalError(str(exc)) from exc
         log.info("producer epochs used up on a partition: continuing as producer %d", producer_id)
         sequencer.reset(producer_id, epoch)
 
@@ -537,7 +546,8 @@ class Producer:
                     data=request.payload(),
                     headers={"Content-Type": BATCH_TYPE},
                 )
-                offsets = _batch_offsets(answer, request)  # InternalError if malformed
+                # InternalError if malformed
+                offsets = _batch_offsets(answer, request, self._producer_id >= 0)
             except (UnknownProducerId, OutOfOrderSequence) as error:
                 # Nothing earlier is outstanding. unknown_producer_id: the broker forgot
                 # this producer. out_of_order_sequence: a gap left by groups given up
@@ -605,8 +615,7 @@ class Producer:
         False: not yet (retriable error; backed off), try again."""
         try:
             answer = await self._transport.coordinator("POST", "/v1/producers", json_body={})
-            self._producer_id = int(answer["producer_id"])
-            self._producer_epoch = int(answer.get("producer_epoch", 0))
+            self._producer_id, self._producer_epoch = _producer_identity(answer)
         except TideError as error:
             if error.retriable:
                 connection = self._connection
@@ -618,12 +627,26 @@ class Producer:
                 )
                 return False
             log.warning("no producer id (%s): sending without idempotence", error)
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning("malformed producer id answer (%r): sending without idempotence", exc)
+        except ValueError as exc:
+            log.warning("%s: sending without idempotence", exc)
         if self._producer_id >= 0:
             self._accumulator.in_flight_batches_max = self._options.max_in_flight
         self._identity_known = True
         return True
+
+
+def _producer_identity(answer: Any) -> tuple[int, int]:
+    """(producer id, epoch) of a ``POST /v1/producers`` answer; ValueError unless the
+    id is >= 0 and the epoch fits a batch header's (0 to EPOCH_MAX: a larger one would
+    fail every batch it stamps)."""
+    try:
+        producer_id = int(answer["producer_id"])
+        epoch = int(answer.get("producer_epoch", 0))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"malformed producer id answer: {exc!r}") from exc
+    if producer_id < 0 or not 0 <= epoch <= EPOCH_MAX:
+        raise ValueError(f"malformed producer id answer: id {producer_id}, epoch {epoch}")
+    return producer_id, epoch
 
 
 def _entry_outcome(result: object) -> dict[str, Any] | TideError:
@@ -638,12 +661,15 @@ def _entry_outcome(result: object) -> dict[str, Any] | TideError:
     return InternalError("malformed produce entry")
 
 
-def _batch_offsets(answer: object, request: RequestGroup) -> list[int]:
+def _batch_offsets(answer: object, request: RequestGroup, idempotent: bool) -> list[int]:
     """Each batch's base offset: ``batch_base_offsets`` when the broker gives them
     (idempotent brokers: a retried batch keeps its original offsets), else
     consecutive from ``base_offset``; -1 when unknown (acks=0 to an old broker, or a
     batch appended before that the broker no longer places). InternalError for an
-    answer whose offsets are not integers >= -1: the outcome is then unknown."""
+    answer whose offsets are not integers >= -1, and, for an ``idempotent`` producer,
+    for one that places no batch at all (an empty body, a null or negative
+    ``base_offset``): nothing says it was written, so the outcome is unknown and the
+    batch is resent (a duplicate is answered with its offsets)."""
     if isinstance(answer, dict):
         listed = answer.get("batch_base_offsets")
         if isinstance(listed, list) and len(listed) == len(request.batches):
@@ -657,4 +683,6 @@ def _batch_offsets(answer: object, request: RequestGroup) -> list[int]:
                 offsets.append(base)
                 base += batch.count
             return offsets
+    if idempotent:
+        raise InternalError(f"malformed produce answer: no offsets in {answer!r:.200}")
     return [-1] * len(request.batches)
