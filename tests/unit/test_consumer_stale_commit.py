@@ -43,7 +43,7 @@ def consumer_with(fake: Coordinator, epoch: int, timeout_ms: int = 5_000) -> Con
     consumer._member_id, consumer._member_epoch = "m", epoch
     consumer._committed, consumer._owned = {}, {TP}
     consumer._connection = SimpleNamespace(request_timeout_ms=timeout_ms)
-    consumer._options = SimpleNamespace(session_timeout_ms=10_000)
+    consumer._options = SimpleNamespace(session_timeout_ms=10_000, heartbeat_interval_ms=1_000)
     consumer._session_limit_s = 8.0
     consumer._transport = fake
     return consumer

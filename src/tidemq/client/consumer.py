@@ -822,12 +822,17 @@ class Consumer:
         self._committed.update(changed)
 
     async def _epoch_moved(self, member_id: str | None, epoch: int) -> bool:
-        """Waits (up to a request timeout) for a heartbeat to bring a newer epoch of
-        the same member; False if none came (fenced, rejoined, or no answer)."""
+        """Waits (up to a heartbeat interval) for a heartbeat to bring a newer epoch of
+        the same member; False if none came (fenced, rejoined, or no answer). The stale
+        answer shows the coordinator already answered the heartbeat that moved the
+        epoch, so its answer is on the way; the wait stays short because the membership
+        task may itself be waiting for this commit (a revocation's commit) and cannot
+        heartbeat meanwhile."""
         changed = self.__dict__.get("_epoch_changed")
         if changed is None:
             changed = self.__dict__["_epoch_changed"] = asyncio.Event()
-        deadline = time.monotonic() + self._connection.request_timeout_ms / 1000
+        wait_ms = min(self._connection.request_timeout_ms, self._options.heartbeat_interval_ms)
+        deadline = time.monotonic() + wait_ms / 1000
         while self._member_id == member_id and self._member_epoch == epoch:
             left = deadline - time.monotonic()
             if left <= 0:
