@@ -53,8 +53,10 @@ def test_two_members_split_twelve_partitions_six_six() -> None:
 def test_stale_epoch_is_fenced_and_epoch_zero_rejoins() -> None:
     group = ConsumerGroup("g")
     _, epoch, owned = beat(group, None, 0, [], new_id="a")
-    with pytest.raises(FencedMember):
-        beat(group, "a", epoch - 1, owned)
+    with pytest.raises(FencedMember):  # previous epoch, reporting what it was not given
+        beat(group, "a", epoch - 1, [*owned, ("other", 0)])
+    with pytest.raises(FencedMember):  # newer than the current one
+        beat(group, "a", epoch + 1, owned)
     with pytest.raises(FencedMember):
         beat(group, "ghost", 3, [])
     assert beat(group, "a", 0, owned)[1:] == (epoch, owned)
@@ -287,6 +289,29 @@ def test_a_late_copy_of_a_join_does_not_free_a_partition_still_being_revoked() -
     _, a_epoch, _ = beat(group, "a", a_epoch, kept)  # a released them
     _, _, b_assigned = beat(group, "b", b_epoch, [])
     assert set(b_assigned) == revoked
+
+
+def test_a_lost_grant_answer_does_not_fence_the_member() -> None:
+    """The answer that granted b its partitions (epoch 2 -> 3) is lost; b heartbeats
+    again at epoch 2. It was fenced: b rejoined under a new id and its partitions
+    stalled until the old id's session ran out. Its previous epoch is accepted when
+    what it reports is in its assignment (KIP-848); not when it reports a partition
+    revoked since, and never an older epoch."""
+    group = ConsumerGroup("g")
+    _, a_epoch, a_all = beat(group, "a", 0, [])
+    beat(group, "a", a_epoch, a_all)
+    _, b_epoch, b_got = beat(group, "b", 0, [])
+    assert b_got == []  # a holds everything
+    _, a_epoch, a_kept = beat(group, "a", a_epoch, a_all)  # revokes six
+    _, a_epoch, _ = beat(group, "a", a_epoch, a_kept)  # releases them
+    _, granted_epoch, b_got = beat(group, "b", b_epoch, [])  # the grant: answer lost
+    assert granted_epoch == b_epoch + 1 and len(b_got) == 6
+    member, epoch, again = beat(group, "b", b_epoch, [])  # b's next heartbeat
+    assert (member, epoch, again) == ("b", granted_epoch, b_got)
+    with pytest.raises(FencedMember):  # a's previous epoch, reporting a revoked partition
+        beat(group, "a", a_epoch - 1, a_all)
+    with pytest.raises(FencedMember):  # older than a's previous epoch
+        beat(group, "a", a_epoch - 2, a_kept)
 
 
 class Offsets:

@@ -24,7 +24,10 @@ towards its target in two steps:
 The member epoch grows by one whenever a member's assignment changes. A heartbeat with
 any other epoch than the member's current one (or 0, a rejoin that resends the full
 state) is fenced and changes nothing; a fenced member is *not* removed, so a delayed
-duplicate cannot evict a healthy member.
+duplicate cannot evict a healthy member. One exception, as KIP-848 makes it: the
+member's previous epoch is accepted when everything it reports owning is in its
+current assignment (the answer that moved its epoch, a grant, was lost); otherwise one
+lost answer would fence the member and stall its partitions for a session.
 
 Commits. A member's commit is accepted only if it carries the member's current epoch
 and the member is the only holder of every partition in it (assignment or last
@@ -112,6 +115,7 @@ class Member:
     session_timeout_ms: int
     assignment: frozenset[TopicPartition] = frozenset()
     target: frozenset[TopicPartition] = frozenset()
+    previous_epoch: int = -1  # its epoch before the last change of its assignment
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,9 @@ class ConsumerGroup:
         (outside recovery); a fenced heartbeat changes nothing.
         """
         reported = frozenset(owned)
-        member = self._gate(member_id, member_epoch, new_member_id, now_ms, session_timeout_ms)
+        member = self._gate(
+            member_id, member_epoch, reported, new_member_id, now_ms, session_timeout_ms
+        )
         if member is None:  # an unknown member while recovering: adopt it
             member = self._adopt(
                 member_id or new_member_id, member_epoch, reported, now_ms, session_timeout_ms
@@ -245,6 +251,7 @@ class ConsumerGroup:
         self,
         member_id: str | None,
         member_epoch: int,
+        reported: frozenset[TopicPartition],
         new_member_id: str,
         now_ms: int,
         session_timeout_ms: int,
@@ -252,7 +259,8 @@ class ConsumerGroup:
         """The one epoch gate: stale is fenced, epoch 0 (re)joins. None: adopt."""
         known = None if member_id is None else self.members.get(member_id)
         if known is not None:
-            if member_epoch not in (0, known.member_epoch):
+            lost_grant = member_epoch == known.previous_epoch and reported <= known.assignment
+            if member_epoch not in (0, known.member_epoch) and not lost_grant:
                 raise FencedMember(
                     f"member {known.member_id} sent epoch {member_epoch}, current is "
                     f"{known.member_epoch}: rejoin with member_epoch 0"
@@ -380,6 +388,7 @@ class ConsumerGroup:
             # told of but has not reported yet (a late copy of its join revokes).
             revoked = member.assignment - assignment
             self._hold(member, assignment, member.owned | revoked)
+            member.previous_epoch = member.member_epoch
             member.member_epoch += 1
 
 
