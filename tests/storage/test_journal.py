@@ -386,7 +386,7 @@ def test_a_corrupt_record_an_intact_one_follows_is_not_taken_for_a_torn_tail(
     data = bytearray(path.read_bytes())
     data[ends[0] + 30] ^= 0xFF  # in b's payload: its header still says where c starts
     path.write_bytes(bytes(data))
-    with pytest.raises(CorruptBatch, match=f"record at byte {ends[0]} is corrupt"):
+    with pytest.raises(CorruptBatch, match=f"record at byte {ends[0]} is damaged"):
         replay(tmp_path / "journal", lambda key: None, START_MS)
     node.log.close()
 
@@ -404,7 +404,7 @@ def test_a_corrupt_last_record_of_an_older_journal_file_is_not_a_torn_tail(
     data = bytearray(older.read_bytes())
     data[-1] ^= 0xFF
     older.write_bytes(bytes(data))
-    with pytest.raises(CorruptBatch, match="record at byte 0 is corrupt"):
+    with pytest.raises(CorruptBatch, match="record at byte 0 is damaged"):
         replay(tmp_path / "journal", lambda key: None, START_MS)
     node.log.close()
 

@@ -1269,10 +1269,10 @@ class Broker:
                 records=sum(applied.values()),
                 logs=len(applied),
             )
-        replayed = journal_files(directory)
-        for path in replayed:
+        # Oldest first, each unlink durable before the next (a stale journal replayed
+        # later would undo history; a surviving suffix of the journal replays safely).
+        for path in journal_files(directory):
             path.unlink()
-        if replayed:  # durable now: a stale journal replayed later would undo history
             fsync_directory(directory)
         if not (self.config.journal and self.config.log_config.fsync is FsyncPolicy.ALWAYS):
             return None

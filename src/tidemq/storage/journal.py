@@ -13,13 +13,17 @@ appended to the old one, then delete the old file.
 
 Files: ``<data-dir>/journal/<sequence 20 digits>.journal``, records back to back::
 
-    crc u32 | length u32 | kind u8 | key_length u16 | offset i64 | key | payload
+    crc u32 | length u32 | kind u8 | key_length u16 | offset i64 | synced u64 | key | payload
 
 ``crc`` is CRC-32 of everything after it, ``length`` counts the bytes after it.
-``kind`` 1 = append (payload: the whole record batches of one append, possibly
-several, offsets and epochs assigned, as in the segment), 2 = truncate (the log was
-cut to ``offset``; no payload), 3 = reset (the log was dropped and restarted empty at
-``offset``: a follower's ``reset_to``; no payload). ``key`` is the partition
+``synced`` is how many bytes of the file were known durable (fdatasynced) when the
+record was written: the evidence replay needs to tell damage from a torn tail. It is
+present when ``kind`` has bit 0x80 set (written since); journals written before carry
+no such field (kind 1-3) and are still read. ``kind & 0x7F``: 1 = append (payload:
+the whole record batches of one append, possibly several, offsets and epochs
+assigned, as in the segment), 2 = truncate (the log was cut to ``offset``; no
+payload), 3 = reset (the log was dropped and restarted empty at ``offset``: a
+follower's ``reset_to``; no payload). ``key`` is the partition
 directory's name under the data directory.
 
 Invariants:
@@ -37,13 +41,15 @@ Invariants:
   append;
 * replay is idempotent: an append whose bytes the segment already holds is skipped, one
   that differs cuts the log there and is re-appended; a torn record ends the replay
-  (nothing after it was ever durable, by the prefix rule). A bad record that an intact
-  one follows (where the bad one's header says the next starts, or in a later file)
-  is not a torn tail but damage to what may have been synced: replay refuses
-  (CorruptBatch) rather than drop acknowledged records. (A power loss that kept an
-  unsynced page of a file but not an earlier one looks the same: rare, and it errs
-  toward refusing.) A bad header hides where the next record starts: such damage
-  still reads as a torn tail;
+  (nothing after it was ever durable, by the prefix rule). A bad record is damage, not
+  a torn tail, when a later record proves its bytes were durable: an intact record of
+  the same file (found by scanning past the bad one, so a zeroed sector or a bad
+  length does not hide it) whose ``synced`` is past the bad record's position, or any
+  intact record in a later file (rotation synced the older file whole first). Then
+  replay refuses (CorruptBatch, naming the file and byte) rather than drop
+  acknowledged records. Intact records after a bad one that were all written before
+  its bytes were synced are an ordinary torn tail of a power loss (a disk cache may
+  keep a later unsynced page and lose an earlier one): dropped, never acknowledged;
 * a truncation falls on a batch boundary (``truncate_to`` rounds down), possibly
   between two batches of one append record: replay keeps that record's batches below
   the cut. A cut inside a batch is corruption (CorruptBatch).
@@ -51,6 +57,7 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -74,7 +81,12 @@ APPEND = 1
 TRUNCATE = 2
 RESET = 3
 _HEAD = struct.Struct(">II")  # crc, length
-_BODY = struct.Struct(">BHq")  # kind, key length, offset
+_BODY = struct.Struct(">BHq")  # kind, key length, offset (records without ``synced``)
+_BODY_SYNCED = struct.Struct(">BHqQ")  # kind | SYNCED_FLAG, key length, offset, synced
+SYNCED_FLAG = 0x80
+_KINDS = (1, 2, 3)
+# Where a record with ``synced`` may start: its kind byte is 8 bytes in.
+_SYNCED_RECORD_AT = re.compile(rb"(?=[\x00-\xff]{8}[\x81\x82\x83])")
 _NAME = re.compile(r"^(\d{20})\.journal$")
 KEY_BYTES_MAX = 0xFFFF
 RECORD_BYTES_MAX = (1 << 31) - 1
@@ -85,19 +97,22 @@ class JournalRecord(NamedTuple):
     key: str
     offset: int
     payload: bytes
+    synced: int | None = None  # None: a record written without the field
 
 
-def encode_record(kind: int, key: str, offset: int, payload: bytes | bytearray) -> bytes:
-    return b"".join(_record_parts(kind, key, offset, payload))
+def encode_record(
+    kind: int, key: str, offset: int, payload: bytes | bytearray, synced: int = 0
+) -> bytes:
+    return b"".join(_record_parts(kind, key, offset, payload, synced))
 
 
 def _record_parts(
-    kind: int, key: str, offset: int, payload: bytes | bytearray
+    kind: int, key: str, offset: int, payload: bytes | bytearray, synced: int
 ) -> tuple[bytes, bytes | bytearray]:
     """The record as (head, payload): written with one writev, the payload not copied."""
     key_bytes = key.encode()
     invariant(len(key_bytes) <= KEY_BYTES_MAX, f"journal key of {len(key_bytes)} bytes")
-    prefix = _BODY.pack(kind, len(key_bytes), offset) + key_bytes
+    prefix = _BODY_SYNCED.pack(kind | SYNCED_FLAG, len(key_bytes), offset, synced) + key_bytes
     length = len(prefix) + len(payload)
     invariant(length <= RECORD_BYTES_MAX, f"journal record of {length} bytes")
     crc = zlib.crc32(payload, zlib.crc32(prefix))
@@ -125,23 +140,33 @@ def _decode_at(data: bytes, position: int) -> tuple[JournalRecord, int] | None:
     body = data[start:end]
     if zlib.crc32(body) != crc:
         return None
-    kind, key_length, offset = _BODY.unpack_from(body)
-    if kind not in (APPEND, TRUNCATE, RESET) or _BODY.size + key_length > length:
+    synced: int | None = None
+    if body[0] & SYNCED_FLAG:
+        if length < _BODY_SYNCED.size:
+            return None
+        kind, key_length, offset, synced = _BODY_SYNCED.unpack_from(body)
+        kind &= ~SYNCED_FLAG
+        fields = _BODY_SYNCED.size
+    else:
+        kind, key_length, offset = _BODY.unpack_from(body)
+        fields = _BODY.size
+    if kind not in _KINDS or fields + key_length > length:
         return None
-    key = body[_BODY.size : _BODY.size + key_length].decode(errors="replace")
-    return JournalRecord(kind, key, offset, body[_BODY.size + key_length :]), end
+    key = body[fields : fields + key_length].decode(errors="replace")
+    return JournalRecord(kind, key, offset, body[fields + key_length :], synced), end
 
 
-def _intact_record_after(data: bytes, position: int, later: list[Path]) -> str | None:
-    """Where an intact record follows the bad one at ``position``: at the end its own
-    header gives (a flipped byte in its body leaves that header right), or first in
-    a later file (rotation synced this file whole before that one got a byte). None
-    for a torn tail: nothing whole after it."""
-    if position + _HEAD.size <= len(data):
-        _, length = _HEAD.unpack_from(data, position)
-        after = position + _HEAD.size + length
-        if length >= _BODY.size and _decode_at(data, after) is not None:
-            return f"byte {after}"
+def _proof_of_damage(data: bytes, position: int, later: list[Path]) -> str | None:
+    """Where a record proves that the bytes at ``position`` (a bad record) had been
+    made durable, so they are damage and not a torn tail: an intact record further in
+    this file whose ``synced`` passes ``position`` (every candidate start is tried: a
+    bad header hides where the next record starts), or any intact first record of a
+    later file (rotation synced this file whole before that one got a byte). None: a
+    torn tail (what follows it, if anything, was never durable)."""
+    for match in _SYNCED_RECORD_AT.finditer(data, position + 1):
+        decoded = _decode_at(data, match.start())
+        if decoded is not None and (decoded[0].synced or 0) > position:
+            return f"byte {match.start()} (written once {decoded[0].synced} bytes were synced)"
     for path in later:
         if _decode_at(path.read_bytes(), 0) is not None:
             return path.name
@@ -204,27 +229,44 @@ class Journal:
         return self._files[-1].written
 
     def append(self, key: str, base_offset: int, payload: bytes | bytearray) -> None:
-        self._write(_record_parts(APPEND, key, base_offset, payload))
+        self._write(APPEND, key, base_offset, payload)
 
-    def _write(self, parts: tuple[bytes, bytes | bytearray]) -> None:
+    def _write(self, kind: int, key: str, offset: int, payload: bytes | bytearray) -> None:
+        """One record, on the owning thread (the only one that appends or rotates, so
+        the current file cannot change under it; ``synced`` only grows, so reading it
+        unlocked gives a true lower bound). OSError if the write failed or was short:
+        then nothing of the record stays (or, if cutting it off failed, every later
+        sync raises: a torn record must not have acknowledged ones behind it)."""
+        current = self._files[-1]
+        parts = _record_parts(kind, key, offset, payload, current.synced)
         size = len(parts[0]) + len(parts[1])
         with self._lock:
             invariant(not self._closed, "journal used after close()")
-            current = self._files[-1]
+            invariant(current is self._files[-1], "journal rotated during an append")
             written = os.writev(current.fd, parts)
-            invariant(written == size, "short write to the journal")
+            if written != size:
+                self._cut_short_write(current, written, size)
             current.written += written
+
+    def _cut_short_write(self, current: _File, written: int, size: int) -> None:
+        """A short writev (a full disk): cut the partial record off; under _lock."""
+        error = OSError(errno.ENOSPC, f"short write to the journal: {written} of {size} bytes")
+        try:
+            os.ftruncate(current.fd, current.written)
+        except OSError as cut:
+            self._failed = cut
+        raise error
 
     def truncate(self, key: str, offset: int) -> None:
         """Journals a truncation durably; call before cutting the segment."""
-        self._write(_record_parts(TRUNCATE, key, offset, b""))
+        self._write(TRUNCATE, key, offset, b"")
         self.sync()
 
     def reset(self, key: str, offset: int) -> None:
         """Journals durably that the log restarts empty at ``offset``; call before
         deleting it. Explicit: a truncation to past the journaled end cannot tell a
         reset when nothing of the log is journaled any more (after a checkpoint)."""
-        self._write(_record_parts(RESET, key, offset, b""))
+        self._write(RESET, key, offset, b"")
         self.sync()
 
     def sync(self) -> None:
@@ -283,11 +325,10 @@ class Journal:
         with self._lock:
             gone = [f for f in self._files[:-1] if f.path in paths]
             self._files = [f for f in self._files if f not in gone]
-        for journal_file in gone:
-            if journal_file.fd >= 0:
+        for journal_file in gone:  # oldest first, each durable before the next:
+            if journal_file.fd >= 0:  # what survives a crash is a suffix of the journal
                 os.close(journal_file.fd)
             journal_file.path.unlink(missing_ok=True)
-        if gone:
             fsync_directory(self.directory)
 
     def close(self, remove_files: bool) -> None:
@@ -354,13 +395,15 @@ def replay(
             consumed = end
             tails.setdefault(record.key, _Tail(record.key)).add(record)
         if consumed < len(data):
-            follower = _intact_record_after(data, consumed, paths[index + 1 :])
-            if follower is not None:
+            proof = _proof_of_damage(data, consumed, paths[index + 1 :])
+            if proof is not None:
+                later = " and move the later journal files away" if index + 1 < len(paths) else ""
                 raise CorruptBatch(
-                    f"journal {path}: the record at byte {consumed} is corrupt but an "
-                    f"intact one follows ({follower}): not a torn tail, so records after "
-                    "it may have been acknowledged. Refusing to replay; to start anyway, "
-                    "accepting their loss, move this file and the later ones away"
+                    f"journal {path}: the record at byte {consumed} is damaged, and it had "
+                    f"been made durable (proof: {proof}): records after it may have been "
+                    "acknowledged. Refusing to replay. To start anyway, accepting their "
+                    f"loss (the records before byte {consumed} are kept): `truncate -s "
+                    f"{consumed} {path}`{later} (docs/OPERATIONS.md, 'Damaged journal')"
                 )
             event(
                 _log,
@@ -443,8 +486,10 @@ class _Tail:
         start = target.log_start_offset
         if start == self.base:
             return True
-        if self.base is None or start < self.base or start >= target.log_end_offset:
+        if self.base is None or start < self.base:
             return False
+        if start >= target.log_end_offset:  # retention emptied it after the reset
+            return start == target.log_end_offset == self.end
         journaled = _batch_holding(self.batches, start)
         if journaled is None:
             return False

@@ -1,0 +1,306 @@
+"""What replay does with a damaged or torn journal, after crashes, power losses, full
+disks and retention (an adversarial review of the journal's crash-safety fixes found
+each sequence): it refuses only where a record proves the damaged bytes had been
+durable, and never cuts an acknowledged record silently."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from storage_helpers import START_MS, batch_of, open_log, read_all
+
+import tidemq.storage.journal as journal_module
+from tidemq.errors import CorruptBatch
+from tidemq.storage import LogConfig, PartitionLog
+from tidemq.storage.journal import Journal, journal_files, replay
+from tidemq.wire.batch import patch_batch
+
+KEY = "topic-0-abc"
+PAGE = 4096
+
+
+def recover(root: Path, config: LogConfig | None = None) -> PartitionLog:
+    """What Broker._open_journal does: replay (with start_over), close, delete files."""
+    logs: dict[str, PartitionLog] = {}
+    config = config or LogConfig()
+
+    def open_key(key: str) -> PartitionLog | None:
+        if not (root / key).is_dir():
+            return None
+        logs[key] = PartitionLog.open(root / key, config, START_MS)
+        return logs[key]
+
+    def start_over(key: str, offset: int) -> PartitionLog:
+        logs.pop(key).close(mark_clean=False)
+        logs[key] = PartitionLog.recreate_empty(root / key, offset, config, START_MS)
+        return logs[key]
+
+    replay(root / "journal", open_key, START_MS, start_over)
+    for log_ in logs.values():
+        log_.close(mark_clean=False)
+    for path in journal_files(root / "journal"):
+        path.unlink()
+    return PartitionLog.open(root / KEY, config, START_MS)
+
+
+def values(log: PartitionLog) -> list[bytes]:
+    return [value for _, value in read_all(log)]
+
+
+def _node(root: Path) -> tuple[Journal, PartitionLog]:
+    journal = Journal.open(root / "journal")
+    log = open_log(root / KEY)
+    log.attach_journal(journal, KEY)
+    return journal, log
+
+
+def _ack(journal: Journal, log: PartitionLog) -> None:
+    end, generation = log.log_end_offset, log.truncation_generation
+    journal.sync()
+    log.mark_durable(end, generation)
+
+
+def _power_loss_keeping_pages(root: Path, journal: Journal, lost_pages: set[int]) -> None:
+    """Power loss: segments lose everything never fsynced (none was: no checkpoint);
+    the journal keeps its unsynced bytes except the pages in ``lost_pages`` (a disk's
+    volatile cache persists any subset of the writes not yet flushed)."""
+    synced = journal._files[-1].synced
+    path = journal._files[-1].path
+    journal.close(remove_files=False)
+    data = bytearray(path.read_bytes())
+    for page in lost_pages:
+        start = page * PAGE
+        assert start >= synced, "only unsynced pages may be lost"
+        data[start : start + PAGE] = bytes(len(data[start : start + PAGE]))
+    path.write_bytes(bytes(data))
+    for segment_path in (root / KEY).glob("*.log"):
+        segment_path.write_bytes(b"")  # never fsynced
+
+
+def test_a_power_loss_tearing_an_unacknowledged_multi_page_record_is_a_torn_tail(
+    tmp_path: Path,
+) -> None:
+    """Record a is fdatasynced (acknowledged); a 9 KB append b and a small append c
+    are written, never synced. The power loss keeps the page with b's header and the
+    page with c, not b's middle page. 'b bad, c intact after it' made replay refuse
+    on every start although nothing after a was acknowledged: c was written before
+    b's bytes were synced, so it proves nothing, and this is a torn tail."""
+    journal, log = _node(tmp_path)
+    log.append(batch_of([b"a"]), 0, START_MS)
+    _ack(journal, log)
+    log.append(batch_of([b"x" * 3000, b"y" * 3000, b"z" * 3000]), 0, START_MS)
+    b_end = journal._files[-1].written
+    log.append(batch_of([b"c"]), 0, START_MS)  # never synced either
+    assert b_end // PAGE == 2 and journal._files[-1].synced < PAGE
+    for segment in log._segments:
+        segment.close()
+    _power_loss_keeping_pages(tmp_path, journal, lost_pages={1})
+    recovered = recover(tmp_path)
+    assert values(recovered) == [b"a"]
+    recovered.close()
+
+
+def test_following_the_refusal_message_keeps_the_acknowledged_records_before_the_damage(
+    tmp_path: Path,
+) -> None:
+    """The refusal told the operator to move the file away, which also threw away the
+    acknowledged records before the bad one (the segments lost them in the power loss).
+    It now names the byte to cut the file at: doing so keeps them."""
+    journal, log = _node(tmp_path)
+    for value in (b"a", b"b", b"c"):
+        log.append(batch_of([value]), 0, START_MS)
+        _ack(journal, log)  # each acknowledged
+    b_at = journal._files[-1].written
+    log.append(batch_of([b"d"]), 0, START_MS)
+    _ack(journal, log)
+    log.append(batch_of([b"e"]), 0, START_MS)
+    _ack(journal, log)
+    for segment in log._segments:
+        segment.close()
+    path = journal._files[-1].path
+    journal.close(remove_files=False)
+    data = bytearray(path.read_bytes())
+    data[b_at + 30] ^= 0xFF  # d's payload: e was written after d was synced
+    path.write_bytes(bytes(data))
+    for segment_path in (tmp_path / KEY).glob("*.log"):
+        segment_path.write_bytes(b"")  # a power loss: no checkpoint had synced them
+    with pytest.raises(CorruptBatch, match=f"record at byte {b_at} is damaged") as refused:
+        recover(tmp_path)
+    command = re.search(r"`(truncate -s \d+ \S+)`", str(refused.value))
+    assert command is not None, refused.value
+    subprocess.run(command.group(1).split(), check=True)  # what the operator is told
+    recovered = recover(tmp_path)
+    got = values(recovered)
+    recovered.close()
+    assert got == [b"a", b"b", b"c"]
+
+
+@pytest.mark.parametrize("damage", ["zeroed_sector", "flipped_length_byte"])
+def test_damage_to_a_synced_record_header_is_refused_not_cut(tmp_path: Path, damage: str) -> None:
+    """kill -9 (the segment holds every record) plus bad bytes in the synced journal: a
+    512-byte sector reads back as zeros, or a length byte flips. The bad header no
+    longer says where the next record starts, so replay took it for a torn tail,
+    dropped the records after it and cut them from the segment too. The scan past it
+    finds a later record written after the damaged bytes were synced: refused."""
+    journal, log = _node(tmp_path)
+    ends = []
+    expected = []
+    for index in range(40):
+        value = f"record-{index:03d}".encode()
+        log.append(batch_of([value]), 0, START_MS)
+        _ack(journal, log)  # each acknowledged
+        ends.append(journal._files[-1].written)
+        expected.append(value)
+    path = journal._files[-1].path
+    for segment in log._segments:  # kill -9: nothing lost from the page cache
+        segment.close()
+    journal.close(remove_files=False)
+    data = bytearray(path.read_bytes())
+    if damage == "zeroed_sector":
+        data[1024:1536] = bytes(512)
+    else:
+        first = next(end for end in ends if end > 1024)  # a record starts here
+        data[first + 5] ^= 0x10  # its length field (crc u32 | length u32)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptBatch, match="is damaged"):
+        recover(tmp_path)
+    log = PartitionLog.open(tmp_path / KEY, LogConfig(), START_MS)
+    assert values(log) == expected  # and the segment was not cut
+    log.close()
+
+
+def _at_offset(batch: bytes, offset: int) -> bytes:
+    buffer = bytearray(batch)
+    patch_batch(buffer, 0, offset, 0)
+    return bytes(buffer)
+
+
+def test_retention_that_emptied_a_reset_log_is_not_undone_by_replay(tmp_path: Path) -> None:
+    """32e6140 tells a finished reset by the batch at the log start, but when
+    retention moved the start to the log end (the active segment empty after a
+    follower truncation to its base) there is no batch there: replay takes the reset
+    for unfinished, recreates the log at 100 and re-appends the journaled records:
+    the log start moves backwards (105 -> 100) and deleted records are served again."""
+    config = LogConfig(segment_bytes_max=200, retention_ms=1)
+    journal = Journal.open(tmp_path / "journal")
+    open_log(tmp_path / KEY).close()
+    journal.reset(KEY, 100)
+    log = PartitionLog.recreate_empty(tmp_path / KEY, 100, config, START_MS)
+    log.attach_journal(journal, KEY)
+    for index in range(6):
+        log.append_replicated(_at_offset(batch_of([bytes([65 + index]) * 80]), 100 + index), 0)
+    journal.sync()
+    log.truncate_to(105)  # follower truncation at the active segment's base: it is empty
+    assert log.apply_retention(START_MS + 60_000, max_offset=105) > 0
+    assert log.log_start_offset == log.log_end_offset == 105
+    for segment in log._segments:  # kill -9
+        segment.close()
+    journal.close(remove_files=False)
+    recovered = recover(tmp_path, config)
+    state = (recovered.log_start_offset, recovered.log_end_offset)
+    recovered.close()
+    assert state == (105, 105)
+
+
+def test_checkpointed_journal_files_are_deleted_one_durable_unlink_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files were unlinked oldest first with one directory fsync after the last: a power
+    loss could keep an older file but not a newer one's unlink, and replaying the older
+    one alone cuts what the segment holds past it (acknowledged records). Each unlink
+    is now durable before the next, so what survives is a suffix of the journal."""
+    journal, log = _node(tmp_path)
+    for value in (b"a", b"b", b"c"):
+        log.append(batch_of([value]), 0, START_MS)
+        _ack(journal, log)
+        older = journal.rotate()
+    pending: list[int] = []  # unlinks not yet durable, seen at each unlink
+    not_durable: set[str] = set()
+    real_unlink = Path.unlink
+    real_fsync_directory = journal_module.fsync_directory
+
+    def unlink(path: Path, *args: Any, **kwargs: Any) -> None:
+        pending.append(len(not_durable))
+        real_unlink(path, *args, **kwargs)
+        not_durable.add(path.name)
+
+    def fsync_directory(directory: Path) -> None:
+        real_fsync_directory(directory)
+        not_durable.clear()
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    monkeypatch.setattr(journal_module, "fsync_directory", fsync_directory)
+    log.sync()
+    journal.discard(older)
+    monkeypatch.undo()
+    assert pending == [0, 0, 0] and not not_durable
+    log.close()
+    journal.close(remove_files=True)
+
+
+def test_a_short_journal_write_leaves_no_torn_record_before_acknowledged_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """writev on a nearly full disk returns a short count. It raised InvariantViolation
+    (not OSError: the append was not undone) and left a torn record in the journal,
+    which stayed usable: records of other partitions acknowledged after it were
+    dropped by replay as a torn tail. The partial record is now cut off and the append
+    fails with OSError (ENOSPC), undone like any failed write."""
+    journal, log = _node(tmp_path)
+    log.append(batch_of([b"a"]), 0, START_MS)
+    _ack(journal, log)
+    real_writev = os.writev
+    short = [True]
+
+    def writev_short_once(fd: int, buffers: list[bytes]) -> int:
+        if short and fd == journal._files[-1].fd:
+            short.clear()
+            data = b"".join(bytes(b) for b in buffers)
+            return os.write(fd, data[: len(data) // 2])  # space ran out mid-record
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", writev_short_once)
+    with pytest.raises(OSError, match="short write"):
+        log.append(batch_of([b"b" * 200]), 0, START_MS)
+    assert os.path.getsize(journal._files[-1].path) == journal._files[-1].written
+    log2_dir = tmp_path / "topic-1-abc"  # another partition, served meanwhile
+    other = open_log(log2_dir)
+    other.attach_journal(journal, "topic-1-abc")
+    other.append(batch_of([b"acked-after"]), 0, START_MS)
+    _ack(journal, other)
+    acknowledged = other.flushed_offset
+    for segment in [*log._segments, *other._segments]:  # fail-stop, then a power loss:
+        segment.close()
+        segment.log_path.write_bytes(b"")  # segments never fsynced (no checkpoint yet)
+    journal.close(remove_files=False)  # its bytes were all fdatasynced
+    recover(tmp_path).close()
+    again = open_log(log2_dir)
+    end = again.log_end_offset
+    again.close()
+    assert end >= acknowledged, "an acknowledged record of another partition was cut"
+
+
+def test_a_journal_written_before_the_synced_field_still_replays(tmp_path: Path) -> None:
+    """Records without ``synced`` (kind 1-3, the format before it) are read as before: a
+    broker upgraded after a crash replays the journal its older version left."""
+    import struct
+    import zlib
+
+    def old_record(kind: int, key: str, offset: int, payload: bytes) -> bytes:
+        body = struct.pack(">BHq", kind, len(key), offset) + key.encode() + payload
+        return struct.pack(">II", zlib.crc32(body), len(body)) + body
+
+    open_log(tmp_path / KEY).close()
+    (tmp_path / "journal").mkdir()
+    first, second = batch_of([b"a"]), _at_offset(batch_of([b"b"]), 1)
+    (tmp_path / "journal" / f"{0:020d}.journal").write_bytes(
+        old_record(1, KEY, 0, first) + old_record(1, KEY, 1, second)
+    )
+    recovered = recover(tmp_path)
+    assert values(recovered) == [b"a", b"b"]
+    recovered.close()
