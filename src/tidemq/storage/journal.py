@@ -163,10 +163,25 @@ def _proof_of_damage(data: bytes, position: int, later: list[Path]) -> str | Non
     bad header hides where the next record starts), or any intact first record of a
     later file (rotation synced this file whole before that one got a byte). None: a
     torn tail (what follows it, if anything, was never durable)."""
+    if position + _HEAD.size <= len(data):  # a journal written before ``synced``:
+        _, length = _HEAD.unpack_from(data, position)  # its old rule, an intact
+        after = position + _HEAD.size + length  # record where the bad one says
+        decoded = _decode_at(data, after) if length >= _BODY.size else None
+        if decoded is not None and decoded[0].synced is None:
+            return f"byte {after} (an older journal format: no sync record to tell)"
+    fields_at = _HEAD.size
     for match in _SYNCED_RECORD_AT.finditer(data, position + 1):
-        decoded = _decode_at(data, match.start())
-        if decoded is not None and (decoded[0].synced or 0) > position:
-            return f"byte {match.start()} (written once {decoded[0].synced} bytes were synced)"
+        start = match.start()
+        if start + fields_at + _BODY_SYNCED.size > len(data):
+            break
+        # The fields, unchecked, first: a candidate that could not prove anything is
+        # not CRC'd (most candidates are bytes of payloads; a CRC each was quadratic).
+        synced = _BODY_SYNCED.unpack_from(data, start + fields_at)[3]
+        if not position < synced <= start:
+            continue
+        decoded = _decode_at(data, start)
+        if decoded is not None:
+            return f"byte {start} (written once {synced} bytes were synced)"
     for path in later:
         if _decode_at(path.read_bytes(), 0) is not None:
             return path.name
@@ -251,8 +266,9 @@ class Journal:
     def _cut_short_write(self, current: _File, written: int, size: int) -> None:
         """A short writev (a full disk): cut the partial record off; under _lock."""
         error = OSError(errno.ENOSPC, f"short write to the journal: {written} of {size} bytes")
-        try:
+        try:  # durably: a sync skips a file with nothing new, so none would sync the cut
             os.ftruncate(current.fd, current.written)
+            os.fdatasync(current.fd)
         except OSError as cut:
             self._failed = cut
         raise error
