@@ -15,7 +15,7 @@ import pytest
 from storage_helpers import START_MS, batch_of, open_log, read_all
 
 import tidemq.storage.journal as journal_module
-from tidemq.errors import CorruptBatch
+from tidemq.errors import CorruptBatch, InvariantViolation
 from tidemq.storage import LogConfig, PartitionLog
 from tidemq.storage.journal import Journal, journal_files, replay
 from tidemq.wire.batch import patch_batch
@@ -304,3 +304,12 @@ def test_a_journal_written_before_the_synced_field_still_replays(tmp_path: Path)
     recovered = recover(tmp_path)
     assert values(recovered) == [b"a", b"b"]
     recovered.close()
+
+
+def test_an_append_to_a_closed_journal_is_an_invariant_violation(tmp_path: Path) -> None:
+    """33cd706 reads the current file before taking the lock, and close() empties the
+    list: an append after close raised IndexError instead of the invariant's error."""
+    journal = Journal.open(tmp_path / "journal")
+    journal.close(remove_files=True)
+    with pytest.raises(InvariantViolation, match="journal used after close"):
+        journal.append(KEY, 0, batch_of([b"a"]))

@@ -252,7 +252,9 @@ class Journal:
         unlocked gives a true lower bound). OSError if the write failed or was short:
         then nothing of the record stays (or, if cutting it off failed, every later
         sync raises: a torn record must not have acknowledged ones behind it)."""
-        current = self._files[-1]
+        files = self._files  # close() empties the list: check before indexing it
+        invariant(not self._closed and bool(files), "journal used after close()")
+        current = files[-1]
         parts = _record_parts(kind, key, offset, payload, current.synced)
         size = len(parts[0]) + len(parts[1])
         with self._lock:
