@@ -130,6 +130,55 @@ def test_replayed_journal_files_stay_deleted_across_a_power_loss_with_the_journa
         run(restarted.close)
 
 
+def test_a_start_deletes_the_replayed_journal_files_one_durable_unlink_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """_open_journal unlinked the replayed files oldest first and fsynced the directory
+    once after the last: a power loss in between could keep an older file but not a
+    newer one's unlink, and the next start would replay the older file alone over the
+    history written since, cutting what the segments hold past it. Each unlink is
+    durable before the next, so what survives is a suffix of the journal."""
+    live, crashed = tmp_path / "live", tmp_path / "crashed"
+
+    async def scenario() -> None:
+        async with broker_client(live) as (_, client):
+            assert (await produce(client, batch(2), acks="all")).status == 200
+            shutil.copytree(live, crashed)  # kill -9 with the journal in use
+
+    run(scenario)
+    journal_dir = crashed / JOURNAL_DIRECTORY
+    last = int(journal_files(journal_dir)[-1].name.split(".")[0])
+    for sequence in (last + 1, last + 2):  # rotated files a checkpoint had not deleted
+        (journal_dir / f"{sequence:020d}.journal").write_bytes(b"")
+    assert len(journal_files(journal_dir)) >= 3
+    journal_inode = journal_dir.stat().st_ino
+    not_durable: set[str] = set()  # unlinks a power loss could undo
+    pending: list[int] = []  # how many, at each unlink
+    real_unlink, real_fsync = os.unlink, os.fsync
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path).parent == journal_dir:
+            pending.append(len(not_durable))
+        real_unlink(path, *args, **kwargs)
+        if Path(path).parent == journal_dir:
+            not_durable.add(Path(path).name)
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        if os.fstat(fd).st_ino == journal_inode:
+            not_durable.clear()
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(os, "fsync", fsync)
+    restarted = _start(crashed, journal=False)
+    monkeypatch.undo()
+    try:
+        assert journal_files(journal_dir) == []
+        assert len(pending) >= 3 and set(pending) == {0} and not not_durable, pending
+    finally:
+        run(restarted.close)
+
+
 def test_a_checkpoint_fsyncs_the_logs_then_deletes_the_older_journal_files(
     tmp_path: Path,
 ) -> None:
