@@ -213,10 +213,11 @@ class ConnectionFailed(TideError):
 
 
 class OutcomeUnknown(TideError):
-    """Client side, never on the wire: the producer gave up on records that may have
-    been appended (an earlier attempt's answer was lost, then a resend was refused or
-    the producer closed). The last error is ``__cause__``. Sending them again may
-    write them twice; an error of any other type means they were not written."""
+    """Client side (``tide proxy`` answers it, 504): the producer gave up on records
+    that may have been appended (an attempt's answer was lost or timed out, or a close
+    cancelled it, then a resend failed or never came). The last error is
+    ``__cause__``. Sending them again may write them twice; an error of any other type
+    means they were not written."""
 
     code = "outcome_unknown"
     http_status = 504

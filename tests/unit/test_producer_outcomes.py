@@ -196,6 +196,12 @@ def settle(futures: list[Any], timeout_s: float = 15) -> list[Any]:
     return outcomes
 
 
+def unknown_because(outcome: Any, cause: type[TideError]) -> bool:
+    """A record an attempt may have appended fails with OutcomeUnknown, the last
+    error as its cause."""
+    return isinstance(outcome, OutcomeUnknown) and isinstance(outcome.__cause__, cause)
+
+
 def written_twice(leader: Leader) -> list[bytes | None]:
     return [value for value, n in Counter(leader.values()).items() if n > 1]
 
@@ -286,7 +292,7 @@ def test_a_malformed_answer_fails_its_records_not_the_producer(leaders: Any, att
     try:
         futures = send_in_separate_groups(client, leader, [b"v0", b"v1"])
         outcomes = settle(futures)
-        assert all(isinstance(outcome, InternalError) for outcome in outcomes), outcomes
+        assert all(unknown_because(outcome, InternalError) for outcome in outcomes), outcomes
         assert not client._main.done(), "the sender stopped"
         [unrelated] = settle([client.send("t", b"x", partition=1)])
     finally:
@@ -335,7 +341,7 @@ def test_the_send_after_one_given_up_unknown_is_written_although_it_meets_a_gap(
     finally:
         client.close(timeout=5)
     a, v0, v1, v2 = outcomes
-    assert isinstance(v0, RequestTimedOut)
+    assert unknown_because(v0, RequestTimedOut)
     assert [getattr(outcome, "offset", outcome) for outcome in (a, v1, v2)] == [0, 1, 2]
     assert leader.values() == [b"a", b"v1", b"v2"]
 
@@ -432,8 +438,59 @@ def test_a_late_request_of_a_record_given_up_unknown_is_fenced_by_the_new_epoch(
         a, v0, v1 = [settle([client.send("t", v, partition=0)])[0] for v in (b"a", b"v0", b"v1")]
     finally:
         client.close(timeout=5)
-    assert isinstance(v0, RequestTimedOut) and not isinstance(v1, TideError), (v0, v1)
+    assert unknown_because(v0, RequestTimedOut) and not isinstance(v1, TideError), (v0, v1)
     assert not isinstance(a, TideError) and delayed
     with pytest.raises(TideError):  # producer_fenced
         leader.answer(delayed[0])
     assert leader.values() == [b"a", b"v1"]
+
+
+def test_close_cancelling_an_in_flight_first_attempt_reports_unknown_not_closed(
+    leaders: Any, monkeypatch: Any
+) -> None:
+    """v0's first request reaches the leader and is appended; its answer is slow. The
+    application closes with a short timeout: after 5 s the loop is stopped, the
+    in-flight _deliver_to_leader is cancelled and v0 fails with ClientClosed ("the
+    producer closed before delivery"), although v0 is in the log."""
+    leader: Leader = leaders(0)
+    appended: list[Any] = []
+
+    class HangingTransport(FakeTransport):
+        async def request_json(self, method: str, url: str, data: bytes = b"", **_: Any) -> Any:
+            if url.endswith("/v1/produce"):
+                for entry in decode_produce(data):
+                    appended.append(leader.append(bytes(entry.batches)))
+                await asyncio.sleep(3600)  # the answer never comes back in time
+            return await super().request_json(method, url, data=data)
+
+    monkeypatch.setattr(producer_module, "Transport", HangingTransport)
+    client = producer()
+    future = client.send("t", b"v0", partition=0)
+    deadline = time.monotonic() + 5
+    while not appended:
+        assert time.monotonic() < deadline, "nothing sent"
+        time.sleep(0.005)
+    client.close(timeout=0.1)
+    [v0] = settle([future], timeout_s=10)
+    assert leader.values() == [b"v0"]
+    assert isinstance(v0, OutcomeUnknown), repr(v0)
+
+
+def test_a_written_record_whose_resends_time_out_fails_as_unknown(leaders: Any) -> None:
+    """v0 is appended, its answer lost; the one resend times out: v0 fails with
+    RequestTimedOut, an error 'of another type', which OutcomeUnknown's contract says
+    means 'not written'. It is in the log."""
+    leader: Leader = leaders(0)
+    leader.first = leader.lose_answer
+
+    def time_out(body: bytes) -> Any:
+        raise RequestTimedOut("no answer")
+
+    leader.resend = time_out
+    client = producer(retries=0)
+    try:
+        [v0] = settle([client.send("t", b"v0", partition=0)])
+    finally:
+        client.close(timeout=5)
+    assert leader.values() == [b"v0"]
+    assert isinstance(v0, OutcomeUnknown), repr(v0)

@@ -384,6 +384,7 @@ class Producer:
                 raise InternalError("malformed multi-partition produce answer")
         except asyncio.CancelledError:
             for tp, request, _ in items:
+                request.maybe_appended = True  # the request may have reached the leader
                 self._give_up(tp, request, ClientClosed("the producer closed before delivery"))
             raise
         except TideError as error:
@@ -431,9 +432,10 @@ class Producer:
         log, and so may the groups sent after it."""
         sequencer = self._sequencer(tp)
         not_appended = isinstance(error, _NOT_APPENDED) and not request.maybe_appended
-        if request.maybe_appended and isinstance(error, (*_NOT_APPENDED, ClientClosed)):
-            # Those say "not written": not true of a group an attempt may have appended
-            # (the application would send it again and write it twice).
+        if request.maybe_appended and not isinstance(error, OutcomeUnknown):
+            # Whatever the last error says (a refusal says "not written", a timeout only
+            # of itself), an attempt may have appended the group: the application must
+            # not take it for unwritten and send it again.
             cause = error
             error = OutcomeUnknown(
                 f"{len(request.batches)} batch(es) may have been appended (an earlier "
@@ -490,6 +492,9 @@ class Producer:
                 request.in_flight = True
                 try:
                     await self._resend(tp, request, sequencer)
+                except asyncio.CancelledError:
+                    request.maybe_appended = True  # cancelled while a resend was out
+                    raise
                 finally:
                     request.in_flight = False
         except asyncio.CancelledError:

@@ -26,8 +26,10 @@ any other epoch than the member's current one (or 0, a rejoin that resends the f
 state) is fenced and changes nothing; a fenced member is *not* removed, so a delayed
 duplicate cannot evict a healthy member. One exception, as KIP-848 makes it: the
 member's previous epoch is accepted when everything it reports owning is in its
-current assignment (the answer that moved its epoch, a grant, was lost); otherwise one
-lost answer would fence the member and stall its partitions for a session.
+current assignment or still held by it (the answer that moved its epoch, a grant, was
+lost; a revocation may be in progress); otherwise one lost answer would fence the
+member and stall its partitions for a session. Like a join, such a heartbeat never
+shrinks what the member holds.
 
 Commits. A member's commit is accepted only if it carries the member's current epoch
 and the member is the only holder of every partition in it (assignment or last
@@ -175,7 +177,7 @@ class ConsumerGroup:
             member = self._adopt(
                 member_id or new_member_id, member_epoch, reported, now_ms, session_timeout_ms
             )
-        elif member_epoch == 0:
+        elif member_epoch != member.member_epoch:  # a join, or the previous epoch
             # A join says nothing about what the member stopped holding: a late copy of
             # it (delayed, or a transport retry) must not free a partition whose
             # records the member's application still has. Only a heartbeat at the
@@ -259,7 +261,9 @@ class ConsumerGroup:
         """The one epoch gate: stale is fenced, epoch 0 (re)joins. None: adopt."""
         known = None if member_id is None else self.members.get(member_id)
         if known is not None:
-            lost_grant = member_epoch == known.previous_epoch and reported <= known.assignment
+            lost_grant = member_epoch == known.previous_epoch and reported <= (
+                known.assignment | known.owned
+            )
             if member_epoch not in (0, known.member_epoch) and not lost_grant:
                 raise FencedMember(
                     f"member {known.member_id} sent epoch {member_epoch}, current is "
