@@ -223,3 +223,22 @@ def test_a_broker_that_may_have_lost_acknowledged_records_neither_leads_nor_stay
     assert again == ChangeLeader("orders", 0, 1, (1,), 0)
     # a clean restart (or fsync=always) only bumps the epoch
     assert plan_reelection(build(history()[:5]), 1) == [ChangeLeader("orders", 0, 1, (1, 2), 0)]
+
+
+def test_a_topic_created_again_starts_above_every_epoch_of_the_deleted_one() -> None:
+    """Produce and fetch name a partition by topic name and leader epoch: a broker that
+    had not yet learned of a deletion served the re-created topic's epoch-0 requests
+    from the old incarnation's epoch-0 log (acknowledged writes went into the deleted
+    log; a consumer read the old records). The new incarnation's epochs start above."""
+    state = build(history()[:5])
+    state.apply(ChangeLeader("orders", 1, 3, (3,)))
+    state.apply(ChangeLeader("orders", 1, 2, (2,)))  # orders/1 at leader epoch 2
+    state.apply(DeleteTopic("orders"))
+    state.apply(CreateTopic("orders", 2, 1, ((1,), (2,))))
+    assert [p.leader_epoch for p in state.topic("orders").partitions] == [3, 3]
+    again = ClusterState.from_snapshot(json.loads(json.dumps(state.to_snapshot())))
+    again.apply(DeleteTopic("orders"))
+    again.apply(CreateTopic("orders", 1, 1, ((1,),)))
+    assert again.topic("orders").partitions[0].leader_epoch == 4
+    state.apply(CreateTopic("fresh", 1, 1, ((1,),)))
+    assert state.topic("fresh").partitions[0].leader_epoch == 0

@@ -20,7 +20,10 @@ Must always hold:
   compare-and-set on both epochs.
 * every topic incarnation has its own ``topic_id``; deleting a topic remembers its id
   (``deleted_topic_ids``, the newest DELETED_TOPIC_IDS_MAX), which is what allows a
-  broker to delete that topic's data.
+  broker to delete that topic's data; a topic created again under a deleted name
+  starts its leader epochs above every epoch of the old incarnation
+  (``recreated_epochs``), so a broker still holding the old log refuses the new
+  topic's produce and fetch requests (unknown_leader_epoch) until it learns.
 * an offline partition (leader None) keeps its last ISR, so only a replica that was in
   sync may lead it again (no unclean election).
 * a partition being moved (a :class:`Reassignment`, core/rebalance.py plans them) holds
@@ -295,6 +298,12 @@ class ClusterState:
     offsets: dict[str, dict[TopicPartition, int]] = field(default_factory=dict)
     next_producer_id: int = 0
     deleted_topic_ids: list[str] = field(default_factory=list)
+    # Per name of a deleted topic: the leader epoch a topic created again under that
+    # name starts at (above every epoch of the old incarnation), the newest
+    # DELETED_TOPIC_IDS_MAX names. Produce and fetch requests name a partition by topic
+    # name and leader epoch: a broker that has not yet learned of the deletion would
+    # otherwise take requests for the new topic's epoch 0 for its old log's epoch 0.
+    recreated_epochs: dict[str, int] = field(default_factory=dict)
     draining: set[int] = field(default_factory=set)
     reassignments: dict[TopicPartition, Reassignment] = field(default_factory=dict)
     group_session_ms: dict[str, int] = field(default_factory=dict)  # RecordGroupSession
@@ -353,6 +362,7 @@ class ClusterState:
             ],
             "next_producer_id": self.next_producer_id,
             "deleted_topic_ids": list(self.deleted_topic_ids),
+            "recreated_epochs": dict(self.recreated_epochs),
             "draining": sorted(self.draining),
             "reassignments": [
                 {"topic": t, "partition": p, "original": list(m.original), "target": list(m.target)}
@@ -376,6 +386,9 @@ class ClusterState:
             group = state.offsets.setdefault(row["group"], {})
             group[(row["topic"], int(row["partition"]))] = int(row["offset"])
         state.deleted_topic_ids = [str(i) for i in data.get("deleted_topic_ids", [])]
+        state.recreated_epochs = {
+            str(name): int(epoch) for name, epoch in data.get("recreated_epochs", {}).items()
+        }
         state.draining = {int(b) for b in data.get("draining", [])}
         for row in data.get("reassignments", []):
             key = (str(row["topic"]), int(row["partition"]))
@@ -610,8 +623,9 @@ def _apply_create(state: ClusterState, command: CreateTopic) -> None:
     """A new partition's ISR is every replica: all are empty, hence all in sync (as in
     Kafka). A follower that then fails to fetch leaves it through its leader's
     proposal (AlterIsr) or, if its broker dies, through failover."""
+    first_epoch = state.recreated_epochs.get(command.name, 0)
     partitions = [
-        PartitionState(list(replicas), replicas[0], 0, list(replicas))
+        PartitionState(list(replicas), replicas[0], first_epoch, list(replicas))
         for replicas in command.assignments
     ]
     state.topics[command.name] = TopicState(
@@ -627,6 +641,12 @@ def _apply_delete(state: ClusterState, command: DeleteTopic) -> None:
     """Deleting a topic forgets its committed offsets too, so a topic created again
     under the same name starts clean."""
     topic = state.topics.pop(command.name)
+    state.recreated_epochs.pop(command.name, None)  # re-inserted as the newest
+    state.recreated_epochs[command.name] = 1 + max(
+        (partition.leader_epoch for partition in topic.partitions), default=0
+    )
+    for name in list(state.recreated_epochs)[:-DELETED_TOPIC_IDS_MAX]:
+        del state.recreated_epochs[name]
     if topic.topic_id:
         state.deleted_topic_ids.append(topic.topic_id)
         del state.deleted_topic_ids[:-DELETED_TOPIC_IDS_MAX]
