@@ -95,37 +95,15 @@ def test_replayed_journal_files_stay_deleted_across_a_power_loss_with_the_journa
     fsync policy) nothing did, so a power loss could bring the deleted files back, and
     the next start would replay that stale journal over the history written since
     (undoing a later truncation, cutting the appends after it)."""
-    live, crashed = tmp_path / "live", tmp_path / "crashed"
-
-    async def scenario() -> None:
-        async with broker_client(live) as (_, client):
-            assert (await produce(client, batch(2), acks="all")).status == 200
-            shutil.copytree(live, crashed)  # kill -9: the journal holds offsets 0-1
-
-    run(scenario)
+    crashed = _crashed_with_two_records(tmp_path)
     journal_dir = crashed / JOURNAL_DIRECTORY
     assert journal_files(journal_dir)
-    journal_inode = journal_dir.stat().st_ino
-    not_durable: set[str] = set()  # unlinks a power loss would undo
-    real_unlink, real_fsync = os.unlink, os.fsync
-
-    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
-        real_unlink(path, *args, **kwargs)
-        if Path(path).parent == journal_dir:
-            not_durable.add(Path(path).name)
-
-    def fsync(fd: int) -> None:
-        real_fsync(fd)
-        if os.fstat(fd).st_ino == journal_inode:
-            not_durable.clear()
-
-    monkeypatch.setattr(os, "unlink", unlink)
-    monkeypatch.setattr(os, "fsync", fsync)
+    watch = _UnlinkWatch(journal_dir, monkeypatch)
     restarted = _start(crashed, journal=False)
     monkeypatch.undo()
     try:
         assert journal_files(journal_dir) == []
-        assert not_durable == set()
+        assert watch.not_durable == set()
     finally:
         run(restarted.close)
 
@@ -138,45 +116,62 @@ def test_a_start_deletes_the_replayed_journal_files_one_durable_unlink_at_a_time
     newer one's unlink, and the next start would replay the older file alone over the
     history written since, cutting what the segments hold past it. Each unlink is
     durable before the next, so what survives is a suffix of the journal."""
-    live, crashed = tmp_path / "live", tmp_path / "crashed"
-
-    async def scenario() -> None:
-        async with broker_client(live) as (_, client):
-            assert (await produce(client, batch(2), acks="all")).status == 200
-            shutil.copytree(live, crashed)  # kill -9 with the journal in use
-
-    run(scenario)
+    crashed = _crashed_with_two_records(tmp_path)
     journal_dir = crashed / JOURNAL_DIRECTORY
     last = int(journal_files(journal_dir)[-1].name.split(".")[0])
     for sequence in (last + 1, last + 2):  # rotated files a checkpoint had not deleted
         (journal_dir / f"{sequence:020d}.journal").write_bytes(b"")
     assert len(journal_files(journal_dir)) >= 3
-    journal_inode = journal_dir.stat().st_ino
-    not_durable: set[str] = set()  # unlinks a power loss could undo
-    pending: list[int] = []  # how many, at each unlink
-    real_unlink, real_fsync = os.unlink, os.fsync
-
-    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
-        if Path(path).parent == journal_dir:
-            pending.append(len(not_durable))
-        real_unlink(path, *args, **kwargs)
-        if Path(path).parent == journal_dir:
-            not_durable.add(Path(path).name)
-
-    def fsync(fd: int) -> None:
-        real_fsync(fd)
-        if os.fstat(fd).st_ino == journal_inode:
-            not_durable.clear()
-
-    monkeypatch.setattr(os, "unlink", unlink)
-    monkeypatch.setattr(os, "fsync", fsync)
+    watch = _UnlinkWatch(journal_dir, monkeypatch)
     restarted = _start(crashed, journal=False)
     monkeypatch.undo()
     try:
         assert journal_files(journal_dir) == []
-        assert len(pending) >= 3 and set(pending) == {0} and not not_durable, pending
+        pending = watch.pending
+        assert len(pending) >= 3 and set(pending) == {0} and not watch.not_durable, pending
     finally:
         run(restarted.close)
+
+
+def _crashed_with_two_records(tmp_path: Path) -> Path:
+    """A copy of a broker's data directory taken while it ran (kill -9): the journal
+    holds offsets 0-1."""
+    live, crashed = tmp_path / "live", tmp_path / "crashed"
+
+    async def scenario() -> None:
+        async with broker_client(live) as (_, client):
+            assert (await produce(client, batch(2), acks="all")).status == 200
+            shutil.copytree(live, crashed)
+
+    run(scenario)
+    return crashed
+
+
+class _UnlinkWatch:
+    """Watches ``directory``: the unlinks in it a power loss could undo (no directory
+    fsync since: ``not_durable``), and how many there were at each unlink (``pending``)."""
+
+    def __init__(self, directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.not_durable: set[str] = set()
+        self.pending: list[int] = []
+        inode = directory.stat().st_ino
+        real_unlink, real_fsync = os.unlink, os.fsync
+
+        def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+            inside = Path(path).parent == directory
+            if inside:
+                self.pending.append(len(self.not_durable))
+            real_unlink(path, *args, **kwargs)
+            if inside:
+                self.not_durable.add(Path(path).name)
+
+        def fsync(fd: int) -> None:
+            real_fsync(fd)
+            if os.fstat(fd).st_ino == inode:
+                self.not_durable.clear()
+
+        monkeypatch.setattr(os, "unlink", unlink)
+        monkeypatch.setattr(os, "fsync", fsync)
 
 
 def test_a_checkpoint_fsyncs_the_logs_then_deletes_the_older_journal_files(

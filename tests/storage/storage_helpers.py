@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tidemq.storage import LogConfig, PartitionLog
+from tidemq.storage.journal import Journal, journal_files, replay
 from tidemq.wire.batch import build_batch, decode_records, iter_headers
 
 START_MS = 1_700_000_000_000
@@ -55,3 +56,45 @@ def fail_once_with_eio(monkeypatch: pytest.MonkeyPatch, call: str) -> list[OSErr
 
     monkeypatch.setattr(os, call, failing_once)
     return errors
+
+
+def replay_like_a_start(root: Path, config: LogConfig | None = None) -> None:
+    """What Broker._open_journal does with ``root/journal``: replay into the partition
+    directories under ``root`` (with start_over), close the logs, delete the files."""
+    logs: dict[str, PartitionLog] = {}
+    config = config or LogConfig()
+
+    def open_key(key: str) -> PartitionLog | None:
+        if not (root / key).is_dir():
+            return None
+        logs[key] = PartitionLog.open(root / key, config, START_MS)
+        return logs[key]
+
+    def start_over(key: str, offset: int) -> PartitionLog:
+        logs.pop(key).close(mark_clean=False)
+        logs[key] = PartitionLog.recreate_empty(root / key, offset, config, START_MS)
+        return logs[key]
+
+    replay(root / "journal", open_key, START_MS, start_over)
+    for log_ in logs.values():
+        log_.close(mark_clean=False)
+    for path in journal_files(root / "journal"):
+        path.unlink()
+
+
+def journaled_log(
+    root: Path, key: str, journal: Journal | None = None
+) -> tuple[Journal, PartitionLog]:
+    """A partition log ``root/key`` appending to ``journal`` (a new one in
+    ``root/journal`` by default), as a broker with the journal on."""
+    journal = journal or Journal.open(root / "journal")
+    log = open_log(root / key)
+    log.attach_journal(journal, key)
+    return journal, log
+
+
+def acknowledge(journal: Journal, log: PartitionLog) -> None:
+    """A group commit: the journal synced, the log durable up to its end."""
+    end, generation = log.log_end_offset, log.truncation_generation
+    journal.sync()
+    log.mark_durable(end, generation)

@@ -12,12 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from storage_helpers import START_MS, batch_of, open_log, read_all
+from storage_helpers import (
+    START_MS,
+    acknowledge,
+    batch_of,
+    journaled_log,
+    open_log,
+    read_all,
+    replay_like_a_start,
+)
 
 import tidemq.storage.journal as journal_module
 from tidemq.errors import CorruptBatch, InvariantViolation
 from tidemq.storage import LogConfig, PartitionLog
-from tidemq.storage.journal import Journal, journal_files, replay
+from tidemq.storage.journal import Journal
 from tidemq.wire.batch import patch_batch
 
 KEY = "topic-0-abc"
@@ -25,27 +33,9 @@ PAGE = 4096
 
 
 def recover(root: Path, config: LogConfig | None = None) -> PartitionLog:
-    """What Broker._open_journal does: replay (with start_over), close, delete files."""
-    logs: dict[str, PartitionLog] = {}
-    config = config or LogConfig()
-
-    def open_key(key: str) -> PartitionLog | None:
-        if not (root / key).is_dir():
-            return None
-        logs[key] = PartitionLog.open(root / key, config, START_MS)
-        return logs[key]
-
-    def start_over(key: str, offset: int) -> PartitionLog:
-        logs.pop(key).close(mark_clean=False)
-        logs[key] = PartitionLog.recreate_empty(root / key, offset, config, START_MS)
-        return logs[key]
-
-    replay(root / "journal", open_key, START_MS, start_over)
-    for log_ in logs.values():
-        log_.close(mark_clean=False)
-    for path in journal_files(root / "journal"):
-        path.unlink()
-    return PartitionLog.open(root / KEY, config, START_MS)
+    """What a broker start does (replay, delete the files); then the log of KEY."""
+    replay_like_a_start(root, config)
+    return PartitionLog.open(root / KEY, config or LogConfig(), START_MS)
 
 
 def values(log: PartitionLog) -> list[bytes]:
@@ -53,16 +43,7 @@ def values(log: PartitionLog) -> list[bytes]:
 
 
 def _node(root: Path) -> tuple[Journal, PartitionLog]:
-    journal = Journal.open(root / "journal")
-    log = open_log(root / KEY)
-    log.attach_journal(journal, KEY)
-    return journal, log
-
-
-def _ack(journal: Journal, log: PartitionLog) -> None:
-    end, generation = log.log_end_offset, log.truncation_generation
-    journal.sync()
-    log.mark_durable(end, generation)
+    return journaled_log(root, KEY)
 
 
 def _power_loss_keeping_pages(root: Path, journal: Journal, lost_pages: set[int]) -> None:
@@ -92,7 +73,7 @@ def test_a_power_loss_tearing_an_unacknowledged_multi_page_record_is_a_torn_tail
     b's bytes were synced, so it proves nothing, and this is a torn tail."""
     journal, log = _node(tmp_path)
     log.append(batch_of([b"a"]), 0, START_MS)
-    _ack(journal, log)
+    acknowledge(journal, log)
     log.append(batch_of([b"x" * 3000, b"y" * 3000, b"z" * 3000]), 0, START_MS)
     b_end = journal._files[-1].written
     log.append(batch_of([b"c"]), 0, START_MS)  # never synced either
@@ -114,12 +95,12 @@ def test_following_the_refusal_message_keeps_the_acknowledged_records_before_the
     journal, log = _node(tmp_path)
     for value in (b"a", b"b", b"c"):
         log.append(batch_of([value]), 0, START_MS)
-        _ack(journal, log)  # each acknowledged
+        acknowledge(journal, log)  # each acknowledged
     b_at = journal._files[-1].written
     log.append(batch_of([b"d"]), 0, START_MS)
-    _ack(journal, log)
+    acknowledge(journal, log)
     log.append(batch_of([b"e"]), 0, START_MS)
-    _ack(journal, log)
+    acknowledge(journal, log)
     for segment in log._segments:
         segment.close()
     path = journal._files[-1].path
@@ -153,7 +134,7 @@ def test_damage_to_a_synced_record_header_is_refused_not_cut(tmp_path: Path, dam
     for index in range(40):
         value = f"record-{index:03d}".encode()
         log.append(batch_of([value]), 0, START_MS)
-        _ack(journal, log)  # each acknowledged
+        acknowledge(journal, log)  # each acknowledged
         ends.append(journal._files[-1].written)
         expected.append(value)
     path = journal._files[-1].path
@@ -217,7 +198,7 @@ def test_checkpointed_journal_files_are_deleted_one_durable_unlink_at_a_time(
     journal, log = _node(tmp_path)
     for value in (b"a", b"b", b"c"):
         log.append(batch_of([value]), 0, START_MS)
-        _ack(journal, log)
+        acknowledge(journal, log)
         older = journal.rotate()
     pending: list[int] = []  # unlinks not yet durable, seen at each unlink
     not_durable: set[str] = set()
@@ -253,7 +234,7 @@ def test_a_short_journal_write_leaves_no_torn_record_before_acknowledged_ones(
     fails with OSError (ENOSPC), undone like any failed write."""
     journal, log = _node(tmp_path)
     log.append(batch_of([b"a"]), 0, START_MS)
-    _ack(journal, log)
+    acknowledge(journal, log)
     real_writev = os.writev
     short = [True]
 
@@ -272,7 +253,7 @@ def test_a_short_journal_write_leaves_no_torn_record_before_acknowledged_ones(
     other = open_log(log2_dir)
     other.attach_journal(journal, "topic-1-abc")
     other.append(batch_of([b"acked-after"]), 0, START_MS)
-    _ack(journal, other)
+    acknowledge(journal, other)
     acknowledged = other.flushed_offset
     for segment in [*log._segments, *other._segments]:  # fail-stop, then a power loss:
         segment.close()

@@ -13,12 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from storage_helpers import START_MS, batch_of, open_log, read_all
+from storage_helpers import (
+    START_MS,
+    acknowledge,
+    batch_of,
+    journaled_log,
+    open_log,
+    read_all,
+    replay_like_a_start,
+)
 
 import tidemq.storage.journal as journal_module
 from tidemq.errors import CorruptBatch
 from tidemq.storage import LogConfig, PartitionLog
-from tidemq.storage.journal import APPEND, Journal, encode_record, journal_files, replay
+from tidemq.storage.journal import APPEND, Journal, encode_record, replay
 from tidemq.wire.batch import patch_batch
 
 KEY = "topic-0-abc"
@@ -28,24 +36,8 @@ SECTOR = 512
 
 
 def recover(root: Path, key: str = KEY) -> list[bytes]:
-    logs: dict[str, PartitionLog] = {}
-
-    def open_key(name: str) -> PartitionLog | None:
-        if not (root / name).is_dir():
-            return None
-        logs[name] = PartitionLog.open(root / name, LogConfig(), START_MS)
-        return logs[name]
-
-    def start_over(name: str, offset: int) -> PartitionLog:
-        logs.pop(name).close(mark_clean=False)
-        logs[name] = PartitionLog.recreate_empty(root / name, offset, LogConfig(), START_MS)
-        return logs[name]
-
-    replay(root / "journal", open_key, START_MS, start_over)
-    for log_ in logs.values():
-        log_.close(mark_clean=False)
-    for path in journal_files(root / "journal"):
-        path.unlink()
+    """What a broker start does (replay, delete the files); then the values of ``key``."""
+    replay_like_a_start(root)
     log = PartitionLog.open(root / key, LogConfig(), START_MS)
     got = [value for _, value in read_all(log)]
     log.close()
@@ -53,16 +45,7 @@ def recover(root: Path, key: str = KEY) -> list[bytes]:
 
 
 def _node(root: Path, key: str = KEY, journal: Journal | None = None) -> tuple[Journal, Any]:
-    journal = journal or Journal.open(root / "journal")
-    log = open_log(root / key)
-    log.attach_journal(journal, key)
-    return journal, log
-
-
-def _ack(journal: Journal, log: PartitionLog) -> None:
-    end, generation = log.log_end_offset, log.truncation_generation
-    journal.sync()
-    log.mark_durable(end, generation)
+    return journaled_log(root, key, journal)
 
 
 def _lose_segments(*logs: PartitionLog) -> None:
@@ -111,7 +94,7 @@ def test_a_cut_short_write_is_durable_before_a_later_file_proves_damage(
     away."""
     journal, log = _node(tmp_path)
     log.append(batch_of([b"a"]), 0, START_MS)
-    _ack(journal, log)
+    acknowledge(journal, log)
     first = journal._files[-1]
     first_inode = os.fstat(first.fd).st_ino
     real_writev, real_fdatasync, real_ftruncate = os.writev, os.fdatasync, os.ftruncate
@@ -144,7 +127,7 @@ def test_a_cut_short_write_is_durable_before_a_later_file_proves_damage(
     journal.rotate()  # a checkpoint: no append reached file 0 after the cut
     _, other = _node(tmp_path, OTHER, journal)
     other.append(batch_of([b"c"]), 0, START_MS)
-    _ack(journal, other)
+    acknowledge(journal, other)
     monkeypatch.undo()
     journal.close(remove_files=False)
     _lose_segments(log, other)

@@ -23,8 +23,8 @@ no such field (kind 1-3) and are still read. ``kind & 0x7F``: 1 = append (payloa
 the whole record batches of one append, possibly several, offsets and epochs
 assigned, as in the segment), 2 = truncate (the log was cut to ``offset``; no
 payload), 3 = reset (the log was dropped and restarted empty at ``offset``: a
-follower's ``reset_to``; no payload). ``key`` is the partition
-directory's name under the data directory.
+follower's ``reset_to``; no payload). ``key`` is the partition directory's name
+under the data directory.
 
 Invariants:
 
@@ -84,9 +84,12 @@ _HEAD = struct.Struct(">II")  # crc, length
 _BODY = struct.Struct(">BHq")  # kind, key length, offset (records without ``synced``)
 _BODY_SYNCED = struct.Struct(">BHqQ")  # kind | SYNCED_FLAG, key length, offset, synced
 SYNCED_FLAG = 0x80
-_KINDS = (1, 2, 3)
-# Where a record with ``synced`` may start: its kind byte is 8 bytes in.
-_SYNCED_RECORD_AT = re.compile(rb"(?=[\x00-\xff]{8}[\x81\x82\x83])")
+_KINDS = (APPEND, TRUNCATE, RESET)
+# Where a record with ``synced`` may start: its kind byte follows the head.
+_SYNCED_RECORD_AT = re.compile(
+    b"(?=[\\x00-\\xff]{%d}[%s])"
+    % (_HEAD.size, re.escape(bytes(kind | SYNCED_FLAG for kind in _KINDS)))
+)
 _NAME = re.compile(r"^(\d{20})\.journal$")
 KEY_BYTES_MAX = 0xFFFF
 RECORD_BYTES_MAX = (1 << 31) - 1
