@@ -41,7 +41,13 @@ from tidemq.errors import (
     TideError,
     Unavailable,
 )
-from tidemq.wire.channel import CHANNEL_PATH, ChannelAnswer, decode_answer, encode_request
+from tidemq.wire.channel import (
+    CHANNEL_PATH,
+    HELLO_ID,
+    ChannelAnswer,
+    decode_answer,
+    encode_request,
+)
 
 
 def error_from_response(status: int, body: bytes) -> TideError:
@@ -82,11 +88,6 @@ def translate_exception(exc: BaseException, what: str) -> TideError:
 CHANNEL_TARGETS = frozenset({"POST /v1/produce", "POST /v1/fetch", "POST /v1/replica/fetch"})
 CHANNEL_RETRY_S = 60.0
 CHANNEL_PENDING_MAX = 1024
-# Bodies up to this go over a channel: every peer's channel takes such a frame (its
-# frame limit is its body limit plus 64 KiB). A larger frame than the peer takes would
-# close the whole channel, failing every request waiting on it; larger bodies go over
-# HTTP, which answers 413 past the limit and costs little next to the bytes.
-CHANNEL_BODY_MAX = 60 * 1024
 # Above the largest answer: a consumer fetch is capped at 64 MiB of batches in total,
 # plus per-partition framing and one batch past the budget.
 _CHANNEL_FRAME_MAX = 128 * 1024 * 1024
@@ -97,14 +98,28 @@ class _NotOnChannel(Exception):
 
 
 class _Channel:
-    """One WebSocket to one peer; requests matched to answers by id."""
+    """One WebSocket to one peer; requests matched to answers by id.
+
+    Usable once the peer's hello (its first frame) has said its body limit: a body
+    up to it goes over the channel, a larger one over HTTP (413 past the limit). A
+    frame past the peer's limit would close the whole channel, failing every request
+    waiting on it. Every body the peer takes going over the one channel keeps a
+    producer's pipelined batches of a partition in order: requests spread over
+    several HTTP connections can overtake each other (an out_of_order_sequence, and
+    every later batch of the partition sent again)."""
 
     def __init__(self, socket: aiohttp.ClientWebSocketResponse, what: str) -> None:
         self.socket = socket
         self.what = what
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(HELLO_ID + 1)
         self._pending: dict[int, asyncio.Future[ChannelAnswer]] = {}
+        self.hello: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._reader = asyncio.ensure_future(self._read())
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The peer's body limit (its hello has arrived: see HttpTransport._channel)."""
+        return self.hello.result()
 
     @property
     def closed(self) -> bool:
@@ -116,6 +131,8 @@ class _Channel:
         if len(self._pending) >= CHANNEL_PENDING_MAX:
             raise Unavailable(f"{self.what}: {CHANNEL_PENDING_MAX} requests already waiting")
         request_id = next(self._ids) & 0xFFFFFFFF
+        if request_id == HELLO_ID:  # wrapped around
+            request_id = next(self._ids) & 0xFFFFFFFF
         frame = encode_request(request_id, target, params, body)
         answer = asyncio.get_running_loop().create_future()
         self._pending[request_id] = answer
@@ -134,6 +151,11 @@ class _Channel:
                 if message.type is not aiohttp.WSMsgType.BINARY:
                     break
                 answer = decode_answer(message.data)
+                if answer.request_id == HELLO_ID:
+                    if self.hello.done():
+                        raise ValueError("a second hello")
+                    self.hello.set_result(_hello_body_max(answer))
+                    continue
                 waiter = self._pending.get(answer.request_id)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(answer)
@@ -141,6 +163,8 @@ class _Channel:
             failure = exc
         finally:
             error = ConnectionFailed(f"{self.what}: channel closed ({failure!r})")
+            if not self.hello.done():
+                self.hello.set_exception(error)
             for waiter in self._pending.values():
                 if not waiter.done():
                     waiter.set_exception(error)
@@ -150,6 +174,14 @@ class _Channel:
     async def close(self) -> None:
         await self.socket.close()
         await asyncio.gather(self._reader, return_exceptions=True)
+
+
+def _hello_body_max(answer: ChannelAnswer) -> int:
+    """The body limit a hello says (a ValueError closes the channel)."""
+    body_max = json.loads(answer.body).get("max_body_bytes") if answer.body else None
+    if answer.status != 200 or type(body_max) is not int or body_max < 0:
+        raise ValueError(f"a malformed hello: {answer.status} {answer.body[:100]!r}")
+    return body_max
 
 
 _NEEDS_CLEANUP_CLOSED = bool(getattr(aiohttp.connector, "NEEDS_CLEANUP_CLOSED", False))
@@ -213,7 +245,14 @@ class HttpTransport:
                     self._no_channel_until[(base, "")] = time.monotonic() + CHANNEL_RETRY_S
                     return None
                 raise
-            channel = self._channels[base] = _Channel(socket, base)
+            channel = _Channel(socket, base)
+            try:
+                async with asyncio.timeout(self._request_timeout_s):
+                    await asyncio.shield(channel.hello)
+            except BaseException:
+                await channel.close()
+                raise
+            self._channels[base] = channel
             return channel
 
     def _channel_target(self, method: str, url: str) -> tuple[str, str] | None:
@@ -243,7 +282,7 @@ class HttpTransport:
         timeout_ms: int | None,
     ) -> tuple[bytes, Mapping[str, str]]:
         channel = await self._channel(base)
-        if channel is None:
+        if channel is None or len(data) > channel.max_body_bytes:
             raise _NotOnChannel()
         timeout_s = self._request_timeout_s if timeout_ms is None else timeout_ms / 1000
         answer = await channel.call(target, params, data, timeout_s)
@@ -268,8 +307,7 @@ class HttpTransport:
     ) -> tuple[bytes, Mapping[str, str]]:
         """One request; the body and headers of a 2xx answer, else a TideError."""
         what = f"{method} {url}"
-        channel_body = json_body is None and len(data or b"") <= CHANNEL_BODY_MAX
-        routed = self._channel_target(method, url) if channel_body else None
+        routed = self._channel_target(method, url) if json_body is None else None
         if routed is not None:
             try:
                 return await self._over_channel(*routed, params, data or b"", timeout_ms)

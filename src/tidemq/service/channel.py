@@ -17,6 +17,9 @@ Frames are binary WebSocket messages, big-endian::
     answer:   id u32 | status u16 | type_length u16 | content type
               | headers_length u16 | headers (JSON object, or empty) | body
 
+The server's first frame is a hello: an answer with id 0 whose JSON body holds its body
+limit (``{"max_body_bytes": N}``); request ids start at 1.
+
 Requests on one channel are served concurrently (a long-poll fetch does not hold up
 a produce) and answered in any order, matched by id. Bounds: a frame is at most the
 service's body limit plus 64 KiB; at most ``REQUESTS_MAX`` requests per channel are
@@ -48,6 +51,8 @@ from tidemq.service.failstop import fail_stop
 from tidemq.service.http import Endpoint, grant_values
 from tidemq.wire.channel import (
     CHANNEL_PATH,
+    FRAME_HEAD_MAX,
+    HELLO_ID,
     ChannelAnswer,
     ChannelRequest,
     decode_request,
@@ -57,7 +62,6 @@ from tidemq.wire.channel import (
 log = logging.getLogger(__name__)
 
 REQUESTS_MAX = 256
-FRAME_OVERHEAD_MAX = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class Operation:
 
 def channel_endpoint(operations: Sequence[Operation], max_body_bytes: int) -> Endpoint:
     by_target = {operation.target: operation for operation in operations}
+    hello = json.dumps({"max_body_bytes": max_body_bytes}).encode()
     open_sockets: set[web.WebSocketResponse] = set()
     for operation in operations:
         if any(grant.location == "path" for grant in operation.callers.broker_self_grants()):
@@ -96,7 +101,7 @@ def channel_endpoint(operations: Sequence[Operation], max_body_bytes: int) -> En
 
     async def channel(request: web.Request) -> web.StreamResponse:
         socket = web.WebSocketResponse(
-            max_msg_size=max_body_bytes + FRAME_OVERHEAD_MAX, compress=False, autoping=True
+            max_msg_size=max_body_bytes + FRAME_HEAD_MAX, compress=False, autoping=True
         )
         if not socket.can_prepare(request).ok:
             raise InvalidRequest(f"GET {CHANNEL_PATH} expects a WebSocket upgrade")
@@ -109,6 +114,9 @@ def channel_endpoint(operations: Sequence[Operation], max_body_bytes: int) -> En
             else None
         )
         await socket.prepare(request)
+        # The hello (id 0): this peer's body limit, so that the client sends every body
+        # up to it over the channel, in order, and only larger ones over HTTP.
+        await _send(socket, ChannelAnswer(HELLO_ID, 200, "application/json", {}, hello))
         serving: set[asyncio.Task[None]] = set()
         # Targets this socket's identity may call whatever the request says (a role
         # grant): authorized once per channel, not per request.

@@ -7,6 +7,8 @@ Binary WebSocket messages, big-endian::
               | query_length u16 | query (URL-encoded) | body
     answer:   id u32 | status u16 | type_length u16 | content type
               | headers_length u16 | headers (JSON object, or empty) | body
+
+The server's first frame is a hello, an answer with id 0 (``HELLO_ID``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ from typing import NamedTuple
 from urllib.parse import urlencode
 
 CHANNEL_PATH = "/v1/channel"
+# The server's first frame, an answer with this id, says its body limit (JSON body
+# ``{"max_body_bytes": N}``); requests never use the id.
+HELLO_ID = 0
+# A request frame's head (id, target, query) is at most this: a peer takes frames of
+# its body limit plus this.
+FRAME_HEAD_MAX = 64 * 1024
 _REQUEST_HEAD = struct.Struct(">IH")
 _U16 = struct.Struct(">H")
 _ANSWER_HEAD = struct.Struct(">IHH")
@@ -43,6 +51,8 @@ def encode_request(
 ) -> bytes:
     target_bytes = target.encode()
     query_bytes = urlencode(query or {}).encode()
+    if _REQUEST_HEAD.size + len(target_bytes) + _U16.size + len(query_bytes) > FRAME_HEAD_MAX:
+        raise ValueError(f"a channel request's target and query exceed {FRAME_HEAD_MAX} bytes")
     return b"".join(
         (
             _REQUEST_HEAD.pack(request_id, len(target_bytes)),
