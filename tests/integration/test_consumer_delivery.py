@@ -33,6 +33,8 @@ from tidemq import Consumer, CorruptRecord, Message, Producer
 from tidemq.errors import InternalError
 from tidemq.wire.partitioner import partition_for_key
 
+FLUSH_TIMEOUT_S = 30.0
+
 
 def poll_until(consumer: Consumer, count: int, timeout_s: float = 60.0) -> list[Message]:
     out: list[Message] = []
@@ -250,15 +252,20 @@ def test_a_member_cut_off_from_the_coordinator_stops_before_its_session_can_expi
     stop = threading.Event()
     receipts: dict[str, list[tuple[float, Message]]] = {"cut": [], "other": []}
 
+    errors: list[BaseException] = []
+
     def keep_producing() -> None:
-        with Producer(**cluster.config, linger_ms=1) as producer:
-            number = 0
-            while not stop.is_set():
-                producer.send(topic, str(number), key=f"k{number % 20}")
-                number += 1
-                if number % 20 == 0:
-                    producer.flush(timeout=30)
-                    stop.wait(0.02)
+        try:
+            with Producer(**cluster.config, linger_ms=1) as producer:
+                number = 0
+                while not stop.is_set():
+                    producer.send(topic, str(number), key=f"k{number % 20}")
+                    number += 1
+                    if number % 20 == 0:
+                        producer.flush(timeout=FLUSH_TIMEOUT_S)
+                        stop.wait(0.02)
+        except BaseException as error:  # reported by this test, not by a later one
+            errors.append(error)
 
     def consume(name: str, consumer: Consumer) -> None:
         while not stop.is_set():
@@ -292,10 +299,11 @@ def test_a_member_cut_off_from_the_coordinator_stops_before_its_session_can_expi
         assert last_cut < first_other, "two members handed out one partition's messages"
         # the coordinator gave the partitions away only once the session expired
         assert first_other >= last_sent + session_ms / 1000
+        assert not errors, errors
     finally:
         stop.set()
-        for thread in threads:
-            thread.join(30)
+        for thread in threads:  # longer than a flush may take: no thread outlives the test
+            thread.join(FLUSH_TIMEOUT_S + 15)
         cut_member.close(timeout=5)
         if other is not None:
             other.close()
