@@ -168,3 +168,22 @@ def test_down_never_signals_a_stranger(data_dir: Path, tide_cli: Tide) -> None:
         assert processes.is_running(real_pid, argv), "the real broker was left alone"
     finally:
         (data_dir / "cluster.json").write_text(original)  # teardown stops the real one
+
+
+def test_groups_delete_forgets_an_idle_group_and_says_why_when_it_cannot(
+    cluster: Any, tide_cli: Tide
+) -> None:
+    data_dir = str(cluster.data_dir)
+    tide_cli("topics", "create", "spent", "--partitions", "1", "--data-dir", data_dir)
+    tide_cli("produce", "spent", "one", "--data-dir", data_dir)
+    consumed = tide_cli(
+        "consume", "spent", "--group", "run-1", "--max-messages", "1",
+        "--timeout-s", "30", "--data-dir", data_dir,
+    )  # fmt: skip
+    assert consumed.stdout.strip().endswith("one")
+    assert "run-1" in tide_cli("groups", "list", "--data-dir", data_dir).stdout.split()
+    deleted = tide_cli("groups", "delete", "run-1", "--data-dir", data_dir)
+    assert deleted.stdout.strip() == "deleted group run-1"
+    assert "run-1" not in tide_cli("groups", "list", "--data-dir", data_dir).stdout.split()
+    again = tide_cli("groups", "delete", "run-1", "--data-dir", data_dir, check=False)
+    assert again.returncode != 0 and "unknown_group" in again.stderr

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import tidemq.core.metadata as metadata
 from tidemq.core.metadata import (
     AllocateProducerId,
     AlterIsr,
@@ -15,6 +16,7 @@ from tidemq.core.metadata import (
     Command,
     CommitOffsets,
     CreateTopic,
+    DeleteGroup,
     DeleteTopic,
     InitCluster,
     Liveness,
@@ -26,10 +28,12 @@ from tidemq.core.metadata import (
     plan_reelection,
 )
 from tidemq.errors import (
+    ClusterStateConflict,
     InvalidRequest,
     NotLeader,
     StalePartitionEpoch,
     TopicExists,
+    UnknownGroup,
     UnknownPartition,
     UnknownTopic,
 )
@@ -49,6 +53,9 @@ def history() -> list[Command]:
         AllocateProducerId(),
         DeleteTopic("gone"),
         RecordGroupSession("g", 30_000),
+        CommitOffsets("idle", (("orders", 1, 3),)),
+        RecordGroupSession("idle", 10_000),
+        DeleteGroup("idle"),
     ]
 
 
@@ -242,3 +249,23 @@ def test_a_topic_created_again_starts_above_every_epoch_of_the_deleted_one() -> 
     assert again.topic("orders").partitions[0].leader_epoch == 4
     state.apply(CreateTopic("fresh", 1, 1, ((1,),)))
     assert state.topic("fresh").partitions[0].leader_epoch == 0
+
+
+def test_a_deleted_group_is_forgotten_and_a_group_new_past_the_bound_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    state = build(history())
+    assert "idle" not in state.offsets and "idle" not in state.group_session_ms
+    with pytest.raises(UnknownGroup):
+        state.check(DeleteGroup("idle"))
+    monkeypatch.setattr(metadata, "MAX_GROUPS", 2)
+    state.apply(RecordGroupSession("live", 10_000))  # "g" and "live": at the bound
+    before = state.to_snapshot()
+    for command in (CommitOffsets("new", (("orders", 0, 1),)), RecordGroupSession("new", 1)):
+        with pytest.raises(ClusterStateConflict, match="tide groups delete"):
+            state.apply(command)
+    assert state.to_snapshot() == before  # refused, nothing changed
+    state.apply(CommitOffsets("live", (("orders", 0, 9),)))  # a remembered group goes on
+    state.apply(DeleteGroup("g"))
+    state.apply(CommitOffsets("new", (("orders", 0, 1),)))
+    assert set(state.offsets) == {"live", "new"}

@@ -143,7 +143,7 @@ def topics_delete(name: str, data_dir: str | None) -> None:
 
 @click.group()
 def groups() -> None:
-    """List and describe consumer groups."""
+    """List, describe and delete consumer groups."""
 
 
 @groups.command("list")
@@ -168,6 +168,18 @@ def groups_describe(name: str, as_json: bool, data_dir: str | None) -> None:
     except ProbeError as error:
         raise _fail(error) from error
     click.echo(json.dumps(group, indent=2) if as_json else group_table(group))
+
+
+@groups.command("delete")
+@click.argument("name")
+@data_dir_option
+def groups_delete(name: str, data_dir: str | None) -> None:
+    """Forget group NAME's committed offsets (refused while it has members)."""
+    try:
+        _control(data_dir).delete_group(name)
+    except ProbeError as error:
+        raise _fail(error) from error
+    click.echo(f"deleted group {name}")
 
 
 def split_line(line: str, separator: str | None) -> tuple[str | None, str]:

@@ -210,6 +210,9 @@ class ControlPlane:
         answer = self._call("GET", "/v1/groups")
         return [str(name) for name in answer.get("groups", [])] if isinstance(answer, dict) else []
 
+    def delete_group(self, name: str) -> None:
+        self._call("DELETE", f"/v1/groups/{_quote(name)}")
+
     def group(self, name: str) -> dict[str, Any]:
         answer: dict[str, Any] = self._call("GET", f"/v1/groups/{_quote(name)}")
         return answer

@@ -152,6 +152,11 @@ class Admin:
         result: dict[str, Any] = self._call("GET", f"/v1/groups/{quote(name)}")
         return result
 
+    def delete_group(self, name: str) -> dict[str, Any]:
+        """Forgets the group's committed offsets; refused while it has members."""
+        result: dict[str, Any] = self._call("DELETE", f"/v1/groups/{quote(name)}")
+        return result
+
     def list_groups(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/v1/groups")
         return result

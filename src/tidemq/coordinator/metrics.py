@@ -11,6 +11,7 @@ counters, label sets bounded by brokers, topics, partitions and groups.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -87,6 +88,12 @@ class CoordinatorMetrics:
                 group=group,
                 group_epoch=epoch_after,
             )
+
+    def group_deleted(self, group: str) -> None:
+        """A deleted group's series goes too: its label set stays bounded."""
+        with contextlib.suppress(KeyError):
+            self.rebalances.remove(group)
+        event(log, "group_deleted", f"group {group} deleted", group=group)
 
 
 class ClusterCollector:

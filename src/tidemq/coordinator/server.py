@@ -55,6 +55,7 @@ from tidemq.core.metadata import (
     CommitOffsets,
     CompleteReassignment,
     CreateTopic,
+    DeleteGroup,
     DeleteTopic,
     InitCluster,
     Liveness,
@@ -71,6 +72,7 @@ from tidemq.core.placement import place_partitions
 from tidemq.core.rebalance import RebalanceLimits, plan_rebalance
 from tidemq.errors import (
     ClusterIdMismatch,
+    ClusterStateConflict,
     InvalidRequest,
     InvariantViolation,
     NoBrokersAvailable,
@@ -423,6 +425,29 @@ class Coordinator:
                 self.metrics.group_changed(name, epoch_before, group.group_epoch)
                 if not group.members:
                     del self.groups[name]
+
+    async def delete_group(self, name: str) -> None:
+        """Forgets a group's committed offsets and session bound; refused while it has
+        a member, or may have one this coordinator has not heard from since it started
+        (it is recovering: retry once the group's session bound has passed)."""
+        async with self._group_lock():
+            group = self.group(name)
+            if group.members:
+                raise ClusterStateConflict(
+                    f"group {name!r} has {len(group.members)} member(s): stop them first"
+                )
+            now_ms = self.clock_ms()
+            if group.recovering(now_ms):
+                raise Unavailable(
+                    f"group {name!r} may have members from before the coordinator "
+                    f"restarted (for {group.recover_until_ms - now_ms} ms more): retry"
+                )
+            if name not in self.state.offsets and name not in self.state.group_session_ms:
+                raise UnknownGroup(f"no group {name!r}")
+            await self._commit_locked([DeleteGroup(name)])
+            self.groups.pop(name, None)
+            self.recovery_bounds_ms.pop(name, None)
+            self.metrics.group_deleted(name)
 
     @contextlib.asynccontextmanager
     async def _group_lock(self) -> AsyncIterator[None]:
@@ -899,6 +924,20 @@ class _Handlers:
                 responses={"200": "OK", "404": "unknown_group"},
                 callers=ANY,
             ),
+            Endpoint(
+                "DELETE",
+                "/v1/groups/{group}",
+                self.delete_group,
+                "Forget a group's committed offsets (it must have no members)",
+                parameters=[_GROUP_PARAMETER],
+                responses={
+                    "200": "OK",
+                    "404": "unknown_group",
+                    "409": "cluster_state_conflict (the group has members)",
+                    "503": "unavailable: the group is recovering after a restart (retry)",
+                },
+                callers=CLIENTS,
+            ),
         ]
 
     # -- brokers --
@@ -1169,6 +1208,11 @@ class _Handlers:
 
     async def list_groups(self, _: web.Request) -> web.Response:
         return _json({"groups": sorted(set(self.c.groups) | set(self.c.state.offsets))})
+
+    async def delete_group(self, request: web.Request) -> web.Response:
+        name = check_name(request.match_info["group"], "group")
+        await self.c.delete_group(name)
+        return _json({"deleted": name})
 
     async def describe_group(self, request: web.Request) -> web.Response:
         name = check_name(request.match_info["group"], "group")

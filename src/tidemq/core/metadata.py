@@ -30,6 +30,8 @@ Must always hold:
   original + adding replicas; it shrinks to its target only when every target replica
   is in the ISR and the leader is one of them, or back to its original (cancel) only
   while the leader is an original replica: a move never drops the last in-sync copy.
+* at most MAX_GROUPS consumer groups are remembered (committed offsets or a session
+  bound): a command that would add one more is refused; DeleteGroup forgets one.
 * draining brokers receive no new replica; at least max(replication factor) brokers
   stay undrained.
 
@@ -54,6 +56,7 @@ from tidemq.errors import (
     StalePartitionEpoch,
     TopicExists,
     UnknownBroker,
+    UnknownGroup,
     UnknownPartition,
     UnknownTopic,
 )
@@ -61,6 +64,9 @@ from tidemq.errors import (
 MAX_TOPICS = 10_000
 MAX_BROKERS = 10_000
 MAX_PARTITIONS_PER_TOPIC = 10_000
+# Consumer groups the state remembers (committed offsets or a session bound): a group
+# new to the state past this is refused until an unused one is deleted (DeleteGroup).
+MAX_GROUPS = 10_000
 DELETED_TOPIC_IDS_MAX = 10_000
 SNAPSHOT_VERSION = 1
 
@@ -188,6 +194,14 @@ class RecordGroupSession:
     session_timeout_ms: int
 
 
+@dataclass(frozen=True)
+class DeleteGroup:
+    """Forgets a group's committed offsets and session bound. The shell sends it only
+    for a group with no member, live or possibly left from before a restart."""
+
+    group: str
+
+
 Command = (
     InitCluster
     | RegisterBroker
@@ -203,6 +217,7 @@ Command = (
     | CompleteReassignment
     | CancelReassignment
     | RecordGroupSession
+    | DeleteGroup
 )
 _COMMAND_TYPES: dict[str, type[Any]] = {
     cls.__name__: cls
@@ -221,6 +236,7 @@ _COMMAND_TYPES: dict[str, type[Any]] = {
         CompleteReassignment,
         CancelReassignment,
         RecordGroupSession,
+        DeleteGroup,
     )
 }
 
@@ -583,11 +599,29 @@ def _check_commit(state: ClusterState, command: CommitOffsets) -> None:
         state.partition(topic, partition)
         if offset < 0:
             raise InvalidRequest(f"offset must be >= 0, got {offset}")
+    _check_group_room(state, command.group)
 
 
 def _check_group_session(state: ClusterState, command: RecordGroupSession) -> None:
     if command.session_timeout_ms <= state.group_session_ms.get(command.group, 0):
         raise InvalidRequest("a group's session bound only grows")
+    _check_group_room(state, command.group)
+
+
+def _check_group_room(state: ClusterState, group: str) -> None:
+    """A group new to the state only while it remembers fewer than MAX_GROUPS."""
+    if group in state.offsets or group in state.group_session_ms:
+        return
+    if len(state.offsets.keys() | state.group_session_ms.keys()) >= MAX_GROUPS:
+        raise ClusterStateConflict(
+            f"the cluster already remembers {MAX_GROUPS} consumer groups (committed "
+            f"offsets or sessions): delete unused ones (tide groups delete NAME) first"
+        )
+
+
+def _check_delete_group(state: ClusterState, command: DeleteGroup) -> None:
+    if command.group not in state.offsets and command.group not in state.group_session_ms:
+        raise UnknownGroup(f"no group {command.group!r}")
 
 
 _CHECKS: dict[type[Any], Any] = {
@@ -603,6 +637,7 @@ _CHECKS: dict[type[Any], Any] = {
     CompleteReassignment: _check_complete,
     CancelReassignment: _check_cancel,
     RecordGroupSession: _check_group_session,
+    DeleteGroup: _check_delete_group,
 }
 
 
@@ -732,6 +767,11 @@ def _apply_group_session(state: ClusterState, command: RecordGroupSession) -> No
     state.group_session_ms[command.group] = command.session_timeout_ms
 
 
+def _apply_delete_group(state: ClusterState, command: DeleteGroup) -> None:
+    state.offsets.pop(command.group, None)
+    state.group_session_ms.pop(command.group, None)
+
+
 _APPLIES: dict[type[Any], Any] = {
     InitCluster: _apply_init,
     RegisterBroker: _apply_register,
@@ -747,6 +787,7 @@ _APPLIES: dict[type[Any], Any] = {
     CompleteReassignment: _apply_complete,
     CancelReassignment: _apply_cancel,
     RecordGroupSession: _apply_group_session,
+    DeleteGroup: _apply_delete_group,
 }
 
 

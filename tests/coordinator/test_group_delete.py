@@ -1,0 +1,118 @@
+"""Deleting a consumer group, and the bound on the groups the cluster remembers.
+
+Every group that commits or has a member leaves committed offsets and a session
+bound in the coordinator's state; tools that make a group per run (benchmarks, `tide
+consume` with a fresh group) grew that state without end. The state now remembers
+at most MAX_GROUPS groups (a new one past that is refused, 409, saying how to make
+room) and `DELETE /v1/groups/{group}` forgets one that has no member."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tests.coordinator.test_group_shell import (
+    SESSION_MS,
+    Api,
+    Clock,
+    coordinator,
+    owned,
+    run,
+)
+
+import tidemq.core.metadata as metadata
+
+
+async def metrics(api: Api) -> str:
+    async with api.client.get("/metrics") as response:
+        assert response.status == 200
+        return await response.text()
+
+
+def test_a_group_with_a_member_is_not_deleted_and_one_without_is_forgotten(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        async with coordinator(tmp_path, clock) as (c, _store, api):
+            await api.setup(partitions=2)
+            a = await api.beat(None, 0, [])
+            a = await api.beat(a["member_id"], a["member_epoch"], a["assignment"])
+            assert (await api.commit(a["member_id"], a["member_epoch"], 0, 7))[0] == 200
+            status, body = await api.call("DELETE", "/v1/groups/g")
+            assert (status, body["error"]["code"]) == (409, "cluster_state_conflict")
+            assert c.state.offsets["g"] == {("orders", 0): 7}  # nothing changed
+            assert 'tide_consumer_group_rebalances_total{group="g"}' in await metrics(api)
+            status, _ = await api.call("POST", "/v1/groups/g/leave", {"member_id": a["member_id"]})
+            assert status == 200
+            status, body = await api.call("DELETE", "/v1/groups/g")
+            assert (status, body) == (200, {"deleted": "g"})
+            assert "g" not in c.state.offsets and "g" not in c.state.group_session_ms
+            assert 'group="g"' not in await metrics(api)  # its series went with it
+            status, body = await api.call("GET", "/v1/groups/g")
+            assert (status, body["error"]["code"]) == (404, "unknown_group")
+            status, body = await api.call("DELETE", "/v1/groups/g")
+            assert (status, body["error"]["code"]) == (404, "unknown_group")
+        async with coordinator(tmp_path, clock) as (c, _store, _api):  # durable
+            assert "g" not in c.state.offsets and "g" not in c.state.group_session_ms
+
+    run(scenario)
+
+
+def test_a_group_is_not_deleted_while_members_from_before_a_restart_may_fetch(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        async with coordinator(tmp_path, clock) as (_c, _store, api):
+            await api.setup(partitions=2)
+            a = await api.beat(None, 0, [])
+            a = await api.beat(a["member_id"], a["member_epoch"], a["assignment"])
+            assert (await api.commit(a["member_id"], a["member_epoch"], 0, 7))[0] == 200
+        clock.now_ms += 5  # the coordinator restarts; a keeps fetching, unheard of
+        async with coordinator(tmp_path, clock) as (c, _store, api):
+            status, body = await api.call("DELETE", "/v1/groups/g")
+            assert (status, body["error"]["code"]) == (503, "unavailable")
+            assert c.state.offsets["g"] == {("orders", 0): 7}
+            clock.now_ms += SESSION_MS + 1  # a's session has certainly run out
+            status, body = await api.call("DELETE", "/v1/groups/g")
+            assert (status, body) == (200, {"deleted": "g"})
+
+    run(scenario)
+
+
+def test_past_the_bound_a_new_group_is_refused_until_one_is_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metadata, "MAX_GROUPS", 3)
+
+    async def scenario() -> None:
+        clock = Clock()
+        async with coordinator(tmp_path, clock) as (c, _store, api):
+            await api.setup(partitions=2)
+            for group in ("g1", "g2", "g3"):
+                assert (await api.commit(None, None, 0, 1, group=group))[0] == 200
+            status, body = await api.commit(None, None, 0, 1, group="g4")
+            assert (status, body["error"]["code"]) == (409, "cluster_state_conflict")
+            assert "tide groups delete" in body["error"]["message"]
+            # a member of a new group is refused too (its session bound is state)
+            status, body = await api.call(
+                "POST",
+                "/v1/groups/g5/heartbeat",
+                {
+                    "member_id": None,
+                    "member_epoch": 0,
+                    "topics": ["orders"],
+                    "owned": owned([]),
+                    "session_timeout_ms": SESSION_MS,
+                },
+            )
+            assert (status, body["error"]["code"]) == (409, "cluster_state_conflict")
+            assert "g5" not in c.groups and "g4" not in c.state.offsets
+            # groups already remembered go on committing
+            assert (await api.commit(None, None, 1, 2, group="g2"))[0] == 200
+            assert (await api.call("DELETE", "/v1/groups/g1"))[0] == 200
+            assert (await api.commit(None, None, 0, 1, group="g4"))[0] == 200
+            assert set(c.state.offsets) == {"g2", "g3", "g4"}
+
+    run(scenario)
