@@ -9,6 +9,7 @@ room) and `DELETE /v1/groups/{group}` forgets one that has no member."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.coordinator.test_group_shell import (
@@ -29,16 +30,22 @@ async def metrics(api: Api) -> str:
         return await response.text()
 
 
+async def member_that_committed(api: Api) -> dict[str, Any]:
+    """Group g's one member, holding both partitions, having committed 7 on 0."""
+    await api.setup(partitions=2)
+    a = await api.beat(None, 0, [])
+    a = await api.beat(a["member_id"], a["member_epoch"], a["assignment"])
+    assert (await api.commit(a["member_id"], a["member_epoch"], 0, 7))[0] == 200
+    return a
+
+
 def test_a_group_with_a_member_is_not_deleted_and_one_without_is_forgotten(
     tmp_path: Path,
 ) -> None:
     async def scenario() -> None:
         clock = Clock()
         async with coordinator(tmp_path, clock) as (c, _store, api):
-            await api.setup(partitions=2)
-            a = await api.beat(None, 0, [])
-            a = await api.beat(a["member_id"], a["member_epoch"], a["assignment"])
-            assert (await api.commit(a["member_id"], a["member_epoch"], 0, 7))[0] == 200
+            a = await member_that_committed(api)
             status, body = await api.call("DELETE", "/v1/groups/g")
             assert (status, body["error"]["code"]) == (409, "cluster_state_conflict")
             assert c.state.offsets["g"] == {("orders", 0): 7}  # nothing changed
@@ -65,10 +72,7 @@ def test_a_group_is_not_deleted_while_members_from_before_a_restart_may_fetch(
     async def scenario() -> None:
         clock = Clock()
         async with coordinator(tmp_path, clock) as (_c, _store, api):
-            await api.setup(partitions=2)
-            a = await api.beat(None, 0, [])
-            a = await api.beat(a["member_id"], a["member_epoch"], a["assignment"])
-            assert (await api.commit(a["member_id"], a["member_epoch"], 0, 7))[0] == 200
+            await member_that_committed(api)
         clock.now_ms += 5  # the coordinator restarts; a keeps fetching, unheard of
         async with coordinator(tmp_path, clock) as (c, _store, api):
             status, body = await api.call("DELETE", "/v1/groups/g")
