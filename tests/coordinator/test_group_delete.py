@@ -8,6 +8,7 @@ room) and `DELETE /v1/groups/{group}` forgets one that has no member."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from tests.coordinator.test_group_shell import (
     coordinator,
     owned,
     run,
+    until,
 )
 
 import tidemq.core.metadata as metadata
@@ -118,5 +120,41 @@ def test_past_the_bound_a_new_group_is_refused_until_one_is_deleted(
             assert (await api.call("DELETE", "/v1/groups/g1"))[0] == 200
             assert (await api.commit(None, None, 0, 1, group="g4"))[0] == 200
             assert set(c.state.offsets) == {"g2", "g3", "g4"}
+
+    run(scenario)
+
+
+def test_new_groups_committing_in_one_transaction_stay_within_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent commits are checked, then persisted together: each new group counts
+    against the room the ones before it in the batch took. Were each checked against
+    the state alone, a batch would pass the bound, and the second apply (or its
+    replay after a restart) would fail, stopping the coordinator."""
+    monkeypatch.setattr(metadata, "MAX_GROUPS", 2)
+
+    async def scenario() -> None:
+        clock = Clock()
+        async with coordinator(tmp_path, clock) as (c, store, api):
+            await api.setup(partitions=3)
+            store.appends.clear()
+            store.gate.clear()
+            first = asyncio.create_task(api.commit(None, None, 0, 1, group="a"))
+            await until(lambda: len(store.appends) == 1, "the first commit's fsync")
+            queued = [
+                asyncio.create_task(api.commit(None, None, p, 5, group=name))
+                for p, name in ((1, "b"), (2, "c"))
+            ]
+            await until(
+                lambda: len(getattr(c, "_pending_commits", [])) == 2,
+                "both to queue behind the first",
+            )
+            store.gate.set()
+            assert (await first)[0] == 200
+            answers = await asyncio.gather(*queued)
+            assert sorted(status for status, _ in answers) == [200, 409]
+            assert len(c.state.offsets) == 2
+        async with coordinator(tmp_path, clock) as (c, _store, _api):  # replays cleanly
+            assert len(c.state.offsets) == 2
 
     run(scenario)

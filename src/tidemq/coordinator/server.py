@@ -65,8 +65,10 @@ from tidemq.core.metadata import (
     RegisterBroker,
     SetBrokerDraining,
     TopicState,
+    check_group_room,
     plan_failover,
     plan_reelection,
+    remembers_group,
 )
 from tidemq.core.placement import place_partitions
 from tidemq.core.rebalance import RebalanceLimits, plan_rebalance
@@ -398,6 +400,8 @@ class Coordinator:
     ) -> HeartbeatResult:
         async with self._group_lock():
             if session_timeout_ms > self.state.group_session_ms.get(name, 0):
+                if not remembers_group(self.state, name):
+                    check_group_room(self.state, [name])
                 # persisted before any member may rely on it (see core.groups)
                 await self._commit_locked([RecordGroupSession(name, session_timeout_ms)])
             group = self.group(name)
@@ -498,20 +502,26 @@ class Coordinator:
             batch = [only]
         now_ms = self.clock_ms()
         accepted: list[_PendingCommit] = []
+        new_groups: set[str] = set()  # the batch's groups the state does not remember
         for entry in batch:
             if entry.future.done():  # its request was cancelled
                 continue
             command = entry.command
+            new = not remembers_group(self.state, command.group)
             try:
                 partitions = [(topic, partition) for topic, partition, _ in command.offsets]
                 self.group(command.group).validate_commit(
                     entry.member_id, entry.member_epoch, partitions, now_ms
                 )
                 self.state.check(command)
+                if new:
+                    check_group_room(self.state, new_groups | {command.group})
             except TideError as error:
                 entry.future.set_exception(error)
                 continue
             accepted.append(entry)
+            if new:
+                new_groups.add(command.group)
         try:
             results = await self._commit_locked([entry.command for entry in accepted])
         except Exception as error:

@@ -31,7 +31,9 @@ Must always hold:
   is in the ISR and the leader is one of them, or back to its original (cancel) only
   while the leader is an original replica: a move never drops the last in-sync copy.
 * at most MAX_GROUPS consumer groups are remembered (committed offsets or a session
-  bound): a command that would add one more is refused; DeleteGroup forgets one.
+  bound): the shell refuses a command that would add one more (``check_group_room``,
+  a policy outside ``check`` so that replay never fails on it); DeleteGroup forgets
+  one.
 * draining brokers receive no new replica; at least max(replication factor) brokers
   stay undrained.
 
@@ -599,23 +601,32 @@ def _check_commit(state: ClusterState, command: CommitOffsets) -> None:
         state.partition(topic, partition)
         if offset < 0:
             raise InvalidRequest(f"offset must be >= 0, got {offset}")
-    _check_group_room(state, command.group)
 
 
 def _check_group_session(state: ClusterState, command: RecordGroupSession) -> None:
     if command.session_timeout_ms <= state.group_session_ms.get(command.group, 0):
         raise InvalidRequest("a group's session bound only grows")
-    _check_group_room(state, command.group)
 
 
-def _check_group_room(state: ClusterState, group: str) -> None:
-    """A group new to the state only while it remembers fewer than MAX_GROUPS."""
-    if group in state.offsets or group in state.group_session_ms:
+def remembers_group(state: ClusterState, group: str) -> bool:
+    return group in state.offsets or group in state.group_session_ms
+
+
+def check_group_room(state: ClusterState, new_groups: Collection[str]) -> None:
+    """Raises ClusterStateConflict unless the state can remember ``new_groups`` (names
+    it does not remember yet) within MAX_GROUPS. A policy the shell applies before it
+    persists a command, deliberately not a rule of ``check``: a persisted command must
+    apply on replay whatever the bound is then, and commands persisted together are
+    each checked against the state before them (the shell counts the batch's new
+    groups itself)."""
+    if not new_groups:
         return
-    if len(state.offsets.keys() | state.group_session_ms.keys()) >= MAX_GROUPS:
+    remembered = len(state.offsets.keys() | state.group_session_ms.keys())
+    if remembered + len(new_groups) > MAX_GROUPS:
         raise ClusterStateConflict(
-            f"the cluster already remembers {MAX_GROUPS} consumer groups (committed "
-            f"offsets or sessions): delete unused ones (tide groups delete NAME) first"
+            f"the cluster already remembers {remembered} consumer groups (committed "
+            f"offsets or sessions), at most {MAX_GROUPS}: delete unused ones "
+            f"(tide groups delete NAME) first"
         )
 
 
