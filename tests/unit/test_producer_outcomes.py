@@ -23,6 +23,7 @@ from tidemq.client.sequencing import EPOCH_MAX
 from tidemq.core.producers import Append, Behind
 from tidemq.errors import (
     BrokerBusy,
+    ClientClosed,
     ConnectionFailed,
     InternalError,
     OutcomeUnknown,
@@ -494,3 +495,95 @@ def test_a_written_record_whose_resends_time_out_fails_as_unknown(leaders: Any) 
         client.close(timeout=5)
     assert leader.values() == [b"v0"]
     assert isinstance(v0, OutcomeUnknown), repr(v0)
+
+
+def test_close_during_a_leader_lookup_fails_the_unsent_record_as_closed(
+    leaders: Any, monkeypatch: Any
+) -> None:
+    """The coordinator is unreachable when a drained group looks up its leader
+    (metadata invalidated). close() cancels _deliver_grouped inside the lookup: no
+    handler failed the group and its future never completed. Nothing was sent, so
+    it fails with ClientClosed."""
+    leaders(0)
+    looking = []
+
+    class SlowMetadata(FakeMetadata):
+        async def leader(self, topic: str, partition: int) -> PartitionInfo:
+            looking.append(partition)
+            await asyncio.sleep(3600)  # the coordinator does not answer
+            raise AssertionError
+
+    monkeypatch.setattr(producer_module, "MetadataCache", SlowMetadata)
+    client = producer()
+    future = client.send("t", b"v0", partition=0)
+    deadline = time.monotonic() + 5
+    while not looking:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    client.close(timeout=0.1)
+    [v0] = settle([future], timeout_s=10)
+    assert isinstance(v0, ClientClosed), repr(v0)
+
+
+def _close_with_a_partition_waiting_to_recover(leaders: Any, monkeypatch: Any) -> list[str]:
+    """One run of the scenario below; the names of the records that never completed."""
+    l0, l1 = leaders(0), leaders(1)
+    requests: list[list[int]] = []
+
+    class Script(FakeTransport):
+        async def request_json(self, method: str, url: str, data: bytes = b"", **_: Any) -> Any:
+            entries = list(decode_produce(data))
+            requests.append([entry.partition for entry in entries])
+            for entry in entries:
+                (l0, l1)[entry.partition].append(bytes(entry.batches))
+            if len(requests) == 2:  # g1: appended, answer lost
+                await asyncio.sleep(0.3)
+                raise ConnectionFailed("answer lost")
+            await asyncio.sleep(3600)  # x, and then g2 + h: no answer
+
+    monkeypatch.setattr(producer_module, "Transport", Script)
+    client = producer_module.Producer(
+        bootstrap="https://coordinator", linger_ms=100, retry_backoff_ms=20,
+        retry_backoff_max_ms=50,
+    )  # fmt: skip
+    x = client.send("t", b"x", partition=1)
+    while not requests:
+        time.sleep(0.005)
+    g1 = client.send("t", b"g1", partition=0)
+    while len(requests) < 2:
+        time.sleep(0.005)
+    g2 = client.send("t", b"g2", partition=0)
+    h = client.send("t", b"h", partition=1)
+    time.sleep(0.6)
+    assert requests == [[1], [0], [0, 1]], requests
+    client.close(timeout=0.1)
+    hung = []
+    for name, future in zip(("x", "g1", "g2", "h"), (x, g1, g2, h), strict=True):
+        if not future._batch.wait(2):
+            hung.append(name)
+        else:
+            assert isinstance(future.exception(), OutcomeUnknown), (name, future.exception())
+    for leader in (l0, l1):
+        leader.log.close()
+    return hung
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_close_cancelling_a_request_while_its_partition_waits_to_recover_fails_every_record(
+    leaders: Any, monkeypatch: Any
+) -> None:
+    """x (tp1) is in flight for ever; g1 (tp0) is appended and its answer lost, so tp0
+    waits to recover until its in-flight g2 settles. g2 (tp0) and h (tp1) share one
+    multi-partition request (in that order) whose answer never comes. close() cancels
+    it: the handler gave up g2 -> _settle -> _maybe_recover -> TaskGroup.create_task,
+    which raised RuntimeError("TaskGroup ... is shutting down") whenever the main
+    task's cancellation ran first (about one run in two: the order of
+    asyncio.all_tasks), the loop over the request's items stopped and h never
+    completed. Every record may be in the log: each fails with OutcomeUnknown.
+    Repeated to catch both orders."""
+    hangs = [
+        (run, name)
+        for run in range(6)
+        for name in _close_with_a_partition_waiting_to_recover(leaders, monkeypatch)
+    ]
+    assert not hangs, f"records never completed after close(): {hangs}"

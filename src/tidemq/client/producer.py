@@ -283,7 +283,23 @@ class Producer:
             log.exception("the producer's sender stopped")
             raise
         finally:
+            self._fail_unsettled()
             await self._transport.close()
+
+    def _fail_unsettled(self) -> None:
+        """The loop stops (close, or the sender died): every group no handler settled
+        fails, so that no record's future waits for ever. A group that may have been
+        sent (in flight, or an attempt's outcome unknown) fails with OutcomeUnknown,
+        one only held back with ClientClosed (see _give_up)."""
+        self._closing = True  # no recovery task starts from here on
+        closed = ClientClosed("the producer closed before delivery")
+        for tp, sequencer in list(self._sequencers.items()):
+            for request in list(sequencer.groups):
+                if request not in sequencer.groups:
+                    continue  # settled by the give-up of an earlier group
+                if request.in_flight:
+                    request.maybe_appended = True
+                self._give_up(tp, request, closed)
 
     async def _sender(self, group: asyncio.TaskGroup) -> None:
         accumulator = self._accumulator
@@ -349,16 +365,28 @@ class Producer:
         failed goes to ``_failed``: it is paused and resent in order by ``_recover``.
         """
         by_leader: dict[str, list[tuple[TopicPartition, RequestGroup, int]]] = {}
-        for tp, request in drained:
-            try:
-                info = await self._metadata.leader(*tp)
-            except TideError as error:
-                self._failed(tp, request, error)
-                continue
-            if info.leader_url is None:
-                self._failed(tp, request, NotLeader(f"{tp[0]}/{tp[1]} has no leader"))
-            else:
-                by_leader.setdefault(info.leader_url, []).append((tp, request, info.leader_epoch))
+        looked = 0
+        try:
+            for tp, request in drained:
+                looked += 1
+                try:
+                    info = await self._metadata.leader(*tp)
+                except TideError as error:
+                    self._failed(tp, request, error)
+                    continue
+                if info.leader_url is None:
+                    self._failed(tp, request, NotLeader(f"{tp[0]}/{tp[1]} has no leader"))
+                else:
+                    entry = (tp, request, info.leader_epoch)
+                    by_leader.setdefault(info.leader_url, []).append(entry)
+        except asyncio.CancelledError:  # close() while a leader lookup waits: none sent
+            unsent = [(tp, request) for items in by_leader.values() for tp, request, _ in items]
+            unsent += drained[looked - 1 :]
+            closed = ClientClosed("the producer closed before delivery")
+            for tp, request in unsent:
+                if request in self._sequencer(tp).groups:
+                    self._give_up(tp, request, closed)
+            raise
         if len(by_leader) == 1:  # the usual case: no task for one request
             ((url, items),) = by_leader.items()
             await self._deliver_to_leader(url, items)
@@ -383,9 +411,11 @@ class Producer:
             if not isinstance(results, list) or len(results) != len(items):
                 raise InternalError("malformed multi-partition produce answer")
         except asyncio.CancelledError:
+            for _, request, _ in items:  # every one first: the request may have landed
+                request.maybe_appended = True
             for tp, request, _ in items:
-                request.maybe_appended = True  # the request may have reached the leader
-                self._give_up(tp, request, ClientClosed("the producer closed before delivery"))
+                if request in self._sequencer(tp).groups:
+                    self._give_up(tp, request, ClientClosed("the producer closed before delivery"))
             raise
         except TideError as error:
             log.debug("produce to %s failed (%s); resending per partition", leader_url, error)
@@ -476,6 +506,8 @@ class Producer:
         self._maybe_recover(tp, sequencer)
 
     def _maybe_recover(self, tp: TopicPartition, sequencer: PartitionSequencer) -> None:
+        if self._closing:  # the task group may be shutting down: _fail_unsettled settles
+            return
         if tp in self._recoveries and sequencer.in_flight == 0:
             self._recoveries.discard(tp)
             self._tasks.create_task(self._recover(tp, sequencer))
