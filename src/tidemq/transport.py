@@ -88,6 +88,12 @@ def translate_exception(exc: BaseException, what: str) -> TideError:
 CHANNEL_TARGETS = frozenset({"POST /v1/produce", "POST /v1/fetch", "POST /v1/replica/fetch"})
 CHANNEL_RETRY_S = 60.0
 CHANNEL_PENDING_MAX = 1024
+# Bodies up to this go over a channel before its hello has said the peer's limit:
+# every peer's channel takes such a frame (a peer of the previous version sends no
+# hello and takes frames of its body limit plus 64 KiB). How long a larger body waits
+# for the hello before it goes over HTTP (once per channel: a peer without a hello).
+CHANNEL_BODY_DEFAULT = 60 * 1024
+HELLO_WAIT_S = 1.0
 # Above the largest answer: a consumer fetch is capped at 64 MiB of batches in total,
 # plus per-partition framing and one batch past the budget.
 _CHANNEL_FRAME_MAX = 128 * 1024 * 1024
@@ -100,26 +106,51 @@ class _NotOnChannel(Exception):
 class _Channel:
     """One WebSocket to one peer; requests matched to answers by id.
 
-    Usable once the peer's hello (its first frame) has said its body limit: a body
-    up to it goes over the channel, a larger one over HTTP (413 past the limit). A
-    frame past the peer's limit would close the whole channel, failing every request
-    waiting on it. Every body the peer takes going over the one channel keeps a
-    producer's pipelined batches of a partition in order: requests spread over
-    several HTTP connections can overtake each other (an out_of_order_sequence, and
-    every later batch of the partition sent again)."""
+    The peer's hello (its first frame) says its body limit: a body up to it goes over
+    the channel, a larger one over HTTP (413 past the limit; a frame past the peer's
+    limit would close the whole channel, failing every request waiting on it). Every
+    body the peer takes going over the one channel keeps a producer's pipelined
+    batches of a partition in order: requests spread over several HTTP connections
+    can overtake each other (an out_of_order_sequence, and every later batch of the
+    partition sent again). Until the hello, and for a peer of the previous version
+    (which sends none), bodies up to ``CHANNEL_BODY_DEFAULT`` go over the channel at
+    once; a larger one waits up to ``HELLO_WAIT_S`` for the hello, once per channel."""
 
     def __init__(self, socket: aiohttp.ClientWebSocketResponse, what: str) -> None:
         self.socket = socket
         self.what = what
         self._ids = itertools.count(HELLO_ID + 1)
         self._pending: dict[int, asyncio.Future[ChannelAnswer]] = {}
-        self.hello: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.max_body_bytes = CHANNEL_BODY_DEFAULT
+        self._hello = asyncio.Event()  # set by the hello, or when waiting for it ended
+        self._hello_seen = False
+        self._last_waiter: asyncio.Future[None] | None = None  # see body_fits
         self._reader = asyncio.ensure_future(self._read())
 
-    @property
-    def max_body_bytes(self) -> int:
-        """The peer's body limit (its hello has arrived: see HttpTransport._channel)."""
-        return self.hello.result()
+    async def body_fits(self, size: int, timeout_s: float) -> bool:
+        """Whether a body of ``size`` bytes may go over this channel, waiting up to
+        ``timeout_s`` (and HELLO_WAIT_S) for the hello when it matters. Requests that
+        came while an earlier one waits wait for it in turn, whatever their size, so
+        they leave in the order they came (each writes its frame in the same step as
+        it returns from here: the next one resumes only after that)."""
+        previous = self._last_waiter
+        if (previous is None or previous.done()) and (
+            self._hello.is_set() or size <= self.max_body_bytes
+        ):
+            return size <= self.max_body_bytes
+        turn = self._last_waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(min(timeout_s, HELLO_WAIT_S)):
+                if previous is not None:
+                    await asyncio.shield(previous)
+                if size > self.max_body_bytes:
+                    await self._hello.wait()
+        except TimeoutError:
+            if not self._hello.is_set():  # a peer without a hello: never wait again
+                self._hello.set()
+        finally:
+            turn.set_result(None)
+        return size <= self.max_body_bytes
 
     @property
     def closed(self) -> bool:
@@ -152,9 +183,11 @@ class _Channel:
                     break
                 answer = decode_answer(message.data)
                 if answer.request_id == HELLO_ID:
-                    if self.hello.done():
+                    if self._hello_seen:
                         raise ValueError("a second hello")
-                    self.hello.set_result(_hello_body_max(answer))
+                    self._hello_seen = True
+                    self.max_body_bytes = _hello_body_max(answer)
+                    self._hello.set()
                     continue
                 waiter = self._pending.get(answer.request_id)
                 if waiter is not None and not waiter.done():
@@ -163,8 +196,7 @@ class _Channel:
             failure = exc
         finally:
             error = ConnectionFailed(f"{self.what}: channel closed ({failure!r})")
-            if not self.hello.done():
-                self.hello.set_exception(error)
+            self._hello.set()
             for waiter in self._pending.values():
                 if not waiter.done():
                     waiter.set_exception(error)
@@ -245,14 +277,7 @@ class HttpTransport:
                     self._no_channel_until[(base, "")] = time.monotonic() + CHANNEL_RETRY_S
                     return None
                 raise
-            channel = _Channel(socket, base)
-            try:
-                async with asyncio.timeout(self._request_timeout_s):
-                    await asyncio.shield(channel.hello)
-            except BaseException:
-                await channel.close()
-                raise
-            self._channels[base] = channel
+            channel = self._channels[base] = _Channel(socket, base)
             return channel
 
     def _channel_target(self, method: str, url: str) -> tuple[str, str] | None:
@@ -282,9 +307,11 @@ class HttpTransport:
         timeout_ms: int | None,
     ) -> tuple[bytes, Mapping[str, str]]:
         channel = await self._channel(base)
-        if channel is None or len(data) > channel.max_body_bytes:
+        if channel is None:
             raise _NotOnChannel()
         timeout_s = self._request_timeout_s if timeout_ms is None else timeout_ms / 1000
+        if not await channel.body_fits(len(data), timeout_s):
+            raise _NotOnChannel()
         answer = await channel.call(target, params, data, timeout_s)
         status, headers, body = answer.status, answer.headers, answer.body
         if status == 404 and b'"not_found"' in body:

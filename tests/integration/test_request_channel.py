@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -26,8 +27,10 @@ import tidemq.service.http as http_module
 from tidemq.errors import (
     ConnectionFailed,
     Forbidden,
+    InternalError,
     InvalidRequest,
     NotLeader,
+    RequestTimedOut,
     RequestTooLarge,
     Unavailable,
 )
@@ -37,9 +40,9 @@ from tidemq.service.channel import Operation, Reply, channel_endpoint
 from tidemq.service.http import Endpoint
 from tidemq.tls import client_context as tls_client_context
 from tidemq.tls import ensure_cluster_pki, server_context
-from tidemq.transport import HttpTransport
+from tidemq.transport import CHANNEL_BODY_DEFAULT, HELLO_WAIT_S, HttpTransport
 from tidemq.wire import control
-from tidemq.wire.channel import HELLO_ID, decode_answer, encode_request
+from tidemq.wire.channel import FRAME_HEAD_MAX, HELLO_ID, decode_answer, encode_request
 from tidemq.wire.replica_fetch import ReplicaFetchRequest
 
 NAMES = ["coordinator", "broker-1", "broker-2", "client"]
@@ -94,7 +97,7 @@ class Dummy:
 
 @asynccontextmanager
 async def service(
-    tmp_path: Path, with_channel: bool = True, serve_fetch: bool = True
+    tmp_path: Path, with_channel: bool = True, serve_fetch: bool = True, timeout_ms: int = 5000
 ) -> AsyncIterator[tuple[Dummy, str, dict[str, HttpTransport]]]:
     files = ensure_cluster_pki(tmp_path / "pki", NAMES)
     dummy = Dummy()
@@ -112,7 +115,7 @@ async def service(
         stack.push_async_callback(server.close)
         transports = {}
         for name in NAMES:
-            transport = HttpTransport(tls_client_context(files[name]), {}, 4, 5000)
+            transport = HttpTransport(tls_client_context(files[name]), {}, 4, timeout_ms)
             stack.push_async_callback(transport.close)
             transports[name] = transport
         yield dummy, str(server.make_url("")).rstrip("/"), transports
@@ -415,6 +418,102 @@ def test_every_body_up_to_the_peers_limit_goes_over_the_channel_in_order(
             with pytest.raises(RequestTooLarge):  # past the limit: HTTP's 413
                 await client.request("POST", base + "/v1/produce", data=b"x" * ((1 << 16) + 1))
             assert dummy.calls[len(sizes) :] == [("http", "/v1/produce")]
+
+    run(scenario)
+
+
+@pytest.fixture
+def no_hello(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service answers as the previous version did: a channel, but no hello."""
+    send = channel_module._send
+
+    async def without_hello(socket: web.WebSocketResponse, answer: Any) -> None:
+        if answer.request_id != HELLO_ID:
+            await send(socket, answer)
+
+    monkeypatch.setattr(channel_module, "_send", without_hello)
+
+
+@pytest.mark.usefixtures("no_hello")
+def test_a_peer_that_sends_no_hello_is_served_and_waited_for_once(tmp_path: Path) -> None:
+    """A broker of the previous version (a rolling upgrade): requests go over its
+    channel at once; a body past the default limit waits for the hello once, then
+    goes over HTTP, and later ones at once. Waiting for the hello before any request
+    timed every request out against such a peer: an upgraded follower could not
+    replicate from a leader not yet upgraded."""
+
+    async def scenario() -> None:
+        async with service(tmp_path, timeout_ms=3000) as (dummy, base, transports):
+            client = transports["client"]
+            for _ in range(2):
+                answer = await client.request_json("POST", base + "/v1/produce", data=b"abc")
+                assert answer == {"acks": None, "n": 3}
+            assert dummy.calls == [("channel", "produce")] * 2
+            big = b"x" * (CHANNEL_BODY_DEFAULT + 1)
+            started = time.monotonic()
+            assert (await client.request_json("POST", base + "/v1/produce", data=big))["n"] == len(
+                big
+            )
+            assert HELLO_WAIT_S * 0.9 <= time.monotonic() - started < HELLO_WAIT_S + 1.0
+            started = time.monotonic()
+            await client.request_json("POST", base + "/v1/produce", data=big)
+            assert time.monotonic() - started < HELLO_WAIT_S / 2  # not waited for again
+            assert dummy.calls[2:] == [("http", "/v1/produce")] * 2
+
+    run(scenario)
+
+
+@pytest.mark.usefixtures("no_hello")
+def test_requests_to_a_peer_that_sends_no_hello_each_end_within_their_timeout(
+    tmp_path: Path,
+) -> None:
+    """Concurrent requests to such a peer do not queue up behind one another's wait
+    for a hello (they ended at 1, 2, 3 and 4 s with a 1 s timeout), and a request's
+    own timeout bounds it."""
+
+    async def scenario() -> None:
+        async with service(tmp_path, timeout_ms=1000) as (_dummy, base, transports):
+            client = transports["client"]
+            started = time.monotonic()
+            answers = await asyncio.gather(
+                *(client.request_json("POST", base + "/v1/produce", data=b"x") for _ in range(4))
+            )
+            assert [answer["n"] for answer in answers] == [1] * 4
+            assert time.monotonic() - started < 1.0
+            started = time.monotonic()
+            with pytest.raises(RequestTimedOut):  # the fetch long-polls until released
+                await client.request("POST", base + "/v1/fetch", data=b"x", timeout_ms=300)
+            assert time.monotonic() - started < 0.8
+
+    run(scenario)
+
+
+def test_a_request_head_at_the_frame_limit_fails_alone_and_closes_no_channel(
+    tmp_path: Path,
+) -> None:
+    """aiohttp refuses a message of exactly its max_msg_size (the body limit plus
+    FRAME_HEAD_MAX): a head of exactly FRAME_HEAD_MAX with a body at the limit closed
+    the whole channel, failing a long-poll waiting on it. Such a head is refused
+    before anything is sent."""
+
+    async def scenario() -> None:
+        async with service(tmp_path) as (dummy, base, transports):
+            client = transports["client"]
+            poll = asyncio.ensure_future(client.request("POST", base + "/v1/fetch", data=b"p"))
+            while ("channel", "fetch") not in dummy.calls:
+                await asyncio.sleep(0.01)
+            head = 6 + len("POST /v1/produce") + 2 + len("q=")
+            params = {"q": "a" * (FRAME_HEAD_MAX - head)}  # a head of FRAME_HEAD_MAX
+            with pytest.raises(InternalError, match="target and query"):
+                await client.request("POST", base + "/v1/produce", params=params, data=b"x")
+            params = {"q": "a" * (FRAME_HEAD_MAX - head - 1)}  # one byte less: served
+            body, _ = await client.request(
+                "POST", base + "/v1/produce", params=params, data=b"x" * (1 << 16)
+            )
+            assert json.loads(body)["n"] == 1 << 16
+            assert not poll.done()
+            dummy.release.set()
+            assert (await asyncio.wait_for(poll, 5))[0] == b"data:p"
 
     run(scenario)
 

@@ -23,8 +23,8 @@ CHANNEL_PATH = "/v1/channel"
 # The server's first frame, an answer with this id, says its body limit (JSON body
 # ``{"max_body_bytes": N}``); requests never use the id.
 HELLO_ID = 0
-# A request frame's head (id, target, query) is at most this: a peer takes frames of
-# its body limit plus this.
+# A request frame's head (id, target, query) is below this: a peer takes frames
+# shorter than its body limit plus this.
 FRAME_HEAD_MAX = 64 * 1024
 _REQUEST_HEAD = struct.Struct(">IH")
 _U16 = struct.Struct(">H")
@@ -51,8 +51,10 @@ def encode_request(
 ) -> bytes:
     target_bytes = target.encode()
     query_bytes = urlencode(query or {}).encode()
-    if _REQUEST_HEAD.size + len(target_bytes) + _U16.size + len(query_bytes) > FRAME_HEAD_MAX:
-        raise ValueError(f"a channel request's target and query exceed {FRAME_HEAD_MAX} bytes")
+    # Strictly below: aiohttp refuses a message of exactly its max_msg_size (the body
+    # limit plus FRAME_HEAD_MAX), which would close the whole channel.
+    if _REQUEST_HEAD.size + len(target_bytes) + _U16.size + len(query_bytes) >= FRAME_HEAD_MAX:
+        raise ValueError(f"a channel request's target and query reach {FRAME_HEAD_MAX} bytes")
     return b"".join(
         (
             _REQUEST_HEAD.pack(request_id, len(target_bytes)),
