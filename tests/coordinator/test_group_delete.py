@@ -158,3 +158,98 @@ def test_new_groups_committing_in_one_transaction_stay_within_the_bound(
             assert len(c.state.offsets) == 2
 
     run(scenario)
+
+
+def test_a_deleted_group_that_was_only_in_a_snapshot_as_empty_offsets_replays(
+    tmp_path: Path,
+) -> None:
+    """An empty member-less commit (`{"offsets": []}`, valid per the schema) makes
+    state.offsets["x"] = {}; the snapshot writes no row for it, so the group is
+    remembered live but not after a restart from that snapshot. DELETE passes the
+    live check, DeleteGroup("x") is persisted after the snapshot, and its replay
+    raises UnknownGroup: the coordinator can no longer start."""
+
+    async def scenario() -> None:
+        clock = Clock()
+        async with coordinator(tmp_path, clock, snapshot_every=2) as (c, store, api):
+            await api.setup(partitions=1)
+            status, body = await api.call("POST", "/v1/groups/x/offsets", {"offsets": []})
+            assert status == 200, body
+            assert store.snapshot_seq == store.last_seq  # a snapshot covers the commit
+            # An empty commit remembers nothing now (it made offsets["x"] = {}, which
+            # no snapshot row held); a DeleteGroup persisted for such a group replays.
+            assert "x" not in c.state.offsets
+            status, body = await api.call("DELETE", "/v1/groups/x")
+            assert (status, body["error"]["code"]) == (404, "unknown_group")
+            c.state.offsets["x"] = {}  # as a state written before this fix holds it
+            status, body = await api.call("DELETE", "/v1/groups/x")
+            assert (status, body) == (200, {"deleted": "x"})
+        # It used to stop every start: InvariantViolation "command N does not replay".
+        async with coordinator(tmp_path, clock, snapshot_every=2) as (c, _store, _api):
+            assert "x" not in c.state.offsets
+
+    run(scenario)
+
+
+def test_every_group_the_bound_counts_can_be_found_with_list_and_describe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group whose members consumed without committing (delivery="manual" without a
+    commit, tide consume with a fresh group that read nothing) is remembered by its
+    session bound only. It counts against MAX_GROUPS, but GET /v1/groups lists only
+    in-memory groups and groups with offsets, and describe answers 404: at the bound
+    the operator told to 'tide groups delete' unused groups cannot find it."""
+    monkeypatch.setattr(metadata, "MAX_GROUPS", 1)
+
+    async def scenario() -> None:
+        clock = Clock()
+        async with coordinator(tmp_path, clock) as (_c, _store, api):
+            await api.setup(partitions=1)
+            a = await api.beat(None, 0, [])  # group g: joins, never commits, leaves
+            status, _ = await api.call("POST", "/v1/groups/g/leave", {"member_id": a["member_id"]})
+            assert status == 200
+            status, body = await api.commit(None, None, 0, 1, group="other")
+            assert (status, body["error"]["code"]) == (409, "cluster_state_conflict")
+            status, body = await api.call("GET", "/v1/groups")
+            assert status == 200
+            assert "g" in body["groups"], body  # was {"groups": []}
+            status, _ = await api.call("GET", "/v1/groups/g")
+            assert status == 200  # was 404 unknown_group (yet DELETE worked)
+
+    run(scenario)
+
+
+def test_a_refused_heartbeat_does_not_make_the_state_remember_a_group(
+    tmp_path: Path,
+) -> None:
+    """A late heartbeat of a member of a deleted group (epoch > 0, unknown member) is
+    fenced (409), yet RecordGroupSession is committed before the heartbeat is judged:
+    the refused request brings the deleted group back into the state (and takes a slot
+    of the bound, invisible to GET /v1/groups)."""
+
+    async def scenario() -> None:
+        clock = Clock()
+        async with coordinator(tmp_path, clock) as (c, _store, api):
+            await api.setup(partitions=1)
+            a = await api.beat(None, 0, [])
+            a = await api.beat(a["member_id"], a["member_epoch"], a["assignment"])
+            clock.now_ms += SESSION_MS + 1
+            await c.tick()  # a's session expired: the group has no member
+            status, _ = await api.call("DELETE", "/v1/groups/g")
+            assert status == 200
+            before = c.state.to_snapshot()
+            status, body = await api.beat_raw(
+                {
+                    "member_id": a["member_id"],
+                    "member_epoch": a["member_epoch"],
+                    "topics": ["orders"],
+                    "owned": a["assignment"],
+                    "session_timeout_ms": SESSION_MS,
+                }
+            )
+            assert (status, body["error"]["code"]) == (409, "fenced_member")
+            # nothing changed (group_sessions gained g: the deleted group came back)
+            assert c.state.to_snapshot() == before
+            assert not metadata.remembers_group(c.state, "g")
+
+    run(scenario)

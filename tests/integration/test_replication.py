@@ -236,3 +236,37 @@ def test_a_broker_lost_for_good_has_its_replicas_recreated_on_live_brokers(
         lambda: set(leaders(admin, "replaced").values()) == survivors - {second},
     )
     check(acknowledged, consume(cluster.config, "replaced", "readers", len(acknowledged)))
+
+
+def test_an_acknowledged_rest_write_to_a_recreated_topic_is_never_lost(
+    cluster_factory: Any,
+) -> None:
+    """A write over the REST endpoint without leader_epoch (as clients in other
+    languages send it) right after the topic was deleted and created again: the
+    broker, not yet told of the deletion, appended it to the deleted incarnation's log
+    (offset 50 on a brand-new topic), answered 200, then deleted that log. The
+    coordinator now creates the topic again only once no broker holds the old one."""
+    cluster = cluster_factory(brokers=1)
+    with Admin(**cluster.config) as admin:
+        transport, thread = admin._transport, admin._thread
+        (url,) = [str(b["url"]) for b in admin.list_brokers()["brokers"]]
+        admin.create_topic("reborn", partitions=1, replication_factor=1)
+        produce(cluster.config, "reborn", "old", 50)
+        admin.delete_topic("reborn")
+        admin.create_topic("reborn", partitions=1, replication_factor=1)
+        answer = thread.call(
+            transport.request_json(
+                "POST",
+                f"{url}/v1/topics/reborn/partitions/0/records",
+                params={"acks": "all"},
+                json_body={"records": [{"key": None, "value": "new"}]},
+            ),
+            30,
+        )
+    assert answer["base_offset"] == 0, answer  # the new topic's first record
+    received: list[Any] = []
+    deadline = time.monotonic() + 30
+    with Consumer("reborn", group="reader", auto_offset_reset="earliest", **cluster.config) as c:
+        while not received and time.monotonic() < deadline:
+            received += c.poll(timeout=0.5)
+    assert [m.value for m in received] == [b"new"]

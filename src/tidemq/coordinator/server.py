@@ -120,6 +120,12 @@ OFFSET_COMMITS_PENDING_MAX = 10_000
 # retriable 503 (a client that retries after a timeout adds a waiter each time, and
 # aiohttp does not cancel the abandoned one).
 GROUP_REQUESTS_WAITING_MAX = 10_000
+# Creating a topic under the name of one deleted so recently that a broker still holds
+# its data waits this long for the brokers to drop it (their next heartbeat), then
+# answers 503 (retriable).
+DELETED_TOPIC_WAIT_S = 5.0
+DELETED_TOPIC_POLL_S = 0.05
+DROPPING_NAMES_MAX = 10_000
 JSON_BODY = {"application/json": {"schema": {"type": "object"}}}
 
 
@@ -175,6 +181,9 @@ class Coordinator:
         for broker_id in state.brokers:  # a fresh session for every known broker
             self.liveness.start_session(broker_id, now_ms)
         self.groups: dict[str, ConsumerGroup] = {}
+        # Per deleted topic name: the brokers that held replicas of it and have not
+        # yet sent a heartbeat without it (soft state; see _until_dropped).
+        self.dropping: dict[str, set[int]] = {}
         self.rejected_brokers: dict[int, str] = {}  # broker id -> the cluster id it has
         # Group recovery after this start: each group's session bound as persisted by
         # earlier runs (bounds raised from now on concern members we will know).
@@ -344,9 +353,16 @@ class Coordinator:
         replication_factor: int | None,
         min_insync_replicas: int | None = None,
     ) -> TopicState:
+        await self._until_dropped(name)
         async with self._write_lock:
             if name in self.state.topics:
                 raise TopicExists(f"topic {name!r} exists")
+            lingering = self.lingering(name)
+            if lingering:
+                raise Unavailable(
+                    f"topic {name!r} was deleted and broker(s) {lingering} still hold "
+                    f"its data: retry once they have dropped it (about a heartbeat)"
+                )
             live = sorted(self.live_brokers() - self.state.draining)
             if not live:
                 raise NoBrokersAvailable("no live, undrained broker to place partitions on")
@@ -376,6 +392,45 @@ class Coordinator:
             )
             return self.state.topic(name)
 
+    async def delete_topic(self, name: str) -> None:
+        async with self._write_lock:
+            held = {b for p in self.state.topic(name).partitions for b in p.replicas}
+            await self._commit_locked([DeleteTopic(name)])
+            self.dropping.pop(name, None)
+            self.dropping[name] = held
+            for oldest in list(self.dropping)[:-DROPPING_NAMES_MAX]:  # brokers dead for good
+                del self.dropping[oldest]
+
+    def note_reports(self, broker_id: int, topics: set[str]) -> None:
+        """A broker's heartbeat named replicas of ``topics``: it has dropped every
+        deleted topic it no longer names."""
+        for name in [name for name, held in self.dropping.items() if broker_id in held]:
+            if name not in topics:
+                self.dropping[name].discard(broker_id)
+                if not self.dropping[name]:
+                    del self.dropping[name]
+
+    def lingering(self, name: str) -> list[int]:
+        """Live brokers that may still hold a deleted topic ``name``'s data: those that
+        held its replicas and have not heartbeated without it since the deletion, and
+        any whose last heartbeat reported it."""
+        held = self.dropping.get(name, set()) & self.liveness.alive_ids()
+        return sorted(held | set(self.liveness.hosting(name)))
+
+    async def _until_dropped(self, name: str) -> None:
+        """Waits (up to DELETED_TOPIC_WAIT_S, without the write lock) until no live
+        broker may hold a deleted incarnation of topic ``name``: a broker learns of a
+        deletion at its next heartbeat, and until then it would take requests that
+        name no leader epoch (REST clients) for the new topic into the old log, which
+        it then deletes, acknowledged writes and all. Kafka refuses to create a topic
+        marked for deletion."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DELETED_TOPIC_WAIT_S
+        while name not in self.state.topics and self.lingering(name):
+            if loop.time() >= deadline:
+                return  # create_topic answers Unavailable (retriable)
+            await asyncio.sleep(DELETED_TOPIC_POLL_S)
+
     # -- consumer groups --
 
     def group(self, name: str) -> ConsumerGroup:
@@ -399,12 +454,15 @@ class Coordinator:
         session_timeout_ms: int,
     ) -> HeartbeatResult:
         async with self._group_lock():
+            group = self.group(name)
+            # A refused heartbeat persists nothing (a late one of a deleted group's
+            # member would bring the group back): judged before the session bound.
+            group.check_heartbeat(member_id, member_epoch, owned, self.clock_ms())
             if session_timeout_ms > self.state.group_session_ms.get(name, 0):
                 if not remembers_group(self.state, name):
                     check_group_room(self.state, [name])
                 # persisted before any member may rely on it (see core.groups)
                 await self._commit_locked([RecordGroupSession(name, session_timeout_ms)])
-            group = self.group(name)
             epoch_before = group.group_epoch
             result = group.heartbeat(
                 member_id,
@@ -989,6 +1047,8 @@ class _Handlers:
         if broker_id not in self.c.state.brokers:
             raise UnknownBroker(f"broker {broker_id} is not registered: register again")
         reports = [_report(entry) for entry in body.partitions]
+        if self.c.dropping:
+            self.c.note_reports(broker_id, {entry.topic for entry in body.partitions})
         if self.c.liveness.heartbeat(broker_id, self.c.clock_ms(), reports):
             event(log, "broker_alive_again", f"broker {broker_id} is back", broker_id=broker_id)
             await self.c.reconcile()
@@ -1108,7 +1168,7 @@ class _Handlers:
 
     async def delete_topic(self, request: web.Request) -> web.Response:
         name = check_name(request.match_info["name"], "topic")
-        await self.c.commit([DeleteTopic(name)])
+        await self.c.delete_topic(name)
         return _json({"deleted": name})
 
     async def metadata(self, request: web.Request) -> web.Response:
@@ -1217,7 +1277,10 @@ class _Handlers:
         return _json({"offsets": offsets})
 
     async def list_groups(self, _: web.Request) -> web.Response:
-        return _json({"groups": sorted(set(self.c.groups) | set(self.c.state.offsets))})
+        """Live groups and every group the state remembers (what the bound counts)."""
+        state = self.c.state
+        names = set(self.c.groups) | set(state.offsets) | set(state.group_session_ms)
+        return _json({"groups": sorted(names)})
 
     async def delete_group(self, request: web.Request) -> web.Response:
         name = check_name(request.match_info["group"], "group")
@@ -1228,7 +1291,7 @@ class _Handlers:
         name = check_name(request.match_info["group"], "group")
         group = self.c.groups.get(name)
         committed = self.c.state.offsets.get(name)
-        if group is None and committed is None:
+        if group is None and not remembers_group(self.c.state, name):
             raise UnknownGroup(f"no group {name!r}")
         members = (
             []

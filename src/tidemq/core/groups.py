@@ -249,16 +249,18 @@ class ConsumerGroup:
 
     # -- internals --
 
-    def _gate(
+    def check_heartbeat(
         self,
         member_id: str | None,
         member_epoch: int,
-        reported: frozenset[TopicPartition],
-        new_member_id: str,
+        owned: Iterable[TopicPartition],
         now_ms: int,
-        session_timeout_ms: int,
-    ) -> Member | None:
-        """The one epoch gate: stale is fenced, epoch 0 (re)joins. None: adopt."""
+    ) -> None:
+        """Raises what :meth:`heartbeat` would refuse it with (FencedMember, a full
+        group) and changes nothing: the coordinator asks before it persists anything
+        for the heartbeat (the group's session bound), so a refused one leaves no
+        trace."""
+        reported = frozenset(owned)
         known = None if member_id is None else self.members.get(member_id)
         if known is not None:
             lost_grant = member_epoch == known.previous_epoch and reported <= (
@@ -269,11 +271,26 @@ class ConsumerGroup:
                     f"member {known.member_id} sent epoch {member_epoch}, current is "
                     f"{known.member_epoch}: rejoin with member_epoch 0"
                 )
-            return known
+            return
         if member_epoch != 0 and (member_id is None or not self.recovering(now_ms)):
             raise FencedMember(f"unknown member {member_id!r}: rejoin with member_epoch 0")
         if len(self.members) >= MAX_MEMBERS_PER_GROUP:
             raise InvalidRequest(f"group {self.name!r} has {MAX_MEMBERS_PER_GROUP} members")
+
+    def _gate(
+        self,
+        member_id: str | None,
+        member_epoch: int,
+        reported: frozenset[TopicPartition],
+        new_member_id: str,
+        now_ms: int,
+        session_timeout_ms: int,
+    ) -> Member | None:
+        """The one epoch gate: stale is fenced, epoch 0 (re)joins. None: adopt."""
+        self.check_heartbeat(member_id, member_epoch, reported, now_ms)
+        known = None if member_id is None else self.members.get(member_id)
+        if known is not None:
+            return known
         if member_epoch != 0:
             return None
         member = Member(

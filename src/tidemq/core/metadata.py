@@ -58,7 +58,6 @@ from tidemq.errors import (
     StalePartitionEpoch,
     TopicExists,
     UnknownBroker,
-    UnknownGroup,
     UnknownPartition,
     UnknownTopic,
 )
@@ -199,7 +198,9 @@ class RecordGroupSession:
 @dataclass(frozen=True)
 class DeleteGroup:
     """Forgets a group's committed offsets and session bound. The shell sends it only
-    for a group with no member, live or possibly left from before a restart."""
+    for a group with no member, live or possibly left from before a restart, and
+    answers 404 for a group the state does not remember; the command itself never
+    fails (a snapshot may not have held what the live state did)."""
 
     group: str
 
@@ -630,11 +631,6 @@ def check_group_room(state: ClusterState, new_groups: Collection[str]) -> None:
         )
 
 
-def _check_delete_group(state: ClusterState, command: DeleteGroup) -> None:
-    if command.group not in state.offsets and command.group not in state.group_session_ms:
-        raise UnknownGroup(f"no group {command.group!r}")
-
-
 _CHECKS: dict[type[Any], Any] = {
     RegisterBroker: _check_register,
     CreateTopic: _check_create,
@@ -648,7 +644,6 @@ _CHECKS: dict[type[Any], Any] = {
     CompleteReassignment: _check_complete,
     CancelReassignment: _check_cancel,
     RecordGroupSession: _check_group_session,
-    DeleteGroup: _check_delete_group,
 }
 
 
@@ -762,6 +757,8 @@ def _apply_cancel(state: ClusterState, command: CancelReassignment) -> None:
 
 
 def _apply_commit(state: ClusterState, command: CommitOffsets) -> int:
+    if not command.offsets:  # remembers nothing: a snapshot has no row for it either
+        return 0
     committed = state.offsets.setdefault(command.group, {})
     for topic, partition, offset in command.offsets:
         committed[(topic, partition)] = offset
@@ -950,6 +947,14 @@ class Liveness:
 
     def alive_ids(self) -> set[int]:
         return {broker for broker, session in self._sessions.items() if session.alive}
+
+    def hosting(self, topic: str) -> list[int]:
+        """Live brokers whose latest heartbeat reports a replica of ``topic``."""
+        return sorted(
+            broker
+            for broker, session in self._sessions.items()
+            if session.alive and any(name == topic for name, _ in session.reports)
+        )
 
     def report(self, broker_id: int, topic: str, partition: int) -> PartitionReport | None:
         session = self._sessions.get(broker_id)
