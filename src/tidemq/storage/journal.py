@@ -91,6 +91,9 @@ _SYNCED_RECORD_AT = re.compile(
     % (_HEAD.size, re.escape(bytes(kind | SYNCED_FLAG for kind in _KINDS)))
 )
 _NAME = re.compile(r"^(\d{20})\.journal$")
+# A key is a replica's directory name: printable ASCII, no space or slash. The proof
+# scan skips candidates whose key is anything else without computing their CRC.
+_KEY_BYTES = re.compile(rb"[\x21-\x2e\x30-\x7e]+")
 KEY_BYTES_MAX = 0xFFFF
 RECORD_BYTES_MAX = (1 << 31) - 1
 
@@ -179,8 +182,19 @@ def _proof_of_damage(data: bytes, position: int, later: list[Path]) -> str | Non
             break
         # The fields, unchecked, first: a candidate that could not prove anything is
         # not CRC'd (most candidates are bytes of payloads; a CRC each was quadratic).
-        synced = _BODY_SYNCED.unpack_from(data, start + fields_at)[3]
+        _, key_length, offset, synced = _BODY_SYNCED.unpack_from(data, start + fields_at)
         if not position < synced <= start:
+            continue
+        # The head next (a payload's bytes pass the test above often enough, e.g. a
+        # batch's timestamp and producer id): a key a partition name could have, and a
+        # length that holds it.
+        length = _HEAD.unpack_from(data, start)[1]
+        if not 0 < key_length <= KEY_BYTES_MAX or offset < 0:
+            continue
+        if length < _BODY_SYNCED.size + key_length or start + _HEAD.size + length > len(data):
+            continue
+        key_at = start + fields_at + _BODY_SYNCED.size
+        if not _KEY_BYTES.fullmatch(data, key_at, key_at + key_length):
             continue
         decoded = _decode_at(data, start)
         if decoded is not None:
