@@ -252,6 +252,27 @@ def test_a_topic_created_again_starts_above_every_epoch_of_the_deleted_one() -> 
     assert state.topic("fresh").partitions[0].leader_epoch == 0
 
 
+def test_a_name_forgotten_past_the_bound_still_starts_above_its_old_epochs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """recreated_epochs holds the newest DELETED_TOPIC_IDS_MAX names: a name pushed out
+    (a tool that makes a topic per run) came back at epoch 0. Every topic created
+    since a name was forgotten starts at least at its epoch (found by review)."""
+    monkeypatch.setattr(metadata, "DELETED_TOPIC_IDS_MAX", 2)
+    state = build(history()[:5])
+    state.apply(ChangeLeader("orders", 1, 3, (3,)))
+    state.apply(ChangeLeader("orders", 1, 2, (2,)))  # orders/1 at leader epoch 2
+    state.apply(DeleteTopic("orders"))
+    for name in ("a", "b"):  # two more deletions push "orders" out
+        state.apply(CreateTopic(name, 1, 1, ((1,),)))
+        state.apply(DeleteTopic(name))
+    assert "orders" not in state.recreated_epochs
+    again = ClusterState.from_snapshot(json.loads(json.dumps(state.to_snapshot())))
+    for one in (state, again):
+        one.apply(CreateTopic("orders", 1, 1, ((1,),)))
+        assert one.topic("orders").partitions[0].leader_epoch >= 3
+
+
 def test_a_deleted_group_is_forgotten_and_a_group_new_past_the_bound_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -323,6 +323,9 @@ class ClusterState:
     # name and leader epoch: a broker that has not yet learned of the deletion would
     # otherwise take requests for the new topic's epoch 0 for its old log's epoch 0.
     recreated_epochs: dict[str, int] = field(default_factory=dict)
+    # The largest first epoch of the names ``recreated_epochs`` no longer holds: every
+    # topic created since starts at least there (it may carry a forgotten name).
+    forgotten_epochs_floor: int = 0
     draining: set[int] = field(default_factory=set)
     reassignments: dict[TopicPartition, Reassignment] = field(default_factory=dict)
     group_session_ms: dict[str, int] = field(default_factory=dict)  # RecordGroupSession
@@ -382,6 +385,7 @@ class ClusterState:
             "next_producer_id": self.next_producer_id,
             "deleted_topic_ids": list(self.deleted_topic_ids),
             "recreated_epochs": dict(self.recreated_epochs),
+            "forgotten_epochs_floor": self.forgotten_epochs_floor,
             "draining": sorted(self.draining),
             "reassignments": [
                 {"topic": t, "partition": p, "original": list(m.original), "target": list(m.target)}
@@ -408,6 +412,7 @@ class ClusterState:
         state.recreated_epochs = {
             str(name): int(epoch) for name, epoch in data.get("recreated_epochs", {}).items()
         }
+        state.forgotten_epochs_floor = int(data.get("forgotten_epochs_floor", 0))
         state.draining = {int(b) for b in data.get("draining", [])}
         for row in data.get("reassignments", []):
             key = (str(row["topic"]), int(row["partition"]))
@@ -664,7 +669,7 @@ def _apply_create(state: ClusterState, command: CreateTopic) -> None:
     """A new partition's ISR is every replica: all are empty, hence all in sync (as in
     Kafka). A follower that then fails to fetch leaves it through its leader's
     proposal (AlterIsr) or, if its broker dies, through failover."""
-    first_epoch = state.recreated_epochs.get(command.name, 0)
+    first_epoch = state.recreated_epochs.get(command.name, state.forgotten_epochs_floor)
     partitions = [
         PartitionState(list(replicas), replicas[0], first_epoch, list(replicas))
         for replicas in command.assignments
@@ -687,7 +692,8 @@ def _apply_delete(state: ClusterState, command: DeleteTopic) -> None:
         (partition.leader_epoch for partition in topic.partitions), default=0
     )
     for name in list(state.recreated_epochs)[:-DELETED_TOPIC_IDS_MAX]:
-        del state.recreated_epochs[name]
+        epoch = state.recreated_epochs.pop(name)
+        state.forgotten_epochs_floor = max(state.forgotten_epochs_floor, epoch)
     if topic.topic_id:
         state.deleted_topic_ids.append(topic.topic_id)
         del state.deleted_topic_ids[:-DELETED_TOPIC_IDS_MAX]
