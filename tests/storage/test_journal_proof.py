@@ -158,6 +158,12 @@ def test_the_proof_scan_is_linear_in_the_file_size(
     data = bytearray(b"".join(records))
     data[100] ^= 0xFF
     (jdir / f"{0:020d}.journal").write_bytes(bytes(data))
+    crc_bytes = _crc_bytes_of_a_start(jdir, monkeypatch)
+    assert crc_bytes <= 2 * len(data), f"{crc_bytes / len(data):.0f}x the file CRC'd"
+
+
+def _crc_bytes_of_a_start(jdir: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """How many bytes a start's replay of ``jdir`` CRCs."""
     crc_bytes = [0]
 
     class CountingZlib:
@@ -168,7 +174,7 @@ def test_the_proof_scan_is_linear_in_the_file_size(
 
     monkeypatch.setattr(journal_module, "zlib", CountingZlib)
     replay(jdir, lambda key: None, START_MS)
-    assert crc_bytes[0] <= 2 * len(data), f"{crc_bytes[0] / len(data):.0f}x the file CRC'd"
+    return crc_bytes[0]
 
 
 def test_the_proof_scan_stays_linear_for_idempotent_batches(
@@ -194,14 +200,5 @@ def test_the_proof_scan_stays_linear_for_idempotent_batches(
     jdir = tmp_path / "journal"
     jdir.mkdir()
     (jdir / f"{0:020d}.journal").write_bytes(bytes(data))
-    crc_bytes = [0]
-
-    class CountingZlib:
-        @staticmethod
-        def crc32(buffer: Any, value: int = 0) -> int:
-            crc_bytes[0] += len(buffer)
-            return zlib.crc32(buffer, value)
-
-    monkeypatch.setattr(journal_module, "zlib", CountingZlib)
-    replay(jdir, lambda key: None, 0)  # a torn tail: no proof, starts
-    assert crc_bytes[0] <= 2 * len(data), f"{crc_bytes[0] / len(data):.0f}x the file CRC'd"
+    crc_bytes = _crc_bytes_of_a_start(jdir, monkeypatch)  # a torn tail: no proof, starts
+    assert crc_bytes <= 2 * len(data), f"{crc_bytes / len(data):.0f}x the file CRC'd"
