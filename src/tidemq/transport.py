@@ -88,12 +88,12 @@ def translate_exception(exc: BaseException, what: str) -> TideError:
 CHANNEL_TARGETS = frozenset({"POST /v1/produce", "POST /v1/fetch", "POST /v1/replica/fetch"})
 CHANNEL_RETRY_S = 60.0
 CHANNEL_PENDING_MAX = 1024
-# Bodies up to this go over a channel before its hello has said the peer's limit:
-# every peer's channel takes such a frame (a peer of the previous version sends no
-# hello and takes frames of its body limit plus 64 KiB). How long a larger body waits
-# for the hello before it goes over HTTP (once per channel: a peer without a hello).
+# A new channel waits this long for the peer's hello (sent right after the upgrade:
+# it normally comes within milliseconds) before it is used; a peer of the previous
+# version sends none, and bodies over CHANNEL_BODY_DEFAULT (every peer's channel
+# takes such a frame) then go over HTTP, as they did with that version.
 CHANNEL_BODY_DEFAULT = 60 * 1024
-HELLO_WAIT_S = 1.0
+HELLO_WAIT_S = 0.25
 # Above the largest answer: a consumer fetch is capped at 64 MiB of batches in total,
 # plus per-partition framing and one batch past the budget.
 _CHANNEL_FRAME_MAX = 128 * 1024 * 1024
@@ -112,9 +112,9 @@ class _Channel:
     body the peer takes going over the one channel keeps a producer's pipelined
     batches of a partition in order: requests spread over several HTTP connections
     can overtake each other (an out_of_order_sequence, and every later batch of the
-    partition sent again). Until the hello, and for a peer of the previous version
-    (which sends none), bodies up to ``CHANNEL_BODY_DEFAULT`` go over the channel at
-    once; a larger one waits up to ``HELLO_WAIT_S`` for the hello, once per channel."""
+    partition sent again). A channel is used once its hello has come, or after
+    ``HELLO_WAIT_S`` without one: a peer of the previous version sends none and keeps
+    ``CHANNEL_BODY_DEFAULT`` (larger bodies over HTTP, as that version had it)."""
 
     def __init__(self, socket: aiohttp.ClientWebSocketResponse, what: str) -> None:
         self.socket = socket
@@ -124,33 +124,17 @@ class _Channel:
         self.max_body_bytes = CHANNEL_BODY_DEFAULT
         self._hello = asyncio.Event()  # set by the hello, or when waiting for it ended
         self._hello_seen = False
-        self._last_waiter: asyncio.Future[None] | None = None  # see body_fits
         self._reader = asyncio.ensure_future(self._read())
 
-    async def body_fits(self, size: int, timeout_s: float) -> bool:
-        """Whether a body of ``size`` bytes may go over this channel, waiting up to
-        ``timeout_s`` (and HELLO_WAIT_S) for the hello when it matters. Requests that
-        came while an earlier one waits wait for it in turn, whatever their size, so
-        they leave in the order they came (each writes its frame in the same step as
-        it returns from here: the next one resumes only after that)."""
-        previous = self._last_waiter
-        if (previous is None or previous.done()) and (
-            self._hello.is_set() or size <= self.max_body_bytes
-        ):
-            return size <= self.max_body_bytes
-        turn = self._last_waiter = asyncio.get_running_loop().create_future()
+    async def wait_hello(self, timeout_s: float) -> None:
+        """Until the hello has come (or the channel closed), at most ``timeout_s``: a
+        peer without a hello keeps the default limit (a hello that comes later still
+        raises it)."""
         try:
-            async with asyncio.timeout(min(timeout_s, HELLO_WAIT_S)):
-                if previous is not None:
-                    await asyncio.shield(previous)
-                if size > self.max_body_bytes:
-                    await self._hello.wait()
+            async with asyncio.timeout(timeout_s):
+                await self._hello.wait()
         except TimeoutError:
-            if not self._hello.is_set():  # a peer without a hello: never wait again
-                self._hello.set()
-        finally:
-            turn.set_result(None)
-        return size <= self.max_body_bytes
+            pass
 
     @property
     def closed(self) -> bool:
@@ -208,6 +192,12 @@ class _Channel:
         await asyncio.gather(self._reader, return_exceptions=True)
 
 
+def _retrieve(attempt: asyncio.Future[Any]) -> None:
+    """A connection attempt every waiter gave up on may fail unobserved: no warning."""
+    if not attempt.cancelled():
+        attempt.exception()
+
+
 def _hello_body_max(answer: ChannelAnswer) -> int:
     """The body limit a hello says (a ValueError closes the channel)."""
     body_max = json.loads(answer.body).get("max_body_bytes") if answer.body else None
@@ -248,37 +238,58 @@ class HttpTransport:
         self._request_timeout_s = request_timeout_ms / 1000
         self._use_channels = os.environ.get("TIDE_CHANNEL", "1") != "0"
         self._channels: dict[str, _Channel] = {}
-        self._connecting: dict[str, asyncio.Lock] = {}
+        self._connecting: dict[str, asyncio.Future[_Channel | None]] = {}
+        self._closed = False
         self._no_channel_until: dict[tuple[str, str], float] = {}  # (base, target)
 
     async def close(self) -> None:
+        self._closed = True
+        for attempt in self._connecting.values():
+            attempt.cancel()
+        await asyncio.gather(*self._connecting.values(), return_exceptions=True)
         channels, self._channels = list(self._channels.values()), {}
         await asyncio.gather(*(channel.close() for channel in channels), return_exceptions=True)
         await self._session.close()
 
-    async def _channel(self, base: str) -> _Channel | None:
+    async def _channel(self, base: str, timeout_s: float) -> _Channel | None:
+        """The peer's channel once its hello has come (or HELLO_WAIT_S passed without
+        one); None for a peer without a channel. One connection attempt per peer at a
+        time, shared by every request that waits for it (each for at most its own
+        timeout), and they resume in the order they came."""
         channel = self._channels.get(base)
         if channel is not None and not channel.closed:
             return channel
-        lock = self._connecting.setdefault(base, asyncio.Lock())
-        async with lock:
-            channel = self._channels.get(base)
-            if channel is not None and not channel.closed:
-                return channel
-            try:
-                socket = await self._session.ws_connect(
-                    base + CHANNEL_PATH,
-                    autoping=True,
-                    max_msg_size=_CHANNEL_FRAME_MAX,
-                    timeout=aiohttp.ClientWSTimeout(ws_close=1.0),
-                )
-            except aiohttp.WSServerHandshakeError as exc:
-                if exc.status in (400, 404, 405):  # an older peer: plain HTTP for a while
-                    self._no_channel_until[(base, "")] = time.monotonic() + CHANNEL_RETRY_S
-                    return None
-                raise
-            channel = self._channels[base] = _Channel(socket, base)
-            return channel
+        attempt = self._connecting.get(base)
+        if attempt is None or attempt.done():
+            attempt = self._connecting[base] = asyncio.ensure_future(self._connect(base))
+            attempt.add_done_callback(_retrieve)
+        async with asyncio.timeout(timeout_s):
+            return await asyncio.shield(attempt)
+
+    async def _connect(self, base: str) -> _Channel | None:
+        try:
+            socket = await self._session.ws_connect(
+                base + CHANNEL_PATH,
+                autoping=True,
+                max_msg_size=_CHANNEL_FRAME_MAX,
+                timeout=aiohttp.ClientWSTimeout(ws_close=1.0),
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (400, 404, 405):  # an older peer: plain HTTP for a while
+                self._no_channel_until[(base, "")] = time.monotonic() + CHANNEL_RETRY_S
+                return None
+            raise
+        channel = _Channel(socket, base)
+        try:
+            await channel.wait_hello(HELLO_WAIT_S)
+        except BaseException:
+            await channel.close()
+            raise
+        if self._closed:
+            await channel.close()
+            raise ConnectionFailed(f"{base}: the transport closed")
+        self._channels[base] = channel
+        return channel
 
     def _channel_target(self, method: str, url: str) -> tuple[str, str] | None:
         """(base URL, target) when this request may go over a channel."""
@@ -304,15 +315,13 @@ class HttpTransport:
         target: str,
         params: Mapping[str, str] | None,
         data: bytes,
-        timeout_ms: int | None,
+        timeout_s: float,
     ) -> tuple[bytes, Mapping[str, str]]:
-        channel = await self._channel(base)
-        if channel is None:
+        deadline = time.monotonic() + timeout_s
+        channel = await self._channel(base, timeout_s)
+        if channel is None or len(data) > channel.max_body_bytes:
             raise _NotOnChannel()
-        timeout_s = self._request_timeout_s if timeout_ms is None else timeout_ms / 1000
-        if not await channel.body_fits(len(data), timeout_s):
-            raise _NotOnChannel()
-        answer = await channel.call(target, params, data, timeout_s)
+        answer = await channel.call(target, params, data, deadline - time.monotonic())
         status, headers, body = answer.status, answer.headers, answer.body
         if status == 404 and b'"not_found"' in body:
             self._no_channel_until[(base, target)] = time.monotonic() + CHANNEL_RETRY_S
@@ -334,21 +343,26 @@ class HttpTransport:
     ) -> tuple[bytes, Mapping[str, str]]:
         """One request; the body and headers of a 2xx answer, else a TideError."""
         what = f"{method} {url}"
+        timeout_s = self._request_timeout_s if timeout_ms is None else timeout_ms / 1000
         routed = self._channel_target(method, url) if json_body is None else None
+        extra: dict[str, Any] = {}
+        if timeout_ms is not None:
+            extra["timeout"] = aiohttp.ClientTimeout(total=timeout_s)
         if routed is not None:
+            started = time.monotonic()
             try:
-                return await self._over_channel(*routed, params, data or b"", timeout_ms)
-            except _NotOnChannel:
-                pass
+                return await self._over_channel(*routed, params, data or b"", timeout_s)
+            except _NotOnChannel:  # over HTTP, in what is left of the request's time
+                remaining = timeout_s - (time.monotonic() - started)
+                if remaining <= 0:
+                    raise RequestTimedOut(f"{what}: timed out") from None
+                extra["timeout"] = aiohttp.ClientTimeout(total=remaining)
             except TideError:
                 raise
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 raise translate_exception(exc, what) from exc
-        extra: dict[str, Any] = {}
-        if timeout_ms is not None:
-            extra["timeout"] = aiohttp.ClientTimeout(total=timeout_ms / 1000)
         try:
             async with self._session.request(
                 method,

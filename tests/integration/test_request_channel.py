@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ class Dummy:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []  # (how, what)
         self.sizes: list[int] = []  # of the produce bodies served over the channel
+        self.http_handler: Callable[[web.Request], Awaitable[web.Response]] | None = None
         self.release = asyncio.Event()
         self.drop_connections = False
         self.server: TestServer | None = None
@@ -77,6 +78,8 @@ class Dummy:
     def endpoints(self, with_channel: bool, serve_fetch: bool = True) -> list[Endpoint]:
         async def http(request: web.Request) -> web.Response:
             self.calls.append(("http", request.path))
+            if self.http_handler is not None:
+                return await self.http_handler(request)
             return web.json_response({"via": "http", "n": len(await request.read())})
 
         operations = [
@@ -435,30 +438,29 @@ def no_hello(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("no_hello")
-def test_a_peer_that_sends_no_hello_is_served_and_waited_for_once(tmp_path: Path) -> None:
-    """A broker of the previous version (a rolling upgrade): requests go over its
-    channel at once; a body past the default limit waits for the hello once, then
-    goes over HTTP, and later ones at once. Waiting for the hello before any request
-    timed every request out against such a peer: an upgraded follower could not
-    replicate from a leader not yet upgraded."""
+def test_a_peer_that_sends_no_hello_is_served_after_one_short_wait(tmp_path: Path) -> None:
+    """A broker of the previous version (a rolling upgrade) has a channel but sends no
+    hello: its channel is used after one wait of HELLO_WAIT_S, with the old 60 KiB
+    limit (larger bodies over HTTP, as that version had it). Waiting a whole request
+    timeout for the hello on every request timed every request out against such a
+    peer: an upgraded follower could not replicate from a leader not yet upgraded."""
 
     async def scenario() -> None:
         async with service(tmp_path, timeout_ms=3000) as (dummy, base, transports):
             client = transports["client"]
-            for _ in range(2):
-                answer = await client.request_json("POST", base + "/v1/produce", data=b"abc")
-                assert answer == {"acks": None, "n": 3}
-            assert dummy.calls == [("channel", "produce")] * 2
-            big = b"x" * (CHANNEL_BODY_DEFAULT + 1)
             started = time.monotonic()
+            assert (await client.request_json("POST", base + "/v1/produce", data=b"abc"))["n"] == 3
+            assert HELLO_WAIT_S * 0.9 <= time.monotonic() - started < HELLO_WAIT_S + 1.0
+            started = time.monotonic()
+            big = b"x" * (CHANNEL_BODY_DEFAULT + 1)
             assert (await client.request_json("POST", base + "/v1/produce", data=big))["n"] == len(
                 big
             )
-            assert HELLO_WAIT_S * 0.9 <= time.monotonic() - started < HELLO_WAIT_S + 1.0
-            started = time.monotonic()
-            await client.request_json("POST", base + "/v1/produce", data=big)
-            assert time.monotonic() - started < HELLO_WAIT_S / 2  # not waited for again
-            assert dummy.calls[2:] == [("http", "/v1/produce")] * 2
+            assert (await client.request_json("POST", base + "/v1/produce", data=b"abc"))["n"] == 3
+            assert time.monotonic() - started < HELLO_WAIT_S  # not waited for again
+            assert dummy.calls == [
+                ("channel", "produce"), ("http", "/v1/produce"), ("channel", "produce")
+            ]  # fmt: skip
 
     run(scenario)
 
@@ -467,9 +469,10 @@ def test_a_peer_that_sends_no_hello_is_served_and_waited_for_once(tmp_path: Path
 def test_requests_to_a_peer_that_sends_no_hello_each_end_within_their_timeout(
     tmp_path: Path,
 ) -> None:
-    """Concurrent requests to such a peer do not queue up behind one another's wait
-    for a hello (they ended at 1, 2, 3 and 4 s with a 1 s timeout), and a request's
-    own timeout bounds it."""
+    """Concurrent requests share one connection attempt instead of queueing up behind
+    one another's wait for a hello (they ended at 1, 2, 3 and 4 s with a 1 s
+    timeout), and a request's own timeout bounds it, the wait for the channel
+    included."""
 
     async def scenario() -> None:
         async with service(tmp_path, timeout_ms=1000) as (_dummy, base, transports):
@@ -484,6 +487,65 @@ def test_requests_to_a_peer_that_sends_no_hello_each_end_within_their_timeout(
             with pytest.raises(RequestTimedOut):  # the fetch long-polls until released
                 await client.request("POST", base + "/v1/fetch", data=b"x", timeout_ms=300)
             assert time.monotonic() - started < 0.8
+
+    run(scenario)
+
+
+def test_requests_that_wait_for_a_late_hello_leave_in_order_or_time_out_unsent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hello comes late (0.15 s): a big body waits for it, then goes over the
+    channel with the hello's limit; a request with a shorter timeout behind it times
+    out without being sent (it overtook the big one, and its expiry marked the peer
+    as one without a hello)."""
+    send = channel_module._send
+
+    async def late_hello(socket: web.WebSocketResponse, answer: Any) -> None:
+        if answer.request_id == HELLO_ID:
+            await asyncio.sleep(0.15)
+        await send(socket, answer)
+
+    monkeypatch.setattr(channel_module, "_send", late_hello)
+
+    async def scenario() -> None:
+        async with service(tmp_path) as (dummy, base, transports):
+            client = transports["client"]
+            big = b"x" * (CHANNEL_BODY_DEFAULT + 1)
+            first = asyncio.ensure_future(client.request("POST", base + "/v1/produce", data=big))
+            await asyncio.sleep(0.02)
+            with pytest.raises(RequestTimedOut):
+                await client.request("POST", base + "/v1/produce", data=b"s", timeout_ms=50)
+            await first
+            small = await client.request_json("POST", base + "/v1/produce", data=b"s")
+            assert small["n"] == 1
+            assert dummy.calls == [("channel", "produce")] * 2
+            assert dummy.sizes == [len(big), 1]
+
+    run(scenario)
+
+
+@pytest.mark.usefixtures("no_hello")
+def test_a_big_request_to_a_peer_without_a_hello_ends_within_its_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait for the channel and then HTTP each got the whole timeout (1.6 s for a
+    0.8 s timeout): HTTP now gets what is left of it."""
+
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(10)
+        return web.json_response({})
+
+    async def scenario() -> None:
+        async with service(tmp_path) as (dummy, base, transports):
+            client = transports["client"]
+            monkeypatch.setattr(dummy, "http_handler", hang)
+            started = time.monotonic()
+            with pytest.raises(RequestTimedOut):
+                await client.request(
+                    "POST", base + "/v1/produce", data=b"x" * (CHANNEL_BODY_DEFAULT + 1),
+                    timeout_ms=800,
+                )  # fmt: skip
+            assert time.monotonic() - started < 1.0
 
     run(scenario)
 
