@@ -90,3 +90,27 @@ def test_a_broker_that_never_reported_the_deleted_topic_must_still_heartbeat_fir
             assert (await asyncio.wait_for(again, 5))[0] == 201
 
     run(scenario)
+
+
+def test_a_topic_deleted_just_before_a_coordinator_restart_is_not_created_at_once(
+    tmp_path: Path,
+) -> None:
+    """Broker 1 holds 'reborn'; it is deleted and the coordinator restarts before
+    broker 1's next heartbeat. Who held it is soft state, gone with the restart: a
+    name deleted before counts every live broker not heard from since the start."""
+
+    async def scenario() -> None:
+        clock = Clock()
+        async with coordinator(tmp_path, clock) as (c, _store, api):
+            await api.call("POST", "/v1/brokers/register", {"broker_id": 1, "url": "http://b1"})
+            assert (await create(api))[0] == 201
+            await heartbeat(api, [("reborn", c.state.topic("reborn").topic_id)])
+            assert (await api.call("DELETE", "/v1/topics/reborn"))[0] == 200
+        async with coordinator(tmp_path, clock) as (c, _store, api):  # restarted
+            again = asyncio.ensure_future(create(api))
+            await asyncio.sleep(0.3)
+            assert not again.done(), "created at once after a restart"
+            await heartbeat(api, [])
+            assert (await asyncio.wait_for(again, 5))[0] == 201
+
+    run(scenario)

@@ -184,6 +184,7 @@ class Coordinator:
         # Per deleted topic name: the brokers that held replicas of it and have not
         # yet sent a heartbeat without it (soft state; see _until_dropped).
         self.dropping: dict[str, set[int]] = {}
+        self.heard: set[int] = set()  # brokers that heartbeated since this start
         self.rejected_brokers: dict[int, str] = {}  # broker id -> the cluster id it has
         # Group recovery after this start: each group's session bound as persisted by
         # earlier runs (bounds raised from now on concern members we will know).
@@ -414,7 +415,10 @@ class Coordinator:
         """Live brokers that may still hold a deleted topic ``name``'s data: those that
         held its replicas and have not heartbeated without it since the deletion, and
         any whose last heartbeat reported it."""
-        held = self.dropping.get(name, set()) & self.liveness.alive_ids()
+        alive = self.liveness.alive_ids()
+        held = self.dropping.get(name, set()) & alive
+        if name in self.state.recreated_epochs:  # deleted once, maybe before this start:
+            held |= alive - self.heard  # a broker not heard from since may hold it
         return sorted(held | set(self.liveness.hosting(name)))
 
     async def _until_dropped(self, name: str) -> None:
@@ -455,9 +459,10 @@ class Coordinator:
     ) -> HeartbeatResult:
         async with self._group_lock():
             group = self.group(name)
+            now_ms = self.clock_ms()  # one time for the check and the heartbeat
             # A refused heartbeat persists nothing (a late one of a deleted group's
             # member would bring the group back): judged before the session bound.
-            group.check_heartbeat(member_id, member_epoch, owned, self.clock_ms())
+            group.check_heartbeat(member_id, member_epoch, owned, now_ms)
             if session_timeout_ms > self.state.group_session_ms.get(name, 0):
                 if not remembers_group(self.state, name):
                     check_group_room(self.state, [name])
@@ -469,7 +474,7 @@ class Coordinator:
                 member_epoch,
                 topics,
                 owned,
-                self.clock_ms(),
+                now_ms,
                 _PartitionCounts(self.state.topics),
                 self.new_id(),
                 session_timeout_ms,
@@ -1047,6 +1052,7 @@ class _Handlers:
         if broker_id not in self.c.state.brokers:
             raise UnknownBroker(f"broker {broker_id} is not registered: register again")
         reports = [_report(entry) for entry in body.partitions]
+        self.c.heard.add(broker_id)
         if self.c.dropping:
             self.c.note_reports(broker_id, {entry.topic for entry in body.partitions})
         if self.c.liveness.heartbeat(broker_id, self.c.clock_ms(), reports):
