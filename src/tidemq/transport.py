@@ -122,8 +122,7 @@ class _Channel:
         self._ids = itertools.count(HELLO_ID + 1)
         self._pending: dict[int, asyncio.Future[ChannelAnswer]] = {}
         self.max_body_bytes = CHANNEL_BODY_DEFAULT
-        self._hello = asyncio.Event()  # set by the hello, or when waiting for it ended
-        self._hello_seen = False
+        self._hello = asyncio.Event()  # set by the hello, or when the channel closes
         self._reader = asyncio.ensure_future(self._read())
 
     async def wait_hello(self, timeout_s: float) -> None:
@@ -167,9 +166,8 @@ class _Channel:
                     break
                 answer = decode_answer(message.data)
                 if answer.request_id == HELLO_ID:
-                    if self._hello_seen:
+                    if self._hello.is_set():
                         raise ValueError("a second hello")
-                    self._hello_seen = True
                     self.max_body_bytes = _hello_body_max(answer)
                     self._hello.set()
                     continue

@@ -19,6 +19,7 @@ from storage_helpers import (
     numbered_values,
     open_log,
     read_all,
+    replay_like_a_start,
 )
 
 import tidemq.storage.log as log_module
@@ -620,24 +621,7 @@ RESET_OPERATIONS = st.one_of(
 
 
 def _recover_with_start_over(root: Path) -> PartitionLog:
-    logs: dict[str, PartitionLog] = {}
-
-    def open_key(key: str) -> PartitionLog | None:
-        if not (root / key).is_dir():
-            return None
-        logs[key] = open_log(root / key)
-        return logs[key]
-
-    def start_over(key: str, offset: int) -> PartitionLog:
-        logs.pop(key).close(mark_clean=False)
-        logs[key] = PartitionLog.recreate_empty(root / key, offset, logs_config(), START_MS)
-        return logs[key]
-
-    replay(root / "journal", open_key, START_MS, start_over)
-    for log_ in logs.values():
-        log_.close(mark_clean=False)
-    for path in journal_files(root / "journal"):
-        path.unlink()
+    replay_like_a_start(root)
     return open_log(root / KEY)
 
 

@@ -294,12 +294,10 @@ class Producer:
         self._closing = True  # no recovery task starts from here on
         closed = ClientClosed("the producer closed before delivery")
         for tp, sequencer in list(self._sequencers.items()):
-            for request in list(sequencer.groups):
-                if request not in sequencer.groups:
-                    continue  # settled by the give-up of an earlier group
+            for request in sequencer.groups:
                 if request.in_flight:
                     request.maybe_appended = True
-                self._give_up(tp, request, closed)
+            self._give_up_all(tp, sequencer, closed)
 
     async def _sender(self, group: asyncio.TaskGroup) -> None:
         accumulator = self._accumulator

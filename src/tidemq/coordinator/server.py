@@ -509,7 +509,7 @@ class Coordinator:
                     f"group {name!r} may have members from before the coordinator "
                     f"restarted (for {group.recover_until_ms - now_ms} ms more): retry"
                 )
-            if name not in self.state.offsets and name not in self.state.group_session_ms:
+            if not remembers_group(self.state, name):
                 raise UnknownGroup(f"no group {name!r}")
             await self._commit_locked([DeleteGroup(name)])
             self.groups.pop(name, None)
