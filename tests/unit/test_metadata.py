@@ -22,6 +22,7 @@ from tidemq.core.metadata import (
     Liveness,
     RecordGroupSession,
     RegisterBroker,
+    check_bounds,
     check_group_room,
     command_from_json,
     command_to_json,
@@ -271,6 +272,28 @@ def test_a_name_forgotten_past_the_bound_still_starts_above_its_old_epochs(
     for one in (state, again):
         one.apply(CreateTopic("orders", 1, 1, ((1,),)))
         assert one.topic("orders").partitions[0].leader_epoch >= 3
+
+
+def test_the_topic_and_broker_bounds_refuse_new_ones_but_never_fail_a_replay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bounds are the shell's policy (check_bounds), not rules of check: a log
+    written under a larger bound still replays after a version that lowers it."""
+    state = build(history())  # 3 brokers, topic "orders" ("gone" was deleted)
+    monkeypatch.setattr(metadata, "MAX_TOPICS", 2)
+    monkeypatch.setattr(metadata, "MAX_BROKERS", 4)
+    third = CreateTopic("third", 1, 1, ((1,),))
+    fourth = CreateTopic("fourth", 1, 1, ((2,),))
+    check_bounds(state, [third])
+    check_bounds(state, [CreateTopic("orders", 1, 1, ((1,),))])  # exists: check says so
+    with pytest.raises(InvalidRequest, match="maximum of 2 topics"):
+        check_bounds(state, [third, fourth])  # counted together in one batch
+    check_bounds(state, [RegisterBroker(4, "https://b4"), RegisterBroker(1, "https://b1")])
+    with pytest.raises(InvalidRequest, match="maximum of 4 brokers"):
+        check_bounds(state, [RegisterBroker(4, "https://b4"), RegisterBroker(5, "https://b5")])
+    for command in (third, fourth, RegisterBroker(4, "https://b4"), RegisterBroker(5, "x")):
+        state.apply(command)  # past both bounds: replay applies it
+    assert {"third", "fourth"} <= set(state.topics) and len(state.brokers) == 5
 
 
 def test_a_deleted_group_is_forgotten_and_a_group_new_past_the_bound_refused(

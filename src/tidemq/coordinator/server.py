@@ -65,6 +65,7 @@ from tidemq.core.metadata import (
     RegisterBroker,
     SetBrokerDraining,
     TopicState,
+    check_bounds,
     check_group_room,
     plan_failover,
     plan_reelection,
@@ -266,6 +267,7 @@ class Coordinator:
         """
         if not commands:
             return []
+        check_bounds(self.state, commands)
         for command in commands:
             self.state.check(command)
         await self.store.append(commands)  # snapshots are written on the store's thread
