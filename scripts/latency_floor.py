@@ -3,7 +3,7 @@
 
 Usage: .venv/bin/python scripts/latency_floor.py [--rate 2000] [--seconds 10]
        [--warmup 1] [--plain] [--no-fsync] [--sync thread|inline] [--coalesce]
-       [--partitions 12] [--brokers 3] [--switch-interval-ms 0] [--repeat 1]
+       [--partitions 12] [--brokers 3] [--switch-interval-ms 0] [--repeat 1] [--pull]
 
 It does not import tidemq: it measures what the hops tidemq needs for acks=all with an
 fsync on every replica cost when each hop does almost nothing else. Five processes
@@ -36,6 +36,32 @@ into one write (one TLS record, one syscall); without it each frame is its own w
 --no-fsync that removes the hand-off too). --switch-interval-ms sets the GIL switch
 interval (the sync thread waits up to that long for the GIL to report back while the
 loop thread runs). --brokers 1 is replication factor 1.
+
+--pull follows tidemq's PULL structure instead (like Kafka); see "PULL mode" below.
+
+PULL mode (--pull):
+
+1. The producer keeps at most one produce request in flight per broker. At each wake
+   it queues every message then due (each stamped when queued, i.e. when the
+   application hands it over) on its leader's broker; a broker with no request in
+   flight gets them at once in one PRODUCE_REQ frame (many records, possibly for
+   several of its partitions); records queued while a request is in flight wait and
+   all go in the next request when the answer comes (Nagle-style, no linger).
+2. The leader assigns offsets, writes the request's records to its journal in one
+   os.write (group commit as above) and keeps them in memory per partition. It
+   answers the produce request only once the high watermark covers every record in
+   it. High watermark = min(own durable end, follower's fetched durable end).
+3. Each broker runs one fetch session (its own connection) per leader it follows,
+   with one FETCH in flight naming its partitions and next offsets. The leader
+   answers at once if it has records past them (up to its log end, not waiting for
+   its own fsync), else parks the fetch until the next append to one of them. The
+   follower appends the answer (one os.write), waits for a sync that covers it, and
+   only then sends the next FETCH with its new offsets, which is what moves the
+   leader's high watermark.
+4. The consumer keeps one long-poll FETCH in flight per broker naming the partitions
+   that broker leads; answered with records up to the high watermark when there are
+   any, else parked until the high watermark of one of them moves. On the answer it
+   records receive time - send time for each record and sends the next FETCH.
 
 Only messages sent after --warmup seconds, during --seconds, are measured. Printed per
 run, one JSON line: end-to-end latency p50/p90/p99/p99.9/max (ms), the producer's
@@ -90,6 +116,15 @@ PRODUCE_ACK = struct.Struct("<IBHQq")  # leader -> producer: partition, offset, 
 STAMP = struct.Struct("<qq")  # a value starts with its send time (ns) and its sequence
 SEND_NS = struct.Struct("<q")
 T_HELLO, T_PRODUCE, T_RECORD, T_ACK, T_PRODUCE_ACK = range(5)
+# PULL mode frames.
+FETCH_HEAD = struct.Struct("<IBH")  # entries follow
+FETCH_ENTRY = struct.Struct("<HQ")  # partition, next offset wanted (= durable end)
+FETCH_RESP = struct.Struct("<IBI")  # record count; that many RECORD frames follow
+PRODUCE_REQ = struct.Struct("<IBH")  # record count; that many PRODUCE_ENTRY + value
+PRODUCE_ENTRY = struct.Struct("<HH")  # partition, value length
+PRODUCE_RESP = struct.Struct("<IBH")  # record count acknowledged
+T_FETCH, T_FETCH_RESP, T_PRODUCE_REQ, T_PRODUCE_RESP = range(5, 9)
+MAX_BATCH = 4096  # records per produce request / fetch answer (keeps frames < MAX_FRAME)
 ROLE_PRODUCER, ROLE_CONSUMER, ROLE_BROKER = range(3)
 VALUE_SIZE = 100
 MAX_FRAME = 1 << 20
@@ -108,6 +143,7 @@ class Config:
     fsync: bool
     sync: str
     coalesce: bool
+    pull: bool
     switch_interval_ms: float
     ports: tuple[int, ...]
     cert_dir: str
@@ -138,6 +174,8 @@ class Link(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.inbox = bytearray()
         self.outbox: list[bytes] = []
+        self.role = -1  # PULL mode: the role its hello announced (server side)
+        self.peer = -1  # the broker at the other end (client side) or the hello's id
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -197,6 +235,18 @@ class Journal:
     def append(self, record: bytes) -> int:
         os.write(self.fd, record)
         self.appended += 1
+        if self.inline:
+            if not self.scheduled:
+                self.scheduled = True
+                self.loop.call_soon(self._sync_inline)
+        elif not self.wake.is_set():
+            self.wake.set()
+        return self.appended
+
+    def append_many(self, records: bytes, count: int) -> int:
+        """PULL mode: ``count`` records in one write; positions count records."""
+        os.write(self.fd, records)
+        self.appended += count
         if self.inline:
             if not self.scheduled:
                 self.scheduled = True
@@ -315,6 +365,198 @@ class Broker:
             )
 
 
+class FetchSession:
+    """PULL mode, follower side: the partitions this broker follows on one leader."""
+
+    def __init__(self, link: Link, partitions: list[int]) -> None:
+        self.link = link
+        self.next = {p: 0 for p in partitions}  # appended end per partition
+        self.awaiting: int | None = None  # journal position the next fetch waits for
+
+    def send_fetch(self) -> None:
+        entries = b"".join(FETCH_ENTRY.pack(p, o) for p, o in self.next.items())
+        head = FETCH_HEAD.pack(FETCH_HEAD.size - 4 + len(entries), T_FETCH, len(self.next))
+        self.link.send(head + entries)
+
+
+class PullBroker:
+    """PULL mode: produce requests answered at the high watermark, long-poll fetches."""
+
+    def __init__(self, cfg: Config, broker_id: int) -> None:
+        self.cfg = cfg
+        self.id = broker_id
+        self.led = [p for p in range(cfg.partitions) if cfg.leader(p) == broker_id]
+        self.log: list[list[bytes]] = [[] for _ in range(cfg.partitions)]  # led: records
+        self.local_end = [0] * cfg.partitions  # led: records durable here
+        self.follower_end = [
+            0 if cfg.follower(p) is not None else NEVER for p in range(cfg.partitions)
+        ]
+        self.hw = [0] * cfg.partitions
+        # Journal writes of led records not yet durable: (position, {partition: end}).
+        self.unsynced: deque[tuple[int, dict[int, int]]] = deque()
+        # Produce requests until the high watermark covers them: (link, {p: end}, count).
+        self.produces: list[tuple[Link, dict[int, int], int]] = []
+        self.parked_followers: dict[Link, list[tuple[int, int]]] = {}
+        self.parked_consumers: dict[Link, list[tuple[int, int]]] = {}
+        self.sessions: list[FetchSession] = []  # as a follower, one per leader
+        self.syncs = 0
+        self.counts = {"produce_reqs": 0, "follower_answers": 0, "consumer_answers": 0}
+        self.journal = Journal(
+            os.path.join(cfg.data_dir, f"broker{broker_id}.journal"), cfg, self.durable
+        )
+
+    def on_frame(self, link: Link, frame_type: int, frame: bytes) -> None:
+        if frame_type == T_PRODUCE_REQ:
+            self.produce(link, frame)
+        elif frame_type == T_FETCH:
+            self.fetch(link, frame)
+        elif frame_type == T_FETCH_RESP:
+            self.replicate(link, frame)
+        elif frame_type == T_HELLO:
+            _, _, role, peer = HELLO.unpack(frame)
+            link.role, link.peer = role, peer
+        else:
+            raise ValueError(f"broker {self.id}: unexpected frame type {frame_type}")
+
+    # Leader side.
+
+    def produce(self, producer: Link, frame: bytes) -> None:
+        (_, _, count) = PRODUCE_REQ.unpack_from(frame)
+        pos = PRODUCE_REQ.size
+        log, ends = self.log, {}
+        records = []
+        for _ in range(count):
+            partition, size = PRODUCE_ENTRY.unpack_from(frame, pos)
+            pos += PRODUCE_ENTRY.size
+            value = frame[pos : pos + size]
+            pos += size
+            if self.cfg.leader(partition) != self.id:
+                raise ValueError(f"broker {self.id} does not lead partition {partition}")
+            plog = log[partition]
+            offset = len(plog)
+            record = RECORD.pack(RECORD.size - 4 + size, T_RECORD, partition, offset) + value
+            plog.append(record)
+            records.append(record)
+            ends[partition] = offset + 1
+        position = self.journal.append_many(b"".join(records), count)
+        self.unsynced.append((position, ends))
+        self.produces.append((producer, ends, count))
+        self.counts["produce_reqs"] += 1
+        if self.parked_followers:
+            for link, wanted in list(self.parked_followers.items()):
+                if any(p in ends for p, _ in wanted):
+                    del self.parked_followers[link]
+                    self.answer(link, wanted, self.log_end)
+                    self.counts["follower_answers"] += 1
+
+    def log_end(self, partition: int) -> int:
+        return len(self.log[partition])
+
+    def hw_end(self, partition: int) -> int:
+        return self.hw[partition]
+
+    def answer(
+        self, link: Link, wanted: list[tuple[int, int]], end_of: Callable[[int], int]
+    ) -> bool:
+        """Send the records past each wanted offset up to end_of(p); False if none."""
+        records: list[bytes] = []
+        for partition, offset in wanted:
+            end = end_of(partition)
+            if end > offset:
+                records.extend(self.log[partition][offset : min(end, offset + MAX_BATCH)])
+            if len(records) >= MAX_BATCH:
+                break
+        if not records:
+            return False
+        body = b"".join(records)
+        link.send(FETCH_RESP.pack(FETCH_RESP.size - 4 + len(body), T_FETCH_RESP, len(records)) + body)
+        return True
+
+    def fetch(self, link: Link, frame: bytes) -> None:
+        (_, _, count) = FETCH_HEAD.unpack_from(frame)
+        wanted = [
+            FETCH_ENTRY.unpack_from(frame, FETCH_HEAD.size + i * FETCH_ENTRY.size)
+            for i in range(count)
+        ]
+        if link.role == ROLE_BROKER:  # a follower: its offsets are its durable ends
+            moved = False
+            for partition, offset in wanted:
+                if offset > self.follower_end[partition]:
+                    self.follower_end[partition] = offset
+                    moved = True
+            if moved:
+                self.advance()
+            if self.answer(link, wanted, self.log_end):
+                self.counts["follower_answers"] += 1
+            else:
+                self.parked_followers[link] = wanted
+        elif link.role == ROLE_CONSUMER:
+            if self.answer(link, wanted, self.hw_end):
+                self.counts["consumer_answers"] += 1
+            else:
+                self.parked_consumers[link] = wanted
+        else:
+            raise ValueError(f"broker {self.id}: fetch before hello")
+
+    def advance(self) -> None:
+        """Recompute the high watermarks; answer what they now cover."""
+        hw, local, follower = self.hw, self.local_end, self.follower_end
+        moved = False
+        for p in self.led:
+            new = min(local[p], follower[p])
+            if new > hw[p]:
+                hw[p] = new
+                moved = True
+        if not moved:
+            return
+        if self.produces:
+            waiting = []
+            for producer, ends, count in self.produces:
+                if all(hw[p] >= end for p, end in ends.items()):
+                    producer.send(PRODUCE_RESP.pack(PRODUCE_RESP.size - 4, T_PRODUCE_RESP, count))
+                else:
+                    waiting.append((producer, ends, count))
+            self.produces = waiting
+        if self.parked_consumers:
+            for link, wanted in list(self.parked_consumers.items()):
+                if self.answer(link, wanted, self.hw_end):
+                    self.counts["consumer_answers"] += 1
+                    del self.parked_consumers[link]
+
+    # Follower side.
+
+    def replicate(self, link: Link, frame: bytes) -> None:
+        (_, _, count) = FETCH_RESP.unpack_from(frame)
+        session = self.session_of[link]
+        body = frame[FETCH_RESP.size :]
+        pos, size, nxt = 0, len(body), session.next
+        while pos < size:
+            (length,) = U32.unpack_from(body, pos)
+            _, _, partition, offset = RECORD.unpack_from(body, pos)
+            nxt[partition] = offset + 1
+            pos += 4 + length
+        session.awaiting = self.journal.append_many(body, count)
+
+    # Both.
+
+    def durable(self, upto: int) -> None:
+        self.syncs += 1
+        unsynced = self.unsynced
+        if unsynced and unsynced[0][0] <= upto:
+            local = self.local_end
+            while unsynced and unsynced[0][0] <= upto:
+                _, ends = unsynced.popleft()
+                for p, end in ends.items():
+                    local[p] = end
+            self.advance()
+        for session in self.sessions:
+            if session.awaiting is not None and session.awaiting <= upto:
+                session.awaiting = None
+                session.send_fetch()
+
+    session_of: dict[Link, FetchSession]
+
+
 def tls_contexts(cfg: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
     if not cfg.tls:
         return None, None
@@ -348,7 +590,45 @@ async def connect(cfg: Config, broker: int, on_frame: FrameHandler, role: int, m
         return link
 
 
+async def run_pull_broker(cfg: Config, broker_id: int, ctl: Connection) -> None:
+    loop = asyncio.get_running_loop()
+    broker = PullBroker(cfg, broker_id)
+    broker.session_of = {}
+    server_tls, _ = tls_contexts(cfg)
+    await loop.create_server(
+        lambda: Link(broker.on_frame, cfg.coalesce),
+        "127.0.0.1",
+        cfg.ports[broker_id],
+        ssl=server_tls,
+    )
+    for leader in range(cfg.brokers):
+        followed = [
+            p
+            for p in range(cfg.partitions)
+            if cfg.leader(p) == leader and cfg.follower(p) == broker_id
+        ]
+        if leader == broker_id or not followed:
+            continue
+        link = await connect(cfg, leader, broker.on_frame, ROLE_BROKER, broker_id)
+        link.peer = leader
+        session = FetchSession(link, followed)
+        broker.sessions.append(session)
+        broker.session_of[link] = session
+        session.send_fetch()
+    ctl.send("ready")
+
+    def report() -> None:
+        ctl.recv()
+        ctl.send({"appends": broker.journal.appended, "syncs": broker.syncs, **broker.counts})
+
+    loop.add_reader(ctl.fileno(), report)
+    await asyncio.Future()
+
+
 async def run_broker(cfg: Config, broker_id: int, ctl: Connection) -> None:
+    if cfg.pull:
+        await run_pull_broker(cfg, broker_id, ctl)
+        return
     loop = asyncio.get_running_loop()
     broker = Broker(cfg, broker_id)
     server_tls, _ = tls_contexts(cfg)
@@ -486,15 +766,177 @@ async def run_consumer(cfg: Config, ctl: Connection) -> None:
     )
 
 
+async def run_pull_producer(cfg: Config, ctl: Connection) -> None:
+    acked = 0
+    ack_latency: array[int] = array("q")
+    lo = hi = 0
+    queues: list[list[bytes]] = [[] for _ in range(cfg.brokers)]
+    stamps: list[list[int]] = [[] for _ in range(cfg.brokers)]
+    in_flight: list[list[int] | None] = [None] * cfg.brokers
+    requests = records_sent = 0
+    wait: array[int] = array("q")  # queued -> written in a request
+
+    def send_request(b: int) -> None:
+        nonlocal requests, records_sent
+        queue, stamp = queues[b], stamps[b]
+        n = min(len(queue), MAX_BATCH)
+        body = b"".join(queue[:n])
+        batch = stamp[:n]
+        del queue[:n], stamp[:n]
+        links[b].send(PRODUCE_REQ.pack(PRODUCE_REQ.size - 4 + len(body), T_PRODUCE_REQ, n) + body)
+        in_flight[b] = batch
+        requests += 1
+        records_sent += n
+        now = time.monotonic_ns()
+        for s in batch:
+            if lo <= s < hi:
+                wait.append(now - s)
+
+    def on_frame(link: Link, frame_type: int, frame: bytes) -> None:
+        nonlocal acked
+        if frame_type != T_PRODUCE_RESP:
+            raise ValueError(f"producer: unexpected frame type {frame_type}")
+        now = time.monotonic_ns()
+        b = link.peer
+        batch = in_flight[b]
+        assert batch is not None
+        in_flight[b] = None
+        acked += len(batch)
+        for s in batch:
+            if lo <= s < hi:
+                ack_latency.append(now - s)
+        if queues[b]:
+            send_request(b)
+
+    links = []
+    for b in range(cfg.brokers):
+        link = await connect(cfg, b, on_frame, ROLE_PRODUCER, 0)
+        link.peer = b
+        links.append(link)
+    ctl.send("ready")
+    t0: int = ctl.recv()
+    lo, hi = window(cfg, t0)
+    interval = 1e9 / cfg.rate
+    max_in_flight = max(10_000, 2 * cfg.rate)
+    pad = bytes(VALUE_SIZE - STAMP.size)
+    lag: array[int] = array("q")
+    sent = sent_in_window = skipped = 0
+    seq = 0
+    due = t0
+    window_requests = [0, 0]
+    window_records = [0, 0]
+    in_window = False
+    while due < hi:
+        now = time.monotonic_ns()
+        if due > now:
+            await asyncio.sleep(max(0.001, (due - now) / 1e9))
+            continue
+        if now >= lo and not in_window:
+            in_window = True
+            window_requests[0], window_records[0] = requests, records_sent
+        while due <= now and due < hi:
+            if sent - acked >= max_in_flight:
+                skipped += 1
+            else:
+                partition = zlib.crc32(b"key-%d" % seq) % cfg.partitions
+                b = cfg.leader(partition)
+                sent_ns = time.monotonic_ns()
+                queues[b].append(
+                    PRODUCE_ENTRY.pack(partition, VALUE_SIZE) + STAMP.pack(sent_ns, seq) + pad
+                )
+                stamps[b].append(sent_ns)
+                sent += 1
+                if lo <= sent_ns < hi:
+                    sent_in_window += 1
+                    lag.append(sent_ns - due)
+            seq += 1
+            due = t0 + int(seq * interval)
+        for b in range(cfg.brokers):
+            if queues[b] and in_flight[b] is None:
+                send_request(b)
+        await asyncio.sleep(0)
+    window_requests[1], window_records[1] = requests, records_sent
+    deadline = time.monotonic() + cfg.drain
+    while acked < sent and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    n_req = window_requests[1] - window_requests[0]
+    ctl.send(
+        {
+            "sent": sent,
+            "sent_in_window": sent_in_window,
+            "acked": acked,
+            "skipped_saturated": skipped,
+            "ack_ms": percentiles_ms(ack_latency),
+            "lag_ms": percentiles_ms(lag),
+            "queue_wait_ms": percentiles_ms(wait),
+            "produce_reqs_per_s": round(n_req / cfg.seconds),
+            "records_per_req": round((window_records[1] - window_records[0]) / max(1, n_req), 2),
+        }
+    )
+
+
+async def run_pull_consumer(cfg: Config, ctl: Connection) -> None:
+    received = 0
+    latency: array[int] = array("q")
+    lo = hi = 0
+    offsets = [
+        {p: 0 for p in range(cfg.partitions) if cfg.leader(p) == b} for b in range(cfg.brokers)
+    ]
+    fetches = [0]
+
+    def send_fetch(link: Link) -> None:
+        wanted = offsets[link.peer]
+        entries = b"".join(FETCH_ENTRY.pack(p, o) for p, o in wanted.items())
+        link.send(FETCH_HEAD.pack(FETCH_HEAD.size - 4 + len(entries), T_FETCH, len(wanted)) + entries)
+
+    def on_frame(link: Link, frame_type: int, frame: bytes) -> None:
+        nonlocal received
+        if frame_type != T_FETCH_RESP:
+            raise ValueError(f"consumer: unexpected frame type {frame_type}")
+        now = time.monotonic_ns()
+        (_, _, count) = FETCH_RESP.unpack_from(frame)
+        wanted = offsets[link.peer]
+        pos, size = FETCH_RESP.size, len(frame)
+        while pos < size:
+            (length,) = U32.unpack_from(frame, pos)
+            _, _, partition, offset = RECORD.unpack_from(frame, pos)
+            (send_ns,) = SEND_NS.unpack_from(frame, pos + RECORD.size)
+            wanted[partition] = offset + 1
+            if lo <= send_ns < hi:
+                latency.append(now - send_ns)
+            pos += 4 + length
+        received += count
+        fetches[0] += 1
+        send_fetch(link)
+
+    for b in range(cfg.brokers):
+        link = await connect(cfg, b, on_frame, ROLE_CONSUMER, 0)
+        link.peer = b
+        send_fetch(link)
+    await asyncio.sleep(0.1)
+    ctl.send("ready")
+    t0: int = ctl.recv()
+    lo, hi = window(cfg, t0)
+    await asyncio.sleep((hi - time.monotonic_ns()) / 1e9 + cfg.drain)
+    ctl.send(
+        {
+            "received": received,
+            "received_in_window": len(latency),
+            "e2e_ms": percentiles_ms(latency),
+            "fetch_answers": fetches[0],
+        }
+    )
+
+
 def child(role: str, index: int, cfg: Config, ctl: Connection) -> None:
     if cfg.switch_interval_ms:
         sys.setswitchinterval(cfg.switch_interval_ms / 1000)
     if role == "broker":
         uvloop.run(run_broker(cfg, index, ctl))
     elif role == "producer":
-        uvloop.run(run_producer(cfg, ctl))
+        uvloop.run((run_pull_producer if cfg.pull else run_producer)(cfg, ctl))
     else:
-        uvloop.run(run_consumer(cfg, ctl))
+        uvloop.run((run_pull_consumer if cfg.pull else run_consumer)(cfg, ctl))
 
 
 def make_certs(directory: Path) -> None:
@@ -604,6 +1046,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
             fsync=not args.no_fsync,
             sync=args.sync,
             coalesce=args.coalesce,
+            pull=args.pull,
             switch_interval_ms=args.switch_interval_ms,
             ports=free_ports(args.brokers),
             cert_dir=tmp,
@@ -648,7 +1091,17 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
                 if started.pid is not None and started.is_alive():
                     os.kill(started.pid, signal.SIGKILL)
                     started.join(5)
+    extra: dict[str, Any] = {}
+    if cfg.pull:
+        for key in ("produce_reqs", "follower_answers", "consumer_answers"):
+            extra[f"broker_{key}_per_s"] = [
+                round((after[key] - before[key]) / cfg.seconds)
+                for before, after in zip(stats_before, stats_after, strict=True)
+            ]
+        for key in ("queue_wait_ms", "produce_reqs_per_s", "records_per_req"):
+            extra[f"producer_{key}"] = producer[key]
     return {
+        "mode": "pull" if cfg.pull else "push",
         "rate": cfg.rate,
         "tls": cfg.tls,
         "coalesce": cfg.coalesce,
@@ -675,17 +1128,26 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
             for before, after in zip(stats_before, stats_after, strict=True)
         ],
         "cpu_s": {n: round(cpu_after[n] - cpu_before[n], 2) for n in procs},
+        "cpu_total_pct": round(
+            100 * sum(cpu_after[n] - cpu_before[n] for n in procs) / cfg.seconds, 1
+        ),
+        **extra,
     }
 
 
 def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    summary: dict[str, Any] = {"runs": len(runs)}
+    summary: dict[str, Any] = {"mode": runs[0]["mode"], "rate": runs[0]["rate"], "runs": len(runs)}
     for key in ("e2e_ms", "ack_ms", "cpu_s"):
         names = runs[0][key].keys()
         summary[key] = {
             n: round(statistics.median(run[key][n] for run in runs if n in run[key]), 3)
             for n in names
         }
+    summary["cpu_total_pct"] = round(statistics.median(run["cpu_total_pct"] for run in runs), 1)
+    summary["producer_lag_p99_ms"] = round(
+        statistics.median(run["producer_lag_ms"].get("p99", 0) for run in runs), 3
+    )
+    summary["load_before"] = [run["load_before"][0] for run in runs]
     summary["missing"] = max(run["missing"] for run in runs)
     return summary
 
@@ -702,6 +1164,7 @@ def main() -> int:
     parser.add_argument("--no-fsync", action="store_true", help="skip fdatasync (keep hand-off)")
     parser.add_argument("--sync", choices=("thread", "inline"), default="thread")
     parser.add_argument("--coalesce", action="store_true", help="one write per peer per loop turn")
+    parser.add_argument("--pull", action="store_true", help="tidemq's pull structure (see above)")
     parser.add_argument(
         "--switch-interval-ms",
         type=float,
