@@ -4,10 +4,12 @@ operator's build) must not stop the coordinator from replaying its log."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
-from tests.coordinator.test_group_shell import Clock, coordinator, run
+from tests.coordinator.test_group_shell import Api, Clock, coordinator, run
 
 import tidemq.core.metadata as metadata
 
@@ -18,7 +20,7 @@ def test_a_create_past_the_topic_bound_is_refused_and_a_lowered_bound_still_repl
     async def scenario() -> None:
         clock = Clock()
         async with coordinator(tmp_path, clock) as (c, _store, api):
-            await api.call("POST", "/v1/brokers/register", {"broker_id": 1, "url": "http://b1"})
+            assert (await register(api, 1))[0] == 200
             for name in ("a", "b", "c"):
                 status, body = await api.call("POST", "/v1/topics", {"name": name})
                 assert status == 201, body
@@ -31,5 +33,78 @@ def test_a_create_past_the_topic_bound_is_refused_and_a_lowered_bound_still_repl
         async with coordinator(tmp_path, clock) as (c, _store, api):
             assert set(c.state.topics) == {"a", "b", "c"}
             assert (await api.call("GET", "/v1/topics/a"))[0] == 200
+
+    run(scenario)
+
+
+def test_a_lowered_partition_bound_still_replays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MAX_PARTITIONS_PER_TOPIC is policy too (found by review of the bounds fix)."""
+
+    async def scenario() -> None:
+        clock = Clock()
+        async with coordinator(tmp_path, clock) as (_c, _store, api):
+            assert (await register(api, 1))[0] == 200
+            body = {"name": "wide", "partitions": 5, "replication_factor": 1}
+            assert (await api.call("POST", "/v1/topics", body))[0] == 201
+        monkeypatch.setattr(metadata, "MAX_PARTITIONS_PER_TOPIC", 4)
+        async with coordinator(tmp_path, clock) as (c, _store, _api):
+            assert len(c.state.topic("wide").partitions) == 5
+
+    run(scenario)
+
+
+async def register(api: Api, broker_id: int) -> tuple[int, Any]:
+    body = {"broker_id": broker_id, "url": f"http://b{broker_id}"}
+    answer: tuple[int, Any] = await api.call("POST", "/v1/brokers/register", body)
+    return answer
+
+
+def test_two_creates_racing_for_the_last_topic_admit_exactly_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first create is held inside its fsync with the write lock; the second waits
+    for it and then meets the bound (written by the reviewer of the bounds fix)."""
+
+    async def scenario() -> None:
+        async with coordinator(tmp_path, Clock()) as (c, store, api):
+            assert (await register(api, 1))[0] == 200
+            assert (await api.call("POST", "/v1/topics", {"name": "a"}))[0] == 201
+            monkeypatch.setattr(metadata, "MAX_TOPICS", 2)
+            store.gate.clear()
+            appended = len(store.appends)
+            first = asyncio.ensure_future(api.call("POST", "/v1/topics", {"name": "b"}))
+            while len(store.appends) == appended:  # b's append waits at the gate
+                await asyncio.sleep(0.001)
+            second = asyncio.ensure_future(api.call("POST", "/v1/topics", {"name": "c"}))
+            await asyncio.sleep(0.05)
+            store.gate.set()
+            answers = await asyncio.gather(first, second)
+            assert sorted(status for status, _ in answers) == [201, 400], answers
+            assert len(c.state.topics) == 2
+
+    run(scenario)
+
+
+def test_two_new_brokers_racing_for_the_last_slot_admit_exactly_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        async with coordinator(tmp_path, Clock()) as (c, store, api):
+            assert (await register(api, 1))[0] == 200
+            monkeypatch.setattr(metadata, "MAX_BROKERS", 2)
+            store.gate.clear()
+            appended = len(store.appends)
+            first = asyncio.ensure_future(register(api, 2))
+            while len(store.appends) == appended:
+                await asyncio.sleep(0.001)
+            second = asyncio.ensure_future(register(api, 3))
+            await asyncio.sleep(0.05)
+            store.gate.set()
+            answers = await asyncio.gather(first, second)
+            assert sorted(status for status, _ in answers) == [200, 400], answers
+            assert "maximum of 2 brokers" in str(answers)
+            assert len(c.state.brokers) == 2
 
     run(scenario)

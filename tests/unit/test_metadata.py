@@ -291,9 +291,15 @@ def test_the_topic_and_broker_bounds_refuse_new_ones_but_never_fail_a_replay(
     check_bounds(state, [RegisterBroker(4, "https://b4"), RegisterBroker(1, "https://b1")])
     with pytest.raises(InvalidRequest, match="maximum of 4 brokers"):
         check_bounds(state, [RegisterBroker(4, "https://b4"), RegisterBroker(5, "https://b5")])
-    for command in (third, fourth, RegisterBroker(4, "https://b4"), RegisterBroker(5, "x")):
-        state.apply(command)  # past both bounds: replay applies it
-    assert {"third", "fourth"} <= set(state.topics) and len(state.brokers) == 5
+    monkeypatch.setattr(metadata, "MAX_PARTITIONS_PER_TOPIC", 1)
+    wide = CreateTopic("wide", 2, 1, ((1,), (2,)))
+    with pytest.raises(InvalidRequest, match="partitions must be 1 to 1"):
+        check_bounds(state, [wide])
+    for command in (third, fourth, RegisterBroker(4, "https://b4"), RegisterBroker(5, "x"), wide):
+        state.apply(command)  # past every bound: replay applies it
+    assert {"third", "fourth", "wide"} <= set(state.topics) and len(state.brokers) == 5
+    with pytest.raises(InvalidRequest, match="at least 1 partition"):
+        state.check(CreateTopic("empty", 0, 1, ()))  # an invariant, not a bound
 
 
 def test_a_deleted_group_is_forgotten_and_a_group_new_past_the_bound_refused(

@@ -30,9 +30,9 @@ Must always hold:
   original + adding replicas; it shrinks to its target only when every target replica
   is in the ISR and the leader is one of them, or back to its original (cancel) only
   while the leader is an original replica: a move never drops the last in-sync copy.
-* at most MAX_TOPICS topics and MAX_BROKERS brokers: the shell refuses a command that
-  would add one more (``check_bounds``, outside ``check`` for the same reason as the
-  group bound below).
+* at most MAX_TOPICS topics of at most MAX_PARTITIONS_PER_TOPIC partitions, and
+  MAX_BROKERS brokers: the shell refuses a command past them (``check_bounds``, outside
+  ``check`` for the same reason as the group bound below).
 * at most MAX_GROUPS consumer groups are remembered (committed offsets or a session
   bound): the shell refuses a command that would add one more (``check_group_room``,
   a policy outside ``check`` so that replay never fails on it); DeleteGroup forgets
@@ -468,8 +468,8 @@ def _check_register(state: ClusterState, command: RegisterBroker) -> None:
 def _check_create(state: ClusterState, command: CreateTopic) -> None:
     if command.name in state.topics:
         raise TopicExists(f"topic {command.name!r} exists")
-    if not 1 <= command.partitions <= MAX_PARTITIONS_PER_TOPIC:
-        raise InvalidRequest(f"partitions must be 1 to {MAX_PARTITIONS_PER_TOPIC}")
+    if command.partitions < 1:  # the upper bound is policy: check_bounds
+        raise InvalidRequest("a topic needs at least 1 partition")
     if len(command.assignments) != command.partitions:
         raise InvalidRequest("one replica list per partition is required")
     for replicas in command.assignments:
@@ -615,15 +615,19 @@ def _check_group_session(state: ClusterState, command: RecordGroupSession) -> No
 
 def check_bounds(state: ClusterState, commands: Iterable[Command]) -> None:
     """Raises InvalidRequest unless the topics and brokers ``commands`` add fit within
-    MAX_TOPICS and MAX_BROKERS. Like ``check_group_room``, a policy the shell applies
-    before it persists commands, not a rule of ``check``: a persisted command must
-    apply on replay whatever the bounds are then (a later version may lower them), and
-    the commands of one batch are counted together."""
+    MAX_TOPICS and MAX_BROKERS, and each new topic within MAX_PARTITIONS_PER_TOPIC.
+    Like ``check_group_room``, a policy the shell applies before it persists commands,
+    not a rule of ``check``: a persisted command must apply on replay whatever the
+    bounds are then (a later version may lower them), and the commands of one batch
+    are counted together."""
     new_topics: set[str] = set()
     new_brokers: set[int] = set()
     for command in commands:
-        if isinstance(command, CreateTopic) and command.name not in state.topics:
-            new_topics.add(command.name)
+        if isinstance(command, CreateTopic):
+            if command.partitions > MAX_PARTITIONS_PER_TOPIC:
+                raise InvalidRequest(f"partitions must be 1 to {MAX_PARTITIONS_PER_TOPIC}")
+            if command.name not in state.topics:
+                new_topics.add(command.name)
         elif isinstance(command, RegisterBroker) and command.broker_id not in state.brokers:
             new_brokers.add(command.broker_id)
     if new_topics and len(state.topics) + len(new_topics) > MAX_TOPICS:
