@@ -1,12 +1,14 @@
 """CPU per kind of asyncio task in every tidemq process: a profiling aid, not product
 code. docs/BENCHMARKS.md, "Fifteenth session", shows what it is for.
 
-Put this directory first on PYTHONPATH and name an output directory in TIDE_TASK_CPU
-for every process to measure (``tide up`` passes its environment to the coordinator
-and the brokers; a client inherits it from its shell):
+Put this directory first on PYTHONPATH, as an absolute path (the brokers run in
+their own directories), and name an output directory in TIDE_TASK_CPU for every
+process to measure (``tide up`` passes its environment to the coordinator and the
+brokers; a client inherits it from its shell):
 
-    TIDE_TASK_CPU=/tmp/tc PYTHONPATH=scripts/task_cpu tide up --data-dir D --detach
-    TIDE_TASK_CPU=/tmp/tc PYTHONPATH=scripts/task_cpu python src/tidemq/cli/bench_latency.py ...
+    TIDE_TASK_CPU=/tmp/tc PYTHONPATH=$PWD/scripts/task_cpu tide up --data-dir D --detach
+    TIDE_TASK_CPU=/tmp/tc PYTHONPATH=$PWD/scripts/task_cpu \
+        python src/tidemq/cli/bench_latency.py sweep --data-dir D ...
     python scripts/task_cpu_report.py /tmp/tc --seconds 8     # while the load runs
 
 Each event loop gets a task factory that wraps every task's coroutine: the thread CPU
