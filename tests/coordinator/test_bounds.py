@@ -5,11 +5,12 @@ operator's build) must not stop the coordinator from replaying its log."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.coordinator.test_group_shell import Api, Clock, coordinator, run
+from tests.coordinator.test_group_shell import Clock, GatedStore, coordinator, run, until
 
 import tidemq.core.metadata as metadata
 
@@ -20,7 +21,7 @@ def test_a_create_past_the_topic_bound_is_refused_and_a_lowered_bound_still_repl
     async def scenario() -> None:
         clock = Clock()
         async with coordinator(tmp_path, clock) as (c, _store, api):
-            assert (await register(api, 1))[0] == 200
+            assert (await api.register(1))[0] == 200
             for name in ("a", "b", "c"):
                 status, body = await api.call("POST", "/v1/topics", {"name": name})
                 assert status == 201, body
@@ -45,7 +46,7 @@ def test_a_lowered_partition_bound_still_replays(
     async def scenario() -> None:
         clock = Clock()
         async with coordinator(tmp_path, clock) as (_c, _store, api):
-            assert (await register(api, 1))[0] == 200
+            assert (await api.register(1))[0] == 200
             body = {"name": "wide", "partitions": 5, "replication_factor": 1}
             assert (await api.call("POST", "/v1/topics", body))[0] == 201
         monkeypatch.setattr(metadata, "MAX_PARTITIONS_PER_TOPIC", 4)
@@ -55,10 +56,19 @@ def test_a_lowered_partition_bound_still_replays(
     run(scenario)
 
 
-async def register(api: Api, broker_id: int) -> tuple[int, Any]:
-    body = {"broker_id": broker_id, "url": f"http://b{broker_id}"}
-    answer: tuple[int, Any] = await api.call("POST", "/v1/brokers/register", body)
-    return answer
+async def race_for_the_last_slot(
+    store: GatedStore, first: Callable[[], Awaitable[Any]], second: Callable[[], Awaitable[Any]]
+) -> list[Any]:
+    """Holds ``first`` inside its fsync (with the write lock), sends ``second``, then
+    lets both finish: the second must wait for the first and then meet the bound."""
+    store.gate.clear()
+    appended = len(store.appends)
+    first_answer = asyncio.ensure_future(first())
+    await until(lambda: len(store.appends) > appended, "the first command's fsync")
+    second_answer = asyncio.ensure_future(second())
+    await asyncio.sleep(0.05)
+    store.gate.set()
+    return list(await asyncio.gather(first_answer, second_answer))
 
 
 def test_two_creates_racing_for_the_last_topic_admit_exactly_one(
@@ -69,18 +79,14 @@ def test_two_creates_racing_for_the_last_topic_admit_exactly_one(
 
     async def scenario() -> None:
         async with coordinator(tmp_path, Clock()) as (c, store, api):
-            assert (await register(api, 1))[0] == 200
+            assert (await api.register(1))[0] == 200
             assert (await api.call("POST", "/v1/topics", {"name": "a"}))[0] == 201
             monkeypatch.setattr(metadata, "MAX_TOPICS", 2)
-            store.gate.clear()
-            appended = len(store.appends)
-            first = asyncio.ensure_future(api.call("POST", "/v1/topics", {"name": "b"}))
-            while len(store.appends) == appended:  # b's append waits at the gate
-                await asyncio.sleep(0.001)
-            second = asyncio.ensure_future(api.call("POST", "/v1/topics", {"name": "c"}))
-            await asyncio.sleep(0.05)
-            store.gate.set()
-            answers = await asyncio.gather(first, second)
+            answers = await race_for_the_last_slot(
+                store,
+                lambda: api.call("POST", "/v1/topics", {"name": "b"}),
+                lambda: api.call("POST", "/v1/topics", {"name": "c"}),
+            )
             assert sorted(status for status, _ in answers) == [201, 400], answers
             assert len(c.state.topics) == 2
 
@@ -92,17 +98,11 @@ def test_two_new_brokers_racing_for_the_last_slot_admit_exactly_one(
 ) -> None:
     async def scenario() -> None:
         async with coordinator(tmp_path, Clock()) as (c, store, api):
-            assert (await register(api, 1))[0] == 200
+            assert (await api.register(1))[0] == 200
             monkeypatch.setattr(metadata, "MAX_BROKERS", 2)
-            store.gate.clear()
-            appended = len(store.appends)
-            first = asyncio.ensure_future(register(api, 2))
-            while len(store.appends) == appended:
-                await asyncio.sleep(0.001)
-            second = asyncio.ensure_future(register(api, 3))
-            await asyncio.sleep(0.05)
-            store.gate.set()
-            answers = await asyncio.gather(first, second)
+            answers = await race_for_the_last_slot(
+                store, lambda: api.register(2), lambda: api.register(3)
+            )
             assert sorted(status for status, _ in answers) == [200, 400], answers
             assert "maximum of 2 brokers" in str(answers)
             assert len(c.state.brokers) == 2

@@ -73,8 +73,12 @@ class Api:
         async with self.client.request(method, path, json=body) as response:
             return response.status, await response.json()
 
+    async def register(self, broker_id: int = 1) -> tuple[int, Any]:
+        body = {"broker_id": broker_id, "url": f"http://b{broker_id}"}
+        return await self.call("POST", "/v1/brokers/register", body)
+
     async def setup(self, partitions: int = 12) -> None:
-        await self.call("POST", "/v1/brokers/register", {"broker_id": 1, "url": "http://b1"})
+        await self.register()
         body = {"name": "orders", "partitions": partitions, "replication_factor": 1}
         assert (await self.call("POST", "/v1/topics", body))[0] == 201
 

@@ -33,7 +33,7 @@ def test_a_topic_is_created_again_only_once_no_broker_holds_the_deleted_one(
 ) -> None:
     async def scenario() -> None:
         async with coordinator(tmp_path, Clock()) as (c, _store, api):
-            await api.call("POST", "/v1/brokers/register", {"broker_id": 1, "url": "http://b1"})
+            await api.register()
             assert (await create(api))[0] == 201
             old_id = c.state.topic("reborn").topic_id
             await heartbeat(api, [("reborn", old_id)])
@@ -57,7 +57,7 @@ def test_a_broker_that_keeps_the_deleted_topic_makes_the_create_503_retriable(
 
     async def scenario() -> None:
         async with coordinator(tmp_path, Clock()) as (c, _store, api):
-            await api.call("POST", "/v1/brokers/register", {"broker_id": 1, "url": "http://b1"})
+            await api.register()
             assert (await create(api))[0] == 201
             await heartbeat(api, [("reborn", c.state.topic("reborn").topic_id)])
             assert (await api.call("DELETE", "/v1/topics/reborn"))[0] == 200
@@ -80,7 +80,7 @@ def test_a_broker_that_never_reported_the_deleted_topic_must_still_heartbeat_fir
 
     async def scenario() -> None:
         async with coordinator(tmp_path, Clock()) as (c, _store, api):
-            await api.call("POST", "/v1/brokers/register", {"broker_id": 1, "url": "http://b1"})
+            await api.register()
             assert (await create(api))[0] == 201
             assert (await api.call("DELETE", "/v1/topics/reborn"))[0] == 200
             again = asyncio.ensure_future(create(api))
@@ -102,7 +102,7 @@ def test_a_topic_deleted_just_before_a_coordinator_restart_is_not_created_at_onc
     async def scenario() -> None:
         clock = Clock()
         async with coordinator(tmp_path, clock) as (c, _store, api):
-            await api.call("POST", "/v1/brokers/register", {"broker_id": 1, "url": "http://b1"})
+            await api.register()
             assert (await create(api))[0] == 201
             await heartbeat(api, [("reborn", c.state.topic("reborn").topic_id)])
             assert (await api.call("DELETE", "/v1/topics/reborn"))[0] == 200
