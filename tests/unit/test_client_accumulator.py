@@ -328,28 +328,62 @@ def test_new_batches_behind_a_request_in_flight_wake_the_sender_only_if_it_would
     accumulator.in_flight_batches_max = 5
     append(accumulator, 0, b"a0")
     append(accumulator, 1, b"a1")
-    assert sorted(accumulator.ready(clock.now, on_broker).partitions) == [("t", 0), ("t", 1)]
+    ready = accumulator.ready(clock.now, on_broker)
+    assert sorted(ready.partitions) == [("t", 0), ("t", 1)]
+    assert ready.next_check == pytest.approx(100.005)  # requests go out: a look-in armed
     in_flight = [accumulator.drain(("t", p), 1 << 20, clock.now, "https://b1") for p in (0, 1)]
     assert len(wakes) == 2
-    append(accumulator, 0, b"b0")  # the sender sleeps with no timer: this must wake it
-    assert len(wakes) == 3
+    append(accumulator, 0, b"b0")  # b1 busy, and the sender's timer ends by b0's linger
+    assert len(wakes) == 2
     assert accumulator.ready(clock.now, on_broker).next_check == pytest.approx(100.005)
     clock.now += 0.001
-    append(accumulator, 1, b"b1")  # b1 busy, and the sender's timer ends before its linger
-    assert len(wakes) == 3
-    ready = accumulator.ready(100.005, on_broker)  # the timer: both go, linger is kept
+    append(accumulator, 1, b"b1")
+    assert len(wakes) == 2
+    clock.now = 100.005
+    ready = accumulator.ready(clock.now, on_broker)  # the timer: both go, linger is kept
     assert sorted(ready.partitions) == [("t", 0), ("t", 1)]
     for p in (0, 1):
         accumulator.drain(("t", p), 1 << 20, clock.now, "https://b1")
-    append(accumulator, 1, b"c1")
-    assert len(wakes) == 4  # no timer after the last scan
-    assert accumulator.ready(clock.now, on_broker).next_check is not None  # armed again
+    clock.now += 0.001
+    append(accumulator, 1, b"c1")  # armed again one linger after that scan
+    assert len(wakes) == 2
+    accumulator._sender_timer = 200.0  # a sender that slept past c1's linger must be woken
+    append(accumulator, 2, b"c2")
+    assert len(wakes) == 3
     for batch in in_flight[0]:
         batch.complete(0, None)
     accumulator.complete(("t", 0), in_flight[0])
-    assert len(wakes) == 5  # an answer always wakes
+    assert len(wakes) == 4  # an answer always wakes
     append(accumulator, 0, b"c0")  # b1 answered since the scan: the sender must look
-    assert len(wakes) == 6
+    assert len(wakes) == 5
+
+
+def test_the_sender_looks_again_within_a_linger_only_while_requests_are_in_flight() -> None:
+    """The look-in timer lets batches opened behind a request in flight go without a
+    wake; with nothing in flight nothing is armed (an idle producer sleeps), and a new
+    record then wakes the sender at once."""
+    accumulator, clock, wakes = make(linger_ms=5)
+    accumulator.in_flight_batches_max = 5
+    assert accumulator.ready(clock.now, on_broker).next_check is None
+    append(accumulator, 0, b"a0")
+    assert len(wakes) == 1
+    assert accumulator.ready(clock.now, on_broker).next_check == pytest.approx(100.005)
+    [batch] = accumulator.drain(("t", 0), 1 << 20, clock.now, "https://b1")
+    clock.now = 100.003
+    ready = accumulator.ready(clock.now, on_broker)  # nothing waits, a request is out
+    assert ready.partitions == [] and ready.next_check == pytest.approx(100.008)
+    batch.complete(0, None)
+    accumulator.complete(("t", 0), [batch])
+    assert len(wakes) == 2
+    assert accumulator.ready(clock.now, on_broker).next_check is None  # idle: no timer
+    append(accumulator, 1, b"lone")
+    assert len(wakes) == 3  # nothing in flight: it goes at once
+    zero, _, _ = make(linger_ms=0)
+    zero.in_flight_batches_max = 5
+    append(zero, 0, b"z")
+    assert zero.ready(100.0, on_broker).next_check is None  # linger 0: never a look-in
+    zero.drain(("t", 0), 1 << 20, 100.0, "https://b1")
+    assert zero.ready(100.0, on_broker).next_check is None
 
 
 def test_a_new_batch_wakes_the_sender_when_a_seal_or_a_flush_makes_it_ready() -> None:

@@ -144,6 +144,7 @@ class Producer:
         self._closed = False
         self._thread = LoopThread("tidemq-producer")
         self._wake_event: asyncio.Event | None = None
+        self._wake_pending = False  # a user thread's wake is on its way to the loop
         self._accumulator = RecordAccumulator(
             options.batch_size,
             options.buffer_memory,
@@ -172,13 +173,27 @@ class Producer:
         self._wake_event = asyncio.Event()
 
     def _wake(self) -> None:
+        """Makes the sender run ``ready`` again. From a user thread it costs a
+        cross-thread call (a write to the loop's wake-up pipe, and often a GIL handoff),
+        so none is made while one is already pending or the event is still set: either
+        way the sender clears the event after this point and only then scans the
+        accumulator, so it sees what the caller appended before waking it."""
         event = self._wake_event
         if event is None:
             return
         if self._thread.in_loop_thread:  # a completion: no cross-thread call needed
             event.set()
-        else:
-            self._thread.call_soon(event.set)
+        elif not self._wake_pending and not event.is_set():
+            self._wake_pending = True
+            self._thread.call_soon(self._wake_from_thread)
+
+    def _wake_from_thread(self) -> None:
+        """The loop side of a user thread's wake: the flag drops before the event is
+        set, so a wake that sees the flag up can rely on the set still to come."""
+        self._wake_pending = False
+        event = self._wake_event
+        if event is not None:
+            event.set()
 
     # -- public API -------------------------------------------------------------------
 
@@ -305,6 +320,7 @@ class Producer:
         if wake is None:  # pragma: no cover - set by _open
             raise InternalError("producer not opened")
         self._tasks = group
+        loop = asyncio.get_running_loop()
         max_bytes = self._options.max_request_bytes
         identity_attempt = 0
         identity_since = time.monotonic()
@@ -331,15 +347,17 @@ class Producer:
                 group.create_task(self._deliver_grouped(drained))
             if self._closing and accumulator.is_empty():
                 return
-            timeout = None if ready.next_check is None else max(0.0, ready.next_check - now)
-            if timeout is None:
+            if ready.next_check is None:
                 await wake.wait()
-            else:
+            elif not wake.is_set():
+                # The linger timer just sets the event (cleared at the top of the loop):
+                # a timer handle costs half of an asyncio.timeout, and this runs on
+                # most turns.
+                timer = loop.call_later(max(0.0, ready.next_check - now), wake.set)
                 try:
-                    async with asyncio.timeout(timeout):
-                        await wake.wait()
-                except TimeoutError:
-                    pass
+                    await wake.wait()
+                finally:
+                    timer.cancel()
 
     def _leader_of(self, tp: TopicPartition) -> str | None:
         """The leader broker the cache names for ``tp`` (None if unknown): the
