@@ -87,6 +87,7 @@ def translate_exception(exc: BaseException, what: str) -> TideError:
 
 CHANNEL_TARGETS = frozenset({"POST /v1/produce", "POST /v1/fetch", "POST /v1/replica/fetch"})
 CHANNEL_RETRY_S = 60.0
+ROUTES_MAX = 4096  # parsed request URLs remembered per transport
 CHANNEL_PENDING_MAX = 1024
 # A new channel waits this long for the peer's hello (sent right after the upgrade:
 # it normally comes within milliseconds) before it is used; a peer of the previous
@@ -190,6 +191,15 @@ class _Channel:
         await asyncio.gather(self._reader, return_exceptions=True)
 
 
+def _route(method: str, url: str) -> tuple[str, str] | tuple[()]:
+    """(base URL, target) if the request's kind may go over a channel, else ()."""
+    parts = urlsplit(url)
+    target = f"{method} {parts.path}"
+    if target not in CHANNEL_TARGETS or parts.query:
+        return ()
+    return f"{parts.scheme}://{parts.netloc}", target
+
+
 def _retrieve(attempt: asyncio.Future[Any]) -> None:
     """A connection attempt every waiter gave up on may fail unobserved: no warning."""
     if not attempt.cancelled():
@@ -239,6 +249,9 @@ class HttpTransport:
         self._connecting: dict[str, asyncio.Future[_Channel | None]] = {}
         self._closed = False
         self._no_channel_until: dict[tuple[str, str], float] = {}  # (base, target)
+        # (method, URL) -> (base, target) for the channel, or () for HTTP only: parsed
+        # once, not on every request.
+        self._routes: dict[tuple[str, str], tuple[str, str] | tuple[()]] = {}
 
     async def close(self) -> None:
         self._closed = True
@@ -293,11 +306,16 @@ class HttpTransport:
         """(base URL, target) when this request may go over a channel."""
         if not self._use_channels:
             return None
-        parts = urlsplit(url)
-        target = f"{method} {parts.path}"
-        if target not in CHANNEL_TARGETS or parts.query:
+        routed = self._routes.get((method, url))
+        if routed is None:
+            routed = _route(method, url)
+            if len(self._routes) < ROUTES_MAX:  # a client talks to a few peers
+                self._routes[(method, url)] = routed
+        if not routed:
             return None
-        base = f"{parts.scheme}://{parts.netloc}"
+        if not self._no_channel_until:  # the usual case: every peer has its channel
+            return routed
+        base, target = routed
         now = time.monotonic()
         for key in ((base, ""), (base, target)):
             until = self._no_channel_until.get(key)

@@ -21,11 +21,11 @@ while a ``send`` waits for buffer memory. While a broker has requests in flight 
 partitions accumulate, and when one completes (``complete`` wakes the sender) every
 partition of a ready broker is drained together, its open batch sealed, into one
 multi-partition request: under load requests carry many records, and the number of
-requests follows the round trips instead of the records. While requests are in flight
-the sender looks in at least once a linger (``ready`` arms the timer), so a batch
-opened behind them needs no wake from the user's thread (``_sender_will_look``). Per broker rather than per
+requests follows the round trips instead of the records. Per broker rather than per
 partition because the producer sends one request per leader: 12 partitions led by
-one broker then cost one request per round trip, not up to 12.
+one broker then cost one request per round trip, not up to 12. While requests are in
+flight the sender looks in at least once a linger (``ready`` arms the timer), so a
+batch opened behind them needs no wake from the user's thread (``_sender_will_look``).
 
 Invariants:
 

@@ -68,6 +68,7 @@ from tidemq.errors import (
 from tidemq.wire.produce import PRODUCE_TYPE, encode_produce
 
 log = logging.getLogger("tidemq.client")
+_PRODUCE_HEADERS = {"Content-Type": PRODUCE_TYPE}  # read only (HTTP when no channel)
 
 # A broker learns of a new topic or partition from its next coordinator heartbeat, so a
 # produce right after the topic was created may meet these: retry like not_leader.
@@ -153,6 +154,7 @@ class Producer:
             max_in_flight_bytes=options.max_in_flight_bytes_per_broker,
         )
         self._max_block_s = options.max_block_ms / 1000
+        self._produce_params = {"acks": options.acks_parameter}  # read only, every request
         self._producer_id = -1
         self._producer_epoch = -1
         self._identity_known = not options.enable_idempotence
@@ -403,13 +405,15 @@ class Producer:
                 if request in self._sequencer(tp).groups:
                     self._give_up(tp, request, closed)
             raise
-        if len(by_leader) == 1:  # the usual case: no task for one request
-            ((url, items),) = by_leader.items()
-            await self._deliver_to_leader(url, items)
-            return
-        await asyncio.gather(
-            *(self._deliver_to_leader(url, items) for url, items in by_leader.items())
-        )
+        # The first leader's request in this task, each other one in a task of its own
+        # (as gather would, without gather's own future and a task for the first).
+        # _deliver_to_leader settles its groups whatever happens, cancellation too.
+        requests = iter(by_leader.items())
+        first = next(requests, None)
+        for url, items in requests:
+            self._tasks.create_task(self._deliver_to_leader(url, items))
+        if first is not None:
+            await self._deliver_to_leader(*first)
 
     async def _deliver_to_leader(
         self, leader_url: str, items: list[tuple[TopicPartition, RequestGroup, int]]
@@ -418,10 +422,10 @@ class Producer:
             entries = [(tp[0], tp[1], epoch, request.payload()) for tp, request, epoch in items]
             answer = await self._transport.request_json(
                 "POST",
-                f"{leader_url}/v1/produce",
-                params={"acks": self._options.acks_parameter},
+                leader_url + "/v1/produce",
+                params=self._produce_params,
                 data=encode_produce(entries),
-                headers={"Content-Type": PRODUCE_TYPE},
+                headers=_PRODUCE_HEADERS,
             )
             results = answer.get("results") if isinstance(answer, dict) else None
             if not isinstance(results, list) or len(results) != len(items):
