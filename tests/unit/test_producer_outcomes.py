@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.unit.producer_fakes import StaticMetadata, led_by, metadata_class
 
 import tidemq.client.producer as producer_module
 from tidemq.broker.idempotence import load_producer_state
-from tidemq.client.metadata import PartitionInfo, TopicInfo
+from tidemq.client.metadata import PartitionInfo
 from tidemq.client.sequencing import EPOCH_MAX
 from tidemq.core.producers import Append, Behind
 from tidemq.errors import (
@@ -127,30 +128,12 @@ class FakeTransport:
         pass
 
 
-class FakeMetadata:
-    def __init__(self, transport: object, max_age_ms: int) -> None:
-        self.partition_counts = {"t": 2}
-
-    def _info(self, name: str) -> TopicInfo:
-        return TopicInfo(name, tuple(PartitionInfo(p, LEADER_URL, 0) for p in (0, 1)), 0.0)
-
-    async def topic(self, name: str) -> TopicInfo:
-        return self._info(name)
-
-    async def leader(self, topic: str, partition: int) -> PartitionInfo:
-        return PartitionInfo(partition, LEADER_URL, 0)
-
-    def cached(self, name: str) -> TopicInfo:
-        return self._info(name)
-
-    def invalidate(self, topic: str) -> None:
-        pass
-
-
 @pytest.fixture
 def leaders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setattr(producer_module, "Transport", FakeTransport)
-    monkeypatch.setattr(producer_module, "MetadataCache", FakeMetadata)
+    monkeypatch.setattr(
+        producer_module, "MetadataCache", metadata_class("t", 2, led_by(LEADER_URL))
+    )
 
     def make(partition: int, **kwargs: Any) -> Leader:
         LEADERS[partition] = Leader(tmp_path / f"t-{partition}", **kwargs)
@@ -507,13 +490,15 @@ def test_close_during_a_leader_lookup_fails_the_unsent_record_as_closed(
     leaders(0)
     looking = []
 
-    class SlowMetadata(FakeMetadata):
+    class SlowMetadata(StaticMetadata):
         async def leader(self, topic: str, partition: int) -> PartitionInfo:
             looking.append(partition)
             await asyncio.sleep(3600)  # the coordinator does not answer
             raise AssertionError
 
-    monkeypatch.setattr(producer_module, "MetadataCache", SlowMetadata)
+    monkeypatch.setattr(
+        producer_module, "MetadataCache", lambda *_: SlowMetadata("t", 2, led_by(LEADER_URL))
+    )
     client = producer()
     future = client.send("t", b"v0", partition=0)
     deadline = time.monotonic() + 5

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.unit.producer_fakes import StaticMetadata, led_by
 
 from tidemq.broker.idempotence import append_in_sequence
 from tidemq.client import producer as producer_module
-from tidemq.client.metadata import PartitionInfo, TopicInfo
 from tidemq.core.producers import ProducerStateTable
 from tidemq.core.replica import Acks
 from tidemq.errors import (
@@ -145,32 +145,12 @@ class FakeTransport:
         pass
 
 
-class FakeMetadata:
-    def __init__(self) -> None:
-        self.partition_counts = {TOPIC: PARTITIONS}
-        self.info = TopicInfo(
-            TOPIC,
-            tuple(PartitionInfo(p, "https://broker.invalid", 0) for p in range(PARTITIONS)),
-            0.0,
-        )
-
-    async def topic(self, name: str) -> TopicInfo:
-        return self.info
-
-    def cached(self, name: str) -> TopicInfo:
-        return self.info
-
-    async def leader(self, topic: str, partition: int) -> PartitionInfo:
-        return self.info.partitions[partition]
-
-    def invalidate(self, topic: str) -> None:
-        pass
-
-
 def open_with(broker: FaultyBroker) -> Callable[[producer_module.Producer], Any]:
     async def _open(self: producer_module.Producer) -> None:
         self._transport = FakeTransport(broker)  # type: ignore[assignment]
-        self._metadata = FakeMetadata()  # type: ignore[assignment]
+        self._metadata = StaticMetadata(  # type: ignore[assignment]
+            TOPIC, PARTITIONS, led_by("https://broker.invalid")
+        )
         self._wake_event = asyncio.Event()
 
     return _open

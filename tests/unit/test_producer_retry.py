@@ -9,9 +9,10 @@ import time
 from typing import Any
 
 import pytest
+from tests.unit.producer_fakes import metadata_class
 
 import tidemq.client.producer as producer_module
-from tidemq.client.metadata import PartitionInfo, TopicInfo
+from tidemq.client.metadata import PartitionInfo
 from tidemq.errors import ConnectionFailed, NotLeader, TideError, UnknownTopic
 from tidemq.wire.batch import check_batches
 from tidemq.wire.produce import decode_produce
@@ -72,27 +73,12 @@ class FakeTransport:
         pass
 
 
-class FakeMetadata:
-    def __init__(self, transport: Any, max_age_ms: int) -> None:
-        self.partition_counts = {"t": 1}
-
-    def cached(self, name: str) -> TopicInfo:
-        return TopicInfo(name, (CLUSTER.leader,), 0.0)
-
-    async def topic(self, name: str) -> TopicInfo:
-        return self.cached(name)
-
-    async def leader(self, topic: str, partition: int) -> PartitionInfo:
-        return CLUSTER.leader
-
-    def invalidate(self, topic: str) -> None:
-        pass
-
-
 def send_one(monkeypatch: pytest.MonkeyPatch) -> float:
     """Sends one record; seconds until it is acknowledged (fails after 2 s)."""
     monkeypatch.setattr(producer_module, "Transport", FakeTransport)
-    monkeypatch.setattr(producer_module, "MetadataCache", FakeMetadata)
+    monkeypatch.setattr(
+        producer_module, "MetadataCache", metadata_class("t", 1, lambda _: CLUSTER.leader)
+    )
     producer = producer_module.Producer(
         bootstrap="https://coordinator",
         retry_backoff_ms=5_000,

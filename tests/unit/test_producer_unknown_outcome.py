@@ -9,8 +9,9 @@ import asyncio
 import time
 from collections import Counter
 
+from tests.unit.producer_fakes import led_by, metadata_class
+
 import tidemq.client.producer as producer_module
-from tidemq.client.metadata import PartitionInfo, TopicInfo
 from tidemq.core.producers import Append, ProducerStateTable
 from tidemq.errors import RequestTimedOut
 from tidemq.wire.batch import check_batches, decode_records
@@ -68,28 +69,13 @@ class FakeTransport:
         pass
 
 
-class FakeMetadata:
-    def __init__(self, transport, max_age_ms) -> None:
-        self.partition_counts = {"t": 1}
-
-    async def topic(self, name):
-        return TopicInfo(name, (PartitionInfo(0, "https://leader", 0),), 0.0)
-
-    async def leader(self, topic, partition):
-        return PartitionInfo(0, "https://leader", 0)
-
-    def cached(self, name):
-        return TopicInfo(name, (PartitionInfo(0, "https://leader", 0),), 0.0)
-
-    def invalidate(self, topic) -> None:
-        pass
-
-
 def test_lost_answers_beyond_delivery_timeout_duplicate_the_held_groups(monkeypatch) -> None:
     global LEADER
     LEADER = FakeLeader(drop_until=time.monotonic() + 1.5)
     monkeypatch.setattr(producer_module, "Transport", FakeTransport)
-    monkeypatch.setattr(producer_module, "MetadataCache", FakeMetadata)
+    monkeypatch.setattr(
+        producer_module, "MetadataCache", metadata_class("t", 1, led_by("https://leader"))
+    )
     producer = producer_module.Producer(
         bootstrap="https://coordinator",
         linger_ms=0,

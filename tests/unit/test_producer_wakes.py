@@ -16,9 +16,10 @@ import time
 from typing import Any
 
 import pytest
+from tests.unit.producer_fakes import StaticMetadata
 
 from tidemq.client import producer as producer_module
-from tidemq.client.metadata import PartitionInfo, TopicInfo
+from tidemq.client.metadata import PartitionInfo
 from tidemq.wire.batch import iter_headers
 from tidemq.wire.produce import decode_produce
 
@@ -57,32 +58,12 @@ class InstantBroker:
         pass
 
 
-class FakeMetadata:
-    def __init__(self) -> None:
-        self.partition_counts = {TOPIC: PARTITIONS}
-        self.info = TopicInfo(
-            TOPIC,
-            tuple(PartitionInfo(p, LEADERS[p % len(LEADERS)], 0) for p in range(PARTITIONS)),
-            0.0,
-        )
-
-    async def topic(self, name: str) -> TopicInfo:
-        return self.info
-
-    def cached(self, name: str) -> TopicInfo:
-        return self.info
-
-    async def leader(self, topic: str, partition: int) -> PartitionInfo:
-        return self.info.partitions[partition]
-
-    def invalidate(self, topic: str) -> None:
-        pass
-
-
 def make_producer(broker: InstantBroker, linger_ms: int) -> producer_module.Producer:
     async def _open(self: producer_module.Producer) -> None:
         self._transport = broker  # type: ignore[assignment]
-        self._metadata = FakeMetadata()  # type: ignore[assignment]
+        self._metadata = StaticMetadata(  # type: ignore[assignment]
+            TOPIC, PARTITIONS, lambda p: PartitionInfo(p, LEADERS[p % len(LEADERS)], 0)
+        )
         self._wake_event = asyncio.Event()
 
     with pytest.MonkeyPatch.context() as patch:
