@@ -1,12 +1,19 @@
-"""A stand-in for the producer's metadata cache, shared by the producer tests: one
-topic whose partitions are led as the test says, with no coordinator behind it."""
+"""Stand-ins shared by the producer tests: a metadata cache for one topic whose
+partitions are led as the test says, and brokers that answer at once, with no
+coordinator or network behind them."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
+from tidemq.client import producer as producer_module
 from tidemq.client.metadata import PartitionInfo, TopicInfo
+from tidemq.wire.batch import iter_headers
+from tidemq.wire.produce import decode_produce
 
 
 class StaticMetadata:
@@ -47,3 +54,56 @@ def metadata_class(
         return StaticMetadata(topic, partitions, leader_of)
 
     return build
+
+
+class InstantBroker:
+    """The producer's transport: every leader answers a produce after ``delay_s`` (one
+    loop turn when 0) with consecutive offsets per partition. ``sent`` lists (leader,
+    partition, base sequence) of each batch in the order the requests were made, and
+    ``requests`` counts them."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.ends: dict[int, int] = {}
+        self.sent: list[tuple[str, int, int]] = []
+        self.requests = 0
+
+    async def request_json(self, method: str, url: str, **kwargs: Any) -> Any:
+        self.requests += 1
+        leader = url.rsplit("/v1/", 1)[0]
+        entries = list(decode_produce(kwargs["data"]))
+        for entry in entries:
+            for header in iter_headers(entry.batches):
+                self.sent.append((leader, entry.partition, header.base_sequence))
+        await asyncio.sleep(self.delay_s)
+        results = []
+        for entry in entries:
+            base = end = self.ends.get(entry.partition, 0)
+            offsets = []
+            for header in iter_headers(entry.batches):
+                offsets.append(end)
+                end += header.record_count
+            self.ends[entry.partition] = end
+            results.append({"base_offset": base, "batch_base_offsets": offsets})
+        return {"results": results}
+
+    async def coordinator(self, method: str, path: str, **kwargs: Any) -> Any:
+        return {"producer_id": 42, "producer_epoch": 0}
+
+    async def close(self) -> None:
+        pass
+
+
+def fake_producer(
+    transport: Any, metadata: StaticMetadata, **options: Any
+) -> producer_module.Producer:
+    """A real Producer whose transport and metadata cache are the given stand-ins."""
+
+    async def _open(self: producer_module.Producer) -> None:
+        self._transport = transport
+        self._metadata = metadata  # type: ignore[assignment]
+        self._wake_event = asyncio.Event()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(producer_module.Producer, "_open", _open)
+        return producer_module.Producer(bootstrap="https://coordinator.invalid", **options)

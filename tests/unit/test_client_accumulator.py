@@ -358,10 +358,11 @@ def test_new_batches_behind_a_request_in_flight_wake_the_sender_only_if_it_would
     assert len(wakes) == 5
 
 
-def test_the_sender_looks_again_within_a_linger_only_while_requests_are_in_flight() -> None:
-    """The look-in timer lets batches opened behind a request in flight go without a
-    wake; with nothing in flight nothing is armed (an idle producer sleeps), and a new
-    record then wakes the sender at once."""
+def test_the_sender_looks_again_within_a_linger_only_after_a_pass_that_sends() -> None:
+    """The look-in timer lets batches opened behind a request just sent go without a
+    wake; a pass that sends nothing arms none (behind a hung request it would scan
+    every linger for nothing; an idle producer sleeps), and a new record then wakes
+    the sender at once."""
     accumulator, clock, wakes = make(linger_ms=5)
     accumulator.in_flight_batches_max = 5
     assert accumulator.ready(clock.now, on_broker).next_check is None
@@ -369,15 +370,22 @@ def test_the_sender_looks_again_within_a_linger_only_while_requests_are_in_fligh
     assert len(wakes) == 1
     assert accumulator.ready(clock.now, on_broker).next_check == pytest.approx(100.005)
     [batch] = accumulator.drain(("t", 0), 1 << 20, clock.now, "https://b1")
-    clock.now = 100.003
-    ready = accumulator.ready(clock.now, on_broker)  # nothing waits, a request is out
-    assert ready.partitions == [] and ready.next_check == pytest.approx(100.008)
-    batch.complete(0, None)
-    accumulator.complete(("t", 0), [batch])
+    append(accumulator, 0, b"b0")  # behind the request just sent: the timer will look
+    assert len(wakes) == 1
+    clock.now = 100.005
+    ready = accumulator.ready(clock.now, on_broker)  # the timer: b0's linger is up
+    assert ready.partitions == [("t", 0)] and ready.next_check == pytest.approx(100.010)
+    [later] = accumulator.drain(("t", 0), 1 << 20, clock.now, "https://b1")
+    clock.now = 100.010
+    ready = accumulator.ready(clock.now, on_broker)  # nothing waits, requests are out
+    assert ready.partitions == [] and ready.next_check is None  # no timer behind them
+    append(accumulator, 1, b"c1")  # so a record behind them wakes the sender
     assert len(wakes) == 2
-    assert accumulator.ready(clock.now, on_broker).next_check is None  # idle: no timer
-    append(accumulator, 1, b"lone")
-    assert len(wakes) == 3  # nothing in flight: it goes at once
+    accumulator.drain(("t", 1), 1 << 20, clock.now, "https://b1")
+    for sent in (batch, later):
+        sent.complete(0, None)
+    accumulator.complete(("t", 0), [batch, later])
+    assert len(wakes) == 3  # an answer always wakes
     zero, _, _ = make(linger_ms=0)
     zero.in_flight_batches_max = 5
     append(zero, 0, b"z")

@@ -10,67 +10,25 @@ deadline) or for ever.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from typing import Any
 
-import pytest
-from tests.unit.producer_fakes import StaticMetadata
+from tests.unit.producer_fakes import InstantBroker, StaticMetadata, fake_producer
 
 from tidemq.client import producer as producer_module
 from tidemq.client.metadata import PartitionInfo
-from tidemq.wire.batch import iter_headers
-from tidemq.wire.produce import decode_produce
 
 TOPIC = "t"
 PARTITIONS = 6
 LEADERS = ("https://b1.invalid", "https://b2.invalid", "https://b3.invalid")
 
 
-class InstantBroker:
-    """Answers every produce after ``delay_s``, with consecutive offsets per partition."""
-
-    def __init__(self, delay_s: float) -> None:
-        self.delay_s = delay_s
-        self.ends: dict[int, int] = {}
-        self.requests = 0
-
-    async def request_json(self, method: str, url: str, **kwargs: Any) -> Any:
-        self.requests += 1
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        results = []
-        for entry in decode_produce(kwargs["data"]):
-            base = end = self.ends.get(entry.partition, 0)
-            offsets = []
-            for header in iter_headers(entry.batches):
-                offsets.append(end)
-                end += header.record_count
-            self.ends[entry.partition] = end
-            results.append({"base_offset": base, "batch_base_offsets": offsets})
-        return {"results": results}
-
-    async def coordinator(self, method: str, path: str, **kwargs: Any) -> Any:
-        return {"producer_id": 42, "producer_epoch": 0}
-
-    async def close(self) -> None:
-        pass
-
-
 def make_producer(broker: InstantBroker, linger_ms: int) -> producer_module.Producer:
-    async def _open(self: producer_module.Producer) -> None:
-        self._transport = broker  # type: ignore[assignment]
-        self._metadata = StaticMetadata(  # type: ignore[assignment]
-            TOPIC, PARTITIONS, lambda p: PartitionInfo(p, LEADERS[p % len(LEADERS)], 0)
-        )
-        self._wake_event = asyncio.Event()
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(producer_module.Producer, "_open", _open)
-        return producer_module.Producer(
-            bootstrap="https://coordinator.invalid", linger_ms=linger_ms
-        )
+    metadata = StaticMetadata(
+        TOPIC, PARTITIONS, lambda p: PartitionInfo(p, LEADERS[p % len(LEADERS)], 0)
+    )
+    return fake_producer(broker, metadata, linger_ms=linger_ms)
 
 
 def test_a_record_for_an_idle_broker_goes_at_once_however_long_the_linger() -> None:

@@ -23,8 +23,8 @@ partition of a ready broker is drained together, its open batch sealed, into one
 multi-partition request: under load requests carry many records, and the number of
 requests follows the round trips instead of the records. Per broker rather than per
 partition because the producer sends one request per leader: 12 partitions led by
-one broker then cost one request per round trip, not up to 12. While requests are in
-flight the sender looks in at least once a linger (``ready`` arms the timer), so a
+one broker then cost one request per round trip, not up to 12. After a pass that sends
+requests the sender looks in again within a linger (``ready`` arms the timer), so a
 batch opened behind them needs no wake from the user's thread (``_sender_will_look``).
 
 Invariants:
@@ -483,14 +483,17 @@ class RecordAccumulator:
             self._node_answered.difference_update(ready_nodes)
             waiting = [deadline for node, deadline in deadlines.items() if node not in ready_nodes]
             next_check = min(waiting) if waiting else None
-            if next_check is None and self.linger_s > 0 and (self._node_batches or ready_nodes):
-                # Requests in flight (or about to be: the ready nodes are drained next),
-                # nothing lingering: look again one linger from now anyway. A batch
-                # opened behind those requests then needs no wake (its linger ends after
-                # this timer, see _sender_will_look): without the timer, each such batch
-                # cost a cross-thread wake and a sender pass that only armed it (a third
-                # of all passes at 2,000 msg/s). Under load the timer is re-armed before
-                # it fires; with nothing in flight it is not armed at all.
+            if next_check is None and self.linger_s > 0 and ready_nodes:
+                # Requests about to go (the ready nodes are drained next), nothing
+                # lingering: look again one linger from now anyway. A batch opened behind
+                # those requests then needs no wake (its linger ends after this timer, see
+                # _sender_will_look): without the timer, each such batch cost a
+                # cross-thread wake and a sender pass that only armed it (a third of all
+                # passes at 2,000 msg/s). Under load an answer's pass drains and re-arms
+                # it before it fires. Not armed by a pass that drains nothing, requests in
+                # flight or not: behind a request that hangs (a broker that stopped
+                # answering, for up to request_timeout_ms) it would fire once a linger
+                # and scan every queue for nothing; the next record then wakes the sender.
                 next_check = now + self.linger_s
             # Set with the scan, under the lock: a batch appended after the scan sees
             # the timer the sender is about to sleep with (see _sender_will_look).

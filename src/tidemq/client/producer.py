@@ -145,7 +145,6 @@ class Producer:
         self._closed = False
         self._thread = LoopThread("tidemq-producer")
         self._wake_event: asyncio.Event | None = None
-        self._wake_pending = False  # a user thread's wake is on its way to the loop
         self._accumulator = RecordAccumulator(
             options.batch_size,
             options.buffer_memory,
@@ -177,25 +176,18 @@ class Producer:
     def _wake(self) -> None:
         """Makes the sender run ``ready`` again. From a user thread it costs a
         cross-thread call (a write to the loop's wake-up pipe, and often a GIL handoff),
-        so none is made while one is already pending or the event is still set: either
-        way the sender clears the event after this point and only then scans the
-        accumulator, so it sees what the caller appended before waking it."""
+        so none is made while the event is still set: the sender clears it and only
+        then scans the accumulator, so it sees what the caller appended before looking.
+        (Not also "while an earlier wake is on its way": a flag saying so, raised
+        before the cross-thread call, stayed up for ever when a signal's exception
+        interrupted that call, and every later wake was skipped.)"""
         event = self._wake_event
         if event is None:
             return
         if self._thread.in_loop_thread:  # a completion: no cross-thread call needed
             event.set()
-        elif not self._wake_pending and not event.is_set():
-            self._wake_pending = True
-            self._thread.call_soon(self._wake_from_thread)
-
-    def _wake_from_thread(self) -> None:
-        """The loop side of a user thread's wake: the flag drops before the event is
-        set, so a wake that sees the flag up can rely on the set still to come."""
-        self._wake_pending = False
-        event = self._wake_event
-        if event is not None:
-            event.set()
+        elif not event.is_set():
+            self._thread.call_soon(event.set)
 
     # -- public API -------------------------------------------------------------------
 
@@ -405,15 +397,16 @@ class Producer:
                 if request in self._sequencer(tp).groups:
                     self._give_up(tp, request, closed)
             raise
-        # The first leader's request in this task, each other one in a task of its own
-        # (as gather would, without gather's own future and a task for the first).
-        # _deliver_to_leader settles its groups whatever happens, cancellation too.
-        requests = iter(by_leader.items())
-        first = next(requests, None)
-        for url, items in requests:
+        # Each leader's request in a task of its own, created in drain order, and none
+        # sent inline: tasks start in the order they were made, so a partition's batches
+        # reach its leader in drain order even when two deliveries resume in one loop
+        # turn (both waited for one metadata lookup). Sending one request inline let a
+        # later delivery's batch overtake an earlier one's (the leader then holds it
+        # back up to its reorder wait). The tasks belong to the producer's group: a
+        # failure still stops the producer, and one cancelled before its first step
+        # leaves its groups to _fail_unsettled, as gather's children did.
+        for url, items in by_leader.items():
             self._tasks.create_task(self._deliver_to_leader(url, items))
-        if first is not None:
-            await self._deliver_to_leader(*first)
 
     async def _deliver_to_leader(
         self, leader_url: str, items: list[tuple[TopicPartition, RequestGroup, int]]
