@@ -59,13 +59,14 @@ def metadata_class(
 class InstantBroker:
     """The producer's transport: every leader answers a produce after ``delay_s`` (one
     loop turn when 0) with consecutive offsets per partition. ``sent`` lists (leader,
-    partition, base sequence) of each batch in the order the requests were made, and
+    topic, partition, base sequence) of each batch in the order the requests were made,
+    and
     ``requests`` counts them."""
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
         self.ends: dict[int, int] = {}
-        self.sent: list[tuple[str, int, int]] = []
+        self.sent: list[tuple[str, str, int, int]] = []
         self.requests = 0
 
     async def request_json(self, method: str, url: str, **kwargs: Any) -> Any:
@@ -74,7 +75,7 @@ class InstantBroker:
         entries = list(decode_produce(kwargs["data"]))
         for entry in entries:
             for header in iter_headers(entry.batches):
-                self.sent.append((leader, entry.partition, header.base_sequence))
+                self.sent.append((leader, entry.topic, entry.partition, header.base_sequence))
         await asyncio.sleep(self.delay_s)
         results = []
         for entry in entries:

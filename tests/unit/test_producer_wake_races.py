@@ -6,11 +6,14 @@ cut them): the real Producer against in-memory fakes.
   next call boundary in the main thread) loses that one wake, never the later ones: a
   flag meaning "a wake is on its way", raised before the call, stayed up for ever and
   every later cross-thread wake, flush's and close's included, was skipped.
-* Two deliveries that resume together (both waited for one metadata refresh) send a
-  partition's batches to its leader in drain order: sending one request inline and
-  deferring the others to tasks let a later batch overtake an earlier one.
-* The sender does not scan once a linger while a request is out and nothing else is
-  to be sent (a hung broker keeps one out for up to request_timeout_ms).
+* A partition's batches reach its leader in drain order, however the deliveries that
+  drained them wait for leader lookups: sending one request inline and deferring the
+  others to tasks let a later batch overtake an earlier one when two deliveries
+  resumed together, and so did a later delivery whose lookups hit the cache while an
+  earlier one waited for another topic's refresh.
+* The sender does not scan once a linger while a request is out and nothing can be
+  sent (a hung broker keeps one out for up to request_timeout_ms): neither with
+  nothing queued nor with a batch that does not fit the broker's bytes in flight.
 """
 
 from __future__ import annotations
@@ -34,20 +37,80 @@ LEADERS = ("https://b1.invalid", "https://b2.invalid", "https://b3.invalid")
 
 
 class GatedMetadata(StaticMetadata):
-    """Leaders as LEADERS[p % 3]; while ``gate`` is set and not done, a leader lookup
-    waits for it, as every lookup of a stale topic waits for the one refresh."""
+    """Topics of PARTITIONS partitions, partition p led by LEADERS[p % 3] (or by
+    ``leader``); a lookup of a topic whose gate is set and not done waits for it, as
+    every lookup of a stale topic waits for its one refresh."""
 
-    def __init__(self) -> None:
-        super().__init__(TOPIC, PARTITIONS, lambda p: PartitionInfo(p, LEADERS[p % 3], 0))
-        self.gate: asyncio.Future[None] | None = None
-        self.waiting = 0
+    def __init__(self, *topics: str, leader: str | None = None) -> None:
+        super().__init__(TOPIC, PARTITIONS, lambda p: PartitionInfo(p, leader or LEADERS[p % 3], 0))
+        topics = topics or (TOPIC,)
+        self.partition_counts = {topic: PARTITIONS for topic in topics}
+        self.gates: dict[str, asyncio.Future[None]] = {}
+        self.waiting = dict.fromkeys(topics, 0)
 
     async def leader(self, topic: str, partition: int) -> PartitionInfo:
-        gate = self.gate
+        gate = self.gates.get(topic)
         if gate is not None and not gate.done():
-            self.waiting += 1
+            self.waiting[topic] += 1
             await gate
         return await super().leader(topic, partition)
+
+    def close_gates(self, producer: Any, *topics: str) -> None:
+        """Lookups of these topics wait from now on (the futures made on its loop)."""
+        made = threading.Event()
+
+        def close() -> None:
+            for topic in topics:
+                self.gates[topic] = producer._thread.loop.create_future()
+            made.set()
+
+        producer._thread.loop.call_soon_threadsafe(close)
+        assert made.wait(5)
+
+    def open_gate(self, producer: Any, topic: str) -> None:
+        producer._thread.loop.call_soon_threadsafe(self.gates[topic].set_result, None)
+
+
+def hold_loop(producer: Any) -> threading.Event:
+    """Holds the producer's loop until the event is set: records sent meanwhile are
+    all in the accumulator before the sender looks."""
+    release = threading.Event()
+    producer._thread.loop.call_soon_threadsafe(release.wait, 5)
+    return release
+
+
+def in_drain_order(patch: pytest.MonkeyPatch) -> list[list[tuple[str, int]]]:
+    """Makes ``ready`` name partitions sorted (a chosen drain order, not a set's);
+    returns the list of each pass that drains something."""
+    passes: list[list[tuple[str, int]]] = []
+    ready = RecordAccumulator.ready
+
+    def ordered_ready(self: RecordAccumulator, now: float, node_of: Any = None) -> Readiness:
+        readiness = ready(self, now, node_of) if node_of else ready(self, now)
+        partitions = sorted(readiness.partitions)
+        if partitions:
+            passes.append(partitions)
+        return Readiness(partitions, readiness.next_check)
+
+    patch.setattr(RecordAccumulator, "ready", ordered_ready)
+    return passes
+
+
+def counting_passes(patch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the sender's ``ready`` passes (in the list's one item)."""
+    passes = [0]
+    ready = RecordAccumulator.ready
+
+    def counted_ready(self: RecordAccumulator, now: float, node_of: Any = None) -> Readiness:
+        passes[0] += 1
+        return ready(self, now, node_of) if node_of else ready(self, now)
+
+    patch.setattr(RecordAccumulator, "ready", counted_ready)
+    return passes
+
+
+def sequences_sent(broker: InstantBroker, topic: str, partition: int) -> list[int]:
+    return [seq for _, t, p, seq in broker.sent if (t, p) == (topic, partition)]
 
 
 def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
@@ -113,58 +176,98 @@ def test_a_partitions_batches_reach_its_leader_in_drain_order() -> None:
     answers out_of_order_sequence or holds the request up to REORDER_WAIT_S)."""
     broker = InstantBroker()
     metadata = GatedMetadata()
-    passes: list[list[tuple[str, int]]] = []
-    ready = RecordAccumulator.ready
-
-    def ordered_ready(self: RecordAccumulator, now: float, node_of: Any = None) -> Readiness:
-        readiness = ready(self, now, node_of) if node_of else ready(self, now)
-        partitions = sorted(readiness.partitions)  # a chosen drain order, not a set's
-        if partitions:
-            passes.append(partitions)
-        return Readiness(partitions, readiness.next_check)
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(RecordAccumulator, "ready", ordered_ready)
+        passes = in_drain_order(patch)
         producer = fake_producer(broker, metadata, linger_ms=60_000, batch_size=64)
         try:
             assert until(lambda: producer._identity_known)
-            loop = producer._thread.loop
-            gate_made = threading.Event()
-
-            def close_gate() -> None:
-                metadata.gate = loop.create_future()
-                gate_made.set()
-
-            loop.call_soon_threadsafe(close_gate)
-            assert gate_made.wait(5)
-
-            def hold_loop() -> threading.Event:
-                release = threading.Event()
-                loop.call_soon_threadsafe(release.wait, 5)
-                return release
-
-            release = hold_loop()  # both records are in before the sender looks
+            metadata.close_gates(producer, TOPIC)
+            release = hold_loop(producer)  # both records are in before the sender looks
             first = [producer.send(TOPIC, b"p0", partition=0)]
             first.append(producer.send(TOPIC, b"p1-a", partition=1))
             release.set()
-            assert until(lambda: metadata.waiting >= 1)  # delivery 1 waits for the refresh
-            release = hold_loop()
+            assert until(lambda: metadata.waiting[TOPIC] >= 1)  # delivery 1 waits
+            release = hold_loop(producer)
             second = [producer.send(TOPIC, b"p1-b", partition=1)]
             second.append(producer.send(TOPIC, b"p1-c", partition=1))  # seals p1-b
             second.append(producer.send(TOPIC, b"p2", partition=2))
             release.set()
-            assert until(lambda: metadata.waiting >= 2)  # delivery 2 waits too
+            assert until(lambda: metadata.waiting[TOPIC] >= 2)  # delivery 2 waits too
             assert passes[-2:] == [[(TOPIC, 0), (TOPIC, 1)], [(TOPIC, 1), (TOPIC, 2)]]
-            gate = metadata.gate
-            assert gate is not None
-            loop.call_soon_threadsafe(gate.set_result, None)
+            metadata.open_gate(producer, TOPIC)
             for future in first + second:
                 future.result(5)
         finally:
             producer.close(timeout=1)
-    to_b2 = [sequence for leader, partition, sequence in broker.sent if partition == 1]
-    assert all(leader == LEADERS[1] for leader, partition, _ in broker.sent if partition == 1)
+    assert {leader for leader, _, p, _ in broker.sent if p == 1} == {LEADERS[1]}
+    to_b2 = sequences_sent(broker, TOPIC, 1)
     assert to_b2 == sorted(to_b2), f"p1's batches reached b2 as sequences {to_b2}"
+
+
+def test_a_later_delivery_with_cached_lookups_does_not_overtake_an_earlier_one() -> None:
+    """Delivery 1 drained [a-stale/0, b-fresh/0 (seq 0)] and waits for a-stale's
+    refresh before it makes its requests. Delivery 2 drained [b-fresh/0 (seq 1..)]: its
+    lookup is a cache hit (no suspension). Without a wait for delivery 1 it made its
+    request first, and b-fresh/0's later batch reached the leader first (found by
+    review of ad60202; the leader then holds it up to REORDER_WAIT_S or, behind a
+    slower refresh, answers out_of_order_sequence and the partition is resent)."""
+    broker = InstantBroker()
+    metadata = GatedMetadata("a-stale", "b-fresh", leader=LEADERS[0])
+    with pytest.MonkeyPatch.context() as patch:
+        in_drain_order(patch)
+        producer = fake_producer(broker, metadata, linger_ms=60_000, batch_size=64)
+        try:
+            assert until(lambda: producer._identity_known)
+            metadata.close_gates(producer, "a-stale")
+            release = hold_loop(producer)
+            first = [producer.send("a-stale", b"x", partition=0)]
+            first.append(producer.send("b-fresh", b"p-a", partition=0))
+            release.set()
+            assert until(lambda: metadata.waiting["a-stale"] >= 1)  # delivery 1 waits
+            second = [producer.send("b-fresh", b"p-b", partition=0)]
+            second.append(producer.send("b-fresh", b"p-c", partition=0))  # seals p-b
+            time.sleep(0.2)  # delivery 2 runs (its lookup needs no refresh)
+            metadata.open_gate(producer, "a-stale")
+            for future in first + second:
+                future.result(5)
+        finally:
+            producer.close(timeout=1)
+    fresh = sequences_sent(broker, "b-fresh", 0)
+    assert fresh == sorted(fresh), f"b-fresh/0's batches reached its leader as {fresh}"
+
+
+def test_two_deliveries_that_waited_for_one_refresh_stay_in_order_when_the_first_waits_again() -> (
+    None
+):
+    """Delivery 1 drained [a/0 (seq 0), c/0], delivery 2 [a/0 (seq 1..)]; both wait for
+    a's refresh. When it ends, delivery 1 resumes first, goes on to c/0 and waits for
+    c's refresh; delivery 2 resumes and must not send a/0's later batch before
+    delivery 1 has made its requests (found by review of ad60202)."""
+    broker = InstantBroker()
+    metadata = GatedMetadata("a", "c", leader=LEADERS[0])
+    with pytest.MonkeyPatch.context() as patch:
+        in_drain_order(patch)
+        producer = fake_producer(broker, metadata, linger_ms=60_000, batch_size=64)
+        try:
+            assert until(lambda: producer._identity_known)
+            metadata.close_gates(producer, "a", "c")
+            release = hold_loop(producer)
+            first = [producer.send("a", b"a-1", partition=0)]
+            first.append(producer.send("c", b"c-1", partition=0))
+            release.set()
+            assert until(lambda: metadata.waiting["a"] >= 1)
+            second = [producer.send("a", b"a-2", partition=0)]
+            second.append(producer.send("a", b"a-3", partition=0))  # seals a-2: a wake
+            assert until(lambda: metadata.waiting["a"] >= 2)
+            metadata.open_gate(producer, "a")
+            time.sleep(0.2)
+            metadata.open_gate(producer, "c")
+            for future in first + second:
+                future.result(5)
+        finally:
+            producer.close(timeout=1)
+    sequences = sequences_sent(broker, "a", 0)
+    assert sequences == sorted(sequences), f"a/0's batches reached its leader as {sequences}"
 
 
 def test_a_request_in_flight_with_nothing_else_to_send_does_not_spin_the_sender() -> None:
@@ -174,15 +277,8 @@ def test_a_request_in_flight_with_nothing_else_to_send_does_not_spin_the_sender(
     scans the accumulator ~1,000 times a second for as long as a request is out (a
     hung broker: up to request_timeout_ms, then retries for delivery_timeout_ms)."""
     broker = InstantBroker(1.0)  # a broker that hangs: its request times out later
-    passes = [0]
-    ready = RecordAccumulator.ready
-
-    def counted_ready(self: RecordAccumulator, now: float, node_of: Any = None) -> Readiness:
-        passes[0] += 1
-        return ready(self, now, node_of) if node_of else ready(self, now)
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(RecordAccumulator, "ready", counted_ready)
+        passes = counting_passes(patch)
         producer = fake_producer(broker, GatedMetadata(), linger_ms=1)
         try:
             future = producer.send(TOPIC, b"slow", partition=0)
@@ -190,6 +286,32 @@ def test_a_request_in_flight_with_nothing_else_to_send_does_not_spin_the_sender(
             time.sleep(0.5)  # the request is out, nothing else to send
             idle_passes = passes[0]
             assert future.result(5).offset == 0
+        finally:
+            producer.close(timeout=1)
+    assert idle_passes < 20, f"{idle_passes} sender passes in 0.5 s with nothing to send"
+
+
+def test_a_batch_that_does_not_fit_the_bytes_in_flight_does_not_spin_the_sender() -> None:
+    """A request of 600 bytes hangs at b1 under a 1,000-byte bound; a second 600-byte
+    batch for b1 cannot go until it is answered (drain takes nothing). ad60202 still
+    counted b1 ready (its bytes under the bound, the batch's linger up) and armed the
+    look-in timer on every such pass: a scan of every queue once a linger (found by
+    review of ad60202)."""
+    broker = InstantBroker(1.0)  # hangs
+    with pytest.MonkeyPatch.context() as patch:
+        passes = counting_passes(patch)
+        producer = fake_producer(
+            broker, GatedMetadata(), linger_ms=1, max_in_flight_bytes_per_broker=1000
+        )
+        try:
+            first = producer.send(TOPIC, b"x" * 600, partition=0)  # b1, goes at once, hangs
+            assert until(lambda: broker.requests >= 1)
+            second = producer.send(TOPIC, b"y" * 600, partition=3)  # b1: does not fit
+            time.sleep(0.1)  # its linger is up; nothing can go until the answer
+            before = passes[0]
+            time.sleep(0.5)
+            idle_passes = passes[0] - before
+            assert first.result(5).offset == 0 and second.result(5).offset == 0
         finally:
             producer.close(timeout=1)
     assert idle_passes < 20, f"{idle_passes} sender passes in 0.5 s with nothing to send"

@@ -2,10 +2,10 @@
 at once, whatever linger_ms says, and a record behind a request in flight goes within
 its linger, without a lost wake-up, however user threads and answers interleave.
 
-The producer skips a cross-thread wake while one is pending or the event is still set,
-and the sender looks in once a linger while requests are in flight: a wake lost by
-either would leave a record waiting for linger_ms (here far longer than the test's
-deadline) or for ever.
+The producer skips a cross-thread wake while the sender's event is still set, and after
+a pass that sends the sender looks in again within a linger: a wake lost by either
+would leave a record waiting for linger_ms (here far longer than the test's deadline)
+or for ever.
 """
 
 from __future__ import annotations

@@ -159,6 +159,9 @@ class Producer:
         self._identity_known = not options.enable_idempotence
         self._sequencers: dict[TopicPartition, PartitionSequencer] = {}
         self._recoveries: set[TopicPartition] = set()  # paused, waiting for in-flight to end
+        # Per partition, the delivery that drained it last and has not made its requests
+        # yet (done once they are made): a later delivery of the partition waits for it.
+        self._undispatched: dict[TopicPartition, asyncio.Future[None]] = {}
         self._closing = False
         try:
             self._thread.call(self._open(), 10.0)
@@ -376,37 +379,57 @@ class Producer:
         """
         by_leader: dict[str, list[tuple[TopicPartition, RequestGroup, int]]] = {}
         looked = 0
+        # A partition's batches must reach its leader in drain order. An earlier delivery
+        # of one of these partitions may still wait for a leader lookup (a stale topic's
+        # refresh) while this one's lookups hit the cache: wait for its requests to be
+        # made first. Only deliveries sharing a partition wait for each other, so a slow
+        # refresh holds up no other topic.
+        earlier = {f for tp, _ in drained if (f := self._undispatched.get(tp)) is not None}
+        dispatched: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for tp, _ in drained:
+            self._undispatched[tp] = dispatched
         try:
-            for tp, request in drained:
-                looked += 1
-                try:
-                    info = await self._metadata.leader(*tp)
-                except TideError as error:
-                    self._failed(tp, request, error)
-                    continue
-                if info.leader_url is None:
-                    self._failed(tp, request, NotLeader(f"{tp[0]}/{tp[1]} has no leader"))
-                else:
-                    entry = (tp, request, info.leader_epoch)
-                    by_leader.setdefault(info.leader_url, []).append(entry)
-        except asyncio.CancelledError:  # close() while a leader lookup waits: none sent
-            unsent = [(tp, request) for items in by_leader.values() for tp, request, _ in items]
-            unsent += drained[looked - 1 :]
-            closed = ClientClosed("the producer closed before delivery")
-            for tp, request in unsent:
-                if request in self._sequencer(tp).groups:
-                    self._give_up(tp, request, closed)
-            raise
-        # Each leader's request in a task of its own, created in drain order, and none
-        # sent inline: tasks start in the order they were made, so a partition's batches
-        # reach its leader in drain order even when two deliveries resume in one loop
-        # turn (both waited for one metadata lookup). Sending one request inline let a
-        # later delivery's batch overtake an earlier one's (the leader then holds it
-        # back up to its reorder wait). The tasks belong to the producer's group: a
-        # failure still stops the producer, and one cancelled before its first step
-        # leaves its groups to _fail_unsettled, as gather's children did.
-        for url, items in by_leader.items():
-            self._tasks.create_task(self._deliver_to_leader(url, items))
+            try:
+                for tp, request in drained:
+                    looked += 1
+                    try:
+                        info = await self._metadata.leader(*tp)
+                    except TideError as error:
+                        self._failed(tp, request, error)
+                        continue
+                    if info.leader_url is None:
+                        self._failed(tp, request, NotLeader(f"{tp[0]}/{tp[1]} has no leader"))
+                    else:
+                        entry = (tp, request, info.leader_epoch)
+                        by_leader.setdefault(info.leader_url, []).append(entry)
+                looked += 1  # every drained group is now in by_leader or failed
+                for future in earlier:
+                    if not future.done():
+                        await asyncio.shield(future)
+            except asyncio.CancelledError:  # close() while a lookup or an earlier one waits
+                unsent = [(tp, request) for items in by_leader.values() for tp, request, _ in items]
+                unsent += drained[looked - 1 :]
+                closed = ClientClosed("the producer closed before delivery")
+                for tp, request in unsent:
+                    if request in self._sequencer(tp).groups:
+                        self._give_up(tp, request, closed)
+                raise
+            # Each leader's request in a task of its own, created in drain order, none
+            # sent inline: tasks start in the order they were made, so with the wait
+            # above a partition's batches reach its leader in drain order. (Sending one
+            # request inline let a later delivery's batch overtake an earlier one's; the
+            # leader then holds it back up to its reorder wait.) The tasks belong to the
+            # producer's group: a failure still stops the producer, and one cancelled
+            # before its first step leaves its groups to _fail_unsettled, as gather's
+            # children did.
+            for url, items in by_leader.items():
+                self._tasks.create_task(self._deliver_to_leader(url, items))
+        finally:
+            if not dispatched.done():
+                dispatched.set_result(None)
+            for tp, _ in drained:
+                if self._undispatched.get(tp) is dispatched:
+                    del self._undispatched[tp]
 
     async def _deliver_to_leader(
         self, leader_url: str, items: list[tuple[TopicPartition, RequestGroup, int]]
