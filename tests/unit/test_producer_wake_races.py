@@ -30,6 +30,7 @@ from tests.unit.producer_fakes import InstantBroker, StaticMetadata, fake_produc
 from tidemq.client.accumulator import Readiness, RecordAccumulator
 from tidemq.client.config import ResultTimeout
 from tidemq.client.metadata import PartitionInfo
+from tidemq.errors import OutcomeUnknown, RequestTimedOut
 
 TOPIC = "t"
 PARTITIONS = 6
@@ -204,6 +205,11 @@ def test_a_partitions_batches_reach_its_leader_in_drain_order() -> None:
     assert to_b2 == sorted(to_b2), f"p1's batches reached b2 as sequences {to_b2}"
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: a delivery waiting for another topic's refresh can still be overtaken "
+    "(0d6bd8a's per-delivery wait held up unrelated topics and was reverted)",
+)
 def test_a_later_delivery_with_cached_lookups_does_not_overtake_an_earlier_one() -> None:
     """Delivery 1 drained [a-stale/0, b-fresh/0 (seq 0)] and waits for a-stale's
     refresh before it makes its requests. Delivery 2 drained [b-fresh/0 (seq 1..)]: its
@@ -236,6 +242,11 @@ def test_a_later_delivery_with_cached_lookups_does_not_overtake_an_earlier_one()
     assert fresh == sorted(fresh), f"b-fresh/0's batches reached its leader as {fresh}"
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: a delivery waiting for another topic's refresh can still be overtaken "
+    "(0d6bd8a's per-delivery wait held up unrelated topics and was reverted)",
+)
 def test_two_deliveries_that_waited_for_one_refresh_stay_in_order_when_the_first_waits_again() -> (
     None
 ):
@@ -291,6 +302,11 @@ def test_a_request_in_flight_with_nothing_else_to_send_does_not_spin_the_sender(
     assert idle_passes < 20, f"{idle_passes} sender passes in 0.5 s with nothing to send"
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: behind a hung request a batch that cannot go re-arms the look-in every "
+    "linger (0d6bd8a's fix delayed a moved partition and was reverted)",
+)
 def test_a_batch_that_does_not_fit_the_bytes_in_flight_does_not_spin_the_sender() -> None:
     """A request of 600 bytes hangs at b1 under a 1,000-byte bound; a second 600-byte
     batch for b1 cannot go until it is answered (drain takes nothing). ad60202 still
@@ -315,3 +331,160 @@ def test_a_batch_that_does_not_fit_the_bytes_in_flight_does_not_spin_the_sender(
         finally:
             producer.close(timeout=1)
     assert idle_passes < 20, f"{idle_passes} sender passes in 0.5 s with nothing to send"
+
+
+def test_a_partition_no_earlier_delivery_holds_is_not_held_by_another_topics_refresh() -> None:
+    """Delivery 1 drained [a/0, s/0] and waits for s's refresh. Delivery 2 drained
+    [a/0 (later batch), v/0]: it must wait for delivery 1 for a/0's sake, but v/0 has
+    no earlier delivery and its topic needs no refresh. 0d6bd8a holds the whole of
+    delivery 2 (and, transitively, every later delivery of v/0) until s's refresh
+    ends: a slow refresh holds up another topic, which the commit says it never does."""
+    broker = InstantBroker()
+    metadata = GatedMetadata("a", "s", "v", leader=LEADERS[0])
+    with pytest.MonkeyPatch.context() as patch:
+        in_drain_order(patch)
+        producer = fake_producer(broker, metadata, linger_ms=60_000, batch_size=64)
+        try:
+            assert until(lambda: producer._identity_known)
+            metadata.close_gates(producer, "s")
+            release = hold_loop(producer)
+            first = [producer.send("a", b"a-1", partition=0)]
+            first.append(producer.send("s", b"s-1", partition=0))
+            release.set()
+            assert until(lambda: metadata.waiting["s"] >= 1)  # delivery 1 waits
+            release = hold_loop(producer)
+            second = [producer.send("a", b"a-2", partition=0)]
+            second.append(producer.send("a", b"a-3", partition=0))  # seals a-2
+            unrelated = producer.send("v", b"v-1", partition=0)
+            release.set()
+            try:
+                held = not until(unrelated.done, 1.0)
+            finally:
+                metadata.open_gate(producer, "s")
+            for future in [*first, *second, unrelated]:
+                future.result(5)
+        finally:
+            producer.close(timeout=1)
+    assert not held, "v/0 (no earlier delivery, fresh metadata) waited for s's refresh"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: a batch larger than max_request_bytes behind a hung request re-arms the "
+    "look-in every linger (ready does not know max_request_bytes)",
+)
+def test_a_batch_larger_than_max_request_bytes_does_not_spin_the_sender() -> None:
+    """The same spin the commit removes, through the other half of drain's budget:
+    drain takes nothing when the oldest batch exceeds max_request_bytes and the broker
+    has bytes in flight, but ready() only compares with max_in_flight_bytes, so the
+    broker is 'ready' and the look-in timer is armed on every pass."""
+    broker = InstantBroker(1.0)  # hangs
+    with pytest.MonkeyPatch.context() as patch:
+        passes = counting_passes(patch)
+        producer = fake_producer(broker, GatedMetadata(), linger_ms=1, max_request_bytes=500)
+        try:
+            first = producer.send(TOPIC, b"x" * 600, partition=0)  # b1, alone, hangs
+            assert until(lambda: broker.requests >= 1)
+            second = producer.send(TOPIC, b"y" * 600, partition=3)  # b1: > max_request_bytes
+            time.sleep(0.1)
+            before = passes[0]
+            time.sleep(0.5)
+            idle_passes = passes[0] - before
+            assert first.result(5).offset == 0 and second.result(5).offset == 0
+        finally:
+            producer.close(timeout=1)
+    assert idle_passes < 20, f"{idle_passes} sender passes in 0.5 s with nothing to send"
+
+
+class PerLeaderBroker(InstantBroker):
+    """Answers b1 after ``slow_s``, every other leader at once."""
+
+    def __init__(self, slow_s: float) -> None:
+        super().__init__()
+        self.slow_s = slow_s
+
+    async def request_json(self, method: str, url: str, **kwargs: Any) -> Any:
+        self.delay_s = self.slow_s if url.startswith(LEADERS[0]) else 0.0
+        return await super().request_json(method, url, **kwargs)
+
+
+def test_a_skipped_partition_whose_leader_moves_goes_to_the_new_leader_without_waiting() -> None:
+    """p3's batch does not fit b1's bytes in flight (a hung 600-byte request under a
+    1,000-byte bound), so ready() skips it. Then p3's leader moves to b2, where nothing
+    is in flight. On ad60202 the look-in found it within a linger; on 0d6bd8a nothing
+    wakes the sender until b1 answers (a hung broker: up to request_timeout_ms)."""
+    broker = PerLeaderBroker(3.0)
+    leaders = {p: LEADERS[0] for p in range(6)}
+    metadata = GatedMetadata()
+    metadata._leader_of = lambda p: PartitionInfo(p, leaders[p], 0)
+    producer = fake_producer(broker, metadata, linger_ms=5, max_in_flight_bytes_per_broker=1000)
+    try:
+        first = producer.send(TOPIC, b"x" * 600, partition=0)  # b1, hangs 3 s
+        assert until(lambda: broker.requests >= 1)
+        second = producer.send(TOPIC, b"y" * 600, partition=3)  # b1: does not fit
+        time.sleep(0.1)
+        leaders[3] = LEADERS[1]  # the cache now names b2 (a refresh by any lookup)
+        started = time.monotonic()
+        second.result(5)
+        waited = time.monotonic() - started
+        first.result(5)
+    finally:
+        producer.close(timeout=1)
+    assert waited < 1.0, f"p3 waited {waited:.2f} s for b1's answer though b2 leads it"
+
+
+class TimesOutFirst(InstantBroker):
+    """The first request is answered with a timeout once ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release: asyncio.Event | None = None
+
+    async def request_json(self, method: str, url: str, **kwargs: Any) -> Any:
+        self.requests += 1
+        if self.requests == 1:
+            self.release = asyncio.Event()
+            await self.release.wait()
+            raise RequestTimedOut("timed out")
+        self.requests -= 1
+        return await super().request_json(method, url, **kwargs)
+
+
+def test_a_maybe_appended_group_is_not_reported_closed_before_delivery() -> None:
+    """a/0: group 1 is sent and times out (it may have been appended; resend waits
+    for group 2 to leave). Group 2's delivery waits for s's refresh (drained with
+    s/0). close() gives up after its 5 s and cancels: the delivery gives group 2 up
+    with ClientClosed, and _give_up fails the held group 1 with the same ClientClosed
+    ('closed before delivery') though it may be in the log: the application resends
+    it, a duplicate. (034d74a's cancel path does the same; 0d6bd8a's wait for an
+    earlier delivery widens the window.)"""
+    broker = TimesOutFirst()
+    metadata = GatedMetadata("a", "s", leader=LEADERS[0])
+    with pytest.MonkeyPatch.context() as patch:
+        in_drain_order(patch)
+        producer = fake_producer(broker, metadata, linger_ms=60_000, batch_size=64)
+        try:
+            assert until(lambda: producer._identity_known)
+            group1 = producer.send("a", b"a-1", partition=0)
+            assert until(lambda: broker.release is not None)
+            metadata.close_gates(producer, "s")
+            release = hold_loop(producer)
+            group2 = [producer.send("a", b"a-2", partition=0)]
+            group2.append(producer.send("a", b"a-3", partition=0))  # seals a-2
+            group2.append(producer.send("s", b"s-1", partition=0))
+            release.set()
+            assert until(lambda: metadata.waiting["s"] >= 1)
+            loop = producer._thread.loop
+            loop.call_soon_threadsafe(broker.release.set)  # type: ignore[union-attr]
+            assert until(
+                lambda: (
+                    producer._accumulator._queues.get(("a", 0)) is not None
+                    and producer._accumulator._queues[("a", 0)].paused
+                )
+            )
+        finally:
+            producer.close(timeout=0.2)
+    error = group1.exception(1)
+    assert isinstance(error, OutcomeUnknown), (
+        f"group 1 may have been appended, yet fails with {error!r}"
+    )

@@ -461,17 +461,8 @@ class RecordAccumulator:
                 if (batch is None and not queue.sealed) or not self._room(queue):
                     continue
                 node = node_of(tp)
-                node_bytes = 0 if node is None else self._node_bytes.get(node, 0)
-                oldest = queue.sealed[0] if queue.sealed else batch
-                if (
-                    node_bytes
-                    and oldest is not None
-                    and (node_bytes + oldest.size > self.max_in_flight_bytes)
-                ):
-                    # drain would take nothing (its rule: past the bound only alone), so
-                    # not ready, and no look-in armed for it; a completion frees bytes and
-                    # wakes the sender.
-                    continue
+                if node is not None and self._node_bytes.get(node, 0) >= self.max_in_flight_bytes:
+                    continue  # a completion frees bytes and wakes the sender
                 candidates.setdefault(node, []).append(tp)
                 if node in ready_nodes:
                     continue

@@ -159,9 +159,6 @@ class Producer:
         self._identity_known = not options.enable_idempotence
         self._sequencers: dict[TopicPartition, PartitionSequencer] = {}
         self._recoveries: set[TopicPartition] = set()  # paused, waiting for in-flight to end
-        # Per partition, the delivery that drained it last and has not made its requests
-        # yet (done once they are made): a later delivery of the partition waits for it.
-        self._undispatched: dict[TopicPartition, asyncio.Future[None]] = {}
         self._closing = False
         try:
             self._thread.call(self._open(), 10.0)
@@ -379,57 +376,39 @@ class Producer:
         """
         by_leader: dict[str, list[tuple[TopicPartition, RequestGroup, int]]] = {}
         looked = 0
-        # A partition's batches must reach its leader in drain order. An earlier delivery
-        # of one of these partitions may still wait for a leader lookup (a stale topic's
-        # refresh) while this one's lookups hit the cache: wait for its requests to be
-        # made first. Only deliveries sharing a partition wait for each other, so a slow
-        # refresh holds up no other topic.
-        earlier = {f for tp, _ in drained if (f := self._undispatched.get(tp)) is not None}
-        dispatched: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        for tp, _ in drained:
-            self._undispatched[tp] = dispatched
         try:
-            try:
-                for tp, request in drained:
-                    looked += 1
-                    try:
-                        info = await self._metadata.leader(*tp)
-                    except TideError as error:
-                        self._failed(tp, request, error)
-                        continue
-                    if info.leader_url is None:
-                        self._failed(tp, request, NotLeader(f"{tp[0]}/{tp[1]} has no leader"))
-                    else:
-                        entry = (tp, request, info.leader_epoch)
-                        by_leader.setdefault(info.leader_url, []).append(entry)
-                looked += 1  # every drained group is now in by_leader or failed
-                for future in earlier:
-                    if not future.done():
-                        await asyncio.shield(future)
-            except asyncio.CancelledError:  # close() while a lookup or an earlier one waits
-                unsent = [(tp, request) for items in by_leader.values() for tp, request, _ in items]
-                unsent += drained[looked - 1 :]
-                closed = ClientClosed("the producer closed before delivery")
-                for tp, request in unsent:
-                    if request in self._sequencer(tp).groups:
-                        self._give_up(tp, request, closed)
-                raise
-            # Each leader's request in a task of its own, created in drain order, none
-            # sent inline: tasks start in the order they were made, so with the wait
-            # above a partition's batches reach its leader in drain order. (Sending one
-            # request inline let a later delivery's batch overtake an earlier one's; the
-            # leader then holds it back up to its reorder wait.) The tasks belong to the
-            # producer's group: a failure still stops the producer, and one cancelled
-            # before its first step leaves its groups to _fail_unsettled, as gather's
-            # children did.
-            for url, items in by_leader.items():
-                self._tasks.create_task(self._deliver_to_leader(url, items))
-        finally:
-            if not dispatched.done():
-                dispatched.set_result(None)
-            for tp, _ in drained:
-                if self._undispatched.get(tp) is dispatched:
-                    del self._undispatched[tp]
+            for tp, request in drained:
+                looked += 1
+                try:
+                    info = await self._metadata.leader(*tp)
+                except TideError as error:
+                    self._failed(tp, request, error)
+                    continue
+                if info.leader_url is None:
+                    self._failed(tp, request, NotLeader(f"{tp[0]}/{tp[1]} has no leader"))
+                else:
+                    entry = (tp, request, info.leader_epoch)
+                    by_leader.setdefault(info.leader_url, []).append(entry)
+        except asyncio.CancelledError:  # close() while a leader lookup waits: none sent
+            unsent = [(tp, request) for items in by_leader.values() for tp, request, _ in items]
+            unsent += drained[looked - 1 :]
+            closed = ClientClosed("the producer closed before delivery")
+            for tp, request in unsent:
+                if request in self._sequencer(tp).groups:
+                    self._give_up(tp, request, closed)
+            raise
+        # Each leader's request in a task of its own, created in drain order, and none
+        # sent inline: tasks start in the order they were made, so a partition's batches
+        # reach its leader in drain order even when two deliveries resume in one loop
+        # turn (both waited for one metadata lookup). Sending one request inline let a
+        # later delivery's batch overtake an earlier one's (the leader then holds it
+        # back up to its reorder wait). Still open: an earlier delivery that then waits
+        # for another topic's refresh can be overtaken (ARCHITECTURE, "Waking the
+        # sender"; a strict xfail test). The tasks belong to the producer's group: a
+        # failure still stops the producer, and one cancelled before its first step
+        # leaves its groups to _fail_unsettled, as gather's children did.
+        for url, items in by_leader.items():
+            self._tasks.create_task(self._deliver_to_leader(url, items))
 
     async def _deliver_to_leader(
         self, leader_url: str, items: list[tuple[TopicPartition, RequestGroup, int]]
@@ -498,22 +477,13 @@ class Producer:
         log, and so may the groups sent after it."""
         sequencer = self._sequencer(tp)
         not_appended = isinstance(error, _NOT_APPENDED) and not request.maybe_appended
-        if request.maybe_appended and not isinstance(error, OutcomeUnknown):
-            # Whatever the last error says (a refusal says "not written", a timeout only
-            # of itself), an attempt may have appended the group: the application must
-            # not take it for unwritten and send it again.
-            cause = error
-            error = OutcomeUnknown(
-                f"{len(request.batches)} batch(es) may have been appended (an earlier "
-                f"attempt's outcome is unknown); then {cause.code}: {cause.message}"
-            )
-            error.__cause__ = cause
         held = [request]
         if not not_appended:
             held += [g for g in sequencer.groups if g is not request and not g.in_flight]
         for group in held:
+            outcome = _outcome_of(group, error, request.maybe_appended)
             for batch in group.batches:
-                batch.complete(-1, error)
+                batch.complete(-1, outcome)
         if not_appended:
             sequencer.reset_needed = True
         for group in held:
@@ -759,3 +729,21 @@ def _batch_offsets(answer: object, request: RequestGroup, idempotent: bool) -> l
     if idempotent:
         raise InternalError(f"malformed produce answer: no offsets in {answer!r:.200}")
     return [-1] * len(request.batches)
+
+
+def _outcome_of(group: RequestGroup, error: TideError, given_up_maybe: bool) -> TideError:
+    """What a group failed with ``error`` by a give-up reports. Whatever the error says
+    (a refusal says "not written", a timeout only of itself, ClientClosed "closed
+    before delivery"), the group may be in the log when an attempt of it, or of the
+    group given up (``given_up_maybe``: the held groups after it may have landed with
+    it), had an unknown outcome: the application must not take it for unwritten and
+    send it again. A held group marked maybe appended used to get the raw error when
+    the group given up was not (ClientClosed at close: a duplicate if resent)."""
+    if not (group.maybe_appended or given_up_maybe) or isinstance(error, OutcomeUnknown):
+        return error
+    outcome = OutcomeUnknown(
+        f"{len(group.batches)} batch(es) may have been appended (an earlier attempt's "
+        f"outcome is unknown); then {error.code}: {error.message}"
+    )
+    outcome.__cause__ = error
+    return outcome
