@@ -23,9 +23,10 @@ partition of a ready broker is drained together, its open batch sealed, into one
 multi-partition request: under load requests carry many records, and the number of
 requests follows the round trips instead of the records. Per broker rather than per
 partition because the producer sends one request per leader: 12 partitions led by
-one broker then cost one request per round trip, not up to 12. After a pass that sends
-requests the sender looks in again within a linger (``ready`` arms the timer), so a
-batch opened behind them needs no wake from the user's thread (``_sender_will_look``).
+one broker then cost one request per round trip, not up to 12. After a pass that finds
+a broker ready (its requests go next) the sender looks in again within a linger
+(``ready`` arms the timer), so a batch opened behind them needs no wake from the
+user's thread (``_sender_will_look``).
 
 Invariants:
 
@@ -490,10 +491,13 @@ class RecordAccumulator:
                 # _sender_will_look): without the timer, each such batch cost a
                 # cross-thread wake and a sender pass that only armed it (a third of all
                 # passes at 2,000 msg/s). Under load an answer's pass drains and re-arms
-                # it before it fires. Not armed by a pass that drains nothing, requests in
-                # flight or not: behind a request that hangs (a broker that stopped
-                # answering, for up to request_timeout_ms) it would fire once a linger
-                # and scan every queue for nothing; the next record then wakes the sender.
+                # it before it fires. Not armed by a pass that finds no broker ready,
+                # requests in flight or not: behind a request that hangs (a broker that
+                # stopped answering, for up to request_timeout_ms) it would fire once a
+                # linger and scan every queue for nothing; the next record then wakes the
+                # sender. Open: a broker "ready" whose drain takes nothing (its next batch
+                # does not fit the bytes in flight or max_request_bytes) still re-arms it
+                # on every pass (ARCHITECTURE, "Waking the sender").
                 next_check = now + self.linger_s
             # Set with the scan, under the lock: a batch appended after the scan sees
             # the timer the sender is about to sleep with (see _sender_will_look).
