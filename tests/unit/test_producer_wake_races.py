@@ -19,14 +19,16 @@ cut them): the real Producer against in-memory fakes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from tests.unit.producer_fakes import InstantBroker, StaticMetadata, fake_producer
 
+from tidemq.client import producer as producer_module
 from tidemq.client.accumulator import Readiness, RecordAccumulator
 from tidemq.client.config import ResultTimeout
 from tidemq.client.metadata import PartitionInfo
@@ -39,11 +41,21 @@ LEADERS = ("https://b1.invalid", "https://b2.invalid", "https://b3.invalid")
 
 class GatedMetadata(StaticMetadata):
     """Topics of PARTITIONS partitions, partition p led by LEADERS[p % 3] (or by
-    ``leader``); a lookup of a topic whose gate is set and not done waits for it, as
-    every lookup of a stale topic waits for its one refresh."""
+    ``leader``, or as ``leader_of`` says, asked on every lookup); a lookup of a topic
+    whose gate is set and not done waits for it, as every lookup of a stale topic waits
+    for its one refresh."""
 
-    def __init__(self, *topics: str, leader: str | None = None) -> None:
-        super().__init__(TOPIC, PARTITIONS, lambda p: PartitionInfo(p, leader or LEADERS[p % 3], 0))
+    def __init__(
+        self,
+        *topics: str,
+        leader: str | None = None,
+        leader_of: Callable[[int], PartitionInfo] | None = None,
+    ) -> None:
+        super().__init__(
+            TOPIC,
+            PARTITIONS,
+            leader_of or (lambda p: PartitionInfo(p, leader or LEADERS[p % 3], 0)),
+        )
         topics = topics or (TOPIC,)
         self.partition_counts = {topic: PARTITIONS for topic in topics}
         self.gates: dict[str, asyncio.Future[None]] = {}
@@ -97,6 +109,23 @@ def in_drain_order(patch: pytest.MonkeyPatch) -> list[list[tuple[str, int]]]:
     return passes
 
 
+@contextlib.contextmanager
+def ordered_producer(
+    broker: InstantBroker, metadata: GatedMetadata, close_timeout_s: float = 1.0
+) -> Iterator[tuple[producer_module.Producer, list[list[tuple[str, int]]]]]:
+    """A producer whose sender drains in a chosen order (``in_drain_order``; the passes
+    that drain are the second item), a long linger and small batches, its identity
+    known; closed with a bound at the end, so that a lost wake fails, never hangs."""
+    with pytest.MonkeyPatch.context() as patch:
+        passes = in_drain_order(patch)
+        producer = fake_producer(broker, metadata, linger_ms=60_000, batch_size=64)
+        try:
+            assert until(lambda: producer._identity_known)
+            yield producer, passes
+        finally:
+            producer.close(timeout=close_timeout_s)
+
+
 def counting_passes(patch: pytest.MonkeyPatch) -> list[int]:
     """Counts the sender's ``ready`` passes (in the list's one item)."""
     passes = [0]
@@ -108,6 +137,28 @@ def counting_passes(patch: pytest.MonkeyPatch) -> list[int]:
 
     patch.setattr(RecordAccumulator, "ready", counted_ready)
     return passes
+
+
+def passes_behind_a_hung_request(**options: Any) -> int:
+    """The sender's passes over 0.5 s while a 600-byte request to b1 hangs (1 s) and a
+    second 600-byte batch for b1 waits behind it, linger_ms=1, under ``options`` (a
+    bound that keeps the second batch from going until the answer)."""
+    broker = InstantBroker(1.0)  # hangs
+    with pytest.MonkeyPatch.context() as patch:
+        passes = counting_passes(patch)
+        producer = fake_producer(broker, GatedMetadata(), linger_ms=1, **options)
+        try:
+            first = producer.send(TOPIC, b"x" * 600, partition=0)  # b1, goes at once, hangs
+            assert until(lambda: broker.requests >= 1)
+            second = producer.send(TOPIC, b"y" * 600, partition=3)  # b1: must wait
+            time.sleep(0.1)  # its linger is up; nothing can go until the answer
+            before = passes[0]
+            time.sleep(0.5)
+            idle_passes = passes[0] - before
+            assert first.result(5).offset == 0 and second.result(5).offset == 0
+        finally:
+            producer.close(timeout=1)
+    return idle_passes
 
 
 def sequences_sent(broker: InstantBroker, topic: str, partition: int) -> list[int]:
@@ -177,29 +228,23 @@ def test_a_partitions_batches_reach_its_leader_in_drain_order() -> None:
     answers out_of_order_sequence or holds the request up to REORDER_WAIT_S)."""
     broker = InstantBroker()
     metadata = GatedMetadata()
-    with pytest.MonkeyPatch.context() as patch:
-        passes = in_drain_order(patch)
-        producer = fake_producer(broker, metadata, linger_ms=60_000, batch_size=64)
-        try:
-            assert until(lambda: producer._identity_known)
-            metadata.close_gates(producer, TOPIC)
-            release = hold_loop(producer)  # both records are in before the sender looks
-            first = [producer.send(TOPIC, b"p0", partition=0)]
-            first.append(producer.send(TOPIC, b"p1-a", partition=1))
-            release.set()
-            assert until(lambda: metadata.waiting[TOPIC] >= 1)  # delivery 1 waits
-            release = hold_loop(producer)
-            second = [producer.send(TOPIC, b"p1-b", partition=1)]
-            second.append(producer.send(TOPIC, b"p1-c", partition=1))  # seals p1-b
-            second.append(producer.send(TOPIC, b"p2", partition=2))
-            release.set()
-            assert until(lambda: metadata.waiting[TOPIC] >= 2)  # delivery 2 waits too
-            assert passes[-2:] == [[(TOPIC, 0), (TOPIC, 1)], [(TOPIC, 1), (TOPIC, 2)]]
-            metadata.open_gate(producer, TOPIC)
-            for future in first + second:
-                future.result(5)
-        finally:
-            producer.close(timeout=1)
+    with ordered_producer(broker, metadata) as (producer, passes):
+        metadata.close_gates(producer, TOPIC)
+        release = hold_loop(producer)  # both records are in before the sender looks
+        first = [producer.send(TOPIC, b"p0", partition=0)]
+        first.append(producer.send(TOPIC, b"p1-a", partition=1))
+        release.set()
+        assert until(lambda: metadata.waiting[TOPIC] >= 1)  # delivery 1 waits
+        release = hold_loop(producer)
+        second = [producer.send(TOPIC, b"p1-b", partition=1)]
+        second.append(producer.send(TOPIC, b"p1-c", partition=1))  # seals p1-b
+        second.append(producer.send(TOPIC, b"p2", partition=2))
+        release.set()
+        assert until(lambda: metadata.waiting[TOPIC] >= 2)  # delivery 2 waits too
+        assert passes[-2:] == [[(TOPIC, 0), (TOPIC, 1)], [(TOPIC, 1), (TOPIC, 2)]]
+        metadata.open_gate(producer, TOPIC)
+        for future in first + second:
+            future.result(5)
     assert {leader for leader, _, p, _ in broker.sent if p == 1} == {LEADERS[1]}
     to_b2 = sequences_sent(broker, TOPIC, 1)
     assert to_b2 == sorted(to_b2), f"p1's batches reached b2 as sequences {to_b2}"
@@ -219,25 +264,19 @@ def test_a_later_delivery_with_cached_lookups_does_not_overtake_an_earlier_one()
     slower refresh, answers out_of_order_sequence and the partition is resent)."""
     broker = InstantBroker()
     metadata = GatedMetadata("a-stale", "b-fresh", leader=LEADERS[0])
-    with pytest.MonkeyPatch.context() as patch:
-        in_drain_order(patch)
-        producer = fake_producer(broker, metadata, linger_ms=60_000, batch_size=64)
-        try:
-            assert until(lambda: producer._identity_known)
-            metadata.close_gates(producer, "a-stale")
-            release = hold_loop(producer)
-            first = [producer.send("a-stale", b"x", partition=0)]
-            first.append(producer.send("b-fresh", b"p-a", partition=0))
-            release.set()
-            assert until(lambda: metadata.waiting["a-stale"] >= 1)  # delivery 1 waits
-            second = [producer.send("b-fresh", b"p-b", partition=0)]
-            second.append(producer.send("b-fresh", b"p-c", partition=0))  # seals p-b
-            time.sleep(0.2)  # delivery 2 runs (its lookup needs no refresh)
-            metadata.open_gate(producer, "a-stale")
-            for future in first + second:
-                future.result(5)
-        finally:
-            producer.close(timeout=1)
+    with ordered_producer(broker, metadata) as (producer, _):
+        metadata.close_gates(producer, "a-stale")
+        release = hold_loop(producer)
+        first = [producer.send("a-stale", b"x", partition=0)]
+        first.append(producer.send("b-fresh", b"p-a", partition=0))
+        release.set()
+        assert until(lambda: metadata.waiting["a-stale"] >= 1)  # delivery 1 waits
+        second = [producer.send("b-fresh", b"p-b", partition=0)]
+        second.append(producer.send("b-fresh", b"p-c", partition=0))  # seals p-b
+        time.sleep(0.2)  # delivery 2 runs (its lookup needs no refresh)
+        metadata.open_gate(producer, "a-stale")
+        for future in first + second:
+            future.result(5)
     fresh = sequences_sent(broker, "b-fresh", 0)
     assert fresh == sorted(fresh), f"b-fresh/0's batches reached its leader as {fresh}"
 
@@ -256,27 +295,21 @@ def test_two_deliveries_that_waited_for_one_refresh_stay_in_order_when_the_first
     delivery 1 has made its requests (found by review of ad60202)."""
     broker = InstantBroker()
     metadata = GatedMetadata("a", "c", leader=LEADERS[0])
-    with pytest.MonkeyPatch.context() as patch:
-        in_drain_order(patch)
-        producer = fake_producer(broker, metadata, linger_ms=60_000, batch_size=64)
-        try:
-            assert until(lambda: producer._identity_known)
-            metadata.close_gates(producer, "a", "c")
-            release = hold_loop(producer)
-            first = [producer.send("a", b"a-1", partition=0)]
-            first.append(producer.send("c", b"c-1", partition=0))
-            release.set()
-            assert until(lambda: metadata.waiting["a"] >= 1)
-            second = [producer.send("a", b"a-2", partition=0)]
-            second.append(producer.send("a", b"a-3", partition=0))  # seals a-2: a wake
-            assert until(lambda: metadata.waiting["a"] >= 2)
-            metadata.open_gate(producer, "a")
-            time.sleep(0.2)
-            metadata.open_gate(producer, "c")
-            for future in first + second:
-                future.result(5)
-        finally:
-            producer.close(timeout=1)
+    with ordered_producer(broker, metadata) as (producer, _):
+        metadata.close_gates(producer, "a", "c")
+        release = hold_loop(producer)
+        first = [producer.send("a", b"a-1", partition=0)]
+        first.append(producer.send("c", b"c-1", partition=0))
+        release.set()
+        assert until(lambda: metadata.waiting["a"] >= 1)
+        second = [producer.send("a", b"a-2", partition=0)]
+        second.append(producer.send("a", b"a-3", partition=0))  # seals a-2: a wake
+        assert until(lambda: metadata.waiting["a"] >= 2)
+        metadata.open_gate(producer, "a")
+        time.sleep(0.2)
+        metadata.open_gate(producer, "c")
+        for future in first + second:
+            future.result(5)
     sequences = sequences_sent(broker, "a", 0)
     assert sequences == sorted(sequences), f"a/0's batches reached its leader as {sequences}"
 
@@ -313,23 +346,7 @@ def test_a_batch_that_does_not_fit_the_bytes_in_flight_does_not_spin_the_sender(
     counted b1 ready (its bytes under the bound, the batch's linger up) and armed the
     look-in timer on every such pass: a scan of every queue once a linger (found by
     review of ad60202)."""
-    broker = InstantBroker(1.0)  # hangs
-    with pytest.MonkeyPatch.context() as patch:
-        passes = counting_passes(patch)
-        producer = fake_producer(
-            broker, GatedMetadata(), linger_ms=1, max_in_flight_bytes_per_broker=1000
-        )
-        try:
-            first = producer.send(TOPIC, b"x" * 600, partition=0)  # b1, goes at once, hangs
-            assert until(lambda: broker.requests >= 1)
-            second = producer.send(TOPIC, b"y" * 600, partition=3)  # b1: does not fit
-            time.sleep(0.1)  # its linger is up; nothing can go until the answer
-            before = passes[0]
-            time.sleep(0.5)
-            idle_passes = passes[0] - before
-            assert first.result(5).offset == 0 and second.result(5).offset == 0
-        finally:
-            producer.close(timeout=1)
+    idle_passes = passes_behind_a_hung_request(max_in_flight_bytes_per_broker=1000)
     assert idle_passes < 20, f"{idle_passes} sender passes in 0.5 s with nothing to send"
 
 
@@ -341,30 +358,24 @@ def test_a_partition_no_earlier_delivery_holds_is_not_held_by_another_topics_ref
     ends: a slow refresh holds up another topic, which the commit says it never does."""
     broker = InstantBroker()
     metadata = GatedMetadata("a", "s", "v", leader=LEADERS[0])
-    with pytest.MonkeyPatch.context() as patch:
-        in_drain_order(patch)
-        producer = fake_producer(broker, metadata, linger_ms=60_000, batch_size=64)
+    with ordered_producer(broker, metadata) as (producer, _):
+        metadata.close_gates(producer, "s")
+        release = hold_loop(producer)
+        first = [producer.send("a", b"a-1", partition=0)]
+        first.append(producer.send("s", b"s-1", partition=0))
+        release.set()
+        assert until(lambda: metadata.waiting["s"] >= 1)  # delivery 1 waits
+        release = hold_loop(producer)
+        second = [producer.send("a", b"a-2", partition=0)]
+        second.append(producer.send("a", b"a-3", partition=0))  # seals a-2
+        unrelated = producer.send("v", b"v-1", partition=0)
+        release.set()
         try:
-            assert until(lambda: producer._identity_known)
-            metadata.close_gates(producer, "s")
-            release = hold_loop(producer)
-            first = [producer.send("a", b"a-1", partition=0)]
-            first.append(producer.send("s", b"s-1", partition=0))
-            release.set()
-            assert until(lambda: metadata.waiting["s"] >= 1)  # delivery 1 waits
-            release = hold_loop(producer)
-            second = [producer.send("a", b"a-2", partition=0)]
-            second.append(producer.send("a", b"a-3", partition=0))  # seals a-2
-            unrelated = producer.send("v", b"v-1", partition=0)
-            release.set()
-            try:
-                held = not until(unrelated.done, 1.0)
-            finally:
-                metadata.open_gate(producer, "s")
-            for future in [*first, *second, unrelated]:
-                future.result(5)
+            held = not until(unrelated.done, 1.0)
         finally:
-            producer.close(timeout=1)
+            metadata.open_gate(producer, "s")
+        for future in [*first, *second, unrelated]:
+            future.result(5)
     assert not held, "v/0 (no earlier delivery, fresh metadata) waited for s's refresh"
 
 
@@ -378,21 +389,7 @@ def test_a_batch_larger_than_max_request_bytes_does_not_spin_the_sender() -> Non
     drain takes nothing when the oldest batch exceeds max_request_bytes and the broker
     has bytes in flight, but ready() only compares with max_in_flight_bytes, so the
     broker is 'ready' and the look-in timer is armed on every pass."""
-    broker = InstantBroker(1.0)  # hangs
-    with pytest.MonkeyPatch.context() as patch:
-        passes = counting_passes(patch)
-        producer = fake_producer(broker, GatedMetadata(), linger_ms=1, max_request_bytes=500)
-        try:
-            first = producer.send(TOPIC, b"x" * 600, partition=0)  # b1, alone, hangs
-            assert until(lambda: broker.requests >= 1)
-            second = producer.send(TOPIC, b"y" * 600, partition=3)  # b1: > max_request_bytes
-            time.sleep(0.1)
-            before = passes[0]
-            time.sleep(0.5)
-            idle_passes = passes[0] - before
-            assert first.result(5).offset == 0 and second.result(5).offset == 0
-        finally:
-            producer.close(timeout=1)
+    idle_passes = passes_behind_a_hung_request(max_request_bytes=500)
     assert idle_passes < 20, f"{idle_passes} sender passes in 0.5 s with nothing to send"
 
 
@@ -415,8 +412,7 @@ def test_a_skipped_partition_whose_leader_moves_goes_to_the_new_leader_without_w
     wakes the sender until b1 answers (a hung broker: up to request_timeout_ms)."""
     broker = PerLeaderBroker(3.0)
     leaders = {p: LEADERS[0] for p in range(6)}
-    metadata = GatedMetadata()
-    metadata._leader_of = lambda p: PartitionInfo(p, leaders[p], 0)
+    metadata = GatedMetadata(leader_of=lambda p: PartitionInfo(p, leaders[p], 0))
     producer = fake_producer(broker, metadata, linger_ms=5, max_in_flight_bytes_per_broker=1000)
     try:
         first = producer.send(TOPIC, b"x" * 600, partition=0)  # b1, hangs 3 s
@@ -460,30 +456,24 @@ def test_a_maybe_appended_group_is_not_reported_closed_before_delivery() -> None
     earlier delivery widens the window.)"""
     broker = TimesOutFirst()
     metadata = GatedMetadata("a", "s", leader=LEADERS[0])
-    with pytest.MonkeyPatch.context() as patch:
-        in_drain_order(patch)
-        producer = fake_producer(broker, metadata, linger_ms=60_000, batch_size=64)
-        try:
-            assert until(lambda: producer._identity_known)
-            group1 = producer.send("a", b"a-1", partition=0)
-            assert until(lambda: broker.release is not None)
-            metadata.close_gates(producer, "s")
-            release = hold_loop(producer)
-            group2 = [producer.send("a", b"a-2", partition=0)]
-            group2.append(producer.send("a", b"a-3", partition=0))  # seals a-2
-            group2.append(producer.send("s", b"s-1", partition=0))
-            release.set()
-            assert until(lambda: metadata.waiting["s"] >= 1)
-            loop = producer._thread.loop
-            loop.call_soon_threadsafe(broker.release.set)  # type: ignore[union-attr]
-            assert until(
-                lambda: (
-                    producer._accumulator._queues.get(("a", 0)) is not None
-                    and producer._accumulator._queues[("a", 0)].paused
-                )
+    with ordered_producer(broker, metadata, close_timeout_s=0.2) as (producer, _):
+        group1 = producer.send("a", b"a-1", partition=0)
+        assert until(lambda: broker.release is not None)
+        metadata.close_gates(producer, "s")
+        release = hold_loop(producer)
+        group2 = [producer.send("a", b"a-2", partition=0)]
+        group2.append(producer.send("a", b"a-3", partition=0))  # seals a-2
+        group2.append(producer.send("s", b"s-1", partition=0))
+        release.set()
+        assert until(lambda: metadata.waiting["s"] >= 1)
+        loop = producer._thread.loop
+        loop.call_soon_threadsafe(broker.release.set)  # type: ignore[union-attr]
+        assert until(
+            lambda: (
+                producer._accumulator._queues.get(("a", 0)) is not None
+                and producer._accumulator._queues[("a", 0)].paused
             )
-        finally:
-            producer.close(timeout=0.2)
+        )
     error = group1.exception(1)
     assert isinstance(error, OutcomeUnknown), (
         f"group 1 may have been appended, yet fails with {error!r}"
