@@ -20,6 +20,7 @@ WebSockets).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import os
@@ -87,7 +88,6 @@ def translate_exception(exc: BaseException, what: str) -> TideError:
 
 CHANNEL_TARGETS = frozenset({"POST /v1/produce", "POST /v1/fetch", "POST /v1/replica/fetch"})
 CHANNEL_RETRY_S = 60.0
-ROUTES_MAX = 4096  # parsed request URLs remembered per transport
 CHANNEL_PENDING_MAX = 1024
 # A new channel waits this long for the peer's hello (sent right after the upgrade:
 # it normally comes within milliseconds) before it is used; a peer of the previous
@@ -191,8 +191,11 @@ class _Channel:
         await asyncio.gather(self._reader, return_exceptions=True)
 
 
+@functools.lru_cache(maxsize=4096)
 def _route(method: str, url: str) -> tuple[str, str] | tuple[()]:
-    """(base URL, target) if the request's kind may go over a channel, else ()."""
+    """(base URL, target) if the request's kind may go over a channel, else ().
+    Remembered: a client sends the same few URLs (one per peer and kind) thousands of
+    times a second, and parsing one is pure Python each time."""
     parts = urlsplit(url)
     target = f"{method} {parts.path}"
     if target not in CHANNEL_TARGETS or parts.query:
@@ -249,9 +252,6 @@ class HttpTransport:
         self._connecting: dict[str, asyncio.Future[_Channel | None]] = {}
         self._closed = False
         self._no_channel_until: dict[tuple[str, str], float] = {}  # (base, target)
-        # (method, URL) -> (base, target) for the channel, or () for HTTP only: parsed
-        # once, not on every request.
-        self._routes: dict[tuple[str, str], tuple[str, str] | tuple[()]] = {}
 
     async def close(self) -> None:
         self._closed = True
@@ -306,11 +306,7 @@ class HttpTransport:
         """(base URL, target) when this request may go over a channel."""
         if not self._use_channels:
             return None
-        routed = self._routes.get((method, url))
-        if routed is None:
-            routed = _route(method, url)
-            if len(self._routes) < ROUTES_MAX:  # a client talks to a few peers
-                self._routes[(method, url)] = routed
+        routed = _route(method, url)
         if not routed:
             return None
         if not self._no_channel_until:  # the usual case: every peer has its channel
