@@ -312,6 +312,7 @@ class RecordAccumulator:
         self._memory_waiters = 0
         self._flushing = 0
         self._closed = False
+        self._closed_reason = "the producer is closed"
         # None: one request in flight per partition; n: up to n batches (idempotence).
         self.in_flight_batches_max: int | None = None
 
@@ -335,7 +336,7 @@ class RecordAccumulator:
         wake = False
         with self._lock:
             if self._closed:
-                raise ClientClosed("the producer is closed")
+                raise ClientClosed(self._closed_reason)
             if self.used + size > self.buffer_memory:
                 self._wait_for_memory(size, max_block_s)
             keyless = partition < 0
@@ -412,7 +413,7 @@ class RecordAccumulator:
                     )
                 self._space.wait(remaining)
                 if self._closed:
-                    raise ClientClosed("the producer is closed")
+                    raise ClientClosed(self._closed_reason)
         finally:
             self._memory_waiters -= 1
 
@@ -438,9 +439,12 @@ class RecordAccumulator:
         with self._lock:
             self._flushing -= 1
 
-    def close(self) -> None:
-        """No more appends; the sender drains what is left without lingering."""
+    def close(self, reason: str | None = None) -> None:
+        """No more appends; the sender drains what is left without lingering. An
+        append refused from now on raises ClientClosed with the first ``reason``."""
         with self._lock:
+            if not self._closed and reason is not None:
+                self._closed_reason = reason
             self._closed = True
             self._space.notify_all()
         self._wake()

@@ -285,14 +285,21 @@ class Producer:
     # -- the sender (loop thread) -----------------------------------------------------
 
     async def _run(self) -> None:
+        stopped = "the producer closed before delivery"
         try:
             async with asyncio.TaskGroup() as group:
                 await self._sender(group)
-        except Exception:
+        except Exception as exc:
             log.exception("the producer's sender stopped")
+            stopped = f"the producer's sender stopped ({exc!r})"
             raise
         finally:
             self._fail_unsettled()
+            # The sender is gone (close, or a bug): nothing will send what is queued,
+            # so it fails, never sent, and the accumulator takes no more records. After
+            # close() this finds it closed and empty already.
+            self._accumulator.close(f"{stopped}; the producer is closed")
+            self._accumulator.abort(ClientClosed(f"{stopped}; the record was not sent"))
             await self._transport.close()
 
     def _fail_unsettled(self) -> None:

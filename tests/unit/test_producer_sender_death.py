@@ -1,0 +1,147 @@
+"""When the producer's sender dies of a bug, nothing waits for ever: records it had
+not sent fail with ClientClosed (they were not written, so sending them again is
+safe), a waiting or later ``flush()`` returns, ``send()`` refuses with the reason,
+and ``close()`` returns. Before, the queued records' futures never completed, and
+``flush(None)`` and ``close()`` hung."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from tests.unit.producer_fakes import InstantBroker, StaticMetadata, fake_producer, led_by
+
+from tidemq.client.producer import Producer
+from tidemq.errors import ClientClosed, OutcomeUnknown
+
+TOPIC = "t"
+BUG = "a bug in the sender"
+
+
+class HangingBroker(InstantBroker):
+    """A leader that takes every produce request and never answers."""
+
+    async def request_json(self, method: str, url: str, **kwargs: Any) -> Any:
+        self.requests += 1
+        await asyncio.Event().wait()
+
+
+def _producer(broker: InstantBroker, **options: Any) -> Producer:
+    """Without idempotence one request per partition is in flight, so behind a
+    hanging one the partition's later records stay queued in the accumulator."""
+    metadata = StaticMetadata(TOPIC, 2, led_by("https://b1"))
+    return fake_producer(broker, metadata, linger_ms=0, enable_idempotence=False, **options)
+
+
+def _one_in_flight_and_queued(producer: Producer, broker: InstantBroker, queued: int) -> list[Any]:
+    """A record in flight on partition 0 (never answered), then ``queued`` more
+    behind it."""
+    first = producer.send(TOPIC, b"first", partition=0)
+    _wait_until(lambda: broker.requests == 1)
+    return [first] + [producer.send(TOPIC, b"v%d" % i, partition=0) for i in range(queued)]
+
+
+def _kill_sender_on_next_pass(producer: Producer) -> None:
+    """The sender's next ``ready`` raises, as a bug in it would."""
+
+    def broken(*_: Any) -> Any:
+        raise RuntimeError(BUG)
+
+    producer._accumulator.ready = broken  # type: ignore[method-assign]
+    producer._wake()
+
+
+def _in_thread(call: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # the test inspects it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_queued_records_fail_not_sent_when_the_sender_dies() -> None:
+    broker = HangingBroker()
+    producer = _producer(broker)
+    try:
+        first, *queued = _one_in_flight_and_queued(producer, broker, 3)
+        _kill_sender_on_next_pass(producer)
+        # Sent, never answered: it may have been written.
+        with pytest.raises(OutcomeUnknown):
+            first.result(timeout=10.0)
+        for future in queued:  # never sent: safe to send again
+            with pytest.raises(ClientClosed, match="sender stopped"):
+                future.result(timeout=10.0)
+        assert broker.requests == 1
+    finally:
+        producer.close(timeout=1.0)
+
+
+def test_a_waiting_flush_returns_when_the_sender_dies() -> None:
+    broker = HangingBroker()
+    producer = _producer(broker)
+    try:
+        futures = _one_in_flight_and_queued(producer, broker, 1)
+        flusher, outcome = _in_thread(lambda: producer.flush(None))
+        _wait_until(lambda: producer._accumulator._flushing > 0)
+        _kill_sender_on_next_pass(producer)
+        flusher.join(timeout=10.0)
+        assert not flusher.is_alive(), "flush(None) hung after the sender died"
+        assert outcome == [None]
+        assert all(future.done() for future in futures)
+    finally:
+        producer.close(timeout=1.0)
+
+
+def test_send_flush_and_close_after_the_sender_died() -> None:
+    broker = HangingBroker()
+    producer = _producer(broker)
+    try:
+        futures = _one_in_flight_and_queued(producer, broker, 1)
+        _kill_sender_on_next_pass(producer)
+        with pytest.raises(ClientClosed):
+            futures[-1].result(timeout=10.0)
+        with pytest.raises(ClientClosed, match=BUG):
+            producer.send(TOPIC, b"later", partition=1)
+        flusher, outcome = _in_thread(lambda: producer.flush(None))
+        flusher.join(timeout=10.0)
+        assert not flusher.is_alive(), "flush(None) hung after the sender died"
+        assert outcome == [None]
+    finally:
+        closer, outcome = _in_thread(lambda: producer.close(None))
+        closer.join(timeout=15.0)
+        assert not closer.is_alive(), "close() hung after the sender died"
+        assert outcome == [None]
+
+
+def test_a_send_blocked_on_buffer_memory_is_released_when_the_sender_dies() -> None:
+    broker = HangingBroker()
+    producer = _producer(broker, buffer_memory=4096, batch_size=1024, max_block_ms=60_000)
+    try:
+        _one_in_flight_and_queued(producer, broker, 0)
+        blocked, outcome = _in_thread(
+            lambda: [producer.send(TOPIC, b"x" * 900, partition=0) for _ in range(20)]
+        )
+        _wait_until(lambda: producer._accumulator._memory_waiters > 0)
+        _kill_sender_on_next_pass(producer)
+        blocked.join(timeout=10.0)
+        assert not blocked.is_alive(), "send() stayed blocked after the sender died"
+        assert len(outcome) == 1 and isinstance(outcome[0], ClientClosed)
+    finally:
+        producer.close(timeout=1.0)
