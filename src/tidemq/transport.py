@@ -51,6 +51,15 @@ from tidemq.wire.channel import (
 )
 
 
+class UnrecognizedRefusal(InvalidRequest):
+    """A 4xx answer whose error code this side does not know (a newer peer, or a
+    proxy's own page). Whether the server acted on the request before refusing is
+    not known, so a producer takes a batch so answered as "outcome unknown", never as
+    "not appended" (which would renumber later batches and could write them twice)."""
+
+    code = "unrecognized_refusal"  # named by the side that reads the answer; no server sends it
+
+
 def error_from_response(status: int, body: bytes) -> TideError:
     """The TideError for an HTTP error answer; tolerant of bodies that are not ours."""
     code, message = "", ""
@@ -71,7 +80,7 @@ def error_from_response(status: int, body: bytes) -> TideError:
     if status == 504:
         return RequestTimedOut(label)
     if 400 <= status < 500:
-        return InvalidRequest(label)
+        return UnrecognizedRefusal(label)
     return InternalError(label)
 
 

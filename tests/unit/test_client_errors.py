@@ -8,7 +8,12 @@ import aiohttp
 import pytest
 
 from tidemq import errors
-from tidemq.client.transport import backoff_seconds, error_from_response, translate_exception
+from tidemq.client.transport import (
+    UnrecognizedRefusal,
+    backoff_seconds,
+    error_from_response,
+    translate_exception,
+)
 
 
 @pytest.mark.parametrize(
@@ -39,6 +44,15 @@ def test_unknown_codes_and_foreign_bodies_map_by_status() -> None:
     assert isinstance(error_from_response(504, b""), errors.RequestTimedOut)
     assert isinstance(error_from_response(400, b"nope"), errors.InvalidRequest)
     assert isinstance(error_from_response(500, b"boom"), errors.InternalError)
+
+
+def test_a_4xx_this_client_cannot_name_is_told_apart_from_a_known_refusal() -> None:
+    # A producer must not take it for "not appended" (test_producer_outcomes.py).
+    newer = error_from_response(429, b'{"error": {"code": "quota_v9", "message": "x"}}')
+    assert isinstance(newer, UnrecognizedRefusal) and isinstance(newer, errors.InvalidRequest)
+    assert isinstance(error_from_response(413, b"<html>too big</html>"), UnrecognizedRefusal)
+    known = error_from_response(400, b'{"error": {"code": "invalid_request", "message": "x"}}')
+    assert type(known) is errors.InvalidRequest
 
 
 def test_transport_exceptions_are_translated() -> None:

@@ -21,6 +21,7 @@ import tidemq.client.producer as producer_module
 from tidemq.broker.idempotence import load_producer_state
 from tidemq.client.metadata import PartitionInfo
 from tidemq.client.sequencing import EPOCH_MAX
+from tidemq.client.transport import UnrecognizedRefusal, error_from_response
 from tidemq.core.producers import Append, Behind
 from tidemq.errors import (
     BrokerBusy,
@@ -572,3 +573,35 @@ def test_close_cancelling_a_request_while_its_partition_waits_to_recover_fails_e
         for name in _close_with_a_partition_waiting_to_recover(leaders, monkeypatch)
     ]
     assert not hangs, f"records never completed after close(): {hangs}"
+
+
+def test_a_refusal_whose_code_the_client_does_not_know_is_an_unknown_outcome(
+    leaders: Any,
+) -> None:
+    """v0 is appended and answered with a 4xx whose code this client does not know (a
+    newer broker, a proxy's page); v1's answer is lost after its append. Such a 4xx was
+    taken for "refused before the append": v0 failed as not written and the held v1
+    was renumbered in a new epoch and written twice. Now v0's outcome is unknown."""
+    leader = leaders(0)
+    unknown_4xx = error_from_response(400, b'{"error": {"code": "new_in_v9", "message": "x"}}')
+
+    def script(body: bytes) -> Any:
+        if [m.value for m in decode_records(body)] == [b"v0"]:
+            leader.append(body)  # a resend is a duplicate: appended once
+            raise unknown_4xx
+        return leader.lose_answer(body)
+
+    leader.first = script
+    leader.resend = lambda body: script(body) if b"v0" in body else leader.answer(body)
+    client = producer(retries=1)
+    try:
+        futures = send_in_separate_groups(client, leader, [b"v0", b"v1"])
+        v0, v1 = settle(futures)
+        [v2] = settle([client.send("t", b"v2", partition=0)])
+    finally:
+        client.close(timeout=5)
+    assert unknown_because(v0, UnrecognizedRefusal), v0
+    assert not written_twice(leader), leader.values()
+    assert leader.values() == [b"v0", b"v1", b"v2"]
+    assert not isinstance(v2, TideError) and v2.offset == 2
+    assert isinstance(v1, OutcomeUnknown) or v1.offset == 1

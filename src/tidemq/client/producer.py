@@ -44,7 +44,13 @@ from tidemq.client.accumulator import (
 from tidemq.client.config import ProducerOptions, ResultTimeout, resolve
 from tidemq.client.metadata import MetadataCache
 from tidemq.client.sequencing import EPOCH_MAX, PartitionSequencer, RequestGroup
-from tidemq.client.transport import BATCH_TYPE, LoopThread, Transport, backoff_seconds
+from tidemq.client.transport import (
+    BATCH_TYPE,
+    LoopThread,
+    Transport,
+    UnrecognizedRefusal,
+    backoff_seconds,
+)
 from tidemq.errors import (
     BrokerBusy,
     ClientClosed,
@@ -82,8 +88,9 @@ _BROKER_BEHIND_BACKOFF_MS = 5
 # at once if it names another leader or epoch than the attempt that failed.
 _MISROUTED = (NotLeader, FencedLeaderEpoch, UnknownLeaderEpoch, UnknownTopic, UnknownPartition)
 # Refusals that come before the broker appends anything. Anything else (a timeout, a
-# lost connection, not_leader or not_enough_replicas after the append) leaves the
-# outcome of a batch unknown.
+# lost connection, not_leader or not_enough_replicas after the append, a 4xx whose code
+# this client does not know: UnrecognizedRefusal, see _refused) leaves the outcome of a
+# batch unknown.
 _NOT_APPENDED = (
     InvalidRequest,
     RequestTooLarge,
@@ -483,7 +490,7 @@ class Producer:
         refused (broker busy, an epoch not known yet during a failover) may be in the
         log, and so may the groups sent after it."""
         sequencer = self._sequencer(tp)
-        not_appended = isinstance(error, _NOT_APPENDED) and not request.maybe_appended
+        not_appended = _refused(error) and not request.maybe_appended
         held = [request]
         if not not_appended:
             held += [g for g in sequencer.groups if g is not request and not g.in_flight]
@@ -506,7 +513,7 @@ class Producer:
     def _failed(self, tp: TopicPartition, request: RequestGroup, error: TideError) -> None:
         """A first attempt failed: pause the partition; resend once nothing is in flight."""
         log.debug("produce to %s/%s: %s; resending in order", tp[0], tp[1], error)
-        if not isinstance(error, _NOT_APPENDED):
+        if not _refused(error):
             request.maybe_appended = True
         if not isinstance(error, OutOfOrderSequence | UnknownProducerId):
             self._metadata.invalidate(tp[0])
@@ -616,7 +623,7 @@ class Producer:
                 self._give_up(tp, request, error)
                 return
             except TideError as error:
-                if not isinstance(error, _NOT_APPENDED):
+                if not _refused(error):
                     request.maybe_appended = True
                 attempt += 1
                 self._metadata.invalidate(topic)
@@ -683,6 +690,11 @@ class Producer:
             self._accumulator.in_flight_batches_max = self._options.max_in_flight
         self._identity_known = True
         return True
+
+
+def _refused(error: TideError) -> bool:
+    """Did the broker refuse the request before appending anything?"""
+    return isinstance(error, _NOT_APPENDED) and not isinstance(error, UnrecognizedRefusal)
 
 
 def _producer_identity(answer: Any) -> tuple[int, int]:

@@ -32,6 +32,7 @@ from tidemq.errors import (
 from tidemq.tls import TlsFiles, client_context
 from tidemq.transport import (  # re-exported: the client's error boundary is the shared one
     HttpTransport,
+    UnrecognizedRefusal,
     error_from_response,
     translate_exception,
 )
@@ -50,7 +51,7 @@ def backoff_seconds(attempt: int, base_ms: int, max_ms: int) -> float:
     return ceiling * jitter / 1000.0
 
 
-__all__ = ["Transport", "error_from_response", "translate_exception"]
+__all__ = ["Transport", "UnrecognizedRefusal", "error_from_response", "translate_exception"]
 
 
 class Transport(HttpTransport):
