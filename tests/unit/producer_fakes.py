@@ -95,6 +95,14 @@ class InstantBroker:
         pass
 
 
+class HangingBroker(InstantBroker):
+    """A leader that takes every produce request and never answers."""
+
+    async def request_json(self, method: str, url: str, **kwargs: Any) -> Any:
+        self.requests += 1
+        await asyncio.Event().wait()
+
+
 def fake_producer(
     transport: Any, metadata: StaticMetadata, **options: Any
 ) -> producer_module.Producer:

@@ -6,28 +6,25 @@ and ``close()`` returns. Before, the queued records' futures never completed, an
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from tests.unit.producer_fakes import InstantBroker, StaticMetadata, fake_producer, led_by
+from tests.unit.producer_fakes import (
+    HangingBroker,
+    InstantBroker,
+    StaticMetadata,
+    fake_producer,
+    led_by,
+)
 
 from tidemq.client.producer import Producer
 from tidemq.errors import ClientClosed, OutcomeUnknown
 
 TOPIC = "t"
 BUG = "a bug in the sender"
-
-
-class HangingBroker(InstantBroker):
-    """A leader that takes every produce request and never answers."""
-
-    async def request_json(self, method: str, url: str, **kwargs: Any) -> Any:
-        self.requests += 1
-        await asyncio.Event().wait()
 
 
 def _producer(broker: InstantBroker, **options: Any) -> Producer:

@@ -257,14 +257,17 @@ class Producer:
             self._accumulator.end_flush()
 
     def close(self, timeout: float | None = None) -> None:
-        """Flushes (up to ``timeout``), then stops. Records still queued after the
-        timeout fail with ClientClosed. Idempotent.
+        """Flushes (up to ``timeout``), then stops. After the timeout, records still
+        queued fail with ClientClosed and those sent and not yet answered with
+        OutcomeUnknown (a forced close: nothing is waited for). Idempotent.
         """
         if self._closed:
             return
         self._closed = True
+        flushed = False
         try:
             self.flush(timeout)
+            flushed = True
         except ResultTimeout:
             log.warning("producer closed with records still unacknowledged")
         finally:
@@ -272,10 +275,14 @@ class Producer:
             self._accumulator.abort(ClientClosed("the producer closed before delivery"))
             self._closing = True
             self._wake()
-            try:
-                self._main.result(timeout=5.0)
-            except Exception as exc:  # already logged by _run; close must not raise
-                log.debug("producer loop ended with %r", exc)
+            if flushed:  # the sender has nothing left: it returns within a loop turn
+                try:
+                    self._main.result(timeout=5.0)
+                except Exception as exc:  # already logged by _run; close must not raise
+                    log.debug("producer loop ended with %r", exc)
+            # Else stopping the loop cancels the sender and what it still waits for
+            # (a hung request, a partition's resends): _run's cleanup fails their
+            # records, so close takes its timeout, not 5 s more.
             self._thread.stop()
 
     def __enter__(self) -> Producer:
