@@ -634,6 +634,25 @@ class RecordAccumulator:
         for batch in failed:
             batch.complete(-1, error)
 
+    def fail_incomplete(self, error: TideError) -> None:
+        """The sender is gone: fails every batch not completed yet, wherever it is, and
+        forgets the queues and what their memory holds (nothing will send them)."""
+        with self._lock:
+            left = list(self._incomplete)
+            self._incomplete.clear()
+            self._queues.clear()
+            self._node_batches.clear()
+            self._node_bytes.clear()
+            self.used = 0
+            self._space.notify_all()
+        for batch in left:
+            batch.complete(-1, error)  # no-op for a batch already completed
+
+    @property
+    def closed_reason(self) -> str:
+        with self._lock:
+            return self._closed_reason
+
     def is_empty(self) -> bool:
         with self._lock:
             return not self._queues

@@ -167,6 +167,7 @@ class Producer:
         self._sequencers: dict[TopicPartition, PartitionSequencer] = {}
         self._recoveries: set[TopicPartition] = set()  # paused, waiting for in-flight to end
         self._closing = False
+        self._stop_reason = _CLOSED  # what records the sender leaves behind are told
         try:
             self._thread.call(self._open(), 10.0)
         except BaseException:
@@ -232,8 +233,8 @@ class Producer:
         )
 
     def _learn_topic(self, topic: str) -> int:
-        if self._closed:
-            raise ClientClosed("the producer is closed")
+        if self._closed or self._main.done():  # closed, or the sender stopped
+            raise ClientClosed(self._accumulator.closed_reason)
         info = self._thread.call(self._metadata.topic(topic), self._max_block_s)
         return len(info.partitions)
 
@@ -245,7 +246,9 @@ class Producer:
     def flush(self, timeout: float | None = None) -> None:
         """Sends everything queued now (ignoring linger) and waits until each record is
         acknowledged or failed. Raises ResultTimeout if ``timeout`` seconds pass first.
+        Not from a record's callback (it runs on the thread that completes records).
         """
+        self._refuse_in_callback("flush")
         batches = self._accumulator.begin_flush()
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -261,6 +264,7 @@ class Producer:
         queued fail with ClientClosed and those sent and not yet answered with
         OutcomeUnknown (a forced close: nothing is waited for). Idempotent.
         """
+        self._refuse_in_callback("close")
         if self._closed:
             return
         self._closed = True
@@ -272,7 +276,7 @@ class Producer:
             log.warning("producer closed with records still unacknowledged")
         finally:
             self._accumulator.close()
-            self._accumulator.abort(ClientClosed("the producer closed before delivery"))
+            self._accumulator.abort(ClientClosed(_CLOSED))
             self._closing = True
             self._wake()
             if flushed:  # the sender has nothing left: it returns within a loop turn
@@ -284,6 +288,10 @@ class Producer:
             # (a hung request, a partition's resends): _run's cleanup fails their
             # records, so close takes its timeout, not 5 s more.
             self._thread.stop()
+
+    def _refuse_in_callback(self, what: str) -> None:
+        if self._thread.in_loop_thread:  # it would wait for itself
+            raise InvalidRequest(f"{what}() cannot run inside a record callback")
 
     def __enter__(self) -> Producer:
         return self
@@ -299,22 +307,50 @@ class Producer:
     # -- the sender (loop thread) -----------------------------------------------------
 
     async def _run(self) -> None:
-        stopped = "the producer closed before delivery"
         try:
             async with asyncio.TaskGroup() as group:
-                await self._sender(group)
+                try:
+                    await self._sender(group)
+                except Exception as exc:  # named before the group cancels the deliveries
+                    self._stop_reason = _sender_stopped(exc)
+                    raise
         except Exception as exc:
             log.exception("the producer's sender stopped")
-            stopped = f"the producer's sender stopped ({exc!r})"
+            if self._stop_reason == _CLOSED:  # a delivery task's bug
+                self._stop_reason = _sender_stopped(exc)
             raise
         finally:
+            await self._stop_taking_records()
+
+    async def _stop_taking_records(self) -> None:
+        """The sender is gone (close, or a bug): no record may wait for ever. Each step
+        runs even if an earlier one fails (a bug in shared bookkeeping can fail them)."""
+        reason = self._stop_reason
+        accumulator = self._accumulator
+        accumulator.close(f"{reason}; the producer is closed")  # send() refuses now
+        settled = False
+        try:
             self._fail_unsettled()
-            # The sender is gone (close, or a bug): nothing will send what is queued,
-            # so it fails, never sent, and the accumulator takes no more records. After
-            # close() this finds it closed and empty already.
-            self._accumulator.close(f"{stopped}; the producer is closed")
-            self._accumulator.abort(ClientClosed(f"{stopped}; the record was not sent"))
-            await self._transport.close()
+            settled = True
+        finally:
+            try:
+                # Queued, never sent. After close() this finds nothing left.
+                accumulator.abort(ClientClosed(f"{reason}; the record was not sent"))
+            finally:
+                try:
+                    # Drained but never stamped into a request (a bug between the two):
+                    # not sent either, unless settling the requests above failed part
+                    # way, when what is left may include sent records.
+                    accumulator.fail_incomplete(
+                        ClientClosed(f"{reason}; the record was not sent")
+                        if settled
+                        else OutcomeUnknown(f"{reason}; the record may have been written")
+                    )
+                finally:
+                    await self._transport.close()
+
+    def _stopped_error(self) -> ClientClosed:
+        return ClientClosed(self._stop_reason)
 
     def _fail_unsettled(self) -> None:
         """The loop stops (close, or the sender died): every group no handler settled
@@ -322,7 +358,7 @@ class Producer:
         sent (in flight, or an attempt's outcome unknown) fails with OutcomeUnknown,
         one only held back with ClientClosed (see _give_up)."""
         self._closing = True  # no recovery task starts from here on
-        closed = ClientClosed("the producer closed before delivery")
+        closed = self._stopped_error()
         for tp, sequencer in list(self._sequencers.items()):
             for request in sequencer.groups:
                 if request.in_flight:
@@ -413,7 +449,7 @@ class Producer:
         except asyncio.CancelledError:  # close() while a leader lookup waits: none sent
             unsent = [(tp, request) for items in by_leader.values() for tp, request, _ in items]
             unsent += drained[looked - 1 :]
-            closed = ClientClosed("the producer closed before delivery")
+            closed = self._stopped_error()
             for tp, request in unsent:
                 if request in self._sequencer(tp).groups:
                     self._give_up(tp, request, closed)
@@ -451,7 +487,7 @@ class Producer:
                 request.maybe_appended = True
             for tp, request, _ in items:
                 if request in self._sequencer(tp).groups:
-                    self._give_up(tp, request, ClientClosed("the producer closed before delivery"))
+                    self._give_up(tp, request, self._stopped_error())
             raise
         except TideError as error:
             log.debug("produce to %s failed (%s); resending per partition", leader_url, error)
@@ -557,7 +593,7 @@ class Producer:
                 finally:
                     request.in_flight = False
         except asyncio.CancelledError:
-            self._give_up_all(tp, sequencer, ClientClosed("the producer closed before delivery"))
+            self._give_up_all(tp, sequencer, self._stopped_error())
             raise
         except Exception as exc:  # a bug: fail the records rather than the producer
             log.exception("resending to %s/%s failed unexpectedly", *tp)
@@ -697,6 +733,16 @@ class Producer:
             self._accumulator.in_flight_batches_max = self._options.max_in_flight
         self._identity_known = True
         return True
+
+
+_CLOSED = "the producer closed before delivery"
+
+
+def _sender_stopped(exc: BaseException) -> str:
+    """The reason a sender's bug gives: the first error inside any exception group."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"the producer's sender stopped ({repr(exc)[:200]})"
 
 
 def _refused(error: TideError) -> bool:
