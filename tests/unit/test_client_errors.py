@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 import ssl
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -14,6 +17,7 @@ from tidemq.client.transport import (
     error_from_response,
     translate_exception,
 )
+from tidemq.service.http import error_response
 
 
 @pytest.mark.parametrize(
@@ -107,3 +111,14 @@ def test_client_objects_need_a_bootstrap(monkeypatch: pytest.MonkeyPatch) -> Non
         tidemq.Consumer("t", group="g")
     with pytest.raises(tidemq.ConfigurationError, match="bootstrap"):
         tidemq.Admin()
+
+
+def test_an_unrecognized_4xx_relayed_by_a_service_keeps_a_documented_code() -> None:
+    """tide proxy (and a broker) answer a TideError raised by a call they make with its
+    own code: a 4xx page from a gateway reaches the proxy's caller with this code."""
+    doc = (Path(__file__).parents[2] / "docs" / "PROTOCOL.md").read_text()
+    documented = set(re.findall(r"^\| ([a-z_]+) \| \d{3} \|", doc, re.M))
+    relayed = error_from_response(418, b"<html>I'm a teapot</html>")
+    body = error_response(relayed).body
+    assert isinstance(body, bytes)
+    assert json.loads(body)["error"]["code"] in documented

@@ -5,12 +5,23 @@ went on retrying a partition in recovery or waiting for a hung request."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import threading
 import time
+from typing import Any
 
 import pytest
-from tests.unit.producer_fakes import HangingBroker, StaticMetadata, fake_producer, led_by
+from tests.unit.producer_fakes import (
+    HangingBroker,
+    InstantBroker,
+    StaticMetadata,
+    fake_producer,
+    led_by,
+)
 
-from tidemq.errors import ClientClosed, OutcomeUnknown
+from tidemq.client.transport import LoopThread
+from tidemq.errors import ClientClosed, InvalidRequest, OutcomeUnknown
 
 TOPIC = "t"
 
@@ -38,3 +49,178 @@ def test_close_after_a_timed_out_flush_returns_within_its_timeout(idempotent: bo
     else:  # one request per partition: never sent
         with pytest.raises(ClientClosed):
             queued.result(timeout=0)
+
+
+# -- found by the adversarial review of the forced close (helper-64) ---------------
+
+
+class HangingCoordinator(InstantBroker):
+    """POST /v1/producers never answers (a coordinator that hangs)."""
+
+    asked = False
+
+    async def coordinator(self, method: str, path: str, **kwargs: Any) -> Any:
+        self.asked = True
+        await asyncio.Event().wait()
+
+
+def test_close_with_nothing_to_flush_is_bounded_while_the_producer_id_is_awaited() -> None:
+    coordinator = HangingCoordinator()
+    producer = fake_producer(
+        coordinator, StaticMetadata(TOPIC, 1, led_by("https://b1")), linger_ms=0
+    )
+    deadline = time.monotonic() + 10
+    while not coordinator.asked:  # the sender waits in _acquire_identity
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    started = time.monotonic()
+    producer.close(timeout=0.3)
+    took = time.monotonic() - started
+    assert took < 2.5, f"close(timeout=0.3) took {took:.2f} s"
+
+
+class FirstAnswersThenHangs(InstantBroker):
+    """The first produce is answered after 0.3 s; every later one hangs."""
+
+    async def request_json(self, method: str, url: str, **kwargs: Any) -> Any:
+        self.requests += 1
+        if self.requests == 1:
+            await asyncio.sleep(0.3)
+            return await super().request_json(method, url, **kwargs)
+        await asyncio.Event().wait()
+
+
+def test_close_is_bounded_when_a_record_is_sent_during_its_flush() -> None:
+    broker = FirstAnswersThenHangs()
+    producer = fake_producer(
+        broker,
+        StaticMetadata(TOPIC, 2, led_by("https://b1")),
+        linger_ms=0,
+        enable_idempotence=False,
+    )
+    first = producer.send(TOPIC, b"answered", partition=0)
+    late: list[Any] = []
+
+    def send_later() -> None:  # another thread sends while close() flushes
+        time.sleep(0.1)
+        late.append(producer.send(TOPIC, b"hangs", partition=1))
+
+    thread = threading.Thread(target=send_later)
+    thread.start()
+    started = time.monotonic()
+    producer.close(timeout=1.0)
+    took = time.monotonic() - started
+    thread.join()
+    assert first.result(timeout=0).offset == 0
+    assert isinstance(late[0].exception(timeout=0), OutcomeUnknown)
+    assert took < 3.0, f"close(timeout=1.0) took {took:.2f} s"
+
+
+def test_flush_from_a_callback_during_a_forced_close_is_refused() -> None:
+    broker = HangingBroker()
+    producer = fake_producer(
+        broker,
+        StaticMetadata(TOPIC, 2, led_by("https://b1")),
+        linger_ms=0,
+        enable_idempotence=False,
+    )
+    futures = [producer.send(TOPIC, b"a", partition=0)]
+    deadline = time.monotonic() + 10
+    while broker.requests < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    futures.append(producer.send(TOPIC, b"b", partition=1))
+    while broker.requests < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    seen: list[BaseException | None] = []
+
+    def callback(_: Any) -> None:
+        if seen:
+            return
+        try:
+            producer.flush(timeout=1.5)  # flush(None) here never returns
+            seen.append(None)
+        except BaseException as exc:
+            seen.append(exc)
+
+    futures[0].add_done_callback(callback)
+    futures[1].add_done_callback(callback)
+    started = time.monotonic()
+    producer.close(timeout=0.2)
+    took = time.monotonic() - started
+    assert isinstance(seen[0], InvalidRequest), f"flush in a callback: {seen[0]!r}"
+    assert took < 1.5, f"close(timeout=0.2) took {took:.2f} s"
+
+
+class AnswersP0LaterHangsP1(InstantBroker):
+    async def request_json(self, method: str, url: str, **kwargs: Any) -> Any:
+        self.requests += 1
+        if b"a-slow-answer" in kwargs["data"]:
+            await asyncio.sleep(0.3)
+            return await super().request_json(method, url, **kwargs)
+        await asyncio.Event().wait()
+
+
+def test_a_slow_callback_during_a_forced_close_leaves_no_record_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A callback still running when close() stops the loop, and for longer than
+    # LoopThread.stop's join (10 s; 0.5 s here to keep the test short).
+    monkeypatch.setattr(LoopThread, "stop", functools.partialmethod(LoopThread.stop, timeout_s=0.5))
+    broker = AnswersP0LaterHangsP1()
+    producer = fake_producer(
+        broker,
+        StaticMetadata(TOPIC, 2, led_by("https://b1")),
+        linger_ms=0,
+        enable_idempotence=False,
+    )
+    release = threading.Event()
+    hung = producer.send(TOPIC, b"hangs", partition=1)
+    deadline = time.monotonic() + 10
+    while broker.requests < 1:  # alone in its request
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    answered = producer.send(TOPIC, b"a-slow-answer", partition=0)
+    answered.add_done_callback(lambda _: release.wait(5))  # slow work on the loop thread
+    producer.close(timeout=0.6)  # the answer comes at 0.3 s: the callback runs
+    release.set()
+    assert answered.result(timeout=0).offset == 0
+    # close() has returned: nothing may still be pending.
+    assert isinstance(hung.exception(timeout=3), OutcomeUnknown)
+
+
+class SlowToCloseHangingBroker(HangingBroker):
+    async def close(self) -> None:  # as a channel to a hung peer: ws_close is 1 s
+        await asyncio.sleep(0.5)
+
+
+def test_a_second_close_waits_for_the_first() -> None:
+    """Both threads passed the "closed?" check; one then failed with RuntimeError
+    (the loop stopped twice), and a second close() could return at once while the
+    first was still failing the records."""
+    broker = SlowToCloseHangingBroker()
+    producer = fake_producer(broker, StaticMetadata(TOPIC, 1, led_by("https://b1")), linger_ms=0)
+    sent = producer.send(TOPIC, b"x", partition=0)
+    deadline = time.monotonic() + 10
+    while broker.requests < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    outcomes: list[tuple[BaseException | None, bool]] = []
+    start = threading.Barrier(2)
+
+    def close() -> None:
+        start.wait(5)
+        try:
+            producer.close(timeout=0.2)
+            outcomes.append((None, sent.done()))
+        except BaseException as exc:  # what the test inspects
+            outcomes.append((exc, sent.done()))
+
+    threads = [threading.Thread(target=close) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    assert outcomes == [(None, True), (None, True)], outcomes
+    assert isinstance(sent.exception(timeout=0), OutcomeUnknown)

@@ -635,15 +635,13 @@ class RecordAccumulator:
             batch.complete(-1, error)
 
     def fail_incomplete(self, error: TideError) -> None:
-        """The sender is gone: fails every batch not completed yet, wherever it is, and
-        forgets the queues and what their memory holds (nothing will send them)."""
+        """The sender is gone: fails every batch not completed yet, wherever it is
+        (queued, drained but in no request, or one whose request was never settled).
+        The queues' accounting is left as it is: nothing sends from them again, and a
+        loop that was blocked may still settle a batch (a no-op once it is complete)."""
         with self._lock:
             left = list(self._incomplete)
             self._incomplete.clear()
-            self._queues.clear()
-            self._node_batches.clear()
-            self._node_bytes.clear()
-            self.used = 0
             self._space.notify_all()
         for batch in left:
             batch.complete(-1, error)  # no-op for a batch already completed

@@ -29,7 +29,9 @@ partition and renumbers what it still holds from sequence 0.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -168,6 +170,8 @@ class Producer:
         self._recoveries: set[TopicPartition] = set()  # paused, waiting for in-flight to end
         self._closing = False
         self._stop_reason = _CLOSED  # what records the sender leaves behind are told
+        self._records_failed = threading.Event()  # set once the sender's cleanup ran
+        self._close_lock = threading.Lock()
         try:
             self._thread.call(self._open(), 10.0)
         except BaseException:
@@ -260,14 +264,20 @@ class Producer:
             self._accumulator.end_flush()
 
     def close(self, timeout: float | None = None) -> None:
-        """Flushes (up to ``timeout``), then stops. After the timeout, records still
-        queued fail with ClientClosed and those sent and not yet answered with
-        OutcomeUnknown (a forced close: nothing is waited for). Idempotent.
+        """Flushes (up to ``timeout``), then stops, within ``timeout`` (plus about a
+        second for the cleanup). After the timeout, records still queued fail with
+        ClientClosed and those sent and not yet answered with OutcomeUnknown (a forced
+        close: nothing is waited for). Idempotent; a second caller waits for the first.
         """
         self._refuse_in_callback("close")
-        if self._closed:
-            return
-        self._closed = True
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._close_now(timeout)
+
+    def _close_now(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
         flushed = False
         try:
             self.flush(timeout)
@@ -279,15 +289,36 @@ class Producer:
             self._accumulator.abort(ClientClosed(_CLOSED))
             self._closing = True
             self._wake()
-            if flushed:  # the sender has nothing left: it returns within a loop turn
-                try:
-                    self._main.result(timeout=5.0)
-                except Exception as exc:  # already logged by _run; close must not raise
-                    log.debug("producer loop ended with %r", exc)
-            # Else stopping the loop cancels the sender and what it still waits for
-            # (a hung request, a partition's resends): _run's cleanup fails their
-            # records, so close takes its timeout, not 5 s more.
-            self._thread.stop()
+            # With nothing left the sender returns within a loop turn; it may still
+            # wait for a producer id, or for a record another thread sent during the
+            # flush: at most until the deadline (5 s without one), then forced.
+            left = 5.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            if flushed and self._sender_ended(left):
+                self._thread.stop()
+            else:
+                self._force_stop()
+                self._thread.stop(timeout_s=FORCED_STOP_S)
+
+    def _sender_ended(self, timeout_s: float) -> bool:
+        try:
+            self._main.result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            return False
+        except BaseException as exc:  # already logged by _run; close must not raise
+            log.debug("producer loop ended with %r", exc)
+        return True
+
+    def _force_stop(self) -> None:
+        """Cancels the sender on its loop: its cleanup (_stop_taking_records) fails what
+        is in flight OutcomeUnknown and the rest ClientClosed, running record callbacks
+        on the loop thread as always. If the loop does not get there in time (a callback
+        blocks it), the records are failed from here, OutcomeUnknown: nothing waits."""
+        self._main.cancel()
+        if not self._records_failed.wait(FORCED_STOP_S):
+            log.warning("producer loop blocked; failing its records from close()")
+            self._accumulator.fail_incomplete(
+                OutcomeUnknown("the producer closed while its loop was blocked")
+            )
 
     def _refuse_in_callback(self, what: str) -> None:
         if self._thread.in_loop_thread:  # it would wait for itself
@@ -347,6 +378,7 @@ class Producer:
                         else OutcomeUnknown(f"{reason}; the record may have been written")
                     )
                 finally:
+                    self._records_failed.set()
                     await self._transport.close()
 
     def _stopped_error(self) -> ClientClosed:
@@ -736,6 +768,8 @@ class Producer:
 
 
 _CLOSED = "the producer closed before delivery"
+# How long a forced close waits for the loop to fail the records, and then to stop.
+FORCED_STOP_S = 1.0
 
 
 def _sender_stopped(exc: BaseException) -> str:
