@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import signal
 import threading
 import time
 from typing import Any
@@ -197,8 +198,9 @@ class SlowToCloseHangingBroker(HangingBroker):
 
 def test_a_second_close_waits_for_the_first() -> None:
     """Both threads passed the "closed?" check; one then failed with RuntimeError
-    (the loop stopped twice), and a second close() could return at once while the
-    first was still failing the records."""
+    (the loop stopped twice), and a second close() returned at once while the first
+    was still failing the records. Now it waits for the first (up to its own
+    timeout; test_a_second_close_keeps_its_own_timeout)."""
     broker = SlowToCloseHangingBroker()
     producer = fake_producer(broker, StaticMetadata(TOPIC, 1, led_by("https://b1")), linger_ms=0)
     sent = producer.send(TOPIC, b"x", partition=0)
@@ -207,20 +209,199 @@ def test_a_second_close_waits_for_the_first() -> None:
         assert time.monotonic() < deadline
         time.sleep(0.005)
     outcomes: list[tuple[BaseException | None, bool]] = []
-    start = threading.Barrier(2)
 
-    def close() -> None:
-        start.wait(5)
+    def close(timeout: float | None) -> None:
         try:
-            producer.close(timeout=0.2)
+            producer.close(timeout=timeout)
             outcomes.append((None, sent.done()))
         except BaseException as exc:  # what the test inspects
             outcomes.append((exc, sent.done()))
 
-    threads = [threading.Thread(target=close) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
+    first = threading.Thread(target=close, args=(0.2,))
+    first.start()
+    while producer._closing_thread is None:  # the first close is under way
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    second = threading.Thread(target=close, args=(None,))
+    second.start()
+    for thread in (first, second):
         thread.join(15)
     assert outcomes == [(None, True), (None, True)], outcomes
     assert isinstance(sent.exception(timeout=0), OutcomeUnknown)
+
+
+# -- found by the review of the reworked close (helper-65) -------------------------
+
+
+def _in_flight_and_queued() -> tuple[Any, Any, Any]:
+    """One record hung in flight, one queued behind it (one request per partition)."""
+    broker = HangingBroker()
+    producer = fake_producer(
+        broker,
+        StaticMetadata(TOPIC, 1, led_by("https://b1")),
+        linger_ms=0,
+        enable_idempotence=False,
+    )
+    producer.send(TOPIC, b"in flight", partition=0)
+    deadline = time.monotonic() + 10
+    while broker.requests < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    return broker, producer, producer.send(TOPIC, b"queued", partition=0)
+
+
+def test_close_from_the_callback_of_a_record_close_aborts_does_not_deadlock() -> None:
+    _, producer, queued = _in_flight_and_queued()
+    seen: list[BaseException | None] = []
+
+    def callback(_: Any) -> None:  # runs on close()'s thread (accumulator.abort)
+        try:
+            producer.close(timeout=0.1)
+            seen.append(None)
+        except BaseException as exc:
+            seen.append(exc)
+
+    queued.add_done_callback(callback)
+    closer = threading.Thread(target=producer.close, kwargs={"timeout": 0.2}, daemon=True)
+    started = time.monotonic()
+    closer.start()
+    closer.join(5)
+    assert not closer.is_alive(), "close() deadlocked on its own _close_lock"
+    assert time.monotonic() - started < 2.5
+    assert len(seen) == 1 and (seen[0] is None or isinstance(seen[0], InvalidRequest))
+
+
+def test_flush_from_the_callback_of_a_record_close_aborts_does_not_wait_for_close() -> None:
+    _, producer, queued = _in_flight_and_queued()
+    seen: list[BaseException | None] = []
+
+    def callback(_: Any) -> None:
+        try:
+            producer.flush(timeout=3.0)  # flush(None) here never returns
+            seen.append(None)
+        except BaseException as exc:
+            seen.append(exc)
+
+    queued.add_done_callback(callback)
+    started = time.monotonic()
+    producer.close(timeout=0.2)
+    took = time.monotonic() - started
+    assert took < 2.2, f"close(timeout=0.2) took {took:.2f} s; flush in callback: {seen!r}"
+
+
+def test_a_second_close_keeps_its_own_timeout() -> None:
+    _, producer, _ = _in_flight_and_queued()
+    first = threading.Thread(target=producer.close, kwargs={"timeout": 4.0}, daemon=True)
+    first.start()
+    deadline = time.monotonic() + 10
+    while producer._closing_thread is None:  # the first close is under way
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    started = time.monotonic()
+    producer.close(timeout=0.2)
+    took = time.monotonic() - started
+    first.join(10)
+    assert took < 2.2, f"close(timeout=0.2) took {took:.2f} s"
+
+
+class _Deadlocked(Exception):
+    pass
+
+
+def test_close_from_a_signal_handler_during_close_does_not_deadlock() -> None:
+    _, producer, _ = _in_flight_and_queued()
+    calls: list[float] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if calls:  # the watchdog alarm, still inside the first handler's close()
+            raise _Deadlocked
+        calls.append(time.monotonic())
+        producer.close(timeout=0)
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.1, 3.0)
+    try:
+        producer.close(timeout=1.0)
+    except _Deadlocked:
+        pytest.fail("close() in a signal handler waited for the close it interrupted")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+class SlowCloseP0AnsweredP1Hangs(InstantBroker):
+    """p0's produce is answered after 0.3 s, p1's hangs; close() takes 1 s (a WebSocket
+    close to a hung peer: ws_close=1.0)."""
+
+    closed = False
+
+    async def request_json(self, method: str, url: str, **kwargs: Any) -> Any:
+        self.requests += 1
+        if b"answered" in kwargs["data"]:
+            await asyncio.sleep(0.3)
+            return await super().request_json(method, url, **kwargs)
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        await asyncio.sleep(1.0)
+        self.closed = True
+
+
+def _blocked_loop_close(block_s: float) -> tuple[float, Any, Any]:
+    broker = SlowCloseP0AnsweredP1Hangs()
+    producer = fake_producer(
+        broker,
+        StaticMetadata(TOPIC, 2, led_by("https://b1")),
+        linger_ms=0,
+        enable_idempotence=False,
+    )
+    hung = producer.send(TOPIC, b"hangs", partition=1)
+    deadline = time.monotonic() + 10
+    while broker.requests < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    answered = producer.send(TOPIC, b"answered", partition=0)
+    answered.add_done_callback(lambda _: time.sleep(block_s))  # blocks the loop
+    started = time.monotonic()
+    producer.close(timeout=0.6)
+    took = time.monotonic() - started
+    assert isinstance(hung.exception(timeout=0), OutcomeUnknown)  # nothing left waiting
+    return took, broker, producer
+
+
+# A forced close whose loop a callback blocks: at most the timeout, 1 s for the loop to
+# fail the records, 1 s for the sender's cleanup, 1 s for the loop to stop, and the
+# transport's close (1 s here) when the loop stops only then.
+BLOCKED_BOUND_S = 0.6 + 4.5
+
+
+def test_a_forced_close_whose_loop_unblocks_late_is_still_bounded() -> None:
+    took, _, _ = _blocked_loop_close(1.9)
+    assert took < BLOCKED_BOUND_S, f"close(timeout=0.6) took {took:.2f} s"
+
+
+def test_a_forced_close_whose_loop_stays_blocked_still_closes_the_transport() -> None:
+    took, broker, producer = _blocked_loop_close(2.5)
+    assert took < BLOCKED_BOUND_S, f"close(timeout=0.6) took {took:.2f} s"
+    deadline = time.monotonic() + 10
+    while not (broker.closed and producer._thread.loop.is_closed()):
+        assert time.monotonic() < deadline, "the transport and the loop are never closed"
+        time.sleep(0.01)
+
+
+class SlowToCloseBroker(InstantBroker):
+    """Answers at once; its close takes 0.2 s (a WebSocket close handshake)."""
+
+    closed = False
+
+    async def close(self) -> None:
+        await asyncio.sleep(0.2)
+        self.closed = True
+
+
+def test_a_close_whose_flush_succeeded_still_closes_the_transport() -> None:
+    broker = SlowToCloseBroker()
+    producer = fake_producer(broker, StaticMetadata(TOPIC, 1, led_by("https://b1")), linger_ms=0)
+    assert producer.send(TOPIC, b"x", partition=0).result(timeout=5).offset == 0
+    producer.close(timeout=0.1)  # nothing left: the normal path
+    assert broker.closed, "the sender was cancelled inside Transport.close"

@@ -29,7 +29,6 @@ partition and renumbers what it still holds from sequence 0.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import threading
 import time
@@ -171,7 +170,10 @@ class Producer:
         self._closing = False
         self._stop_reason = _CLOSED  # what records the sender leaves behind are told
         self._records_failed = threading.Event()  # set once the sender's cleanup ran
-        self._close_lock = threading.Lock()
+        self._run_ended = threading.Event()  # set once _run ended, transport closed
+        self._close_lock = threading.RLock()
+        self._closing_thread: int | None = None  # the thread running close()
+        self._close_done = threading.Event()
         try:
             self._thread.call(self._open(), 10.0)
         except BaseException:
@@ -253,6 +255,9 @@ class Producer:
         Not from a record's callback (it runs on the thread that completes records).
         """
         self._refuse_in_callback("flush")
+        self._flush(timeout)
+
+    def _flush(self, timeout: float | None) -> None:
         batches = self._accumulator.begin_flush()
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -264,29 +269,40 @@ class Producer:
             self._accumulator.end_flush()
 
     def close(self, timeout: float | None = None) -> None:
-        """Flushes (up to ``timeout``), then stops, within ``timeout`` (plus about a
-        second for the cleanup). After the timeout, records still queued fail with
-        ClientClosed and those sent and not yet answered with OutcomeUnknown (a forced
-        close: nothing is waited for). Idempotent; a second caller waits for the first.
+        """Flushes (up to ``timeout``), then stops, within ``timeout`` plus a few
+        seconds at most for the cleanup. After the timeout, records still queued fail
+        with ClientClosed and those sent and not yet answered with OutcomeUnknown (a
+        forced close: nothing more is waited for). Idempotent: while one close runs,
+        another thread's waits for it (up to its own ``timeout``), and one from a
+        callback or signal handler on the closing thread returns at once.
         """
-        self._refuse_in_callback("close")
-        with self._close_lock:
-            if self._closed:
-                return
+        if self._thread.in_loop_thread:  # it would wait for itself
+            raise InvalidRequest("close() cannot run inside a record callback")
+        with self._close_lock:  # reentrant: a signal handler may close during close
+            first = not self._closed
             self._closed = True
+            if first:
+                self._closing_thread = threading.get_ident()
+        if not first:
+            if self._closing_thread != threading.get_ident():
+                self._close_done.wait(timeout)
+            return
+        try:
             self._close_now(timeout)
+        finally:
+            self._close_done.set()
 
     def _close_now(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         flushed = False
         try:
-            self.flush(timeout)
+            self._flush(timeout)
             flushed = True
         except ResultTimeout:
             log.warning("producer closed with records still unacknowledged")
         finally:
             self._accumulator.close()
-            self._accumulator.abort(ClientClosed(_CLOSED))
+            self._accumulator.abort(ClientClosed(_CLOSED))  # callbacks: on this thread
             self._closing = True
             self._wake()
             # With nothing left the sender returns within a loop turn; it may still
@@ -300,28 +316,33 @@ class Producer:
                 self._thread.stop(timeout_s=FORCED_STOP_S)
 
     def _sender_ended(self, timeout_s: float) -> bool:
-        try:
-            self._main.result(timeout=timeout_s)
-        except concurrent.futures.TimeoutError:
-            return False
-        except BaseException as exc:  # already logged by _run; close must not raise
-            log.debug("producer loop ended with %r", exc)
-        return True
+        """Has _run ended, cleanup included? (Not ``_main``: a cancelled future of
+        run_coroutine_threadsafe says so at once, before the task has run its cleanup.)"""
+        return self._run_ended.wait(timeout_s)
 
     def _force_stop(self) -> None:
-        """Cancels the sender on its loop: its cleanup (_stop_taking_records) fails what
-        is in flight OutcomeUnknown and the rest ClientClosed, running record callbacks
-        on the loop thread as always. If the loop does not get there in time (a callback
-        blocks it), the records are failed from here, OutcomeUnknown: nothing waits."""
-        self._main.cancel()
+        """Cancels the sender on its loop, unless its cleanup (_stop_taking_records)
+        already failed the records and only closes the transport. The cleanup fails
+        what is in flight OutcomeUnknown and the rest ClientClosed, with callbacks on
+        the loop thread. If the loop does not get there within FORCED_STOP_S (a
+        callback blocks it), the records are failed from here, all OutcomeUnknown
+        (conservative: some may never have been sent). Then the transport's close
+        gets up to FORCED_STOP_S more."""
+        if not self._records_failed.is_set():
+            self._main.cancel()
         if not self._records_failed.wait(FORCED_STOP_S):
             log.warning("producer loop blocked; failing its records from close()")
             self._accumulator.fail_incomplete(
                 OutcomeUnknown("the producer closed while its loop was blocked")
             )
+        self._sender_ended(FORCED_STOP_S)
 
     def _refuse_in_callback(self, what: str) -> None:
-        if self._thread.in_loop_thread:  # it would wait for itself
+        """A callback runs on the loop thread, or on the closing thread while close()
+        fails records: a flush there would wait for itself."""
+        if self._thread.in_loop_thread or (
+            self._closing_thread == threading.get_ident() and not self._close_done.is_set()
+        ):
             raise InvalidRequest(f"{what}() cannot run inside a record callback")
 
     def __enter__(self) -> Producer:
@@ -351,7 +372,10 @@ class Producer:
                 self._stop_reason = _sender_stopped(exc)
             raise
         finally:
-            await self._stop_taking_records()
+            try:
+                await self._stop_taking_records()
+            finally:
+                self._run_ended.set()
 
     async def _stop_taking_records(self) -> None:
         """The sender is gone (close, or a bug): no record may wait for ever. Each step

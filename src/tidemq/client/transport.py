@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import random
 import ssl
@@ -106,7 +107,10 @@ class LoopThread:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
+        try:
+            self.loop.run_forever()
+        finally:
+            self._finish()  # here, so that a stop() that gave up waiting still ends it
 
     @property
     def in_loop_thread(self) -> bool:
@@ -140,26 +144,19 @@ class LoopThread:
             pass
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stops the loop (pending tasks are cancelled) and joins the thread."""
+        """Stops the loop and waits up to ``timeout_s`` for its thread to cancel what
+        is pending, run it to completion and close the loop. If the thread is still
+        busy then (a callback blocks it), it finishes that on its own afterwards."""
         if self.loop.is_closed():
             return
-        if self._thread.is_alive():
+        with contextlib.suppress(RuntimeError):  # closed meanwhile
             self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout_s)
+        self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.warning("client loop thread did not stop within %s s", timeout_s)
-            return
-        if _has_running_loop():
-            # E.g. a finalizer run by the garbage collector inside the application's own
-            # event loop, where run_until_complete is refused: finish on a helper thread.
-            helper = threading.Thread(target=self._finish, name="tidemq-loop-close")
-            helper.start()
-            helper.join(timeout_s)
-            return
-        self._finish()
 
     def _finish(self) -> None:
-        """Cancels what is left on the stopped loop and closes it."""
+        """Cancels what is left on the stopped loop and closes it (the loop's thread)."""
         pending = [task for task in asyncio.all_tasks(self.loop) if not task.done()]
         for task in pending:
             task.cancel()
@@ -167,14 +164,6 @@ class LoopThread:
             self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
-
-
-def _has_running_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 async def sleep_or(event: asyncio.Event, seconds: float) -> bool:
