@@ -250,11 +250,6 @@ def test_a_partitions_batches_reach_its_leader_in_drain_order() -> None:
     assert to_b2 == sorted(to_b2), f"p1's batches reached b2 as sequences {to_b2}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a delivery waiting for another topic's refresh can still be overtaken "
-    "(0d6bd8a's per-delivery wait held up unrelated topics and was reverted)",
-)
 def test_a_later_delivery_with_cached_lookups_does_not_overtake_an_earlier_one() -> None:
     """Delivery 1 drained [a-stale/0, b-fresh/0 (seq 0)] and waits for a-stale's
     refresh before it makes its requests. Delivery 2 drained [b-fresh/0 (seq 1..)]: its
@@ -281,11 +276,6 @@ def test_a_later_delivery_with_cached_lookups_does_not_overtake_an_earlier_one()
     assert fresh == sorted(fresh), f"b-fresh/0's batches reached its leader as {fresh}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a delivery waiting for another topic's refresh can still be overtaken "
-    "(0d6bd8a's per-delivery wait held up unrelated topics and was reverted)",
-)
 def test_two_deliveries_that_waited_for_one_refresh_stay_in_order_when_the_first_waits_again() -> (
     None
 ):

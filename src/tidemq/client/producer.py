@@ -486,8 +486,11 @@ class Producer:
 
         A partition whose leader is unknown, whose entry failed, or whose whole request
         failed goes to ``_failed``: it is paused and resent in order by ``_recover``.
+        A partition with an earlier group not sent yet (an earlier delivery waits for
+        another topic's metadata) is sent after it, by ``_deliver_in_turn``.
         """
         by_leader: dict[str, list[tuple[TopicPartition, RequestGroup, int]]] = {}
+        in_turn: list[tuple[TopicPartition, RequestGroup, list[RequestGroup]]] = []
         looked = 0
         try:
             for tp, request in drained:
@@ -509,19 +512,67 @@ class Producer:
             for tp, request in unsent:
                 if request in self._sequencer(tp).groups:
                     self._give_up(tp, request, closed)
+            for _, request in drained:
+                request.mark_dispatched()
             raise
         # Each leader's request in a task of its own, created in drain order, and none
         # sent inline: tasks start in the order they were made, so a partition's batches
         # reach its leader in drain order even when two deliveries resume in one loop
         # turn (both waited for one metadata lookup). Sending one request inline let a
         # later delivery's batch overtake an earlier one's (the leader then holds it
-        # back up to its reorder wait). Still open: an earlier delivery that then waits
-        # for another topic's refresh can be overtaken (ARCHITECTURE, "Waking the
-        # sender"; a strict xfail test). The tasks belong to the producer's group: a
+        # back up to its reorder wait). The tasks belong to the producer's group: a
         # failure still stops the producer, and one cancelled before its first step
         # leaves its groups to _fail_unsettled, as gather's children did.
         for url, items in by_leader.items():
-            self._tasks.create_task(self._deliver_to_leader(url, items))
+            now = []
+            for item in items:
+                tp, request, _ = item
+                earlier = self._sequencer(tp).undispatched_before(request)
+                if earlier:
+                    in_turn.append((tp, request, earlier))
+                else:
+                    now.append(item)
+            if now:
+                self._tasks.create_task(self._deliver_to_leader(url, now))
+        for tp, request, earlier in in_turn:
+            self._tasks.create_task(self._deliver_in_turn(tp, request, earlier))
+        # Every other group of this delivery counts as sent from here (its task is
+        # made, with no await since), or it went to recovery; those sent in turn are
+        # marked by _deliver_in_turn.
+        waiting = {id(request) for _, request, _ in in_turn}
+        for _, request in drained:
+            if id(request) not in waiting:
+                request.mark_dispatched()
+
+    async def _deliver_in_turn(
+        self, tp: TopicPartition, request: RequestGroup, earlier: list[RequestGroup]
+    ) -> None:
+        """Sends ``request`` once the partition's ``earlier`` groups are sent: an
+        earlier delivery drained them and still waits for another topic's metadata.
+        Sent first, this later group would reach the leader before them, which holds
+        it up to its reorder wait (or the partition is resent). Only this partition
+        waits; the rest of its delivery went at once."""
+        try:
+            for group in earlier:
+                await group.until_dispatched()
+            if request not in self._sequencer(tp).groups:
+                return  # settled meanwhile (given up)
+            try:
+                info = await self._metadata.leader(*tp)
+            except TideError as error:
+                self._failed(tp, request, error)
+                return
+            if info.leader_url is None:
+                self._failed(tp, request, NotLeader(f"{tp[0]}/{tp[1]} has no leader"))
+                return
+            entry = (tp, request, info.leader_epoch)
+            self._tasks.create_task(self._deliver_to_leader(info.leader_url, [entry]))
+        except asyncio.CancelledError:
+            if request in self._sequencer(tp).groups:
+                self._give_up(tp, request, self._stopped_error())
+            raise
+        finally:
+            request.mark_dispatched()
 
     async def _deliver_to_leader(
         self, leader_url: str, items: list[tuple[TopicPartition, RequestGroup, int]]

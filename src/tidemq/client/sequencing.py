@@ -27,6 +27,7 @@ partition is in flight.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 
 from tidemq.client.accumulator import ProducerBatch
@@ -43,13 +44,36 @@ class RequestGroup:
     a timeout, an error after the append). Once true it stays true: a later refusal
     says nothing about what an earlier attempt did."""
 
-    __slots__ = ("batches", "in_flight", "maybe_appended", "record_count")
+    __slots__ = (
+        "_dispatch_event",
+        "batches",
+        "dispatched",
+        "in_flight",
+        "maybe_appended",
+        "record_count",
+    )
 
     def __init__(self, batches: list[ProducerBatch]) -> None:
         self.batches = batches
         self.in_flight = True
         self.maybe_appended = False
         self.record_count = sum(batch.count for batch in batches)
+        # Its first request is made (a task created for it), or it went to recovery
+        # or was given up: a later group of the partition may be sent after it.
+        self.dispatched = False
+        self._dispatch_event: asyncio.Event | None = None
+
+    def mark_dispatched(self) -> None:
+        self.dispatched = True
+        if self._dispatch_event is not None:
+            self._dispatch_event.set()
+
+    async def until_dispatched(self) -> None:
+        if self.dispatched:
+            return
+        if self._dispatch_event is None:
+            self._dispatch_event = asyncio.Event()
+        await self._dispatch_event.wait()
 
     def payload(self) -> bytes:
         parts = []
@@ -89,6 +113,17 @@ class PartitionSequencer:
         group = RequestGroup(batches)
         self.groups.append(group)
         return group
+
+    def undispatched_before(self, group: RequestGroup) -> list[RequestGroup]:
+        """The groups ahead of ``group`` whose first request is not made yet (an
+        earlier delivery still looks up a leader): ``group`` must not go before them."""
+        earlier: list[RequestGroup] = []
+        for held in self.groups:
+            if held is group:
+                return earlier
+            if not held.dispatched:
+                earlier.append(held)
+        return []  # not held any more: nothing to keep order with
 
     @property
     def in_flight(self) -> int:
