@@ -21,6 +21,7 @@ from tests.unit.producer_fakes import (
     led_by,
 )
 
+from tidemq.client import producer as producer_module
 from tidemq.client.transport import LoopThread
 from tidemq.errors import ClientClosed, InvalidRequest, OutcomeUnknown
 
@@ -405,3 +406,79 @@ def test_a_close_whose_flush_succeeded_still_closes_the_transport() -> None:
     assert producer.send(TOPIC, b"x", partition=0).result(timeout=5).offset == 0
     producer.close(timeout=0.1)  # nothing left: the normal path
     assert broker.closed, "the sender was cancelled inside Transport.close"
+
+
+# -- found by the review of 0574cf4 (helper-66) ------------------------------------
+
+
+class SlowCloseBroker(InstantBroker):
+    def __init__(self) -> None:
+        super().__init__()
+        self.close_started = threading.Event()
+        self.close_finished = threading.Event()
+        self.close_cancelled = False
+
+    async def close(self) -> None:
+        self.close_started.set()
+        try:
+            await asyncio.sleep(0.3)  # e.g. a channel's websocket close handshake
+        except asyncio.CancelledError:
+            self.close_cancelled = True
+            raise
+        self.close_finished.set()
+
+
+class LateEvent(threading.Event):
+    """is_set() read, then the closing thread is preempted before it acts on it."""
+
+    def __init__(self, started: threading.Event) -> None:
+        super().__init__()
+        self._started = started
+
+    def is_set(self) -> bool:
+        value = super().is_set()
+        self._started.wait(2)  # meanwhile the sender ends by itself and starts closing
+        return value
+
+
+def test_a_forced_close_does_not_cancel_the_transports_close_it_raced() -> None:
+    broker = SlowCloseBroker()
+    producer = fake_producer(broker, StaticMetadata(TOPIC, 1, led_by("https://b1")), linger_ms=0)
+    producer._records_failed = LateEvent(broker.close_started)  # type: ignore[assignment]
+    producer.close(timeout=0)  # nothing to flush; the sender has not ended yet: forced
+    assert not broker.close_cancelled, "the cancel landed in the transport's close"
+    assert broker.close_finished.is_set()
+
+
+class _Threading:
+    """producer.threading, where a signal handler's close() runs just after
+    close() set _closed and before it set _closing_thread."""
+
+    def __init__(self, hook: Any) -> None:
+        self._hook = hook
+        self._fired = False
+
+    def get_ident(self) -> int:
+        if not self._fired:
+            self._fired = True
+            self._hook()
+        return threading.get_ident()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(threading, name)
+
+
+def test_a_signal_handlers_close_inside_close_returns() -> None:
+    producer = fake_producer(
+        InstantBroker(), StaticMetadata(TOPIC, 1, led_by("https://b1")), linger_ms=0
+    )
+    done = threading.Event()
+
+    def main() -> None:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(producer_module, "threading", _Threading(lambda: producer.close()))
+            producer.close()
+        done.set()
+
+    threading.Thread(target=main, daemon=True).start()
+    assert done.wait(5), "close() from a signal handler waits for itself for ever"

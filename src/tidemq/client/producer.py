@@ -174,6 +174,7 @@ class Producer:
         self._close_lock = threading.RLock()
         self._closing_thread: int | None = None  # the thread running close()
         self._close_done = threading.Event()
+        self._run_task: asyncio.Task[None] | None = None
         try:
             self._thread.call(self._open(), 10.0)
         except BaseException:
@@ -278,13 +279,16 @@ class Producer:
         """
         if self._thread.in_loop_thread:  # it would wait for itself
             raise InvalidRequest("close() cannot run inside a record callback")
+        me = threading.get_ident()
         with self._close_lock:  # reentrant: a signal handler may close during close
+            if self._closing_thread == me and not self._close_done.is_set():
+                return  # a callback or signal handler inside this thread's close
             first = not self._closed
-            self._closed = True
             if first:
-                self._closing_thread = threading.get_ident()
+                self._closing_thread = me  # before _closed: see the line above
+            self._closed = True
         if not first:
-            if self._closing_thread != threading.get_ident():
+            if self._closing_thread != me:
                 self._close_done.wait(timeout)
             return
         try:
@@ -328,14 +332,20 @@ class Producer:
         callback blocks it), the records are failed from here, all OutcomeUnknown
         (conservative: some may never have been sent). Then the transport's close
         gets up to FORCED_STOP_S more."""
-        if not self._records_failed.is_set():
-            self._main.cancel()
+        self._thread.call_soon(self._cancel_sender)
         if not self._records_failed.wait(FORCED_STOP_S):
             log.warning("producer loop blocked; failing its records from close()")
             self._accumulator.fail_incomplete(
                 OutcomeUnknown("the producer closed while its loop was blocked")
             )
         self._sender_ended(FORCED_STOP_S)
+
+    def _cancel_sender(self) -> None:
+        """On the loop thread, so that it cannot land inside the cleanup's transport
+        close (which starts once the records are failed)."""
+        task = self._run_task
+        if task is not None and not self._records_failed.is_set():
+            task.cancel()
 
     def _refuse_in_callback(self, what: str) -> None:
         """A callback runs on the loop thread, or on the closing thread while close()
@@ -359,6 +369,7 @@ class Producer:
     # -- the sender (loop thread) -----------------------------------------------------
 
     async def _run(self) -> None:
+        self._run_task = asyncio.current_task()
         try:
             async with asyncio.TaskGroup() as group:
                 try:

@@ -102,6 +102,9 @@ class LoopThread:
 
     def __init__(self, name: str) -> None:
         self.loop = eventloop.new_event_loop()
+        self._lock = threading.Lock()
+        self._accepting = True  # until _finish starts: submit() refuses from then on
+        self._stop_posted = False  # one loop.stop only (a second ends _finish's runs)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -117,10 +120,11 @@ class LoopThread:
         return threading.current_thread() is self._thread
 
     def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        if not self._thread.is_alive() or self.loop.is_closed():
-            coroutine.close()
-            raise ClientClosed("the client is closed")
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        with self._lock:
+            if not self._accepting:
+                coroutine.close()
+                raise ClientClosed("the client is closed")
+            return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
 
     def call(self, coroutine: Coroutine[Any, Any, T], timeout_s: float | None) -> T:
         """Runs ``coroutine`` on the loop and waits for it, at most ``timeout_s``."""
@@ -146,24 +150,54 @@ class LoopThread:
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stops the loop and waits up to ``timeout_s`` for its thread to cancel what
         is pending, run it to completion and close the loop. If the thread is still
-        busy then (a callback blocks it), it finishes that on its own afterwards."""
-        if self.loop.is_closed():
+        busy then (a callback blocks it), it finishes that on its own afterwards.
+        From the loop's own thread it only asks: the loop stops when the current
+        callback returns."""
+        with self._lock:
+            if self._accepting and not self._stop_posted:
+                self._stop_posted = True
+                with contextlib.suppress(RuntimeError):  # closed meanwhile
+                    self.loop.call_soon_threadsafe(self.loop.stop)
+        if self.in_loop_thread:
             return
-        with contextlib.suppress(RuntimeError):  # closed meanwhile
-            self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.warning("client loop thread did not stop within %s s", timeout_s)
 
     def _finish(self) -> None:
-        """Cancels what is left on the stopped loop and closes it (the loop's thread)."""
-        pending = [task for task in asyncio.all_tasks(self.loop) if not task.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
-            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        """The loop's thread, once the loop stopped: cancels what is left (each task
+        once; tasks made meanwhile, e.g. from submissions queued before the refusal
+        began, in later rounds), runs it to completion, and closes the loop."""
+        with self._lock:
+            self._accepting = False
+        cancelled: set[asyncio.Task[Any]] = set()
+        while True:
+            pending = self._new_tasks(cancelled)
+            if not pending:
+                self._run_until(asyncio.sleep(0))  # queued submissions become tasks
+                pending = self._new_tasks(cancelled)
+                if not pending:
+                    break
+            cancelled.update(pending)
+            for task in pending:
+                task.cancel()
+            self._run_until(asyncio.gather(*pending, return_exceptions=True))
+        self._run_until(self.loop.shutdown_asyncgens())
         self.loop.close()
+
+    def _new_tasks(self, seen: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks(self.loop) if not t.done() and t not in seen]
+
+    def _run_until(self, awaitable: Awaitable[Any]) -> None:
+        future = asyncio.ensure_future(awaitable, loop=self.loop)
+        for _ in range(3):  # a loop.stop posted before the refusal ends a run early
+            try:
+                self.loop.run_until_complete(future)
+                return
+            except RuntimeError:
+                if future.done():
+                    raise
+        log.warning("client loop did not finish its last tasks")
 
 
 async def sleep_or(event: asyncio.Event, seconds: float) -> bool:
