@@ -43,7 +43,7 @@ from tidemq.client.accumulator import (
     TopicPartition,
 )
 from tidemq.client.config import ProducerOptions, ResultTimeout, resolve
-from tidemq.client.metadata import MetadataCache
+from tidemq.client.metadata import MetadataCache, PartitionInfo
 from tidemq.client.sequencing import EPOCH_MAX, PartitionSequencer, RequestGroup
 from tidemq.client.transport import (
     BATCH_TYPE,
@@ -462,7 +462,10 @@ class Producer:
                     # sequence order is record order.
                     drained.append((tp, self._sequencer(tp).start(batches)))
             if drained:
-                group.create_task(self._deliver_grouped(drained))
+                unit = asyncio.Event()  # set once the delivery is done with them
+                for _, request in drained:
+                    request.unit = unit
+                group.create_task(self._deliver_grouped(drained, unit))
             if self._closing and accumulator.is_empty():
                 return
             if ready.next_check is None:
@@ -492,7 +495,9 @@ class Producer:
             self._sequencers[tp] = sequencer
         return sequencer
 
-    async def _deliver_grouped(self, drained: list[tuple[TopicPartition, RequestGroup]]) -> None:
+    async def _deliver_grouped(
+        self, drained: list[tuple[TopicPartition, RequestGroup]], unit: asyncio.Event
+    ) -> None:
         """First attempt: one multi-partition request per leader broker (wire/produce.py).
 
         A partition whose leader is unknown, whose entry failed, or whose whole request
@@ -500,22 +505,18 @@ class Producer:
         A partition with an earlier group not sent yet (an earlier delivery waits for
         another topic's metadata) is sent after it, by ``_deliver_in_turn``.
         """
+        try:
+            await self._send_grouped(drained)
+        finally:
+            _done_with(drained, unit)
+
+    async def _send_grouped(self, drained: list[tuple[TopicPartition, RequestGroup]]) -> None:
         by_leader: dict[str, list[tuple[TopicPartition, RequestGroup, int]]] = {}
-        in_turn: list[tuple[TopicPartition, RequestGroup, list[RequestGroup]]] = []
         looked = 0
         try:
             for tp, request in drained:
                 looked += 1
-                try:
-                    info = await self._metadata.leader(*tp)
-                except TideError as error:
-                    self._failed(tp, request, error)
-                    continue
-                if info.leader_url is None:
-                    self._failed(tp, request, NotLeader(f"{tp[0]}/{tp[1]} has no leader"))
-                else:
-                    entry = (tp, request, info.leader_epoch)
-                    by_leader.setdefault(info.leader_url, []).append(entry)
+                self._add_to_leader(by_leader, tp, request, await self._lookup(tp, request))
         except asyncio.CancelledError:  # close() while a leader lookup waits: none sent
             unsent = [(tp, request) for items in by_leader.values() for tp, request, _ in items]
             unsent += drained[looked - 1 :]
@@ -523,8 +524,6 @@ class Producer:
             for tp, request in unsent:
                 if request in self._sequencer(tp).groups:
                     self._give_up(tp, request, closed)
-            for _, request in drained:
-                request.mark_dispatched()
             raise
         # Each leader's request in a task of its own, created in drain order, and none
         # sent inline: tasks start in the order they were made, so a partition's batches
@@ -534,56 +533,80 @@ class Producer:
         # back up to its reorder wait). The tasks belong to the producer's group: a
         # failure still stops the producer, and one cancelled before its first step
         # leaves its groups to _fail_unsettled, as gather's children did.
+        in_turn: list[tuple[TopicPartition, RequestGroup]] = []
         for url, items in by_leader.items():
             now = []
             for item in items:
                 tp, request, _ = item
-                earlier = self._sequencer(tp).undispatched_before(request)
-                if earlier:
-                    in_turn.append((tp, request, earlier))
+                if self._sequencer(tp).undispatched_before(request):
+                    in_turn.append((tp, request))
                 else:
                     now.append(item)
             if now:
                 self._tasks.create_task(self._deliver_to_leader(url, now))
-        for tp, request, earlier in in_turn:
-            self._tasks.create_task(self._deliver_in_turn(tp, request, earlier))
-        # Every other group of this delivery counts as sent from here (its task is
-        # made, with no await since), or it went to recovery; those sent in turn are
-        # marked by _deliver_in_turn.
-        waiting = {id(request) for _, request, _ in in_turn}
-        for _, request in drained:
-            if id(request) not in waiting:
-                request.mark_dispatched()
+        if in_turn:
+            later = asyncio.Event()
+            for _, request in in_turn:
+                request.unit = later
+            self._tasks.create_task(self._deliver_in_turn(in_turn, later))
+
+    async def _lookup(self, tp: TopicPartition, request: RequestGroup) -> PartitionInfo | None:
+        """The partition's leader, or None when it went to recovery (no leader, or the
+        lookup failed): then it no longer holds later groups back."""
+        try:
+            info = await self._metadata.leader(*tp)
+        except TideError as error:
+            self._failed(tp, request, error)
+        else:
+            if info.leader_url is not None:
+                return info
+            self._failed(tp, request, NotLeader(f"{tp[0]}/{tp[1]} has no leader"))
+        request.mark_dispatched()
+        return None
+
+    @staticmethod
+    def _add_to_leader(
+        by_leader: dict[str, list[tuple[TopicPartition, RequestGroup, int]]],
+        tp: TopicPartition,
+        request: RequestGroup,
+        info: PartitionInfo | None,
+    ) -> None:
+        if info is not None and info.leader_url is not None:
+            by_leader.setdefault(info.leader_url, []).append((tp, request, info.leader_epoch))
 
     async def _deliver_in_turn(
-        self, tp: TopicPartition, request: RequestGroup, earlier: list[RequestGroup]
+        self, in_turn: list[tuple[TopicPartition, RequestGroup]], unit: asyncio.Event
     ) -> None:
-        """Sends ``request`` once the partition's ``earlier`` groups are sent: an
-        earlier delivery drained them and still waits for another topic's metadata.
-        Sent first, this later group would reach the leader before them, which holds
-        it up to its reorder wait (or the partition is resent). Only this partition
-        waits; the rest of its delivery went at once."""
+        """Sends a delivery's groups whose partitions have earlier groups not sent yet
+        (an earlier delivery waits for another topic's metadata) once those are sent:
+        sent first, a later group would reach the leader before them, which holds it
+        up to its reorder wait (or the partition is resent). Only these partitions
+        wait, and they go together again: one request per leader."""
         try:
-            for group in earlier:
-                await group.until_dispatched()
-            if request not in self._sequencer(tp).groups:
-                return  # settled meanwhile (given up)
-            try:
-                info = await self._metadata.leader(*tp)
-            except TideError as error:
-                self._failed(tp, request, error)
-                return
-            if info.leader_url is None:
-                self._failed(tp, request, NotLeader(f"{tp[0]}/{tp[1]} has no leader"))
-                return
-            entry = (tp, request, info.leader_epoch)
-            self._tasks.create_task(self._deliver_to_leader(info.leader_url, [entry]))
+            while True:  # what an earlier group waits for may hand it on: look again
+                units = {
+                    id(earlier.unit): earlier.unit
+                    for tp, request in in_turn
+                    for earlier in self._sequencer(tp).undispatched_before(request)
+                    if earlier.unit is not None
+                }
+                if not units:
+                    break
+                for waited in units.values():
+                    await waited.wait()
+            by_leader: dict[str, list[tuple[TopicPartition, RequestGroup, int]]] = {}
+            for tp, request in in_turn:
+                if request in self._sequencer(tp).groups:  # not given up meanwhile
+                    self._add_to_leader(by_leader, tp, request, await self._lookup(tp, request))
+            for url, items in by_leader.items():
+                self._tasks.create_task(self._deliver_to_leader(url, items))
         except asyncio.CancelledError:
-            if request in self._sequencer(tp).groups:
-                self._give_up(tp, request, self._stopped_error())
+            for tp, request in in_turn:
+                if request in self._sequencer(tp).groups and not request.dispatched:
+                    self._give_up(tp, request, self._stopped_error())
             raise
         finally:
-            request.mark_dispatched()
+            _done_with(in_turn, unit)
 
     async def _deliver_to_leader(
         self, leader_url: str, items: list[tuple[TopicPartition, RequestGroup, int]]
@@ -863,6 +886,15 @@ def _sender_stopped(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return f"the producer's sender stopped ({repr(exc)[:200]})"
+
+
+def _done_with(groups: list[tuple[TopicPartition, RequestGroup]], unit: asyncio.Event) -> None:
+    """A delivery (or a send in turn) is done with ``groups``: those it did not hand on
+    to a send in turn count as sent, and whoever waits for ``unit`` looks again."""
+    for _, request in groups:
+        if request.unit is unit:
+            request.mark_dispatched()
+    unit.set()
 
 
 def _refused(error: TideError) -> bool:

@@ -44,14 +44,7 @@ class RequestGroup:
     a timeout, an error after the append). Once true it stays true: a later refusal
     says nothing about what an earlier attempt did."""
 
-    __slots__ = (
-        "_dispatch_event",
-        "batches",
-        "dispatched",
-        "in_flight",
-        "maybe_appended",
-        "record_count",
-    )
+    __slots__ = ("batches", "dispatched", "in_flight", "maybe_appended", "record_count", "unit")
 
     def __init__(self, batches: list[ProducerBatch]) -> None:
         self.batches = batches
@@ -61,19 +54,12 @@ class RequestGroup:
         # Its first request is made (a task created for it), or it went to recovery
         # or was given up: a later group of the partition may be sent after it.
         self.dispatched = False
-        self._dispatch_event: asyncio.Event | None = None
+        # Set by whatever will dispatch it (a delivery, or a send in turn) once done
+        # with it: what a later group of the partition waits for, then looks again.
+        self.unit: asyncio.Event | None = None
 
     def mark_dispatched(self) -> None:
         self.dispatched = True
-        if self._dispatch_event is not None:
-            self._dispatch_event.set()
-
-    async def until_dispatched(self) -> None:
-        if self.dispatched:
-            return
-        if self._dispatch_event is None:
-            self._dispatch_event = asyncio.Event()
-        await self._dispatch_event.wait()
 
     def payload(self) -> bytes:
         parts = []
