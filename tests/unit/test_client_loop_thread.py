@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
+import signal
 import threading
 import time
 from typing import Any
@@ -97,3 +99,101 @@ def test_stop_from_the_loop_thread_does_not_raise() -> None:
     thread.submit(stop_here()).result(5)  # RuntimeError: cannot join current thread
     thread._thread.join(5)
     assert thread.loop.is_closed()
+
+
+# -- found by the review of b31d087 (helper-68): signal handlers, endless tasks --------
+
+
+class _Deadlocked(Exception):
+    pass
+
+
+def _signal_inside_submit(
+    monkeypatch: pytest.MonkeyPatch, thread: LoopThread, in_handler: Any
+) -> None:
+    """Runs thread.call on the main thread with a SIGUSR1 arriving while submit()
+    holds _lock (as SIGTERM -> consumer.close() / admin.close() can, during poll or
+    any admin call); a 3 s SIGALRM breaks a deadlock (lock waits are interruptible)."""
+    real = asyncio.run_coroutine_threadsafe
+    armed = [True]
+    made: list[Any] = []
+
+    def inside_submit(coroutine: Any, loop: asyncio.AbstractEventLoop) -> Any:
+        made.append(coroutine)
+        if armed[0]:
+            armed[0] = False
+            signal.raise_signal(signal.SIGUSR1)  # its handler runs here, under _lock
+        return real(coroutine, loop)
+
+    def watchdog(signum: int, frame: Any) -> None:
+        raise _Deadlocked
+
+    monkeypatch.setattr(asyncio, "run_coroutine_threadsafe", inside_submit)
+    old_usr1 = signal.signal(signal.SIGUSR1, lambda signum, frame: in_handler(made))
+    old_alrm = signal.signal(signal.SIGALRM, watchdog)
+    signal.setitimer(signal.ITIMER_REAL, 3.0)
+    outer = asyncio.sleep(0)
+    made.append(outer)
+    try:
+        thread.call(outer, 2.0)
+    except _Deadlocked:
+        pytest.fail("the signal handler waited for the _lock held by the code it interrupted")
+    except Exception:  # ClientClosed after the handler's stop() is fine
+        pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_alrm)
+        signal.signal(signal.SIGUSR1, old_usr1)
+        monkeypatch.undo()
+        thread.stop(5.0)
+        for coroutine in made:  # the ones a deadlock left unscheduled
+            if inspect.getcoroutinestate(coroutine) == inspect.CORO_CREATED:
+                coroutine.close()
+
+
+def test_a_signal_handler_may_call_while_submit_holds_the_lock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    thread = LoopThread("tidemq-test")
+    seen: list[Any] = []
+
+    def in_handler(made: list[Any]) -> None:
+        coroutine = asyncio.sleep(0, "inner")
+        made.append(coroutine)
+        seen.append(thread.call(coroutine, 2.0))
+
+    _signal_inside_submit(monkeypatch, thread, in_handler)
+    assert seen == ["inner"]
+
+
+def test_a_signal_handler_may_stop_while_submit_holds_the_lock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    thread = LoopThread("tidemq-test")
+    _signal_inside_submit(monkeypatch, thread, lambda made: thread.stop(0.5))
+    assert thread.loop.is_closed()
+
+
+def test_finish_is_bounded_when_cancelled_tasks_keep_creating_tasks() -> None:
+    thread = LoopThread("tidemq-test")
+    rounds = [0]
+
+    async def hydra() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            rounds[0] += 1
+            asyncio.get_running_loop().create_task(hydra())
+            raise
+
+    started = threading.Event()
+
+    async def first() -> None:
+        started.set()
+        await hydra()
+
+    thread.submit(first())
+    assert started.wait(5)
+    thread.stop(1.0)
+    thread._thread.join(5.0)
+    assert thread.loop.is_closed(), f"_finish still cancelling after {rounds[0]} rounds"

@@ -97,12 +97,16 @@ class Transport(HttpTransport):
         raise last
 
 
+FINISH_ROUNDS_MAX = 100  # rounds of cancelling new tasks when a client loop stops
+
+
 class LoopThread:
     """An asyncio loop running on its own daemon thread."""
 
     def __init__(self, name: str) -> None:
         self.loop = eventloop.new_event_loop()
-        self._lock = threading.Lock()
+        # Reentrant: a signal handler may call or stop while this thread is in submit.
+        self._lock = threading.RLock()
         self._accepting = True  # until _finish starts: submit() refuses from then on
         self._stop_posted = False  # one loop.stop only (a second ends _finish's runs)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -171,7 +175,7 @@ class LoopThread:
         with self._lock:
             self._accepting = False
         cancelled: set[asyncio.Task[Any]] = set()
-        while True:
+        for _ in range(FINISH_ROUNDS_MAX):  # a cancelled task may make new tasks for ever
             pending = self._new_tasks(cancelled)
             if not pending:
                 self._run_until(asyncio.sleep(0))  # queued submissions become tasks
@@ -182,6 +186,8 @@ class LoopThread:
             for task in pending:
                 task.cancel()
             self._run_until(asyncio.gather(*pending, return_exceptions=True))
+        else:
+            log.warning("client loop: tasks kept making tasks while it stopped")
         self._run_until(self.loop.shutdown_asyncgens())
         self.loop.close()
 
