@@ -14,6 +14,7 @@ from tests.unit.test_producer_wake_races import (
     GatedMetadata,
     hold_loop,
     ordered_producer,
+    sequences_sent,
     until,
 )
 
@@ -227,3 +228,162 @@ def test_recovery_with_groups_waiting_in_turn() -> None:
         metadata.open_gate(producer, "s")
         for future in [g0, *first, *second]:
             assert future.result(5).offset >= 0  # every record acknowledged
+
+
+# -- found by the second review of the in-turn sends (helper-69) ----------------------
+
+
+class LeaderlessOnSecondLookup(GatedMetadata):
+    """As GatedMetadata, but b/0's second lookup names no leader (a failover)."""
+
+    def __init__(self, *topics: str, **options: Any) -> None:
+        super().__init__(*topics, **options)
+        self.b_lookups = 0
+
+    async def leader(self, topic: str, partition: int) -> PartitionInfo:
+        info = await super().leader(topic, partition)
+        if (topic, partition) == ("b", 0):
+            self.b_lookups += 1
+            if self.b_lookups == 2:
+                return PartitionInfo(partition, None, 0)
+        return info
+
+
+def test_a_group_waiting_in_turn_is_not_held_once_its_earlier_group_went_to_recovery() -> None:
+    """Delivery 1 drained [a/0, b/0 g1, c/0] and waits for a's refresh. Delivery 2
+    drained [b/0 g2]; its lookup hits the cache, g1 is undispatched: g2 waits in turn
+    on delivery 1's unit. a's refresh ends; delivery 1's lookup of b names no leader:
+    g1 goes to recovery (dispatched), and delivery 1 waits for c's refresh. g2's task
+    sleeps on delivery 1's unit, set only when delivery 1 ends: g2 stays undispatched
+    and in flight, so b/0's recovery cannot start either; b/0 waits for topic c (the
+    af38652 fix only covers g1 going to recovery before g2's delivery looks)."""
+    broker = ResendingBroker()
+    metadata = LeaderlessOnSecondLookup("a", "b", "c", leader=LEADERS[0])
+    with ordered_producer(broker, metadata) as (producer, _):
+        metadata.close_gates(producer, "a", "c")
+        release = hold_loop(producer)
+        first = [producer.send(t, f"{t}-1".encode(), partition=0) for t in ("a", "b", "c")]
+        release.set()
+        assert until(lambda: metadata.waiting["a"] >= 1)  # delivery 1 waits for a
+        release = hold_loop(producer)
+        g2 = producer.send("b", b"b-2", partition=0)
+        producer.send("b", b"b-3", partition=0)  # seals b-2
+        release.set()
+        assert until(lambda: metadata.b_lookups >= 1)  # delivery 2 looked: g2 in turn
+        time.sleep(0.05)
+        metadata.open_gate(producer, "a")  # g1 to recovery; delivery 1 waits for c
+        assert until(lambda: metadata.waiting["c"] >= 1)
+        try:
+            held = not until(lambda: first[1].done() and g2.done(), 1.0)
+        finally:
+            metadata.open_gate(producer, "c")
+        for future in [*first, g2]:
+            future.result(5)
+    assert not held, "b/0 (g1 in recovery, g2 in turn) waited for topic c's refresh"
+
+
+def test_a_partition_in_turn_is_not_held_by_another_partitions_earlier_delivery() -> None:
+    """Delivery 1 drained [p/0, x/0 g1] and waits for p; delivery 2 drained [q/0,
+    y/0 h1] and waits for q; delivery 3 drained [x/0 g2, y/0 h2]: both wait in turn,
+    in one task. p's refresh ends and g1 is sent: x/0 has no earlier unsent group, but
+    g2 still waits (the task awaits every unit) for topic q's refresh."""
+    broker = ResendingBroker()
+    metadata = GatedMetadata("p", "q", "x", "y", leader=LEADERS[0])
+    with ordered_producer(broker, metadata) as (producer, _):
+        metadata.close_gates(producer, "p", "q")
+        release = hold_loop(producer)
+        producer.send("p", b"p-1", partition=0)
+        g1 = producer.send("x", b"x-1", partition=0)
+        release.set()
+        assert until(lambda: metadata.waiting["p"] >= 1)
+        release = hold_loop(producer)
+        producer.send("q", b"q-1", partition=0)
+        producer.send("q", b"q-2", partition=0)  # seals q-1
+        producer.send("y", b"y-1", partition=0)
+        producer.send("y", b"y-2", partition=0)  # seals y-1
+        release.set()
+        assert until(lambda: metadata.waiting["q"] >= 1)
+        release = hold_loop(producer)
+        g2 = producer.send("x", b"x-2", partition=0)
+        producer.send("x", b"x-3", partition=0)  # seals x-2
+        producer.send("y", b"y-3", partition=0)  # seals y-2 (h2)
+        release.set()
+        time.sleep(0.2)  # delivery 3: x/0 and y/0 wait in turn
+        metadata.open_gate(producer, "p")
+        try:
+            held = not until(lambda: g1.done() and g2.done(), 1.0)
+        finally:
+            metadata.open_gate(producer, "q")
+    assert not held, "x/0 (its earlier group sent) waited for topic q's refresh"
+
+
+def test_a_later_first_attempt_does_not_go_before_an_earlier_group_in_recovery() -> None:
+    """af38652's own case: g1 goes to recovery at its lookup (no leader) and g2's
+    first attempt is sent at once, before g1's resend (which waits for g2 to end):
+    a real leader holds g2 REORDER_WAIT_S (250 ms) for g1, answers
+    out_of_order_sequence, and b/0 is resent: every time, 250 ms and a request lost."""
+    from tests.unit.test_producer_in_turn import LeaderlessOnce
+
+    broker = ResendingBroker()
+    metadata = LeaderlessOnce("a", "b", "s", leader=LEADERS[0])
+    with ordered_producer(broker, metadata) as (producer, _):
+        metadata.close_gates(producer, "a", "b", "s")
+        release = hold_loop(producer)
+        producer.send("b", b"b-1", partition=0)
+        producer.send("s", b"s-1", partition=0)
+        release.set()
+        assert until(lambda: metadata.waiting["b"] >= 1)
+        release = hold_loop(producer)
+        producer.send("a", b"a-1", partition=0)
+        producer.send("b", b"b-2", partition=0)
+        producer.send("b", b"b-3", partition=0)  # seals b-2
+        release.set()
+        assert until(lambda: metadata.waiting["a"] >= 1)
+        metadata.open_gate(producer, "b")  # no leader: g1 to recovery
+        assert until(lambda: metadata.waiting["s"] >= 1)
+        metadata.open_gate(producer, "a")
+        metadata.open_gate(producer, "s")
+        producer.flush(5)
+        sent = sequences_sent(broker, "b", 0)
+    assert sent == sorted(sent), f"b/0's sequences reached the leader as {sent}"
+
+
+def test_a_sender_bug_reports_never_sent_groups_in_turn_as_not_sent(monkeypatch: Any) -> None:
+    """g1 (b/0) went to recovery at its lookup; g2 (b/0) and h2 (e/0) wait in turn in
+    one task. A delivery's bug aborts the producer's task group: the in-turn task's
+    cancel handler gives up g2, whose settle starts b/0's recovery
+    (``_maybe_recover``: _closing is still False) with create_task on the aborting
+    group: RuntimeError, so h2 is skipped and _fail_unsettled reports the never-sent
+    h2 as OutcomeUnknown ("may have been written") instead of ClientClosed."""
+    from tidemq.client import producer as producer_module
+    from tidemq.errors import ClientClosed
+
+    broker = ResendingBroker()
+    metadata = LeaderlessOnSecondLookup("a", "b", "c", "e", "z", leader=LEADERS[0])
+    with ordered_producer(broker, metadata) as (producer, _):
+        metadata.close_gates(producer, "a", "c")
+        release = hold_loop(producer)
+        for topic in ("a", "b", "c", "e"):
+            producer.send(topic, f"{topic}-1".encode(), partition=0)
+        release.set()
+        assert until(lambda: metadata.waiting["a"] >= 1)
+        release = hold_loop(producer)
+        producer.send("b", b"b-2", partition=0)
+        producer.send("b", b"b-3", partition=0)  # seals b-2
+        h2 = producer.send("e", b"e-2", partition=0)
+        producer.send("e", b"e-3", partition=0)  # seals e-2
+        release.set()
+        assert until(lambda: metadata.b_lookups >= 1)
+        time.sleep(0.05)
+        metadata.open_gate(producer, "a")  # g1 to recovery; delivery 1 waits for c
+        assert until(lambda: metadata.waiting["c"] >= 1)
+
+        def boom(*_: Any) -> None:
+            raise RuntimeError("bug")
+
+        monkeypatch.setattr(producer_module.Producer, "_deliver_to_leader", boom)
+        producer.send("z", b"z-1", partition=0)
+        producer.send("z", b"z-2", partition=0)  # seals z-1: its delivery hits the bug
+        assert until(h2.done, 3)
+    error = h2.exception(0)
+    assert type(error) is ClientClosed, f"never-sent h2 reported as {error!r}"

@@ -543,7 +543,7 @@ class Producer:
                 else:
                     now.append(item)
             if now:
-                self._tasks.create_task(self._deliver_to_leader(url, now))
+                self._send_or_join(url, now)
         if in_turn:
             later = asyncio.Event()
             for _, request in in_turn:
@@ -578,28 +578,36 @@ class Producer:
         self, in_turn: list[tuple[TopicPartition, RequestGroup]], unit: asyncio.Event
     ) -> None:
         """Sends a delivery's groups whose partitions have earlier groups not sent yet
-        (an earlier delivery waits for another topic's metadata) once those are sent:
-        sent first, a later group would reach the leader before them, which holds it
-        up to its reorder wait (or the partition is resent). Only these partitions
-        wait, and they go together again: one request per leader."""
+        (an earlier delivery waits for another topic's metadata), each once those are
+        sent: sent first, a later group would reach the leader before them, which
+        holds it up to its reorder wait (or the partition is resent). Only these
+        partitions wait, each only for its own earlier groups; those that become free
+        together go together, one request per leader."""
+        pending = in_turn
         try:
-            while True:  # what an earlier group waits for may hand it on: look again
-                units = {
-                    id(earlier.unit): earlier.unit
-                    for tp, request in in_turn
-                    for earlier in self._sequencer(tp).undispatched_before(request)
-                    if earlier.unit is not None
-                }
-                if not units:
-                    break
-                for waited in units.values():
-                    await waited.wait()
-            by_leader: dict[str, list[tuple[TopicPartition, RequestGroup, int]]] = {}
-            for tp, request in in_turn:
-                if request in self._sequencer(tp).groups:  # not given up meanwhile
-                    self._add_to_leader(by_leader, tp, request, await self._lookup(tp, request))
-            for url, items in by_leader.items():
-                self._tasks.create_task(self._deliver_to_leader(url, items))
+            while pending:
+                free, waits, held = [], [], []
+                for tp, request in pending:
+                    sequencer = self._sequencer(tp)
+                    if request not in sequencer.groups:
+                        continue  # given up meanwhile
+                    earlier = sequencer.undispatched_before(request)
+                    if earlier:
+                        waits.append(earlier[-1].sent())
+                        held.append((tp, request))
+                    else:
+                        free.append((tp, request))
+                pending = held
+                if not free:
+                    if waits:
+                        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                by_leader: dict[str, list[tuple[TopicPartition, RequestGroup, int]]] = {}
+                for tp, request in free:
+                    if request in self._sequencer(tp).groups:
+                        self._add_to_leader(by_leader, tp, request, await self._lookup(tp, request))
+                for url, items in by_leader.items():
+                    self._send_or_join(url, items)
         except asyncio.CancelledError:
             for tp, request in in_turn:
                 if request in self._sequencer(tp).groups and not request.dispatched:
@@ -607,6 +615,30 @@ class Producer:
             raise
         finally:
             _done_with(in_turn, unit)
+
+    def _send_or_join(
+        self, url: str, items: list[tuple[TopicPartition, RequestGroup, int]]
+    ) -> None:
+        """Makes the first request of ``items`` (marked dispatched). A group whose
+        partition is being recovered with an earlier group waiting for its resend joins
+        that recovery instead, to be resent after it in order: sent now it would reach
+        the leader first and be held up to its reorder wait, then refused."""
+        send = []
+        for item in items:
+            tp, request, _ = item
+            sequencer = self._sequencer(tp)
+            if sequencer.recovering and any(
+                not group.in_flight for group in sequencer.groups if group is not request
+            ):
+                request.in_flight = False
+                request.mark_dispatched()
+                self._maybe_recover(tp, sequencer)
+            else:
+                send.append(item)
+        if send:
+            self._tasks.create_task(self._deliver_to_leader(url, send))
+            for _, request, _ in send:
+                request.mark_dispatched()
 
     async def _deliver_to_leader(
         self, leader_url: str, items: list[tuple[TopicPartition, RequestGroup, int]]
@@ -714,7 +746,12 @@ class Producer:
             return
         if tp in self._recoveries and sequencer.in_flight == 0:
             self._recoveries.discard(tp)
-            self._tasks.create_task(self._recover(tp, sequencer))
+            recover = self._recover(tp, sequencer)
+            try:
+                self._tasks.create_task(recover)
+            except RuntimeError:  # the task group is shutting down (a bug elsewhere)
+                recover.close()
+                self._closing = True  # _fail_unsettled settles the partition
 
     async def _recover(self, tp: TopicPartition, sequencer: PartitionSequencer) -> None:
         """Resends the partition's held groups one at a time, oldest first."""

@@ -44,7 +44,15 @@ class RequestGroup:
     a timeout, an error after the append). Once true it stays true: a later refusal
     says nothing about what an earlier attempt did."""
 
-    __slots__ = ("batches", "dispatched", "in_flight", "maybe_appended", "record_count", "unit")
+    __slots__ = (
+        "_sent",
+        "batches",
+        "dispatched",
+        "in_flight",
+        "maybe_appended",
+        "record_count",
+        "unit",
+    )
 
     def __init__(self, batches: list[ProducerBatch]) -> None:
         self.batches = batches
@@ -57,9 +65,20 @@ class RequestGroup:
         # Set by whatever will dispatch it (a delivery, or a send in turn) once done
         # with it: what a later group of the partition waits for, then looks again.
         self.unit: asyncio.Event | None = None
+        self._sent: asyncio.Future[None] | None = None  # made only when one waits
 
     def mark_dispatched(self) -> None:
         self.dispatched = True
+        if self._sent is not None and not self._sent.done():
+            self._sent.set_result(None)
+
+    def sent(self) -> asyncio.Future[None]:
+        """Done once the group is dispatched (loop thread)."""
+        if self._sent is None:
+            self._sent = asyncio.get_running_loop().create_future()
+            if self.dispatched:
+                self._sent.set_result(None)
+        return self._sent
 
     def payload(self) -> bytes:
         parts = []
@@ -118,6 +137,7 @@ class PartitionSequencer:
     def settle(self, group: RequestGroup) -> None:
         """The group succeeded or failed for good: forget it."""
         self.groups.remove(group)
+        group.mark_dispatched()
 
     @property
     def epochs_exhausted(self) -> bool:
