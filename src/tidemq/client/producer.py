@@ -556,11 +556,11 @@ class Producer:
         try:
             info = await self._metadata.leader(*tp)
         except TideError as error:
-            self._failed(tp, request, error)
+            self._failed(tp, request, error, sent=False)
         else:
             if info.leader_url is not None:
                 return info
-            self._failed(tp, request, NotLeader(f"{tp[0]}/{tp[1]} has no leader"))
+            self._failed(tp, request, NotLeader(f"{tp[0]}/{tp[1]} has no leader"), sent=False)
         request.mark_dispatched()
         return None
 
@@ -638,6 +638,7 @@ class Producer:
         if send:
             self._tasks.create_task(self._deliver_to_leader(url, send))
             for _, request, _ in send:
+                request.attempted = True
                 request.mark_dispatched()
 
     async def _deliver_to_leader(
@@ -709,7 +710,9 @@ class Producer:
         not_appended = _refused(error) and not request.maybe_appended
         held = [request]
         if not not_appended:
-            held += [g for g in sequencer.groups if g is not request and not g.in_flight]
+            held += [
+                g for g in sequencer.groups if g is not request and not g.in_flight and g.attempted
+            ]
         for group in held:
             outcome = _outcome_of(group, error, request.maybe_appended)
             for batch in group.batches:
@@ -726,10 +729,12 @@ class Producer:
         self._accumulator.complete(tp, request.batches)
         self._maybe_recover(tp, sequencer)
 
-    def _failed(self, tp: TopicPartition, request: RequestGroup, error: TideError) -> None:
+    def _failed(
+        self, tp: TopicPartition, request: RequestGroup, error: TideError, sent: bool = True
+    ) -> None:
         """A first attempt failed: pause the partition; resend once nothing is in flight."""
         log.debug("produce to %s/%s: %s; resending in order", tp[0], tp[1], error)
-        if not _refused(error):
+        if sent and not _refused(error):
             request.maybe_appended = True
         if not isinstance(error, OutOfOrderSequence | UnknownProducerId):
             self._metadata.invalidate(tp[0])
@@ -763,6 +768,7 @@ class Producer:
                     return
                 request = sequencer.groups[0]
                 request.in_flight = True
+                request.attempted = True
                 try:
                     await self._resend(tp, request, sequencer)
                 except asyncio.CancelledError:

@@ -46,6 +46,7 @@ class RequestGroup:
 
     __slots__ = (
         "_sent",
+        "attempted",
         "batches",
         "dispatched",
         "in_flight",
@@ -62,6 +63,7 @@ class RequestGroup:
         # Its first request is made (a task created for it), or it went to recovery
         # or was given up: a later group of the partition may be sent after it.
         self.dispatched = False
+        self.attempted = False  # a request carrying it was made (first or resend)
         # Set by whatever will dispatch it (a delivery, or a send in turn) once done
         # with it: what a later group of the partition waits for, then looks again.
         self.unit: asyncio.Event | None = None
