@@ -43,7 +43,7 @@ from tidemq.client.accumulator import (
     TopicPartition,
 )
 from tidemq.client.config import ProducerOptions, ResultTimeout, resolve
-from tidemq.client.metadata import MetadataCache, PartitionInfo
+from tidemq.client.metadata import MetadataCache
 from tidemq.client.sequencing import EPOCH_MAX, PartitionSequencer, RequestGroup
 from tidemq.client.transport import (
     BATCH_TYPE,
@@ -505,18 +505,46 @@ class Producer:
         A partition with an earlier group not sent yet (an earlier delivery waits for
         another topic's metadata) is sent after it, by ``_deliver_in_turn``.
         """
-        try:
-            await self._send_grouped(drained)
-        finally:
-            _done_with(drained, unit)
-
-    async def _send_grouped(self, drained: list[tuple[TopicPartition, RequestGroup]]) -> None:
         by_leader: dict[str, list[tuple[TopicPartition, RequestGroup, int]]] = {}
+        in_turn: list[tuple[TopicPartition, RequestGroup]] = []
         looked = 0
         try:
             for tp, request in drained:
                 looked += 1
-                self._add_to_leader(by_leader, tp, request, await self._lookup(tp, request))
+                try:
+                    info = await self._metadata.leader(*tp)
+                except TideError as error:
+                    self._lookup_failed(tp, request, error)
+                    continue
+                if info.leader_url is None:
+                    self._lookup_failed(tp, request, None)
+                else:
+                    entry = (tp, request, info.leader_epoch)
+                    by_leader.setdefault(info.leader_url, []).append(entry)
+            # Each leader's request in a task of its own, created in drain order, and
+            # none sent inline: tasks start in the order they were made, so a
+            # partition's batches reach its leader in drain order even when two
+            # deliveries resume in one loop turn (both waited for one metadata lookup).
+            # Sending one request inline let a later delivery's batch overtake an
+            # earlier one's (the leader then holds it back up to its reorder wait). The
+            # tasks belong to the producer's group: a failure still stops the producer,
+            # and one cancelled before its first step leaves its groups to
+            # _fail_unsettled, as gather's children did.
+            for url, items in by_leader.items():
+                now = []
+                for item in items:
+                    tp, request, _ = item
+                    if self._sequencer(tp).undispatched_before(request):
+                        in_turn.append((tp, request))
+                    else:
+                        now.append(item)
+                if now:
+                    self._send_or_join(url, now)
+            if in_turn:
+                later = asyncio.Event()
+                for _, request in in_turn:
+                    request.unit = later
+                self._tasks.create_task(self._deliver_in_turn(in_turn, later))
         except asyncio.CancelledError:  # close() while a leader lookup waits: none sent
             unsent = [(tp, request) for items in by_leader.values() for tp, request, _ in items]
             unsent += drained[looked - 1 :]
@@ -525,54 +553,18 @@ class Producer:
                 if request in self._sequencer(tp).groups:
                     self._give_up(tp, request, closed)
             raise
-        # Each leader's request in a task of its own, created in drain order, and none
-        # sent inline: tasks start in the order they were made, so a partition's batches
-        # reach its leader in drain order even when two deliveries resume in one loop
-        # turn (both waited for one metadata lookup). Sending one request inline let a
-        # later delivery's batch overtake an earlier one's (the leader then holds it
-        # back up to its reorder wait). The tasks belong to the producer's group: a
-        # failure still stops the producer, and one cancelled before its first step
-        # leaves its groups to _fail_unsettled, as gather's children did.
-        in_turn: list[tuple[TopicPartition, RequestGroup]] = []
-        for url, items in by_leader.items():
-            now = []
-            for item in items:
-                tp, request, _ = item
-                if self._sequencer(tp).undispatched_before(request):
-                    in_turn.append((tp, request))
-                else:
-                    now.append(item)
-            if now:
-                self._send_or_join(url, now)
-        if in_turn:
-            later = asyncio.Event()
-            for _, request in in_turn:
-                request.unit = later
-            self._tasks.create_task(self._deliver_in_turn(in_turn, later))
+        finally:
+            _done_with(drained, unit)  # those handed to a send in turn have its unit
 
-    async def _lookup(self, tp: TopicPartition, request: RequestGroup) -> PartitionInfo | None:
-        """The partition's leader, or None when it went to recovery (no leader, or the
-        lookup failed): then it no longer holds later groups back."""
-        try:
-            info = await self._metadata.leader(*tp)
-        except TideError as error:
-            self._failed(tp, request, error, sent=False)
-        else:
-            if info.leader_url is not None:
-                return info
-            self._failed(tp, request, NotLeader(f"{tp[0]}/{tp[1]} has no leader"), sent=False)
-        request.mark_dispatched()
-        return None
-
-    @staticmethod
-    def _add_to_leader(
-        by_leader: dict[str, list[tuple[TopicPartition, RequestGroup, int]]],
-        tp: TopicPartition,
-        request: RequestGroup,
-        info: PartitionInfo | None,
+    def _lookup_failed(
+        self, tp: TopicPartition, request: RequestGroup, error: TideError | None
     ) -> None:
-        if info is not None and info.leader_url is not None:
-            by_leader.setdefault(info.leader_url, []).append((tp, request, info.leader_epoch))
+        """No leader for a group not sent yet (``error`` None) or its lookup failed: it
+        goes to recovery, never sent, and no longer holds later groups back."""
+        if error is None:
+            error = NotLeader(f"{tp[0]}/{tp[1]} has no leader")
+        self._failed(tp, request, error, sent=False)
+        request.mark_dispatched()
 
     async def _deliver_in_turn(
         self, in_turn: list[tuple[TopicPartition, RequestGroup]], unit: asyncio.Event
@@ -604,8 +596,18 @@ class Producer:
                     continue
                 by_leader: dict[str, list[tuple[TopicPartition, RequestGroup, int]]] = {}
                 for tp, request in free:
-                    if request in self._sequencer(tp).groups:
-                        self._add_to_leader(by_leader, tp, request, await self._lookup(tp, request))
+                    if request not in self._sequencer(tp).groups:
+                        continue
+                    try:
+                        info = await self._metadata.leader(*tp)
+                    except TideError as error:
+                        self._lookup_failed(tp, request, error)
+                        continue
+                    if info.leader_url is None:
+                        self._lookup_failed(tp, request, None)
+                    else:
+                        entry = (tp, request, info.leader_epoch)
+                        by_leader.setdefault(info.leader_url, []).append(entry)
                 for url, items in by_leader.items():
                     self._send_or_join(url, items)
         except asyncio.CancelledError:
