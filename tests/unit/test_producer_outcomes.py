@@ -605,3 +605,141 @@ def test_a_refusal_whose_code_the_client_does_not_know_is_an_unknown_outcome(
     assert leader.values() == [b"v0", b"v1", b"v2"]
     assert not isinstance(v2, TideError) and v2.offset == 2
     assert isinstance(v1, OutcomeUnknown) or v1.offset == 1
+
+
+# -- found by the fourth review of the in-turn sends (helper-71) ---------------------
+
+
+def test_unknown_producer_id_after_a_lost_first_attempt_does_not_write_it_twice(
+    leaders: Any,
+) -> None:
+    """v0 is the producer's first batch on the partition (sequence 0) and every request
+    for it is held up in the network (the client times out; the bytes arrive later):
+    v0 fails OutcomeUnknown and v1 goes on at sequence 1. v1's first request is held up
+    too (maybe appended). Its resend meets unknown_producer_id (v0 not there yet): the
+    client starts a new epoch although v1 may land, renumbers v1 to sequence 0 and
+    resends it; the late v0 and v1 reach the leader first (no entry for the producer:
+    v0 at sequence 0 is appended, then v1 at 1), then v1 of the new epoch: v1 twice."""
+    leader = leaders(0)
+    delayed: list[bytes] = []
+    held_v1 = [False]
+
+    def network(body: bytes) -> Any:
+        values = [m.value for m in decode_records(body)]
+        if values == [b"v0"] or (values == [b"v1"] and not held_v1[0]):
+            held_v1[0] = held_v1[0] or values == [b"v1"]
+            delayed.append(body)
+            raise RequestTimedOut("no answer (the request is still on its way)")
+        if values == [b"v1"] and check_batches(body)[0].producer_epoch > 0:
+            for late in delayed:  # the held-up requests arrive before the new epoch
+                try:
+                    leader.answer(late)
+                except TideError:
+                    pass
+            delayed.clear()
+        return leader.answer(body)
+
+    leader.first = leader.resend = network
+    client = producer(delivery_timeout_ms=500)
+    try:
+        v0, v1 = [settle([client.send("t", v, partition=0)])[0] for v in (b"v0", b"v1")]
+    finally:
+        client.close(timeout=5)
+    assert written_twice(leader) == [], (leader.values(), v0, v1)
+
+
+def test_a_never_sent_group_resent_after_an_unknown_give_up_is_not_written_twice(
+    leaders: Any, monkeypatch: Any
+) -> None:
+    """da67271's path: v0 (sequence 0, the producer's first batch here) is held up in
+    the network on every request; v1, drained meanwhile, finds no leader (never sent,
+    so no longer held when v0 is given up unknown). v1's first resend is held up too,
+    its second meets unknown_producer_id: a new epoch, v1 renumbered and resent after
+    the late requests arrived - v1 twice. On c422fda v1 failed OutcomeUnknown with v0."""
+    import time
+
+    import tidemq.client.producer as producer_module
+    from tidemq.client.metadata import PartitionInfo
+
+    leader = leaders(0)
+    lookups = [0]
+
+    class Metadata:
+        def __init__(self, *_: Any) -> None:
+            self.partition_counts = {"t": 2}
+
+        def cached(self, name: str) -> Any:
+            from tidemq.client.metadata import TopicInfo
+
+            return TopicInfo(name, (PartitionInfo(0, "https://leader", 0),) * 2, 0.0)
+
+        async def topic(self, name: str) -> Any:
+            return self.cached(name)
+
+        async def leader(self, topic: str, partition: int) -> PartitionInfo:
+            lookups[0] += 1
+            return PartitionInfo(partition, None if lookups[0] == 2 else "https://leader", 0)
+
+        def invalidate(self, topic: str) -> None:
+            pass
+
+    monkeypatch.setattr(producer_module, "MetadataCache", Metadata)
+    delayed: list[bytes] = []
+    v1_attempts = [0]
+
+    def network(body: bytes) -> Any:
+        values = [m.value for m in decode_records(body)]
+        if values == [b"v1"]:
+            v1_attempts[0] += 1
+            if check_batches(body)[0].producer_epoch > 0:
+                for late in delayed:  # the held-up requests arrive before the new epoch
+                    try:
+                        leader.answer(late)
+                    except TideError:
+                        pass
+                delayed.clear()
+        if values == [b"v0"] or (values == [b"v1"] and v1_attempts[0] == 1):
+            delayed.append(body)
+            raise RequestTimedOut("no answer (the request is still on its way)")
+        return leader.answer(body)
+
+    leader.first = leader.resend = network
+    client = producer(retries=1)
+    try:
+        f0 = client.send("t", b"v0", partition=0)
+        time.sleep(0.01)
+        f1 = client.send("t", b"v1", partition=0)
+        v0, v1 = settle([f0, f1])
+    finally:
+        client.close(timeout=5)
+    assert written_twice(leader) == [], (leader.values(), v0, v1, lookups)
+
+
+def test_a_group_whose_resend_lookups_fail_is_not_reported_maybe_written() -> None:
+    """t/0 has no leader for the whole delivery timeout (a failover): the first
+    lookup's Unavailable leaves v0 unsent (da67271), but each resend's lookup failure
+    goes through _resend's `except TideError`, which marks v0 maybe appended although
+    no request carried it: v0 fails OutcomeUnknown."""
+    from tests.unit.producer_fakes import InstantBroker, StaticMetadata, fake_producer, led_by
+
+    from tidemq.errors import OutcomeUnknown, Unavailable
+
+    class NoLeader(StaticMetadata):
+        async def leader(self, topic: str, partition: int) -> Any:
+            raise Unavailable(f"{topic}/{partition} has no leader right now")
+
+    broker = InstantBroker()
+    client = fake_producer(
+        broker,
+        NoLeader("t", 1, led_by("https://leader")),
+        linger_ms=0,
+        retries=2,
+        retry_backoff_ms=1,
+        retry_backoff_max_ms=2,
+    )
+    try:
+        error = client.send("t", b"v0", partition=0).exception(5)
+    finally:
+        client.close(timeout=2)
+    assert broker.requests == 0 and error is not None
+    assert not isinstance(error, OutcomeUnknown), f"never-sent v0 reported {error!r}"

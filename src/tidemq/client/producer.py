@@ -822,9 +822,11 @@ class Producer:
         reset_done = False
         route: tuple[str | None, int] | None = None  # where the last attempt went
         while True:
+            sent = False
             try:
                 info = await self._metadata.leader(topic, partition)
                 route = (info.leader_url, info.leader_epoch)
+                sent = True
                 answer = await self._transport.request_json(
                     "POST",
                     f"{info.leader_url}/v1/topics/{topic}/partitions/{partition}/records",
@@ -840,9 +842,7 @@ class Producer:
                 # with an unknown outcome that did not land; only if no attempt of this
                 # group can land later either. Then a new epoch from sequence 0 (once;
                 # a second time is a real failure); else it fails.
-                if not reset_done and (
-                    isinstance(error, UnknownProducerId) or not request.maybe_appended
-                ):
+                if not reset_done and not request.maybe_appended:
                     log.info("%s/%s: %s; starting a new producer epoch", topic, partition, error)
                     request.in_flight = False
                     await self._reset(sequencer)
@@ -852,7 +852,7 @@ class Producer:
                 self._give_up(tp, request, error)
                 return
             except TideError as error:
-                if not _refused(error):
+                if sent and not _refused(error):
                     request.maybe_appended = True
                 attempt += 1
                 self._metadata.invalidate(topic)
