@@ -21,9 +21,11 @@ flight end, ``_recover`` resends the unresolved groups oldest first, one at a ti
 metadata, back off (exponential, capped, jittered; none when the fresh metadata names
 another leader or epoch, a short one while the broker is behind the coordinator, see
 ``_retry_delay``) and resend the same bytes until
-``retries`` or ``delivery_timeout_ms`` runs out; a group given up on, or an
-``unknown_producer_id`` for the oldest group, starts a new producer epoch for the
-partition and renumbers what it still holds from sequence 0.
+``retries`` or ``delivery_timeout_ms`` runs out; a group refused before any append,
+or an ``unknown_producer_id`` or ``out_of_order_sequence`` for the oldest group when
+none of its attempts may have been appended, starts a new producer epoch for the
+partition and renumbers what it still holds from sequence 0 (a group that may have
+been appended fails OutcomeUnknown instead, and the next one starts the epoch).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from tidemq.client.accumulator import (
     TopicPartition,
 )
 from tidemq.client.config import ProducerOptions, ResultTimeout, resolve
-from tidemq.client.metadata import MetadataCache
+from tidemq.client.metadata import MetadataCache, PartitionInfo
 from tidemq.client.sequencing import EPOCH_MAX, PartitionSequencer, RequestGroup
 from tidemq.client.transport import (
     BATCH_TYPE,
@@ -516,11 +518,7 @@ class Producer:
                 except TideError as error:
                     self._lookup_failed(tp, request, error)
                     continue
-                if info.leader_url is None:
-                    self._lookup_failed(tp, request, None)
-                else:
-                    entry = (tp, request, info.leader_epoch)
-                    by_leader.setdefault(info.leader_url, []).append(entry)
+                self._place(by_leader, tp, request, info)
             # Each leader's request in a task of its own, created in drain order, and
             # none sent inline: tasks start in the order they were made, so a
             # partition's batches reach its leader in drain order even when two
@@ -555,6 +553,19 @@ class Producer:
             raise
         finally:
             _done_with(drained, unit)  # those handed to a send in turn have its unit
+
+    def _place(
+        self,
+        by_leader: dict[str, list[tuple[TopicPartition, RequestGroup, int]]],
+        tp: TopicPartition,
+        request: RequestGroup,
+        info: PartitionInfo,
+    ) -> None:
+        """Adds the group to its leader's request, or sends it to recovery (no leader)."""
+        if info.leader_url is None:
+            self._lookup_failed(tp, request, None)
+        else:
+            by_leader.setdefault(info.leader_url, []).append((tp, request, info.leader_epoch))
 
     def _lookup_failed(
         self, tp: TopicPartition, request: RequestGroup, error: TideError | None
@@ -603,11 +614,7 @@ class Producer:
                     except TideError as error:
                         self._lookup_failed(tp, request, error)
                         continue
-                    if info.leader_url is None:
-                        self._lookup_failed(tp, request, None)
-                    else:
-                        entry = (tp, request, info.leader_epoch)
-                        by_leader.setdefault(info.leader_url, []).append(entry)
+                    self._place(by_leader, tp, request, info)
                 for url, items in by_leader.items():
                     self._send_or_join(url, items)
         except asyncio.CancelledError:

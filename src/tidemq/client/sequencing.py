@@ -15,9 +15,10 @@ not leader, or a sequence error because an earlier group had not arrived yet), t
 partition is paused; once no group of it is in flight, the groups are resent one at a
 time, oldest first, each until it settles. A group that fails for good (non-retriable
 error, out of retries or time) leaves a gap, and a broker that forgot the producer
-answers ``unknown_producer_id``: both are healed by a *reset* (the gap also when the
-oldest held group meets it and none of its attempts may have landed), which starts a new epoch
-for this partition and renumbers the groups still held from sequence 0 (the broker
+answers ``unknown_producer_id``: both are healed by a *reset* when the oldest held
+group meets them and none of its attempts may have landed (else that group fails with
+an unknown outcome and the next one resets), which starts a new epoch for this
+partition and renumbers the groups still held from sequence 0 (the broker
 accepts sequence 0 of a newer epoch, and fences the old one).
 
 Invariants: sequences of a partition's groups are consecutive in ``groups`` order; at
