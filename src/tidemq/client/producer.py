@@ -464,10 +464,7 @@ class Producer:
                     # sequence order is record order.
                     drained.append((tp, self._sequencer(tp).start(batches)))
             if drained:
-                unit = asyncio.Event()  # set once the delivery is done with them
-                for _, request in drained:
-                    request.unit = unit
-                group.create_task(self._deliver_grouped(drained, unit))
+                group.create_task(self._deliver_grouped(drained))
             if self._closing and accumulator.is_empty():
                 return
             if ready.next_check is None:
@@ -497,9 +494,7 @@ class Producer:
             self._sequencers[tp] = sequencer
         return sequencer
 
-    async def _deliver_grouped(
-        self, drained: list[tuple[TopicPartition, RequestGroup]], unit: asyncio.Event
-    ) -> None:
+    async def _deliver_grouped(self, drained: list[tuple[TopicPartition, RequestGroup]]) -> None:
         """First attempt: one multi-partition request per leader broker (wire/produce.py).
 
         A partition whose leader is unknown, whose entry failed, or whose whole request
@@ -539,10 +534,7 @@ class Producer:
                 if now:
                     self._send_or_join(url, now)
             if in_turn:
-                later = asyncio.Event()
-                for _, request in in_turn:
-                    request.unit = later
-                self._tasks.create_task(self._deliver_in_turn(in_turn, later))
+                self._tasks.create_task(self._deliver_in_turn(in_turn))
         except asyncio.CancelledError:  # close() while a leader lookup waits: none sent
             unsent = [(tp, request) for items in by_leader.values() for tp, request, _ in items]
             unsent += drained[looked - 1 :]
@@ -552,7 +544,13 @@ class Producer:
                     self._give_up(tp, request, closed)
             raise
         finally:
-            _done_with(drained, unit)  # those handed to a send in turn have its unit
+            # Every group this delivery is done with counts as sent (its request task
+            # is made), gone to recovery or given up; not those handed to the send in
+            # turn, which marks its own.
+            handed_on = {id(request) for _, request in in_turn}
+            for _, request in drained:
+                if id(request) not in handed_on:
+                    request.mark_dispatched()
 
     def _place(
         self,
@@ -577,9 +575,7 @@ class Producer:
         self._failed(tp, request, error, sent=False)
         request.mark_dispatched()
 
-    async def _deliver_in_turn(
-        self, in_turn: list[tuple[TopicPartition, RequestGroup]], unit: asyncio.Event
-    ) -> None:
+    async def _deliver_in_turn(self, in_turn: list[tuple[TopicPartition, RequestGroup]]) -> None:
         """Sends a delivery's groups whose partitions have earlier groups not sent yet
         (an earlier delivery waits for another topic's metadata), each once those are
         sent: sent first, a later group would reach the leader before them, which
@@ -623,7 +619,8 @@ class Producer:
                     self._give_up(tp, request, self._stopped_error())
             raise
         finally:
-            _done_with(in_turn, unit)
+            for _, request in in_turn:
+                request.mark_dispatched()
 
     def _send_or_join(
         self, url: str, items: list[tuple[TopicPartition, RequestGroup, int]]
@@ -938,15 +935,6 @@ def _sender_stopped(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return f"the producer's sender stopped ({repr(exc)[:200]})"
-
-
-def _done_with(groups: list[tuple[TopicPartition, RequestGroup]], unit: asyncio.Event) -> None:
-    """A delivery (or a send in turn) is done with ``groups``: those it did not hand on
-    to a send in turn count as sent, and whoever waits for ``unit`` looks again."""
-    for _, request in groups:
-        if request.unit is unit:
-            request.mark_dispatched()
-    unit.set()
 
 
 def _refused(error: TideError) -> bool:

@@ -53,7 +53,6 @@ class RequestGroup:
         "in_flight",
         "maybe_appended",
         "record_count",
-        "unit",
     )
 
     def __init__(self, batches: list[ProducerBatch]) -> None:
@@ -65,9 +64,6 @@ class RequestGroup:
         # or was given up: a later group of the partition may be sent after it.
         self.dispatched = False
         self.attempted = False  # a request carrying it was made (first or resend)
-        # Set by whatever will dispatch it (a delivery, or a send in turn) once done
-        # with it: what a later group of the partition waits for, then looks again.
-        self.unit: asyncio.Event | None = None
         self._sent: asyncio.Future[None] | None = None  # made only when one waits
 
     def mark_dispatched(self) -> None:
