@@ -5,6 +5,7 @@ coordinator or network behind them."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -116,3 +117,14 @@ def fake_producer(
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(producer_module.Producer, "_open", _open)
         return producer_module.Producer(bootstrap="https://coordinator.invalid", **options)
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition not met"
+) -> None:
+    """Polls ``condition`` (every 5 ms) until it holds; fails the test after
+    ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout_s} s"
+        time.sleep(0.005)

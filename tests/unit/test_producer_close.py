@@ -19,6 +19,7 @@ from tests.unit.producer_fakes import (
     StaticMetadata,
     fake_producer,
     led_by,
+    wait_until,
 )
 
 from tidemq.client import producer as producer_module
@@ -34,10 +35,7 @@ def test_close_after_a_timed_out_flush_returns_within_its_timeout(idempotent: bo
     metadata = StaticMetadata(TOPIC, 1, led_by("https://b1"))
     producer = fake_producer(broker, metadata, linger_ms=0, enable_idempotence=idempotent)
     sent = producer.send(TOPIC, b"in flight", partition=0)
-    deadline = time.monotonic() + 10
-    while broker.requests == 0:
-        assert time.monotonic() < deadline, "nothing was sent"
-        time.sleep(0.005)
+    wait_until(lambda: broker.requests > 0, what="nothing sent")
     queued = producer.send(TOPIC, b"queued", partition=0)
     started = time.monotonic()
     producer.close(timeout=0.3)
@@ -71,10 +69,7 @@ def test_close_with_nothing_to_flush_is_bounded_while_the_producer_id_is_awaited
     producer = fake_producer(
         coordinator, StaticMetadata(TOPIC, 1, led_by("https://b1")), linger_ms=0
     )
-    deadline = time.monotonic() + 10
-    while not coordinator.asked:  # the sender waits in _acquire_identity
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until(lambda: coordinator.asked)  # the sender waits in _acquire_identity
     started = time.monotonic()
     producer.close(timeout=0.3)
     took = time.monotonic() - started
@@ -127,14 +122,9 @@ def test_flush_from_a_callback_during_a_forced_close_is_refused() -> None:
         enable_idempotence=False,
     )
     futures = [producer.send(TOPIC, b"a", partition=0)]
-    deadline = time.monotonic() + 10
-    while broker.requests < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until(lambda: broker.requests >= 1)
     futures.append(producer.send(TOPIC, b"b", partition=1))
-    while broker.requests < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until(lambda: broker.requests >= 2)
     seen: list[BaseException | None] = []
 
     def callback(_: Any) -> None:
@@ -179,10 +169,7 @@ def test_a_slow_callback_during_a_forced_close_leaves_no_record_waiting(
     )
     release = threading.Event()
     hung = producer.send(TOPIC, b"hangs", partition=1)
-    deadline = time.monotonic() + 10
-    while broker.requests < 1:  # alone in its request
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until(lambda: broker.requests >= 1)  # alone in its request
     answered = producer.send(TOPIC, b"a-slow-answer", partition=0)
     answered.add_done_callback(lambda _: release.wait(5))  # slow work on the loop thread
     producer.close(timeout=0.6)  # the answer comes at 0.3 s: the callback runs
@@ -205,10 +192,7 @@ def test_a_second_close_waits_for_the_first() -> None:
     broker = SlowToCloseHangingBroker()
     producer = fake_producer(broker, StaticMetadata(TOPIC, 1, led_by("https://b1")), linger_ms=0)
     sent = producer.send(TOPIC, b"x", partition=0)
-    deadline = time.monotonic() + 10
-    while broker.requests < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until(lambda: broker.requests >= 1)
     outcomes: list[tuple[BaseException | None, bool]] = []
 
     def close(timeout: float | None) -> None:
@@ -220,9 +204,7 @@ def test_a_second_close_waits_for_the_first() -> None:
 
     first = threading.Thread(target=close, args=(0.2,))
     first.start()
-    while producer._closing_thread is None:  # the first close is under way
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until(lambda: producer._closing_thread is not None)  # the first close is under way
     second = threading.Thread(target=close, args=(None,))
     second.start()
     for thread in (first, second):
@@ -244,10 +226,7 @@ def _in_flight_and_queued() -> tuple[Any, Any, Any]:
         enable_idempotence=False,
     )
     producer.send(TOPIC, b"in flight", partition=0)
-    deadline = time.monotonic() + 10
-    while broker.requests < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until(lambda: broker.requests >= 1)
     return broker, producer, producer.send(TOPIC, b"queued", partition=0)
 
 
@@ -294,10 +273,7 @@ def test_a_second_close_keeps_its_own_timeout() -> None:
     _, producer, _ = _in_flight_and_queued()
     first = threading.Thread(target=producer.close, kwargs={"timeout": 4.0}, daemon=True)
     first.start()
-    deadline = time.monotonic() + 10
-    while producer._closing_thread is None:  # the first close is under way
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until(lambda: producer._closing_thread is not None)  # the first close is under way
     started = time.monotonic()
     producer.close(timeout=0.2)
     took = time.monotonic() - started
@@ -357,10 +333,7 @@ def _blocked_loop_close(block_s: float) -> tuple[float, Any, Any]:
         enable_idempotence=False,
     )
     hung = producer.send(TOPIC, b"hangs", partition=1)
-    deadline = time.monotonic() + 10
-    while broker.requests < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until(lambda: broker.requests >= 1)
     answered = producer.send(TOPIC, b"answered", partition=0)
     answered.add_done_callback(lambda _: time.sleep(block_s))  # blocks the loop
     started = time.monotonic()
@@ -384,10 +357,10 @@ def test_a_forced_close_whose_loop_unblocks_late_is_still_bounded() -> None:
 def test_a_forced_close_whose_loop_stays_blocked_still_closes_the_transport() -> None:
     took, broker, producer = _blocked_loop_close(2.5)
     assert took < BLOCKED_BOUND_S, f"close(timeout=0.6) took {took:.2f} s"
-    deadline = time.monotonic() + 10
-    while not (broker.closed and producer._thread.loop.is_closed()):
-        assert time.monotonic() < deadline, "the transport and the loop are never closed"
-        time.sleep(0.01)
+    wait_until(
+        lambda: broker.closed and producer._thread.loop.is_closed(),
+        what="the transport and the loop not closed",
+    )
 
 
 class SlowToCloseBroker(InstantBroker):

@@ -7,7 +7,6 @@ and ``close()`` returns. Before, the queued records' futures never completed, an
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ from tests.unit.producer_fakes import (
     StaticMetadata,
     fake_producer,
     led_by,
+    wait_until,
 )
 
 from tidemq.client.producer import Producer
@@ -39,7 +39,7 @@ def _one_in_flight_and_queued(producer: Producer, broker: InstantBroker, queued:
     """A record in flight on partition 0 (never answered), then ``queued`` more
     behind it."""
     first = producer.send(TOPIC, b"first", partition=0)
-    _wait_until(lambda: broker.requests == 1)
+    wait_until(lambda: broker.requests == 1)
     return [first] + [producer.send(TOPIC, b"v%d" % i, partition=0) for i in range(queued)]
 
 
@@ -67,13 +67,6 @@ def _in_thread(call: Callable[[], object]) -> tuple[threading.Thread, list[objec
     return thread, outcome
 
 
-def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 def test_queued_records_fail_not_sent_when_the_sender_dies() -> None:
     broker = HangingBroker()
     producer = _producer(broker)
@@ -97,7 +90,7 @@ def test_a_waiting_flush_returns_when_the_sender_dies() -> None:
     try:
         futures = _one_in_flight_and_queued(producer, broker, 1)
         flusher, outcome = _in_thread(lambda: producer.flush(None))
-        _wait_until(lambda: producer._accumulator._flushing > 0)
+        wait_until(lambda: producer._accumulator._flushing > 0)
         _kill_sender_on_next_pass(producer)
         flusher.join(timeout=10.0)
         assert not flusher.is_alive(), "flush(None) hung after the sender died"
@@ -136,7 +129,7 @@ def test_a_send_blocked_on_buffer_memory_is_released_when_the_sender_dies() -> N
         blocked, outcome = _in_thread(
             lambda: [producer.send(TOPIC, b"x" * 900, partition=0) for _ in range(20)]
         )
-        _wait_until(lambda: producer._accumulator._memory_waiters > 0)
+        wait_until(lambda: producer._accumulator._memory_waiters > 0)
         _kill_sender_on_next_pass(producer)
         blocked.join(timeout=10.0)
         assert not blocked.is_alive(), "send() stayed blocked after the sender died"
@@ -168,7 +161,7 @@ def test_a_bug_between_drain_and_stamping_leaves_no_record_waiting(
     broker = InstantBroker()
     producer = _producer(broker)
     future = producer.send(TOPIC, b"v", partition=0)
-    _wait_until(lambda: producer._main.done())
+    wait_until(lambda: producer._main.done())
     assert broker.requests == 0
     try:
         error = future.exception(timeout=2.0)
@@ -192,7 +185,7 @@ def test_a_cleanup_step_that_fails_does_not_skip_the_others() -> None:
         producer._accumulator.complete = _raise  # type: ignore[method-assign]
         producer._deliver_grouped = _raise  # type: ignore[method-assign]
         producer.send(TOPIC, b"p1", partition=1)  # drained, stamped; the sender dies
-        _wait_until(lambda: producer._main.done())
+        wait_until(lambda: producer._main.done())
         assert isinstance(queued.exception(timeout=2.0), ClientClosed)
         # Sent, and its group's cleanup failed: what it is told must not say "not sent".
         assert isinstance(first.exception(timeout=2.0), OutcomeUnknown)
@@ -226,7 +219,7 @@ def test_send_to_a_new_topic_after_the_sender_died_raises_the_reason() -> None:
     producer = Producer(bootstrap="http://127.0.0.1:1", enable_idempotence=False)
     try:
         _kill_sender_on_next_pass(producer)
-        _wait_until(lambda: producer._main.done())
+        wait_until(lambda: producer._main.done())
         with pytest.raises(ClientClosed, match=BUG):
             producer.send("not-known-yet", b"v")
     finally:
@@ -265,7 +258,7 @@ def test_flush_or_close_from_a_record_callback_is_refused(call: str) -> None:
 
     try:
         producer.send(TOPIC, b"v", partition=0).add_done_callback(callback)
-        _wait_until(lambda: bool(seen))
+        wait_until(lambda: bool(seen))
         assert isinstance(seen[0], InvalidRequest) and "callback" in str(seen[0]), seen
         producer.flush(5.0)  # the producer still works
         assert producer.send(TOPIC, b"w", partition=0).result(timeout=5.0).offset == 1
