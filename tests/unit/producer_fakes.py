@@ -13,7 +13,9 @@ import pytest
 
 from tidemq.client import producer as producer_module
 from tidemq.client.metadata import PartitionInfo, TopicInfo
-from tidemq.wire.batch import iter_headers
+from tidemq.core.producers import ProducerStateTable
+from tidemq.core.replica import Acks
+from tidemq.wire.batch import check_batches, iter_headers, patch_batch
 from tidemq.wire.produce import decode_produce
 
 
@@ -39,6 +41,37 @@ class StaticMetadata:
 
     def invalidate(self, topic: str) -> None:
         pass
+
+
+class AlwaysLeader:
+    """A leader whose checks always pass (append_in_sequence asks it)."""
+
+    def check_produce(self, acks: Acks) -> None:
+        pass
+
+
+class MemoryReplica:
+    """What append_in_sequence needs of a PartitionReplica, over a list of bytes."""
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.core = AlwaysLeader()
+        self.topic, self.partition = topic, partition
+        self.producers = ProducerStateTable()
+        self.leader_epoch = 0
+        self.closed = False
+        self.batches: list[bytes] = []
+        self.end = 0
+
+    def append(self, body: bytes, acks: Acks, now_ms: int) -> tuple[int, int]:
+        first = self.end
+        position = 0
+        for header in check_batches(body):
+            batch = bytearray(body[position : position + header.size])
+            patch_batch(batch, 0, self.end, 0)
+            self.batches.append(bytes(batch))
+            self.end += header.record_count
+            position += header.size
+        return first, self.end - 1
 
 
 def led_by(url: str) -> Callable[[int], PartitionInfo]:

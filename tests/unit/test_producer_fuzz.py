@@ -17,11 +17,11 @@ import time
 from typing import Any
 
 import pytest
+from tests.unit.producer_fakes import MemoryReplica
 
 from tidemq.broker.idempotence import append_in_sequence
 from tidemq.client import producer as producer_module
 from tidemq.client.metadata import PartitionInfo, TopicInfo
-from tidemq.core.producers import ProducerStateTable
 from tidemq.core.replica import Acks
 from tidemq.errors import (
     BrokerBusy,
@@ -32,39 +32,12 @@ from tidemq.errors import (
     TideError,
     error_for_code,
 )
-from tidemq.wire.batch import check_batches, decode_records, patch_batch
+from tidemq.wire.batch import check_batches, decode_records
 from tidemq.wire.produce import decode_produce
 
 TOPICS = ("t", "u")
 PARTITIONS = 2
 URL = "https://broker.invalid"
-
-
-class AlwaysLeader:
-    def check_produce(self, acks: Acks) -> None:
-        pass
-
-
-class MemoryReplica:
-    def __init__(self, topic: str, partition: int) -> None:
-        self.core = AlwaysLeader()
-        self.topic, self.partition = topic, partition
-        self.producers = ProducerStateTable()
-        self.leader_epoch = 0
-        self.closed = False
-        self.batches: list[bytes] = []
-        self.end = 0
-
-    def append(self, body: bytes, acks: Acks, now_ms: int) -> tuple[int, int]:
-        first = self.end
-        position = 0
-        for header in check_batches(body):
-            batch = bytearray(body[position : position + header.size])
-            patch_batch(batch, 0, self.end, 0)
-            self.batches.append(bytes(batch))
-            self.end += header.record_count
-            position += header.size
-        return first, self.end - 1
 
 
 class Broker:

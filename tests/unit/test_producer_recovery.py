@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.unit.producer_fakes import StaticMetadata, led_by
+from tests.unit.producer_fakes import MemoryReplica, StaticMetadata, led_by
 
 from tidemq.broker.idempotence import append_in_sequence
 from tidemq.client import producer as producer_module
@@ -31,47 +31,18 @@ from tidemq.errors import (
     TideError,
     error_for_code,
 )
-from tidemq.wire.batch import check_batches, decode_records, patch_batch
+from tidemq.wire.batch import check_batches, decode_records
 from tidemq.wire.produce import decode_produce
 
 PARTITIONS = 2
 TOPIC = "t"
 
 
-class AlwaysLeader:
-    def check_produce(self, acks: Acks) -> None:
-        pass
-
-
-class MemoryReplica:
-    """What append_in_sequence needs of a PartitionReplica, over a list of bytes."""
-
-    def __init__(self, partition: int) -> None:
-        self.core = AlwaysLeader()
-        self.topic, self.partition = TOPIC, partition
-        self.producers = ProducerStateTable()
-        self.leader_epoch = 0
-        self.closed = False
-        self.batches: list[bytes] = []
-        self.end = 0
-
-    def append(self, body: bytes, acks: Acks, now_ms: int) -> tuple[int, int]:
-        first = self.end
-        position = 0
-        for header in check_batches(body):
-            batch = bytearray(body[position : position + header.size])
-            patch_batch(batch, 0, self.end, 0)
-            self.batches.append(bytes(batch))
-            self.end += header.record_count
-            position += header.size
-        return first, self.end - 1
-
-
 class FaultyBroker:
     def __init__(self, seed: int, faults: dict[str, float]) -> None:
         self.random = random.Random(seed)
         self.faults = faults
-        self.replicas = [MemoryReplica(p) for p in range(PARTITIONS)]
+        self.replicas = [MemoryReplica(TOPIC, p) for p in range(PARTITIONS)]
         self.requests = 0
         self.refused: set[bytes] = set()  # values of resends refused as too large
 
