@@ -138,21 +138,29 @@ def test_groups_sent_in_turn_share_one_request_per_leader() -> None:
     assert len(later) == 1, f"delivery 2's groups went in {len(later)} requests to one leader"
 
 
+def a_group_waiting_in_turn(producer: Any, metadata: GatedMetadata) -> tuple[list[Any], list[Any]]:
+    """a/0's g1 goes in a delivery that waits for s's refresh (its gate stays closed);
+    g2 (a-2, sealed by a-3) is drained by a later delivery and waits in turn behind it.
+    Returns the futures of the first delivery's records and of a-2, a-3."""
+    metadata.close_gates(producer, "s")
+    release = hold_loop(producer)
+    first = [producer.send("a", b"a-1", partition=0), producer.send("s", b"s", partition=0)]
+    release.set()
+    assert until(lambda: metadata.waiting["s"] >= 1)
+    release = hold_loop(producer)
+    second = [producer.send("a", b"a-2", partition=0), producer.send("a", b"a-3", partition=0)]
+    release.set()
+    time.sleep(0.2)  # the later delivery runs and hands g2 to a send in turn
+    return first, second
+
+
 def test_a_forced_close_fails_groups_waiting_in_turn() -> None:
     """Check (expected to pass): a/0's g2 waits in turn behind g1 (delivery 1 waits for
     s's refresh, which never ends); close(0.3) fails everything, bounded."""
     broker = ResendingBroker()
     metadata = GatedMetadata("a", "s", leader=LEADERS[0])
     with ordered_producer(broker, metadata, close_timeout_s=0.3) as (producer, _):
-        metadata.close_gates(producer, "s")
-        release = hold_loop(producer)
-        first = [producer.send("a", b"a-1", partition=0), producer.send("s", b"s", partition=0)]
-        release.set()
-        assert until(lambda: metadata.waiting["s"] >= 1)
-        release = hold_loop(producer)
-        second = [producer.send("a", b"a-2", partition=0), producer.send("a", b"a-3", partition=0)]
-        release.set()
-        time.sleep(0.2)
+        first, second = a_group_waiting_in_turn(producer, metadata)
         started = time.monotonic()
     assert time.monotonic() - started < 3
     for future in first + second:
@@ -168,15 +176,7 @@ def test_a_sender_bug_fails_groups_waiting_in_turn(monkeypatch: Any) -> None:
     broker = ResendingBroker()
     metadata = GatedMetadata("a", "s", leader=LEADERS[0])
     with ordered_producer(broker, metadata) as (producer, _):
-        metadata.close_gates(producer, "s")
-        release = hold_loop(producer)
-        first = [producer.send("a", b"a-1", partition=0), producer.send("s", b"s", partition=0)]
-        release.set()
-        assert until(lambda: metadata.waiting["s"] >= 1)
-        release = hold_loop(producer)
-        second = [producer.send("a", b"a-2", partition=0), producer.send("a", b"a-3", partition=0)]
-        release.set()
-        time.sleep(0.2)
+        first, second = a_group_waiting_in_turn(producer, metadata)
 
         def boom(*_: Any) -> None:
             raise RuntimeError("bug")
