@@ -37,6 +37,7 @@ from tidemq.storage.journal import (
 from tidemq.wire.batch import patch_batch
 
 KEY = "topic-0-abc"
+PAGE = 4096
 
 
 class PowerLoss(Exception):
@@ -46,7 +47,8 @@ class PowerLoss(Exception):
 class Crashable:
     """One partition log with a journal, and a simulated power loss: every file goes
     back to what was fsynced (segments to their size at the last sync; the journal to
-    its synced bytes), optionally keeping a torn piece of the unsynced rest."""
+    its synced bytes), optionally keeping a torn piece of the unsynced rest, with some
+    of the journal pages written since the last sync torn (zeros)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -97,7 +99,22 @@ class Crashable:
             size = path.stat().st_size
             keep = synced if rng is None or size <= synced else rng.randint(synced, size)
             os.truncate(path, keep)
+            if rng is not None and size > synced:
+                _tear_rewritten_pages(path, synced, keep, rng)
         return (recovery or recover)(self.root)
+
+
+def _tear_rewritten_pages(path: Path, synced: int, size: int, rng: random.Random) -> None:
+    """Pages a write since the last sync touched may be torn (zeros): the disk was
+    rewriting them, the first one (which may also hold synced bytes) more often than
+    not."""
+    data = bytearray(path.read_bytes())
+    first = synced // PAGE
+    for page in range(first, max(first + 1, -(-size // PAGE))):
+        if rng.random() < (0.75 if page == first else 0.5):
+            start = page * PAGE
+            data[start : start + PAGE] = bytes(len(data[start : start + PAGE]))
+    path.write_bytes(bytes(data))
 
 
 def recover(root: Path) -> PartitionLog:
@@ -403,7 +420,7 @@ def test_a_corrupt_last_record_of_an_older_journal_file_is_not_a_torn_tail(
     node.log.append(batch_of([b"b"]), 0, START_MS)
     node.journal_sync()
     data = bytearray(older.read_bytes())
-    data[-1] ^= 0xFF
+    data[next(decode_records(bytes(data)))[1] - 1] ^= 0xFF  # the last byte of a's record
     older.write_bytes(bytes(data))
     with pytest.raises(CorruptBatch, match="record at byte 0 is damaged"):
         replay(tmp_path / "journal", lambda key: None, START_MS)

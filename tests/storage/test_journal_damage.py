@@ -74,15 +74,59 @@ def test_a_power_loss_tearing_an_unacknowledged_multi_page_record_is_a_torn_tail
     journal, log = _node(tmp_path)
     log.append(batch_of([b"a"]), 0, START_MS)
     acknowledge(journal, log)
+    b_at = journal._files[-1].written
     log.append(batch_of([b"x" * 3000, b"y" * 3000, b"z" * 3000]), 0, START_MS)
     b_end = journal._files[-1].written
     log.append(batch_of([b"c"]), 0, START_MS)  # never synced either
-    assert b_end // PAGE == 2 and journal._files[-1].synced < PAGE
+    b_page = b_at // PAGE  # the sync padded a's page: b starts on the next one
+    assert b_at == journal._files[-1].synced == PAGE and b_end // PAGE == b_page + 2
     for segment in log._segments:
         segment.close()
-    _power_loss_keeping_pages(tmp_path, journal, lost_pages={1})
+    _power_loss_keeping_pages(tmp_path, journal, lost_pages={b_page + 1})
     recovered = recover(tmp_path)
     assert values(recovered) == [b"a"]
+    recovered.close()
+
+
+def _power_loss_tearing_rewritten_pages(root: Path, journal: Journal) -> None:
+    """Power loss: every page of the journal that a write since the last sync touched
+    was being rewritten and is torn (here: zeros), synced bytes on it or not; the
+    segments lose everything never fsynced."""
+    journal_file = journal._files[-1]
+    synced, written, path = journal_file.synced, journal_file.written, journal_file.path
+    journal.close(remove_files=False)
+    data = bytearray(path.read_bytes())
+    for page in range(synced // PAGE, -(-written // PAGE)):
+        if page * PAGE < written and (page + 1) * PAGE > synced:
+            data[page * PAGE : (page + 1) * PAGE] = bytes(
+                len(data[page * PAGE : (page + 1) * PAGE])
+            )
+    path.write_bytes(bytes(data))
+    for segment_path in (root / KEY).glob("*.log"):
+        segment_path.write_bytes(b"")  # never fsynced
+
+
+def test_a_power_loss_tearing_a_page_rewritten_after_a_sync_loses_nothing_acknowledged(
+    tmp_path: Path,
+) -> None:
+    """Records a and b are fdatasynced (acknowledged); c is written and never synced.
+    c went into the page holding b's last bytes, so the disk rewrote that page, and a
+    power loss tore it: b was lost with c, and with nothing written after c nothing
+    proved that b had been durable; replay took it for a torn tail and dropped an
+    acknowledged record without a word. A sync now pads the file to a page boundary
+    first, so c starts on a fresh page and the tear takes only what was never
+    acknowledged."""
+    journal, log = _node(tmp_path)
+    for value in (b"a", b"b"):
+        log.append(batch_of([value]), 0, START_MS)
+        acknowledge(journal, log)
+    assert journal._files[-1].synced % PAGE == 0  # the sync ended on a page boundary
+    log.append(batch_of([b"c"]), 0, START_MS)
+    for segment in log._segments:
+        segment.close()
+    _power_loss_tearing_rewritten_pages(tmp_path, journal)
+    recovered = recover(tmp_path)
+    assert values(recovered) == [b"a", b"b"]
     recovered.close()
 
 
@@ -142,11 +186,11 @@ def test_damage_to_a_synced_record_header_is_refused_not_cut(tmp_path: Path, dam
         segment.close()
     journal.close(remove_files=False)
     data = bytearray(path.read_bytes())
+    at = ends[len(ends) // 2]  # a record starts here, synced, with records after it
     if damage == "zeroed_sector":
-        data[1024:1536] = bytes(512)
+        data[at : at + 512] = bytes(512)
     else:
-        first = next(end for end in ends if end > 1024)  # a record starts here
-        data[first + 5] ^= 0x10  # its length field (crc u32 | length u32)
+        data[at + 5] ^= 0x10  # its length field (crc u32 | length u32)
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptBatch, match="is damaged"):
         recover(tmp_path)
@@ -294,3 +338,62 @@ def test_an_append_to_a_closed_journal_is_an_invariant_violation(tmp_path: Path)
     journal.close(remove_files=True)
     with pytest.raises(InvariantViolation, match="journal used after close"):
         journal.append(KEY, 0, batch_of([b"a"]))
+
+
+@pytest.mark.parametrize("failure", ["enospc", "short"])
+def test_a_padding_write_a_full_disk_refuses_leaves_the_records_and_the_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """The padding write before a sync fails (ENOSPC) or is short: the sync still
+    makes the records durable (an acknowledgement does not wait for free space), the
+    partial padding is cut off, and a replay reads every record."""
+    journal, log = _node(tmp_path)
+    log.append(batch_of([b"a"]), 0, START_MS)
+    before = journal._files[-1].written
+    real_write = os.write
+
+    def failing_write(fd: int, data: bytes) -> int:
+        if failure == "enospc":
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data[:10])
+
+    monkeypatch.setattr(os, "write", failing_write)
+    acknowledge(journal, log)
+    monkeypatch.setattr(os, "write", real_write)
+    assert journal._files[-1].synced == journal._files[-1].written == before
+    assert journal._files[-1].path.stat().st_size == before  # nothing partial left
+    log.append(batch_of([b"b"]), 0, START_MS)
+    acknowledge(journal, log)  # the next sync pads again
+    assert journal._files[-1].synced % PAGE == 0
+    for segment in log._segments:
+        segment.close()
+    journal.close(remove_files=False)
+    for segment_path in (tmp_path / KEY).glob("*.log"):
+        segment_path.write_bytes(b"")  # all from the journal
+    recovered = recover(tmp_path)
+    assert values(recovered) == [b"a", b"b"]
+    recovered.close()
+
+
+def test_a_padding_record_written_after_damaged_bytes_were_synced_proves_the_damage(
+    tmp_path: Path,
+) -> None:
+    """a is synced (padded), then b is synced (padded); both records go bad and only
+    b's padding is left intact. That padding was written once a's and b's bytes were
+    synced: replay refuses instead of dropping them as a torn tail."""
+    journal, log = _node(tmp_path)
+    log.append(batch_of([b"a"]), 0, START_MS)
+    acknowledge(journal, log)
+    b_at = journal._files[-1].written
+    log.append(batch_of([b"b"]), 0, START_MS)
+    acknowledge(journal, log)
+    for segment in log._segments:
+        segment.close()
+    path = journal._files[-1].path
+    journal.close(remove_files=False)
+    data = bytearray(path.read_bytes())
+    data[20] ^= 0xFF  # a's record
+    data[b_at + 20] ^= 0xFF  # b's record: only b's padding is intact after it
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptBatch, match="record at byte 0 is damaged"):
+        recover(tmp_path)

@@ -23,8 +23,9 @@ no such field (kind 1-3) and are still read. ``kind & 0x7F``: 1 = append (payloa
 the whole record batches of one append, possibly several, offsets and epochs
 assigned, as in the segment), 2 = truncate (the log was cut to ``offset``; no
 payload), 3 = reset (the log was dropped and restarted empty at ``offset``: a
-follower's ``reset_to``; no payload). ``key`` is the partition directory's name
-under the data directory.
+follower's ``reset_to``; no payload), 4 = padding (no key, offset 0, zeros up to the
+next ``SECTOR_BYTES`` boundary of the file; replay skips it). ``key`` is the partition
+directory's name under the data directory.
 
 Invariants:
 
@@ -34,6 +35,13 @@ Invariants:
   journal is a prefix of what was written, across files too: a record of a newer file
   survives a power loss only if every older file survived whole (a gap in a log's
   records across files is corruption, not a lost tail);
+* every fdatasync ends on a sector boundary: ``sync`` first pads the file with a
+  padding record up to the next ``SECTOR_BYTES`` boundary, under the lock appends take,
+  so no write after it touches a sector that holds durable bytes. Else the next
+  record, written into the partly filled sector, made the disk rewrite that sector;
+  a power loss tearing it took acknowledged bytes with it, and with the only later
+  record torn too nothing proved they had been durable: replay took the damage for a
+  torn tail and dropped acknowledged records without a word;
 * a truncation is journaled and made durable *before* the segment is cut, so a replay
   never brings back records the log had dropped;
 * a journal file is deleted only after every log that appended to it was fsynced
@@ -80,11 +88,15 @@ JOURNAL_DIRECTORY = "journal"
 APPEND = 1
 TRUNCATE = 2
 RESET = 3
+PAD = 4
+# The unit a disk writes whole or tears: a file system block (4 KiB on ext4 and XFS),
+# which also covers 512-byte sectors.
+SECTOR_BYTES = 4096
 _HEAD = struct.Struct(">II")  # crc, length
 _BODY = struct.Struct(">BHq")  # kind, key length, offset (records without ``synced``)
 _BODY_SYNCED = struct.Struct(">BHqQ")  # kind | SYNCED_FLAG, key length, offset, synced
 SYNCED_FLAG = 0x80
-_KINDS = (APPEND, TRUNCATE, RESET)
+_KINDS = (APPEND, TRUNCATE, RESET, PAD)
 # Where a record with ``synced`` may start: its kind byte follows the head.
 _SYNCED_RECORD_AT = re.compile(
     b"(?=[\\x00-\\xff]{%d}[%s])"
@@ -123,6 +135,20 @@ def _record_parts(
     invariant(length <= RECORD_BYTES_MAX, f"journal record of {length} bytes")
     crc = zlib.crc32(payload, zlib.crc32(prefix))
     return _HEAD.pack(crc, length) + prefix, payload
+
+
+PAD_BYTES_MIN = _HEAD.size + _BODY_SYNCED.size
+
+
+def padding_record(position: int, synced: int) -> bytes:
+    """A padding record from ``position`` to the next sector boundary (to the one
+    after, when the gap is too short for a record); empty when already on one."""
+    gap = -position % SECTOR_BYTES
+    if gap == 0:
+        return b""
+    if gap < PAD_BYTES_MIN:
+        gap += SECTOR_BYTES
+    return encode_record(PAD, "", 0, bytes(gap - PAD_BYTES_MIN), synced)
 
 
 def decode_records(data: bytes) -> Iterator[tuple[JournalRecord, int]]:
@@ -189,12 +215,14 @@ def _proof_of_damage(data: bytes, position: int, later: list[Path]) -> str | Non
         # batch's timestamp and producer id): a key a partition name could have, and a
         # length that holds it.
         length = _HEAD.unpack_from(data, start)[1]
-        if not 0 < key_length <= KEY_BYTES_MAX or offset < 0:
+        if not (key_length > 0 or data[start + fields_at] & ~SYNCED_FLAG == PAD):
+            continue
+        if key_length > KEY_BYTES_MAX or offset < 0:
             continue
         if length < _BODY_SYNCED.size + key_length or start + _HEAD.size + length > len(data):
             continue
         key_at = start + fields_at + _BODY_SYNCED.size
-        if not _KEY_BYTES.fullmatch(data, key_at, key_at + key_length):
+        if key_length and not _KEY_BYTES.fullmatch(data, key_at, key_at + key_length):
             continue
         decoded = _decode_at(data, start)
         if decoded is not None:
@@ -319,7 +347,9 @@ class Journal:
                     self._failed.errno, f"an earlier journal fdatasync failed: {self._failed}"
                 )
             with self._lock:
-                todo = [(f, f.written) for f in self._files if f.fd >= 0 and f.written > f.synced]
+                todo = [
+                    (f, self._pad(f)) for f in self._files if f.fd >= 0 and f.written > f.synced
+                ]
                 descriptors = [os.dup(f.fd) for f, _ in todo]
             try:
                 for descriptor in descriptors:
@@ -333,6 +363,40 @@ class Journal:
             with self._lock:
                 for journal_file, written in todo:
                     journal_file.synced = max(journal_file.synced, written)
+
+    def _pad(self, journal_file: _File) -> int:
+        """Pads the file to a sector boundary before it is synced (the invariant in the
+        module's docstring); what the sync will cover. Under ``_lock``. A padding write
+        that fails (a full disk) is cut off and the sync covers the unpadded end: the
+        next record then shares a sector with durable bytes, the risk this avoids, for
+        as long as the disk stays full."""
+        pad = padding_record(journal_file.written, journal_file.synced)
+        if not pad:
+            return journal_file.written
+        try:
+            written = os.write(journal_file.fd, pad)
+        except OSError as error:
+            written, failure = 0, error
+        else:
+            if written == len(pad):
+                journal_file.written += written
+                return journal_file.written
+            failure = OSError(errno.ENOSPC, f"short write: {written} of {len(pad)} bytes")
+        if written:
+            try:
+                os.ftruncate(journal_file.fd, journal_file.written)
+            except OSError as cut:
+                self._failed = cut
+                raise
+        event(
+            _log,
+            "journal_padding_failed",
+            f"{journal_file.path.name}: could not pad to a sector boundary before a "
+            f"sync ({failure}); synced as it is",
+            logging.WARNING,
+            file=journal_file.path.name,
+        )
+        return journal_file.written
 
     def rotate(self) -> list[Path]:
         """Starts a new file; the older ones, to ``discard`` once every log that
@@ -428,6 +492,8 @@ def replay(
         consumed = 0
         for record, end in decode_records(data):
             consumed = end
+            if record.kind == PAD:
+                continue
             tails.setdefault(record.key, _Tail(record.key)).add(record)
         if consumed < len(data):
             proof = _proof_of_damage(data, consumed, paths[index + 1 :])
