@@ -397,3 +397,36 @@ def test_a_padding_record_written_after_damaged_bytes_were_synced_proves_the_dam
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptBatch, match="record at byte 0 is damaged"):
         recover(tmp_path)
+
+
+@pytest.mark.parametrize("failure", ["enospc", "short"])
+def test_after_a_failed_padding_write_no_record_shares_a_block_with_acknowledged_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """Review of a1605a7 (FAILS there). The padding write before a's sync fails (a full
+    disk), so the sync covers a's unpadded end and a is acknowledged. Space comes back;
+    b is appended, into the block holding a's durable bytes, and never synced. A power
+    loss tears that block as the disk rewrites it: a is gone, and with nothing intact
+    after it nothing proves it was durable: replay drops the acknowledged a as a torn
+    tail, silently. (Writing the owed padding before b does not help: the padding
+    itself rewrites the block.) Only a sync that never ends inside a block closes it."""
+    journal, log = _node(tmp_path)
+    log.append(batch_of([b"a"]), 0, START_MS)
+    real_write = os.write
+
+    def failing_write(fd: int, data: bytes) -> int:
+        if failure == "enospc":
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data[:10])
+
+    monkeypatch.setattr(os, "write", failing_write)
+    acknowledge(journal, log)
+    monkeypatch.setattr(os, "write", real_write)
+    assert log.flushed_offset == 1  # a is acknowledged
+    log.append(batch_of([b"b"]), 0, START_MS)  # the disk has room again
+    for segment in log._segments:
+        segment.close()
+    _power_loss_tearing_rewritten_pages(tmp_path, journal)
+    recovered = recover(tmp_path)
+    assert values(recovered) == [b"a"]
+    recovered.close()
