@@ -173,7 +173,8 @@ def run_history(root: Path, operations: list[str], seed: int, monkeypatch: Any) 
         log.mark_durable(end, generation)
         durable = max(durable, log.flushed_offset)
 
-    for name in operations:
+    def step(name: str) -> None:
+        nonlocal durable, segment_synced, epoch
         if name == "append":
             append()
         elif name == "big_append":
@@ -192,7 +193,10 @@ def run_history(root: Path, operations: list[str], seed: int, monkeypatch: Any) 
             try:
                 log.truncate_to(cut)
             except OSError:
-                continue
+                if journal._failed is None:  # its record's write was cut: no truncation
+                    return
+                durable = min(durable, cut)  # its record may survive: a cut under way
+                raise
             del model[cut:]
             durable = min(durable, cut)
             epoch += 1
@@ -207,6 +211,15 @@ def run_history(root: Path, operations: list[str], seed: int, monkeypatch: Any) 
             disk.pad_failure = "short"
         elif name == "short_append":
             disk.short_append = True
+
+    for name in operations:
+        try:
+            step(name)
+        except OSError:
+            if journal._failed is None:
+                raise
+            break  # fail-stop (a padding write failed, with the fix): the power loss follows
+
     disk.pad_failure, disk.short_append = None, False
     for segment in log._segments:
         segment.close()

@@ -367,9 +367,9 @@ class Journal:
     def _pad(self, journal_file: _File) -> int:
         """Pads the file to a sector boundary before it is synced (the invariant in the
         module's docstring); what the sync will cover. Under ``_lock``. A padding write
-        that fails (a full disk) is cut off and the sync covers the unpadded end: the
-        next record then shares a sector with durable bytes, the risk this avoids, for
-        as long as the disk stays full."""
+        that fails (a full disk) is cut off and fails this sync and every later one
+        (fail-stop): covering the unpadded end would let the next write rewrite a block
+        holding acknowledged bytes."""
         pad = padding_record(journal_file.written, journal_file.synced)
         if not pad:
             return journal_file.written
@@ -392,11 +392,17 @@ class Journal:
             _log,
             "journal_padding_failed",
             f"{journal_file.path.name}: could not pad to a sector boundary before a "
-            f"sync ({failure}); synced as it is",
+            f"sync ({failure}); nothing of it is acknowledged",
             logging.WARNING,
             file=journal_file.path.name,
         )
-        return journal_file.written
+        # Covering the unpadded end instead let the next write (a record, or the next
+        # sync's padding) rewrite the block holding acknowledged bytes; a power loss
+        # tearing it, with nothing intact after, lost them silently. Sticky, like a
+        # failed fdatasync (fail-stop): a truncation or reset whose record is written
+        # but not synced must not be followed by more appends.
+        self._failed = OSError(failure.errno or errno.ENOSPC, f"journal padding failed: {failure}")
+        raise self._failed
 
     def rotate(self) -> list[Path]:
         """Starts a new file; the older ones, to ``discard`` once every log that
