@@ -44,7 +44,9 @@ class Disk:
         self.pad_failure: str | None = None  # "enospc" | "short" for the next pad
         self.short_append = False
         self.journal: Any = None
-        self.proxy = types.SimpleNamespace(**{n: getattr(os, n) for n in dir(os) if not n.startswith("__")})
+        self.proxy = types.SimpleNamespace(
+            **{n: getattr(os, n) for n in dir(os) if not n.startswith("__")}
+        )
         self.proxy.write = self.write
         self.proxy.writev = self.writev
         self.proxy.ftruncate = self.ftruncate
@@ -138,8 +140,16 @@ def _recover(root: Path) -> list[bytes]:
 
 
 OPERATIONS = [
-    "append", "append", "append", "big_append", "sync", "sync", "sync_racing",
-    "truncate", "checkpoint", "short_append",
+    "append",
+    "append",
+    "append",
+    "big_append",
+    "sync",
+    "sync",
+    "sync_racing",
+    "truncate",
+    "checkpoint",
+    "short_append",
 ]
 PAD_FAILURES = ["pad_enospc", "pad_short"]
 
