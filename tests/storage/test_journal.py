@@ -27,6 +27,7 @@ from tidemq.errors import CorruptBatch
 from tidemq.storage import LogConfig, PartitionLog
 from tidemq.storage.journal import (
     APPEND,
+    SECTOR_BYTES,
     TRUNCATE,
     Journal,
     decode_records,
@@ -37,7 +38,7 @@ from tidemq.storage.journal import (
 from tidemq.wire.batch import patch_batch
 
 KEY = "topic-0-abc"
-PAGE = 4096
+PAGE = SECTOR_BYTES  # the block a sync pads to
 
 
 class PowerLoss(Exception):

@@ -26,10 +26,10 @@ from storage_helpers import START_MS, batch_of, open_log, read_all
 import tidemq.storage.journal as journal_module
 from tidemq.errors import CorruptBatch
 from tidemq.storage import PartitionLog
-from tidemq.storage.journal import Journal, journal_files, replay
+from tidemq.storage.journal import SECTOR_BYTES, Journal, journal_files, replay
 
 KEY = "topic-0-abc"
-PAGE = 4096
+PAGE = SECTOR_BYTES  # the block a sync pads to
 
 
 class Disk:

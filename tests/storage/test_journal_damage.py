@@ -25,11 +25,11 @@ from storage_helpers import (
 import tidemq.storage.journal as journal_module
 from tidemq.errors import CorruptBatch, InvariantViolation
 from tidemq.storage import LogConfig, PartitionLog
-from tidemq.storage.journal import Journal
+from tidemq.storage.journal import SECTOR_BYTES, Journal
 from tidemq.wire.batch import patch_batch
 
 KEY = "topic-0-abc"
-PAGE = 4096
+PAGE = SECTOR_BYTES  # the block a sync pads to
 
 
 def recover(root: Path, config: LogConfig | None = None) -> PartitionLog:

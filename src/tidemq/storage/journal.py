@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import re
 import struct
@@ -90,8 +91,9 @@ TRUNCATE = 2
 RESET = 3
 PAD = 4
 # The unit a disk writes whole or tears: a file system block (4 KiB on ext4 and XFS),
-# which also covers 512-byte sectors.
-SECTOR_BYTES = 4096
+# which also covers 512-byte sectors; or the memory page, where larger (64 KiB on some
+# arm64 and ppc64le kernels), since writeback may rewrite a whole page.
+SECTOR_BYTES = max(4096, mmap.PAGESIZE)
 _HEAD = struct.Struct(">II")  # crc, length
 _BODY = struct.Struct(">BHq")  # kind, key length, offset (records without ``synced``)
 _BODY_SYNCED = struct.Struct(">BHqQ")  # kind | SYNCED_FLAG, key length, offset, synced
