@@ -46,21 +46,26 @@ def _node(root: Path) -> tuple[Journal, PartitionLog]:
     return journaled_log(root, KEY)
 
 
-def _power_loss_keeping_pages(root: Path, journal: Journal, lost_pages: set[int]) -> None:
-    """Power loss: segments lose everything never fsynced (none was: no checkpoint);
-    the journal keeps its unsynced bytes except the pages in ``lost_pages`` (a disk's
-    volatile cache persists any subset of the writes not yet flushed)."""
-    synced = journal._files[-1].synced
+def _power_loss_zeroing_pages(root: Path, journal: Journal, pages: set[int]) -> None:
+    """Power loss: the journal's ``pages`` read back as zeros (lost or torn); the
+    segments lose everything never fsynced (none was: no checkpoint)."""
     path = journal._files[-1].path
     journal.close(remove_files=False)
     data = bytearray(path.read_bytes())
-    for page in lost_pages:
+    for page in pages:
         start = page * PAGE
-        assert start >= synced, "only unsynced pages may be lost"
         data[start : start + PAGE] = bytes(len(data[start : start + PAGE]))
     path.write_bytes(bytes(data))
     for segment_path in (root / KEY).glob("*.log"):
         segment_path.write_bytes(b"")  # never fsynced
+
+
+def _power_loss_keeping_pages(root: Path, journal: Journal, lost_pages: set[int]) -> None:
+    """The journal keeps its unsynced bytes except the pages in ``lost_pages`` (a
+    disk's volatile cache persists any subset of the writes not yet flushed)."""
+    synced = journal._files[-1].synced
+    assert all(page * PAGE >= synced for page in lost_pages), "only unsynced pages may be lost"
+    _power_loss_zeroing_pages(root, journal, lost_pages)
 
 
 def test_a_power_loss_tearing_an_unacknowledged_multi_page_record_is_a_torn_tail(
@@ -89,21 +94,10 @@ def test_a_power_loss_tearing_an_unacknowledged_multi_page_record_is_a_torn_tail
 
 
 def _power_loss_tearing_rewritten_pages(root: Path, journal: Journal) -> None:
-    """Power loss: every page of the journal that a write since the last sync touched
-    was being rewritten and is torn (here: zeros), synced bytes on it or not; the
-    segments lose everything never fsynced."""
-    journal_file = journal._files[-1]
-    synced, written, path = journal_file.synced, journal_file.written, journal_file.path
-    journal.close(remove_files=False)
-    data = bytearray(path.read_bytes())
-    for page in range(synced // PAGE, -(-written // PAGE)):
-        if page * PAGE < written and (page + 1) * PAGE > synced:
-            data[page * PAGE : (page + 1) * PAGE] = bytes(
-                len(data[page * PAGE : (page + 1) * PAGE])
-            )
-    path.write_bytes(bytes(data))
-    for segment_path in (root / KEY).glob("*.log"):
-        segment_path.write_bytes(b"")  # never fsynced
+    """Every page of the journal that a write since the last sync touched was being
+    rewritten and is torn (zeros), synced bytes on it or not."""
+    synced, written = journal._files[-1].synced, journal._files[-1].written
+    _power_loss_zeroing_pages(root, journal, set(range(synced // PAGE, -(-written // PAGE))))
 
 
 def test_a_power_loss_tearing_a_page_rewritten_after_a_sync_loses_nothing_acknowledged(
@@ -340,6 +334,20 @@ def test_an_append_to_a_closed_journal_is_an_invariant_violation(tmp_path: Path)
         journal.append(KEY, 0, batch_of([b"a"]))
 
 
+def _fail_the_padding_write(monkeypatch: pytest.MonkeyPatch, failure: str) -> Any:
+    """Every journal padding write (the only os.write) fails: ENOSPC, or short (10
+    bytes written). Returns the real os.write."""
+    real_write = os.write
+
+    def failing_write(fd: int, data: bytes) -> int:
+        if failure == "enospc":
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data[:10])
+
+    monkeypatch.setattr(os, "write", failing_write)
+    return real_write
+
+
 @pytest.mark.parametrize("failure", ["enospc", "short"])
 def test_a_padding_write_a_full_disk_refuses_leaves_the_records_and_the_sync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
@@ -350,14 +358,7 @@ def test_a_padding_write_a_full_disk_refuses_leaves_the_records_and_the_sync(
     journal, log = _node(tmp_path)
     log.append(batch_of([b"a"]), 0, START_MS)
     before = journal._files[-1].written
-    real_write = os.write
-
-    def failing_write(fd: int, data: bytes) -> int:
-        if failure == "enospc":
-            raise OSError(28, "No space left on device")
-        return real_write(fd, data[:10])
-
-    monkeypatch.setattr(os, "write", failing_write)
+    real_write = _fail_the_padding_write(monkeypatch, failure)
     with pytest.raises(OSError, match="journal padding failed"):
         acknowledge(journal, log)  # acknowledges nothing: a would share its block
     monkeypatch.setattr(os, "write", real_write)
@@ -413,14 +414,7 @@ def test_after_a_failed_padding_write_no_record_shares_a_block_with_acknowledged
     itself rewrites the block.) A sync that cannot pad must not acknowledge."""
     journal, log = _node(tmp_path)
     log.append(batch_of([b"a"]), 0, START_MS)
-    real_write = os.write
-
-    def failing_write(fd: int, data: bytes) -> int:
-        if failure == "enospc":
-            raise OSError(28, "No space left on device")
-        return real_write(fd, data[:10])
-
-    monkeypatch.setattr(os, "write", failing_write)
+    real_write = _fail_the_padding_write(monkeypatch, failure)
     try:
         acknowledge(journal, log)
     except OSError:  # a sync that could not pad may refuse to acknowledge a
