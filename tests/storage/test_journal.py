@@ -32,6 +32,7 @@ from tidemq.storage.journal import (
     Journal,
     decode_records,
     encode_record,
+    file_salt,
     journal_files,
     replay,
 )
@@ -380,7 +381,7 @@ def test_nothing_after_a_torn_record_is_replayed(tmp_path: Path) -> None:
     node.journal.sync()
     path = journal_files(tmp_path / "journal")[-1]
     data = path.read_bytes()
-    first_end = next(decode_records(data))[1]
+    first_end = next(decode_records(data, file_salt(path)))[1]
     os.truncate(path, first_end + 5)  # the second record torn
     os.truncate(next((tmp_path / KEY).glob("*.log")), 0)
     recovered = recover(tmp_path)
@@ -421,7 +422,8 @@ def test_a_corrupt_last_record_of_an_older_journal_file_is_not_a_torn_tail(
     node.log.append(batch_of([b"b"]), 0, START_MS)
     node.journal_sync()
     data = bytearray(older.read_bytes())
-    data[next(decode_records(bytes(data)))[1] - 1] ^= 0xFF  # the last byte of a's record
+    a_end = next(decode_records(bytes(data), file_salt(older)))[1]
+    data[a_end - 1] ^= 0xFF  # the last byte of a's record
     older.write_bytes(bytes(data))
     with pytest.raises(CorruptBatch, match="record at byte 0 is damaged"):
         replay(tmp_path / "journal", lambda key: None, START_MS)

@@ -25,7 +25,7 @@ from storage_helpers import (
 import tidemq.storage.journal as journal_module
 from tidemq.errors import CorruptBatch, InvariantViolation
 from tidemq.storage import LogConfig, PartitionLog
-from tidemq.storage.journal import SECTOR_BYTES, Journal
+from tidemq.storage.journal import APPEND, SECTOR_BYTES, Journal
 from tidemq.wire.batch import patch_batch
 
 KEY = "topic-0-abc"
@@ -427,4 +427,33 @@ def test_after_a_failed_padding_write_no_record_shares_a_block_with_acknowledged
     _power_loss_tearing_rewritten_pages(tmp_path, journal)
     recovered = recover(tmp_path)
     assert values(recovered)[:acknowledged] == [b"a"][:acknowledged]
+    recovered.close()
+
+
+def test_a_produced_value_holding_a_journal_record_does_not_pose_as_proof(
+    tmp_path: Path,
+) -> None:
+    """a is acknowledged; b, never synced, carries a value that is itself a valid
+    journal record claiming that b's bytes were synced. A power loss tears b's head:
+    the scan past it found the record inside b's value and refused every start
+    (a false proof; nothing acknowledged was lost). Each file's records are now
+    checked with a salt from its name, which a produced value cannot know."""
+    journal, log = _node(tmp_path)
+    log.append(batch_of([b"a"]), 0, START_MS)
+    acknowledge(journal, log)
+    b_at = journal._files[-1].written
+    forged = journal_module.encode_record(APPEND, "orders-0-x", 0, b"x", synced=b_at + 1)
+    log.append(batch_of([b"value:" + forged]), 0, START_MS)  # never synced
+    for segment in log._segments:
+        segment.close()
+    path = journal._files[-1].path
+    journal.close(remove_files=False)
+    data = bytearray(path.read_bytes())
+    assert bytes(forged) in data
+    data[b_at + 1] ^= 0xFF  # b's head torn by the power loss
+    path.write_bytes(bytes(data))
+    for segment_path in (tmp_path / KEY).glob("*.log"):
+        segment_path.write_bytes(b"")  # never fsynced
+    recovered = recover(tmp_path)
+    assert values(recovered) == [b"a"]
     recovered.close()

@@ -11,11 +11,15 @@ all of them durable (group commit across partitions). The segment files are fsyn
 behind it, by a checkpoint: rotate to a new journal file, fsync every log that
 appended to the old one, then delete the old file.
 
-Files: ``<data-dir>/journal/<sequence 20 digits>.journal``, records back to back::
+Files: ``<data-dir>/journal/<sequence 20 digits>.<salt 8 hex digits>.journal``,
+records back to back::
 
     crc u32 | length u32 | kind u8 | key_length u16 | offset i64 | synced u64 | key | payload
 
-``crc`` is CRC-32 of everything after it, ``length`` counts the bytes after it.
+``crc`` is CRC-32 of everything after it, started from the file's ``salt`` (random per
+file, so a record embedded in a produced value cannot pass for one of the file's own:
+replay takes an intact record as proof of damage); files written before salts are
+named ``<sequence>.journal`` and use 0. ``length`` counts the bytes after it.
 ``synced`` is how many bytes of the file were known durable (fdatasynced) when the
 record was written: the evidence replay needs to tell damage from a torn tail. It is
 present when ``kind`` has bit 0x80 set (written since); journals written before carry
@@ -70,6 +74,7 @@ import logging
 import mmap
 import os
 import re
+import secrets
 import struct
 import threading
 import zlib
@@ -104,7 +109,8 @@ _SYNCED_RECORD_AT = re.compile(
     b"(?=[\\x00-\\xff]{%d}[%s])"
     % (_HEAD.size, re.escape(bytes(kind | SYNCED_FLAG for kind in _KINDS)))
 )
-_NAME = re.compile(r"^(\d{20})\.journal$")
+# ``<sequence>.<salt>.journal``; a journal written before salts: ``<sequence>.journal``.
+_NAME = re.compile(r"^(\d{20})(?:\.([0-9a-f]{8}))?\.journal$")
 # A key is a replica's directory name: printable ASCII, no space or slash. The proof
 # scan skips candidates whose key is anything else without computing their CRC.
 _KEY_BYTES = re.compile(rb"[\x21-\x2e\x30-\x7e]+")
@@ -121,13 +127,13 @@ class JournalRecord(NamedTuple):
 
 
 def encode_record(
-    kind: int, key: str, offset: int, payload: bytes | bytearray, synced: int = 0
+    kind: int, key: str, offset: int, payload: bytes | bytearray, synced: int = 0, salt: int = 0
 ) -> bytes:
-    return b"".join(_record_parts(kind, key, offset, payload, synced))
+    return b"".join(_record_parts(kind, key, offset, payload, synced, salt))
 
 
 def _record_parts(
-    kind: int, key: str, offset: int, payload: bytes | bytearray, synced: int
+    kind: int, key: str, offset: int, payload: bytes | bytearray, synced: int, salt: int
 ) -> tuple[bytes, bytes | bytearray]:
     """The record as (head, payload): written with one writev, the payload not copied."""
     key_bytes = key.encode()
@@ -135,14 +141,14 @@ def _record_parts(
     prefix = _BODY_SYNCED.pack(kind | SYNCED_FLAG, len(key_bytes), offset, synced) + key_bytes
     length = len(prefix) + len(payload)
     invariant(length <= RECORD_BYTES_MAX, f"journal record of {length} bytes")
-    crc = zlib.crc32(payload, zlib.crc32(prefix))
+    crc = zlib.crc32(payload, zlib.crc32(prefix, salt))
     return _HEAD.pack(crc, length) + prefix, payload
 
 
 PAD_BYTES_MIN = _HEAD.size + _BODY_SYNCED.size
 
 
-def padding_record(position: int, synced: int) -> bytes:
+def padding_record(position: int, synced: int, salt: int = 0) -> bytes:
     """A padding record from ``position`` to the next sector boundary (to the one
     after, when the gap is too short for a record); empty when already on one."""
     gap = -position % SECTOR_BYTES
@@ -150,19 +156,19 @@ def padding_record(position: int, synced: int) -> bytes:
         return b""
     if gap < PAD_BYTES_MIN:
         gap += SECTOR_BYTES
-    return encode_record(PAD, "", 0, bytes(gap - PAD_BYTES_MIN), synced)
+    return encode_record(PAD, "", 0, bytes(gap - PAD_BYTES_MIN), synced, salt)
 
 
-def decode_records(data: bytes) -> Iterator[tuple[JournalRecord, int]]:
-    """Records of one file with the position after each, up to the first torn or
-    corrupt one (excluded)."""
+def decode_records(data: bytes, salt: int = 0) -> Iterator[tuple[JournalRecord, int]]:
+    """Records of one file (``salt``: its name's, ``file_salt``) with the position after
+    each, up to the first torn or corrupt one (excluded)."""
     position = 0
-    while (decoded := _decode_at(data, position)) is not None:
+    while (decoded := _decode_at(data, position, salt)) is not None:
         yield decoded
         position = decoded[1]
 
 
-def _decode_at(data: bytes, position: int) -> tuple[JournalRecord, int] | None:
+def _decode_at(data: bytes, position: int, salt: int) -> tuple[JournalRecord, int] | None:
     """The whole, intact record at ``position`` and the position after it, else None."""
     if position + _HEAD.size > len(data):
         return None
@@ -172,7 +178,7 @@ def _decode_at(data: bytes, position: int) -> tuple[JournalRecord, int] | None:
     if length < _BODY.size or end > len(data):
         return None
     body = data[start:end]
-    if zlib.crc32(body) != crc:
+    if zlib.crc32(body, salt) != crc:
         return None
     synced: int | None = None
     if body[0] & SYNCED_FLAG:
@@ -190,7 +196,7 @@ def _decode_at(data: bytes, position: int) -> tuple[JournalRecord, int] | None:
     return JournalRecord(kind, key, offset, body[fields + key_length :], synced), end
 
 
-def _proof_of_damage(data: bytes, position: int, later: list[Path]) -> str | None:
+def _proof_of_damage(data: bytes, position: int, salt: int, later: list[Path]) -> str | None:
     """Where a record proves that the bytes at ``position`` (a bad record) had been
     made durable, so they are damage and not a torn tail: an intact record further in
     this file whose ``synced`` passes ``position`` (every candidate start is tried: a
@@ -200,7 +206,7 @@ def _proof_of_damage(data: bytes, position: int, later: list[Path]) -> str | Non
     if position + _HEAD.size <= len(data):  # a journal written before ``synced``:
         _, length = _HEAD.unpack_from(data, position)  # its old rule, an intact
         after = position + _HEAD.size + length  # record where the bad one says
-        decoded = _decode_at(data, after) if length >= _BODY.size else None
+        decoded = _decode_at(data, after, salt) if length >= _BODY.size else None
         if decoded is not None and decoded[0].synced is None:
             return f"byte {after} (an older journal format: no sync record to tell)"
     fields_at = _HEAD.size
@@ -226,11 +232,11 @@ def _proof_of_damage(data: bytes, position: int, later: list[Path]) -> str | Non
         key_at = start + fields_at + _BODY_SYNCED.size
         if key_length and not _KEY_BYTES.fullmatch(data, key_at, key_at + key_length):
             continue
-        decoded = _decode_at(data, start)
+        decoded = _decode_at(data, start, salt)
         if decoded is not None:
             return f"byte {start} (written once {synced} bytes were synced)"
     for path in later:
-        if _decode_at(path.read_bytes(), 0) is not None:
+        if _decode_at(path.read_bytes(), 0, file_salt(path)) is not None:
             return path.name
     return None
 
@@ -240,8 +246,15 @@ class _File:
     sequence: int
     path: Path
     fd: int
+    salt: int = 0
     written: int = 0  # bytes written (page cache)
     synced: int = 0  # bytes known durable
+
+
+def file_salt(path: Path) -> int:
+    """The CRC salt of a journal file, from its name (0 for a file written before)."""
+    match = _NAME.match(path.name)
+    return int(match.group(2), 16) if match and match.group(2) else 0
 
 
 def journal_files(directory: Path) -> list[Path]:
@@ -276,15 +289,16 @@ class Journal:
         existing = journal_files(directory)
         sequence = int(existing[-1].name.split(".")[0]) + 1 if existing else 0
         for path in existing:  # kept until the first checkpoint: still needed for replay
-            journal._files.append(_File(int(path.name.split(".")[0]), path, -1))
+            journal._files.append(_File(int(path.name.split(".")[0]), path, -1, file_salt(path)))
         journal._files.append(journal._create(sequence))
         fsync_directory(directory)
         return journal
 
     def _create(self, sequence: int) -> _File:
-        path = self.directory / f"{sequence:020d}.journal"
+        salt = secrets.randbits(32)
+        path = self.directory / f"{sequence:020d}.{salt:08x}.journal"
         fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        return _File(sequence, path, fd)
+        return _File(sequence, path, fd, salt)
 
     @property
     def current_bytes(self) -> int:
@@ -302,7 +316,7 @@ class Journal:
         files = self._files  # close() empties the list: check before indexing it
         invariant(not self._closed and bool(files), "journal used after close()")
         current = files[-1]
-        parts = _record_parts(kind, key, offset, payload, current.synced)
+        parts = _record_parts(kind, key, offset, payload, current.synced, current.salt)
         size = len(parts[0]) + len(parts[1])
         with self._lock:
             invariant(not self._closed, "journal used after close()")
@@ -372,7 +386,7 @@ class Journal:
         that fails (a full disk) is cut off and fails this sync and every later one
         (fail-stop): covering the unpadded end would let the next write rewrite a block
         holding acknowledged bytes."""
-        pad = padding_record(journal_file.written, journal_file.synced)
+        pad = padding_record(journal_file.written, journal_file.synced, journal_file.salt)
         if not pad:
             return journal_file.written
         try:
@@ -498,13 +512,14 @@ def replay(
     for index, path in enumerate(paths):
         data = path.read_bytes()
         consumed = 0
-        for record, end in decode_records(data):
+        salt = file_salt(path)
+        for record, end in decode_records(data, salt):
             consumed = end
             if record.kind == PAD:
                 continue
             tails.setdefault(record.key, _Tail(record.key)).add(record)
         if consumed < len(data):
-            proof = _proof_of_damage(data, consumed, paths[index + 1 :])
+            proof = _proof_of_damage(data, consumed, salt, paths[index + 1 :])
             if proof is not None:
                 later = " and move the later journal files away" if index + 1 < len(paths) else ""
                 raise CorruptBatch(
