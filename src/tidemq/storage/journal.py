@@ -288,7 +288,28 @@ class Journal:
         journal = cls(directory, file_bytes_max)
         existing = journal_files(directory)
         sequence = int(existing[-1].name.split(".")[0]) + 1 if existing else 0
+        torn = False
         for path in existing:  # kept until the first checkpoint: still needed for replay
+            # Cut what replay dropped as a torn tail (and every file after it): left in
+            # place, the new file's first record would pass for proof that it was
+            # durable, and every later start would refuse.
+            data = path.read_bytes()
+            intact = 0
+            if not torn:
+                for _, intact in decode_records(data, file_salt(path)):
+                    pass
+            if intact < len(data):
+                if not torn:  # replay dropped it as a torn tail: else it refused
+                    later = existing[existing.index(path) + 1 :]
+                    proof = _proof_of_damage(data, intact, file_salt(path), later)
+                    invariant(proof is None, f"Journal.open over damaged {path} ({proof})")
+                torn = True
+                descriptor = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.ftruncate(descriptor, intact)
+                    os.fdatasync(descriptor)
+                finally:
+                    os.close(descriptor)
             journal._files.append(_File(int(path.name.split(".")[0]), path, -1, file_salt(path)))
         journal._files.append(journal._create(sequence))
         fsync_directory(directory)
