@@ -25,7 +25,7 @@ from storage_helpers import (
 import tidemq.storage.journal as journal_module
 from tidemq.errors import CorruptBatch, InvariantViolation
 from tidemq.storage import LogConfig, PartitionLog
-from tidemq.storage.journal import APPEND, SECTOR_BYTES, Journal
+from tidemq.storage.journal import APPEND, SECTOR_BYTES, Journal, replay
 from tidemq.wire.batch import patch_batch
 
 KEY = "topic-0-abc"
@@ -456,4 +456,40 @@ def test_a_produced_value_holding_a_journal_record_does_not_pose_as_proof(
         segment_path.write_bytes(b"")  # never fsynced
     recovered = recover(tmp_path)
     assert values(recovered) == [b"a"]
+    recovered.close()
+
+
+def test_journal_open_over_a_torn_tail_then_acknowledged_records_is_not_refused(
+    tmp_path: Path,
+) -> None:
+    """Journal.open keeps existing files for replay; one ending in a torn (never
+    acknowledged) record stays torn. The new file's intact first record then counts as
+    proof that the torn bytes were durable: after a crash every start refuses.
+    (Latent: Broker._open_journal deletes the files before Journal.open. Found by
+    review of b914f12.) Journal.open now cuts the torn tail off first."""
+    journal, log = _node(tmp_path)
+    log.append(batch_of([b"a"]), 0, START_MS)
+    acknowledge(journal, log)
+    log.append(batch_of([b"b"]), 0, START_MS)  # written, never synced
+    for segment in log._segments:
+        segment.close()
+    first = journal._files[-1]
+    journal.close(remove_files=False)
+    with open(first.path, "r+b") as f:  # power loss: b's record torn
+        f.truncate(first.path.stat().st_size - 3)
+    # a caller that replays, then opens the journal over the existing files
+    replayed = open_log(tmp_path / KEY)
+    replay(tmp_path / "journal", lambda key: replayed if key == KEY else None, START_MS)
+    replayed.close(mark_clean=False)
+    reopened = Journal.open(tmp_path / "journal")
+    log = open_log(tmp_path / KEY)
+    log.attach_journal(reopened, KEY)
+    log.append(batch_of([b"c"]), 0, START_MS)
+    acknowledge(reopened, log)
+    for segment in log._segments:
+        segment.close()
+    reopened.close(remove_files=False)
+    replay_like_a_start(tmp_path)  # CorruptBatch: "proof: 0000...1.<salt>.journal"
+    recovered = open_log(tmp_path / KEY)
+    assert values(recovered) == [b"a", b"c"]
     recovered.close()

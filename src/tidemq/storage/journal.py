@@ -168,6 +168,14 @@ def decode_records(data: bytes, salt: int = 0) -> Iterator[tuple[JournalRecord, 
         position = decoded[1]
 
 
+def _intact_end(data: bytes, salt: int) -> int:
+    """Where the file's whole, intact records end."""
+    end = 0
+    for _record, after in decode_records(data, salt):
+        end = after
+    return end
+
+
 def _decode_at(data: bytes, position: int, salt: int) -> tuple[JournalRecord, int] | None:
     """The whole, intact record at ``position`` and the position after it, else None."""
     if position + _HEAD.size > len(data):
@@ -294,10 +302,7 @@ class Journal:
             # place, the new file's first record would pass for proof that it was
             # durable, and every later start would refuse.
             data = path.read_bytes()
-            intact = 0
-            if not torn:
-                for _, intact in decode_records(data, file_salt(path)):
-                    pass
+            intact = 0 if torn else _intact_end(data, file_salt(path))
             if intact < len(data):
                 if not torn:  # replay dropped it as a torn tail: else it refused
                     later = existing[existing.index(path) + 1 :]
