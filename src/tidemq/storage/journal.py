@@ -289,7 +289,10 @@ class Journal:
 
     @classmethod
     def open(cls, directory: Path, file_bytes_max: int = 64 * 1024 * 1024) -> Journal:
-        """A journal continuing after the files already there (replay them first)."""
+        """A journal continuing after the files already there (replay them first; the
+        broker deletes them after its replay instead). A torn tail the replay dropped
+        is cut off them first, and every file after it emptied; damage that a record
+        proves durable (the replay refused it) is an invariant violation here."""
         if not directory.exists():
             directory.mkdir(parents=True)
             fsync_directory(directory.parent)
