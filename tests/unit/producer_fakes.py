@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tidemq.broker.idempotence import append_in_sequence
 from tidemq.client import producer as producer_module
 from tidemq.client.metadata import PartitionInfo, TopicInfo
 from tidemq.core.producers import ProducerStateTable
@@ -72,6 +73,23 @@ class MemoryReplica:
             self.end += header.record_count
             position += header.size
         return first, self.end - 1
+
+    async def produce(self, body: bytes) -> dict[str, Any]:
+        """The broker's answer to a produce of ``body`` (acks=all), through its own
+        append_in_sequence."""
+        outcome = await append_in_sequence(
+            self,  # type: ignore[arg-type]
+            body,
+            check_batches(body),
+            Acks.ALL,
+            lambda: 0,
+            wait_s=0.02,
+        )
+        return {
+            "base_offset": outcome.base_offset,
+            "last_offset": outcome.last_offset,
+            "batch_base_offsets": outcome.batch_base_offsets,
+        }
 
 
 def led_by(url: str) -> Callable[[int], PartitionInfo]:

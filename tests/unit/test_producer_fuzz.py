@@ -19,10 +19,8 @@ from typing import Any
 import pytest
 from tests.unit.producer_fakes import MemoryReplica
 
-from tidemq.broker.idempotence import append_in_sequence
 from tidemq.client import producer as producer_module
 from tidemq.client.metadata import PartitionInfo, TopicInfo
-from tidemq.core.replica import Acks
 from tidemq.errors import (
     BrokerBusy,
     ConnectionFailed,
@@ -32,7 +30,7 @@ from tidemq.errors import (
     TideError,
     error_for_code,
 )
-from tidemq.wire.batch import check_batches, decode_records
+from tidemq.wire.batch import decode_records
 from tidemq.wire.produce import decode_produce
 
 TOPICS = ("t", "u")
@@ -78,19 +76,7 @@ class Broker:
             raise NotLeader("moving")
         if self.roll("busy"):
             raise BrokerBusy("busy")
-        outcome = await append_in_sequence(
-            self.replicas[(topic, partition)],  # type: ignore[arg-type]
-            body,
-            check_batches(body),
-            Acks.ALL,
-            lambda: 0,
-            wait_s=0.02,
-        )
-        return {
-            "base_offset": outcome.base_offset,
-            "last_offset": outcome.last_offset,
-            "batch_base_offsets": outcome.batch_base_offsets,
-        }
+        return await self.replicas[(topic, partition)].produce(body)
 
 
 class Transport:

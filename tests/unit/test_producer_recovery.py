@@ -18,10 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.unit.producer_fakes import MemoryReplica, StaticMetadata, led_by
 
-from tidemq.broker.idempotence import append_in_sequence
 from tidemq.client import producer as producer_module
 from tidemq.core.producers import ProducerStateTable
-from tidemq.core.replica import Acks
 from tidemq.errors import (
     ConnectionFailed,
     NotLeader,
@@ -31,7 +29,7 @@ from tidemq.errors import (
     TideError,
     error_for_code,
 )
-from tidemq.wire.batch import check_batches, decode_records
+from tidemq.wire.batch import decode_records
 from tidemq.wire.produce import decode_produce
 
 PARTITIONS = 2
@@ -81,20 +79,7 @@ class FaultyBroker:
             raise RequestTooLarge("no")
         if self.roll("forget"):
             self.replicas[partition].producers = ProducerStateTable()
-        replica = self.replicas[partition]
-        outcome = await append_in_sequence(
-            replica,  # type: ignore[arg-type]
-            body,
-            check_batches(body),
-            Acks.ALL,
-            lambda: 0,
-            wait_s=0.02,
-        )
-        return {
-            "base_offset": outcome.base_offset,
-            "last_offset": outcome.last_offset,
-            "batch_base_offsets": outcome.batch_base_offsets,
-        }
+        return await self.replicas[partition].produce(body)
 
 
 class FakeTransport:
