@@ -304,12 +304,12 @@ class Journal:
             # Cut what replay dropped as a torn tail (and every file after it): left in
             # place, the new file's first record would pass for proof that it was
             # durable, and every later start would refuse.
-            data = path.read_bytes()
-            intact = 0 if torn else _intact_end(data, file_salt(path))
+            data, salt = path.read_bytes(), file_salt(path)
+            intact = 0 if torn else _intact_end(data, salt)
             if intact < len(data):
                 if not torn:  # replay dropped it as a torn tail: else it refused
                     later = existing[existing.index(path) + 1 :]
-                    proof = _proof_of_damage(data, intact, file_salt(path), later)
+                    proof = _proof_of_damage(data, intact, salt, later)
                     invariant(proof is None, f"Journal.open over damaged {path} ({proof})")
                 torn = True
                 descriptor = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
@@ -318,7 +318,7 @@ class Journal:
                     os.fdatasync(descriptor)
                 finally:
                     os.close(descriptor)
-            journal._files.append(_File(int(path.name.split(".")[0]), path, -1, file_salt(path)))
+            journal._files.append(_File(int(path.name.split(".")[0]), path, -1, salt))
         journal._files.append(journal._create(sequence))
         fsync_directory(directory)
         return journal
