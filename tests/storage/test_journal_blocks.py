@@ -5,9 +5,15 @@ durable; a power loss keeps, for every block written since, any version it had s
 synced. Group commits race appends (the loop appends while a worker thread's
 fdatasync runs), padding writes may fail (ENOSPC) or be short, appends may be short.
 
+Checkpoints keep a file as a spare and the next rotation reuses it (renamed, written
+over its old records): the model follows a file's blocks across a rename, so the old
+records stay on disk wherever no write touched them since.
+
 Checked: (a) every acknowledged record survives unless a block holding durable bytes
 was torn, and then replay refuses rather than dropping it; (b) nothing truncated
-comes back; (c) replay never refuses when no durable byte was damaged."""
+comes back; (c) replay never refuses when no durable byte was damaged (durable: what
+the journal synced of a file since it got its name; a reused file's old records are
+not)."""
 
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ class Disk:
         self.proxy.writev = self.writev
         self.proxy.ftruncate = self.ftruncate
         self.proxy.fdatasync = self.fdatasync
+        self.proxy.rename = self.rename
 
     def _name(self, fd: int) -> str | None:
         target = os.readlink(f"/proc/self/fd/{fd}")
@@ -87,6 +94,14 @@ class Disk:
         os.ftruncate(fd, length)
         self._snap(fd)
 
+    def rename(self, source: Path, target: Path) -> None:
+        """A spare's blocks go with it: what was durable under the old name still is."""
+        os.rename(source, target)
+        old, new = Path(source).name, Path(target).name
+        for history in (self.durable, self.versions):
+            if old in history:
+                history[new] = history.pop(old)  # type: ignore[assignment]
+
     def fdatasync(self, fd: int) -> None:
         name = self._name(fd)
         if name is not None:
@@ -100,12 +115,13 @@ class Disk:
             callback()
         os.fdatasync(fd)
 
-    def power_loss(self) -> bool:
+    def power_loss(self, synced: dict[str, int]) -> bool:
         """Rewrites each journal file as a power loss may leave it; whether a block
-        holding durable bytes was changed."""
+        holding durable bytes (``synced``: the journal's, per file name) was changed."""
         damaged = False
         for path in journal_files(self.dir):
             durable = self.durable.get(path.name, b"")
+            acknowledged = durable[: synced.get(path.name, 0)]
             versions = self.versions.get(path.name, [durable])
             length = self.rng.choice([len(durable), *(len(v) for v in versions)])
             out = bytearray()
@@ -115,8 +131,8 @@ class Disk:
                 touched = any(option != base for option in options)
                 choices = [base, *options] + ([bytes(PAGE)] if touched else [])
                 block = self.rng.choice(choices)
-                held = min(len(durable), start + PAGE) - start
-                if held > 0 and block[:held] != durable[start : start + held]:
+                held = min(len(acknowledged), start + PAGE) - start
+                if held > 0 and block[:held] != acknowledged[start : start + held]:
                     damaged = True
                 out += block
             path.write_bytes(bytes(out[:length]))
@@ -149,6 +165,7 @@ OPERATIONS = [
     "sync_racing",
     "truncate",
     "checkpoint",
+    "rotate",
     "short_append",
 ]
 PAD_FAILURES = ["pad_enospc", "pad_short"]
@@ -215,6 +232,8 @@ def run_history(root: Path, operations: list[str], seed: int, monkeypatch: Any) 
             log.sync()
             segment_synced = {p: p.stat().st_size for p in (root / KEY).glob("*.log")}
             journal.discard(older)
+        elif name == "rotate":  # a checkpoint the power loss cuts short: logs not synced
+            journal.rotate()
         elif name == "pad_enospc":
             disk.pad_failure = "enospc"
         elif name == "pad_short":
@@ -233,11 +252,12 @@ def run_history(root: Path, operations: list[str], seed: int, monkeypatch: Any) 
     disk.pad_failure, disk.short_append = None, False
     for segment in log._segments:
         segment.close()
+    synced = {f.path.name: f.synced for f in journal._files}
     journal.close(remove_files=False)
     monkeypatch.undo()
     for path in (root / KEY).glob("*.log"):  # segments keep only what was fsynced
         os.truncate(path, min(segment_synced.get(path, 0), path.stat().st_size))
-    damaged = disk.power_loss()
+    damaged = disk.power_loss(synced)
     try:
         got = _recover(root)
     except CorruptBatch:

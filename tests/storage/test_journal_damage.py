@@ -25,7 +25,14 @@ from storage_helpers import (
 import tidemq.storage.journal as journal_module
 from tidemq.errors import CorruptBatch, InvariantViolation
 from tidemq.storage import LogConfig, PartitionLog
-from tidemq.storage.journal import APPEND, SECTOR_BYTES, Journal, replay
+from tidemq.storage.journal import (
+    APPEND,
+    SECTOR_BYTES,
+    SPARES_MAX,
+    Journal,
+    replay,
+    spare_files,
+)
 from tidemq.wire.batch import patch_batch
 
 KEY = "topic-0-abc"
@@ -232,32 +239,44 @@ def test_checkpointed_journal_files_are_deleted_one_durable_unlink_at_a_time(
     """Files were unlinked oldest first with one directory fsync after the last: a power
     loss could keep an older file but not a newer one's unlink, and replaying the older
     one alone cuts what the segment holds past it (acknowledged records). Each unlink
-    is now durable before the next, so what survives is a suffix of the journal."""
+    is now durable before the next, so what survives is a suffix of the journal. A file
+    kept as a spare leaves the journal by a rename, under the same rule."""
     journal, log = _node(tmp_path)
     for value in (b"a", b"b", b"c"):
         log.append(batch_of([value]), 0, START_MS)
         acknowledge(journal, log)
         older = journal.rotate()
-    pending: list[int] = []  # unlinks not yet durable, seen at each unlink
+    pending: list[int] = []  # removals not yet durable, seen at each removal
+    removed: list[str] = []
     not_durable: set[str] = set()
-    real_unlink = Path.unlink
+    real_unlink, real_rename = Path.unlink, os.rename
     real_fsync_directory = journal_module.fsync_directory
 
     def unlink(path: Path, *args: Any, **kwargs: Any) -> None:
         pending.append(len(not_durable))
         real_unlink(path, *args, **kwargs)
         not_durable.add(path.name)
+        removed.append(path.name)
+
+    def rename(source: Path, target: Path) -> None:
+        pending.append(len(not_durable))
+        real_rename(source, target)
+        not_durable.add(Path(source).name)
+        removed.append(Path(source).name)
 
     def fsync_directory(directory: Path) -> None:
         real_fsync_directory(directory)
         not_durable.clear()
 
     monkeypatch.setattr(Path, "unlink", unlink)
+    monkeypatch.setattr(os, "rename", rename)
     monkeypatch.setattr(journal_module, "fsync_directory", fsync_directory)
     log.sync()
     journal.discard(older)
     monkeypatch.undo()
+    assert removed == [path.name for path in older]  # oldest first
     assert pending == [0, 0, 0] and not not_durable
+    assert len(spare_files(tmp_path / "journal")) == SPARES_MAX
     log.close()
     journal.close(remove_files=True)
 

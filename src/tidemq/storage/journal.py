@@ -51,6 +51,22 @@ Invariants:
 * a journal file is deleted only after every log that appended to it was fsynced
   (checkpoint), so the segments plus the remaining journal files hold every durable
   append;
+* a checkpointed file may be kept as a *spare* instead (``<sequence>.<salt>.spare``,
+  at most ``SPARES_MAX``; replay never reads one) and reused as the next new file:
+  renamed to the new name with a new salt, written from byte 0 over its old records.
+  Its blocks are allocated and written, so a padded fdatasync there commits no file
+  system metadata (about half the cost of one into a new block, measured here;
+  PostgreSQL recycles WAL segments for the same reason). The new salt differs from
+  the old one, and a CRC started from another salt never matches a whole, unchanged
+  record (CRC-32 of fixed-length data is a bijection of its start value): none of the
+  old records decodes as one of the file's own, so replay stops at the end of the new
+  ones and takes the old bytes after it for a torn tail, and no old record proves
+  damage;
+* rotation cuts the older file to its written end (durably, before the new file gets
+  a byte): a reused file is longer than what was written to it, and old bytes left
+  after an older file's last record would read as a bad record that the newer file's
+  first record "proves" durable. So every file but the newest ends with its last
+  record, and a spare holds nothing but records of its own salt;
 * replay is idempotent: an append whose bytes the segment already holds is skipped, one
   that differs cuts the log there and is re-appended; a torn record ends the replay
   (nothing after it was ever durable, by the prefix rule). A bad record is damage, not
@@ -111,6 +127,10 @@ _SYNCED_RECORD_AT = re.compile(
 )
 # ``<sequence>.<salt>.journal``; a journal written before salts: ``<sequence>.journal``.
 _NAME = re.compile(r"^(\d{20})(?:\.([0-9a-f]{8}))?\.journal$")
+# A checkpointed file kept for reuse (its old name's sequence and salt); never replayed.
+_SPARE_NAME = re.compile(r"^(\d{20})\.([0-9a-f]{8})\.spare$")
+# One spare covers the steady state: each checkpoint reuses one and frees one.
+SPARES_MAX = 1
 # A key is a replica's directory name: printable ASCII, no space or slash. The proof
 # scan skips candidates whose key is anything else without computing their CRC.
 _KEY_BYTES = re.compile(rb"[\x21-\x2e\x30-\x7e]+")
@@ -272,6 +292,13 @@ def journal_files(directory: Path) -> list[Path]:
     return [path for _, path in sorted(named)]
 
 
+def spare_files(directory: Path) -> list[Path]:
+    """Checkpointed journal files kept for reuse (never replayed)."""
+    if not directory.exists():
+        return []
+    return sorted(p for p in directory.iterdir() if _SPARE_NAME.match(p.name))
+
+
 class Journal:
     """Appends from the owning (event loop) thread; the group commit's ``sync`` from it
     or, during a checkpoint or after a slow one, from a worker thread; ``discard`` (a
@@ -284,6 +311,7 @@ class Journal:
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._files: list[_File] = []
+        self._spares: list[Path] = []  # checkpointed files to reuse, under _lock
         self._closed = False
         self._failed: OSError | None = None  # a failed fdatasync: every later sync fails
 
@@ -319,14 +347,29 @@ class Journal:
                 finally:
                     os.close(descriptor)
             journal._files.append(_File(int(path.name.split(".")[0]), path, -1, salt))
+        # A crash's spares (a clean stop removes them): the largest are worth keeping.
+        spares = sorted(spare_files(directory), key=lambda path: path.stat().st_size)
+        for path in spares[:-SPARES_MAX]:
+            path.unlink()
+        journal._spares = spares[-SPARES_MAX:]
         journal._files.append(journal._create(sequence))
         fsync_directory(directory)
         return journal
 
     def _create(self, sequence: int) -> _File:
+        """The new newest file: a spare renamed, else a new one. Written from byte 0
+        at the descriptor's position (no O_APPEND: a spare is longer than what is
+        written to it); every cut of a failed write moves the position back."""
         salt = secrets.randbits(32)
+        spare = self._spares.pop() if self._spares else None
+        if spare is not None:
+            old_salt = int(spare.name.split(".")[1], 16)
+            while salt == old_salt:  # the old records must not decode (module docstring)
+                salt = secrets.randbits(32)
         path = self.directory / f"{sequence:020d}.{salt:08x}.journal"
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        if spare is not None:
+            os.rename(spare, path)
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644)
         return _File(sequence, path, fd, salt)
 
     @property
@@ -361,6 +404,7 @@ class Journal:
         try:  # durably: a sync skips a file with nothing new, so none would sync the cut
             os.ftruncate(current.fd, current.written)
             os.fdatasync(current.fd)
+            os.lseek(current.fd, current.written, os.SEEK_SET)
         except OSError as cut:
             self._failed = cut
         raise error
@@ -430,6 +474,7 @@ class Journal:
         if written:
             try:
                 os.ftruncate(journal_file.fd, journal_file.written)
+                os.lseek(journal_file.fd, journal_file.written, os.SEEK_SET)
             except OSError as cut:
                 self._failed = cut
                 raise
@@ -459,8 +504,20 @@ class Journal:
         replay cannot close (CorruptBatch at every start); sync's oldest-first order
         only covers what a finished sync made durable. Costs one fdatasync on the
         owning thread per rotation (usually nothing is left to sync: group commits
-        run every few loop turns)."""
+        run every few loop turns).
+
+        A reused file's old bytes after the end are cut off (module docstring), also
+        before the new file gets a byte."""
         self.sync()
+        with self._sync_lock:  # no padding write between the sync and the cut
+            newest = self._files[-1]
+            if newest.fd >= 0 and os.fstat(newest.fd).st_size > newest.written:
+                try:
+                    os.ftruncate(newest.fd, newest.written)
+                    os.fdatasync(newest.fd)
+                except OSError as error:
+                    self._failed = error  # as a failed sync: the cut may be half done
+                    raise
         with self._lock:
             sequence = self._files[-1].sequence + 1
             self._files.append(self._create(sequence))
@@ -469,8 +526,9 @@ class Journal:
         return older
 
     def discard(self, paths: list[Path]) -> None:
-        """Deletes checkpointed files (a worker thread). Their unsynced bytes are
-        fsynced first, so durability stays a prefix even while deleting."""
+        """Deletes checkpointed files, or keeps them as spares (a worker thread). Their
+        unsynced bytes are fsynced first, so durability stays a prefix even while
+        deleting."""
         self.sync()
         with self._lock:
             gone = [f for f in self._files[:-1] if f.path in paths]
@@ -478,8 +536,19 @@ class Journal:
         for journal_file in gone:  # oldest first, each durable before the next:
             if journal_file.fd >= 0:  # what survives a crash is a suffix of the journal
                 os.close(journal_file.fd)
-            journal_file.path.unlink(missing_ok=True)
+            with self._lock:
+                keep = len(self._spares) < SPARES_MAX and not self._closed
+            if keep:
+                spare = (
+                    self.directory / f"{journal_file.sequence:020d}.{journal_file.salt:08x}.spare"
+                )
+                os.rename(journal_file.path, spare)
+            else:
+                journal_file.path.unlink(missing_ok=True)
             fsync_directory(self.directory)
+            if keep:
+                with self._lock:  # reusable once the rename is durable
+                    self._spares.append(spare)
 
     def close(self, remove_files: bool) -> None:
         """Closes the files; ``remove_files`` after a clean shutdown synced every log."""
@@ -488,12 +557,15 @@ class Journal:
                 return
             self._closed = True
             files, self._files = self._files, []
+            spares, self._spares = self._spares, []
         for journal_file in files:
             if journal_file.fd >= 0:
                 os.close(journal_file.fd)
             if remove_files:
                 journal_file.path.unlink(missing_ok=True)
         if remove_files:
+            for spare in spares:
+                spare.unlink(missing_ok=True)
             fsync_directory(self.directory)
 
 
@@ -562,7 +634,7 @@ def replay(
                 _log,
                 "journal_tail_dropped",
                 f"{path.name}: {len(data) - consumed} bytes after the last whole record "
-                "(never acknowledged)",
+                "(never acknowledged: a torn tail, or a reused file's old records)",
                 logging.WARNING,
                 file=path.name,
                 dropped_bytes=len(data) - consumed,
