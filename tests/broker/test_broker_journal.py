@@ -36,7 +36,7 @@ from tidemq.broker.server import Broker, BrokerConfig
 from tidemq.core.replica import Acks
 from tidemq.storage import LogConfig, PartitionLog
 from tidemq.storage.checkpoint import read_offset
-from tidemq.storage.journal import JOURNAL_DIRECTORY, Journal, journal_files
+from tidemq.storage.journal import JOURNAL_DIRECTORY, Journal, journal_files, spare_files
 from tidemq.transport import HttpTransport
 from tidemq.wire.batch import decode_records, patch_batch
 
@@ -85,6 +85,48 @@ def test_acknowledged_records_survive_losing_the_segments_unsynced_bytes(
     finally:
         run(restarted.close)
     assert journal_files(crashed / JOURNAL_DIRECTORY) == []  # clean shutdown: none left
+
+
+def test_records_acknowledged_into_a_reused_journal_file_survive_losing_the_segments(
+    tmp_path: Path,
+) -> None:
+    """Two checkpoints: the second rotation reuses the first file (a spare), written
+    over its old records. A power loss then (segments back to their last fsync): the
+    records acknowledged into the reused file replay, and none of its old ones."""
+    live = tmp_path / "live"
+    crashed = tmp_path / "crashed"
+    partition_dir = partition_directory_name("orders", 0, TOPIC_ID)
+
+    async def scenario() -> None:
+        async with broker_client(live) as (broker, client):
+            journal_dir = live / JOURNAL_DIRECTORY
+            first = journal_files(journal_dir)[0]
+            inode = first.stat().st_ino
+            for start in range(0, 30, 3):  # a long first life: old records to reuse
+                assert (await produce(client, batch(3, start), acks="all")).status == 200
+            await broker.syncer.checkpoint()
+            assert [p.stat().st_ino for p in spare_files(journal_dir)] == [inode]
+            await broker.syncer.checkpoint()  # the new file is the reused one
+            (reused,) = journal_files(journal_dir)
+            assert reused.stat().st_ino == inode and reused.name != first.name
+            segments = list((live / partition_dir).glob("*.log"))
+            synced_sizes = {p.name: p.stat().st_size for p in segments}  # checkpointed
+            response = await produce(client, batch(2, 30), acks="all")
+            assert response.status == 200, await response.text()
+            assert reused.stat().st_size > broker.syncer.journal._files[-1].written
+            shutil.copytree(live, crashed)
+            for name, size in synced_sizes.items():
+                os.truncate(crashed / partition_dir / name, size)
+
+    run(scenario)
+    restarted = _start(crashed)
+    try:
+        log = restarted.replicas[("orders", 0)].log
+        records = list(decode_records(log.read(0, 1 << 20)))
+        assert [r.value for r in records] == [f"v{i}".encode() for i in range(32)]
+    finally:
+        run(restarted.close)
+    assert list((crashed / JOURNAL_DIRECTORY).iterdir()) == []  # clean stop: no spare
 
 
 def test_replayed_journal_files_stay_deleted_across_a_power_loss_with_the_journal_off(
