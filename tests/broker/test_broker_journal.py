@@ -129,6 +129,20 @@ def test_records_acknowledged_into_a_reused_journal_file_survive_losing_the_segm
     assert list((crashed / JOURNAL_DIRECTORY).iterdir()) == []  # clean stop: no spare
 
 
+def test_a_start_with_the_journal_off_deletes_a_spare_a_crash_left(tmp_path: Path) -> None:
+    """A spare is kept only for a journal to reuse: a broker started with the journal
+    off (--no-journal) would otherwise keep it for ever."""
+    crashed = _crashed_with_two_records(tmp_path)
+    journal_dir = crashed / JOURNAL_DIRECTORY
+    spare = journal_dir / "00000000000000000007.0000abcd.spare"
+    spare.write_bytes(b"old records")
+    restarted = _start(crashed, journal=False)
+    try:
+        assert not spare.exists() and journal_files(journal_dir) == []
+    finally:
+        run(restarted.close)
+
+
 def test_replayed_journal_files_stay_deleted_across_a_power_loss_with_the_journal_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

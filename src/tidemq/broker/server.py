@@ -93,7 +93,13 @@ from tidemq.service.http import (
 )
 from tidemq.storage import FsyncPolicy, LogConfig, PartitionLog
 from tidemq.storage.checkpoint import fsync_directory, write_atomically
-from tidemq.storage.journal import JOURNAL_DIRECTORY, Journal, journal_files, replay
+from tidemq.storage.journal import (
+    JOURNAL_DIRECTORY,
+    Journal,
+    journal_files,
+    replay,
+    spare_files,
+)
 from tidemq.transport import HttpTransport
 from tidemq.wire import control
 from tidemq.wire.batch import build_batch, check_batches, decode_records, iter_headers
@@ -1275,8 +1281,10 @@ class Broker:
             path.unlink()
             fsync_directory(directory)
         if not (self.config.journal and self.config.log_config.fsync is FsyncPolicy.ALWAYS):
+            for path in spare_files(directory):  # a journal's spare: kept only for reuse
+                path.unlink()
             return None
-        return Journal.open(directory)
+        return Journal.open(directory)  # reuses a spare a crash left
 
     def _consume_clean_shutdown_marker(self) -> bool:
         """True when this broker runs a weaker fsync policy than ``always`` and its last
