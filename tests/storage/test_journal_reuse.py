@@ -183,3 +183,20 @@ def test_crc_from_another_salt_never_matches_a_whole_record() -> None:
     body = os.urandom(300)
     values = {zlib.crc32(body, salt) for salt in range(0, 1 << 16)}
     assert len(values) == 1 << 16
+
+
+def test_a_checkpointed_file_deleted_by_hand_is_not_kept_and_does_not_fail_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """Deleting the file is what a checkpoint does anyway (unlink tolerates a missing
+    one); keeping it as a spare must not fail where deleting it would not."""
+    journal, log = journaled_log(tmp_path, KEY)
+    log.append(batch_of([b"a"]), 0, START_MS)
+    acknowledge(journal, log)
+    older = journal.rotate()
+    log.sync()
+    older[0].unlink()
+    journal.discard(older)
+    assert spare_files(tmp_path / "journal") == [] and journal._spares == []
+    log.close()
+    journal.close(remove_files=True)

@@ -538,11 +538,12 @@ class Journal:
                 os.close(journal_file.fd)
             with self._lock:
                 keep = len(self._spares) < SPARES_MAX and not self._closed
+            spare = self.directory / f"{journal_file.sequence:020d}.{journal_file.salt:08x}.spare"
             if keep:
-                spare = (
-                    self.directory / f"{journal_file.sequence:020d}.{journal_file.salt:08x}.spare"
-                )
-                os.rename(journal_file.path, spare)
+                try:
+                    os.rename(journal_file.path, spare)
+                except FileNotFoundError:  # deleted by hand: as unlink(missing_ok) allows
+                    keep = False
             else:
                 journal_file.path.unlink(missing_ok=True)
             fsync_directory(self.directory)
