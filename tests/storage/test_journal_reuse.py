@@ -14,7 +14,6 @@ from storage_helpers import START_MS, acknowledge, batch_of, journaled_log, read
 
 from tidemq.storage import LogConfig, PartitionLog
 from tidemq.storage.journal import (
-    SECTOR_BYTES,
     SPARES_MAX,
     Journal,
     decode_records,
@@ -77,23 +76,25 @@ def test_a_checkpoint_keeps_a_spare_and_the_next_rotation_reuses_its_blocks(
     assert list((tmp_path / "journal").iterdir()) == []  # a clean stop leaves nothing
 
 
-def test_a_reused_files_old_records_never_replay(tmp_path: Path) -> None:
-    """The reused file's old records, whole and intact under their old salt, follow the
-    new ones: replay must stop at the new ones' end (they would bring back history)."""
+def test_a_spare_is_zeroed_before_it_is_reused(tmp_path: Path) -> None:
+    """The spare's old records were values clients chose; replay's proof scan reads
+    what follows the new records after every crash. Reused, the file holds the new
+    records and then zeros, to its old length (blocks still written)."""
     journal, log = journaled_log(tmp_path, KEY)
-    old_salt = journal._files[-1].salt
     for index in range(20):  # a long first life, a block per record (each synced)
         log.append(batch_of([f"old{index}".encode() * 100]), 0, START_MS)
         acknowledge(journal, log)
+    old_size = journal._files[-1].written
     _checkpoint(journal, log)
-    _checkpoint(journal, log)  # reuses the long file
+    (spare,) = spare_files(tmp_path / "journal")
+    assert spare.read_bytes() == bytes(old_size)
+    _checkpoint(journal, log)  # reuses it
     reused = journal._files[-1]
     log.append(batch_of([b"new"]), 0, START_MS)
     acknowledge(journal, log)
     data = reused.path.read_bytes()
-    next_block = -(-reused.written // SECTOR_BYTES) * SECTOR_BYTES
-    old = list(decode_records(data[next_block:], old_salt))
-    assert len(old) >= 10  # the old life's records are there, whole, after the new ones
+    assert len(data) == old_size > reused.written
+    assert data[reused.written :] == bytes(old_size - reused.written)
     assert [end for _, end in decode_records(data, reused.salt)][-1] == reused.written
     expected = [v for _, v in read_all(log)]
     _kill(journal, log)
@@ -126,13 +127,14 @@ def test_a_rotation_cuts_a_reused_files_old_bytes_so_a_newer_file_does_not_prove
     assert _recovered_values(tmp_path) == expected
 
 
-def test_a_broker_start_reuses_a_spare_left_by_a_crash(tmp_path: Path) -> None:
+def test_a_start_deletes_the_spares_a_crash_left(tmp_path: Path) -> None:
+    """A crash may stop a spare's zeroing part way: its old records must not be
+    reused, so a start deletes every spare it finds."""
     journal, log = journaled_log(tmp_path, KEY)
     log.append(batch_of([b"x" * 5000]), 0, START_MS)
     acknowledge(journal, log)
     _checkpoint(journal, log)
-    (spare,) = spare_files(tmp_path / "journal")
-    inode = spare.stat().st_ino
+    assert len(spare_files(tmp_path / "journal")) == 1
     log.append(batch_of([b"after"]), 0, START_MS)
     acknowledge(journal, log)
     expected = [v for _, v in read_all(log)]
@@ -140,10 +142,9 @@ def test_a_broker_start_reuses_a_spare_left_by_a_crash(tmp_path: Path) -> None:
     assert _recovered_values(tmp_path) == expected
     for path in journal_files(tmp_path / "journal"):  # as the broker does after replay
         path.unlink()
-    (tmp_path / "journal" / "00000000000000000099.0000abcd.spare").write_bytes(b"extra")
     reopened = Journal.open(tmp_path / "journal")
-    assert reopened._files[-1].path.stat().st_ino == inode
-    assert spare_files(tmp_path / "journal") == []  # one was reused, the extra deleted
+    assert spare_files(tmp_path / "journal") == [] and reopened._spares == []
+    assert reopened._files[-1].path.stat().st_size == 0  # a new file, not a spare
     reopened.close(remove_files=True)
 
 

@@ -52,21 +52,23 @@ Invariants:
   (checkpoint), so the segments plus the remaining journal files hold every durable
   append;
 * a checkpointed file may be kept as a *spare* instead (``<sequence>.<salt>.spare``,
-  at most ``SPARES_MAX``; replay never reads one) and reused as the next new file:
-  renamed to the new name with a new salt, written from byte 0 over its old records.
-  Its blocks are allocated and written, so a padded fdatasync there commits no file
-  system metadata (about half the cost of one into a new block, measured here;
-  PostgreSQL recycles WAL segments for the same reason). The new salt differs from
-  the old one, and a CRC started from another salt never matches a whole, unchanged
-  record (CRC-32 of fixed-length data is a bijection of its start value): none of the
-  old records decodes as one of the file's own, so replay stops at the end of the new
-  ones and takes the old bytes after it for a torn tail, and no old record proves
-  damage;
+  at most ``SPARES_MAX``, up to ``SPARE_BYTES_MAX``; replay never reads one) and reused
+  as the next new file: renamed to the new name with a new salt and written from byte
+  0. Its blocks are allocated and written, so a padded fdatasync there commits no
+  file system metadata (about half the cost of one into a new block, measured here;
+  PostgreSQL recycles WAL segments for the same reason). A spare is overwritten with
+  zeros and fdatasynced (after its rename out of the journal, on the checkpoint's
+  worker thread) before it may be reused, and a start deletes the spares a crash left
+  (maybe not zeroed whole): its old records were values clients chose, which replay's
+  proof scan would read after every crash, and fake record headers among them made
+  that scan quadratic. The new salt also differs from the old one: a CRC started from
+  another salt never matches a whole, unchanged record (CRC-32 of fixed-length data
+  is a bijection of its start value), so even old records would not decode;
 * rotation cuts the older file to its written end (durably, before the new file gets
-  a byte): a reused file is longer than what was written to it, and old bytes left
+  a byte): a reused file is longer than what was written to it, and the zeros left
   after an older file's last record would read as a bad record that the newer file's
   first record "proves" durable. So every file but the newest ends with its last
-  record, and a spare holds nothing but records of its own salt;
+  record;
 * replay is idempotent: an append whose bytes the segment already holds is skipped, one
   that differs cuts the log there and is re-appended; a torn record ends the replay
   (nothing after it was ever durable, by the prefix rule). A bad record is damage, not
@@ -121,16 +123,20 @@ _BODY_SYNCED = struct.Struct(">BHqQ")  # kind | SYNCED_FLAG, key length, offset,
 SYNCED_FLAG = 0x80
 _KINDS = (APPEND, TRUNCATE, RESET, PAD)
 # Where a record with ``synced`` may start: its kind byte follows the head.
-_SYNCED_RECORD_AT = re.compile(
-    b"(?=[\\x00-\\xff]{%d}[%s])"
-    % (_HEAD.size, re.escape(bytes(kind | SYNCED_FLAG for kind in _KINDS)))
-)
+# The kind byte of a record with ``synced`` (it follows the head): where the proof scan
+# tries a candidate. A plain character class, so the scan over zeros or a torn tail
+# runs at C speed (a look-ahead tried at every byte took 3.4 s for 64 MiB of zeros).
+_SYNCED_KIND = re.compile(b"[%s]" % re.escape(bytes(kind | SYNCED_FLAG for kind in _KINDS)))
 # ``<sequence>.<salt>.journal``; a journal written before salts: ``<sequence>.journal``.
 _NAME = re.compile(r"^(\d{20})(?:\.([0-9a-f]{8}))?\.journal$")
 # A checkpointed file kept for reuse (its old name's sequence and salt); never replayed.
 _SPARE_NAME = re.compile(r"^(\d{20})\.([0-9a-f]{8})\.spare$")
 # One spare covers the steady state: each checkpoint reuses one and frees one.
 SPARES_MAX = 1
+# Larger files are deleted, not kept: zeroing a spare writes it whole again, and files
+# this large come from throughput, where a sync's padding is a small share.
+SPARE_BYTES_MAX = 32 * 1024 * 1024
+_ZEROS = bytes(1024 * 1024)
 # A key is a replica's directory name: printable ASCII, no space or slash. The proof
 # scan skips candidates whose key is anything else without computing their CRC.
 _KEY_BYTES = re.compile(rb"[\x21-\x2e\x30-\x7e]+")
@@ -238,8 +244,8 @@ def _proof_of_damage(data: bytes, position: int, salt: int, later: list[Path]) -
         if decoded is not None and decoded[0].synced is None:
             return f"byte {after} (an older journal format: no sync record to tell)"
     fields_at = _HEAD.size
-    for match in _SYNCED_RECORD_AT.finditer(data, position + 1):
-        start = match.start()
+    for match in _SYNCED_KIND.finditer(data, position + 1 + fields_at):
+        start = match.start() - fields_at
         if start + fields_at + _BODY_SYNCED.size > len(data):
             break
         # The fields, unchecked, first: a candidate that could not prove anything is
@@ -347,11 +353,8 @@ class Journal:
                 finally:
                     os.close(descriptor)
             journal._files.append(_File(int(path.name.split(".")[0]), path, -1, salt))
-        # A crash's spares (a clean stop removes them): the largest are worth keeping.
-        spares = sorted(spare_files(directory), key=lambda path: path.stat().st_size)
-        for path in spares[:-SPARES_MAX]:
+        for path in spare_files(directory):  # a crash's: maybe not zeroed whole
             path.unlink()
-        journal._spares = spares[-SPARES_MAX:]
         journal._files.append(journal._create(sequence))
         fsync_directory(directory)
         return journal
@@ -541,18 +544,21 @@ class Journal:
             spare = self.directory / f"{journal_file.sequence:020d}.{journal_file.salt:08x}.spare"
             if keep:
                 try:
-                    os.rename(journal_file.path, spare)
+                    keep = journal_file.path.stat().st_size <= SPARE_BYTES_MAX
+                    if keep:
+                        os.rename(journal_file.path, spare)
                 except FileNotFoundError:  # deleted by hand: as unlink(missing_ok) allows
                     keep = False
-            else:
+            if not keep:
                 journal_file.path.unlink(missing_ok=True)
-            fsync_directory(self.directory)
-            if keep:
-                with self._lock:  # reusable once the rename is durable
+            fsync_directory(self.directory)  # out of the journal (a spare is never replayed)
+            if keep and _zeroed(spare):
+                with self._lock:
                     self._spares.append(spare)
 
     def close(self, remove_files: bool) -> None:
-        """Closes the files; ``remove_files`` after a clean shutdown synced every log."""
+        """Closes the files; ``remove_files`` after a clean shutdown synced every log
+        (and the spares)."""
         with self._lock:
             if self._closed:
                 return
@@ -568,6 +574,39 @@ class Journal:
             for spare in spares:
                 spare.unlink(missing_ok=True)
             fsync_directory(self.directory)
+
+
+def _zeroed(spare: Path) -> bool:
+    """Overwrites a spare with zeros, durably (a worker thread): its old records were
+    produced values a client chose, which the proof scan would read after every crash
+    while the spare is reused (fake record headers made that scan quadratic). Zeros are
+    written blocks, so the reuse still commits no metadata. False, and the spare is
+    deleted, if that failed."""
+    try:
+        descriptor = os.open(spare, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(descriptor).st_size
+            for at in range(0, size, len(_ZEROS)):
+                chunk = _ZEROS[: min(len(_ZEROS), size - at)]
+                if os.pwrite(descriptor, chunk, at) != len(chunk):
+                    raise OSError(errno.EIO, "short write zeroing a journal spare")
+            os.fdatasync(descriptor)
+        finally:
+            os.close(descriptor)
+    except OSError as error:
+        event(
+            _log,
+            "journal_spare_dropped",
+            f"{spare.name}: could not zero it for reuse ({error}); deleted",
+            logging.WARNING,
+            file=spare.name,
+        )
+        try:
+            spare.unlink(missing_ok=True)
+        except OSError:
+            pass  # harmless: never replayed, and the next start deletes it
+        return False
+    return True
 
 
 class ReplayTarget(Protocol):
@@ -635,7 +674,7 @@ def replay(
                 _log,
                 "journal_tail_dropped",
                 f"{path.name}: {len(data) - consumed} bytes after the last whole record "
-                "(never acknowledged: a torn tail, or a reused file's old records)",
+                "(never acknowledged: a torn tail, or a reused file's zeros)",
                 logging.WARNING,
                 file=path.name,
                 dropped_bytes=len(data) - consumed,
