@@ -244,6 +244,7 @@ def _proof_of_damage(data: bytes, position: int, salt: int, later: list[Path]) -
         if decoded is not None and decoded[0].synced is None:
             return f"byte {after} (an older journal format: no sync record to tell)"
     fields_at = _HEAD.size
+    crcs: _PrefixCrcs | None = None
     for match in _SYNCED_KIND.finditer(data, position + 1 + fields_at):
         start = match.start() - fields_at
         if start + fields_at + _BODY_SYNCED.size > len(data):
@@ -266,6 +267,13 @@ def _proof_of_damage(data: bytes, position: int, salt: int, later: list[Path]) -
         key_at = start + fields_at + _BODY_SYNCED.size
         if key_length and not _KEY_BYTES.fullmatch(data, key_at, key_at + key_length):
             continue
+        # Its CRC from the file's prefix CRCs in O(1) (a candidate's claimed length is
+        # client-chosen: CRC'd byte by byte, fake headers claiming long records made the
+        # scan quadratic), the whole record decoded only when that matches.
+        crcs = crcs or _PrefixCrcs(data)
+        body_at = start + _HEAD.size
+        if crcs.of(body_at, body_at + length, salt) != _HEAD.unpack_from(data, start)[0]:
+            continue
         decoded = _decode_at(data, start, salt)
         if decoded is not None:
             return f"byte {start} (written once {synced} bytes were synced)"
@@ -273,6 +281,85 @@ def _proof_of_damage(data: bytes, position: int, salt: int, later: list[Path]) -
         if _decode_at(path.read_bytes(), 0, file_salt(path)) is not None:
             return path.name
     return None
+
+
+_CRC_POLY = 0xEDB88320  # CRC-32 (zlib's), reflected
+
+
+def _crc_multiply(a: int, b: int) -> int:
+    """a * b modulo the CRC-32 polynomial (reflected, as zlib's multmodp)."""
+    m = 1 << 31
+    product = 0
+    while a:
+        if a & m:
+            product ^= b
+            a ^= m
+        m >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+    return product
+
+
+def _x_to_the_powers_of_two() -> list[int]:
+    powers = [1 << 30]  # x^1
+    for _ in range(63):
+        powers.append(_crc_multiply(powers[-1], powers[-1]))
+    return powers
+
+
+_X_2N = _x_to_the_powers_of_two()  # x^(2^k) mod the polynomial
+# Multiplication by x^(2^k), a linear map of 32 bits: four tables of 256 (one per byte
+# of the operand), built when first needed.
+_TIMES_X_2N: dict[int, tuple[list[int], ...]] = {}
+
+
+def _times_x_2n(k: int) -> tuple[list[int], ...]:
+    tables = _TIMES_X_2N.get(k)
+    if tables is None:
+        tables = ()
+        for byte in range(4):
+            bits = [_crc_multiply(_X_2N[k], 1 << (8 * byte + bit)) for bit in range(8)]
+            table = [0] * 256
+            for value in range(1, 256):
+                low = value & -value
+                table[value] = table[value ^ low] ^ bits[low.bit_length() - 1]
+            tables += (table,)
+        _TIMES_X_2N[k] = tables
+    return tables
+
+
+def _crc_shift(crc: int, length: int) -> int:
+    """``crc`` carried over ``length`` bytes of zeros without conditioning (zlib's
+    crc32_combine: crc32(A + B) == _crc_shift(crc32(A), len(B)) ^ crc32(B))."""
+    k = 3  # bytes: x^(8 * length)
+    while length:
+        if length & 1:
+            t0, t1, t2, t3 = _times_x_2n(k)
+            crc = t0[crc & 255] ^ t1[(crc >> 8) & 255] ^ t2[(crc >> 16) & 255] ^ t3[crc >> 24]
+        length >>= 1
+        k += 1
+    return crc
+
+
+class _PrefixCrcs:
+    """CRC-32 of any slice of ``data`` from any start value in O(1): zlib.crc32 of
+    every prefix ending on a ``_STEP`` boundary, then crc32(data[a:b], salt) ==
+    shift(salt ^ crc32(data[:a]), b - a) ^ crc32(data[:b])."""
+
+    _STEP = 4096
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.prefixes = [0]
+        view = memoryview(data)
+        for at in range(0, len(data) - self._STEP + 1, self._STEP):
+            self.prefixes.append(zlib.crc32(view[at : at + self._STEP], self.prefixes[-1]))
+
+    def _prefix(self, end: int) -> int:
+        step = end // self._STEP
+        return zlib.crc32(self.data[step * self._STEP : end], self.prefixes[step])
+
+    def of(self, start: int, end: int, salt: int) -> int:
+        return _crc_shift(salt ^ self._prefix(start), end - start) ^ self._prefix(end)
 
 
 @dataclass
