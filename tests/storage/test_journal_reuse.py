@@ -16,6 +16,7 @@ from tidemq.storage import LogConfig, PartitionLog
 from tidemq.storage.journal import (
     SPARES_MAX,
     Journal,
+    _PrefixCrcs,
     decode_records,
     file_salt,
     journal_files,
@@ -201,3 +202,18 @@ def test_a_checkpointed_file_deleted_by_hand_is_not_kept_and_does_not_fail_the_c
     assert spare_files(tmp_path / "journal") == [] and journal._spares == []
     log.close()
     journal.close(remove_files=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.binary(min_size=0, max_size=20_000),
+    bounds=st.tuples(st.integers(0, 20_000), st.integers(0, 20_000)),
+    salt=st.integers(0, 2**32 - 1),
+)
+def test_the_proof_scans_crc_of_a_slice_from_prefix_crcs_is_zlibs(
+    data: bytes, bounds: tuple[int, int], salt: int
+) -> None:
+    """The scan checks a candidate's CRC from the file's prefix CRCs (zlib's
+    crc32_combine math), whatever the slice: across 4 KiB steps, empty, at the end."""
+    start, end = sorted(min(b, len(data)) for b in bounds)
+    assert _PrefixCrcs(data).of(start, end, salt) == zlib.crc32(data[start:end], salt)
