@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 from pathlib import Path
 
 import pytest
 
 from tidemq.storage import LogConfig, PartitionLog
-from tidemq.storage.journal import Journal, journal_files, replay
+from tidemq.storage.journal import SECTOR_BYTES, Journal, journal_files, replay
 from tidemq.wire.batch import build_batch, decode_records, iter_headers
 
 START_MS = 1_700_000_000_000
@@ -98,3 +99,26 @@ def acknowledge(journal: Journal, log: PartitionLog) -> None:
     end, generation = log.log_end_offset, log.truncation_generation
     journal.sync()
     log.mark_durable(end, generation)
+
+
+def power_lost_file(
+    rng: random.Random, durable: bytes, acknowledged: bytes, versions: list[bytes]
+) -> tuple[bytes, bool]:
+    """A file as a power loss may leave it, block by block: ``durable`` (what the last
+    fdatasync began with) where no write touched a block since, else any version the
+    block had since or a torn one (zeros); the length one the file had. Also whether a
+    block holding ``acknowledged`` bytes (a prefix of ``durable``) was changed."""
+    damaged = False
+    length = rng.choice([len(durable), *(len(v) for v in versions)])
+    out = bytearray()
+    for start in range(0, length, SECTOR_BYTES):
+        base = durable[start : start + SECTOR_BYTES].ljust(SECTOR_BYTES, b"\0")
+        options = [v[start : start + SECTOR_BYTES].ljust(SECTOR_BYTES, b"\0") for v in versions]
+        touched = any(option != base for option in options)
+        choices = [base, *options] + ([bytes(SECTOR_BYTES)] if touched else [])
+        block = rng.choice(choices)
+        held = min(len(acknowledged), start + SECTOR_BYTES) - start
+        if held > 0 and block[:held] != acknowledged[start : start + held]:
+            damaged = True
+        out += block
+    return bytes(out[:length]), damaged

@@ -27,15 +27,14 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from storage_helpers import START_MS, batch_of, open_log, read_all
+from storage_helpers import START_MS, batch_of, open_log, power_lost_file, read_all
 
 import tidemq.storage.journal as journal_module
 from tidemq.errors import CorruptBatch
 from tidemq.storage import PartitionLog
-from tidemq.storage.journal import SECTOR_BYTES, Journal, journal_files, replay
+from tidemq.storage.journal import Journal, journal_files, replay
 
 KEY = "topic-0-abc"
-PAGE = SECTOR_BYTES  # the block a sync pads to
 
 
 class Disk:
@@ -121,21 +120,14 @@ class Disk:
         damaged = False
         for path in journal_files(self.dir):
             durable = self.durable.get(path.name, b"")
-            acknowledged = durable[: synced.get(path.name, 0)]
-            versions = self.versions.get(path.name, [durable])
-            length = self.rng.choice([len(durable), *(len(v) for v in versions)])
-            out = bytearray()
-            for start in range(0, length, PAGE):
-                base = durable[start : start + PAGE].ljust(PAGE, b"\0")
-                options = [v[start : start + PAGE].ljust(PAGE, b"\0") for v in versions]
-                touched = any(option != base for option in options)
-                choices = [base, *options] + ([bytes(PAGE)] if touched else [])
-                block = self.rng.choice(choices)
-                held = min(len(acknowledged), start + PAGE) - start
-                if held > 0 and block[:held] != acknowledged[start : start + held]:
-                    damaged = True
-                out += block
-            path.write_bytes(bytes(out[:length]))
+            content, torn = power_lost_file(
+                self.rng,
+                durable,
+                durable[: synced.get(path.name, 0)],
+                self.versions.get(path.name, [durable]),
+            )
+            damaged = damaged or torn
+            path.write_bytes(content)
         return damaged
 
 
