@@ -14,6 +14,7 @@ from storage_helpers import START_MS, acknowledge, batch_of, journaled_log, read
 
 from tidemq.storage import LogConfig, PartitionLog
 from tidemq.storage.journal import (
+    SECTOR_BYTES,
     SPARES_MAX,
     Journal,
     _PrefixCrcs,
@@ -77,25 +78,24 @@ def test_a_checkpoint_keeps_a_spare_and_the_next_rotation_reuses_its_blocks(
     assert list((tmp_path / "journal").iterdir()) == []  # a clean stop leaves nothing
 
 
-def test_a_spare_is_zeroed_before_it_is_reused(tmp_path: Path) -> None:
-    """The spare's old records were values clients chose; replay's proof scan reads
-    what follows the new records after every crash. Reused, the file holds the new
-    records and then zeros, to its old length (blocks still written)."""
+def test_a_reused_files_old_records_never_replay(tmp_path: Path) -> None:
+    """The reused file's old records, whole and intact under their old salt, follow the
+    new ones: replay must stop at the new ones' end (they would bring back history)."""
     journal, log = journaled_log(tmp_path, KEY)
+    old_salt = journal._files[-1].salt
     for index in range(20):  # a long first life, a block per record (each synced)
         log.append(batch_of([f"old{index}".encode() * 100]), 0, START_MS)
         acknowledge(journal, log)
-    old_size = journal._files[-1].written
     _checkpoint(journal, log)
-    (spare,) = spare_files(tmp_path / "journal")
-    assert spare.read_bytes() == bytes(old_size)
-    _checkpoint(journal, log)  # reuses it
+    _checkpoint(journal, log)  # reuses the long file
     reused = journal._files[-1]
+    assert reused.salt != old_salt
     log.append(batch_of([b"new"]), 0, START_MS)
     acknowledge(journal, log)
     data = reused.path.read_bytes()
-    assert len(data) == old_size > reused.written
-    assert data[reused.written :] == bytes(old_size - reused.written)
+    next_block = -(-reused.written // SECTOR_BYTES) * SECTOR_BYTES
+    old = list(decode_records(data[next_block:], old_salt))
+    assert len(old) >= 10  # the old life's records are there, whole, after the new ones
     assert [end for _, end in decode_records(data, reused.salt)][-1] == reused.written
     expected = [v for _, v in read_all(log)]
     _kill(journal, log)
@@ -129,8 +129,8 @@ def test_a_rotation_cuts_a_reused_files_old_bytes_so_a_newer_file_does_not_prove
 
 
 def test_a_start_deletes_the_spares_a_crash_left(tmp_path: Path) -> None:
-    """A crash may stop a spare's zeroing part way: its old records must not be
-    reused, so a start deletes every spare it finds."""
+    """Only a running journal reuses its spares: a start deletes those a crash left
+    (else they stayed for ever, and a broker started with the journal off kept them)."""
     journal, log = journaled_log(tmp_path, KEY)
     log.append(batch_of([b"x" * 5000]), 0, START_MS)
     acknowledge(journal, log)

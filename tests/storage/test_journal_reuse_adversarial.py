@@ -1,9 +1,8 @@
 """Adversarial review of 151cece (spare reuse): the block-level disk model of
 test_journal_blocks across several crashes and server-style restarts (replay, delete
 the journal files, Journal.open deleting the spares), with a failure (EIO/ENOSPC) on
-any journal call (rename, ftruncate, fdatasync, write, writev, pwrite zeroing a
-spare, lseek, directory fsync) and a power loss that may lose or keep directory
-operations not yet fsynced.
+any journal call (rename, ftruncate, fdatasync, write, writev, lseek, directory
+fsync) and a power loss that may lose or keep directory operations not yet fsynced.
 
 Checked after every crash: (a) every acknowledged record survives unless a block
 holding durable bytes was torn (then replay must refuse); (b) nothing truncated comes
@@ -29,7 +28,7 @@ from tidemq.storage import PartitionLog
 from tidemq.storage.journal import Journal, journal_files, replay
 
 KEY = "topic-0-abc"
-FAULTABLE = ["rename", "ftruncate", "fdatasync", "write", "writev", "pwrite", "lseek", "fsync_dir"]
+FAULTABLE = ["rename", "ftruncate", "fdatasync", "write", "writev", "lseek", "fsync_dir"]
 
 
 class Disk:
@@ -45,7 +44,7 @@ class Disk:
         self.journal: Any = None
         self.during_sync: list[Any] = []
         p = types.SimpleNamespace(**{n: getattr(os, n) for n in dir(os) if not n.startswith("__")})
-        for name in ("write", "writev", "pwrite", "ftruncate", "fdatasync", "rename", "lseek"):
+        for name in ("write", "writev", "ftruncate", "fdatasync", "rename", "lseek"):
             setattr(p, name, getattr(self, name))
         self.proxy = p
 
@@ -87,12 +86,6 @@ class Disk:
             written = os.write(fd, data[: len(data) // 2])
         else:
             written = os.writev(fd, buffers)
-        self._snap(fd)
-        return written
-
-    def pwrite(self, fd: int, data: bytes, offset: int) -> int:  # zeroing a spare
-        self._maybe_fail("pwrite")
-        written = os.pwrite(fd, data, offset)
         self._snap(fd)
         return written
 

@@ -1,13 +1,14 @@
 """Replay's proof scan reads client-chosen bytes after a crash; values made of fake
 record headers must not make it slow (reviews of 151cece and 6b2d694).
 
-* 151cece: a reused file's old records (values clients chose) were scanned after every
+* 151cece: a reused file's old records (values clients chose) are scanned after every
   crash, and fake headers claiming long records made that scan quadratic (hours for a
-  64 MiB file). Spares are now zeroed before reuse.
-* 6b2d694: the bytes of the *current* life after a torn record are still client-chosen,
-  and a reused file's zeros after them give each fake header room to claim a record of
-  up to the spare's size; each was CRC'd over that length (~25 min for one torn 8 MiB
-  request). A candidate's CRC now comes from prefix CRCs in O(1)."""
+  64 MiB file);
+* 6b2d694 (spares zeroed, since undone): the bytes after a torn record are
+  client-chosen too, and a reused file's room after them let each fake header claim
+  a record of up to the spare's size; each was CRC'd over that length (~25 min for
+  one torn 8 MiB request).
+A candidate's CRC now comes from prefix CRCs in O(1): both scans are linear."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def test_a_torn_record_of_fake_headers_in_a_reused_file_is_not_scanned_quadratic
     for _ in range(23):  # a 23 MiB file of ordinary values: kept as the spare
         log.append(batch_of([bytes(1 << 20)]), 0, START_MS)
         acknowledge(journal, log)
-    for _ in range(2):  # a checkpoint zeroes it as a spare, the next rotation reuses it
+    for _ in range(2):  # a checkpoint keeps it as a spare, the next rotation reuses it
         older = journal.rotate()
         log.sync()
         journal.discard(older)
@@ -88,7 +89,7 @@ def test_a_torn_record_of_fake_headers_in_a_reused_file_is_not_scanned_quadratic
     log.append(batch_of([value]), 0, START_MS)
     end = journal.current_bytes
     # kill -9 in the middle of that writev: its second half never reached the file,
-    # where the spare's zeros stay.
+    # where the spare's old records stay.
     path = journal_files(tmp_path / "journal")[-1]
     middle = (position + end) // 2
     descriptor = os.open(path, os.O_WRONLY)

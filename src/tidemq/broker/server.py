@@ -1284,7 +1284,7 @@ class Broker:
             for path in spare_files(directory):  # a journal's spare: kept only for reuse
                 path.unlink()
             return None
-        return Journal.open(directory)  # deletes a spare a crash left (maybe not zeroed)
+        return Journal.open(directory)  # deletes a spare a crash left
 
     def _consume_clean_shutdown_marker(self) -> bool:
         """True when this broker runs a weaker fsync policy than ``always`` and its last
