@@ -62,9 +62,10 @@ Invariants:
   its start value): no old record decodes as one of the file's own, so replay stops
   at the end of the new ones and drops the old bytes after them as a torn tail, and
   no old record proves damage. The old records are values clients chose, which the
-  proof scan reads after a crash: it costs O(1) per candidate (prefix CRCs), so fake
-  record headers among them cost seconds, not the hours they did (zeroing spares
-  instead cost ~5 ms of p99.9, measured). A start deletes the spares it finds;
+  proof scan reads after a crash: a candidate's CRC comes from prefix CRCs (a table
+  step per 1-bit of its claimed length), so fake record headers among them cost
+  seconds, not the hours they did (zeroing spares instead cost ~5 ms of p99.9,
+  measured). A start deletes the spares it finds;
 * rotation cuts the older file to its written end (durably, before the new file gets
   a byte): a reused file is longer than what was written to it, and the old bytes
   left after an older file's last record would read as a bad record that the newer
@@ -135,9 +136,9 @@ _SPARE_NAME = re.compile(r"^(\d{20})\.([0-9a-f]{8})\.spare$")
 # One spare covers the steady state: each checkpoint reuses one and frees one.
 SPARES_MAX = 1
 # Larger files are deleted, not kept: after a crash the proof scan reads a reused
-# file's old records (up to ~5.5 s for 32 MiB of values crafted as record headers,
-# measured here), and files this large come from throughput, where a sync's padding
-# is a small share.
+# file's old records (~0.6 s for 16 MiB of ordinary ones, ~20 s at worst for 32 MiB
+# of values crafted as record headers, measured here), and files this large come from
+# throughput, where a sync's padding is a small share.
 SPARE_BYTES_MAX = 32 * 1024 * 1024
 # A key is a replica's directory name: printable ASCII, no space or slash. The proof
 # scan skips candidates whose key is anything else without computing their CRC.
