@@ -17,7 +17,10 @@ from tidemq.storage.journal import (
     SECTOR_BYTES,
     SPARES_MAX,
     Journal,
+    _crc_multiply,
+    _crc_shift,
     _PrefixCrcs,
+    _x_to_the_bytes,
     decode_records,
     file_salt,
     journal_files,
@@ -217,3 +220,14 @@ def test_the_proof_scans_crc_of_a_slice_from_prefix_crcs_is_zlibs(
     crc32_combine math), whatever the slice: across 4 KiB steps, empty, at the end."""
     start, end = sorted(min(b, len(data)) for b in bounds)
     assert _PrefixCrcs(data).of(start, end, salt) == zlib.crc32(data[start:end], salt)
+
+
+@settings(max_examples=300, deadline=None)
+@given(crc=st.integers(0, 2**32 - 1), length=st.integers(0, 2**31 - 1))
+def test_the_crc_shift_by_table_steps_is_the_multiplication_by_x_to_the_length(
+    crc: int, length: int
+) -> None:
+    """Any claimed length (a journal record's is up to 2^31 - 1): the hexadecimal-digit
+    tables give crc * x^(8 * length), as the per-bit square-and-multiply does."""
+    assert _crc_shift(crc, length) == _crc_multiply(_x_to_the_bytes(length), crc)
+    assert _crc_shift(crc, length) == _crc_shift(_crc_shift(crc, length // 2), length - length // 2)
