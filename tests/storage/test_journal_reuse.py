@@ -231,3 +231,12 @@ def test_the_crc_shift_by_table_steps_is_the_multiplication_by_x_to_the_length(
     tables give crc * x^(8 * length), as the per-bit square-and-multiply does."""
     assert _crc_shift(crc, length) == _crc_multiply(_x_to_the_bytes(length), crc)
     assert _crc_shift(crc, length) == _crc_shift(_crc_shift(crc, length // 2), length - length // 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(value=st.integers(0, 2**32 - 1), length=st.integers(0, 1 << 21))
+def test_the_crc_shift_is_zlibs_crc_of_zeros(value: int, length: int) -> None:
+    """An oracle independent of the module's arithmetic: zlib's CRC of ``length`` zero
+    bytes is the shift of its start register (conditioned by zlib)."""
+    shifted = _crc_shift(value ^ 0xFFFFFFFF, length) ^ 0xFFFFFFFF
+    assert zlib.crc32(bytes(length), value) == shifted

@@ -136,7 +136,7 @@ _SPARE_NAME = re.compile(r"^(\d{20})\.([0-9a-f]{8})\.spare$")
 # One spare covers the steady state: each checkpoint reuses one and frees one.
 SPARES_MAX = 1
 # Larger files are deleted, not kept: after a crash the proof scan reads a reused
-# file's old records (~0.2 s for 16 MiB of ordinary ones, ~8 s at worst for 32 MiB
+# file's old records (~0.2 s for 16 MiB of ordinary ones, ~8-10 s at worst for 32 MiB
 # of values crafted as record headers, measured here), and files this large come from
 # throughput, where a sync's padding is a small share.
 SPARE_BYTES_MAX = 32 * 1024 * 1024
