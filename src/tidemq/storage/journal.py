@@ -391,8 +391,9 @@ class _File:
 
 
 def file_salt(path: Path) -> int:
-    """The CRC salt of a journal file, from its name (0 for a file written before)."""
-    match = _NAME.match(path.name)
+    """The CRC salt of a journal file or a spare, from its name (0 for a file written
+    before salts)."""
+    match = _NAME.match(path.name) or _SPARE_NAME.match(path.name)
     return int(match.group(2), 16) if match and match.group(2) else 0
 
 
@@ -471,7 +472,7 @@ class Journal:
         salt = secrets.randbits(32)
         spare = self._spares.pop() if self._spares else None
         if spare is not None:
-            old_salt = int(spare.name.split(".")[1], 16)
+            old_salt = file_salt(spare)
             while salt == old_salt:  # the old records must not decode (module docstring)
                 salt = secrets.randbits(32)
         path = self.directory / f"{sequence:020d}.{salt:08x}.journal"
