@@ -122,3 +122,11 @@ def power_lost_file(
             damaged = True
         out += block
     return bytes(out[:length]), damaged
+
+
+def kill_nine(journal: Journal, log: PartitionLog) -> None:
+    """kill -9 (the page cache survives): close the segments and the journal without
+    syncing or removing anything."""
+    for segment in log._segments:
+        segment.close()
+    journal.close(remove_files=False)

@@ -16,6 +16,7 @@ from storage_helpers import (
     START_MS,
     batch_of,
     fail_once_with_eio,
+    kill_nine,
     numbered_values,
     open_log,
     read_all,
@@ -321,9 +322,7 @@ def test_retention_after_a_finished_reset_is_not_undone_by_the_replay(tmp_path: 
     start = log.log_start_offset
     expected = read_all(log)
     assert start > 100
-    for segment in log._segments:  # kill -9
-        segment.close()
-    journal.close(remove_files=False)
+    kill_nine(journal, log)
     recovered = _recover_with_start_over(tmp_path)
     assert (recovered.log_start_offset, read_all(recovered)) == (start, expected)
     recovered.close()

@@ -17,6 +17,7 @@ from storage_helpers import (
     acknowledge,
     batch_of,
     journaled_log,
+    kill_nine,
     open_log,
     read_all,
     replay_like_a_start,
@@ -183,9 +184,7 @@ def test_damage_to_a_synced_record_header_is_refused_not_cut(tmp_path: Path, dam
         ends.append(journal._files[-1].written)
         expected.append(value)
     path = journal._files[-1].path
-    for segment in log._segments:  # kill -9: nothing lost from the page cache
-        segment.close()
-    journal.close(remove_files=False)
+    kill_nine(journal, log)
     data = bytearray(path.read_bytes())
     at = ends[len(ends) // 2]  # a record starts here, synced, with records after it
     if damage == "zeroed_sector":
@@ -224,9 +223,7 @@ def test_retention_that_emptied_a_reset_log_is_not_undone_by_replay(tmp_path: Pa
     log.truncate_to(105)  # follower truncation at the active segment's base: it is empty
     assert log.apply_retention(START_MS + 60_000, max_offset=105) > 0
     assert log.log_start_offset == log.log_end_offset == 105
-    for segment in log._segments:  # kill -9
-        segment.close()
-    journal.close(remove_files=False)
+    kill_nine(journal, log)
     recovered = recover(tmp_path, config)
     state = (recovered.log_start_offset, recovered.log_end_offset)
     recovered.close()
@@ -386,9 +383,7 @@ def test_a_padding_write_a_full_disk_refuses_leaves_the_records_and_the_sync(
     with pytest.raises(OSError, match="journal padding failed"):
         acknowledge(journal, log)  # sticky: fail-stop, as after a failed fdatasync
     log.append(batch_of([b"b"]), 0, START_MS)  # before the broker stops
-    for segment in log._segments:
-        segment.close()
-    journal.close(remove_files=False)
+    kill_nine(journal, log)
     for segment_path in (tmp_path / KEY).glob("*.log"):
         segment_path.write_bytes(b"")  # all from the journal
     recovered = recover(tmp_path)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from storage_helpers import START_MS, acknowledge, batch_of, journaled_log, read_all
+from storage_helpers import START_MS, acknowledge, batch_of, journaled_log, kill_nine, read_all
 
 from tidemq.storage import LogConfig, PartitionLog
 from tidemq.storage.journal import (
@@ -35,13 +35,6 @@ def _checkpoint(journal: Journal, log: PartitionLog) -> None:
     older = journal.rotate()
     log.sync()
     journal.discard(older)
-
-
-def _kill(journal: Journal, log: PartitionLog) -> None:
-    """kill -9 (the page cache survives): close without syncing anything."""
-    for segment in log._segments:
-        segment.close()
-    journal.close(remove_files=False)
 
 
 def _recovered_values(root: Path) -> list[bytes]:
@@ -101,7 +94,7 @@ def test_a_reused_files_old_records_never_replay(tmp_path: Path) -> None:
     assert len(old) >= 10  # the old life's records are there, whole, after the new ones
     assert [end for _, end in decode_records(data, reused.salt)][-1] == reused.written
     expected = [v for _, v in read_all(log)]
-    _kill(journal, log)
+    kill_nine(journal, log)
     assert _recovered_values(tmp_path) == expected
 
 
@@ -126,7 +119,7 @@ def test_a_rotation_cuts_a_reused_files_old_bytes_so_a_newer_file_does_not_prove
     log.append(batch_of([b"in the newer file"]), 0, START_MS)
     acknowledge(journal, log)
     expected = [v for _, v in read_all(log)]
-    _kill(journal, log)
+    kill_nine(journal, log)
     assert len(journal_files(tmp_path / "journal")) == 2
     assert _recovered_values(tmp_path) == expected
 
@@ -142,7 +135,7 @@ def test_a_start_deletes_the_spares_a_crash_left(tmp_path: Path) -> None:
     log.append(batch_of([b"after"]), 0, START_MS)
     acknowledge(journal, log)
     expected = [v for _, v in read_all(log)]
-    _kill(journal, log)
+    kill_nine(journal, log)
     assert _recovered_values(tmp_path) == expected
     for path in journal_files(tmp_path / "journal"):  # as the broker does after replay
         path.unlink()
@@ -178,7 +171,7 @@ def test_any_sequence_of_reuses_replays_exactly_the_acknowledged_records(
             log.append(batch_of([f"v{counter}".encode()]), 0, START_MS)
             acknowledge(journal, log)
     expected = [v for _, v in read_all(log)]
-    _kill(journal, log)
+    kill_nine(journal, log)
     assert _recovered_values(root) == expected
 
 

@@ -17,7 +17,7 @@ import signal
 import struct
 from pathlib import Path
 
-from storage_helpers import START_MS, acknowledge, batch_of, journaled_log
+from storage_helpers import START_MS, acknowledge, batch_of, journaled_log, kill_nine
 
 from tidemq.storage.journal import SECTOR_BYTES, journal_files, replay
 
@@ -62,9 +62,7 @@ def test_replay_after_a_kill_is_not_quadratic_in_a_reused_files_old_payloads(
         journal.discard(older)
     log.append(batch_of([b"new"]), 0, START_MS)
     acknowledge(journal, log)
-    for segment in log._segments:  # kill -9: nothing torn, the page cache survives
-        segment.close()
-    journal.close(remove_files=False)
+    kill_nine(journal, log)
 
     _replay_within(tmp_path)
 
@@ -97,8 +95,6 @@ def test_a_torn_record_of_fake_headers_in_a_reused_file_is_not_scanned_quadratic
         os.pwrite(descriptor, bytes(end - middle), middle)
     finally:
         os.close(descriptor)
-    for segment in log._segments:
-        segment.close()
-    journal.close(remove_files=False)
+    kill_nine(journal, log)
 
     _replay_within(tmp_path)
